@@ -1,0 +1,62 @@
+"""The ``miro`` command.
+
+One entry point, many sub-commands. Each sub-command lives beside the code it drives and exposes
+``main(argv: list[str] | None) -> int`` with its own ``argparse`` parser (or Hydra, for training
+and alignment); this module only dispatches, importing the sub-command lazily so ``miro --help``
+is instant and a missing optional extra only affects the command that needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, one-line help). The module's `main(argv)` parses the rest of the arguments.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("miro.generate_cli", "generate images from a prompt with a MIRO pipeline"),
+    "shapes": ("miro.shapes.cli", "the Shapes world: make-dataset, render, eval-generate, eval-score"),
+    "preprocess": ("miro.data.preprocess", "enrich webdataset shards: reward, vqa and vae stages"),
+    "train": ("miro.train.cli", "train a MIRO model (Hydra: experiment=<name> key=value ...)"),
+    "convert": ("miro.train.convert", "convert a Lightning checkpoint into a pipeline folder"),
+    "testbed": ("miro.train.testbed", "prompt testbed: precompute text embeddings"),
+    "eval": ("miro.eval.cli", "evaluation: generate, geneval, rewards, summary, best-of-n, sweep, report, all"),
+    "align": ("miro.align.cli", "SRPO post-hoc alignment (Hydra: mode=online|offline ...)"),
+    "download": ("miro.download", "download weights for one-time offline use"),
+}
+
+
+def _usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = ["usage: miro <command> [options]", "", "commands:"]
+    lines += [f"  {n.ljust(width)}  {h}" for n, (_, h) in COMMANDS.items()]
+    lines += ["", "Run `miro <command> --help` for the options of a command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from miro import __version__
+
+        print(f"miro {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"miro: unknown command {name!r}; choose from: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module_name, _ = COMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and not e.name.startswith("miro"):
+            print(f"miro {name}: needs the optional package {e.name!r}; pip install 'miro[all]'", file=sys.stderr)
+            return 2
+        raise
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The reward-scorer interface shared by real reward models and the Shapes world.
+
+A scorer maps (images, prompts) to one raw score per image. ``normalize`` maps raw scores to the
+value MIRO stores in a sample's JSON for training (before quantile binning, see ``binning.py``).
+
+Images are either a list of PIL images or a float tensor (B, 3, H, W) in [0, 1]. When
+``differentiable`` is True the tensor path keeps gradients (SRPO back-propagates through it).
+Embedding models (CLIP-like) also expose ``embed_image``, ``embed_text`` and ``similarity``, which
+SRPO's semantic relative reward needs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+ImagesLike = "Sequence[PIL.Image.Image] | torch.Tensor"
+
+
+def images_to_tensor(images, size: int | None = None) -> torch.Tensor:
+    """Convert a list of PIL images (or a (B,3,H,W) tensor) to a float tensor in [0, 1].
+
+    PIL images are converted to RGB; a tensor is returned as is (gradients kept). ``size``
+    resizes PIL images to size×size with bicubic filtering before conversion.
+    """
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"image tensor must have shape (B, 3, H, W); got {tuple(images.shape)}")
+        return images
+    from PIL import Image
+
+    arrays = []
+    for i, im in enumerate(images):
+        if not isinstance(im, Image.Image):
+            raise ValueError(f"images[{i}] must be a PIL image or the batch a (B,3,H,W) tensor; got {type(im).__name__}")
+        im = im.convert("RGB")
+        if size is not None and im.size != (size, size):
+            im = im.resize((size, size), Image.BICUBIC)
+        arrays.append(np.asarray(im, dtype=np.float32) / 255.0)
+    if not arrays:
+        return torch.zeros(0, 3, size or 1, size or 1)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def check_prompts(prompts, n: int) -> list[str]:
+    """Validate prompts for a batch of n images (one prompt broadcast to all is allowed)."""
+    if isinstance(prompts, str):
+        prompts = [prompts] * n
+    prompts = list(prompts)
+    if len(prompts) != n:
+        raise ValueError(f"got {n} images but {len(prompts)} prompts; pass one prompt per image")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise ValueError(f"prompts[{i}] must be a string; got {type(p).__name__}")
+    return prompts
+
+
+class Scorer:
+    """Base class of every reward scorer.
+
+    Subclasses set ``keys`` (the reward key(s) they produce, e.g. ``("aesthetic_score",)``),
+    ``differentiable`` and implement :meth:`score`.
+    """
+
+    keys: tuple[str, ...] = ()
+    differentiable: bool = False
+    # Documented range of the raw score, (low, high); None where unbounded.
+    score_range: tuple[float | None, float | None] = (None, None)
+
+    @property
+    def key(self) -> str:
+        return self.keys[0]
+
+    def score(self, images, prompts) -> torch.Tensor:
+        """Raw scores, shape (B,), float32."""
+        raise NotImplementedError
+
+    def normalize(self, raw: torch.Tensor) -> torch.Tensor:
+        """The value MIRO stores for training. Identity unless a reward documents otherwise."""
+        return raw
+
+    def __call__(self, images, prompts) -> torch.Tensor:
+        return self.score(images, prompts)
+
+    # Embedding models override these three.
+    def embed_image(self, images) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} is not an embedding model")
+
+    def embed_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} is not an embedding model")
+
+    def similarity(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} is not an embedding model")
+
+    def to(self, device=None, dtype=None) -> "Scorer":
+        return self
+
+
+# name -> factory(**kwargs) -> Scorer. Filled by the modules that define scorers.
+REGISTRY: dict[str, Callable[..., Scorer]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., Scorer]], Callable[..., Scorer]]:
+    """Decorator: register a scorer factory under a reward key."""
+
+    def deco(factory: Callable[..., Scorer]) -> Callable[..., Scorer]:
+        if name in REGISTRY and REGISTRY[name] is not factory:
+            raise ValueError(f"reward {name!r} is already registered")
+        REGISTRY[name] = factory
+        return factory
+
+    return deco

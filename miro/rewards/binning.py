@@ -1,0 +1,142 @@
+"""Quantile binning of reward scores into MIRO's conditioning values.
+
+MIRO conditions on each reward through a value in [0, 1] (1.0 = strongest, 0.0 = weakest). The
+raw stored scores of a reward are mapped to B equal-mass bins (B = 64 for the release: the
+published demo's sliders step by 1/64 and its app comments on "64-bin coherence quantisation"),
+and the training value of a sample is ``bin_index / (B - 1)``. Equal-mass (quantile) bins give
+each reward a near-uniform marginal, the "balanced representation across quality levels" the
+paper describes; the quantile construction follows CAD's coherence binning (CAD
+``cad/data/text_dataset.py``, 8 bins there).
+
+Edges per reward are ``B + 1`` quantiles of the data at ``linspace(0, 1, B + 1)``. A score ``s``
+falls in bin ``i`` when ``edges[i] <= s < edges[i + 1]`` (scores below the first edge go to bin
+0, at or above the last inner edge to bin B - 1). Discrete rewards produce runs of equal edges;
+a score equal to a repeated edge takes the *middle* bin of the bins that value spans (its
+mid-rank), so a reward with two values at 50/50 maps to about 0.25 and 0.75 rather than
+collapsing every sample onto one side. NaN or missing scores stay NaN (the model treats them as
+published: value 0 in training, zero embedding at inference).
+
+On disk (``reward_bins.json`` beside a run and inside an exported pipeline folder)::
+
+    {"num_bins": 64, "edges": {"clip_score": [65 floats], ...}}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+
+DEFAULT_NUM_BINS = 64  # release value, see the module docstring
+BINS_FILENAME = "reward_bins.json"
+
+
+def quantile_edges(scores: Iterable[float], num_bins: int = DEFAULT_NUM_BINS) -> list[float]:
+    """``num_bins + 1`` quantile edges of the finite values in ``scores``."""
+    if int(num_bins) < 2:
+        raise ValueError(f"num_bins must be >= 2; got {num_bins!r}")
+    x = np.asarray(list(scores) if not isinstance(scores, np.ndarray) else scores, dtype=np.float64).ravel()
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        raise ValueError("cannot compute bin edges: no finite scores")
+    return np.quantile(x, np.linspace(0.0, 1.0, int(num_bins) + 1)).tolist()
+
+
+def bin_index(edges: np.ndarray | list[float], scores) -> np.ndarray:
+    """Bin index (float, NaN kept) of each score for the given ``B + 1`` edges."""
+    e = np.asarray(edges, dtype=np.float64)
+    nb = e.size - 1
+    inner = e[1:-1]
+    s = np.asarray(scores, dtype=np.float64)
+    lo = np.searchsorted(inner, s, side="left")  # inner edges strictly below s
+    hi = np.searchsorted(inner, s, side="right")  # inner edges at or below s
+    # hi is the standard "edges[i] <= s" bin. A score equal to k edges spans bins lo..hi (k = hi - lo);
+    # the middle bin ceil((lo + hi) / 2) equals hi for k <= 1 and the mid-rank for a tie run.
+    idx = np.ceil((lo + hi) / 2.0)
+    idx = np.clip(idx, 0, nb - 1).astype(np.float64)
+    return np.where(np.isnan(s), np.nan, idx)
+
+
+def bin_values(edges: np.ndarray | list[float], scores) -> np.ndarray:
+    """Training value ``bin_index / (B - 1)`` in [0, 1] of each score; NaN stays NaN."""
+    nb = len(edges) - 1
+    return bin_index(edges, scores) / (nb - 1)
+
+
+@dataclass
+class RewardBins:
+    """Quantile edges for every reward of a run."""
+
+    num_bins: int = DEFAULT_NUM_BINS  # B: number of equal-mass bins per reward
+    edges: dict[str, list[float]] = field(default_factory=dict)  # reward key -> B + 1 increasing edges
+
+    def __post_init__(self) -> None:
+        self.num_bins = int(self.num_bins)
+        for key, e in self.edges.items():
+            if len(e) != self.num_bins + 1:
+                raise ValueError(f"reward {key!r}: expected {self.num_bins + 1} edges for {self.num_bins} bins, got {len(e)}")
+            if any(b < a for a, b in zip(e, e[1:])):
+                raise ValueError(f"reward {key!r}: bin edges must be non-decreasing")
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.edges)
+
+    @classmethod
+    def fit(cls, scores: Mapping[str, Iterable[float]], num_bins: int = DEFAULT_NUM_BINS) -> "RewardBins":
+        """Edges from raw scores per reward key (NaN/missing ignored)."""
+        return cls(num_bins, {k: quantile_edges(v, num_bins) for k, v in scores.items()})
+
+    def value(self, key: str, score) -> np.ndarray | float:
+        """Training value(s) in [0, 1] of raw ``score`` for reward ``key`` (NaN stays NaN)."""
+        if key not in self.edges:
+            raise ValueError(f"no bin edges for reward {key!r}; binned rewards: {sorted(self.edges)}")
+        out = bin_values(self.edges[key], score)
+        return float(out) if np.ndim(score) == 0 else out
+
+    def values(self, scores: Mapping[str, float | None], keys: Iterable[str] | None = None) -> dict[str, float]:
+        """Bin every reward of one sample; a missing, None or non-finite score gives NaN."""
+        out = {}
+        for key in keys if keys is not None else self.edges:
+            raw = scores.get(key)
+            try:
+                raw = float(raw) if raw is not None else math.nan
+            except (TypeError, ValueError):
+                raw = math.nan
+            out[key] = self.value(key, raw) if math.isfinite(raw) else math.nan
+        return out
+
+    def to_dict(self) -> dict:
+        return {"num_bins": self.num_bins, "edges": {k: [float(x) for x in v] for k, v in self.edges.items()}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "RewardBins":
+        if "num_bins" not in d or "edges" not in d:
+            raise ValueError(f"reward bins need 'num_bins' and 'edges'; got keys {sorted(d)}")
+        return cls(int(d["num_bins"]), {k: [float(x) for x in v] for k, v in d["edges"].items()})
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write JSON atomically (temp file + rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_dict(), f, indent=1)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "RewardBins":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))

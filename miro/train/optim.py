@@ -1,0 +1,178 @@
+"""Optimisers and learning-rate schedule of the MIRO/CAD recipe.
+
+* :class:`Lamb` — LAMB (You et al. 2020) with the published semantics of MIRO's
+  ``utils/optimizers.py`` (numerics spec §8.2): bias-corrected Adam direction ``u = m̂/(√v̂+ε)``,
+  per-tensor trust ratio ``‖p‖/‖u‖`` (1 when either norm is 0, unclipped), weight decay either
+  coupled (``u += wd·p`` before the trust ratio, CAD's recipe) or decoupled
+  (``p ← p·(1 − wd)`` after the step, *not* scaled by lr — MIRO's default).
+* :class:`WarmupCosineDecayLR` — linear warmup then ``½·base·(1 + cos(ρπ(s − W)/(T − W)))``
+  (spec §8.3; CAD ``utils/lr_scheduler.py`` uses ρ = 0.8), stepped with the optimizer step index.
+* :func:`param_groups` — the published two groups (spec §8.1): weights with decay and layer
+  adaptation; norms, embeddings and biases without.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB with per-group ``layer_adaptation`` and coupled or decoupled weight decay.
+
+    A group without a ``layer_adaptation`` key adapts iff its weight decay is > 0 (as published).
+    ``adam=True`` turns the trust ratio off everywhere (plain Adam with the same decay rule).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, decouple: bool = True, adam: bool = False):
+        if lr < 0:
+            raise ValueError(f"Lamb lr must be >= 0; got {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"Lamb betas must be in [0, 1); got {betas}")
+        if eps < 0 or weight_decay < 0:
+            raise ValueError(f"Lamb eps and weight_decay must be >= 0; got eps={eps}, weight_decay={weight_decay}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, decouple=decouple, adam=adam)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            wd, eps, lr = group["weight_decay"], group["eps"], group["lr"]
+            adapt = group.get("layer_adaptation", wd > 0) and not group["adam"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if g.is_sparse:
+                    raise RuntimeError("Lamb does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                m, v, s = state["exp_avg"], state["exp_avg_sq"], state["step"]
+                m.mul_(b1).add_(g, alpha=1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                u = (m / (1 - b1**s)) / ((v / (1 - b2**s)).sqrt().add_(eps))
+                if wd != 0 and not group["decouple"]:
+                    u.add_(p, alpha=wd)
+                ratio = 1.0
+                if adapt:
+                    w_norm = p.norm(2)
+                    u_norm = u.norm(2)
+                    ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+                    u.mul_(ratio)
+                p.add_(u, alpha=-lr)
+                if wd != 0 and group["decouple"]:
+                    p.mul_(1 - wd)
+        return loss
+
+
+class WarmupCosineDecayLR(torch.optim.lr_scheduler.LRScheduler):
+    """Linear warmup over ``warmup_steps`` then cosine decay towards step ``total_steps``.
+
+    ``lr(s) = base·min(s/max(W,1), 1)`` for ``s < W``, else ``½·base·(1 + cos(ρπ(s−W)/(T−W)))``;
+    no clamp past T (ρ < 1 keeps a floor: ρ = 0.8 ends at ≈ 9.5 % of base).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, rate: float = 1.0,
+                 last_epoch: int = -1):
+        if warmup_steps < 0 or total_steps <= warmup_steps:
+            raise ValueError(f"need 0 <= warmup_steps < total_steps; got warmup_steps={warmup_steps}, "
+                             f"total_steps={total_steps}")
+        self.warmup_steps, self.total_steps, self.rate = int(warmup_steps), int(total_steps), float(rate)
+        super().__init__(optimizer, last_epoch)
+
+    def factor(self, step: int) -> float:
+        w, t = self.warmup_steps, self.total_steps
+        if step < w:
+            return min(step / max(w, 1), 1.0)
+        return 0.5 * (1.0 + math.cos(self.rate * math.pi * (step - w) / (t - w)))
+
+    def get_lr(self) -> list[float]:
+        f = self.factor(self.last_epoch)
+        return [base * f for base in self.base_lrs]
+
+
+# Module types whose parameters never get weight decay (spec §8.1; RMSNorm by class name so that
+# our own and torch's both match).
+_NO_DECAY_TYPES = (nn.LayerNorm, nn.Embedding, nn.GroupNorm)
+
+
+def _no_decay_module(m: nn.Module) -> bool:
+    return isinstance(m, _NO_DECAY_TYPES) or "RMSNorm" in type(m).__name__
+
+
+def param_groups(model: nn.Module, weight_decay: float, always_decay_prefixes: Iterable[str] = ("preconditioning.",)
+                 ) -> list[dict]:
+    """Two groups: (weights, wd, adaptation) and (norms/embeddings/biases, no wd, no adaptation).
+
+    Parameters under ``always_decay_prefixes`` (the learned log-variance head of the
+    preconditioning, as published) all join the first group, biases included.
+    """
+    no_decay: set[str] = set()
+    for mname, module in model.named_modules():
+        if _no_decay_module(module):
+            for pname, _ in module.named_parameters(recurse=False):
+                no_decay.add(f"{mname}.{pname}" if mname else pname)
+    decay_params, other_params = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        forced = any(name.startswith(pre) for pre in always_decay_prefixes)
+        if forced or (name not in no_decay and "bias" not in name.rsplit(".", 1)[-1]):
+            decay_params.append(p)
+        else:
+            other_params.append(p)
+    return [
+        {"params": decay_params, "weight_decay": weight_decay, "layer_adaptation": True},
+        {"params": other_params, "weight_decay": 0.0, "layer_adaptation": False},
+    ]
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "lamb"  # "lamb" (published) or "adamw"
+    lr: float = 1e-3  # base learning rate (CAD cad_256: 1e-3 with LAMB)
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam moments (CAD lamb.yaml)
+    eps: float = 1e-8  # added outside the square root
+    weight_decay: float = 0.01  # CAD lamb.yaml; coupled (L2 in the update) unless decouple
+    decouple: bool = False  # MIRO's LAMB default is True (p·(1−wd) per step, lr-free): only for tiny wd
+    exclude_norms_and_biases: bool = True  # two groups as published; False puts everything in one
+
+
+@dataclass
+class SchedulerConfig:
+    warmup_steps: int = 50_000  # CAD cad_256 (MIRO's value unpublished)
+    total_steps: int = 500_000  # MIRO release: 500k steps
+    rate: float = 0.8  # CAD WarmupCosineDecayLR rate
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """Optimizer over ``model``'s trainable parameters per ``cfg``."""
+    if cfg.exclude_norms_and_biases:
+        groups = param_groups(model, cfg.weight_decay)
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay,
+                   "layer_adaptation": True}]
+    groups = [g for g in groups if g["params"]]
+    name = cfg.name.lower()
+    if name == "lamb":
+        return Lamb(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                    decouple=cfg.decouple)
+    if name == "adamw":
+        for g in groups:
+            g.pop("layer_adaptation", None)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optimizer name must be 'lamb' or 'adamw'; got {cfg.name!r}")

@@ -1,0 +1,42 @@
+import pytest
+import torch
+from torch import nn
+
+from miro.train.ema import EMA
+
+
+def test_ema_closed_form_multiple_decays():
+    model = nn.Linear(2, 2)
+    model.register_buffer("const", torch.zeros(1))
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        model.bias.fill_(0.0)
+    ema = EMA(model, decays=[0.9, 0.5])
+    assert ema.names == ["ema_0_9", "ema_0_5"]
+    # the model's weights jump to the constant c after every step: ema_n = c + d^n (w0 - c)
+    c, n = 3.0, 5
+    for _ in range(n):
+        with torch.no_grad():
+            model.weight.fill_(c)
+            model.const.fill_(7.0)
+        ema.update(model)
+    for i, d in enumerate([0.9, 0.5]):
+        expected = c + d**n * (1.0 - c)
+        torch.testing.assert_close(ema.model(i).weight, torch.full((2, 2), expected))
+        assert ema.model(i).const.item() == 7.0  # buffers are copied
+        assert not any(p.requires_grad for p in ema.model(i).parameters())
+
+
+def test_ema_in_state_dict_and_eval_mode():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))
+    ema = EMA(model, decays=0.9999)
+    ema.train()
+    assert not ema.model().training
+    assert any(k.startswith("ema_0_9999.") for k in ema.state_dict())
+
+
+def test_ema_rejects_bad_decay():
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        EMA(nn.Linear(1, 1), decays=[1.0])
+    with pytest.raises(ValueError, match="distinct"):
+        EMA(nn.Linear(1, 1), decays=[0.9, 0.9])

@@ -1,0 +1,95 @@
+"""Tiny randomly initialised encoders saved in their real on-disk formats.
+
+They exercise exactly the full-scale loading paths (``T5EncoderModel.from_pretrained(dir)``,
+``AutoTokenizer.from_pretrained(dir)``, ``AutoencoderKL.from_pretrained(dir)``) with no network,
+which is what tests and smoke runs need. The tokenizers are word-level, built with the
+``tokenizers`` library; they lower-case and split on whitespace/punctuation, and every word
+outside the small vocabulary maps to the unknown token.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# Words of the Shapes-like prompts used in tests and smoke runs.
+TINY_WORDS = (
+    "a an the one two three four five six of and above below left right to on photo "
+    "red green blue yellow orange purple black white pink brown "
+    "circle circles square squares triangle triangles star stars"
+).split()
+
+
+def _word_level_tokenizer(specials: list[str], unk: str, template: str, lowercase: bool):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    vocab = {tok: i for i, tok in enumerate(specials + list(TINY_WORDS))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
+    if lowercase:
+        tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    used = [s for s in specials if s in template.split()]
+    tok.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[(s, vocab[s]) for s in used]
+    )
+    return tok, len(vocab)
+
+
+def save_tiny_t5(path: str | Path, d_model: int = 32, seed: int = 0) -> Path:
+    """A 2-layer T5 encoder + tokenizer (pad 0, eos ``</s>`` appended) saved to ``path``."""
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    path = Path(path)
+    tok, vocab_size = _word_level_tokenizer(["<pad>", "</s>", "<unk>"], "<unk>", "$A </s>", True)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+    cfg = T5Config(
+        vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )
+    # Seeded inside fork_rng so the caller's global RNG state is left untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        T5EncoderModel(cfg).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def save_tiny_bert(path: str | Path, hidden: int = 24, seed: int = 0) -> Path:
+    """A 1-layer BERT encoder + tokenizer (``[CLS] ... [SEP]``, pad 0) saved to ``path``."""
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    path = Path(path)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok, vocab_size = _word_level_tokenizer(specials, "[UNK]", "[CLS] $A [SEP]", True)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]",
+    )
+    cfg = BertConfig(
+        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=2 * hidden, max_position_embeddings=128, pad_token_id=0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        BertModel(cfg).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def save_tiny_autoencoder_kl(path: str | Path, latent_channels: int = 4, seed: int = 0) -> Path:
+    """A tiny two-level diffusers ``AutoencoderKL`` (downsample 2) saved to ``path``."""
+    from diffusers import AutoencoderKL
+
+    path = Path(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(
+            sample_size=32, in_channels=3, out_channels=3, latent_channels=latent_channels,
+            block_out_channels=(4, 8), layers_per_block=1, norm_num_groups=2,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        )
+    vae.save_pretrained(path)
+    return path

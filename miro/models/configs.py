@@ -1,0 +1,243 @@
+"""Typed model configs and the named pipeline configs (``config.json`` dicts).
+
+``NetworkConfig`` fields are exactly the published ``network`` keys of a MIRO ``config.json``
+(``miro-t2i`` 0.1.4 ``CADRINTextCond`` kwargs), with the published defaults. ``get_config(name)``
+returns a full pipeline config for ``release`` (the published 360.4M model; the values marked
+"inferred" reproduce its parameter count, see ``miro_facts.md`` §1.4), ``shapes`` (the embedded
+pixel-space Shapes world model) and ``tiny`` (tests).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field, fields
+
+from miro import REWARD_KEYS
+
+__all__ = [
+    "NetworkConfig",
+    "PreconditioningConfig",
+    "SHAPES_REWARD_KEYS",
+    "CONFIG_NAMES",
+    "get_config",
+    "PIPELINE_KEYS",
+]
+
+# Reward keys of the Shapes world, in `coherence_keys` order (fixed for the whole project).
+SHAPES_REWARD_KEYS: tuple[str, ...] = (
+    "shapes_alignment",
+    "shapes_counting",
+    "shapes_position",
+    "shapes_sharpness",
+    "shapes_contrast",
+)
+
+
+@dataclass
+class NetworkConfig:
+    """The ``network`` section of ``config.json`` (kwargs of ``RIN``)."""
+
+    data_size: int  # latent (or pixel) side S of the network input
+    data_dim: int  # width of the data (patch) tokens
+    num_input_channels: int  # C of the network input
+    num_latents: int  # number of latent tokens N_l
+    latents_dim: int  # width of the latent tokens D_l
+    label_dim: int  # text-encoder embedding width E
+    num_processing_layers: int  # self-attention layers per RIN block
+    num_blocks: int  # RIN blocks
+    patch_size: int  # patch side p
+    num_cond_tokens: int  # cond tokens concatenated to latents (only with concat_cond_token_to_latents)
+    read_write_heads: int = 16  # heads of the read/write/retrieve-cond cross-attentions
+    compute_heads: int = 16  # heads of the latent self-attentions
+    latent_mlp_multiplier: int = 4  # SwiGLU multiplier on the latent side
+    data_mlp_multiplier: int = 4  # SwiGLU multiplier of the write block
+    compute_dropout: float = 0.0  # FFN dropout of the latent self-attentions
+    rw_stochastic_depth: float = 0.0  # stochastic depth of the cross-attention blocks
+    compute_stochastic_depth: float = 0.0  # stochastic depth of the self-attention blocks
+    use_cond_rin_block: bool = False  # latents cross-attend to the cond tokens in every block
+    concat_cond_token_to_latents: bool = True  # append time + cond tokens to the latents instead
+    use_self_conditioning: bool = False  # latent self-conditioning path (ln_previous_*, linear_previous)
+    num_text_registers: int = 16  # learned register tokens in the cond mapping
+    coherence_keys: list[str] = field(default_factory=lambda: list(REWARD_KEYS))  # reward keys, order fixed
+    coherence_dropout: float = 0.0  # per-reward embedding dropout in training
+    dropout_strategy: str = "binomial"  # "binomial", "uniform" or "none"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NetworkConfig":
+        return _from_dict(cls, d, "network")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PreconditioningConfig:
+    """The ``preconditioning`` section of ``config.json`` (kwargs of ``FlowPrecond``)."""
+
+    num_latents: int = 256  # N_l of the zero previous latents
+    latents_dim: int = 512  # D_l of the zero previous latents
+    do_normalization: str = "noise_driven"  # c_in/c_out scaling; False/"none" disables it
+    sigma_data: float = 0.5  # sigma_d of c_in and c_out
+    do_gradnorm_reweighting: bool = True  # build logvar_proj (used by the loss when enabled there)
+    logvar_channels: int = 128  # Fourier channels of logvar_proj
+    logvar_mlp_layers: int = 0  # hidden Linear+SiLU layers of logvar_proj
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreconditioningConfig":
+        return _from_dict(cls, d, "preconditioning")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _from_dict(cls, d: dict, section: str):
+    if not isinstance(d, dict):
+        raise ValueError(f"config[{section!r}] must be a dict, got {type(d).__name__}")
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {section} keys {unknown}; allowed: {sorted(names)}")
+    try:
+        return cls(**d)
+    except TypeError as exc:  # missing required fields
+        raise ValueError(f"bad {section} config: {exc}") from None
+
+
+# Keys of a pipeline config.json (published ones, then ours: text_encoder, autoencoder).
+PIPELINE_KEYS = (
+    "network",
+    "preconditioning",
+    "data_preprocessing",
+    "postprocessing",
+    "scheduler",
+    "data_resolution",
+    "max_text_len",
+    "coherence_keys",
+    "text_encoder",
+    "autoencoder",
+)
+
+
+def _release() -> dict:
+    net = NetworkConfig(
+        data_size=32,  # 256 px through the SDXL VAE (x8)
+        data_dim=512,  # inferred: reproduces 360,413,712 parameters
+        num_input_channels=4,
+        num_latents=256,
+        latents_dim=1024,
+        label_dim=2048,  # FLAN-T5-XL
+        num_processing_layers=4,
+        num_blocks=4,
+        patch_size=2,
+        num_cond_tokens=0,
+        read_write_heads=16,
+        compute_heads=16,
+        use_cond_rin_block=True,
+        concat_cond_token_to_latents=False,
+        use_self_conditioning=True,
+        coherence_keys=list(REWARD_KEYS),
+    )
+    return {
+        "network": net.to_dict(),
+        "preconditioning": PreconditioningConfig(num_latents=256, latents_dim=1024).to_dict(),
+        # Channel-wise normalisation (latents of std ~0.5 = sigma_d) and VAE sampling follow CAD's
+        # precomputed_resample setup; the released config.json was not seen (miro_facts §2.2).
+        "data_preprocessing": {
+            "input_key_mean": "vae_embeddings_mean",
+            "input_key_std": "vae_embeddings_std",
+            "output_key_root": "x_0",
+            "vae_sample": True,
+            "channel_wise_normalisation": True,
+            "model_type": "sdxl",
+        },
+        "postprocessing": {"channel_wise_normalisation": True, "model_type": "sdxl"},
+        "scheduler": {"start": 1, "end": 0, "shift": 1.0, "clip_min": 1e-9},
+        "data_resolution": 32,
+        "max_text_len": 77,
+        "coherence_keys": list(REWARD_KEYS),
+        "text_encoder": "flan_t5_xl",
+        "autoencoder": "sdxl_vae",
+    }
+
+
+def _shapes() -> dict:
+    # Pixel space 32x32x3 with MiniLM text. Cost per sample is cut by patch 4 (64 data tokens
+    # instead of 256 at patch 2) and a small latent set (32 x 192); see docs/benchmarks.md.
+    net = NetworkConfig(
+        data_size=32,
+        data_dim=192,
+        num_input_channels=3,
+        num_latents=32,
+        latents_dim=192,
+        label_dim=384,  # all-MiniLM-L6-v2 token embeddings
+        num_processing_layers=2,
+        num_blocks=3,
+        patch_size=4,
+        num_cond_tokens=0,
+        read_write_heads=4,
+        compute_heads=4,
+        use_cond_rin_block=True,
+        concat_cond_token_to_latents=False,
+        use_self_conditioning=True,
+        num_text_registers=8,
+        coherence_keys=list(SHAPES_REWARD_KEYS),
+    )
+    return {
+        "network": net.to_dict(),
+        "preconditioning": PreconditioningConfig(num_latents=32, latents_dim=192).to_dict(),
+        "data_preprocessing": {"model_type": "identity", "scale": 1.0, "bias": 0.0, "vae_sample": False},
+        "postprocessing": {"model_type": "identity", "scale": 1.0, "bias": 0.0},
+        "scheduler": {"start": 1, "end": 0, "shift": 1.0, "clip_min": 1e-9},
+        "data_resolution": 32,
+        "max_text_len": 32,
+        "coherence_keys": list(SHAPES_REWARD_KEYS),
+        "text_encoder": "minilm",
+        "autoencoder": "identity",
+    }
+
+
+def _tiny() -> dict:
+    net = NetworkConfig(
+        data_size=8,
+        data_dim=32,
+        num_input_channels=3,
+        num_latents=8,
+        latents_dim=32,
+        label_dim=384,
+        num_processing_layers=1,
+        num_blocks=2,
+        patch_size=2,
+        num_cond_tokens=0,
+        read_write_heads=2,
+        compute_heads=2,
+        latent_mlp_multiplier=2,
+        data_mlp_multiplier=2,
+        use_cond_rin_block=True,
+        concat_cond_token_to_latents=False,
+        use_self_conditioning=True,
+        num_text_registers=4,
+        coherence_keys=list(REWARD_KEYS),
+    )
+    return {
+        "network": net.to_dict(),
+        "preconditioning": PreconditioningConfig(num_latents=8, latents_dim=32, logvar_channels=16).to_dict(),
+        "data_preprocessing": {"model_type": "identity", "scale": 1.0, "bias": 0.0, "vae_sample": False},
+        "postprocessing": {"model_type": "identity", "scale": 1.0, "bias": 0.0},
+        "scheduler": {"start": 1, "end": 0, "shift": 1.0, "clip_min": 1e-9},
+        "data_resolution": 8,
+        "max_text_len": 8,
+        "coherence_keys": list(REWARD_KEYS),
+        "text_encoder": "minilm",
+        "autoencoder": "identity",
+    }
+
+
+_CONFIGS = {"release": _release, "shapes": _shapes, "tiny": _tiny}
+CONFIG_NAMES = tuple(_CONFIGS)
+
+
+def get_config(name: str) -> dict:
+    """A fresh (deep-copied) pipeline config dict: ``release``, ``shapes`` or ``tiny``."""
+    if name not in _CONFIGS:
+        raise ValueError(f"unknown config {name!r}; available: {', '.join(CONFIG_NAMES)}")
+    return copy.deepcopy(_CONFIGS[name]())

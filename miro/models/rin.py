@@ -1,0 +1,443 @@
+"""The RIN backbone with text and multi-reward conditioning (``RIN``).
+
+One class, weight-compatible with the published ``CADRINTextCond`` (``miro-t2i`` 0.1.4,
+``miro/models/networks/rin.py``): it accepts exactly the published ``network`` kwargs of
+``config.json`` and uses the published tensor names and shapes, bool masks included (held as
+persistent bool buffers). Behaviour: ``miro_numerics_spec.md`` §2; init: §2.6.
+
+Forward, in order: patchify (features ordered (p1, p2, c)) -> ``patch_extractor`` ->
+``data_ln`` + position table; time token; conditioning tokens [rewards + position vectors,
+registers, mapped text] through two fixed 16-head LayerNorm/GELU/layer-scale blocks; latents +
+time; cond sequence [time, rewards, registers, text] with a key-only mask; self-conditioning
+``z += ln_previous_2(P + linear_previous(ln_previous_1(P)))``; ``num_blocks`` RIN blocks
+(retrieve_cond, read, process, write); head; unpatchify.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from miro.models.layers import (
+    CrossAttentionBlock,
+    FusedMLP,
+    RMSNorm,
+    SelfAttentionBlock,
+    TimeEmbedder,
+)
+
+__all__ = ["RIN", "RINBlock", "DROPOUT_STRATEGIES"]
+
+DROPOUT_STRATEGIES = ("binomial", "uniform", "none")
+COND_HEADS = 16  # the cond-mapping transformer uses 16 heads whatever the config (spec §2.3)
+
+
+class RINBlock(nn.Module):
+    """One RIN block: [``retrieve_cond``] -> ``retriever_ca`` -> ``processer_sa.*`` -> ``writer_ca``."""
+
+    def __init__(
+        self,
+        data_dim: int,
+        latents_dim: int,
+        num_processing_layers: int,
+        read_write_heads: int,
+        compute_heads: int,
+        latent_mlp_multiplier: int,
+        data_mlp_multiplier: int,
+        compute_dropout: float,
+        rw_stochastic_depth: float,
+        compute_stochastic_depth: float,
+        use_cond: bool,
+    ):
+        super().__init__()
+        # Registration order follows the published module (read, process, write, then cond).
+        self.retriever_ca = CrossAttentionBlock(
+            latents_dim, data_dim, read_write_heads, latent_mlp_multiplier, 0.0, rw_stochastic_depth
+        )
+        self.processer_sa = nn.ModuleList(
+            SelfAttentionBlock(
+                latents_dim,
+                compute_heads,
+                latent_mlp_multiplier,
+                compute_dropout,
+                compute_stochastic_depth,
+            )
+            for _ in range(num_processing_layers)
+        )
+        self.writer_ca = CrossAttentionBlock(
+            data_dim, latents_dim, read_write_heads, data_mlp_multiplier, 0.0, rw_stochastic_depth
+        )
+        if use_cond:
+            self.retrieve_cond = CrossAttentionBlock(
+                latents_dim,
+                latents_dim,
+                read_write_heads,
+                latent_mlp_multiplier,
+                0.0,
+                rw_stochastic_depth,
+            )
+        else:
+            self.retrieve_cond = None
+
+    def forward(
+        self,
+        x: Tensor,
+        z: Tensor,
+        cond: Tensor,
+        cond_mask: Tensor,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        if self.retrieve_cond is not None:
+            z = self.retrieve_cond(z, cond, from_mask=cond_mask, generator=generator)
+        z = self.retriever_ca(z, x, generator=generator)
+        for sa in self.processer_sa:
+            z = sa(z, generator=generator)
+        x = self.writer_ca(x, z, generator=generator)
+        return x, z
+
+
+def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_prob(name: str, value: float) -> None:
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
+class RIN(nn.Module):
+    """Reward- and text-conditioned RIN (published ``CADRINTextCond`` kwargs and tensor names)."""
+
+    def __init__(
+        self,
+        data_size: int,
+        data_dim: int,
+        num_input_channels: int,
+        num_latents: int,
+        latents_dim: int,
+        label_dim: int,
+        num_processing_layers: int,
+        num_blocks: int,
+        patch_size: int,
+        num_cond_tokens: int,
+        read_write_heads: int = 16,
+        compute_heads: int = 16,
+        latent_mlp_multiplier: int = 4,
+        data_mlp_multiplier: int = 4,
+        compute_dropout: float = 0.0,
+        rw_stochastic_depth: float = 0.0,
+        compute_stochastic_depth: float = 0.0,
+        use_cond_rin_block: bool = False,
+        concat_cond_token_to_latents: bool = True,
+        use_self_conditioning: bool = False,
+        num_text_registers: int = 16,
+        coherence_keys: Sequence[str] = (),
+        coherence_dropout: float = 0.0,
+        dropout_strategy: str = "binomial",
+    ):
+        super().__init__()
+        for name, value in [
+            ("data_size", data_size),
+            ("data_dim", data_dim),
+            ("num_input_channels", num_input_channels),
+            ("num_latents", num_latents),
+            ("latents_dim", latents_dim),
+            ("label_dim", label_dim),
+            ("num_processing_layers", num_processing_layers),
+            ("num_blocks", num_blocks),
+            ("patch_size", patch_size),
+            ("read_write_heads", read_write_heads),
+            ("compute_heads", compute_heads),
+            ("latent_mlp_multiplier", latent_mlp_multiplier),
+            ("data_mlp_multiplier", data_mlp_multiplier),
+            ("num_text_registers", num_text_registers),
+        ]:
+            _check_positive(name, value)
+        if data_size % patch_size:
+            raise ValueError(f"data_size={data_size} is not divisible by patch_size={patch_size}")
+        if latents_dim % COND_HEADS or latents_dim % 4:
+            raise ValueError(
+                f"latents_dim={latents_dim} must be divisible by 16 (cond-mapping heads) and 4 "
+                "(time embedder width)"
+            )
+        if latents_dim % compute_heads:
+            raise ValueError(f"latents_dim={latents_dim} not divisible by compute_heads={compute_heads}")
+        for width in {latents_dim if use_cond_rin_block else None, min(latents_dim, data_dim)} - {None}:
+            if width % read_write_heads:
+                raise ValueError(
+                    f"attention width {width} not divisible by read_write_heads={read_write_heads}"
+                )
+        for name in ("compute_dropout", "rw_stochastic_depth", "compute_stochastic_depth", "coherence_dropout"):
+            _check_prob(name, locals()[name])
+        if dropout_strategy not in DROPOUT_STRATEGIES:
+            raise ValueError(
+                f"dropout_strategy={dropout_strategy!r}; allowed: {', '.join(DROPOUT_STRATEGIES)}"
+            )
+        if isinstance(coherence_keys, str) or len(coherence_keys) == 0:
+            raise ValueError(f"coherence_keys must be a non-empty list of reward keys, got {coherence_keys!r}")
+        if len(set(coherence_keys)) != len(coherence_keys):
+            raise ValueError(f"coherence_keys contains duplicates: {list(coherence_keys)}")
+        if not isinstance(num_cond_tokens, int) or num_cond_tokens < 0:
+            raise ValueError(f"num_cond_tokens must be a non-negative integer, got {num_cond_tokens!r}")
+        n_learned = num_latents - num_cond_tokens - 1 if concat_cond_token_to_latents else num_latents
+        if n_learned <= 0:
+            raise ValueError(
+                f"num_latents={num_latents} leaves no learned latents with num_cond_tokens="
+                f"{num_cond_tokens} and concat_cond_token_to_latents=True"
+            )
+
+        self.data_size = data_size
+        self.patch_size = patch_size
+        self.num_input_channels = num_input_channels
+        self.num_latents = num_latents
+        self.latents_dim = latents_dim
+        self.label_dim = label_dim
+        self.use_cond_rin_block = use_cond_rin_block
+        self.concat_cond_token_to_latents = concat_cond_token_to_latents
+        self.use_self_conditioning = use_self_conditioning
+        self.num_text_registers = num_text_registers
+        self.coherence_keys = tuple(coherence_keys)  # base names, config order
+        self.coherence_dropout = float(coherence_dropout)
+        self.dropout_strategy = dropout_strategy
+        k = len(self.coherence_keys)
+        grid = data_size // patch_size
+        patch_features = num_input_channels * patch_size * patch_size
+
+        # --- data path
+        self.patch_extractor = nn.Linear(patch_features, data_dim)
+        self.data_pos_embedding = nn.Parameter(torch.empty(grid * grid, data_dim))
+        self.data_ln = RMSNorm(data_dim)
+        # --- latents and time
+        self.latents = nn.Parameter(torch.empty(n_learned, latents_dim))
+        self.time_embedder = TimeEmbedder(latents_dim // 4)
+        # --- conditioning mapping (fixed settings, spec §2.3)
+        self.transformers_blocks = nn.ModuleList(
+            SelfAttentionBlock(
+                latents_dim,
+                COND_HEADS,
+                mlp_multiplier=4,
+                use_layer_scale=True,
+                layer_scale_value=0.1,
+                use_qkv_biases=True,
+                use_qk_norm=False,
+                use_swiglu=False,
+                layer_norm=True,
+            )
+            for _ in range(2)
+        )
+        self.coherence_embedder = nn.ModuleDict(
+            {f"{key}_coherence": TimeEmbedder(latents_dim // 4) for key in self.coherence_keys}
+        )
+        self.coherence_positional_embedding = nn.Parameter(torch.empty(k, latents_dim))
+        self.map_text_tokens = nn.Linear(label_dim, latents_dim)
+        self.text_registers = nn.Parameter(torch.empty(num_text_registers, latents_dim))
+        # --- self-conditioning
+        if use_self_conditioning:
+            self.ln_previous_1 = nn.LayerNorm(latents_dim, eps=1e-6)
+            self.linear_previous = FusedMLP(latents_dim, latent_mlp_multiplier)
+            self.ln_previous_2 = nn.LayerNorm(latents_dim, eps=1e-6)
+        # --- blocks and head
+        self.rin_blocks = nn.ModuleList(
+            RINBlock(
+                data_dim,
+                latents_dim,
+                num_processing_layers,
+                read_write_heads,
+                compute_heads,
+                latent_mlp_multiplier,
+                data_mlp_multiplier,
+                compute_dropout,
+                rw_stochastic_depth,
+                compute_stochastic_depth,
+                use_cond_rin_block,
+            )
+            for _ in range(num_blocks)
+        )
+        self.map_tokens_to_patches = nn.Sequential(RMSNorm(data_dim), nn.Linear(data_dim, patch_features))
+        # Bool masks, published as requires_grad=False parameters: persistent bool buffers here.
+        self.register_buffer("registers_coherence_mask", torch.ones(num_text_registers + k, dtype=torch.bool))
+        self.register_buffer("cond_mask", torch.ones(num_text_registers + k + 1, dtype=torch.bool))
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Published initialisation (spec §2.6), optionally from an explicit generator."""
+        from miro.models.layers import FourierEmbedding
+
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight, generator=generator)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.LayerNorm, RMSNorm)):
+                m.weight.fill_(1.0)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+            elif isinstance(m, FourierEmbedding):
+                m.reset_parameters(generator)
+            elif isinstance(m, SelfAttentionBlock) and m.use_layer_scale:
+                m.layer_scale_1.fill_(m.layer_scale_value)
+                m.layer_scale_2.fill_(m.layer_scale_value)
+        for p in (self.data_pos_embedding, self.latents, self.text_registers, self.coherence_positional_embedding):
+            nn.init.trunc_normal_(p, std=0.02, a=-0.04, b=0.04, generator=generator)
+        if self.use_self_conditioning:
+            # Zero weight *and* bias: self-conditioning is a no-op at init only (spec §2.2, §2.6).
+            self.ln_previous_2.weight.zero_()
+            self.ln_previous_2.bias.zero_()
+        for name, buf in self.named_buffers():
+            if buf.dtype == torch.bool:
+                buf.fill_(True)
+
+    # ------------------------------------------------------------------ helpers
+    def patchify(self, y: Tensor) -> Tensor:
+        """(B, C, S, S) -> (B, (S/p)^2, p*p*C); token row-major, features (p1, p2, c) c fastest."""
+        b, c, h, w = y.shape
+        p = self.patch_size
+        y = y.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+        return y.reshape(b, (h // p) * (w // p), p * p * c)
+
+    def unpatchify(self, x: Tensor, h: int, w: int) -> Tensor:
+        b = x.shape[0]
+        p, c = self.patch_size, self.num_input_channels
+        x = x.reshape(b, h // p, w // p, p, p, c).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(b, c, h, w)
+
+    def coherence_dropout_mask(
+        self, batch_size: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """(B, K) float mask of kept reward embeddings (training only), published rules (spec §7).
+
+        binomial: Bernoulli(1-p) per entry, an all-zero row replaced by a one-hot at a uniform
+        index (draw order: bernoulli, then randint). uniform: drop n ~ U{0..K-1} rewards chosen by
+        the ranks of rand(B, K) (draw order: randint, then rand). none: all ones.
+        """
+        k = len(self.coherence_keys)
+        if self.dropout_strategy == "none" or (self.dropout_strategy == "binomial" and self.coherence_dropout == 0):
+            # p = 0 keeps every reward; skipping the draws changes no value.
+            return torch.ones(batch_size, k, device=device)
+        if self.dropout_strategy == "binomial":
+            probs = torch.full((batch_size, k), 1.0 - self.coherence_dropout, device=device)
+            mask = torch.bernoulli(probs, generator=generator)
+            idx = torch.randint(0, k, (batch_size,), device=device, generator=generator)
+            fallback = torch.zeros_like(mask).scatter_(1, idx[:, None], 1.0)
+            return torch.where(mask.sum(1, keepdim=True) == 0, fallback, mask)
+        n_drop = torch.randint(0, k, (batch_size,), device=device, generator=generator)
+        scores = torch.rand(batch_size, k, device=device, generator=generator)
+        ranks = scores.argsort(dim=1).argsort(dim=1)
+        return (ranks >= n_drop[:, None]).float()
+
+    def _coherence_value(self, value, batch_size: int, device: torch.device) -> Tensor:
+        v = torch.as_tensor(value, device=device)
+        if v.dim() == 0:
+            v = v.expand(batch_size)
+        if v.shape != (batch_size,):
+            raise ValueError(f"reward values must be scalars or shape ({batch_size},), got {tuple(v.shape)}")
+        return v
+
+    def cond_mapping(
+        self,
+        text_tokens_embeddings: Tensor,
+        text_tokens_mask: Tensor,
+        coherence: Mapping[str, Tensor | float] | None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """(B, K + R + L, D_l) tokens [rewards + position vectors, registers, mapped text]."""
+        coherence = dict(coherence or {})
+        unknown = set(coherence) - set(self.coherence_keys)
+        if unknown:
+            raise ValueError(
+                f"unknown reward keys {sorted(unknown)}; this model was trained on {list(self.coherence_keys)}"
+            )
+        t = self.map_text_tokens(text_tokens_embeddings.float())
+        b, device, dtype = t.shape[0], t.device, t.dtype
+        embs = []
+        for key in self.coherence_keys:
+            embedder = self.coherence_embedder[f"{key}_coherence"]
+            if key in coherence:
+                v = self._coherence_value(coherence[key], b, device)
+                if self.training:
+                    v = torch.nan_to_num(v, nan=0.0)  # training: a NaN reward is embedded as value 0
+                embs.append(embedder(v.to(dtype)))
+            elif self.training:
+                # A missing reward in training is a NaN reward, i.e. value 0 (spec §2.3, trap 20).
+                embs.append(embedder(torch.zeros(b, device=device, dtype=dtype)))
+            else:
+                embs.append(None)  # eval: zero embedding (trap 11)
+        ref = next((e for e in embs if e is not None), None)
+        zeros = torch.zeros(b, self.latents_dim, device=device, dtype=ref.dtype if ref is not None else dtype)
+        r = torch.stack([zeros if e is None else e for e in embs], dim=1)
+        if self.training:
+            r = r * self.coherence_dropout_mask(b, device, generator)[..., None]
+        else:
+            r = torch.nan_to_num(r, nan=0.0)  # a NaN value at eval gives a zero embedding
+        seq = torch.cat(
+            [
+                r + self.coherence_positional_embedding,
+                self.text_registers.expand(b, -1, -1),
+                t,
+            ],
+            dim=1,
+        )
+        mask = torch.cat([self.registers_coherence_mask.expand(b, -1), text_tokens_mask.bool()], dim=1)
+        for block in self.transformers_blocks:
+            seq = block(seq, token_mask=mask)
+        return seq
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        y: Tensor,
+        gamma: Tensor,
+        text_tokens_embeddings: Tensor,
+        text_tokens_mask: Tensor,
+        coherence: Mapping[str, Tensor | float] | None = None,
+        previous_latents: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """y (B, C, S, S) already scaled by c_in; gamma (B,) raw signal level; text (B, L, E) and
+        bool mask (B, L); coherence: base reward key -> (B,) values (missing key: zero embedding in
+        eval, value 0 in training); previous_latents (B, N_l, D_l) or None (path skipped).
+        ``generator`` drives training-time randomness (reward dropout, dropout, stochastic depth).
+        Returns (F (B, C, S, S), z (B, N_l, D_l))."""
+        b, c, h, w = y.shape
+        if c != self.num_input_channels or h != self.data_size or w != self.data_size:
+            raise ValueError(
+                f"y has shape {tuple(y.shape)}; expected (B, {self.num_input_channels}, "
+                f"{self.data_size}, {self.data_size})"
+            )
+        if text_tokens_embeddings.dim() != 3 or text_tokens_embeddings.shape[-1] != self.label_dim:
+            raise ValueError(
+                f"text_tokens_embeddings has shape {tuple(text_tokens_embeddings.shape)}; expected "
+                f"(B, L, {self.label_dim})"
+            )
+        if text_tokens_mask.shape != text_tokens_embeddings.shape[:2]:
+            raise ValueError(
+                f"text_tokens_mask shape {tuple(text_tokens_mask.shape)} != embeddings (B, L) "
+                f"{tuple(text_tokens_embeddings.shape[:2])}"
+            )
+        gamma = torch.as_tensor(gamma, device=y.device)
+        if gamma.dim() == 0:
+            gamma = gamma.expand(b)
+        gamma = gamma.reshape(b)
+
+        x = self.patch_extractor(self.patchify(y))
+        x = self.data_ln(x) + self.data_pos_embedding
+        e = self.time_embedder(gamma)  # (B, D_l)
+        m = self.cond_mapping(text_tokens_embeddings, text_tokens_mask, coherence, generator)
+        if self.concat_cond_token_to_latents:
+            z = torch.cat([self.latents.expand(b, -1, -1), e[:, None], m], dim=1)
+        else:
+            z = self.latents + e[:, None]
+        cond = torch.cat([e[:, None], m], dim=1)  # cat promotes a bf16 time token to fp32
+        cond_mask = torch.cat([self.cond_mask.expand(b, -1), text_tokens_mask.bool()], dim=1)
+        if self.use_self_conditioning and previous_latents is not None:
+            p = previous_latents
+            z = z + self.ln_previous_2(p + self.linear_previous(self.ln_previous_1(p)))
+        for block in self.rin_blocks:
+            x, z = block(x, z, cond, cond_mask, generator)
+        x = self.map_tokens_to_patches(x)
+        return self.unpatchify(x, h, w), z

@@ -1,0 +1,190 @@
+"""Euler ODE sampler with multi-reward classifier-free guidance (published ``FlowEulerSampler``).
+
+Convention (``miro.models.flow``): gamma runs from 1e-9 (noise) to 1 (data) on the published fp32
+grid; x <- x - v_hat * (gamma' - gamma); v_hat = (1 + w) v(x, text, r+) - w v(x, null text, r-).
+By default cond and uncond run as one 2B batch, the conditional half first, exactly as published
+(spec §5.3-5.4): the uncond text is zero-padded to the cond length with a mask that is True on its
+own tokens only (or the cond side is padded when the uncond text is longer). The self-conditioning
+latents of each branch are carried to that branch's next step. ``batched_cfg=False`` runs the two
+halves as separate forwards (mathematically equal, not bitwise, trap 17).
+
+Dtypes: on CUDA the steps run under bf16 autocast by default (fp16 where bf16 is unsupported), as
+published; ``autocast=False`` gives a true fp32 run. On CPU everything is fp32 unless
+``autocast=True`` (CPU bf16 autocast). The Euler update and CFG are always fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from miro.models.flow import cfg_combine, time_grid
+
+__all__ = ["euler_sample", "build_cfg_text", "reward_values"]
+
+
+def reward_values(
+    keys: tuple[str, ...],
+    targets: Mapping[str, float | Tensor | None] | None,
+    default: float,
+    batch_size: int,
+    device,
+) -> dict[str, Tensor]:
+    """Per-key fp32 (B,) values. Keys not given get ``default``; a key given as ``None`` is left
+    out (the network then uses the zero embedding: reward dropped). Unknown keys raise."""
+    targets = dict(targets or {})
+    unknown = set(targets) - set(keys)
+    if unknown:
+        raise ValueError(f"unknown reward keys {sorted(unknown)}; this model uses {list(keys)}")
+    out: dict[str, Tensor] = {}
+    for k in keys:
+        v = targets.get(k, default)
+        if v is None:
+            continue
+        t = torch.as_tensor(v, dtype=torch.float32, device=device)
+        if t.dim() == 0:
+            t = t.expand(batch_size)
+        if t.shape != (batch_size,):
+            raise ValueError(f"reward {k!r}: expected a scalar or shape ({batch_size},), got {tuple(t.shape)}")
+        out[k] = t
+    return out
+
+
+def build_cfg_text(
+    text_emb: Tensor, text_mask: Tensor, uncond_emb: Tensor, uncond_mask: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Pad cond and uncond text to a common length as published (spec §5.3).
+
+    ``uncond_emb``: (E,), (L_u, E) or (B, L_u, E); ``uncond_mask``: None (all True), (L_u,) or
+    (B, L_u). Returns (cond_emb, cond_mask, uncond_emb, uncond_mask), all with the same L.
+    """
+    b, length, dim = text_emb.shape
+    u = uncond_emb.to(device=text_emb.device, dtype=torch.float32)
+    if u.dim() == 1:
+        u = u[None]
+    if u.dim() == 2:
+        u = u[None].expand(b, -1, -1)
+    if u.dim() != 3 or u.shape[0] != b or u.shape[-1] != dim:
+        raise ValueError(f"uncond embedding must be (L_u, {dim}) or ({b}, L_u, {dim}), got {tuple(uncond_emb.shape)}")
+    lu = u.shape[1]
+    if uncond_mask is None:
+        um = torch.ones(b, lu, dtype=torch.bool, device=text_emb.device)
+    else:
+        um = uncond_mask.to(text_emb.device).bool()
+        if um.dim() == 1:
+            um = um[None].expand(b, -1)
+        if um.shape != (b, lu):
+            raise ValueError(f"uncond mask must be ({lu},) or ({b}, {lu}), got {tuple(uncond_mask.shape)}")
+    cm = text_mask.bool()
+    ce = text_emb.float()
+    if length > lu:
+        um = torch.cat([um, torch.zeros(b, length - lu, dtype=torch.bool, device=um.device)], dim=1)
+        u = torch.cat([u, u.new_zeros(b, length - lu, dim)], dim=1)
+    elif length < lu:
+        cm = torch.cat([cm, torch.zeros(b, lu - length, dtype=torch.bool, device=cm.device)], dim=1)
+        ce = torch.cat([ce, ce.new_zeros(b, lu - length, dim)], dim=1)
+    return ce, cm, u, um
+
+
+def _autocast_ctx(device: torch.device, autocast: bool | None):
+    if autocast is None:
+        autocast = device.type == "cuda"
+    if not autocast:
+        return contextlib.nullcontext()
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        dtype = torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def euler_sample(
+    model,
+    noise: Tensor,
+    text_emb: Tensor,
+    text_mask: Tensor,
+    uncond_emb: Tensor | None,
+    uncond_mask: Tensor | None,
+    reward_targets: Mapping[str, float | Tensor | None] | None = None,
+    negative_reward_targets: Mapping[str, float | Tensor | None] | None = None,
+    num_steps: int = 50,
+    guidance_scale: float = 7.0,
+    batched_cfg: bool = True,
+    shift: float = 1.0,
+    autocast: bool | None = None,
+    callback: Callable[[int, Tensor, Tensor], None] | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Integrate from ``noise`` (B, C, S, S) to x0 in the model's normalised latent space.
+
+    ``model``: a ``MiroModel`` (run in eval mode; its mode is restored afterwards).
+    ``reward_targets`` / ``negative_reward_targets``: base key -> value in [0, 1] (float or (B,));
+    defaults 1.0 and 0.0 for every key; ``None`` as a value drops that reward (zero embedding).
+    ``guidance_scale`` w <= 0 disables CFG (one B-sized forward per step).
+    ``callback(step, gamma_next, x)`` is called after every step. Deterministic: the only
+    randomness is ``noise``. Returns fp32 x0 (B, C, S, S).
+    """
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    device = noise.device
+    b = noise.shape[0]
+    if text_emb.shape[0] != b or text_mask.shape != text_emb.shape[:2]:
+        raise ValueError(
+            f"text batch {tuple(text_emb.shape)} / mask {tuple(text_mask.shape)} do not match noise batch {b}"
+        )
+    keys = tuple(model.coherence_keys)
+    pos = reward_values(keys, reward_targets, 1.0, b, device)
+    use_cfg = guidance_scale > 0
+    if use_cfg:
+        if uncond_emb is None:
+            raise ValueError("guidance_scale > 0 needs an unconditional text embedding (uncond_emb)")
+        neg = reward_values(keys, negative_reward_targets, 0.0, b, device)
+        ce, cm, ue, um = build_cfg_text(text_emb.to(device), text_mask.to(device), uncond_emb, uncond_mask)
+        if batched_cfg:
+            emb2, mask2 = torch.cat([ce, ue]), torch.cat([cm, um])
+            shared = set(pos) & set(neg)
+            if set(pos) != set(neg):
+                raise ValueError(
+                    "with batched_cfg a reward must be given (or dropped) in both branches: "
+                    f"{sorted(set(pos) ^ set(neg))}"
+                )
+            coh2 = {k: torch.cat([pos[k], neg[k]]) for k in keys if k in shared}
+    else:
+        ce, cm = text_emb.to(device).float(), text_mask.to(device).bool()
+
+    gammas = time_grid(num_steps, shift=shift, device=device)
+    x = noise.to(torch.float32)
+    z_c = z_u = None
+    was_training = model.training
+    model.eval()
+    steps = range(num_steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="sampling", leave=False)
+    try:
+        for i in steps:
+            g, g_next = gammas[i], gammas[i + 1]
+            with _autocast_ctx(device, autocast):
+                if not use_cfg:
+                    v, z_c = model(x, g.expand(b), ce, cm, pos, z_c)
+                elif batched_cfg:
+                    prev = None if z_c is None else torch.cat([z_c, z_u])
+                    v2, z2 = model(torch.cat([x, x]), g.expand(2 * b), emb2, mask2, coh2, prev)
+                    v_c, v_u = v2.chunk(2)
+                    z_c, z_u = z2.chunk(2)
+                    v = cfg_combine(v_c, v_u, guidance_scale)
+                else:
+                    v_c, z_c = model(x, g.expand(b), ce, cm, pos, z_c)
+                    v_u, z_u = model(x, g.expand(b), ue, um, neg, z_u)
+                    v = cfg_combine(v_c, v_u, guidance_scale)
+            x = x - v.float() * (g_next - g)
+            if callback is not None:
+                callback(i, g_next, x)
+    finally:
+        model.train(was_training)
+    return x.to(torch.float32)

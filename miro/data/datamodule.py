@@ -1,0 +1,363 @@
+"""Training input for MIRO: enriched shards (real or Shapes) -> padded, reward-binned batches.
+
+A batch (dict) holds:
+
+* ``latent_mean`` / ``latent_std`` (B, C, h, w) float32 — precomputed VAE moments (the module
+  samples ``mean + std·ε``), or ``image`` (B, 3, H, W) float32 in [-1, 1] for pixel space;
+* ``text_emb`` (B, L, E) float32 and ``text_mask`` (B, L) bool — precomputed embeddings padded to
+  the longest in the batch (or to ``max_text_len``), or ``captions`` (list of str) for encoding
+  on the fly by the module;
+* ``rewards`` {key: (B,) float32} — bin values in [0, 1], NaN where the score is missing;
+* ``synthetic`` (B,) bool — which caption was drawn; ``n_corrupt`` — samples replaced because
+  they could not be decoded; ``position`` — this rank's stream position after the batch.
+
+Caption choice: with probability ``synthetic_caption_rate`` (0.5 in the release recipe) a sample
+uses its synthetic caption and then the rewards stored under ``synthetic_<key>`` (contracts,
+"Data"). The draw is a function of (seed, epoch, index), so a resumed run makes the same choices.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from miro.data import schema
+from miro.data.indexed import IndexedTarDataset, ResumableDistributedSampler
+from miro.rewards.binning import BINS_FILENAME, RewardBins
+
+try:  # Lightning is an optional extra ("train"); the dataset pieces work without it.
+    from lightning.pytorch import LightningDataModule
+except ModuleNotFoundError:  # pragma: no cover
+    LightningDataModule = object
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = ""  # folder of *.tar shards (sorted order), or one tar
+    reward_keys: list[str] = field(default_factory=list)  # JSON keys conditioned on (empty: no rewards)
+    num_bins: int = 64  # quantile bins per reward (release: 64)
+    bins_sample_size: int = 100_000  # samples used to fit bin edges (CAD: <= 100,001)
+    bins_path: str | None = None  # reward_bins.json cache; None: inside data_dir's index cache
+    image_source: str = "latents"  # "latents" (vae_embeddings_*.npy) or "pixels" (the image, in [-1, 1])
+    latent_resolution: int = 256  # which latent moments to read (256 or 512)
+    image_size: int | None = None  # pixels: resize (bicubic) to this square size when it differs
+    hflip: bool = False  # pixels: random horizontal flip (off for Shapes: "left of" must stay true)
+    text_source: str = "precomputed"  # "precomputed" ({enc}_embeddings.npy) or "on_the_fly" (captions)
+    text_encoder: str = "minilm"  # schema name of the embeddings: "flan_t5_xl" or "minilm"
+    max_text_len: int = 77  # tokens kept per caption (published max_text_len)
+    pad_to_max_text_len: bool = False  # fixed text length (static shapes for torch.compile)
+    synthetic_caption_rate: float = 0.5  # P(synthetic caption); 0 = original captions only
+    batch_size: int = 64  # per rank
+    num_workers: int = 2  # DataLoader worker processes per rank
+    seed: int = 3407  # data order, caption draws (CAD's seed)
+    shuffle: bool = True  # shuffle each epoch (seeded by (seed, epoch))
+    mode: str = "indexed"  # "indexed" (exact resume) or "resampled" (streaming; resume approximate)
+    shuffle_buffer: int = 1000  # resampled mode: in-memory shuffle buffer per worker
+    index_cache_dir: str | None = None  # where tar indexes are cached (default: beside the shards)
+    max_corrupt_retries: int = 32  # replacement attempts before a batch fails
+
+
+class MiroSampleDecoder:
+    """Turns raw member bytes of one sample into training tensors (picklable, worker-safe)."""
+
+    def __init__(self, cfg: DataConfig, bins: RewardBins | None):
+        if cfg.image_source not in ("latents", "pixels"):
+            raise ValueError(f"image_source must be 'latents' or 'pixels'; got {cfg.image_source!r}")
+        if cfg.text_source not in ("precomputed", "on_the_fly"):
+            raise ValueError(f"text_source must be 'precomputed' or 'on_the_fly'; got {cfg.text_source!r}")
+        if not 0.0 <= cfg.synthetic_caption_rate <= 1.0:
+            raise ValueError(f"synthetic_caption_rate must be in [0, 1]; got {cfg.synthetic_caption_rate}")
+        self.cfg, self.bins = cfg, bins
+        res = cfg.latent_resolution
+        self.lat = (schema.latent_name("mean", res), schema.latent_name("std", res))
+        self.emb = (schema.text_embedding_name(cfg.text_encoder), schema.text_embedding_name(cfg.text_encoder, True))
+
+    def members(self) -> list[str]:
+        """Member extensions this decoder reads (others are never loaded from disk)."""
+        exts = ["json", "txt"]
+        exts += list(self.lat) if self.cfg.image_source == "latents" else list(schema.IMAGE_EXTS)
+        if self.cfg.text_source == "precomputed":
+            exts += list(self.emb)
+        return exts
+
+    def __call__(self, raw: dict, rng: np.random.Generator) -> dict:
+        cfg = self.cfg
+        meta = schema.decode_member("json", raw["json"]) if "json" in raw else {}
+        if not isinstance(meta, dict):
+            raise ValueError(f"sample {raw['__key__']}: json is not an object")
+        has_synth = (self.emb[1] in raw) if cfg.text_source == "precomputed" else bool(meta.get("synthetic_caption"))
+        synthetic = bool(rng.random() < cfg.synthetic_caption_rate) and has_synth
+        out: dict = {"key": raw["__key__"], "synthetic": synthetic}
+        if cfg.image_source == "latents":
+            for name, member in zip(("latent_mean", "latent_std"), self.lat):
+                if member not in raw:
+                    raise KeyError(f"sample {raw['__key__']} lacks {member}")
+                out[name] = torch.from_numpy(schema.load_npy(raw[member]).astype(np.float32))
+        else:
+            ext = schema.image_member(raw)
+            if ext is None:
+                raise KeyError(f"sample {raw['__key__']} has no image")
+            out["image"] = self._image(schema.decode_member(ext, raw[ext]), rng)
+        if cfg.text_source == "precomputed":
+            member = self.emb[1] if synthetic else self.emb[0]
+            if member not in raw:
+                raise KeyError(f"sample {raw['__key__']} lacks {member}")
+            emb = schema.load_npy(raw[member])
+            if emb.ndim != 2 or emb.shape[0] == 0:
+                raise ValueError(f"sample {raw['__key__']}: {member} has shape {emb.shape}, expected (L>0, E)")
+            out["text_emb"] = torch.from_numpy(emb[: cfg.max_text_len].astype(np.float32))
+        else:
+            out["caption"] = str(meta["synthetic_caption"]) if synthetic else schema.decode_member("txt", raw["txt"])
+        prefix = "synthetic_" if synthetic else ""
+        scores = {k: meta.get(prefix + k) for k in cfg.reward_keys}
+        out["rewards"] = self.bins.values(scores, cfg.reward_keys) if self.bins is not None else {}
+        return out
+
+    def _image(self, im, rng: np.random.Generator) -> torch.Tensor:
+        from PIL import Image
+
+        size = self.cfg.image_size
+        if size is not None and im.size != (size, size):
+            im = im.resize((size, size), Image.BICUBIC)
+        x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+        if self.cfg.hflip and rng.random() < 0.5:
+            x = x.flip(-1)
+        return x
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The per-sample generator: a pure function of (seed, epoch, index)."""
+    return np.random.default_rng([int(seed), int(epoch), int(index)])
+
+
+class MiroTrainDataset(torch.utils.data.Dataset):
+    """Map-style dataset over indexed shards; items are addressed by ``(position, index)``.
+
+    A sample that fails to decode is replaced by the next index that decodes (deterministically),
+    with a warning; the number of replacements travels in the sample as ``n_corrupt``.
+    """
+
+    def __init__(self, data: IndexedTarDataset, decoder: MiroSampleDecoder, per_rank: int | None = None):
+        self.data, self.decoder = data, decoder
+        self.per_rank = per_rank or len(data)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, item) -> dict:
+        pos, index = item if isinstance(item, tuple) else (item, item)
+        epoch = pos // self.per_rank
+        n_bad = 0
+        for attempt in range(self.decoder.cfg.max_corrupt_retries + 1):
+            i = (index + attempt) % len(self.data)
+            try:
+                raw = self.data.read(i, self.decoder.members())
+                out = self.decoder(raw, sample_rng(self.decoder.cfg.seed, epoch, i))
+            except Exception as e:  # any damage in one sample is skipped, never fatal
+                n_bad += 1
+                warnings.warn(f"skipping corrupt sample #{i} ({type(e).__name__}: {e})")
+                continue
+            out.update(position=pos, index=i, n_corrupt=n_bad)
+            return out
+        raise RuntimeError(f"{n_bad} consecutive samples from index {index} failed to decode; is the data corrupt?")
+
+
+def collate(samples: list[dict], max_text_len: int | None = None) -> dict:
+    """Stack a list of decoded samples; text embeddings are right-padded with a bool mask."""
+    batch: dict = {}
+    for name in ("latent_mean", "latent_std", "image"):
+        if name in samples[0]:
+            batch[name] = torch.stack([s[name] for s in samples])
+    if "text_emb" in samples[0]:
+        lengths = [s["text_emb"].shape[0] for s in samples]
+        L = max_text_len if max_text_len else max(lengths)
+        E = samples[0]["text_emb"].shape[1]
+        emb = torch.zeros(len(samples), L, E)
+        mask = torch.zeros(len(samples), L, dtype=torch.bool)
+        for b, s in enumerate(samples):
+            n = min(lengths[b], L)
+            emb[b, :n] = s["text_emb"][:n]
+            mask[b, :n] = True
+        batch["text_emb"], batch["text_mask"] = emb, mask
+    if "caption" in samples[0]:
+        batch["captions"] = [s["caption"] for s in samples]
+    keys = list(samples[0]["rewards"])
+    batch["rewards"] = {k: torch.tensor([s["rewards"][k] for s in samples], dtype=torch.float32) for k in keys}
+    batch["synthetic"] = torch.tensor([s["synthetic"] for s in samples])
+    batch["n_corrupt"] = int(sum(s.get("n_corrupt", 0) for s in samples))
+    batch["position"] = int(max(s.get("position", -1) for s in samples)) + 1
+    return batch
+
+
+class _Collate:
+    def __init__(self, max_text_len: int | None):
+        self.max_text_len = max_text_len
+
+    def __call__(self, samples):
+        return collate(samples, self.max_text_len)
+
+
+class ResampledStreamDataset(IterableDataset):
+    """Streaming alternative: shards drawn with replacement, read sequentially, buffer-shuffled.
+
+    Each (rank, worker) draws from its own generator seeded by (seed, rank, worker, restart), so
+    streams differ across ranks and workers without a node splitter. Resume is approximate: a
+    restarted run draws a fresh stream (``restart`` = the resumed step) instead of continuing.
+    """
+
+    def __init__(self, shards: list[str], decoder: MiroSampleDecoder, rank: int = 0, restart: int = 0):
+        self.shards, self.decoder, self.rank, self.restart = shards, decoder, rank, restart
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid = info.id if info is not None else 0
+        cfg = self.decoder.cfg
+        rng = np.random.default_rng([cfg.seed, self.rank, wid, self.restart])
+        wanted = set(self.decoder.members())
+        buf: list[dict] = []
+        n = 0
+        while True:
+            shard = self.shards[int(rng.integers(len(self.shards)))]
+            for raw in schema.iter_raw_samples(shard):
+                raw = {k: v for k, v in raw.items() if k.startswith("__") or k in wanted}
+                try:
+                    sample = self.decoder(raw, rng)
+                except Exception as e:
+                    warnings.warn(f"skipping corrupt sample {raw.get('__key__')} ({type(e).__name__}: {e})")
+                    continue
+                sample.update(position=n, index=-1, n_corrupt=0)
+                n += 1
+                buf.append(sample)
+                if len(buf) >= max(1, cfg.shuffle_buffer):
+                    yield buf.pop(int(rng.integers(len(buf))))
+
+
+def fit_reward_bins(data: IndexedTarDataset, keys: list[str], num_bins: int, sample_size: int,
+                    seed: int = 0) -> RewardBins:
+    """Quantile edges per reward over (a seeded sample of) the data, both captions' scores pooled."""
+    n = len(data)
+    idx = np.arange(n) if n <= sample_size else np.sort(np.random.default_rng(seed).choice(n, sample_size, replace=False))
+    scores: dict[str, list[float]] = {k: [] for k in keys}
+    for i in idx:
+        try:
+            meta = schema.decode_member("json", data.read(int(i), ["json"])["json"])
+        except Exception:
+            continue
+        for k in keys:
+            for name in (k, schema.synthetic_reward_key(k)):
+                v = meta.get(name)
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    scores[k].append(float(v))
+    missing = [k for k, v in scores.items() if not v]
+    if missing:
+        raise ValueError(f"rewards {missing} have no finite value in the data's JSON; check `reward_keys` "
+                         f"(first sample's keys: {sorted(meta) if n else []})")
+    return RewardBins.fit(scores, num_bins)
+
+
+class MiroDataModule(LightningDataModule):
+    """Lightning datamodule: shards -> :class:`MiroTrainDataset` -> DataLoader, resumable.
+
+    Under DDP set ``use_distributed_sampler=False`` on the Trainer: ranks are split here. The
+    stream position is saved in checkpoints (``state_dict``) and restored before the loader is
+    built, so a resumed run sees exactly the samples an uninterrupted run would have seen.
+    """
+
+    def __init__(self, cfg: DataConfig, bins: RewardBins | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.bins = bins
+        self.position = 0  # samples of this rank's stream consumed so far
+        self.restart_step = 0
+        self.stats = schema.ReadStats()
+        self.data: IndexedTarDataset | None = None
+
+    # -- setup -----------------------------------------------------------------------------
+    def _rank_world(self) -> tuple[int, int]:
+        t = getattr(self, "trainer", None)
+        if t is not None:
+            return int(t.global_rank), int(t.world_size)
+        return 0, 1
+
+    def prepare(self) -> None:
+        """Index shards and fit/load reward bins (idempotent; cached on disk)."""
+        if self.data is not None:
+            return
+        cfg = self.cfg
+        shards = schema.list_shards(cfg.data_dir) if cfg.data_dir else []
+        if not shards:
+            raise ValueError(f"data_dir {cfg.data_dir!r} holds no *.tar shards")
+        self.data = IndexedTarDataset(shards, cfg.index_cache_dir, self.stats)
+        if len(self.data) == 0:
+            raise ValueError(f"data_dir {cfg.data_dir!r}: no readable samples")
+        if cfg.reward_keys and self.bins is None:
+            path = Path(cfg.bins_path) if cfg.bins_path else None
+            if path is not None and path.exists():
+                self.bins = RewardBins.load(path)
+            else:
+                self.bins = fit_reward_bins(self.data, list(cfg.reward_keys), cfg.num_bins, cfg.bins_sample_size,
+                                            cfg.seed)
+                if path is not None:
+                    self.bins.save(path)
+        if self.bins is not None:
+            absent = [k for k in cfg.reward_keys if k not in self.bins.edges]
+            if absent:
+                raise ValueError(f"reward bins lack {absent}; have {self.bins.keys}")
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare()
+
+    def decoder(self) -> MiroSampleDecoder:
+        return MiroSampleDecoder(self.cfg, self.bins if self.cfg.reward_keys else None)
+
+    def sampler(self) -> ResumableDistributedSampler:
+        rank, world = self._rank_world()
+        return ResumableDistributedSampler(len(self.data), world, rank, self.cfg.seed, self.cfg.shuffle,
+                                           start=self.position)
+
+    def train_dataloader(self) -> DataLoader:
+        self.prepare()
+        cfg = self.cfg
+        col = _Collate(cfg.max_text_len if cfg.pad_to_max_text_len else None)
+        kw = dict(num_workers=cfg.num_workers, collate_fn=col, persistent_workers=False,
+                  pin_memory=torch.cuda.is_available())
+        if cfg.num_workers > 0:
+            kw["prefetch_factor"] = 4
+        if cfg.mode == "resampled":
+            rank, _ = self._rank_world()
+            ds = ResampledStreamDataset([str(s) for s in self.data.shards], self.decoder(), rank, self.restart_step)
+            return DataLoader(ds, batch_size=cfg.batch_size, **kw)
+        if cfg.mode != "indexed":
+            raise ValueError(f"data mode must be 'indexed' or 'resampled'; got {cfg.mode!r}")
+        sampler = self.sampler()
+        ds = MiroTrainDataset(self.data, self.decoder(), sampler.per_rank)
+        return DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **kw)
+
+    # -- resume ----------------------------------------------------------------------------
+    def on_before_batch_transfer(self, batch, dataloader_idx: int = 0):
+        # Called in the main process right before each training step: the batch's position is
+        # the number of samples consumed once this step is done.
+        if isinstance(batch, dict) and "position" in batch:
+            if self.cfg.mode == "indexed":
+                self.position = int(batch["position"])
+            else:
+                self.position += len(batch["synthetic"])
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"position": int(self.position), "stats": {"truncated_shards": self.stats.truncated_shards},
+                "bins": self.bins.to_dict() if self.bins is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state.get("position", 0))
+        if state.get("bins") and self.bins is None:
+            self.bins = RewardBins.from_dict(state["bins"])
+        # resampled streams are re-seeded with the resumed position (approximate resume)
+        self.restart_step = self.position

@@ -1,0 +1,243 @@
+"""Map-style random access to samples in webdataset tar shards, and a resumable distributed sampler.
+
+Training reads shards through an index (``wids``-style map-style access, without the dependency):
+each tar is scanned once for its member headers, and the byte offset and size of every member
+are cached as JSON. A sample is then one ``seek`` + ``read`` per member it needs, so a
+data-parallel run can visit samples in any order, every rank sees a disjoint, exact part of an
+epoch, and a resumed run continues at the exact sample it stopped at.
+
+Damage is skipped, never fatal: a truncated tar keeps the samples whose members are complete
+(the cut one is dropped) and is counted in :class:`miro.data.schema.ReadStats`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+import tarfile
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch.utils.data import Sampler
+
+from miro.data.schema import ReadStats, split_member
+
+INDEX_VERSION = 1
+
+
+def scan_tar(path: str | os.PathLike) -> tuple[list[dict], str | None]:
+    """Member offsets of every complete sample of a tar: ``[{"key", "members": {ext: [offset, size]}}]``.
+
+    Returns ``(samples, error)``; ``error`` is None for an intact archive. The sample being read
+    when damage is found is dropped (it may be missing members).
+    """
+    path = str(path)
+    size = os.path.getsize(path)
+    samples: list[dict] = []
+    current: dict | None = None
+    end = 0
+    error = None
+    try:
+        with tarfile.open(path, mode="r") as tar:
+            for info in tar:
+                end = info.offset_data + -(-info.size // 512) * 512
+                if not info.isfile():
+                    continue
+                key, ext = split_member(info.name)
+                if not ext:
+                    continue
+                if info.offset_data + info.size > size:
+                    raise EOFError(f"member {info.name} runs past the end of the file")
+                if current is not None and current["key"] != key:
+                    samples.append(current)
+                    current = None
+                if current is None:
+                    current = {"key": key, "members": {}}
+                current["members"][ext] = [info.offset_data, info.size]
+        # tarfile stops silently at a cut header; an intact archive ends with two zero blocks.
+        if size < end + 1024:
+            raise EOFError(f"archive ends at byte {size}, before its end-of-archive marker")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        error = str(e)
+        current = None
+    if current is not None:
+        samples.append(current)
+    return samples, error
+
+
+def _cache_file(path: Path, cache_dir: Path | None) -> Path:
+    if cache_dir is None:
+        return path.with_name(f".{path.name}.index.json")
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
+    return cache_dir / f"{path.stem}-{digest}.index.json"
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, separators=(",", ":"))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_index(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> tuple[list[dict], str | None]:
+    """:func:`scan_tar`, cached on disk keyed on the tar's size and mtime.
+
+    The cache goes beside the shard (``.<name>.index.json``) or, when that folder is read-only or
+    ``cache_dir`` is given, into ``cache_dir``.
+    """
+    path = Path(path)
+    st = path.stat()
+    stamp = {"version": INDEX_VERSION, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    candidates = [_cache_file(path, Path(cache_dir))] if cache_dir is not None else [_cache_file(path, None)]
+    for c in candidates:
+        try:
+            with open(c) as f:
+                cached = json.load(f)
+            if cached.get("stamp") == stamp:
+                return cached["samples"], cached.get("error")
+        except (OSError, ValueError, KeyError):
+            pass
+    samples, error = scan_tar(path)
+    for c in candidates:
+        try:
+            _write_json_atomic(c, {"stamp": stamp, "samples": samples, "error": error})
+            break
+        except OSError:
+            continue
+    return samples, error
+
+
+class IndexedTarDataset:
+    """Random access to the samples of a list of tar shards (global index over sorted shards).
+
+    ``read(i, exts)`` returns ``{"__key__", "__url__", ext: bytes}`` for the requested member
+    extensions present in sample ``i`` (all members when ``exts`` is None). File handles are
+    opened lazily per process, so the object can be handed to DataLoader workers.
+    """
+
+    def __init__(self, shards: Sequence[str | os.PathLike], cache_dir: str | os.PathLike | None = None,
+                 stats: ReadStats | None = None):
+        if not shards:
+            raise ValueError("no shards given: the data folder holds no *.tar files")
+        self.shards = [str(s) for s in shards]
+        self.stats = stats if stats is not None else ReadStats()
+        self.samples: list[list[dict]] = []
+        for s in self.shards:
+            samples, error = load_index(s, cache_dir)
+            if error is not None:
+                self.stats.truncated_shards += 1
+                self.stats.errors.append(f"{s}: {error}")
+                warnings.warn(f"shard {s} is truncated or unreadable ({error}); indexed {len(samples)} complete "
+                              "samples before the damage")
+            self.samples.append(samples)
+        self.offsets = [0]
+        for samples in self.samples:
+            self.offsets.append(self.offsets[-1] + len(samples))
+        self.stats.samples = self.offsets[-1]
+        self._handles: dict[int, object] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(shard number, index inside the shard) of global sample ``i``."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample index {i} out of range [0, {len(self)})")
+        s = bisect.bisect_right(self.offsets, i) - 1
+        return s, i - self.offsets[s]
+
+    def entry(self, i: int) -> dict:
+        s, j = self.locate(i)
+        return self.samples[s][j]
+
+    def _handle(self, s: int):
+        if os.getpid() != self._pid:  # forked into a worker: never share file offsets with the parent
+            self._handles, self._pid = {}, os.getpid()
+        fh = self._handles.get(s)
+        if fh is None:
+            fh = self._handles[s] = open(self.shards[s], "rb")
+        return fh
+
+    def read(self, i: int, exts: Sequence[str] | None = None) -> dict:
+        s, j = self.locate(i)
+        entry = self.samples[s][j]
+        out = {"__key__": entry["key"], "__url__": self.shards[s]}
+        fh = self._handle(s)
+        for ext, (offset, size) in entry["members"].items():
+            if exts is not None and ext not in exts:
+                continue
+            fh.seek(offset)
+            data = fh.read(size)
+            if len(data) != size:
+                raise EOFError(f"{self.shards[s]}: member {entry['key']}.{ext} has {len(data)} of {size} bytes")
+            out[ext] = data
+        return out
+
+    def close(self) -> None:
+        for fh in self._handles.values():
+            fh.close()
+        self._handles = {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
+
+
+class ResumableDistributedSampler(Sampler):
+    """An endless stream of ``(position, index)`` pairs for one rank, deterministic in (seed, epoch).
+
+    Epoch ``e`` is ``randperm(N)`` drawn from a generator seeded with ``(seed, e)`` (identity order
+    without shuffle), truncated to a multiple of ``num_replicas`` so every rank gets exactly
+    ``N // num_replicas`` samples (unequal counts hang DDP); rank ``r`` takes every
+    ``num_replicas``-th element starting at ``r``. The stream position ``p`` (samples this rank
+    has consumed) maps to epoch ``p // per_rank`` and offset ``p % per_rank``, so resuming with
+    ``start = p`` continues exactly where the run stopped. DataLoader workers receive whole
+    batches in turn, so no sample is duplicated or skipped across workers.
+    """
+
+    def __init__(self, num_samples: int, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True,
+                 start: int = 0, max_epochs: int | None = None):
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"need 0 <= rank < num_replicas; got rank={rank}, num_replicas={num_replicas}")
+        if num_samples < num_replicas:
+            raise ValueError(f"{num_samples} samples cannot be split over {num_replicas} ranks")
+        self.num_samples, self.num_replicas, self.rank = int(num_samples), int(num_replicas), int(rank)
+        self.seed, self.shuffle, self.start, self.max_epochs = int(seed), bool(shuffle), int(start), max_epochs
+        self.per_rank = self.num_samples // self.num_replicas
+
+    def epoch_indices(self, epoch: int) -> list[int]:
+        """This rank's indices for ``epoch``, in order."""
+        if self.shuffle:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2**63))
+            perm = torch.randperm(self.num_samples, generator=g)
+        else:
+            perm = torch.arange(self.num_samples)
+        return perm[self.rank: self.per_rank * self.num_replicas: self.num_replicas].tolist()
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        pos = self.start
+        epoch, j = divmod(pos, self.per_rank)
+        while self.max_epochs is None or epoch < self.max_epochs:
+            indices = self.epoch_indices(epoch)
+            for k in range(j, self.per_rank):
+                yield pos, indices[k]
+                pos += 1
+            epoch, j = epoch + 1, 0
+
+    def __len__(self) -> int:
+        if self.max_epochs is None:
+            raise TypeError("an endless sampler has no length")
+        return max(0, self.max_epochs * self.per_rank - self.start)

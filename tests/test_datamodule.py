@@ -1,0 +1,191 @@
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from miro.data import schema
+from miro.data.datamodule import DataConfig, MiroDataModule, collate
+from miro.data.indexed import IndexedTarDataset, ResumableDistributedSampler, scan_tar
+
+
+def _sample(i, rng, png_ok=True):
+    img = Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8))
+    L, Ls = 2 + i % 4, 1 + i % 3
+    return {"__key__": f"s{i:04d}", "png": img if png_ok else b"not a png", "txt": f"caption {i}",
+            "json": {"synthetic_caption": f"synthetic {i}", "r": float(i), "synthetic_r": float(1000 + i),
+                     "q": (None if i % 5 == 0 else float(i % 7))},
+            "minilm_embeddings.npy": np.full((L, 4), i, dtype=np.float16),
+            "synthetic_minilm_embeddings.npy": np.full((Ls, 4), -i, dtype=np.float16)}
+
+
+def _shards(tmp_path, n_shards=3, per=10, corrupt=()):
+    rng = np.random.default_rng(0)
+    d = tmp_path / "data"
+    for s in range(n_shards):
+        schema.write_shard(d / f"shard-{s:03d}.tar",
+                           [_sample(s * per + j, rng, png_ok=(s * per + j) not in corrupt) for j in range(per)])
+    return d
+
+
+def _cfg(d, **kw):
+    base = dict(data_dir=str(d), reward_keys=["r", "q"], num_bins=4, image_source="pixels", text_source="precomputed",
+                batch_size=4, num_workers=0, seed=1, synthetic_caption_rate=0.5)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+class _Echo(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1 << 30
+
+    def __getitem__(self, item):
+        return item[1]  # the sampler yields (position, index)
+
+
+@pytest.mark.parametrize("world,workers", [(1, 0), (3, 0), (4, 2)])
+def test_sampler_partitions_epoch_across_ranks_and_workers(world, workers):
+    n, bs = 103, 5
+    seen = []
+    for rank in range(world):
+        s = ResumableDistributedSampler(n, world, rank, seed=7, max_epochs=1)
+        dl = DataLoader(_Echo(), batch_size=bs, sampler=s, num_workers=workers)
+        got = [int(i) for b in dl for i in b]
+        assert len(got) == n // world
+        seen += got
+    assert len(seen) == len(set(seen)) == (n // world) * world  # disjoint and complete up to the tail
+    # the epoch order is a function of (seed, epoch): epochs differ, same seed reproduces
+    a = ResumableDistributedSampler(n, 1, 0, seed=7)
+    assert a.epoch_indices(0) != a.epoch_indices(1)
+    assert a.epoch_indices(1) == ResumableDistributedSampler(n, 1, 0, seed=7).epoch_indices(1)
+
+
+def test_sampler_resume_is_exact():
+    full = ResumableDistributedSampler(10, 2, 1, seed=3)
+    it = iter(full)
+    stream = [next(it) for _ in range(17)]  # crosses three epochs of 5
+    resumed = ResumableDistributedSampler(10, 2, 1, seed=3, start=6)
+    it2 = iter(resumed)
+    assert [next(it2) for _ in range(11)] == stream[6:]
+    with pytest.raises(ValueError, match="rank"):
+        ResumableDistributedSampler(10, 2, 2)
+
+
+def test_workers_do_not_duplicate(tmp_path):
+    dm = MiroDataModule(_cfg(_shards(tmp_path, 2, 12), num_workers=2, batch_size=3))
+    dm.prepare()
+    dm.cfg.shuffle = True
+    dl = dm.train_dataloader()
+    it = iter(dl)
+    keys = []
+    for _ in range(8):  # one epoch of 24 samples
+        b = next(it)
+        keys.append(b["position"])
+    assert keys == [3 * (k + 1) for k in range(8)]  # ordered positions across workers
+
+
+def test_batch_contents_and_padding(tmp_path):
+    dm = MiroDataModule(_cfg(_shards(tmp_path), synthetic_caption_rate=0.0, shuffle=False))
+    b = next(iter(dm.train_dataloader()))
+    assert b["image"].shape == (4, 3, 8, 8) and -1.0 <= b["image"].min() and b["image"].max() <= 1.0
+    lengths = [2 + i % 4 for i in range(4)]
+    assert b["text_emb"].shape == (4, max(lengths), 4)
+    assert b["text_mask"].sum(1).tolist() == lengths
+    for i in range(4):
+        assert torch.all(b["text_emb"][i, : lengths[i]] == i) and torch.all(b["text_emb"][i, lengths[i]:] == 0)
+    assert not b["synthetic"].any()
+    # reward "r" is 0..29 (original) and 1000..1029 (synthetic) pooled: 4 quantile bins
+    r = b["rewards"]["r"]
+    assert r.tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert math.isnan(b["rewards"]["q"][0])  # missing score -> NaN
+    assert b["position"] == 4 and b["n_corrupt"] == 0
+
+
+def test_synthetic_caption_uses_synthetic_rewards(tmp_path):
+    dm = MiroDataModule(_cfg(_shards(tmp_path), synthetic_caption_rate=1.0, shuffle=False))
+    b = next(iter(dm.train_dataloader()))
+    assert b["synthetic"].all()
+    assert torch.all(b["text_emb"][1, 0] == -1)
+    # pooled scores 0..29 and 1000..1029: quartile edges ~14.75, 514.5, 1014.25 -> 1000..1003 in bin 2
+    assert b["rewards"]["r"].tolist() == pytest.approx([2 / 3] * 4)
+    # on-the-fly text gives the synthetic caption string
+    dm2 = MiroDataModule(_cfg(_shards(tmp_path / "b"), synthetic_caption_rate=1.0, shuffle=False,
+                              text_source="on_the_fly"))
+    b2 = next(iter(dm2.train_dataloader()))
+    assert b2["captions"][:2] == ["synthetic 0", "synthetic 1"] and "text_emb" not in b2
+
+
+def test_caption_draw_rate_and_determinism(tmp_path):
+    cfg = _cfg(_shards(tmp_path, 4, 25), batch_size=100, synthetic_caption_rate=0.5)
+    b1 = next(iter(MiroDataModule(cfg).train_dataloader()))
+    b2 = next(iter(MiroDataModule(cfg).train_dataloader()))
+    assert torch.equal(b1["synthetic"], b2["synthetic"]) and torch.equal(b1["image"], b2["image"])
+    assert 30 <= int(b1["synthetic"].sum()) <= 70
+
+
+def test_corrupt_sample_and_truncated_shard_are_skipped(tmp_path):
+    d = _shards(tmp_path, 3, 10, corrupt={3})
+    last = d / "shard-002.tar"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])
+    with pytest.warns(UserWarning, match="truncated"):
+        dm = MiroDataModule(_cfg(d, shuffle=False, batch_size=5))
+        dm.prepare()
+    assert dm.stats.truncated_shards == 1 and 20 < len(dm.data) < 30
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        b = next(iter(dm.train_dataloader()))
+    assert any("corrupt sample #3" in str(x.message) for x in w)
+    assert b["n_corrupt"] == 1 and b["image"].shape[0] == 5
+    assert torch.all(b["text_emb"][3, 0] == 4) or torch.all(b["text_emb"][3, 0] == -4)  # replaced by sample 4
+
+
+def test_scan_tar_matches_reader(tmp_path):
+    d = _shards(tmp_path, 1, 6)
+    entries, err = scan_tar(d / "shard-000.tar")
+    assert err is None and [e["key"] for e in entries] == [f"s{i:04d}" for i in range(6)]
+    ds = IndexedTarDataset([d / "shard-000.tar"])
+    raw = list(schema.iter_raw_samples(d / "shard-000.tar"))
+    for i in range(6):
+        got = ds.read(i)
+        assert {k: v for k, v in got.items() if not k.startswith("__")} == {
+            k: v for k, v in raw[i].items() if not k.startswith("__")}
+    # the index is cached beside the shard and reused
+    assert (d / ".shard-000.tar.index.json").exists()
+
+
+def test_datamodule_resume_continues_stream(tmp_path):
+    cfg = _cfg(_shards(tmp_path, 2, 10), batch_size=3)
+    dm = MiroDataModule(cfg)
+    it = iter(dm.train_dataloader())
+    batches = [dm.on_before_batch_transfer(next(it)) for _ in range(9)]  # crosses the epoch boundary
+    dm2 = MiroDataModule(cfg)
+    ref = MiroDataModule(cfg)
+    it_ref = iter(ref.train_dataloader())
+    for _ in range(4):
+        ref.on_before_batch_transfer(next(it_ref))
+    dm2.load_state_dict(ref.state_dict())
+    assert dm2.position == 12
+    it2 = iter(dm2.train_dataloader())
+    for k in range(4, 9):
+        b = next(it2)
+        assert torch.equal(b["image"], batches[k]["image"]) and torch.equal(b["synthetic"], batches[k]["synthetic"])
+
+
+def test_resampled_mode_streams(tmp_path):
+    dm = MiroDataModule(_cfg(_shards(tmp_path), mode="resampled", shuffle_buffer=4))
+    b = next(iter(dm.train_dataloader()))
+    assert b["image"].shape == (4, 3, 8, 8)
+
+
+def test_bad_config_values(tmp_path):
+    with pytest.raises(ValueError, match="image_source"):
+        MiroDataModule(_cfg(_shards(tmp_path), image_source="jpeg")).train_dataloader()
+    with pytest.raises(ValueError, match="no finite value"):
+        MiroDataModule(_cfg(tmp_path / "data", reward_keys=["nope"])).prepare()
+    with pytest.raises(ValueError, match="no \\*.tar"):
+        (tmp_path / "empty").mkdir()
+        MiroDataModule(_cfg(tmp_path / "empty")).prepare()

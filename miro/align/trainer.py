@@ -1,0 +1,247 @@
+"""The SRPO training loop on Lightning Fabric: distributed, mixed precision, gradient accumulation,
+atomic checkpoints and exact resume after a kill.
+
+Determinism: every random draw of optimiser step ``s`` comes from generators seeded by
+``(seed, s, micro-batch, rank)``, and the data order of an epoch is a permutation seeded by
+``(seed, epoch)``. A run resumed from the checkpoint at step ``s`` therefore performs exactly the
+updates the uninterrupted run would have performed.
+
+Upstream correspondences (``fastvideo/SRPO.py``): online noise is shared by every rank
+(``shared_noise``, "it is important to make all device generate with the same latent") while the
+timestep index is drawn per rank (Python ``random`` seeded with seed + rank); offline noise is
+drawn per rank ("otherwise all cards' images are identical", SRPO #10).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from miro.align.datasets import OfflineImageDataset
+from miro.align.relative_reward import SemanticRelativeReward
+from miro.align.step import StepConfig, srpo_step
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # "adamw" or "prodigy" (optional dependency `prodigyopt`)
+    lr: float = 5e-6  # upstream FLUX-HPS full fine-tune; Prodigy wants 1.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 1e-4  # upstream SRPO AdamW
+    max_grad_norm: float = 0.1  # upstream clip_grad_norm
+    warmup_steps: int = 0  # linear warm-up, then constant (upstream constant_with_warmup, 0 warm-up)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 20  # optimiser steps; upstream trains 19 then only visualises (checkpointing_steps 20)
+    batch_size: int = 1  # samples per device per micro-batch (upstream 1)
+    grad_accum: int = 1  # micro-batches per optimiser step (each runs both branches)
+    seed: int = 42  # upstream seed
+    shared_noise: bool = True  # online: identical ε on every rank (upstream broadcast from rank 0)
+    checkpoint_every: int = 10  # steps between atomic checkpoints (and at the end)
+    log_every: int = 1
+    out_dir: str = "srpo-out"  # checkpoints/, metrics.jsonl, the exported weights
+    resume: bool = True  # continue from out_dir/checkpoints/last.pt when present
+    accelerator: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = 1
+    strategy: str = "auto"  # "ddp" across GPUs; FSDP is not wired here (use LoRA for 12B models)
+    precision: str = "auto"  # "auto": bf16-mixed on CUDA, 32-true on CPU
+    progress: bool = True  # tqdm bar on rank 0
+
+
+def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters: freeze nothing or add LoRA adapters")
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.name == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ModuleNotFoundError as e:
+            raise ValueError("optimizer 'prodigy' needs the optional package prodigyopt: pip install prodigyopt") from e
+        # Defaults of diffusers' train_dreambooth_lora_flux.py: decouple, bias correction, safeguard warm-up.
+        return Prodigy(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                       decouple=True, use_bias_correction=True, safeguard_warmup=True)
+    raise ValueError(f"unknown optimizer {cfg.name!r}; choose 'adamw' or 'prodigy'")
+
+
+def _seed(*parts: int) -> int:
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h * 0x100000001B3 + int(p) + 1) % (2**63 - 1)
+    return h
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class SRPOTrainer:
+    """Run SRPO on a target with a relative reward over a list of items (dicts with ``caption``)."""
+
+    def __init__(self, target, reward: SemanticRelativeReward, items: list[dict], step_cfg: StepConfig | None = None,
+                 optim_cfg: OptimConfig | None = None, train_cfg: TrainConfig | None = None,
+                 callback: Callable[[int, dict], None] | None = None, fabric=None):
+        self.target, self.reward, self.items = target, reward, list(items)
+        self.step_cfg = step_cfg or StepConfig()
+        self.optim_cfg = optim_cfg or OptimConfig()
+        self.cfg = train_cfg or TrainConfig()
+        self.callback = callback
+        if not self.items:
+            raise ValueError("SRPO needs at least one prompt item")
+        if self.step_cfg.mode == "offline":
+            self.images = OfflineImageDataset(self.items, target.image_size)
+            self.items = self.images.items
+            if self.images.skipped:
+                log.warning("offline dataset: skipped %d items without a readable image", self.images.skipped)
+        self.fabric = fabric or self._make_fabric()
+        self.out = Path(self.cfg.out_dir)
+        self.ckpt_path = self.out / "checkpoints" / "last.pt"
+
+    def _make_fabric(self):
+        from lightning.fabric import Fabric
+
+        prec = self.cfg.precision
+        if prec == "auto":
+            prec = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+        fabric = Fabric(accelerator=self.cfg.accelerator, devices=self.cfg.devices, num_nodes=self.cfg.num_nodes,
+                        strategy=self.cfg.strategy, precision=prec)
+        fabric.launch()
+        return fabric
+
+    # -- data ------------------------------------------------------------------------------
+    def _indices(self, step: int, micro: int) -> list[int]:
+        n, bs, world, rank = len(self.items), self.cfg.batch_size, self.fabric.world_size, self.fabric.global_rank
+        per_step = self.cfg.grad_accum * world * bs
+        out = []
+        for b in range(bs):
+            flat = step * per_step + (micro * world + rank) * bs + b
+            epoch, pos = divmod(flat, n)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(self.cfg.seed, epoch)))
+            out.append(int(perm[pos]))
+        return out
+
+    def _batch(self, step: int, micro: int) -> dict:
+        idx = self._indices(step, micro)
+        batch = {"items": [self.items[i] for i in idx], "images": None}
+        if self.step_cfg.mode == "offline":
+            batch["images"] = torch.stack([self.images[i][0] for i in idx]).to(self.fabric.device)
+        return batch
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in self._module.named_parameters() if p.requires_grad}
+
+    def save_checkpoint(self, step: int) -> None:
+        if self.fabric.global_rank == 0:
+            state = {"step": step, "trainable": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
+                     "config": {"step": asdict(self.step_cfg), "optim": asdict(self.optim_cfg), "train": asdict(self.cfg)}}
+            atomic_torch_save(state, self.ckpt_path)
+        self.fabric.barrier()
+
+    def load_checkpoint(self) -> int:
+        state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+        params = dict(self._module.named_parameters())
+        missing = [n for n in state["trainable"] if n not in params]
+        if missing:
+            raise ValueError(f"checkpoint {self.ckpt_path} has parameters the model lacks: {missing[:5]}")
+        with torch.no_grad():
+            for n, t in state["trainable"].items():
+                params[n].copy_(t.to(params[n]))
+        self.optimizer.load_state_dict(state["optimizer"])
+        return int(state["step"])
+
+    # -- loop ------------------------------------------------------------------------------
+    def fit(self) -> list[dict]:
+        """Train to ``max_steps``; returns the metrics of the steps run in this call."""
+        fabric, cfg = self.fabric, self.cfg
+        module = self.target.trainable_module
+        self.optimizer = build_optimizer(module.parameters(), self.optim_cfg)
+        wrapped, self.optimizer = fabric.setup(module, self.optimizer)
+        self._module = module
+        self.target.set_trainable_module(wrapped)
+        warm = max(0, self.optim_cfg.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        start = 0
+        if cfg.resume and self.ckpt_path.is_file():
+            start = self.load_checkpoint()
+            for _ in range(start):
+                sched.step()
+            log.info("resumed from %s at step %d", self.ckpt_path, start)
+        metrics_path = self.out / "metrics.jsonl"
+        if fabric.global_rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            _truncate_metrics(metrics_path, start)
+        history = []
+        bar = None
+        if cfg.progress and fabric.global_rank == 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.max_steps, initial=start, desc="srpo")
+        for step in range(start, cfg.max_steps):
+            t0 = time.perf_counter()
+            self.optimizer.zero_grad(set_to_none=True)
+            agg: dict[str, float] = {}
+            for micro in range(cfg.grad_accum):
+                rank = 0 if (cfg.shared_noise and self.step_cfg.mode == "online") else fabric.global_rank
+                gen = torch.Generator().manual_seed(_seed(cfg.seed, step, micro, rank))
+                tgen = torch.Generator().manual_seed(_seed(cfg.seed + 1, step, micro, fabric.global_rank))
+                last = micro == cfg.grad_accum - 1
+                with fabric.no_backward_sync(wrapped, enabled=not last):
+                    m = srpo_step(self.target, self.reward, self.step_cfg, self._batch(step, micro), gen, step,
+                                  backward=fabric.backward, loss_scale=1.0 / cfg.grad_accum, timestep_generator=tgen)
+                for k, v in m.items():
+                    agg[k] = agg.get(k, 0.0) + v / cfg.grad_accum
+            if self.optim_cfg.max_grad_norm and self.optim_cfg.max_grad_norm > 0:
+                agg["grad_norm"] = float(fabric.clip_gradients(wrapped, self.optimizer, max_norm=self.optim_cfg.max_grad_norm))
+            self.optimizer.step()
+            sched.step()
+            agg.update(step=step + 1, lr=float(self.optimizer.param_groups[0]["lr"]), seconds=time.perf_counter() - t0)
+            history.append(agg)
+            if fabric.global_rank == 0:
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(agg) + "\n")
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in agg.items() if k.endswith("/reward")})
+            if self.callback is not None:
+                self.callback(step + 1, agg)
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.max_steps:
+                self.save_checkpoint(step + 1)
+        if bar is not None:
+            bar.close()
+        self.target.set_trainable_module(module)
+        return history
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines written after the checkpoint we resume from (they will be re-run)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", math.inf) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the kill
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+    os.replace(tmp, path)

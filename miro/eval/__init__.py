@@ -1,0 +1,1 @@
+"""Evaluation: GenEval-like scoring, reward scoring, best-of-N, summaries and plots."""

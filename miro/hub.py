@@ -72,3 +72,135 @@ def atomic_write_with(path: str | Path, writer: Callable[[str], None]) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline folders
+# ---------------------------------------------------------------------------------------------
+# The published layout (miro-t2i `miro/pipeline.py`: _PIPELINE_FILES); `reward_bins.json` is ours
+# and optional.
+PIPELINE_FILES = ("config.json", "model.safetensors", "uncond_embedding.npy")
+OPTIONAL_FILES = ("reward_bins.json",)
+BUILTIN_DIR = Path(__file__).resolve().parent / "assets" / "pipelines"
+
+
+class MissingFileError(ValueError, FileNotFoundError):
+    """A pipeline folder lacks a required file (both a ValueError and a FileNotFoundError)."""
+
+
+def builtin_pipelines() -> list[str]:
+    """Names of the pipelines shipped as package data (``miro/assets/pipelines/<name>/``)."""
+    if not BUILTIN_DIR.is_dir():
+        return []
+    return sorted(p.name for p in BUILTIN_DIR.iterdir() if (p / "config.json").is_file())
+
+
+def list_variants(root: str | Path) -> list[str]:
+    """Subfolders of ``root`` that hold a pipeline (a ``config.json``)."""
+    root = Path(root)
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "config.json").is_file())
+
+
+def _select_variant(root: Path, variant: str | None, where: str) -> Path:
+    if variant:
+        if "/" in variant or "\\" in variant or variant in (".", ".."):
+            raise ValueError(f"variant must be a plain subfolder name; got {variant!r}")
+        base = root / variant
+        if not (base / "config.json").is_file():
+            raise ValueError(
+                f"variant {variant!r} not found in {where}; available variants: "
+                f"{list_variants(root) or 'none (it is a single pipeline; pass variant=None)'}"
+            )
+        return base
+    if not (root / "config.json").is_file():
+        variants = list_variants(root)
+        if variants:
+            raise ValueError(f"{where} holds several pipelines; pass variant= one of {variants}")
+    return root
+
+
+def check_pipeline_files(base: Path) -> dict[str, Path]:
+    files = {}
+    for name in PIPELINE_FILES:
+        path = base / name
+        if not path.is_file():
+            raise MissingFileError(f"pipeline folder {str(base)!r} is missing {name!r} (needs {list(PIPELINE_FILES)})")
+        files[name] = path
+    for name in OPTIONAL_FILES:
+        if (base / name).is_file():
+            files[name] = base / name
+    return files
+
+
+def resolve_pipeline_dir(
+    name_or_path: str | os.PathLike,
+    variant: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    local_files_only: bool = False,
+    token: str | None = None,
+) -> dict[str, Path]:
+    """Locate a pipeline's files: a built-in name, a local folder, or a hub repo id.
+
+    Built-in names are resolved first, before any hub lookup. A hub repo is fetched with
+    ``snapshot_download`` restricted to the chosen variant's files. Returns ``{filename: path}``.
+    """
+    name = os.fspath(name_or_path)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"pipeline name or path must be a non-empty string; got {name_or_path!r}")
+    if "/" not in name and (BUILTIN_DIR / name / "config.json").is_file():
+        return check_pipeline_files(_select_variant(BUILTIN_DIR / name, variant, f"built-in {name!r}"))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return check_pipeline_files(_select_variant(path, variant, f"folder {name!r}"))
+    if path.suffix or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ValueError(
+            f"{name!r} is not a built-in pipeline ({builtin_pipelines()}), an existing folder, "
+            "or a hub repo id of the form 'owner/name'"
+        )
+    return _download(name, variant, revision, cache_dir, local_files_only, token)
+
+
+def _download(repo_id, variant, revision, cache_dir, local_files_only, token) -> dict[str, Path]:
+    from huggingface_hub import snapshot_download
+
+    prefix = f"{variant}/" if variant else ""
+    patterns = [prefix + f for f in PIPELINE_FILES + OPTIONAL_FILES]
+    kw = clean_hub_kwargs(revision=revision, cache_dir=cache_dir, token=token,
+                          local_files_only=local_files_only or None)
+    try:
+        root = Path(snapshot_download(repo_id, allow_patterns=patterns, **kw))
+    except Exception as e:
+        offline = kw.get("local_files_only", False)
+        how = ("offline mode (HF_HUB_OFFLINE or local_files_only) and the files are not in the "
+               "hub cache" if offline else "the hub could not be reached or the repo does not exist")
+        raise OSError(
+            f"could not fetch pipeline {repo_id!r}{f' variant {variant!r}' if variant else ''}: {how} "
+            f"({type(e).__name__}: {e}). Pass a local pipeline folder or a built-in name "
+            f"({builtin_pipelines()})."
+        ) from e
+    base = root / variant if variant else root
+    if not (base / "config.json").is_file():
+        if variant:
+            raise ValueError(
+                f"variant {variant!r} not found in {repo_id!r}; available variants: "
+                f"{_remote_variants(repo_id, revision, token)}"
+            )
+        raise ValueError(
+            f"{repo_id!r} has no config.json at its root; it may hold variants: "
+            f"{_remote_variants(repo_id, revision, token)} (pass variant=)"
+        )
+    return check_pipeline_files(base)
+
+
+def _remote_variants(repo_id, revision, token) -> list[str] | str:
+    if hub_offline():
+        return "unknown while offline"
+    try:
+        from huggingface_hub import HfApi
+
+        files = HfApi(token=token).list_repo_files(repo_id, revision=revision)
+    except Exception as e:  # listing is a courtesy for the error message only
+        return f"unknown ({type(e).__name__})"
+    return sorted({f.split("/")[0] for f in files if f.count("/") == 1 and f.endswith("/config.json")})
+

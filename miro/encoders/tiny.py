@@ -93,3 +93,46 @@ def save_tiny_autoencoder_kl(path: str | Path, latent_channels: int = 4, seed: i
         )
     vae.save_pretrained(path)
     return path
+
+
+def tiny_pipeline(root: str | Path, text: str = "bert", codec: str = "identity", seed: int = 0,
+                  config_name: str = "tiny", reward_bins=None):
+    """A randomly initialised ``MiroPipeline`` on the ``tiny`` model config, whose encoders are
+    tiny real-format models saved under ``root`` (so ``save_pretrained`` records their folders).
+
+    Args:
+        root: folder for the encoder files (``root/text``, ``root/vae``).
+        text: ``"bert"`` (tiny BERT, 24-d), ``"t5"`` (tiny T5, 32-d, one-token uncond as
+            published) or ``"minilm"`` (the embedded 384-d MiniLM).
+        codec: ``"identity"`` (pixels, 3 channels) or ``"vae"`` (tiny AutoencoderKL, 4 latent
+            channels, downsample 2, SDXL latent normalisation constants).
+        seed: seeds the model initialisation (through a local generator).
+    """
+    from miro.encoders.text import load_text_encoder
+    from miro.models import MiroModel, get_config
+    from miro.pipeline import MiroPipeline
+
+    root = Path(root)
+    cfg = get_config(config_name)
+    if text == "bert":
+        spec, dim = str(save_tiny_bert(root / "text")), 24
+    elif text == "t5":
+        spec, dim = str(save_tiny_t5(root / "text")), 32
+    elif text == "minilm":
+        spec, dim = "minilm", 384
+    else:
+        raise ValueError(f"text must be 'bert', 't5' or 'minilm'; got {text!r}")
+    cfg["network"]["label_dim"] = dim
+    cfg["text_encoder"] = spec
+    if codec == "vae":
+        cfg["autoencoder"] = str(save_tiny_autoencoder_kl(root / "vae"))
+        cfg["network"]["num_input_channels"] = 4
+        cfg["data_preprocessing"] = {"model_type": "sdxl", "channel_wise_normalisation": True}
+        cfg["postprocessing"] = {"model_type": "sdxl", "channel_wise_normalisation": True}
+    elif codec != "identity":
+        raise ValueError(f"codec must be 'identity' or 'vae'; got {codec!r}")
+    model = MiroModel.from_config(cfg, generator=torch.Generator().manual_seed(seed))
+    enc = load_text_encoder(spec, max_length=int(cfg["max_text_len"]))
+    pipe = MiroPipeline(model, enc, cfg["autoencoder"], cfg, enc.uncond_embedding(), reward_bins=reward_bins)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

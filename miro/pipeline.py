@@ -1,0 +1,420 @@
+"""``MiroPipeline``: text -> reward-steered flow sampling -> images.
+
+Loads the published checkpoint layout (``config.json``, ``model.safetensors`` with the
+``network.`` / ``preconditioning.`` / ``data_preprocessing.`` / ``postprocessing.`` prefixes,
+``uncond_embedding.npy``; ``variant=`` is a subfolder, as in ``nicolas-dufour/miro-ablations``)
+from a built-in name, a local folder or a hub repo, and generates in the published order of
+operations (spec §5): encode text (padded to ``max_text_len``, mask kept, float32), repeat each
+prompt's row ``num_images_per_prompt`` times (copies adjacent), build positive/negative reward
+targets (defaults 1.0 / 0.0), draw the initial noise once from the user's generator, run the
+Euler sampler with batched multi-reward CFG, undo the latent normalisation, decode, and convert
+to uint8 by truncation.
+
+Our pipelines add two ``config.json`` keys, ``text_encoder`` and ``autoencoder`` (defaults: the
+published ``google/flan-t5-xl`` and ``stabilityai/sdxl-vae``), and may carry ``reward_bins.json``
+(quantile edges per reward) so that raw reward scores can be turned into targets.
+
+Example::
+
+    >>> from miro import MiroPipeline
+    >>> pipe = MiroPipeline.from_pretrained("shapes")
+    >>> images = pipe("two red circles above a blue square", num_inference_steps=20,
+    ...               reward_targets={"shapes_alignment": 1.0},
+    ...               generator=torch.Generator().manual_seed(0))
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from miro import REWARD_KEYS
+from miro.encoders.autoencoder import SDXL_VAE, load_autoencoder, to_uint8, to_unit
+from miro.encoders.text import FLAN_T5_XL, load_text_encoder
+from miro.hub import atomic_write_json, atomic_write_with, resolve_pipeline_dir
+
+OUTPUT_TYPES = ("pil", "np", "numpy", "pt")
+DEFAULT_MAX_TEXT_LEN = 77  # published default of config["max_text_len"]
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def parse_dtype(dtype: Any) -> torch.dtype | None:
+    """``torch.float32`` / ``"fp32"`` / ``"bfloat16"`` / ... -> a floating torch dtype (or None)."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in set(_DTYPES.values()):
+        return dtype
+    if isinstance(dtype, str):
+        key = dtype.lower().removeprefix("torch.")
+        if key in _DTYPES:
+            return _DTYPES[key]
+    raise ValueError(f"unsupported dtype {dtype!r}; allowed: {sorted(_DTYPES)} or the torch dtypes")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+class MiroPipeline(nn.Module):
+    """A MIRO model with its text encoder, autoencoder and unconditional text embedding.
+
+    Args:
+        model: a ``MiroModel`` (submodules ``network``, ``preconditioning``,
+            ``data_preprocessing``, ``postprocessing``; its ``state_dict`` is the published file).
+        text_encoder: a ``TextEncoder`` (or a spec for ``load_text_encoder``).
+        autoencoder: a ``Codec`` (or a spec for ``load_autoencoder``).
+        config: the ``config.json`` dict.
+        uncond_embedding: (L_u, E) or (E,) unconditional text embedding.
+        reward_bins: optional ``RewardBins`` (quantile edges per reward) for ``score_to_target``.
+    """
+
+    def __init__(self, model, text_encoder, autoencoder, config: Mapping[str, Any],
+                 uncond_embedding, reward_bins=None):
+        super().__init__()
+        self.config = copy.deepcopy(dict(config))
+        self.model = model.eval()
+        self.text_encoder = load_text_encoder(
+            text_encoder, max_length=int(self.config.get("max_text_len", DEFAULT_MAX_TEXT_LEN))
+        )
+        self.autoencoder = load_autoencoder(autoencoder)
+        uncond = torch.as_tensor(np.asarray(uncond_embedding, dtype=np.float32)
+                                 if not isinstance(uncond_embedding, torch.Tensor)
+                                 else uncond_embedding.float())
+        if uncond.dim() == 1:  # published: a 1-D file is one token
+            uncond = uncond[None]
+        label_dim = self.config.get("network", {}).get("label_dim")
+        if uncond.dim() != 2 or (label_dim is not None and uncond.shape[1] != int(label_dim)):
+            raise ValueError(
+                f"uncond_embedding must be (L_u, {label_dim}); got {tuple(uncond.shape)}"
+            )
+        self.register_buffer("uncond_embedding", uncond.contiguous(), persistent=False)
+        self.reward_bins = reward_bins
+        self.autocast: bool | None = None  # None: the sampler default (bf16 on CUDA, as published)
+        self._progress = True
+        self._device = torch.device("cpu")
+        self._dtype = torch.float32
+
+    # ------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id_or_dir: str | os.PathLike,
+        variant: str | None = None,
+        revision: str | None = None,
+        cache_dir: str | None = None,
+        local_files_only: bool = False,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        text_encoder: Any = None,
+        vae: Any = None,
+        token: str | None = None,
+    ) -> "MiroPipeline":
+        """Load a pipeline from a built-in name (``shapes``, ``shapes-untrained``), a folder in
+        the published layout, or a hub repo id (``snapshot_download`` of the variant's files
+        only; ``local_files_only`` and ``HF_HUB_OFFLINE`` are honoured).
+
+        ``variant`` selects a subfolder. ``dtype`` and ``torch_dtype`` are aliases. ``text_encoder``
+        and ``vae`` override the config's encoders (a name, a folder, a hub id or an object).
+        """
+        dt, tdt = parse_dtype(dtype), parse_dtype(torch_dtype)
+        if dt is not None and tdt is not None and dt != tdt:
+            raise ValueError(f"dtype={dt} and torch_dtype={tdt} disagree; pass one of them")
+        dt = dt or tdt
+        files = resolve_pipeline_dir(repo_id_or_dir, variant, revision, cache_dir,
+                                     local_files_only, token)
+        config = json.loads(files["config.json"].read_text())
+        model = _build_model(config, files["model.safetensors"])
+        uncond = np.load(files["uncond_embedding.npy"], allow_pickle=False)
+        bins = None
+        if "reward_bins.json" in files:
+            from miro.rewards.binning import RewardBins
+
+            bins = RewardBins.load(files["reward_bins.json"])
+        hub = dict(cache_dir=cache_dir, local_files_only=local_files_only or None, token=token)
+        max_len = int(config.get("max_text_len", DEFAULT_MAX_TEXT_LEN))
+        text = load_text_encoder(
+            text_encoder if text_encoder is not None else config.get("text_encoder", FLAN_T5_XL),
+            max_length=max_len, **hub,
+        )
+        codec = load_autoencoder(vae if vae is not None else config.get("autoencoder", SDXL_VAE), **hub)
+        pipe = cls(model, text, codec, config, uncond, reward_bins=bins)
+        pipe.source = str(files["config.json"].parent)
+        if device is not None or dt is not None:
+            pipe.to(device=device, dtype=dt)
+        return pipe
+
+    # ------------------------------------------------------------------------------- saving
+    def save_pretrained(self, save_directory: str | os.PathLike, variant: str | None = None) -> Path:
+        """Write the published layout (plus ``text_encoder``/``autoencoder`` config keys and
+        ``reward_bins.json`` when bins exist) into ``save_directory[/variant]``, atomically per
+        file. Floating tensors are stored in float32 and bool masks as bool, as published."""
+        from safetensors.torch import save_file
+
+        out = Path(save_directory) / variant if variant else Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        config = copy.deepcopy(self.config)
+        config["text_encoder"] = getattr(self.text_encoder, "spec", config.get("text_encoder", FLAN_T5_XL))
+        config["autoencoder"] = getattr(self.autoencoder, "spec", config.get("autoencoder", SDXL_VAE))
+        state = {
+            k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
+            for k, v in self.model.state_dict().items()
+        }
+        atomic_write_with(out / "model.safetensors",
+                          lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        uncond = self.uncond_embedding.detach().float().cpu().numpy()
+        atomic_write_with(out / "uncond_embedding.npy", lambda tmp: _np_save(tmp, uncond))
+        if self.reward_bins is not None:
+            atomic_write_json(out / "reward_bins.json", self.reward_bins.to_dict())
+        atomic_write_json(out / "config.json", config)  # last: a folder with a config is complete
+        return out
+
+    def push_to_hub(self, repo_id: str, variant: str | None = None, private: bool | None = None,
+                    token: str | None = None, commit_message: str = "Upload MIRO pipeline",
+                    revision: str | None = None) -> str:
+        """Save to a temporary folder and upload it to ``repo_id`` (into ``variant/`` if given)."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, path_in_repo=variant or None,
+                                     commit_message=commit_message, revision=revision)
+        return str(getattr(info, "commit_url", info))
+
+    # ------------------------------------------------------------------------ device, dtype
+    def to(self, *args, **kwargs) -> "MiroPipeline":  # type: ignore[override]
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        dtype = parse_dtype(dtype)
+        super().to(device=device, dtype=dtype)  # bool masks stay bool: nn.Module casts floats only
+        if device is not None:
+            self._device = torch.device(device)
+            self.text_encoder.to(self._device)  # the text encoder stays float32 (spec §6)
+        if dtype is not None:
+            self._dtype = dtype
+        if hasattr(self.autoencoder, "to"):
+            self.autoencoder.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    def set_progress_bar_config(self, disable: bool = False) -> None:
+        self._progress = not disable
+
+    # ------------------------------------------------------------------------------ rewards
+    @property
+    def coherence_keys(self) -> tuple[str, ...]:
+        """Reward keys this checkpoint was trained on, in config order."""
+        keys = self.config.get("coherence_keys") or self.config.get("network", {}).get("coherence_keys")
+        return tuple(keys) if keys else REWARD_KEYS
+
+    def score_to_target(self, key: str, score):
+        """Map a raw reward score to its training value in [0, 1] with ``reward_bins.json``
+        (quantile bin index / (B - 1))."""
+        if self.reward_bins is None:
+            raise ValueError("this pipeline has no reward_bins.json; score_to_target needs bin edges")
+        if key not in self.reward_bins.edges:
+            raise ValueError(f"unknown reward key {key!r}; binned rewards: {sorted(self.reward_bins.edges)}")
+        return self.reward_bins.value(key, score)
+
+    def _targets(self, targets: Mapping[str, Any] | None, default: float, name: str) -> dict[str, float]:
+        if targets is None:
+            targets = {}
+        if not isinstance(targets, Mapping):
+            raise ValueError(f"{name} must be a dict of reward key -> value in [0, 1]; got {targets!r}")
+        unknown = sorted(set(targets) - set(self.coherence_keys))
+        if unknown:
+            raise ValueError(
+                f"{name} has keys this checkpoint was not trained on: {unknown}; valid keys: "
+                f"{list(self.coherence_keys)}"
+            )
+        out = {}
+        for key in self.coherence_keys:
+            v = targets.get(key, default)
+            if not _is_number(v) or not math.isfinite(float(v)) or not 0.0 <= float(v) <= 1.0:
+                raise ValueError(f"{name}[{key!r}] = {v!r}; targets must be finite numbers in [0, 1]")
+            # Read back as a Python float from fp32, as published (spec §5.1).
+            out[key] = float(torch.tensor(float(v), dtype=torch.float32))
+        return out
+
+    # ---------------------------------------------------------------------------- inference
+    def check_inputs(self, prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
+                     output_type, generator) -> list[str]:
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError(f"prompt must be a non-empty string or a non-empty list of strings; got {prompt!r}")
+        for p in prompts:
+            if not isinstance(p, str) or not p.strip():
+                raise ValueError(f"every prompt must be a non-empty string; got {p!r}")
+        if not isinstance(num_inference_steps, (int, np.integer)) or isinstance(num_inference_steps, bool) \
+                or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1; got {num_inference_steps!r}")
+        if not _is_number(guidance_scale) or not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0; got {guidance_scale!r}")
+        if not isinstance(num_images_per_prompt, (int, np.integer)) or isinstance(num_images_per_prompt, bool) \
+                or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be an integer >= 1; got {num_images_per_prompt!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {list(OUTPUT_TYPES)}; got {output_type!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
+        return list(prompts)
+
+    def encode_prompt(self, prompts: Sequence[str], num_images_per_prompt: int = 1):
+        """Text embeddings (B·n, L, E) float32 and mask (B·n, L) bool, copies adjacent."""
+        emb, mask = self.text_encoder.encode(list(prompts))
+        emb, mask = emb.to(self._device, torch.float32), mask.to(self._device)
+        if num_images_per_prompt > 1:
+            emb = emb.repeat_interleave(num_images_per_prompt, dim=0)
+            mask = mask.repeat_interleave(num_images_per_prompt, dim=0)
+        return emb, mask
+
+    def prepare_noise(self, batch_size: int, generator: torch.Generator | None) -> torch.Tensor:
+        """The single random draw of inference: fp32 (B, C, res, res) from ``generator``."""
+        net = self.config["network"]
+        res = int(self.config.get("data_resolution", net["data_size"]))
+        shape = (batch_size, int(net["num_input_channels"]), res, res)
+        gen_device = generator.device if generator is not None else self._device
+        # A CPU generator on a CUDA pipeline draws on the CPU and moves the noise (diffusers'
+        # rule); a generator on the pipeline's device draws there, as published.
+        noise = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
+        return noise.to(self._device)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        reward_targets: Mapping[str, float] | None = None,
+        negative_reward_targets: Mapping[str, float] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+        callback: Callable | None = None,
+        batched_cfg: bool = True,
+    ):
+        """Generate images.
+
+        Args:
+            prompt: a prompt or a list of prompts (non-empty strings).
+            reward_targets: reward key -> target in [0, 1] for the conditional branch; missing
+                keys default to 1.0 (published).
+            negative_reward_targets: the same for the unconditional branch; default 0.0.
+            num_inference_steps: Euler steps (>= 1). guidance_scale: w >= 0 in
+                ``(1 + w)·cond - w·uncond``; 0 disables guidance.
+            num_images_per_prompt: images per prompt; each prompt's images are adjacent.
+            generator: the only source of randomness (one noise draw).
+            output_type: ``"pil"`` (list of PIL images), ``"np"``/``"numpy"`` (uint8 NHWC, truncating
+                cast as published) or ``"pt"`` (float NCHW in [0, 1]).
+            callback: passed to the sampler, called after every step.
+            batched_cfg: one 2B forward per step (published) or two B forwards (less memory).
+        """
+        # 1. Check inputs.
+        prompts = self.check_inputs(prompt, num_inference_steps, guidance_scale,
+                                    num_images_per_prompt, output_type, generator)
+        if self._dtype != torch.float32 and self._device.type != "cuda":
+            raise ValueError(
+                f"generation in {self._dtype} needs a CUDA device (autocast keeps the norms in "
+                f"float32 there); on {self._device.type} use dtype=torch.float32"
+            )
+        pos = self._targets(reward_targets, 1.0, "reward_targets")
+        neg = self._targets(negative_reward_targets, 0.0, "negative_reward_targets")
+        # 2. Encode text; copies of a prompt are adjacent (repeat_interleave).
+        emb, mask = self.encode_prompt(prompts, int(num_images_per_prompt))
+        batch = emb.shape[0]
+        # 3. The one noise draw.
+        noise = self.prepare_noise(batch, generator)
+        # 4. Unconditional text: the stored tokens, all valid.
+        uncond = self.uncond_embedding.to(self._device)
+        uncond_emb = uncond[None].expand(batch, -1, -1)
+        uncond_mask = torch.ones(uncond_emb.shape[:2], dtype=torch.bool, device=self._device)
+        # 5. Sample in the model's normalised space.
+        x0 = self._sample(noise, emb, mask, uncond_emb, uncond_mask, pos, neg,
+                          int(num_inference_steps), float(guidance_scale), bool(batched_cfg), callback)
+        # 6. Undo the latent normalisation and decode, in the pipeline dtype.
+        latents = self.model.postprocess(x0.to(self._dtype))
+        images = self.autoencoder.decode(latents)
+        # 7. Convert.
+        if output_type == "pt":
+            return to_unit(images).float()
+        arr = to_uint8(images)
+        if output_type in ("np", "numpy"):
+            return arr
+        from PIL import Image
+
+        return [Image.fromarray(a) for a in arr]
+
+    def _sample(self, noise, emb, mask, uncond_emb, uncond_mask, pos, neg, steps, w, batched, callback):
+        from miro.models.sampler import euler_sample
+
+        shift = float(self.config.get("scheduler", {}).get("shift", 1.0))
+        return euler_sample(
+            self.model, noise, emb, mask, uncond_emb, uncond_mask,
+            reward_targets=pos, negative_reward_targets=neg, num_steps=steps,
+            guidance_scale=w, batched_cfg=batched, shift=shift, autocast=self._autocast(),
+            callback=callback, progress=self._progress,
+        )
+
+    def _autocast(self):
+        # None lets the sampler decide: bf16 autocast on CUDA (published), fp32 on CPU. Weights
+        # cast to bf16/fp16 need autocast on any device so fp32 activations meet them.
+        if self.autocast is not None:
+            return self.autocast
+        return True if self._dtype != torch.float32 else None
+
+
+def _np_save(path: str, arr: np.ndarray) -> None:
+    with open(path, "wb") as f:  # np.save on a path would append ".npy" to the temp name
+        np.save(f, arr, allow_pickle=False)
+
+
+def _build_model(config: Mapping[str, Any], weights: Path):
+    """``MiroModel.from_config`` + the safetensors file, checked tensor by tensor.
+
+    The model is built on the meta device (no random init of weights about to be overwritten)
+    and the file's tensors are assigned in; if anything were left on meta (a tensor the file
+    does not carry), it is rebuilt normally and loaded again.
+    """
+    from safetensors.torch import load_file
+
+    from miro.models.model import MiroModel
+
+    for key in ("network", "preconditioning", "data_preprocessing", "postprocessing"):
+        if key not in config:
+            raise ValueError(f"config.json has no {key!r} section (needs network, preconditioning, "
+                             "data_preprocessing, postprocessing)")
+    state = load_file(str(weights))
+    try:
+        with torch.device("meta"):
+            model = MiroModel.from_config(dict(config))
+    except (RuntimeError, NotImplementedError):  # a constructor step that needs real values
+        model = None
+    try:
+        if model is not None:
+            model.load_state_dict_checked(state, assign=True)
+        if model is None or any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+            model = MiroModel.from_config(dict(config))
+            model.load_state_dict_checked(state)
+    except ValueError as e:
+        raise ValueError(f"{weights} does not match its config.json: {e}") from None
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,345 @@
+"""``miro eval``: generate, score, summarise and report.
+
+    miro eval generate --model shapes --prompts shapes --outdir runs/shapes --n-samples 4
+    miro eval geneval runs/shapes                 # GenEval-like / ShapesEval -> results.jsonl
+    miro eval rewards runs/shapes                 # reward models -> rewards.jsonl
+    miro eval summary runs/shapes/rewards.jsonl   # -> rewards_summary.json
+    miro eval best-of-n runs/bo16 --select-by image_reward_score --metrics hpsv2_score
+    miro eval sweep --model shapes --prompts shapes --reward-key shapes_aesthetic --outdir runs/sweep
+    miro eval judge runs/cure --base-url http://127.0.0.1:8000/v1 --judge-model M --rubric cure
+    miro eval report runs/shapes
+    miro eval all --model path/to/last.ckpt       # generate -> geneval -> rewards -> summary -> report
+
+Scoring commands end with a line ``overall: <score in [0, 1]>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from miro.eval.prompts import CURE_VARIANTS
+
+
+def _add_generation(ap: argparse.ArgumentParser, outdir_required: bool = True) -> None:
+    ap.add_argument("--model", default="shapes", help="built-in name, pipeline folder, hub id or Lightning .ckpt")
+    ap.add_argument("--variant", default=None, help="variant subfolder (e.g. miro-only-aesthetic)")
+    ap.add_argument("--prompts", default=None, help="geneval | parti | shapes | cure | FILE (.jsonl, .tsv, .txt)")
+    ap.add_argument("--cure-dir", default=None, help="folder with CuRe's six CSVs (for --prompts cure)")
+    ap.add_argument("--cure-variants", default=",".join(CURE_VARIANTS), help="comma-separated MIA variants")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    ap.add_argument("--outdir", "--out", dest="outdir", required=outdir_required, default=None, help="output folder")
+    ap.add_argument("--n-samples", "--n", dest="n_samples", type=int, default=4, help="images per prompt")
+    ap.add_argument("--steps", type=int, default=50, help="sampling steps")
+    ap.add_argument("--cfg", type=float, default=7.0, help="guidance scale")
+    ap.add_argument("--seed", type=int, default=0, help="base seed; sample j of prompt i uses seed + 1000*i + j")
+    ap.add_argument("--reward", action="append", default=[], metavar="K=V", help="positive reward target (repeatable)")
+    ap.add_argument("--negative-reward", action="append", default=[], metavar="K=V", help="negative reward target")
+    ap.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+
+
+def _add_geneval(ap: argparse.ArgumentParser) -> None:
+    from miro.eval.geneval import DEFAULT_CLIP, DEFAULT_DETECTOR
+
+    ap.add_argument("--detector", default="auto", help=f"'shapes' (ShapesEval), a Mask2Former id/folder "
+                    f"(default {DEFAULT_DETECTOR}), or 'auto' (shapes for Shapes models)")
+    ap.add_argument("--clip-model", default=DEFAULT_CLIP, help="CLIPModel id/folder for colour naming")
+    ap.add_argument("--options", nargs="*", default=[], metavar="K=V",
+                    help="GenEval options: threshold, counting_threshold, max_objects, max_overlap, position_threshold")
+    ap.add_argument("--bgcolor", default="#999", help="canvas for masked colour crops, or 'original'")
+    ap.add_argument("--local-files-only", action="store_true", help="never contact the hub")
+
+
+def _scorers_arg(ap):
+    ap.add_argument("--scorers", default="auto", help="comma-separated reward names, or 'auto' (Shapes rewards for "
+                    "Shapes models, else MIRO's seven)")
+
+
+def _items(args):
+    from miro.eval.prompts import load_prompts
+
+    spec = args.prompts or ("shapes" if "shapes" in str(args.model) else "geneval")
+    variants = tuple(v.strip() for v in args.cure_variants.split(",") if v.strip())
+    return spec, load_prompts(spec, cure_dir=args.cure_dir, cure_variants=variants, limit=args.limit)
+
+
+def _gen_config(args):
+    from miro.eval.generate import GenerateConfig, parse_reward_args
+
+    return GenerateConfig(model=args.model, variant=args.variant, n_samples=args.n_samples, steps=args.steps,
+                          cfg=args.cfg, seed=args.seed, reward_targets=parse_reward_args(args.reward),
+                          negative_reward_targets=parse_reward_args(args.negative_reward), batch_size=args.batch_size)
+
+
+def _load_scorers(names: list[str], device: str | None):
+    from miro.rewards import load_scorer
+
+    out = {}
+    for n in names:
+        sc = load_scorer(n)
+        out[n] = sc.to(device) if device else sc
+    return out
+
+
+def _scorer_names(spec: str, root, model=None) -> list[str]:
+    from miro.eval.rewards import default_scorers
+
+    names = default_scorers(root, model) if spec == "auto" else [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise ValueError("no scorers: pass --scorers NAME[,NAME...] (see `python -c 'import miro.rewards as r; print(r.available())'`)")
+    return names
+
+
+def _detector_name(args, root) -> str:
+    if args.detector != "auto":
+        return args.detector
+    run = Path(root) / "generation.json"
+    info = json.loads(run.read_text()) if run.is_file() else {}
+    shapes = "shapes" in str(info.get("config", {}).get("model", "")) or info.get("prompts") == "shapes"
+    from miro.eval.geneval import DEFAULT_DETECTOR
+
+    return "shapes" if shapes else DEFAULT_DETECTOR
+
+
+def cmd_generate(args) -> int:
+    from miro.eval.generate import generate_folder, load_pipeline
+
+    cfg = _gen_config(args)
+    spec, items = _items(args)
+    pipe = load_pipeline(args.model, args.variant, args.device)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    counts = generate_folder(pipe, items, args.outdir, cfg, prompts_spec=spec)
+    print(f"{counts['generated']} images generated, {counts['skipped']} already present, in {args.outdir}")
+    return 0
+
+
+def run_geneval(root, args, outfile=None) -> dict:
+    from miro.eval import geneval_rules as rules
+    from miro.eval.geneval import GenEvalLike, GenEvalLikeConfig, evaluate_folder
+
+    cfg = GenEvalLikeConfig(detector=_detector_name(args, root), clip_model=args.clip_model,
+                            options=rules.GenEvalOptions.from_strings(args.options), bgcolor=args.bgcolor,
+                            device=args.device, local_files_only=args.local_files_only)
+    summary = evaluate_folder(root, outfile or Path(root) / "results.jsonl", GenEvalLike(cfg))
+    print(f"[{summary['benchmark']}; detector {summary['backends']['detector']}]")
+    print(rules.format_summary(summary))
+    return summary
+
+
+def cmd_geneval(args) -> int:
+    run_geneval(args.dir, args, args.outfile)
+    return 0
+
+
+def cmd_rewards(args) -> int:
+    from miro.eval.rewards import format_summary, score_folder, summarize_file
+
+    outfile = Path(args.outfile or Path(args.dir) / "rewards.jsonl")
+    names = _scorer_names(args.scorers, args.dir)
+    counts = score_folder(args.dir, _load_scorers(names, args.device), outfile, batch_size=args.batch_size)
+    print(f"{counts['scored']} images scored, {counts['skipped']} already scored, {counts['corrupt']} unreadable")
+    summary = summarize_file(outfile)
+    print(format_summary(summary))
+    print(f"overall: {summary['overall']:.5f}")
+    return 0
+
+
+def cmd_summary(args) -> int:
+    from miro.eval.rewards import format_summary, summarize_file
+
+    summary = summarize_file(args.file, args.out)
+    print(format_summary(summary))
+    print(f"overall: {summary['overall']:.5f}")
+    return 0
+
+
+def cmd_best_of_n(args) -> int:
+    from miro.eval import plots
+    from miro.eval.best_of_n import curve, write_best_folder
+    from miro.eval.folder import atomic_write_json, read_jsonl
+
+    rewards = Path(args.rewards or Path(args.dir) / "rewards.jsonl")
+    records = read_jsonl(rewards)
+    metrics = [m for m in (args.metrics or "").split(",") if m] or [args.select_by]
+    ns = [int(n) for n in args.ns.split(",")] if args.ns else None
+    c = curve(records, args.select_by, metrics, ns, args.mode)
+    atomic_write_json(Path(args.dir) / "best_of_n_curve.json", c)
+    plots.plot_best_of_n(c, Path(args.dir) / "best_of_n.png")
+    print(f"best-of-N selected by {args.select_by} ({c['mode']}, {c['n_prompts']} prompts, {c['candidates']} candidates)")
+    for i, n in enumerate(c["n"]):
+        print(f"N={n:<5} " + "  ".join(f"{k}={c['values'][k][i]:.4f}" for k in metrics))
+    if args.outdir:
+        chosen = write_best_folder(args.dir, records, args.select_by, args.outdir)
+        print(f"{len(chosen)} best images written to {args.outdir}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from miro.eval import plots
+    from miro.eval.generate import load_pipeline
+    from miro.eval.sweep import run_sweep
+
+    targets = [float(t) for t in args.targets.split(",")]
+    cfg = _gen_config(args)
+    _, items = _items(args)
+    pipe = load_pipeline(args.model, args.variant, args.device)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    names = _scorer_names(args.scorers, None, args.model)
+    res = run_sweep(pipe, items, args.reward_key, cfg, args.outdir, _load_scorers(names, args.device), targets)
+    plots.plot_sweep(res, Path(args.outdir) / "sweep.png")
+    for n, rho in res["spearman_means"].items():
+        print(f"{n}: " + " ".join(f"{r[n]['mean']:.4f}" for r in res["per_target"]) + f"  spearman={rho:.3f}")
+    return 0
+
+
+def cmd_judge(args) -> int:
+    from miro.eval.mllm_judge import JudgeConfig, judge_folder
+
+    cfg = JudgeConfig(base_url=args.base_url, model=args.judge_model, rubric=args.rubric, api_key_env=args.api_key_env,
+                      timeout=args.timeout)
+    s = judge_folder(args.dir, cfg, limit=args.limit)
+    print(f"{s['answered']} answered, {s['errors']} errors")
+    for f, v in s["fields"].items():
+        print(f"{f}: {v['mean']}")
+    means = [v["mean"] for v in s["fields"].values() if v["mean"] is not None]
+    if means:  # ratings 1..5 mapped to [0, 1]
+        print(f"overall: {(sum(means) / len(means) - 1) / 4:.5f}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from miro.eval.report import build_report
+
+    path = build_report(args.dir, args.out)
+    print(f"report: {path} (and report.html)")
+    return 0
+
+
+def default_outdir(model: str, variant: str | None) -> Path:
+    """``<ckpt_dir>/geneval_images/<ckpt_name>/`` for a ``.ckpt``; ``eval-runs/<name>`` otherwise."""
+    if str(model).endswith(".ckpt"):
+        p = Path(model)
+        return p.parent / "geneval_images" / p.stem
+    name = str(model).rstrip("/").replace("/", "--") + (f"--{variant}" if variant else "")
+    return Path("eval-runs") / name
+
+
+def cmd_all(args) -> int:
+    from miro.eval.generate import generate_folder, load_pipeline
+    from miro.eval.report import build_report
+    from miro.eval.rewards import format_summary, score_folder, summarize_file
+
+    out = Path(args.outdir) if args.outdir else default_outdir(args.model, args.variant)
+    cfg = _gen_config(args)
+    spec, items = _items(args)
+    print(f"[1/5] generate {len(items)} prompts x {cfg.n_samples} into {out}")
+    pipe = load_pipeline(args.model, args.variant, args.device)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    generate_folder(pipe, items, out, cfg, prompts_spec=spec)
+    del pipe
+    geneval = None
+    if all("include" in it.metadata for it in items) and not args.skip_geneval:
+        print("[2/5] GenEval-style scoring")
+        geneval = run_geneval(out, args)
+    else:
+        print("[2/5] GenEval-style scoring skipped (prompts without GenEval metadata)")
+    if not args.skip_rewards:
+        names = _scorer_names(args.scorers, out, args.model)
+        print(f"[3/5] rewards: {', '.join(names)}")
+        score_folder(out, _load_scorers(names, args.device), out / "rewards.jsonl", batch_size=args.batch_size)
+        print("[4/5] summary")
+        print(format_summary(summarize_file(out / "rewards.jsonl")))
+    print(f"[5/5] report: {build_report(out)}")
+    if geneval is not None:
+        print(f"overall: {geneval['overall']:.5f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="miro eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("generate", help="images in GenEval's folder layout (resumable)")
+    _add_generation(p)
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("geneval", help="GenEval-like (or ShapesEval) scoring -> results.jsonl")
+    p.add_argument("dir", help="folder of generated images")
+    p.add_argument("--outfile", default=None, help="results file (default DIR/results.jsonl)")
+    p.add_argument("--device", default=None)
+    _add_geneval(p)
+    p.set_defaults(fn=cmd_geneval)
+
+    p = sub.add_parser("rewards", help="score images with reward models -> rewards.jsonl")
+    p.add_argument("dir")
+    p.add_argument("--outfile", default=None, help="default DIR/rewards.jsonl")
+    _scorers_arg(p)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default=None)
+    p.set_defaults(fn=cmd_rewards)
+
+    p = sub.add_parser("summary", help="per-reward mean/std of a rewards.jsonl -> rewards_summary.json")
+    p.add_argument("file")
+    p.add_argument("--out", default=None, help="default: rewards_summary.json beside FILE")
+    p.set_defaults(fn=cmd_summary)
+
+    p = sub.add_parser("best-of-n", help="score-vs-N curves and best-candidate folders from scored candidates")
+    p.add_argument("dir", help="folder with N candidates per prompt")
+    p.add_argument("--rewards", default=None, help="default DIR/rewards.jsonl")
+    p.add_argument("--select-by", required=True, help="reward that picks the best candidate")
+    p.add_argument("--metrics", default=None, help="comma-separated rewards to report (default: --select-by)")
+    p.add_argument("--ns", default=None, help="comma-separated N values (default 1,2,4,...,N)")
+    p.add_argument("--mode", choices=("expected", "prefix"), default="expected",
+                   help="expected: mean over all n-subsets (exact); prefix: first n candidates")
+    p.add_argument("--outdir", "--out", dest="outdir", default=None, help="write the best candidates here")
+    p.set_defaults(fn=cmd_best_of_n)
+
+    p = sub.add_parser("sweep", help="images and scores vs one reward's target; Spearman rho")
+    _add_generation(p)
+    p.add_argument("--reward-key", required=True, help="the reward whose target is swept")
+    p.add_argument("--targets", default="0,0.125,0.25,0.375,0.5,0.625,0.75,0.875,1", help="comma-separated targets")
+    _scorers_arg(p)
+    p.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser("judge", help="MLLM judge over an OpenAI-compatible endpoint -> judge.jsonl")
+    p.add_argument("dir")
+    p.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--judge-model", required=True, help="the endpoint's model name")
+    p.add_argument("--rubric", choices=("alignment", "cure"), default="alignment")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable with the API key")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--limit", type=int, default=None)
+    p.set_defaults(fn=cmd_judge)
+
+    p = sub.add_parser("report", help="Markdown + HTML report with grids, tables and plots")
+    p.add_argument("dir")
+    p.add_argument("--out", default=None, help="default DIR/report")
+    p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("all", help="generate -> GenEval-like/ShapesEval -> rewards -> summary -> report")
+    _add_generation(p, outdir_required=False)
+    _add_geneval(p)
+    _scorers_arg(p)
+    p.add_argument("--skip-geneval", action="store_true")
+    p.add_argument("--skip-rewards", action="store_true")
+    p.set_defaults(fn=cmd_all)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"miro eval {args.cmd}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

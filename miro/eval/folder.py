@@ -1,0 +1,114 @@
+"""Reading GenEval-layout image folders and append-only JSONL result files.
+
+Result files (``rewards.jsonl``, ``results.jsonl``) are written one line per image and flushed
+as they go; a killed run leaves at most one torn last line, which :func:`read_jsonl` drops, so a
+rerun continues where the last complete line stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class FolderEntry:
+    """One prompt folder ``<dir>/<00000>/``."""
+
+    index: int  # prompt index (the folder name)
+    metadata: dict  # the metadata.jsonl line
+    samples: list[Path]  # samples/*.png, sorted by sample index
+
+    @property
+    def prompt(self) -> str:
+        return self.metadata.get("prompt", "")
+
+    @property
+    def tag(self) -> str:
+        return self.metadata.get("tag", "prompt")
+
+
+def read_folder(root: str | Path) -> list[FolderEntry]:
+    """All prompt folders under ``root`` (GenEval layout), sorted by index."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{root} is not a folder of generated images")
+    entries = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and p.name.isdigit()):
+        meta_path = d / "metadata.jsonl"
+        if not meta_path.is_file():
+            continue
+        lines = [ln for ln in meta_path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if not lines:
+            continue
+        meta = json.loads(lines[0])
+        samples = sorted((d / "samples").glob("*.png"), key=lambda p: (len(p.stem), p.stem))
+        samples = [p for p in samples if p.stem.isdigit()]
+        entries.append(FolderEntry(int(d.name), meta, samples))
+    if not entries:
+        raise ValueError(f"{root} holds no <00000>/metadata.jsonl prompt folders")
+    return entries
+
+
+def image_id(root: str | Path, path: Path) -> str:
+    """The image's path relative to the folder root, the key result files use."""
+    return os.path.relpath(path, root).replace(os.sep, "/")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Complete lines of a JSONL file; a torn last line (killed writer) is ignored."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    for n, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n >= len(lines) - 2:  # only the last line may be torn
+                break
+            raise ValueError(f"{path}:{n + 1}: corrupt JSON line") from None
+    return out
+
+
+class JsonlAppender:
+    """Append lines to a JSONL file, first truncating a torn tail so lines never merge."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        good = read_jsonl(self.path)
+        if self.path.is_file():
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in good)
+            if text != self.path.read_text(encoding="utf-8"):
+                tmp = self.path.with_name(f".{self.path.name}.tmp")
+                tmp.write_text(text, encoding="utf-8")
+                os.replace(tmp, self.path)
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,200 @@
+"""Generate evaluation images in GenEval's folder layout, resumably.
+
+Layout (djghosh13/geneval ``generation/diffusers_generate.py``)::
+
+    <outdir>/generation.json            # how the images were made (checked on resume)
+    <outdir>/00000/metadata.jsonl       # the prompt's metadata line
+    <outdir>/00000/samples/0000.png     # sample j of prompt i, seed = seed + 1000*i + j
+
+Every file is written to a temporary name and renamed, so a killed run leaves only complete
+files; a rerun skips complete prompts and makes the missing samples with the same seeds, so a
+resumed run produces the same images as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from miro.eval.prompts import PromptItem
+
+# Seeds are seed + SEED_STRIDE * prompt_index + sample_index (shared CLI contract), so at most
+# SEED_STRIDE samples per prompt keep seeds unique.
+SEED_STRIDE = 1000
+RUN_FILE = "generation.json"
+
+
+@dataclass
+class GenerateConfig:
+    """How a folder of evaluation images is generated."""
+
+    model: str = "shapes"  # built-in name, folder, hub id or Lightning .ckpt
+    variant: str | None = None  # subfolder of a multi-variant repository (e.g. miro-only-aesthetic)
+    n_samples: int = 4  # images per prompt (GenEval uses 4)
+    steps: int = 50  # Euler steps (published default)
+    cfg: float = 7.0  # guidance scale w in (1+w)*cond - w*uncond (published default)
+    seed: int = 0  # base seed; sample j of prompt i uses seed + 1000*i + j
+    reward_targets: dict[str, float] = field(default_factory=dict)  # positive reward targets
+    negative_reward_targets: dict[str, float] = field(default_factory=dict)  # negative branch
+    batch_size: int = 8  # images per pipeline call (does not change the images)
+
+    def __post_init__(self):
+        if not 1 <= self.n_samples <= SEED_STRIDE:
+            raise ValueError(f"n_samples must be in [1, {SEED_STRIDE}]; got {self.n_samples}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1; got {self.steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
+        for name, targets in (("reward", self.reward_targets), ("negative reward", self.negative_reward_targets)):
+            for k, v in targets.items():
+                if not 0.0 <= float(v) <= 1.0:
+                    raise ValueError(f"{name} target {k}={v} is outside [0, 1]")
+
+    def identity(self) -> dict:
+        """The fields that determine the images (batch size does not)."""
+        d = asdict(self)
+        d.pop("batch_size")
+        return d
+
+
+def parse_reward_args(pairs: list[str] | None) -> dict[str, float]:
+    """``["aesthetic_score=0.5", ...]`` -> ``{"aesthetic_score": 0.5}`` (a clear error otherwise)."""
+    out: dict[str, float] = {}
+    for p in pairs or []:
+        key, sep, val = p.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--reward {p!r}: expected KEY=VALUE, e.g. aesthetic_score=0.8")
+        try:
+            out[key.strip()] = float(val)
+        except ValueError:
+            raise ValueError(f"--reward {p!r}: value {val!r} is not a number") from None
+    return out
+
+
+def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    return seed + SEED_STRIDE * prompt_index + sample_index
+
+
+def prompt_dir(outdir: str | Path, i: int) -> Path:
+    return Path(outdir) / f"{i:05d}"
+
+
+def sample_path(outdir: str | Path, i: int, j: int) -> Path:
+    return prompt_dir(outdir, i) / "samples" / f"{j:04d}.png"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def atomic_save_image(image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def load_pipeline(model: str, variant: str | None = None, device: str | None = None):
+    """Load a pipeline from a built-in name, folder, hub id or Lightning ``.ckpt`` (as ``miro generate``)."""
+    from miro.generate_cli import load_pipeline as _load
+
+    return _load(model, variant=variant, device=device)
+
+
+class per_sample_noise:
+    """Within the block, ``pipe`` draws row k of its initial noise from ``generators[k]``.
+
+    The pipeline draws one (B, C, H, W) tensor from one generator; evaluation needs every image
+    to depend only on its own seed (so batch size and resuming never change an image). Row k is
+    drawn exactly as the pipeline would draw a batch of one from ``generators[k]``.
+    """
+
+    def __init__(self, pipe, generators):
+        self.pipe, self.generators = pipe, list(generators)
+
+    def __enter__(self):
+        import torch
+
+        draw = type(self.pipe).prepare_noise.__get__(self.pipe)
+        gens = self.generators
+
+        def prepare_noise(batch_size, generator=None):
+            if batch_size != len(gens):
+                raise RuntimeError(f"pipeline asked for {batch_size} noise rows but {len(gens)} seeds were given")
+            return torch.cat([draw(1, g) for g in gens], dim=0)
+
+        self.pipe.prepare_noise = prepare_noise
+        return self.pipe
+
+    def __exit__(self, *exc):
+        del self.pipe.prepare_noise
+
+
+def _check_run_file(outdir: Path, cfg: GenerateConfig, n_prompts: int, prompts_spec: str | None) -> None:
+    """Refuse to mix images made with different settings in one folder."""
+    path = outdir / RUN_FILE
+    ident = cfg.identity()
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        diff = {k: (old.get("config", {}).get(k), v) for k, v in ident.items() if old.get("config", {}).get(k) != v}
+        if diff:
+            raise ValueError(
+                f"{outdir} holds images made with other settings ({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diff.items())}); "
+                "use another --outdir"
+            )
+    atomic_write_text(path, json.dumps({"config": ident, "prompts": prompts_spec, "n_prompts": n_prompts}, indent=2))
+
+
+def pending_samples(outdir: str | Path, items: list[PromptItem], n_samples: int) -> list[tuple[int, int]]:
+    """(prompt index, sample index) pairs whose PNG is not on disk yet."""
+    return [(i, j) for i in range(len(items)) for j in range(n_samples) if not sample_path(outdir, i, j).is_file()]
+
+
+def generate_folder(pipe, items: list[PromptItem], outdir: str | Path, cfg: GenerateConfig,
+                    prompts_spec: str | None = None, progress: bool = True) -> dict:
+    """Generate every missing sample of ``items`` into ``outdir``; returns counts."""
+    import torch
+    from tqdm.auto import tqdm
+
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    _check_run_file(outdir, cfg, len(items), prompts_spec)
+    for i, item in enumerate(items):
+        meta_path = prompt_dir(outdir, i) / "metadata.jsonl"
+        line = json.dumps(item.metadata, ensure_ascii=False) + "\n"
+        if not meta_path.is_file() or meta_path.read_text(encoding="utf-8") != line:
+            if meta_path.is_file():
+                raise ValueError(f"{meta_path} holds another prompt than {item.prompt!r}; use another --outdir")
+            atomic_write_text(meta_path, line)
+    todo = pending_samples(outdir, items, cfg.n_samples)
+    total = len(items) * cfg.n_samples
+    bar = tqdm(total=len(todo), desc="generate", unit="img", disable=not progress)
+    for start in range(0, len(todo), cfg.batch_size):
+        chunk = todo[start : start + cfg.batch_size]
+        prompts = [items[i].prompt for i, _ in chunk]
+        # CPU generators: the noise (hence the image) of a seed is the same on every device
+        gens = [torch.Generator().manual_seed(sample_seed(cfg.seed, i, j)) for i, j in chunk]
+        with per_sample_noise(pipe, gens):
+            images = pipe(
+                prompts,
+                reward_targets=cfg.reward_targets or None,
+                negative_reward_targets=cfg.negative_reward_targets or None,
+                num_inference_steps=cfg.steps,
+                guidance_scale=cfg.cfg,
+                num_images_per_prompt=1,
+                generator=None,
+                output_type="pil",
+            )
+        images = getattr(images, "images", images)
+        if len(images) != len(chunk):
+            raise RuntimeError(f"pipeline returned {len(images)} images for {len(chunk)} prompts")
+        for (i, j), im in zip(chunk, images):
+            atomic_save_image(im, sample_path(outdir, i, j))
+        bar.update(len(chunk))
+    bar.close()
+    return {"prompts": len(items), "images": total, "generated": len(todo), "skipped": total - len(todo)}

@@ -1,0 +1,103 @@
+"""PNG figures for evaluation reports (matplotlib, Agg back-end, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # file output only; never opens a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    tmp.replace(path)
+    return path
+
+
+def plot_categories(tags: dict[str, float], path, title: str = "GenEval-like", paper: dict[str, float] | None = None,
+                    paper_label: str = "paper") -> Path:
+    """Bar chart of per-category accuracy in percent; optional paper bars beside ours."""
+    plt = _plt()
+    names = list(tags)
+    fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(names)), 3.2))
+    x = range(len(names))
+    width = 0.4 if paper else 0.7
+    ax.bar([i - (width / 2 if paper else 0) for i in x], [100 * tags[n] for n in names], width, label="this run")
+    if paper:
+        ax.bar([i + width / 2 for i in x], [paper.get(n, 0.0) for n in names], width, label=paper_label, alpha=0.7)
+        ax.legend(fontsize=8)
+    ax.set_xticks(list(x), [n.replace("_", " ") for n in names], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_best_of_n(curve: dict, path, paper: dict[str, dict[int, float]] | None = None) -> Path:
+    """Score vs N (log2 axis) for each reported reward; optional paper points per row."""
+    plt = _plt()
+    keys = list(curve["values"])
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 3.0), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        ax.plot(curve["n"], curve["values"][k], "o-", label="this run")
+        if paper and k in paper:
+            for row, pts in paper[k].items():
+                ax.plot(list(pts), list(pts.values()), "s--", alpha=0.6, label=f"paper {row}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("N (candidates)")
+        ax.set_title(k, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"best-of-N, selected by {curve['select_by']} ({curve['mode']})", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_sweep(sweep: dict, path) -> Path:
+    """Mean score (± std) vs the swept reward's target, one panel per scorer."""
+    plt = _plt()
+    names = sorted(sweep["spearman_means"])
+    fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names), 3.0), squeeze=False)
+    t = sweep["targets"]
+    for ax, n in zip(axes[0], names):
+        m = [r[n]["mean"] for r in sweep["per_target"]]
+        s = [r[n]["std"] for r in sweep["per_target"]]
+        ax.errorbar(t, m, yerr=s, fmt="o-", capsize=2)
+        ax.set_xlabel(f"{sweep['swept']} target")
+        ax.set_title(f"{n}  (rho={sweep['spearman_means'][n]:.2f})", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_reward_hist(summary_records: dict[str, list[float]], path) -> Path:
+    """Histogram of each reward's raw scores."""
+    plt = _plt()
+    names = list(summary_records)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.0 * len(names), 2.6), squeeze=False)
+    for ax, n in zip(axes[0], names):
+        ax.hist(summary_records[n], bins=20)
+        ax.set_title(n, fontsize=9)
+    return _save(fig, path)
+
+
+def image_grid(paths: list[Path], ncols: int, cell: int = 128):
+    """A PIL grid of images, each resized to ``cell`` (nearest: small images stay crisp)."""
+    from PIL import Image
+
+    if not paths:
+        raise ValueError("no images for the grid")
+    rows = (len(paths) + ncols - 1) // ncols
+    grid = Image.new("RGB", (ncols * cell, rows * cell), "white")
+    for k, p in enumerate(paths):
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            resample = Image.NEAREST if im.width <= cell else Image.BICUBIC
+            grid.paste(im.resize((cell, cell), resample), ((k % ncols) * cell, (k // ncols) * cell))
+    return grid

@@ -1,0 +1,211 @@
+"""Markdown and HTML reports of one evaluation run, with image grids, tables and PNG plots.
+
+A run folder (what ``miro eval all`` writes) may hold ``generation.json``, the images,
+``results.jsonl`` / ``geneval_summary.json`` (GenEval-like or ShapesEval), ``rewards.jsonl`` /
+``rewards_summary.json``, ``best_of_n_curve.json``, ``judge_summary.json`` and a ``sweep/``
+folder with ``sweep.json``. The report shows whatever is present. The paper's published numbers
+appear beside ours only for published MIRO checkpoints (:func:`paper_numbers.paper_row`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+from pathlib import Path
+
+from miro.eval import paper_numbers as P
+from miro.eval import plots
+from miro.eval.folder import read_folder, read_jsonl
+from miro.eval.geneval_rules import GENEVAL_TAGS
+
+
+def _load(path: Path):
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+class _Doc:
+    """Blocks rendered to both Markdown and HTML."""
+
+    def __init__(self):
+        self.blocks: list[tuple[str, object]] = []
+
+    def h(self, level: int, text: str):
+        self.blocks.append(("h", (level, text)))
+
+    def p(self, text: str):
+        self.blocks.append(("p", text))
+
+    def table(self, header: list[str], rows: list[list]):
+        self.blocks.append(("table", (header, [[_fmt(c) for c in r] for r in rows])))
+
+    def img(self, rel: str, alt: str):
+        self.blocks.append(("img", (rel, alt)))
+
+    def markdown(self) -> str:
+        out = []
+        for kind, v in self.blocks:
+            if kind == "h":
+                out.append("#" * v[0] + " " + v[1])
+            elif kind == "p":
+                out.append(v)
+            elif kind == "table":
+                header, rows = v
+                out.append("| " + " | ".join(header) + " |")
+                out.append("|" + "|".join("---" for _ in header) + "|")
+                out += ["| " + " | ".join(r) + " |" for r in rows]
+            elif kind == "img":
+                out.append(f"![{v[1]}]({v[0]})")
+            out.append("")
+        return "\n".join(out)
+
+    def html(self, title: str) -> str:
+        out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+               "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
+               "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}</style></head><body>"]
+        for kind, v in self.blocks:
+            if kind == "h":
+                out.append(f"<h{v[0]}>{html.escape(v[1])}</h{v[0]}>")
+            elif kind == "p":
+                out.append(f"<p>{html.escape(v)}</p>")
+            elif kind == "table":
+                header, rows = v
+                out.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
+                out += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows]
+                out.append("</table>")
+            elif kind == "img":
+                out.append(f"<img src='{html.escape(v[0])}' alt='{html.escape(v[1])}' style='max-width:100%'>")
+        out.append("</body></html>")
+        return "\n".join(out)
+
+
+def _geneval_section(doc: _Doc, run: Path, outdir: Path, row: str | None):
+    summ = _load(run / "geneval_summary.json")
+    if summ is None:
+        return
+    name = summ.get("benchmark", "GenEval-like")
+    doc.h(2, name)
+    doc.p(f"{summ['images']} images, {summ['prompts']} prompts; images correct {100 * summ['correct_images']:.1f}%, "
+          f"prompts with a correct image {100 * summ['correct_prompts']:.1f}%. "
+          + ("Scores use a transformers detector, not GenEval's mmdet model: compare trends, not digits."
+             if name == "GenEval-like" else ""))
+    order = [t for t in GENEVAL_TAGS if t in summ["tags"]] + [t for t in summ["tags"] if t not in GENEVAL_TAGS]
+    paper = P.GENEVAL.get(row) if row and name == "GenEval-like" else None
+    header = ["category", "accuracy (%)", "correct / total"] + ([f"paper: {row} (%)"] if paper else [])
+    rows = []
+    for t in order:
+        s = summ["tags"][t]
+        rows.append([t, 100 * s["accuracy"], f"{s['correct']} / {s['total']}"] + ([paper.get(t)] if paper else []))
+    rows.append(["overall", 100 * summ["overall"], ""] + ([P.GENEVAL_OVERALL.get(row)] if paper else []))
+    doc.table(header, rows)
+    plots.plot_categories({t: summ["tags"][t]["accuracy"] for t in order}, outdir / "categories.png", name, paper,
+                          f"paper: {row}")
+    doc.img("categories.png", "per-category accuracy")
+
+
+def _rewards_section(doc: _Doc, run: Path, outdir: Path, row: str | None):
+    summ = _load(run / "rewards_summary.json")
+    if summ is None:
+        return
+    doc.h(2, "Rewards")
+    paper_cols = {key: col for col, (key, _) in P.REWARD_COLUMNS.items()}
+    with_paper = row in P.REWARDS if row else False
+    header = ["reward", "n", "mean", "std", "normalised mean"]
+    if with_paper:
+        header += [f"ours in paper unit", f"paper: {row}", "paper: Baseline"]
+    rows = []
+    for name, st in summ["rewards"].items():
+        r = [name, st["n"], st["mean"], st["std"], st["normalized_mean"]]
+        if with_paper:
+            col = paper_cols.get(name)
+            r += [P.to_paper_unit(col, st["mean"]) if col else None, P.REWARDS[row].get(col) if col else None,
+                  P.REWARDS["Baseline"].get(col) if col else None]
+        rows.append(r)
+    doc.table(header, rows)
+    if with_paper:
+        doc.p("Paper numbers: PartiPrompts, 256 px (MIRO project page). They apply when this run used PartiPrompts.")
+    recs = read_jsonl(run / "rewards.jsonl")
+    vals = {n: [r[n] for r in recs if isinstance(r.get(n), float)] for n in summ["rewards"]}
+    vals = {n: v for n, v in vals.items() if v}
+    if vals:
+        plots.plot_reward_hist(vals, outdir / "rewards_hist.png")
+        doc.img("rewards_hist.png", "reward histograms")
+
+
+def _best_of_n_section(doc: _Doc, run: Path, outdir: Path):
+    curve = _load(run / "best_of_n_curve.json")
+    if curve is None:
+        return
+    doc.h(2, f"Best-of-N (selected by {curve['select_by']}, {curve['mode']})")
+    keys = list(curve["values"])
+    doc.table(["N"] + keys, [[n] + [curve["values"][k][i] for k in keys] for i, n in enumerate(curve["n"])])
+    plots.plot_best_of_n(curve, outdir / "best_of_n.png")
+    doc.img("best_of_n.png", "best-of-N curves")
+
+
+def _sweep_section(doc: _Doc, run: Path, outdir: Path):
+    sweep = _load(run / "sweep" / "sweep.json")
+    if sweep is None:
+        return
+    from miro.eval.sweep import sweep_grid
+
+    names = sorted(sweep["spearman_means"])
+    doc.h(2, f"Reward sweep: {sweep['swept']}")
+    doc.table(["target"] + names, [[r["target"]] + [r[n]["mean"] for n in names] for r in sweep["per_target"]])
+    doc.p("Spearman rho (target vs mean score): " + ", ".join(f"{n} {sweep['spearman_means'][n]:.3f}" for n in names))
+    plots.plot_sweep(sweep, outdir / "sweep.png")
+    doc.img("sweep.png", "reward sweep")
+    try:
+        sweep_grid(run / "sweep", sweep["targets"]).save(outdir / "sweep_grid.png")
+        doc.img("sweep_grid.png", "sweep grid: rows = prompts, columns = targets")
+    except ValueError:
+        pass
+
+
+def build_report(run_dir: str | Path, outdir: str | Path | None = None, max_prompts: int = 8) -> Path:
+    """Write ``report.md`` and ``report.html`` (+ PNGs) into ``outdir`` (default ``<run>/report``)."""
+    run = Path(run_dir)
+    outdir = Path(outdir) if outdir else run / "report"
+    outdir.mkdir(parents=True, exist_ok=True)
+    gen = _load(run / "generation.json") or {}
+    cfg = gen.get("config", {})
+    row = P.paper_row(cfg.get("model"), cfg.get("variant"))
+    doc = _Doc()
+    title = f"Evaluation of {cfg.get('model', run.name)}" + (f" ({cfg['variant']})" if cfg.get("variant") else "")
+    doc.h(1, title)
+    doc.p(f"Generated {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC from {run}.")
+    if cfg:
+        doc.table(["setting", "value"], [[k, json.dumps(v) if isinstance(v, dict) else v] for k, v in cfg.items()]
+                  + [["prompts", gen.get("prompts")], ["paper row", row or "n/a (not a published checkpoint)"]])
+    try:
+        entries = [e for e in read_folder(run) if e.samples][:max_prompts]
+    except ValueError:
+        entries = []
+    if entries:
+        ncols = max(len(e.samples) for e in entries)
+        paths = []
+        for e in entries:
+            paths += e.samples + [e.samples[-1]] * (ncols - len(e.samples))
+        plots.image_grid(paths, ncols).save(outdir / "samples.png")
+        doc.h(2, "Samples")
+        doc.img("samples.png", "samples: one row per prompt")
+        doc.table(["row", "tag", "prompt"], [[k, e.tag, e.prompt] for k, e in enumerate(entries)])
+    _geneval_section(doc, run, outdir, row)
+    _rewards_section(doc, run, outdir, row)
+    _best_of_n_section(doc, run, outdir)
+    _sweep_section(doc, run, outdir)
+    judge = _load(run / "judge_summary.json")
+    if judge:
+        doc.h(2, "MLLM judge")
+        doc.table(["field", "mean", "n"], [[k, v["mean"], v["n"]] for k, v in judge.get("fields", {}).items()])
+    (outdir / "report.md").write_text(doc.markdown(), encoding="utf-8")
+    (outdir / "report.html").write_text(doc.html(title), encoding="utf-8")
+    return outdir / "report.md"

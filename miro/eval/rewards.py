@@ -1,0 +1,168 @@
+"""Score a folder of generated images with reward models; summarise the scores.
+
+``rewards.jsonl`` holds one line per (image, batch of scorers): ``filename`` (relative to the
+image folder), ``index``, ``sample``, ``tag``, ``prompt``, then for every scorer ``<name>`` (the
+raw score) and ``<name>_normalized`` (the value MIRO conditions on, ``Scorer.normalize``). Lines
+for the same image merge, so adding a scorer later appends only its columns, and a killed run
+resumes where it stopped. Unreadable images are skipped and counted, never scored.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from miro.eval.folder import JsonlAppender, atomic_write_json, image_id, read_folder, read_jsonl
+
+META_FIELDS = ("filename", "index", "sample", "tag", "prompt")
+
+
+def default_scorers(root: str | Path | None = None, model: str | None = None) -> list[str]:
+    """The scorers ``--scorers auto`` uses: Shapes rewards for Shapes models, else MIRO's seven."""
+    import json
+
+    from miro import REWARD_KEYS
+    from miro.rewards import available
+
+    if model is None and root is not None:
+        run = Path(root) / "generation.json"
+        if run.is_file():
+            model = json.loads(run.read_text(encoding="utf-8")).get("config", {}).get("model")
+    names = available()
+    if model is not None and "shapes" in str(model):
+        return [n for n in names if n.startswith("shapes_")]
+    return [k for k in REWARD_KEYS if k in names]
+
+
+def merge_records(records: list[dict]) -> dict[str, dict]:
+    """filename -> the union of its lines (later lines win)."""
+    merged: dict[str, dict] = {}
+    for r in records:
+        merged.setdefault(r["filename"], {}).update(r)
+    return merged
+
+
+def score_folder(root: str | Path, scorers: dict, outfile: str | Path, batch_size: int = 16,
+                 progress: bool = True) -> dict:
+    """Score every image under ``root`` with ``scorers`` (name -> Scorer), appending to ``outfile``.
+
+    Returns counts: ``images``, ``scored`` (new image x scorer batches written), ``skipped``
+    (already scored), ``corrupt`` (unreadable images).
+    """
+    import torch
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    if not scorers:
+        raise ValueError("no scorers given")
+    root = Path(root)
+    done = merge_records(read_jsonl(outfile))
+    todo = []  # (filename, meta, path, names still missing)
+    n_images = 0
+    for entry in read_folder(root):
+        for path in entry.samples:
+            n_images += 1
+            fid = image_id(root, path)
+            missing = [n for n in scorers if n not in done.get(fid, {})]
+            if missing:
+                meta = {"filename": fid, "index": entry.index, "sample": int(path.stem), "tag": entry.tag,
+                        "prompt": entry.prompt}
+                todo.append((meta, path, tuple(missing)))
+    counts = {"images": n_images, "scored": 0, "skipped": n_images - len(todo), "corrupt": 0, "corrupt_files": []}
+    # group by the set of missing scorers so each batch runs the same models
+    groups: dict[tuple, list] = {}
+    for t in todo:
+        groups.setdefault(t[2], []).append(t)
+    bar = tqdm(total=len(todo), desc="rewards", unit="img", disable=not progress)
+    with JsonlAppender(outfile) as out:
+        for names, group in groups.items():
+            for start in range(0, len(group), batch_size):
+                batch = group[start : start + batch_size]
+                images, metas = [], []
+                for meta, path, _ in batch:
+                    try:
+                        with Image.open(path) as im:
+                            images.append(im.convert("RGB"))
+                        metas.append(meta)
+                    except Exception:  # unreadable or truncated PNG: skip and count
+                        counts["corrupt"] += 1
+                        counts["corrupt_files"].append(meta["filename"])
+                if images:
+                    prompts = [m["prompt"] for m in metas]
+                    cols = {}
+                    with torch.no_grad():
+                        for name in names:
+                            sc = scorers[name]
+                            raw = sc.score(images, prompts).detach().float().cpu()
+                            cols[name] = raw.tolist()
+                            cols[f"{name}_normalized"] = sc.normalize(raw).float().tolist()
+                    for k, meta in enumerate(metas):
+                        out.write({**meta, **{c: float(v[k]) for c, v in cols.items()}})
+                        counts["scored"] += 1
+                bar.update(len(batch))
+    bar.close()
+    return counts
+
+
+def _stats(values: list[float]) -> dict:
+    a = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if a.size == 0:
+        return {"n": 0, "mean": None, "std": None, "sem": None, "min": None, "max": None}
+    sem = float(a.std(ddof=1) / math.sqrt(a.size)) if a.size > 1 else 0.0
+    return {"n": int(a.size), "mean": float(a.mean()), "std": float(a.std()), "sem": sem,
+            "min": float(a.min()), "max": float(a.max())}
+
+
+def reward_names(records: dict[str, dict]) -> list[str]:
+    """Reward columns present in merged records (raw scores, not the ``_normalized`` twins)."""
+    cols = set()
+    for r in records.values():
+        cols.update(k for k, v in r.items() if k not in META_FIELDS and isinstance(v, (int, float)))
+    return sorted(c for c in cols if not c.endswith("_normalized"))
+
+
+def summarize(records: list[dict]) -> dict:
+    """Per-reward statistics (``std`` is the population std, ``sem`` the standard error), per tag.
+
+    ``overall`` is the mean over rewards of the mean normalised value clipped to [0, 1]: the
+    scale MIRO conditions on, so rewards with different raw ranges weigh alike.
+    """
+    merged = merge_records(records)
+    out = {"n_images": len(merged), "rewards": {}}
+    norms = []
+    for name in reward_names(merged):
+        rows = [r for r in merged.values() if name in r]
+        st = _stats([r[name] for r in rows])
+        nst = _stats([r.get(f"{name}_normalized") for r in rows])
+        tags = sorted({r.get("tag", "prompt") for r in rows})
+        st["by_tag"] = {t: _stats([r[name] for r in rows if r.get("tag", "prompt") == t]) for t in tags}
+        st["normalized_mean"] = nst["mean"]
+        out["rewards"][name] = st
+        if nst["mean"] is not None:
+            norms.append(min(1.0, max(0.0, nst["mean"])))
+    out["overall"] = float(np.mean(norms)) if norms else None
+    return out
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{'reward':<28} {'n':>6} {'mean':>10} {'std':>10} {'norm.mean':>10}"]
+    for name, st in summary["rewards"].items():
+        nm = st["normalized_mean"]
+        lines.append(f"{name:<28} {st['n']:>6} {st['mean']:>10.4f} {st['std']:>10.4f} "
+                     f"{(f'{nm:.4f}' if nm is not None else '-'):>10}")
+    return "\n".join(lines)
+
+
+def summarize_file(path: str | Path, outfile: str | Path | None = None) -> dict:
+    """Summarise ``rewards.jsonl`` into ``rewards_summary.json`` beside it (or ``outfile``)."""
+    path = Path(path)
+    records = read_jsonl(path)
+    if not records:
+        raise ValueError(f"{path} holds no reward lines")
+    summary = summarize(records)
+    atomic_write_json(outfile or path.with_name("rewards_summary.json"), summary)
+    return summary

@@ -1,0 +1,124 @@
+"""Reward-target sweeps: images and scores as one reward's target moves from 0 to 1.
+
+The paper's aesthetic sweep (targets 0, 0.125, ..., 1 with the other rewards at their default
+target) shows that a reward is controllable at inference. For each target value t the sweep
+generates the same prompts with the same seeds into ``<outdir>/target_<t>/`` (GenEval layout,
+resumable), scores them, and reports the mean score per target and Spearman's rank correlation
+between target and score: over the per-target means (the contract's controllability number,
+>= 9 targets) and over individual images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from miro.eval.folder import atomic_write_json, read_jsonl
+from miro.eval.generate import GenerateConfig, generate_folder
+from miro.eval.rewards import merge_records, score_folder
+
+# Nine evenly spaced targets, the paper's aesthetic sweep grid (miro_facts.md §5.7).
+DEFAULT_TARGETS = tuple(i / 8 for i in range(9))
+
+
+def rankdata(x) -> np.ndarray:
+    """Ranks 1..n, ties get their average rank (as scipy.stats.rankdata's default)."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=np.float64)
+    sx = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and sx[j + 1] == sx[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return ranks
+
+
+def spearman(x, y) -> float:
+    """Spearman's rho: Pearson correlation of the tie-averaged ranks (nan if a side is constant)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"spearman needs two 1-D arrays of one length; got {x.shape} and {y.shape}")
+    if len(x) < 2:
+        raise ValueError("spearman needs at least 2 points")
+    rx, ry = rankdata(x) - (len(x) + 1) / 2, rankdata(y) - (len(y) + 1) / 2
+    den = np.sqrt((rx**2).sum() * (ry**2).sum())
+    return float((rx * ry).sum() / den) if den > 0 else float("nan")
+
+
+def target_dir(outdir: str | Path, t: float) -> Path:
+    return Path(outdir) / f"target_{t:.4f}"
+
+
+def check_targets(targets) -> list[float]:
+    ts = [float(t) for t in targets]
+    bad = [t for t in ts if not 0.0 <= t <= 1.0]
+    if bad or len(ts) < 2:
+        raise ValueError(f"sweep targets must be >= 2 values in [0, 1]; got {ts}")
+    if len(set(ts)) != len(ts):
+        raise ValueError(f"sweep targets must be distinct; got {ts}")
+    return ts
+
+
+def run_sweep(pipe, items, key: str, base: GenerateConfig, outdir: str | Path, scorers: dict,
+              targets=DEFAULT_TARGETS, batch_size: int = 16, progress: bool = True) -> dict:
+    """Generate and score every target; returns (and writes ``sweep.json``) the summary."""
+    targets = check_targets(targets)
+    for t in targets:
+        cfg = replace(base, reward_targets={**base.reward_targets, key: t})
+        d = target_dir(outdir, t)
+        generate_folder(pipe, items, d, cfg, progress=progress)
+        score_folder(d, scorers, d / "rewards.jsonl", batch_size=batch_size, progress=progress)
+    return summarize_sweep(outdir, key, targets)
+
+
+def summarize_sweep(outdir: str | Path, key: str, targets=DEFAULT_TARGETS) -> dict:
+    """Read the scored target folders (no generation): means per target and Spearman's rho."""
+    targets = check_targets(targets)
+    per_target = []
+    img_t, img_s = {}, {}
+    for t in targets:
+        recs = merge_records(read_jsonl(target_dir(outdir, t) / "rewards.jsonl"))
+        if not recs:
+            raise ValueError(f"{target_dir(outdir, t)} has no rewards.jsonl; run the sweep first")
+        names = sorted({k for r in recs.values() for k, v in r.items()
+                        if isinstance(v, float) and not k.endswith("_normalized")})
+        row = {"target": t, "n": len(recs)}
+        for name in names:
+            vals = np.array([r[name] for r in recs.values() if name in r])
+            row[name] = {"mean": float(vals.mean()), "std": float(vals.std())}
+            img_t.setdefault(name, []).extend([t] * len(vals))
+            img_s.setdefault(name, []).extend(vals.tolist())
+        per_target.append(row)
+    names = sorted(set.intersection(*[{k for k in r if isinstance(r[k], dict)} for r in per_target]))
+    rho = {n: spearman(targets, [r[n]["mean"] for r in per_target]) for n in names}
+    rho_img = {n: spearman(img_t[n], img_s[n]) for n in names}
+    out = {"swept": key, "targets": targets, "per_target": per_target,
+           "spearman_means": rho, "spearman_images": rho_img}
+    atomic_write_json(Path(outdir) / "sweep.json", out)
+    return out
+
+
+def sweep_grid(outdir: str | Path, targets=DEFAULT_TARGETS, max_prompts: int = 6, sample: int = 0, cell: int = 96):
+    """A PIL image: one row per prompt, one column per target (same seed along a row)."""
+    from PIL import Image
+
+    targets = check_targets(targets)
+    rows = []
+    for i in range(max_prompts):
+        row = [target_dir(outdir, t) / f"{i:05d}" / "samples" / f"{sample:04d}.png" for t in targets]
+        if all(p.is_file() for p in row):
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{outdir}: no prompt has an image at every target")
+    grid = Image.new("RGB", (cell * len(targets), cell * len(rows)), "white")
+    for r, row in enumerate(rows):
+        for c, p in enumerate(row):
+            with Image.open(p) as im:
+                grid.paste(im.convert("RGB").resize((cell, cell), Image.NEAREST), (c * cell, r * cell))
+    return grid

@@ -1,0 +1,76 @@
+"""Tiny randomly initialised GenEval-like back-ends saved in their real on-disk formats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+GENEVAL_NAMES = Path(__file__).resolve().parents[2] / "shared" / "data" / "geneval" / "object_names.txt"
+WORDS = ("a photo of colored object red orange yellow green blue purple pink brown black white "
+         "cat dog bench clock cow apple mouse computer tv remote").split()
+
+
+def coco_labels() -> list[str]:
+    """The 80 COCO labels with transformers' spellings (GenEval renames three of them)."""
+    from miro.eval.geneval import LABEL_ALIASES
+
+    back = {v: k for k, v in LABEL_ALIASES.items() if k in ("mouse", "remote", "keyboard")}
+    names = ["person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+             "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+             "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+             "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+             "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+             "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+             "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
+             "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock",
+             "vase", "scissors", "teddy bear", "hair drier", "toothbrush"]
+    return [back.get(n, n) for n in names]
+
+
+def save_tiny_mask2former(path, seed: int = 0, size: int = 64) -> Path:
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+    from transformers import Mask2FormerImageProcessorPil
+
+    path = Path(path)
+    labels = coco_labels()
+    swin = SwinConfig(image_size=size, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                      window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
+    cfg = Mask2FormerConfig(backbone_config=swin, hidden_dim=32, mask_feature_size=32, feature_size=32,
+                            encoder_feedforward_dim=64, dim_feedforward=64, encoder_layers=1, decoder_layers=2,
+                            num_attention_heads=2, num_queries=12, num_labels=80, common_stride=4,
+                            id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        Mask2FormerForUniversalSegmentation(cfg).save_pretrained(path)
+    Mask2FormerImageProcessorPil(size={"height": size, "width": size}).save_pretrained(path)
+    return path
+
+
+def save_tiny_clip(path, seed: int = 0) -> Path:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, PreTrainedTokenizerFast
+
+    path = Path(path)
+    specials = ["<|pad|>", "<|unk|>", "<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(specials + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 2), ("<|endoftext|>", 3)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", unk_token="<|unk|>",
+                                   bos_token="<|startoftext|>", eos_token="<|endoftext|>")
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=32, pad_token_id=0, bos_token_id=2,
+                         eos_token_id=3),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        CLIPModel(cfg).save_pretrained(path)
+    fast.save_pretrained(path)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return path

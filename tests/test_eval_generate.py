@@ -1,0 +1,116 @@
+"""GenEval folder layout, seeds, resume and batch-size invariance of `miro eval generate`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from miro.eval import generate as G
+from miro.eval.prompts import PromptItem
+
+
+class StandInPipeline:
+    """Same call and noise interface as MiroPipeline; image = f(prompt, noise row, targets)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def prepare_noise(self, batch_size, generator):
+        return torch.randn((batch_size, 3, 8, 8), generator=generator)
+
+    def __call__(self, prompt, reward_targets=None, negative_reward_targets=None, num_inference_steps=50,
+                 guidance_scale=7.0, num_images_per_prompt=1, generator=None, output_type="pil"):
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        self.calls.append(len(prompts))
+        noise = self.prepare_noise(len(prompts) * num_images_per_prompt, generator)
+        t = (reward_targets or {}).get("r", 1.0)
+        out = []
+        for p, z in zip(prompts, noise):
+            base = (sum(p.encode()) % 97) / 97.0
+            arr = ((0.5 * base + 0.3 * t + 0.1 * z).clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy()
+            out.append(Image.fromarray(arr))
+        return out
+
+
+def _items(n=3):
+    return [PromptItem(f"prompt number {i}", {"tag": "t" if i % 2 else "u"}) for i in range(n)]
+
+
+def _pixels(path):
+    return np.asarray(Image.open(path))
+
+
+def test_layout_seeds_and_metadata(tmp_path):
+    items = _items(3)
+    cfg = G.GenerateConfig(n_samples=2, steps=3, seed=7, batch_size=4)
+    counts = G.generate_folder(StandInPipeline(), items, tmp_path, cfg, progress=False)
+    assert counts == {"prompts": 3, "images": 6, "generated": 6, "skipped": 0}
+    for i in range(3):
+        meta = json.loads((tmp_path / f"{i:05d}" / "metadata.jsonl").read_text())
+        assert meta == {"tag": items[i].metadata["tag"], "prompt": items[i].prompt}
+        assert sorted(p.name for p in (tmp_path / f"{i:05d}" / "samples").iterdir()) == ["0000.png", "0001.png"]
+    # sample j of prompt i is the image of seed + 1000 i + j alone
+    pipe = StandInPipeline()
+    g = torch.Generator().manual_seed(7 + 1000 * 2 + 1)
+    with G.per_sample_noise(pipe, [g]):
+        ref = pipe([items[2].prompt])[0]
+    assert np.array_equal(_pixels(tmp_path / "00002" / "samples" / "0001.png"), np.asarray(ref))
+    assert not list(tmp_path.rglob("*.tmp"))
+    run = json.loads((tmp_path / "generation.json").read_text())
+    assert run["config"]["seed"] == 7 and "batch_size" not in run["config"]
+
+
+def test_resume_equals_uninterrupted_and_batch_size_is_irrelevant(tmp_path):
+    items = _items(4)
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    G.generate_folder(StandInPipeline(), items, full, G.GenerateConfig(n_samples=3, batch_size=5), progress=False)
+    G.generate_folder(StandInPipeline(), items, resumed, G.GenerateConfig(n_samples=3, batch_size=2), progress=False)
+    # simulate a kill: drop two samples and one whole prompt folder's samples
+    (resumed / "00001" / "samples" / "0002.png").unlink()
+    for p in (resumed / "00003" / "samples").iterdir():
+        p.unlink()
+    pipe = StandInPipeline()
+    counts = G.generate_folder(pipe, items, resumed, G.GenerateConfig(n_samples=3, batch_size=3), progress=False)
+    assert counts["generated"] == 4 and counts["skipped"] == 8 and sum(pipe.calls) == 4
+    for p in sorted(full.rglob("*.png")):
+        assert np.array_equal(_pixels(p), _pixels(resumed / p.relative_to(full))), p
+    # a complete folder is skipped entirely
+    pipe = StandInPipeline()
+    assert G.generate_folder(pipe, items, resumed, G.GenerateConfig(n_samples=3), progress=False)["generated"] == 0
+    assert pipe.calls == []
+
+
+def test_noise_patch_is_removed_and_targets_reach_the_pipeline(tmp_path):
+    pipe = StandInPipeline()
+    cfg = G.GenerateConfig(n_samples=1, reward_targets={"r": 0.0})
+    G.generate_folder(pipe, _items(1), tmp_path / "a", cfg, progress=False)
+    assert "prepare_noise" not in vars(pipe)
+    G.generate_folder(pipe, _items(1), tmp_path / "b", G.GenerateConfig(n_samples=1), progress=False)
+    a, b = _pixels(tmp_path / "a/00000/samples/0000.png"), _pixels(tmp_path / "b/00000/samples/0000.png")
+    assert a.mean() < b.mean()
+
+
+def test_refuses_to_mix_settings_or_prompts(tmp_path):
+    G.generate_folder(StandInPipeline(), _items(2), tmp_path, G.GenerateConfig(n_samples=1, cfg=7.0), progress=False)
+    with pytest.raises(ValueError, match="cfg: 7.0 -> 3.0"):
+        G.generate_folder(StandInPipeline(), _items(2), tmp_path, G.GenerateConfig(n_samples=1, cfg=3.0), progress=False)
+    other = [PromptItem("something else", {"tag": "u"}), *_items(2)[1:]]
+    with pytest.raises(ValueError, match="holds another prompt"):
+        G.generate_folder(StandInPipeline(), other, tmp_path, G.GenerateConfig(n_samples=1), progress=False)
+
+
+def test_config_and_reward_argument_validation():
+    assert G.parse_reward_args(["aesthetic_score=0.5", "clip_score=1"]) == {"aesthetic_score": 0.5, "clip_score": 1.0}
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        G.parse_reward_args(["aesthetic_score"])
+    with pytest.raises(ValueError, match="not a number"):
+        G.parse_reward_args(["aesthetic_score=high"])
+    with pytest.raises(ValueError, match="outside"):
+        G.GenerateConfig(reward_targets={"a": 1.5})
+    with pytest.raises(ValueError, match="n_samples"):
+        G.GenerateConfig(n_samples=1001)
+    assert G.sample_seed(3, 2, 5) == 2008

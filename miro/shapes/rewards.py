@@ -14,7 +14,7 @@ shapes_position     spatial fidelity: mean of the fraction of (object, target) p
                     relation for each relational clause, and of the framing term (fraction of
                     detected objects not cut by the frame).
 shapes_sharpness    edge sharpness: at edge pixels (local maxima of the gradient where the 5×5
-                    luminance range exceeds 0.1), the ratio gradient / local range, range-weighted,
+                    colour range exceeds 0.2), the ratio gradient / local range, range-weighted,
                     divided by ``SHARP_REF`` (a box-filtered step edge) and clipped to 1.
 shapes_contrast     contrast and colour quality: 0.5·(object-background contrast relative to the
                     clean palette) + 0.5·(colour fidelity of objects and background to the palette,
@@ -42,7 +42,8 @@ DET_THRESHOLD = 0.3  # detections at or below this confidence are ignored (GenEv
 EXTRA_PENALTY = 0.5  # alignment lost when every detection is unexplained by the caption
 SHARP_REF = 0.7  # mean gradient/range ratio of a box-filtered step at a random sub-pixel phase is
 # 0.75 for axis-aligned edges and lower on slants; 0.7 is what clean renders reach (docs/shapes.md)
-EDGE_RANGE = 0.1  # a pixel is on an edge when its 5x5 colour range (RGB distance) exceeds this
+EDGE_RANGE = 0.2  # a pixel is on an edge when its 5x5 colour range (RGB distance) exceeds this: above
+# the largest background texture swing (0.139), below the closest colour-background distance (0.287)
 FIDELITY_SIGMA = 0.15  # colour drift (RGB distance) at which fidelity falls to exp(-1)
 _LUMA = np.array([0.299, 0.587, 0.114])
 

@@ -1,0 +1,240 @@
+"""``miro preprocess``: raw webdataset shards -> enriched MIRO training shards, in three stages.
+
+Raw shards hold ``{key}.jpg|png``, ``{key}.txt`` (caption) and optionally ``{key}.json``.
+
+1. ``rewards``: every reward except VQAScore, for the original caption and for the synthetic
+   caption each reward uses (CLIP: long, ImageReward/PickScore/HPSv2/SciScore: short, aesthetic:
+   copied), written to ``{csv_dir}/{stem}_scores.csv``.
+2. ``vqa``: VQAScore (original + long synthetic caption) merged into the same CSV. Run it as its
+   own job: the VQA model is the largest and should not share a GPU with the others.
+3. ``vae``: latent moments at 256 and 512 px (centre crop 1:1, bicubic resize), text embeddings of
+   the original and synthetic captions (float16, trimmed to the mask), the stored reward values
+   merged into the JSON, written as ``{dest}/{stem}.tar`` in the published sample layout.
+
+``--stage all`` runs the three in order in one process, freeing each stage's models before the
+next. Shards are chosen with ``--shard_id N``, ``--shard_ids a,b,c`` or ``--shard_range a-b``
+(inclusive) over the sorted ``*.tar`` of ``--src``; none means every shard. Outputs are written
+atomically; a rerun skips shards whose outputs are complete and valid and redoes the others.
+Damaged samples are skipped and counted in ``{csv_dir}/logs/{stem}.{stage}.json``.
+
+Every model is chosen by name, so the same command preprocesses the Shapes world::
+
+    miro preprocess --stage all --src raw/ --dest enriched/ --scorers shapes_... \\
+        --vqa-scorer none --text-encoder minilm --autoencoder identity
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+from pathlib import Path
+
+from miro.data import preprocess_io as pio
+from miro.data.schema import list_shards, select_shards
+from miro.data.stages import EncodeSpec, EncodeStage, MissingStageError, ScoreStage, StageOptions
+
+STAGES = ("rewards", "vqa", "vae")
+# Stage 1 scores the six published rewards other than VQAScore (upstream `stage_rewards`).
+DEFAULT_SCORERS = ("clip_score", "aesthetic_score", "image_reward_score", "pick_a_score_score",
+                   "hpsv2_score", "sciscore_score")
+DEFAULT_VQA_SCORER = "vqa_score"
+DEFAULT_TEXT_ENCODER = "google/flan-t5-xl"
+DEFAULT_AUTOENCODER = "stabilityai/sdxl-vae"
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="miro preprocess", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", required=True, choices=(*STAGES, "all"), help="which stage to run")
+    p.add_argument("--src", required=True, help="folder of raw *.tar shards (or one .tar)")
+    p.add_argument("--csv_dir", help="folder for score CSVs and per-shard logs (default: SRC/scores)")
+    p.add_argument("--dest", help="folder for enriched tars (stages vae and all)")
+    sel = p.add_mutually_exclusive_group()
+    sel.add_argument("--shard_id", type=int, help="the N-th tar of SRC in sorted order")
+    sel.add_argument("--shard_ids", help="comma-separated shard indices, e.g. 0,5,9")
+    sel.add_argument("--shard_range", help="inclusive index range a-b, e.g. 0-99")
+    cap = p.add_argument_group("captions")
+    cap.add_argument("--synthetic_captions", help="TSV: file_name<TAB>short<TAB>long, no header (else read "
+                     "synthetic_caption / short_synthetic_caption from each sample's JSON)")
+    cap.add_argument("--no-synthetic", "--no_synthetic", dest="no_synthetic", action="store_true",
+                     help="original captions only: no synthetic rewards or embeddings")
+    mod = p.add_argument_group("models (any of them swappable by name)")
+    mod.add_argument("--scorers", default=",".join(DEFAULT_SCORERS),
+                     help="comma-separated rewards of stage rewards (default: %(default)s)")
+    mod.add_argument("--vqa-scorer", default=DEFAULT_VQA_SCORER,
+                     help="reward of stage vqa, or 'none' to have no vqa stage (default: %(default)s)")
+    mod.add_argument("--scorer-kwargs", default="{}",
+                     help='JSON {"reward": {kwarg: value}} passed to load_scorer, e.g. local weight folders')
+    mod.add_argument("--text-encoder", default=DEFAULT_TEXT_ENCODER,
+                     help="name, folder or hub id (default: %(default)s; 'minilm' for the Shapes world)")
+    mod.add_argument("--text-max-length", type=int, default=2048,
+                     help="token cap of stored text embeddings (default: %(default)s, as upstream)")
+    mod.add_argument("--autoencoder", default=DEFAULT_AUTOENCODER,
+                     help="name, folder or hub id; 'identity' for pixel space (default: %(default)s)")
+    mod.add_argument("--resolutions", help="latent resolutions, comma-separated (default: 256,512; "
+                     "none for the identity codec, whose training reads the image itself)")
+    mod.add_argument("--no_vae_512", action="store_true", help="skip the 512 px latents")
+    mod.add_argument("--resize-filter", default="bicubic", choices=pio.RESIZE_FILTERS,
+                     help="resampling filter of the centre-cropped image (default: %(default)s)")
+    run = p.add_argument_group("execution")
+    run.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=64,
+                     help="samples per model call (default: %(default)s)")
+    run.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    run.add_argument("--precision", choices=PRECISIONS, default=None,
+                     help="autocast dtype of reward and VAE models (default: bf16 on cuda, fp32 on cpu); "
+                          "text encoders always run in fp32")
+    run.add_argument("--num-workers", type=int, default=2, help="image-decoding threads (default: %(default)s)")
+    run.add_argument("--overwrite", action="store_true", help="redo shards even when their outputs are complete")
+    run.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    return p
+
+
+def _csv_list(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def _parse_resolutions(args, codec_is_identity: bool) -> tuple[int, ...]:
+    if args.resolutions is None:
+        res = () if codec_is_identity else (256, 512)
+    elif args.resolutions.strip().lower() == "none":
+        res = ()
+    else:
+        try:
+            res = tuple(int(r) for r in _csv_list(args.resolutions))
+        except ValueError:
+            raise ValueError(f"--resolutions must be comma-separated integers or 'none'; got {args.resolutions!r}") from None
+        for r in res:
+            if r < 8 or r % 8:
+                raise ValueError(f"--resolutions: {r} is not a positive multiple of 8")
+    if args.no_vae_512:
+        res = tuple(r for r in res if r != 512)
+    return res
+
+
+def load_scorers(names: list[str], kwargs: dict, device: str) -> dict:
+    from miro.rewards import load_scorer
+
+    out = {}
+    for n in names:
+        s = load_scorer(n, **kwargs.get(n, {}))
+        out[n] = s.to(device) if hasattr(s, "to") else s
+    return out
+
+
+def _free_models() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_stage(stage, shards: list[Path], overwrite: bool) -> tuple[int, int, int]:
+    """Run a stage over shards; returns (done, skipped as complete, failed)."""
+    done = skipped = failed = 0
+    for shard in shards:
+        if not overwrite and stage.is_complete(shard):
+            print(f"{stage.name} {shard.name}: complete, skipped")
+            skipped += 1
+            continue
+        try:
+            report = stage.run_shard(shard)
+        except MissingStageError as e:
+            print(f"miro preprocess: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        except Exception as e:  # one broken shard must not stop a job over hundreds
+            print(f"miro preprocess: {stage.name} {shard.name} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        print(report.summary())
+        if report.n_skipped:
+            print(f"  skipped samples are listed in {stage.log_path(shard)}")
+        done += 1
+    return done, skipped, failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"miro preprocess: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    import torch
+
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
+    if args.num_workers < 0:
+        raise ValueError(f"--num-workers must be >= 0; got {args.num_workers}")
+    if "vae" in stages and not args.dest:
+        raise ValueError(f"--stage {args.stage} needs --dest (the folder for enriched tars)")
+    try:
+        scorer_kwargs = json.loads(args.scorer_kwargs)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--scorer-kwargs is not valid JSON ({e}): {args.scorer_kwargs!r}") from None
+    if not isinstance(scorer_kwargs, dict) or not all(isinstance(v, dict) for v in scorer_kwargs.values()):
+        raise ValueError(f'--scorer-kwargs must map reward names to objects, e.g. {{"clip_score": {{}}}}; '
+                         f"got {args.scorer_kwargs!r}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    precision = args.precision or ("bf16" if torch.device(device).type == "cuda" else "fp32")
+    src = Path(args.src)
+    shards = select_shards(list_shards(src), args.shard_id, args.shard_ids, args.shard_range)
+    if not shards:
+        raise FileNotFoundError(f"no *.tar shards in {src}")
+    csv_dir = Path(args.csv_dir) if args.csv_dir else (src.parent if src.is_file() else src) / "scores"
+    vqa = None if args.vqa_scorer.strip().lower() == "none" else args.vqa_scorer.strip()
+
+    captions, captions_id = None, "json"
+    if args.synthetic_captions and not args.no_synthetic:
+        tsv = Path(args.synthetic_captions)
+        wanted = {k for s in shards for k in pio.shard_keys(s)}
+        captions = pio.load_synthetic_captions(tsv, wanted)
+        captions_id = f"tsv:{tsv.name}:{tsv.stat().st_size}"
+        print(f"synthetic captions: {len(captions)} of {len(wanted)} samples found in {tsv}")
+    opts = StageOptions(csv_dir=csv_dir, dest=Path(args.dest) if args.dest else None, batch_size=args.batch_size,
+                        device=device, precision=precision, synthetic=not args.no_synthetic, captions=captions,
+                        captions_id=captions_id, num_workers=args.num_workers, overwrite=args.overwrite,
+                        progress=not args.no_progress)
+    print(f"miro preprocess: stage {args.stage}, {len(shards)} shard(s), device {device} ({precision}), csv_dir {csv_dir}")
+
+    failed = 0
+    for name in stages:
+        if name == "vqa" and vqa is None:
+            continue
+        if name in ("rewards", "vqa"):
+            names = _csv_list(args.scorers) if name == "rewards" else [vqa]
+            if not names:
+                raise ValueError("--scorers is empty; name at least one reward")
+            stage = ScoreStage(name, load_scorers(names, scorer_kwargs, device), opts)
+        else:
+            from miro.encoders import IdentityCodec, load_autoencoder, load_text_encoder
+
+            text_encoder = load_text_encoder(args.text_encoder, device=device)
+            codec = load_autoencoder(args.autoencoder, device=device)
+            resolutions = _parse_resolutions(args, isinstance(codec, IdentityCodec))
+            if hasattr(codec, "to"):
+                codec = codec.to(device)
+            spec = EncodeSpec(resolutions=resolutions, resize_filter=args.resize_filter,
+                              text_max_length=args.text_max_length,
+                              required_stages=("rewards",) + (("vqa",) if vqa else ()),
+                              extra={"text_encoder_spec": str(args.text_encoder), "autoencoder": str(args.autoencoder)})
+            stage = EncodeStage(text_encoder, codec if resolutions else None, spec, opts)
+        done, skipped, bad = run_stage(stage, shards, args.overwrite)
+        failed += bad
+        print(f"stage {name}: {done} shard(s) processed, {skipped} already complete, {bad} failed")
+        del stage
+        _free_models()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,412 @@
+"""The three preprocessing stages of ``miro preprocess``, one shard at a time.
+
+- :class:`ScoreStage` (``rewards`` and ``vqa``): score every usable sample with a set of
+  :class:`~miro.rewards.Scorer` s, for the original caption and for the synthetic caption each
+  reward uses, and merge the stored (``normalize``-d) values into ``{stem}_scores.csv``.
+- :class:`EncodeStage` (``vae``): latent moments at each resolution, text embeddings of both
+  captions trimmed to the mask, scores merged into the JSON, written as an enriched tar.
+
+Models are loaded once per stage by the caller and passed in, so the same code runs the real
+models (SDXL VAE, FLAN-T5-XL, the published reward models) and the Shapes world (identity
+codec, MiniLM, ``shapes_*`` rewards). Each stage knows whether a shard is already complete
+(:meth:`is_complete`): a rerun skips those and redoes the rest from scratch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from miro.data import preprocess_io as pio
+from miro.data.schema import latent_name, synthetic_reward_key, text_embedding_name
+
+# Which synthetic caption each published reward scores (rewards_and_geneval_facts.md §1,
+# "Synthetic twins", from upstream `_compute_reward_scores` / `stage_vqa`): CLIP and VQA read the
+# long caption; ImageReward, PickScore, HPSv2 and SciScore the short one (their text towers
+# truncate at 35-77 tokens); the aesthetic score ignores text, so its value is copied.
+SYNTHETIC_CAPTION = {
+    "clip_score": "long",
+    "vqa_score": "long",
+    "image_reward_score": "short",
+    "pick_a_score_score": "short",
+    "hpsv2_score": "short",
+    "sciscore_score": "short",
+    "aesthetic_score": "copy",
+}
+CAPTION_KINDS = ("long", "short", "copy")
+
+
+@dataclass
+class StageOptions:
+    """Options shared by every stage."""
+
+    csv_dir: Path  # where score CSVs and per-shard logs live
+    dest: Path | None = None  # where enriched tars go (stage vae)
+    batch_size: int = 64  # samples per model call
+    device: str = "cpu"  # torch device of the models
+    precision: str = "fp32"  # autocast around model calls: fp32 (off), bf16, fp16
+    synthetic: bool = True  # also score/encode the synthetic captions
+    captions: dict[str, tuple[str, str]] | None = None  # TSV captions {key: (short, long)}
+    captions_id: str = "json"  # identifies the caption source in stage configs
+    num_workers: int = 0  # image-decoding threads (0: decode in the main thread)
+    overwrite: bool = False  # redo shards even when complete
+    progress: bool = True  # tqdm bar per shard
+
+
+def autocast(device: str, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def synthetic_caption_kind(name: str, scorer: Any) -> str:
+    """``long``, ``short`` or ``copy``: a scorer's own ``synthetic_caption`` attribute wins, then
+    the published table; any other text-conditioned reward reads the long caption."""
+    kind = getattr(scorer, "synthetic_caption", None) or SYNTHETIC_CAPTION.get(name, "long")
+    if kind not in CAPTION_KINDS:
+        raise ValueError(f"scorer {name!r} declares synthetic_caption={kind!r}; allowed: {CAPTION_KINDS}")
+    return kind
+
+
+class _Stage:
+    name = ""
+
+    def __init__(self, opts: StageOptions):
+        self.opts = opts
+
+    def config(self) -> dict:
+        raise NotImplementedError
+
+    def log_path(self, shard: Path) -> Path:
+        return pio.log_path(self.opts.csv_dir, shard, self.name)
+
+    def _log_ok(self, shard: Path) -> dict | None:
+        log = pio.read_log(self.log_path(shard))
+        if (log is None or log.get("status") != "complete" or log.get("source") != pio.fingerprint(shard)
+                or log.get("config") != self.config()):
+            return None
+        return log
+
+    def _mark_running(self, shard: Path, report: pio.ShardReport) -> None:
+        """Replace the shard's log by a 'running' one: a killed run never looks complete."""
+        import os
+        import socket
+
+        pio.write_log(self.log_path(shard), report, "running", host=socket.gethostname(), pid=os.getpid())
+
+    def _progress(self, shard: Path):
+        from tqdm.auto import tqdm
+
+        total = len(pio.shard_keys(shard)) if self.opts.progress else None
+        return tqdm(total=total, desc=f"{self.name} {shard.name}", unit="sample", disable=not self.opts.progress,
+                    leave=False, dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------- scoring stages
+
+
+class ScoreStage(_Stage):
+    """Stage ``rewards`` (or ``vqa``): rewards of both captions into the shard's score CSV."""
+
+    def __init__(self, name: str, scorers: dict[str, Any], opts: StageOptions):
+        super().__init__(opts)
+        if not scorers:
+            raise ValueError(f"stage {name!r} needs at least one scorer")
+        self.name = name
+        self.scorers = scorers
+        self.kinds = {n: synthetic_caption_kind(n, s) for n, s in scorers.items()}
+
+    def columns(self) -> list[str]:
+        cols = list(self.scorers)
+        if self.opts.synthetic:
+            cols += [synthetic_reward_key(n) for n in self.scorers]
+        return cols
+
+    def config(self) -> dict:
+        return {"scorers": sorted(self.scorers), "synthetic": self.opts.synthetic, "captions": self.opts.captions_id}
+
+    def is_complete(self, shard: Path) -> bool:
+        log = self._log_ok(shard)
+        path = pio.scores_csv_path(self.opts.csv_dir, shard)
+        if log is None or not path.is_file():
+            return False
+        try:
+            rows = pio.read_scores_csv(path)
+        except (OSError, ValueError):
+            return False
+        cols = self.columns()
+        done = [k for k, r in rows.items() if all(r.get(c) is not None for c in cols)]
+        return pio.keys_digest(done) == log.get("keys_digest")
+
+    def _score(self, samples: list[pio.RawSample], caps: list[tuple[str, str]]) -> list[dict]:
+        """Stored values per sample for every scorer, original and synthetic captions."""
+        images = [s.image for s in samples]
+        original = [pio.clean_caption(s.caption) for s in samples]
+        rows: list[dict] = [{} for _ in samples]
+        with torch.inference_mode(), autocast(self.opts.device, self.opts.precision):
+            for name, scorer in self.scorers.items():
+                vals = scorer.normalize(scorer.score(images, original)).float().cpu().tolist()
+                if len(vals) != len(samples):
+                    raise RuntimeError(f"scorer {name!r} returned {len(vals)} scores for {len(samples)} images")
+                syn = None
+                kind = self.kinds[name]
+                if self.opts.synthetic:
+                    if kind == "copy":
+                        syn = vals
+                    else:
+                        prompts = [c[0] if kind == "long" else c[1] for c in caps]
+                        syn = scorer.normalize(scorer.score(images, prompts)).float().cpu().tolist()
+                for i, row in enumerate(rows):
+                    row[name] = vals[i]
+                    if syn is not None:
+                        row[synthetic_reward_key(name)] = syn[i]
+        return rows
+
+    def _score_robust(self, samples, caps, report: pio.ShardReport) -> list[tuple[pio.RawSample, tuple, dict]]:
+        """Score a batch; if it fails, score sample by sample and skip the ones that fail.
+
+        A batch in which every sample fails on its own is a systematic error and re-raises.
+        """
+        try:
+            return list(zip(samples, caps, self._score(samples, caps)))
+        except Exception as batch_error:
+            if len(samples) == 1:
+                raise
+            out = []
+            for s, c in zip(samples, caps):
+                try:
+                    out.append((s, c, self._score([s], [c])[0]))
+                except Exception as e:
+                    report.skip(s.key, "scoring failed", f"{type(e).__name__}: {e}")
+            if not out:
+                raise batch_error
+            return out
+
+    def run_shard(self, shard: Path) -> pio.ShardReport:
+        t0 = time.perf_counter()
+        report = pio.ShardReport(self.name, shard.name)
+        self._mark_running(shard, report)
+        rows: dict[str, dict] = {}
+        with self._progress(shard) as bar:
+            for batch in pio.batched(pio.iter_decoded(shard, report, workers=self.opts.num_workers),
+                                     self.opts.batch_size):
+                samples = [s for s, _ in batch]
+                caps = [pio.resolve_captions(s, self.opts.captions)[:2] for s in samples]
+                for s, (long, short), vals in self._score_robust(samples, caps, report):
+                    if self.opts.synthetic:
+                        vals["synthetic_caption"], vals["short_synthetic_caption"] = long, short
+                    rows[s.key] = vals
+                bar.update(len(batch))
+        report.samples_ok = len(rows)
+        csv_path = pio.scores_csv_path(self.opts.csv_dir, shard)
+        cols = self.columns() + (list(pio.CAPTION_COLUMNS) if self.opts.synthetic else [])
+        pio.merge_scores_csv(csv_path, rows, cols, keys=set(pio.shard_keys(shard)))
+        report.seconds = time.perf_counter() - t0
+        pio.write_log(self.log_path(shard), report, "complete", source=pio.fingerprint(shard),
+                      config=self.config(), keys_digest=pio.keys_digest(rows), output=str(csv_path),
+                      columns=self.columns())
+        return report
+
+
+# --------------------------------------------------------------------------- encoding stage
+
+
+def _max_tokens(encoder: Any, cap: int) -> int:
+    """Token limit for an encoder: ``cap``, bounded by its position table when it has one."""
+    model = getattr(encoder, "model", None)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return min(cap, int(limit)) if limit else cap
+
+
+def encode_trimmed(encoder: Any, prompts: list[str], cap: int) -> list[np.ndarray]:
+    """Text embeddings of each prompt trimmed to its attention mask, float16 (L_i, E).
+
+    Encoders that pad to a fixed ``max_length`` are run with ``max_length`` set to the longest
+    prompt of the batch (capped at ``cap``): masked padding never reaches the unmasked tokens'
+    outputs, so the trimmed embeddings equal those of padding to ``cap`` (checked in the tests)
+    at a fraction of the cost when ``cap`` is large (upstream uses 2048 with ``padding="longest"``).
+    """
+    if hasattr(encoder, "load"):
+        encoder.load()
+    tok = getattr(encoder, "tokenizer", None)
+    if tok is not None and hasattr(encoder, "max_length"):
+        cap = _max_tokens(encoder, cap)
+        longest = max(len(ids) for ids in tok(prompts, truncation=True, max_length=cap)["input_ids"])
+        saved = encoder.max_length
+        encoder.max_length = max(1, longest)
+        try:
+            emb, mask = encoder.encode(prompts)
+        finally:
+            encoder.max_length = saved
+    else:
+        emb, mask = encoder.encode(prompts)
+    emb, mask = emb.float().cpu(), mask.bool().cpu()
+    return [emb[i][mask[i]].numpy().astype(np.float16) for i in range(len(prompts))]
+
+
+@dataclass
+class EncodeSpec:
+    """What stage ``vae`` writes besides the source image, caption and JSON."""
+
+    resolutions: tuple[int, ...] = (256, 512)  # latent resolutions; () writes no latents
+    resize_filter: str = "bicubic"  # see preprocess_io.to_model_input
+    text_max_length: int = 2048  # token cap for the stored embeddings (upstream default)
+    required_stages: tuple[str, ...] = ("rewards", "vqa")  # score stages that must be complete
+    extra: dict = field(default_factory=dict)  # encoder / codec specs for the config signature
+
+
+class MissingStageError(ValueError):
+    """Stage ``vae`` found no (complete) scores for a shard; the message names the stage to run."""
+
+
+class EncodeStage(_Stage):
+    """Stage ``vae``: latents + text embeddings + merged scores into an enriched tar."""
+
+    name = "vae"
+
+    def __init__(self, text_encoder: Any, codec: Any | None, spec: EncodeSpec, opts: StageOptions):
+        super().__init__(opts)
+        if opts.dest is None:
+            raise ValueError("stage 'vae' needs --dest (the folder for enriched tars)")
+        self.text_encoder = text_encoder
+        self.codec = codec
+        self.spec = spec
+
+    def config(self) -> dict:
+        return {"resolutions": list(self.spec.resolutions), "resize_filter": self.spec.resize_filter,
+                "text_max_length": self.spec.text_max_length, "synthetic": self.opts.synthetic,
+                "captions": self.opts.captions_id, "text_encoder": getattr(self.text_encoder, "schema_name", "?"),
+                **self.spec.extra}
+
+    def dest_path(self, shard: Path) -> Path:
+        return Path(self.opts.dest) / shard.name
+
+    def _scores_fingerprint(self, shard: Path) -> dict | None:
+        p = pio.scores_csv_path(self.opts.csv_dir, shard)
+        return pio.fingerprint(p) if p.is_file() else None
+
+    def is_complete(self, shard: Path) -> bool:
+        log = self._log_ok(shard)
+        out = self.dest_path(shard)
+        if log is None or not out.is_file() or log.get("scores") != self._scores_fingerprint(shard):
+            return False
+        return out.stat().st_size == log.get("output_size") and pio.tar_sample_count(out) == log.get("samples_ok")
+
+    def check_inputs(self, shard: Path) -> tuple[dict[str, dict], list[str]]:
+        """The shard's scores and the columns every sample needs (the score stages' columns), or
+        :class:`MissingStageError` naming the stage to run."""
+        csv_path = pio.scores_csv_path(self.opts.csv_dir, shard)
+        hint = f"run `miro preprocess --stage {{}} --src ... --csv_dir {self.opts.csv_dir}` for it first"
+        if not csv_path.is_file():
+            raise MissingStageError(f"shard {shard.name}: no scores at {csv_path}; stage 'vae' merges the "
+                                    f"scores of stage 'rewards': " + hint.format("rewards"))
+        required: list[str] = []
+        for stage in self.spec.required_stages:
+            log = pio.read_log(pio.log_path(self.opts.csv_dir, shard, stage))
+            if log is None or log.get("status") != "complete" or log.get("source") != pio.fingerprint(shard):
+                raise MissingStageError(f"shard {shard.name}: stage {stage!r} has not completed for this shard "
+                                        f"(no complete log at {pio.log_path(self.opts.csv_dir, shard, stage)}); "
+                                        + hint.format(stage))
+            required += [c for c in log.get("columns", []) if c not in required]
+        return pio.read_scores_csv(csv_path), required
+
+    def _transform(self, sample: pio.RawSample) -> dict[int, np.ndarray]:
+        return {r: pio.to_model_input(sample.image, r, self.spec.resize_filter) for r in self.spec.resolutions}
+
+    def _encode_batch(self, batch, scores: dict[str, dict], required: list[str],
+                      report: pio.ShardReport) -> list[dict]:
+        kept = []
+        for s, pix in batch:
+            missing = [c for c in required if scores.get(s.key, {}).get(c) is None]
+            if missing:  # a score stage skipped this sample (e.g. its scorer failed on it)
+                report.skip(s.key, "missing scores", ", ".join(missing))
+            else:
+                kept.append((s, pix))
+        if not kept:
+            return []
+        out = [{"__key__": s.key, s.image_ext: s.image_bytes, "txt": s.txt_bytes} for s, _ in kept]
+        metas = []
+        longs = []
+        for s, _ in kept:
+            row = scores[s.key]
+            meta = dict(s.meta)
+            if self.opts.synthetic:
+                long, short, _ = pio.resolve_captions(s, self.opts.captions)
+                long = row.get("synthetic_caption") or long  # the captions the rewards were computed on
+                short = row.get("short_synthetic_caption") or short
+                meta["synthetic_caption"], meta["short_synthetic_caption"] = long, short
+                longs.append(long)
+            for col, v in row.items():
+                if col not in pio.CAPTION_COLUMNS and pio.finite(v):
+                    meta[col] = float(v)
+            metas.append(meta)
+        bad: set[int] = set()
+        enc_name = getattr(self.text_encoder, "schema_name", "text")
+        with torch.inference_mode():
+            for synthetic, prompts in ((False, [pio.clean_caption(s.caption) for s, _ in kept]),
+                                       (True, longs if self.opts.synthetic else None)):
+                if prompts is None:
+                    continue
+                for i, e in enumerate(encode_trimmed(self.text_encoder, prompts, self.spec.text_max_length)):
+                    if not np.isfinite(e).all():
+                        bad.add(i)
+                    out[i][text_embedding_name(enc_name, synthetic)] = e
+            if self.codec is not None:
+                for r in self.spec.resolutions:
+                    x = torch.from_numpy(np.stack([pix[r] for _, pix in kept])).to(self.opts.device)
+                    with autocast(self.opts.device, self.opts.precision):
+                        mean, std = self.codec.encode(x)
+                    mean = mean.float().cpu().numpy().astype(np.float16)
+                    std = std.float().cpu().numpy().astype(np.float16)
+                    for i in range(len(kept)):
+                        if not (np.isfinite(mean[i]).all() and np.isfinite(std[i]).all()):
+                            bad.add(i)
+                        out[i][latent_name("mean", r)] = mean[i]
+                        out[i][latent_name("std", r)] = std[i]
+        result = []
+        for i, (sample, meta) in enumerate(zip(out, metas)):
+            if i in bad:  # fp16 overflow or a broken model output: never write NaN into training data
+                report.skip(sample["__key__"], "non-finite embedding")
+                continue
+            sample["json"] = meta
+            result.append(sample)
+        return result
+
+    def run_shard(self, shard: Path) -> pio.ShardReport:
+        t0 = time.perf_counter()
+        scores, required = self.check_inputs(shard)
+        scores_fp = self._scores_fingerprint(shard)
+        report = pio.ShardReport(self.name, shard.name)
+        self._mark_running(shard, report)
+        out_path = self.dest_path(shard)
+        pio.remove_stale_temps(out_path.parent, out_path.name)
+        writer = pio.SortedShardWriter(out_path)
+        try:
+            transform = self._transform if self.codec is not None else None
+            with self._progress(shard) as bar:
+                for batch in pio.batched(pio.iter_decoded(shard, report, transform=transform,
+                                                          workers=self.opts.num_workers), self.opts.batch_size):
+                    for sample in self._encode_batch(batch, scores, required, report):
+                        writer.write(sample)
+                        report.samples_ok += 1
+                    bar.update(len(batch))
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        report.seconds = time.perf_counter() - t0
+        pio.write_log(self.log_path(shard), report, "complete", source=pio.fingerprint(shard), config=self.config(),
+                      scores=scores_fp, output=str(out_path), output_size=out_path.stat().st_size)
+        return report
+
+
+def rate(report: pio.ShardReport) -> float:
+    return report.samples_ok / report.seconds if report.seconds > 0 else math.nan

@@ -1,0 +1,336 @@
+"""``miro preprocess`` end to end: stages, layout, resume, damage, shard selection.
+
+Real code paths with tiny models: a tiny T5 encoder + tokenizer and a tiny diffusers
+AutoencoderKL saved in their real formats, and closed-form stand-in rewards (see
+``test_preprocess_helpers``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from miro.data import preprocess_io as pio
+from miro.data.preprocess import main
+from miro.data.schema import decode_sample, iter_raw_samples, write_shard
+from test_preprocess_helpers import CALLS, CRASH, PROMPTS_SEEN, SCORERS, image, jpeg_bytes, make_raw_shards, reset
+
+RES = "16,32"
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    from miro.encoders.tiny import save_tiny_autoencoder_kl, save_tiny_t5
+
+    root = tmp_path_factory.mktemp("models")
+    return {"t5": str(save_tiny_t5(root / "t5")), "vae": str(save_tiny_autoencoder_kl(root / "vae"))}
+
+
+@pytest.fixture(autouse=True)
+def _reset():
+    reset()
+    yield
+    reset()
+
+
+def _args(src, csv, stage, *extra, dest=None):
+    a = ["--stage", stage, "--src", str(src), "--csv_dir", str(csv), "--scorers", SCORERS,
+         "--vqa-scorer", "ptest_vqa", "--no-progress", "--batch-size", "2", "--num-workers", "0"]
+    return a + (["--dest", str(dest)] if dest else []) + list(extra)
+
+
+def _vae_args(src, csv, dest, models, *extra, res=RES):
+    return _args(src, csv, "vae", "--text-encoder", models["t5"], "--autoencoder", models["vae"],
+                 "--resolutions", res, *extra, dest=dest)
+
+
+def _read(path):
+    return {s["__key__"]: s for s in (decode_sample(r) for r in iter_raw_samples(path))}
+
+
+def test_all_stages_end_to_end_layout_dtypes_values(tmp_path, tiny_models):
+    src, csv, dest = tmp_path / "raw", tmp_path / "csv", tmp_path / "out"
+    shards = make_raw_shards(src, n_shards=2, per_shard=3)
+    assert main(_args(src, csv, "all", "--text-encoder", tiny_models["t5"], "--autoencoder", tiny_models["vae"],
+                      "--resolutions", RES, dest=dest)) == 0
+    from miro.encoders import load_autoencoder, load_text_encoder
+
+    t5 = load_text_encoder(tiny_models["t5"]).load()
+    codec = load_autoencoder(tiny_models["vae"])
+    raw = {k: s for p in shards for k, s in _read(p).items()}
+    for shard in shards:
+        out = dest / shard.name
+        names = [m.name for m in __import__("tarfile").open(out)]
+        assert names == sorted(names)
+        got = _read(out)
+        assert sorted(got) == sorted(_read(shard))
+        for key, s in got.items():
+            src_s = raw[key]
+            members = {k for k in s if not k.startswith("__")}
+            assert members == {"jpg", "txt", "json", "flan_t5_xl_embeddings.npy", "synthetic_flan_t5_xl_embeddings.npy",
+                               "vae_embeddings_mean_16.npy", "vae_embeddings_std_16.npy",
+                               "vae_embeddings_mean_32.npy", "vae_embeddings_std_32.npy"}
+            assert s["txt"] == src_s["txt"]  # the original caption, <PERSON> tags included
+            assert np.array_equal(np.asarray(s["jpg"]), np.asarray(src_s["jpg"]))
+            meta = s["json"]
+            long, short = meta["synthetic_caption"], meta["short_synthetic_caption"]
+            if "synthetic_caption" in src_s["json"]:
+                assert (long, short) == (src_s["json"]["synthetic_caption"], src_s["json"]["short_synthetic_caption"])
+            else:
+                assert long == short == pio.clean_caption(src_s["txt"])
+            assert meta["url"] == src_s["json"]["url"]
+            clean = pio.clean_caption(src_s["txt"])
+            red = np.asarray(src_s["jpg"], np.float64)[..., 0].mean() / 255 / 2
+            assert meta["ptest_red"] == pytest.approx(red, rel=1e-6) and meta["synthetic_ptest_red"] == meta["ptest_red"]
+            assert meta["ptest_words"] == pytest.approx(len(clean.split()) / 100)
+            assert meta["synthetic_ptest_words"] == pytest.approx(len(long.split()) / 100)  # long caption
+            assert meta["ptest_chars"] == len(clean) and meta["synthetic_ptest_chars"] == len(short)  # short
+            assert meta["ptest_vqa"] == float("red" in clean.split())
+            assert meta["synthetic_ptest_vqa"] == float("red" in long.split())
+            for synthetic, text in ((False, clean), (True, long)):
+                e = s[("synthetic_" if synthetic else "") + "flan_t5_xl_embeddings.npy"]
+                ref, mask = t5.encode([text])
+                assert e.dtype == np.float16 and e.shape == (int(mask.sum()), t5.dim)
+                np.testing.assert_allclose(e.astype(np.float32), ref[0, mask[0]].numpy(), atol=2e-3, rtol=1e-3)
+            for r in (16, 32):
+                m, sd = s[f"vae_embeddings_mean_{r}.npy"], s[f"vae_embeddings_std_{r}.npy"]
+                shape = (codec.latent_channels, r // codec.downsample, r // codec.downsample)
+                assert m.dtype == sd.dtype == np.float16 and m.shape == sd.shape == shape
+                x = torch.from_numpy(pio.to_model_input(src_s["jpg"], r))[None]
+                rm, rs = codec.encode(x)
+                np.testing.assert_allclose(m.astype(np.float32), rm[0].numpy(), atol=2e-3, rtol=2e-3)
+                np.testing.assert_allclose(sd.astype(np.float32), rs[0].numpy(), atol=2e-3, rtol=2e-3)
+    log = json.loads((csv / "logs" / "00000.vae.json").read_text())
+    assert log["status"] == "complete" and log["samples_ok"] == 3 and log["samples_skipped"] == 0
+    # the rewards saw cleaned captions only
+    assert not any("<PERSON>" in p for ps in PROMPTS_SEEN.values() for p in ps)
+
+
+def test_encode_trimmed_equals_padding_to_max_length(tiny_models):
+    from miro.data.stages import encode_trimmed
+    from miro.encoders import load_text_encoder
+
+    enc = load_text_encoder(tiny_models["t5"], max_length=40)
+    prompts = ["two red circles", "a blue square above a yellow star left of one green triangle", "star"]
+    emb, mask = enc.encode(prompts)
+    got = encode_trimmed(enc, prompts, cap=40)
+    assert enc.max_length == 40  # restored
+    for i, e in enumerate(got):
+        assert e.shape == (int(mask[i].sum()), enc.dim) and e.dtype == np.float16
+        np.testing.assert_allclose(e.astype(np.float32), emb[i, mask[i]].numpy(), atol=2e-3, rtol=1e-3)
+    capped = encode_trimmed(enc, prompts, cap=4)
+    assert [c.shape[0] for c in capped] == [4, 4, 2]
+
+
+def test_synthetic_captions_tsv_and_csv_layout(tmp_path):
+    src, csv = tmp_path / "raw", tmp_path / "csv"
+    make_raw_shards(src, n_shards=1, per_shard=3)
+    tsv = tmp_path / "caps.tsv"
+    tsv.write_text("s0k1.jpg\tshort from tsv\tlong from the tsv file red\nunrelated.jpg\tx\ty\n")
+    assert main(_args(src, csv, "rewards", "--synthetic_captions", str(tsv))) == 0
+    rows = pio.read_scores_csv(csv / "00000_scores.csv")
+    header = (csv / "00000_scores.csv").read_text().splitlines()[0].split(",")
+    assert header == ["key", "ptest_chars", "ptest_red", "ptest_words", "short_synthetic_caption",
+                      "synthetic_caption", "synthetic_ptest_chars", "synthetic_ptest_red", "synthetic_ptest_words"]
+    assert rows["s0k1"]["synthetic_caption"] == "long from the tsv file red"
+    assert rows["s0k1"]["synthetic_ptest_chars"] == len("short from tsv")
+    assert rows["s0k1"]["synthetic_ptest_words"] == pytest.approx(6 / 100)
+    assert rows["s0k0"]["synthetic_caption"] == "a long synthetic caption number 0 with red"  # JSON fallback
+    # without synthetic captions: no synthetic columns at all
+    assert main(_args(src, tmp_path / "csv2", "rewards", "--no-synthetic")) == 0
+    header2 = (tmp_path / "csv2" / "00000_scores.csv").read_text().splitlines()[0]
+    assert header2 == "key,ptest_chars,ptest_red,ptest_words"
+
+
+def test_rerun_skips_complete_shards_and_redoes_invalid_ones(tmp_path):
+    src, csv = tmp_path / "raw", tmp_path / "csv"
+    shards = make_raw_shards(src, n_shards=2, per_shard=2)
+    assert main(_args(src, csv, "rewards")) == 0
+    first = CALLS["ptest_words"]
+    assert main(_args(src, csv, "rewards")) == 0
+    assert CALLS["ptest_words"] == first  # both shards complete: no model call
+    # a damaged CSV is redone; so is a shard whose source changed
+    path = csv / "00001_scores.csv"
+    path.write_text(path.read_text().splitlines()[0] + "\n")
+    assert main(_args(src, csv, "rewards")) == 0
+    assert CALLS["ptest_words"] == first + 2  # one batch of 2 samples, original + synthetic = 2 calls
+    write_shard(shards[0], [{"__key__": "new", "jpg": jpeg_bytes(image(9)), "txt": "one red star"}])
+    assert main(_args(src, csv, "rewards")) == 0
+    assert list(pio.read_scores_csv(csv / "00000_scores.csv")) == ["new"]  # stale rows dropped
+    assert main(_args(src, csv, "rewards", "--overwrite")) == 0
+    assert CALLS["ptest_words"] == first + 2 + 2 + (2 + 2)
+
+
+def test_resume_after_crash_mid_shard_equals_uninterrupted_run(tmp_path, tiny_models):
+    src = tmp_path / "raw"
+    make_raw_shards(src, n_shards=2, per_shard=4)
+    ref_csv, ref_dest = tmp_path / "ref_csv", tmp_path / "ref_out"
+    for stage in ("rewards", "vqa"):
+        assert main(_args(src, ref_csv, stage)) == 0
+    assert main(_vae_args(src, ref_csv, ref_dest, tiny_models, res="16")) == 0
+    reset()
+    csv, dest = tmp_path / "csv", tmp_path / "out"
+    CRASH["ptest_words"] = 6  # shard 0 takes 4 calls (2 batches x 2 captions); crash in shard 1's 1st batch
+    with pytest.raises(KeyboardInterrupt):
+        main(_args(src, csv, "rewards"))
+    assert (csv / "00000_scores.csv").is_file() and not (csv / "00001_scores.csv").exists()
+    assert json.loads((csv / "logs" / "00001.rewards.json").read_text())["status"] == "running"
+    CRASH.clear()
+    calls = CALLS["ptest_words"]
+    assert main(_args(src, csv, "rewards")) == 0
+    assert CALLS["ptest_words"] == calls + 4  # shard 1 only
+    assert main(_args(src, csv, "vqa")) == 0
+    for i in range(2):
+        assert (csv / f"{i:05d}_scores.csv").read_bytes() == (ref_csv / f"{i:05d}_scores.csv").read_bytes()
+
+    # stage vae killed mid-shard: the spool and temp files go, no partial shard appears
+    import miro.encoders as enc
+
+    real = enc.load_autoencoder
+
+    class Dying:
+        def __init__(self, codec):
+            self.codec, self.n = codec, 0
+
+        def encode(self, x):
+            self.n += 1
+            if self.n == 4:  # shard 0 takes 2 batches; dies in shard 1's 2nd batch
+                raise KeyboardInterrupt("simulated kill")
+            return self.codec.encode(x)
+
+        def decode(self, z):
+            return self.codec.decode(z)
+
+    enc.load_autoencoder = lambda spec, **kw: Dying(real(spec, **kw))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            main(_vae_args(src, csv, dest, tiny_models, res="16"))
+    finally:
+        enc.load_autoencoder = real
+    assert sorted(p.name for p in dest.iterdir()) == ["00000.tar"]
+    assert main(_vae_args(src, csv, dest, tiny_models, res="16")) == 0
+    for i in range(2):
+        assert (dest / f"{i:05d}.tar").read_bytes() == (ref_dest / f"{i:05d}.tar").read_bytes()
+    # a deleted output is redone; so is a shard whose scores changed (a vqa rerun); others are skipped
+    (dest / "00000.tar").unlink()
+    assert main(_args(src, csv, "vqa", "--overwrite", "--shard_id", "1")) == 0
+    logs = [(csv / "logs" / f"{i:05d}.vae.json").read_text() for i in range(2)]
+    assert main(_vae_args(src, csv, dest, tiny_models, res="16")) == 0
+    assert [(csv / "logs" / f"{i:05d}.vae.json").read_text() != logs[i] for i in range(2)] == [True, True]
+    assert (dest / "00000.tar").read_bytes() == (ref_dest / "00000.tar").read_bytes()
+    logs = [(csv / "logs" / f"{i:05d}.vae.json").read_text() for i in range(2)]
+    assert main(_vae_args(src, csv, dest, tiny_models, res="16")) == 0
+    assert [(csv / "logs" / f"{i:05d}.vae.json").read_text() for i in range(2)] == logs
+
+
+def _corrupt_shard(path):
+    good = jpeg_bytes(image(1))
+    samples = [
+        {"__key__": "ok1", "jpg": good, "txt": "two red circles", "json": {}},
+        {"__key__": "cut", "jpg": good[:50], "txt": "a truncated jpeg"},
+        {"__key__": "nocap", "jpg": good},
+        {"__key__": "badjson", "jpg": good, "txt": "x", "json": b"{oops"},
+        {"__key__": "narrow", "jpg": jpeg_bytes(image(3, (13, 20))), "txt": "ptest_chars fails on it"},
+        {"__key__": "ok2", "png": image(2), "txt": "one green triangle"},
+    ]
+    write_shard(path, samples)
+
+
+def test_corrupt_samples_are_skipped_counted_and_logged(tmp_path, tiny_models):
+    src, csv, dest = tmp_path / "raw", tmp_path / "csv", tmp_path / "out"
+    src.mkdir()
+    _corrupt_shard(src / "00000.tar")
+    make_raw_shards(tmp_path / "tmp", n_shards=1, per_shard=4)
+    data = (tmp_path / "tmp" / "00000.tar").read_bytes()
+    (src / "00001.tar").write_bytes(data[: len(data) // 2])  # a truncated shard
+    assert main(_args(src, csv, "rewards")) == 0
+    log = json.loads((csv / "logs" / "00000.rewards.json").read_text())
+    assert log["status"] == "complete" and log["samples_read"] == 6 and log["samples_ok"] == 2
+    assert log["skipped"] == {"undecodable image": 1, "no .txt caption": 1, "unreadable .json": 1, "scoring failed": 1}
+    assert any(e.startswith("narrow: scoring failed") for e in log["errors"])
+    log1 = json.loads((csv / "logs" / "00001.rewards.json").read_text())
+    assert log1["truncated"] and 0 < log1["samples_ok"] < 4
+    assert main(_args(src, csv, "vqa")) == 0
+    assert main(_vae_args(src, csv, dest, tiny_models)) == 0
+    assert sorted(_read(dest / "00000.tar")) == ["ok1", "ok2"]
+    assert "png" in _read(dest / "00000.tar")["ok2"]
+    vlog = json.loads((csv / "logs" / "00000.vae.json").read_text())
+    # the 'narrow' sample has VQA scores but no rewards (its scorer failed): skipped and named
+    assert vlog["skipped"] == {"undecodable image": 1, "no .txt caption": 1, "unreadable .json": 1, "missing scores": 1}
+    assert any(e.startswith("narrow: missing scores (ptest_red, ptest_words, ptest_chars") for e in vlog["errors"])
+    assert len(_read(dest / "00001.tar")) == log1["samples_ok"]
+
+
+def test_systematic_scorer_failure_fails_the_shard_not_the_job(tmp_path, capsys):
+    src, csv = tmp_path / "raw", tmp_path / "csv"
+    make_raw_shards(src, n_shards=2, per_shard=2)
+    argv = _args(src, csv, "rewards")
+    argv[argv.index("--scorers") + 1] = "ptest_red,ptest_broken"
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "rewards 00000.tar failed: RuntimeError: always broken" in err and "00001.tar failed" in err
+    assert not (csv / "00000_scores.csv").exists()
+    assert json.loads((csv / "logs" / "00000.rewards.json").read_text())["status"] == "running"
+
+
+def test_vae_stage_names_the_missing_stage(tmp_path, tiny_models, capsys):
+    src, csv, dest = tmp_path / "raw", tmp_path / "csv", tmp_path / "out"
+    make_raw_shards(src, n_shards=1, per_shard=2)
+    assert main(_vae_args(src, csv, dest, tiny_models)) == 1
+    assert "run `miro preprocess --stage rewards" in capsys.readouterr().err
+    assert main(_args(src, csv, "rewards")) == 0
+    assert main(_vae_args(src, csv, dest, tiny_models)) == 1
+    assert "stage 'vqa' has not completed" in capsys.readouterr().err
+    args = _vae_args(src, csv, dest, tiny_models)
+    args[args.index("--vqa-scorer") + 1] = "none"
+    assert main(args) == 0
+    meta = _read(dest / "00000.tar")["s0k0"]["json"]
+    assert "ptest_words" in meta and "ptest_vqa" not in meta
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], [0, 1, 2, 3, 4]), (["--shard_id", "3"], [3]), (["--shard_ids", "0,4"], [0, 4]),
+    (["--shard_range", "1-3"], [1, 2, 3]),
+])
+def test_shard_selection_flags(tmp_path, flags, expected):
+    src, csv = tmp_path / "raw", tmp_path / "csv"
+    make_raw_shards(src, n_shards=5, per_shard=1)
+    assert main(_args(src, csv, "rewards", *flags)) == 0
+    assert sorted(p.name for p in csv.glob("*_scores.csv")) == [f"{i:05d}_scores.csv" for i in expected]
+
+
+def test_bad_arguments_give_clear_errors(tmp_path, capsys):
+    src, csv = tmp_path / "raw", tmp_path / "csv"
+    make_raw_shards(src, n_shards=2, per_shard=1)
+    assert main(_args(src, csv, "rewards", "--shard_id", "7")) == 2
+    assert "shard index 7 out of range: 2 shards" in capsys.readouterr().err
+    assert main(_args(src, csv, "rewards", "--shard_range", "1-0")) == 2
+    assert main(_args(src, csv, "all")) == 2
+    assert "needs --dest" in capsys.readouterr().err
+    assert main(_args(src, csv, "rewards", "--scorer-kwargs", "[1]")) == 2
+    with pytest.raises(SystemExit):
+        main(_args(src, csv, "rewards", "--shard_id", "0", "--shard_range", "0-1"))
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("a\tb\n")
+    assert main(_args(src, csv, "rewards", "--synthetic_captions", str(bad))) == 2
+    assert "expected 'file_name<TAB>short<TAB>long'" in capsys.readouterr().err
+    assert main(_args(src, csv, "rewards", "--scorers", "no_such_reward")) == 2
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "--shard_range" in capsys.readouterr().out
+
+
+def test_resolution_defaults(tmp_path):
+    from miro.data.preprocess import _parse_resolutions, build_parser
+
+    p = build_parser()
+    base = ["--stage", "vae", "--src", "x"]
+    assert _parse_resolutions(p.parse_args(base), False) == (256, 512)
+    assert _parse_resolutions(p.parse_args(base + ["--no_vae_512"]), False) == (256,)
+    assert _parse_resolutions(p.parse_args(base), True) == ()
+    assert _parse_resolutions(p.parse_args(base + ["--resolutions", "none"]), False) == ()
+    with pytest.raises(ValueError, match="not a positive multiple of 8"):
+        _parse_resolutions(p.parse_args(base + ["--resolutions", "20"]), False)

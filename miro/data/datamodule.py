@@ -49,7 +49,7 @@ class DataConfig:
     latent_resolution: int = 256  # which latent moments to read (256 or 512)
     image_size: int | None = None  # pixels: resize (bicubic) to this square size when it differs
     hflip: bool = False  # pixels: random horizontal flip (off for Shapes: "left of" must stay true)
-    text_source: str = "precomputed"  # "precomputed" ({enc}_embeddings.npy) or "on_the_fly" (captions)
+    text_source: str = "precomputed"  # "precomputed" ({enc}_embeddings.npy), "on_the_fly" (captions) or "auto"
     text_encoder: str = "minilm"  # schema name of the embeddings: "flan_t5_xl" or "minilm"
     max_text_len: int = 77  # tokens kept per caption (published max_text_len)
     pad_to_max_text_len: bool = False  # fixed text length (static shapes for torch.compile)
@@ -297,6 +297,9 @@ class MiroDataModule(LightningDataModule):
         self.data = IndexedTarDataset(shards, cfg.index_cache_dir, self.stats)
         if len(self.data) == 0:
             raise ValueError(f"data_dir {cfg.data_dir!r}: no readable samples")
+        if cfg.text_source == "auto":  # precomputed when the shards carry this encoder's embeddings
+            member = schema.text_embedding_name(cfg.text_encoder)
+            cfg.text_source = "precomputed" if member in self.data.entry(0)["members"] else "on_the_fly"
         if cfg.reward_keys and self.bins is None:
             path = Path(cfg.bins_path) if cfg.bins_path else None
             if path is not None and path.exists():

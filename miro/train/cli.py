@@ -1,0 +1,243 @@
+"""``miro train experiment=<name> [key=value ...]``: Hydra-composed, Lightning-run training.
+
+The configs ship as package data (``miro/configs/``); they are composed with Hydra's compose API
+(no working-directory change, no per-rank run folders under DDP), resolved to plain containers,
+and turned into a :class:`~miro.train.module.MiroLightningModule`, a
+:class:`~miro.data.datamodule.MiroDataModule` and a Lightning ``Trainer``. Site values come from
+the environment (``MIRO_DATA_DIR``, ``MIRO_ROOT_DIR``, ...); a ``.env`` file in the working
+directory is read first (variables already set win).
+
+Resume: with ``resume=auto`` (default) a run whose checkpoint folder holds ``last.ckpt``
+continues from it: weights, EMA, optimizer, scheduler, step and the exact data position.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+HELP = """usage: miro train experiment=<name> [key=value ...] [--print-config] [--dry-run]
+
+Train a MIRO model. Configuration is Hydra's: pick an experiment and override any key.
+
+experiments (published variant in brackets):
+{experiments}
+
+common overrides:
+  data_dir=PATH              folder of enriched *.tar shards (env MIRO_DATA_DIR)
+  root_dir=PATH              output root; checkpoints in ROOT/miro/checkpoints/EXPERIMENT/ (env MIRO_ROOT_DIR)
+  experiment_name=NAME       run name (checkpoint folder)
+  computer=cpu|gpu1|gpu8|slurm_2x8   hardware; computer.devices=N computer.num_nodes=N computer.precision=P
+  trainer.max_steps=N        optimizer steps; data.global_batch_size=N; seed=N
+  resume=auto|null|PATH      continue from last.ckpt (auto), start fresh (null) or from a given .ckpt
+
+options:
+  --print-config             print the composed config and exit
+  --dry-run                  build data, model and trainer, then exit without training
+  -h, --help                 show this help
+"""
+
+
+def load_dotenv(path: str | os.PathLike = ".env") -> dict[str, str]:
+    """Read ``KEY=VALUE`` lines into ``os.environ`` (existing variables win). Returns what was set."""
+    p = Path(path)
+    if not p.is_file():
+        return {}
+    set_ = {}
+    for line in p.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        key, value = key.strip().removeprefix("export ").strip(), value.strip().strip("'\"")
+        if key and key not in os.environ:
+            os.environ[key] = value
+            set_[key] = value
+    return set_
+
+
+def experiments() -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+
+
+def compose(overrides: list[str]):
+    """The composed (unresolved) OmegaConf config for ``overrides``."""
+    from hydra import compose as h_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return h_compose(config_name="config", overrides=list(overrides))
+
+
+def _deep_update(base: dict, upd: dict) -> dict:
+    for k, v in upd.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = copy.deepcopy(v)
+    return base
+
+
+def model_config(cfg: dict) -> dict:
+    """The pipeline config dict: named model config + overrides + the experiment's reward keys."""
+    from miro.models import get_config
+
+    mc = _deep_update(get_config(cfg["model"]["name"]), dict(cfg["model"].get("overrides") or {}))
+    keys = list(cfg["rewards"]["keys"])
+    mc["network"]["coherence_keys"] = keys
+    mc["coherence_keys"] = keys
+    if cfg["data"].get("max_text_len"):
+        mc["max_text_len"] = int(cfg["data"]["max_text_len"])
+    return mc
+
+
+def per_rank_batch(cfg: dict) -> int:
+    c = cfg["computer"]
+    world = int(c["devices"]) * int(c["num_nodes"])
+    accum = int(cfg["trainer"].get("accumulate_grad_batches", 1))
+    gbs = int(cfg["data"]["global_batch_size"])
+    if gbs % (world * accum):
+        raise ValueError(f"data.global_batch_size={gbs} is not divisible by devices x nodes x accumulation "
+                         f"= {world} x {accum}")
+    return gbs // (world * accum)
+
+
+def build(cfg: dict):
+    """(module, datamodule, trainer, ckpt_path) from a resolved config dict."""
+    import torch
+    from lightning.pytorch import Trainer
+
+    from miro.data.datamodule import DataConfig, MiroDataModule
+    from miro.train.callbacks import NonFiniteGuard, TestbedImageLogger, Throughput, checkpoint_callback
+    from miro.train.module import MiroLightningModule
+
+    comp = cfg["computer"]
+    if comp.get("threads"):
+        torch.set_num_threads(int(comp["threads"]))
+    ckpt_dir = Path(cfg["checkpoint_dir"])
+    mc = model_config(cfg)
+    d = dict(cfg["data"])
+    d.pop("global_batch_size", None)
+    dcfg = DataConfig(data_dir=str(cfg["data_dir"]), reward_keys=list(cfg["rewards"]["keys"]),
+                      num_bins=int(cfg["rewards"]["num_bins"]), bins_sample_size=int(cfg["rewards"]["bins_sample_size"]),
+                      bins_path=str(ckpt_dir / "reward_bins.json"), batch_size=per_rank_batch(cfg),
+                      seed=int(cfg["seed"]), **d)
+    dm = MiroDataModule(dcfg)
+    dm.prepare()
+    from miro.encoders import load_text_encoder
+
+    # Needed for the null-text embedding (text dropout, CFG) and for on-the-fly captions.
+    text_encoder = load_text_encoder(mc.get("text_encoder", "minilm"), max_length=int(mc.get("max_text_len", 77)))
+    hparams = {
+        "model_config": mc,
+        "loss": dict(cfg["loss"]),
+        "optimizer": dict(cfg["optimizer"]),
+        "scheduler": dict(cfg["scheduler"]),
+        "ema_decays": list(cfg["ema_decays"]),
+        "seed": int(cfg["seed"]),
+        "compile": bool(cfg.get("compile", False)),
+        "experiment_name": cfg["experiment_name"],
+        "variant_name": cfg.get("variant_name"),
+        "data": {k: v for k, v in dcfg.__dict__.items()},
+    }
+    module = MiroLightningModule(hparams, uncond_embedding=text_encoder.uncond_embedding().cpu())
+    object.__setattr__(module, "_text_encoder", text_encoder)
+    callbacks = [checkpoint_callback(str(ckpt_dir), cfg["checkpoint"]["every_n_steps"],
+                                     cfg["checkpoint"].get("keep_periodic", True)),
+                 NonFiniteGuard(cfg["nonfinite"]["max_consecutive"]), Throughput()]
+    il = cfg.get("image_logger") or {}
+    if il.get("enabled"):
+        from miro.train.testbed import load_testbed
+
+        prompts, embs = load_testbed(il["testbed"], il.get("embeddings_dir"), mc.get("text_encoder", "minilm"))
+        callbacks.append(TestbedImageLogger(prompts, str(ckpt_dir / "images"), il["every_n_steps"], il["num_steps"],
+                                            il["guidance_scale"], int(cfg["seed"]), il["max_prompts"], embs,
+                                            list(il.get("score_rewards") or [])))
+    logger = _logger(cfg["logger"], ckpt_dir)
+    strategy = comp["strategy"]
+    if strategy == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        # static_graph: flow_loss has the same autograd graph every step (self-conditioning pass is
+        # always run under no_grad and masked), which is what static_graph + grad accumulation need.
+        strategy = DDPStrategy(static_graph=True, gradient_as_bucket_view=True, bucket_cap_mb=200)
+    tr = cfg["trainer"]
+    trainer = Trainer(accelerator=comp["accelerator"], devices=comp["devices"], num_nodes=comp["num_nodes"],
+                      precision=comp["precision"], strategy=strategy, max_steps=int(tr["max_steps"]),
+                      accumulate_grad_batches=int(tr.get("accumulate_grad_batches", 1)),
+                      gradient_clip_val=tr.get("gradient_clip_val"), log_every_n_steps=int(tr["log_every_n_steps"]),
+                      callbacks=callbacks, logger=logger, use_distributed_sampler=False, default_root_dir=str(ckpt_dir),
+                      enable_progress_bar=bool(tr.get("progress_bar", True)), limit_val_batches=0,
+                      num_sanity_val_steps=0)
+    ckpt = _resume_path(cfg.get("resume"), ckpt_dir)
+    return module, dm, trainer, ckpt
+
+
+def _logger(name, ckpt_dir: Path):
+    if name in (None, "none", False):
+        return False
+    if name == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(str(ckpt_dir), name="logs", version="")
+    if name == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(str(ckpt_dir), name="tb", version="")
+    raise ValueError(f"logger must be csv, tensorboard or none; got {name!r}")
+
+
+def _resume_path(resume, ckpt_dir: Path) -> str | None:
+    if resume in (None, "null", "none", False):
+        return None
+    if resume == "auto":
+        last = ckpt_dir / "last.ckpt"
+        return str(last) if last.exists() else None
+    p = Path(str(resume))
+    if not p.is_file():
+        raise ValueError(f"resume={resume!r}: no such checkpoint file")
+    return str(p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        lines = []
+        for name in experiments():
+            from omegaconf import OmegaConf
+
+            raw = OmegaConf.load(CONFIG_DIR / "experiment" / f"{name}.yaml")
+            v = raw.get("variant_name")
+            lines.append(f"  {name}" + (f"  [{v}]" if v else ""))
+        print(HELP.format(experiments="\n".join(lines)))
+        return 0
+    p = argparse.ArgumentParser(prog="miro train", add_help=False)
+    p.add_argument("--print-config", action="store_true")
+    p.add_argument("--dry-run", action="store_true")
+    args, overrides = p.parse_known_args(argv)
+    bad = [o for o in overrides if o.startswith("--")]
+    if bad:
+        print(f"miro train: unknown option(s) {bad}; see --help", file=sys.stderr)
+        return 2
+    load_dotenv()
+    from omegaconf import OmegaConf
+
+    cfg = compose(overrides)
+    if args.print_config:
+        print(OmegaConf.to_yaml(cfg, resolve=True))
+        return 0
+    cfg = OmegaConf.to_container(cfg, resolve=True)
+    module, dm, trainer, ckpt = build(cfg)
+    if args.dry_run:
+        print(f"dry run: {len(dm.data)} samples, {sum(p.numel() for p in module.model.parameters()):,} parameters, "
+              f"resume from {ckpt}")
+        return 0
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    return 0

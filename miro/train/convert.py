@@ -1,0 +1,114 @@
+"""``miro convert CKPT OUT_DIR``: a Lightning training checkpoint -> a pipeline folder.
+
+The folder is the published layout (``config.json``, ``model.safetensors`` with the
+``network.`` / ``preconditioning.`` / ``data_preprocessing.`` / ``postprocessing.`` prefixes,
+``uncond_embedding.npy``) plus ``reward_bins.json``, so ``MiroPipeline.from_pretrained(OUT_DIR)``
+loads it. The exported weights are the EMA weights (the released checkpoints are the fp32 EMA,
+miro_facts §6); ``--ema-index`` picks another decay, ``--raw`` the raw training weights.
+
+The checkpoint is read with ``torch.load(weights_only=True)``: its hyper-parameters are plain
+containers, so no code from the file is ever executed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """A Lightning checkpoint dict, loaded safely (tensors and plain containers only)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"checkpoint {str(path)!r} does not exist")
+    return torch.load(p, map_location="cpu", weights_only=True)
+
+
+def _ema_prefixes(state: dict) -> list[str]:
+    names = sorted({k.split(".")[1] for k in state if k.startswith("ema.ema_")})
+    return names
+
+
+def pipeline_from_checkpoint(path: str | os.PathLike, ema_index: int | None = 0, text_encoder=None,
+                             autoencoder=None, device: str | torch.device = "cpu"):
+    """Build a :class:`miro.pipeline.MiroPipeline` from a training checkpoint.
+
+    ``ema_index``: which EMA decay (0 = the first configured, the exported default); None uses the
+    raw training weights. ``text_encoder`` / ``autoencoder`` override the config's specs.
+    """
+    from miro.models import MiroModel
+    from miro.pipeline import MiroPipeline
+    from miro.rewards.binning import RewardBins
+
+    ckpt = load_checkpoint(path)
+    hp = ckpt.get("hyper_parameters") or {}
+    extra = ckpt.get("miro") or {}
+    config = dict(extra.get("model_config") or hp.get("model_config") or {})
+    if "network" not in config:
+        raise ValueError(f"{path}: no model_config in the checkpoint; was it written by `miro train`?")
+    state = ckpt["state_dict"]
+    if ema_index is None:
+        prefix = "model."
+    else:
+        decays = extra.get("ema_decays") or hp.get("ema_decays") or []
+        from miro.train.ema import _suffix
+
+        names = [f"ema_{_suffix(float(d))}" for d in decays] or _ema_prefixes(state)
+        if not 0 <= ema_index < len(names):
+            raise ValueError(f"ema_index={ema_index} out of range: the checkpoint has EMA decays {decays}")
+        prefix = f"ema.{names[ema_index]}."
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not weights:
+        raise ValueError(f"{path}: no tensors under {prefix!r}")
+    model = MiroModel.from_config(config)
+    model.load_state_dict_checked(weights)
+    uncond = state.get("uncond_embedding")
+    if uncond is None:
+        raise ValueError(f"{path}: the checkpoint has no uncond_embedding")
+    bins = extra.get("reward_bins")
+    if bins is None:
+        dm = next((v for k, v in ckpt.items() if k.endswith("DataModule") and isinstance(v, dict)), None)
+        bins = (dm or {}).get("bins")
+    bins = RewardBins.from_dict(bins) if bins else None
+    pipe = MiroPipeline(model, text_encoder if text_encoder is not None else config.get("text_encoder", "minilm"),
+                        autoencoder if autoencoder is not None else config.get("autoencoder", "identity"),
+                        config, uncond, reward_bins=bins)
+    pipe.source = str(path)
+    return pipe.to(device)
+
+
+def convert(ckpt: str | os.PathLike, out_dir: str | os.PathLike, variant_name: str | None = None,
+            ema_index: int | None = 0, push_to_hub: str | None = None, text_encoder=None,
+            autoencoder=None) -> Path:
+    """Write the pipeline folder (``out_dir/variant_name`` when given); optionally upload it."""
+    pipe = pipeline_from_checkpoint(ckpt, ema_index, text_encoder, autoencoder)
+    out = pipe.save_pretrained(out_dir, variant=variant_name)
+    if push_to_hub:
+        url = pipe.push_to_hub(push_to_hub, variant=variant_name)
+        print(f"uploaded to {url}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="miro convert",
+                                description="Convert a Lightning training checkpoint into a pipeline folder "
+                                            "(EMA weights, config, uncond embedding, reward bins).")
+    p.add_argument("ckpt", help="a .ckpt written by `miro train` (e.g. .../checkpoints/NAME/last.ckpt)")
+    p.add_argument("out_dir", help="output folder (published pipeline layout)")
+    p.add_argument("--variant-name", default=None,
+                   help="write into OUT_DIR/NAME (a published variant name such as miro-no-clip)")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO", help="also upload to this hub repo")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--ema-index", type=int, default=0, help="which EMA decay to export (0 = first configured)")
+    g.add_argument("--raw", action="store_true", help="export the raw training weights instead of the EMA")
+    p.add_argument("--text-encoder", default=None, help="override the text encoder spec in config.json")
+    p.add_argument("--autoencoder", default=None, help="override the autoencoder spec in config.json")
+    args = p.parse_args(argv)
+    variant = args.variant_name
+    out = convert(args.ckpt, args.out_dir, variant, None if args.raw else args.ema_index, args.push_to_hub,
+                  args.text_encoder, args.autoencoder)
+    print(f"wrote {out}")
+    return 0

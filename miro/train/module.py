@@ -1,0 +1,173 @@
+"""The MIRO LightningModule: flow loss, EMA, LAMB/AdamW + warmup-cosine, reproducible randomness.
+
+Hyper-parameters are one plain dict (``save_hyperparameters``), so checkpoints load with
+``torch.load(weights_only=True)``:
+
+* ``model_config`` — the pipeline ``config.json`` dict (``miro.models.get_config(name)`` with
+  the experiment's ``coherence_keys``);
+* ``loss`` — :class:`miro.models.flow.LossConfig` fields;
+* ``optimizer`` / ``scheduler`` — :class:`~miro.train.optim.OptimizerConfig` /
+  :class:`~miro.train.optim.SchedulerConfig` fields;
+* ``ema_decays`` (list, first = exported), ``seed``, ``compile`` (torch.compile the model).
+
+Randomness: every micro-batch draws its time, noise, dropout and VAE-sampling randomness from a
+``torch.Generator`` seeded with (seed, rank, micro-step), so a resumed run repeats exactly the
+draws of an uninterrupted one without saving any RNG state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+
+import torch
+from lightning.pytorch import LightningModule
+
+from miro.models import LossConfig, MiroModel, flow_loss
+from miro.train.ema import EMA
+from miro.train.optim import OptimizerConfig, SchedulerConfig, WarmupCosineDecayLR, build_optimizer
+
+
+def _dataclass_from(cls, d: dict | None, section: str):
+    d = dict(d or {})
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {section} keys {unknown}; allowed: {sorted(names)}")
+    if "betas" in d:
+        d["betas"] = tuple(d["betas"])
+    return cls(**d)
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """A 63-bit seed that is a pure function of (seed, rank, micro-step)."""
+    h = (int(seed) * 0x9E3779B97F4A7C15 + int(rank) * 0xBF58476D1CE4E5B9 + int(step) * 0x94D049BB133111EB)
+    return h % (2**63 - 1)
+
+
+class MiroLightningModule(LightningModule):
+    """Trains a :class:`miro.models.MiroModel` with the published flow-matching loss."""
+
+    def __init__(self, hparams: dict, uncond_embedding: torch.Tensor | None = None, init_seed: int | None = None):
+        super().__init__()
+        self.save_hyperparameters(dict(hparams))
+        hp = self.hparams
+        if "model_config" not in hp:
+            raise ValueError("hparams need 'model_config' (a pipeline config.json dict)")
+        self.loss_config = _dataclass_from(LossConfig, hp.get("loss"), "loss")
+        self.optimizer_config = _dataclass_from(OptimizerConfig, hp.get("optimizer"), "optimizer")
+        self.scheduler_config = _dataclass_from(SchedulerConfig, hp.get("scheduler"), "scheduler")
+        seed = int(hp.get("seed", 0))
+        g = torch.Generator().manual_seed(seed if init_seed is None else init_seed)
+        self.model = MiroModel.from_config(dict(hp["model_config"]), generator=g)
+        self.ema = EMA(self.model, list(hp.get("ema_decays", [0.9999])))
+        if uncond_embedding is None:
+            uncond_embedding = torch.zeros(1, self.model.network.label_dim)
+        # The null-text embedding used for text dropout and CFG; saved with the weights so that
+        # `miro convert` can export it as uncond_embedding.npy.
+        self.register_buffer("uncond_embedding", uncond_embedding.detach().float().clone())
+        self.micro_step = 0  # micro-batches trained (saved in checkpoints)
+        self.samples_seen = 0  # samples of this rank trained on
+        self.corrupt_seen = 0  # samples the data pipeline replaced because they were corrupt
+        self.reward_bins: dict | None = None  # RewardBins.to_dict(), saved in checkpoints
+        self._text_encoder = None
+        self._compiled = None
+
+    # ------------------------------------------------------------------ model access
+    @property
+    def train_model(self) -> torch.nn.Module:
+        """The model used for the loss (compiled when ``compile`` is set; weights shared)."""
+        if self.hparams.get("compile", False):
+            if self._compiled is None:
+                # fullgraph as published (miro_facts §4); kept out of the module tree so state_dict
+                # names do not change.
+                object.__setattr__(self, "_compiled", torch.compile(self.model, fullgraph=True))
+            return self._compiled
+        return self.model
+
+    def ema_model(self, index: int = 0) -> MiroModel:
+        return self.ema.model(index)
+
+    def text_encoder(self):
+        """Frozen text encoder for on-the-fly captions (loaded lazily, never trained or saved)."""
+        if self._text_encoder is None:
+            from miro.encoders import load_text_encoder
+
+            cfg = self.hparams["model_config"]
+            enc = load_text_encoder(cfg.get("text_encoder", "minilm"), max_length=int(cfg.get("max_text_len", 77)),
+                                    device=self.device)
+            object.__setattr__(self, "_text_encoder", enc)
+        return self._text_encoder
+
+    # ------------------------------------------------------------------ training
+    def _text(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if "text_emb" in batch:
+            return batch["text_emb"].float(), batch["text_mask"].bool()
+        with torch.no_grad():
+            emb, mask = self.text_encoder().encode(list(batch["captions"]))
+        return emb.to(self.device).float(), mask.to(self.device).bool()
+
+    def compute_loss(self, batch: dict, generator: torch.Generator | None = None):
+        """The flow loss of one batch (used by training and by tests)."""
+        if "image" in batch:
+            x0 = self.model.preprocess(batch["image"].float())
+        else:
+            x0 = self.model.preprocess(batch["latent_mean"].float(), batch["latent_std"].float(), generator=generator)
+        emb, mask = self._text(batch)
+        rewards = batch.get("rewards", {})
+        b = x0.shape[0]
+        coherence = {}
+        for k in self.model.coherence_keys:
+            v = rewards.get(k)
+            coherence[k] = v.float() if v is not None else torch.full((b,), math.nan, device=x0.device)
+        return flow_loss(self.train_model, x0, emb, mask, coherence, self.uncond_embedding, self.loss_config, generator)
+
+    def training_step(self, batch: dict, batch_idx: int):
+        g = torch.Generator(device=self.device).manual_seed(step_seed(self.hparams.get("seed", 0), self.global_rank,
+                                                                       self.micro_step))
+        loss, logs = self.compute_loss(batch, g)
+        self.micro_step += 1
+        b = int(batch["synthetic"].shape[0]) if "synthetic" in batch else 0
+        self.samples_seen += b
+        self.corrupt_seen += int(batch.get("n_corrupt", 0))
+        self.log("train/loss", loss.detach(), prog_bar=True)
+        for k, v in logs.items():
+            self.log(f"train/{k}", v)
+        if "synthetic" in batch:
+            self.log("train/synthetic_frac", batch["synthetic"].float().mean())
+        self.log("train/samples_seen", float(self.samples_seen * self.trainer.world_size))
+        self.log("train/corrupt_samples", float(self.corrupt_seen))
+        return loss
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        self.ema.update(self.model)
+
+    def configure_optimizers(self):
+        opt = build_optimizer(self.model, self.optimizer_config)
+        sc = self.scheduler_config
+        sch = WarmupCosineDecayLR(opt, sc.warmup_steps, sc.total_steps, sc.rate)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sch, "interval": "step", "frequency": 1}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        bins = getattr(dm, "bins", None)
+        if bins is not None:
+            self.reward_bins = bins.to_dict()
+        checkpoint["miro"] = {
+            "micro_step": int(self.micro_step),
+            "samples_seen": int(self.samples_seen),
+            "corrupt_seen": int(self.corrupt_seen),
+            "reward_bins": self.reward_bins,
+            "model_config": dict(self.hparams["model_config"]),
+            "ema_decays": [float(d) for d in self.ema.decays],
+            "variant_name": self.hparams.get("variant_name"),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("miro", {})
+        self.micro_step = int(state.get("micro_step", 0))
+        self.samples_seen = int(state.get("samples_seen", 0))
+        self.corrupt_seen = int(state.get("corrupt_seen", 0))
+        self.reward_bins = state.get("reward_bins")

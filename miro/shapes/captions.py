@@ -14,8 +14,8 @@ Grammar (lower case, punctuation ignored)::
     relation := "left of" | "to the left of" | "right of" | "to the right of" | "above" | "below" | ...
     groups   := group {("and" | "," | "with" | "together with") group}
 
-Canonical metadata (what :func:`canonical` returns and the parser produces): a clause with
-``count >= 2`` gets an ``exclude`` clause with ``count + 1`` (the prompt means exactly N, as in
+Canonical metadata (what :func:`canonical` returns and the parser produces): a class with a
+clause of ``count >= 2`` gets an ``exclude`` clause with its total count + 1 (the prompt means exactly N, as in
 GenEval's counting prompts); the tag follows from the structure (:func:`infer_tag`).
 """
 
@@ -64,7 +64,11 @@ def canonical(metadata: dict) -> dict:
     """Metadata with the tag inferred and ``exclude`` = exactly-N clauses for counts >= 2."""
     include = [dict(c) for c in metadata["include"]]
     out = {"tag": infer_tag(include), "include": include}
-    ex = [{"class": c["class"], "count": c["count"] + 1} for c in include if c["count"] >= 2]
+    totals: dict[str, int] = {}
+    for c in include:
+        totals[c["class"]] = totals.get(c["class"], 0) + c["count"]
+    # exclude counts every object of the class, so it is one more than the class's total
+    ex = [{"class": k, "count": totals[k] + 1} for k in totals if any(c["class"] == k and c["count"] >= 2 for c in include)]
     if ex:
         out["exclude"] = ex
     if "prompt" in metadata:

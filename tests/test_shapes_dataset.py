@@ -1,0 +1,103 @@
+"""Web-like samples and the make-dataset writer: records, round trip, determinism, resume."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import fields
+
+import pytest
+
+from miro.data.schema import decode_sample, iter_raw_samples, list_shards, synthetic_reward_key
+from miro.shapes.captions import parse_caption
+from miro.shapes.cli import main as shapes_main
+from miro.shapes.dataset import DatasetConfig, make_dataset
+from miro.shapes.imperfections import CAPTION_DEFECTS, IMAGE_DEFECTS, ImperfectionRates, make_sample
+from miro.shapes.rewards import REWARD_KEYS, score_all
+
+
+def _md5s(folder):
+    return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in list_shards(folder)}
+
+
+def test_rates_parsing():
+    r = ImperfectionRates.from_strings(["all=0", "blur=0.5"])
+    assert r.blur == 0.5 and r.noise == 0.0
+    with pytest.raises(ValueError, match="unknown imperfection"):
+        ImperfectionRates.from_strings(["blurr=0.1"])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        ImperfectionRates.from_strings(["noise=1.5"])
+    with pytest.raises(ValueError, match="NAME=RATE"):
+        ImperfectionRates.from_strings(["noise"])
+
+
+def test_samples_are_deterministic_and_clean_when_rates_are_zero():
+    a, b = make_sample(5, 17), make_sample(5, 17)
+    assert a.image.tobytes() == b.image.tobytes() and a.caption == b.caption and a.imperfections == b.imperfections
+    assert make_sample(5, 18).image.tobytes() != a.image.tobytes()
+    for i in range(20):
+        s = make_sample(0, i, ImperfectionRates.none())
+        assert s.imperfections == {} and s.metadata["include"] == s.true_metadata["include"]
+        v = score_all([s.image], [s.caption])
+        assert float(v["shapes_alignment"][0]) == 1.0 and float(v["shapes_counting"][0]) == 1.0
+
+
+@pytest.mark.parametrize("name", [f.name for f in fields(ImperfectionRates)])
+def test_each_imperfection_is_recorded_and_applied(name):
+    rates = ImperfectionRates.only(name)
+    applied = [make_sample(1, i, rates) for i in range(12)]
+    hits = [s for s in applied if name in s.imperfections]
+    assert hits, name  # applies to at least some of the samples (some need a relation or 2 clauses)
+    for s in hits:
+        assert set(s.imperfections) == {name}
+        if name in CAPTION_DEFECTS:
+            assert s.metadata["include"] != s.true_metadata["include"]
+            assert parse_caption(s.caption)["include"] == s.metadata["include"]
+    if name in CAPTION_DEFECTS:  # the wrong caption is less aligned than the synthetic one
+        o = score_all([s.image for s in hits], [s.caption for s in hits])["shapes_alignment"]
+        syn = score_all([s.image for s in hits], [s.synthetic["prompt"] for s in hits])["shapes_alignment"]
+        assert float(o.mean()) < float(syn.mean())
+    if name in IMAGE_DEFECTS:  # same scene and caption as the clean sample, another image
+        i = applied.index(hits[0])
+        clean = make_sample(1, i, ImperfectionRates.none())
+        assert hits[0].caption == clean.caption and hits[0].image.tobytes() != clean.image.tobytes()
+
+
+def test_shard_round_trip_determinism_and_resume(tmp_path):
+    cfg = DatasetConfig(num_samples=11, shard_size=4, seed=3)
+    res = make_dataset(tmp_path / "a", cfg, progress=False)
+    assert res == {"shards": 3, "written": 3, "skipped": 0, "samples": 11}
+    shards = list_shards(tmp_path / "a")
+    assert [p.name for p in shards] == ["shapes-000000.tar", "shapes-000001.tar", "shapes-000002.tar"]
+    samples = [decode_sample(r) for p in shards for r in iter_raw_samples(p)]
+    assert [s["__key__"] for s in samples] == [f"{i:09d}" for i in range(11)]
+    for i, s in enumerate(samples):
+        ref = make_sample(3, i)
+        assert s["txt"] == ref.caption and s["png"].size == (32, 32)
+        assert s["png"].tobytes() == ref.image.tobytes()  # PNG is lossless
+        meta = s["json"]
+        assert meta["synthetic_caption"] == ref.synthetic["prompt"] and meta["short_synthetic_caption"] == ref.short_synthetic["prompt"]
+        assert meta["imperfections"] == ref.imperfections and meta["scene"] == ref.scene.to_dict()
+        both = score_all([ref.image, ref.image], [ref.caption, ref.synthetic["prompt"]])
+        for k in REWARD_KEYS:
+            assert meta[k] == pytest.approx(float(both[k][0])) and meta[synthetic_reward_key(k)] == pytest.approx(float(both[k][1]))
+            assert 0.0 <= meta[k] <= 1.0
+    # same arguments, same bytes (a second folder, through the CLI)
+    rc = shapes_main(["make-dataset", "--out", str(tmp_path / "b"), "--num-samples", "11", "--shard-size", "4", "--seed", "3", "--no-progress"])
+    assert rc == 0 and _md5s(tmp_path / "a") == _md5s(tmp_path / "b")
+    # resume: complete shards are skipped, a truncated one is rewritten to the same bytes
+    before = _md5s(tmp_path / "a")
+    data = shards[1].read_bytes()
+    shards[1].write_bytes(data[: len(data) // 2])
+    res = make_dataset(tmp_path / "a", cfg, progress=False)
+    assert res["written"] == 1 and res["skipped"] == 2 and _md5s(tmp_path / "a") == before
+    # other arguments in the same folder are refused
+    with pytest.raises(ValueError, match="other arguments"):
+        make_dataset(tmp_path / "a", DatasetConfig(num_samples=11, shard_size=4, seed=4), progress=False)
+    assert shapes_main(["make-dataset", "--out", str(tmp_path / "a"), "--num-samples", "11", "--shard-size", "4", "--seed", "4", "--no-progress"]) == 2
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="num_samples"):
+        DatasetConfig(num_samples=0)
+    with pytest.raises(ValueError, match="resolution"):
+        DatasetConfig(num_samples=1, resolution=128)

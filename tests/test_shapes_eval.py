@@ -1,0 +1,133 @@
+"""ShapesEval: the prompt set, eval-generate through the pipeline call API, eval-score."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from miro.eval.geneval_rules import GENEVAL_TAGS
+from miro.shapes import world as W
+from miro.shapes.captions import parse_caption
+from miro.shapes.cli import main as shapes_main
+from miro.shapes.eval import (
+    CATEGORY_SIZES,
+    GroundTruthPipeline,
+    build_prompt_set,
+    eval_generate,
+    evaluation_metadata,
+    render_prompt,
+    score_folder,
+)
+
+
+def test_prompt_set():
+    lines = evaluation_metadata()
+    assert lines == build_prompt_set()  # the shipped file is the generator's output
+    assert len(lines) >= 300
+    assert Counter(m["tag"] for m in lines) == CATEGORY_SIZES and set(CATEGORY_SIZES) == set(GENEVAL_TAGS)
+    for m in lines:
+        got = parse_caption(m["prompt"])
+        assert got["include"] == m["include"] and got.get("exclude") == m.get("exclude") and got["tag"] == m["tag"]
+    assert {m["include"][1]["position"][0] for m in lines if m["tag"] == "position"} == set(W.RELATIONS)
+
+
+class ColorSwapPipeline(GroundTruthPipeline):
+    """Renders the truth with every colour replaced: counting/objects right, colours wrong."""
+
+    def __call__(self, prompt, **kw):
+        swap = {c: W.COLORS[(i + 1) % len(W.COLORS)] for i, c in enumerate(W.COLORS)}
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        out = []
+        for p in prompts:
+            for c, d in swap.items():
+                p = p.replace(f" {c} ", f" {d.upper()} ")
+            out.append(p.lower())
+        return super().__call__(out, **kw)
+
+
+class SwapRelationPipeline(GroundTruthPipeline):
+    def __call__(self, prompt, **kw):
+        pairs = {" left of ": " right of ", " right of ": " left of ", " above ": " below ", " below ": " above "}
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        fixed = []
+        for p in prompts:
+            for a, b in pairs.items():
+                if a in p:
+                    p = p.replace(a, b)
+                    break
+            fixed.append(p)
+        return super().__call__(fixed, **kw)
+
+
+def _subset(tmp_path, pipe, name, per_tag=3, n=2):
+    """Generate the first `per_tag` prompts of every category through a stand-in pipeline."""
+    lines = evaluation_metadata()
+    picks = []
+    for tag in GENEVAL_TAGS:
+        picks += [m for m in lines if m["tag"] == tag][:per_tag]
+    from miro.eval.generate import GenerateConfig, generate_folder
+    from miro.eval.prompts import PromptItem
+
+    out = tmp_path / name
+    generate_folder(pipe, [PromptItem(m["prompt"], m) for m in picks], out, GenerateConfig(model=name, n_samples=n), progress=False)
+    return out
+
+
+def test_ground_truth_scores_one_and_mismatches_fail_where_expected(tmp_path, capsys):
+    gt = _subset(tmp_path, GroundTruthPipeline(), "gt")
+    assert (gt / "00000" / "metadata.jsonl").is_file() and (gt / "00017" / "samples" / "0001.png").is_file()
+    s = score_folder(gt, progress=False)
+    assert s["overall"] == 1.0 and s["images"] == 36
+    results = [json.loads(ln) for ln in (gt / "results.jsonl").read_text().splitlines()]
+    assert len(results) == 36 and set(results[0]) == {"filename", "tag", "prompt", "correct", "reason", "metadata", "details"}
+    assert results[0]["filename"] == "00000/samples/0000.png"
+
+    col = score_folder(_subset(tmp_path, ColorSwapPipeline(), "col"), progress=False)["tags"]
+    assert col["colors"]["accuracy"] == 0.0 and col["color_attr"]["accuracy"] == 0.0
+    assert all(col[t]["accuracy"] == 1.0 for t in ("single_object", "two_object", "counting", "position"))
+
+    rel = score_folder(_subset(tmp_path, SwapRelationPipeline(), "rel"), progress=False)["tags"]
+    assert rel["position"]["accuracy"] == 0.0
+    assert all(rel[t]["accuracy"] == 1.0 for t in GENEVAL_TAGS if t != "position")
+
+    # the CLI prints GenEval's summary and ends with the overall score
+    rc = shapes_main(["eval-score", str(gt), "--options", "threshold=0.5", "--no-progress"])
+    assert rc == 0 and capsys.readouterr().out.strip().splitlines()[-1] == "overall: 1.00000"
+
+
+def test_eval_generate_resumes_and_uses_seed_rule(tmp_path, capsys):
+    out = tmp_path / "run"
+    res = eval_generate(GroundTruthPipeline(), out, n_samples=2, limit=5, progress=False)
+    assert res["generated"] == 10
+    first = (out / "00003" / "samples" / "0001.png").read_bytes()
+    (out / "00003" / "samples" / "0001.png").unlink()
+    res = eval_generate(GroundTruthPipeline(), out, n_samples=2, limit=5, progress=False)
+    assert res["generated"] == 1 and (out / "00003" / "samples" / "0001.png").read_bytes() == first
+    # sample j of prompt i is the render of seed 0 + 1000*i + j (one draw from that generator)
+    import torch
+
+    seed = int(GroundTruthPipeline().prepare_noise(1, torch.Generator().manual_seed(3001))[0])
+    from PIL import Image
+
+    md = evaluation_metadata()[3]
+    assert Image.open(out / "00003" / "samples" / "0001.png").tobytes() == render_prompt(md["prompt"], seed).tobytes()
+    # the CLI: ground-truth model, then score
+    rc = shapes_main(["eval-generate", "--model", "ground-truth", "--outdir", str(tmp_path / "cli"), "--n-samples", "1", "--limit", "4"])
+    assert rc == 0
+    assert shapes_main(["eval-score", str(tmp_path / "cli"), "--no-progress"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("overall: 1.0")
+
+
+def test_cli_render_detect_and_errors(tmp_path, capsys):
+    png = tmp_path / "r.png"
+    assert shapes_main(["render", "two red circles above a blue square", "--out", str(png)]) == 0
+    capsys.readouterr()
+    assert shapes_main(["detect", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("red circle") == 2 and out.count("blue square") == 1
+    assert shapes_main(["render", "a photo of a cat", "--out", str(png)]) == 2
+    assert shapes_main(["eval-score", str(tmp_path / "missing")]) == 2
+    with pytest.raises(SystemExit):
+        shapes_main(["--help"])

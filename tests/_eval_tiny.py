@@ -38,7 +38,7 @@ def save_tiny_mask2former(path, seed: int = 0, size: int = 64) -> Path:
                       window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
     cfg = Mask2FormerConfig(backbone_config=swin, hidden_dim=32, mask_feature_size=32, feature_size=32,
                             encoder_feedforward_dim=64, dim_feedforward=64, encoder_layers=1, decoder_layers=2,
-                            num_attention_heads=2, num_queries=12, num_labels=80, common_stride=4,
+                            num_attention_heads=2, num_queries=6, num_labels=80, common_stride=4,
                             id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

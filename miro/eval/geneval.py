@@ -212,6 +212,8 @@ class GenEvalLike:
             detector = ShapesWorldDetector() if c.detector == "shapes" else Mask2FormerDetector(
                 c.detector, c.device, c.local_files_only)
         self.detector = detector
+        self._color = color_classifier
+        self._color_spec = (c.clip_model, c.device, c.local_files_only)
 
     @property
     def benchmark(self) -> str:
@@ -221,8 +223,6 @@ class GenEvalLike:
     def backends(self) -> dict:
         det = getattr(self.detector, "name", self.config.detector)
         return {"detector": det, "clip_model": None if det == "shapes" else self.config.clip_model}
-        self._color = color_classifier
-        self._color_spec = (c.clip_model, c.device, c.local_files_only)
 
     @property
     def color_classifier(self) -> CLIPColorClassifier:

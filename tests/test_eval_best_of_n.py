@@ -1,0 +1,113 @@
+"""Best-of-N: exact subset expectation, prefix curves, best-candidate folders; sweep statistics."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from miro.eval import best_of_n as B
+from miro.eval import sweep as S
+from miro.eval.folder import read_folder, read_jsonl
+
+
+def brute_force(select, value, n):
+    """Mean over all n-subsets of the value of the argmax-select candidate (ties: higher index)."""
+    picks = []
+    for sub in itertools.combinations(range(len(select)), n):
+        best = max(sub, key=lambda k: (select[k], k))
+        picks.append(value[best])
+    return float(np.mean(picks))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_expected_best_matches_enumeration(seed):
+    rng = np.random.default_rng(seed)
+    N = 7
+    select = rng.integers(0, 4, N).astype(float)  # ties on purpose
+    value = rng.normal(size=N)
+    for n in range(1, N + 1):
+        assert B.expected_best(select, value, n) == pytest.approx(brute_force(select, value, n), abs=1e-12)
+    assert B.expected_best(value, value, 1) == pytest.approx(value.mean())
+    assert B.expected_best(value, value, N) == pytest.approx(value.max())
+    # closed form: 4 values, n = 2 -> (0*1 + 1*2 + 2*3 + 3*4) / C(4, 2)
+    assert B.expected_best([1, 2, 3, 4], [1, 2, 3, 4], 2) == pytest.approx(20 / 6)
+    with pytest.raises(ValueError, match="n must be in"):
+        B.expected_best(select, value, N + 1)
+
+
+def test_prefix_best_and_curve_arithmetic():
+    assert B.prefix_best([3, 1, 5, 2], [30, 10, 50, 20], 2) == 30
+    assert B.prefix_best([3, 1, 5, 2], [30, 10, 50, 20], 4) == 50
+    assert B.default_ns(128) == [1, 2, 4, 8, 16, 32, 64, 128] and B.default_ns(6) == [1, 2, 4, 6]
+    recs = []
+    for i, (sel, val) in enumerate([([1, 3, 2, 0], [0.1, 0.3, 0.2, 0.0]), ([4, 4, 1, 2], [1.0, 2.0, 3.0, 4.0])]):
+        for j in range(4):
+            recs.append({"filename": f"{i:05d}/samples/{j:04d}.png", "index": i, "sample": j, "tag": "t",
+                         "prompt": "p", "sel": float(sel[j]), "val": float(val[j])})
+    c = B.curve(recs, "sel", ["val", "sel"], mode="expected")
+    assert c["n"] == [1, 2, 4] and c["candidates"] == 4 and c["n_prompts"] == 2
+    for k, n in enumerate(c["n"]):
+        expect = np.mean([brute_force([1, 3, 2, 0], [0.1, 0.3, 0.2, 0.0], n), brute_force([4, 4, 1, 2], [1, 2, 3, 4], n)])
+        assert c["values"]["val"][k] == pytest.approx(expect)
+    # selecting by a reward never lowers that reward's curve
+    assert np.all(np.diff(c["values"]["sel"]) >= -1e-12)
+    p = B.curve(recs, "sel", ["val"], ns=[1, 4], mode="prefix")
+    assert p["values"]["val"] == [pytest.approx((0.1 + 1.0) / 2), pytest.approx((0.3 + 2.0) / 2)]
+    with pytest.raises(ValueError, match="only 4 scored candidates"):
+        B.curve(recs, "sel", ns=[8])
+    with pytest.raises(ValueError, match="mode"):
+        B.curve(recs, "sel", mode="max")
+
+
+def test_write_best_folder_copies_the_argmax(tmp_path):
+    src = tmp_path / "cands"
+    recs = []
+    for i in range(2):
+        d = src / f"{i:05d}"
+        (d / "samples").mkdir(parents=True)
+        (d / "metadata.jsonl").write_text(json.dumps({"prompt": f"p{i}", "tag": "t"}) + "\n")
+        for j in range(3):
+            Image.fromarray(np.full((2, 2, 3), 10 * (i * 3 + j), np.uint8)).save(d / "samples" / f"{j:04d}.png")
+            recs.append({"filename": f"{i:05d}/samples/{j:04d}.png", "index": i, "sample": j, "tag": "t",
+                         "prompt": f"p{i}", "r": float((j + i) % 3)})
+    chosen = B.write_best_folder(src, recs, "r", tmp_path / "best")
+    assert chosen[0]["filename"] == "00000/samples/0002.png" and chosen[1]["filename"] == "00001/samples/0001.png"
+    entries = read_folder(tmp_path / "best")
+    assert [len(e.samples) for e in entries] == [1, 1] and entries[1].prompt == "p1"
+    assert np.asarray(Image.open(entries[1].samples[0]))[0, 0, 0] == 10 * (3 + 1)
+    with pytest.raises(ValueError, match="must differ"):
+        B.write_best_folder(src, recs, "r", src)
+
+
+def test_spearman_matches_scipy_with_ties():
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        x = rng.integers(0, 5, 12).astype(float)
+        y = rng.normal(size=12) + x
+        assert S.spearman(x, y) == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
+    assert S.rankdata([3, 1, 3, 2]).tolist() == [3.5, 1.0, 3.5, 2.0]
+    assert S.spearman([0, 1, 2], [5, 7, 9]) == pytest.approx(1.0)
+    assert np.isnan(S.spearman([0, 1, 2], [1, 1, 1]))
+
+
+def test_summarize_sweep_reads_scored_target_folders(tmp_path):
+    targets = [0.0, 0.5, 1.0]
+    for t in targets:
+        d = S.target_dir(tmp_path, t)
+        d.mkdir(parents=True)
+        with open(d / "rewards.jsonl", "w") as f:
+            for i in range(3):
+                f.write(json.dumps({"filename": f"{i:05d}/samples/0000.png", "index": i, "sample": 0, "tag": "t",
+                                    "prompt": "p", "up": t + 0.1 * i, "down": -t}) + "\n")
+    res = S.summarize_sweep(tmp_path, "up", targets)
+    assert res["spearman_means"] == {"down": pytest.approx(-1.0), "up": pytest.approx(1.0)}
+    assert [r["up"]["mean"] for r in res["per_target"]] == [pytest.approx(t + 0.1) for t in targets]
+    assert json.loads((tmp_path / "sweep.json").read_text())["swept"] == "up"
+    with pytest.raises(ValueError, match="targets"):
+        S.summarize_sweep(tmp_path, "up", [0.5])

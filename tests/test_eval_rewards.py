@@ -1,0 +1,125 @@
+"""`miro eval rewards` / `summary`: resumable scoring, corrupt images, summary arithmetic."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from miro.eval import rewards as R
+from miro.eval.folder import JsonlAppender, read_jsonl
+from miro.rewards.base import Scorer, images_to_tensor
+
+
+class MeanScorer(Scorer):
+    """Raw score = 10 x mean pixel value (closed form); normalised = raw / 10."""
+
+    keys = ("mean_score",)
+
+    def __init__(self):
+        self.calls = 0
+
+    def score(self, images, prompts):
+        self.calls += 1
+        return 10 * images_to_tensor(images).mean(dim=(1, 2, 3))
+
+    def normalize(self, raw):
+        return raw / 10
+
+
+class LenScorer(Scorer):
+    keys = ("len_score",)
+
+    def score(self, images, prompts):
+        return torch.tensor([float(len(p)) for p in prompts])
+
+
+def make_folder(root, values, tags=("a", "b"), prompt=None):
+    """values[i][j]: grey level of sample j of prompt i."""
+    for i, row in enumerate(values):
+        d = root / f"{i:05d}"
+        (d / "samples").mkdir(parents=True)
+        (d / "metadata.jsonl").write_text(json.dumps({"prompt": prompt or "p" * (i + 1), "tag": tags[i % len(tags)]}) + "\n")
+        for j, v in enumerate(row):
+            Image.fromarray(np.full((4, 4, 3), v, np.uint8)).save(d / "samples" / f"{j:04d}.png")
+    return root
+
+
+def test_scores_summary_arithmetic_and_resume(tmp_path):
+    vals = [[0, 51], [102, 153], [204, 255]]
+    root = make_folder(tmp_path / "imgs", vals)
+    out = root / "rewards.jsonl"
+    sc = MeanScorer()
+    counts = R.score_folder(root, {"mean": sc}, out, batch_size=4, progress=False)
+    assert counts["scored"] == 6 and counts["corrupt"] == 0
+    recs = read_jsonl(out)
+    assert {r["filename"] for r in recs} == {f"{i:05d}/samples/{j:04d}.png" for i in range(3) for j in range(2)}
+    for r in recs:
+        assert r["mean"] == pytest.approx(10 * vals[r["index"]][r["sample"]] / 255, abs=1e-5)
+        assert r["mean_normalized"] == pytest.approx(r["mean"] / 10, abs=1e-6)
+    s = R.summarize_file(out)
+    flat = np.array([10 * v / 255 for row in vals for v in row])
+    st = s["rewards"]["mean"]
+    assert st["n"] == 6 and st["mean"] == pytest.approx(flat.mean()) and st["std"] == pytest.approx(flat.std())
+    assert st["sem"] == pytest.approx(flat.std(ddof=1) / np.sqrt(6))
+    a = np.array([10 * v / 255 for v in vals[0] + vals[2]])
+    assert st["by_tag"]["a"]["mean"] == pytest.approx(a.mean()) and st["by_tag"]["b"]["n"] == 2
+    assert s["overall"] == pytest.approx(flat.mean() / 10)
+    assert json.loads((root / "rewards_summary.json").read_text())["rewards"]["mean"]["n"] == 6
+    # rerun: nothing to do; adding a scorer appends only its column
+    sc2 = MeanScorer()
+    assert R.score_folder(root, {"mean": sc2}, out, progress=False)["scored"] == 0 and sc2.calls == 0
+    R.score_folder(root, {"mean": sc2, "len": LenScorer()}, out, progress=False)
+    assert sc2.calls == 0
+    merged = R.merge_records(read_jsonl(out))
+    assert all(r["len"] == r["index"] + 1 and "mean" in r for r in merged.values())
+    assert R.summarize(read_jsonl(out))["n_images"] == 6
+
+
+def test_corrupt_images_are_skipped_and_counted_and_torn_lines_dropped(tmp_path):
+    root = make_folder(tmp_path / "imgs", [[10, 20], [30]])
+    (root / "00000" / "samples" / "0001.png").write_bytes(b"\x89PNG not really")
+    out = root / "rewards.jsonl"
+    counts = R.score_folder(root, {"mean": MeanScorer()}, out, progress=False)
+    assert counts["corrupt"] == 1 and counts["scored"] == 2
+    assert counts["corrupt_files"] == ["00000/samples/0001.png"]
+    # a killed writer leaves a torn last line: it is ignored and then overwritten cleanly
+    with open(out, "a") as f:
+        f.write('{"filename": "00001/samp')
+    assert len(read_jsonl(out)) == 2
+    with JsonlAppender(out) as w:
+        w.write({"filename": "x", "mean": 1.0})
+    assert [r["filename"] for r in read_jsonl(out)][-1] == "x" and len(read_jsonl(out)) == 3
+    # a corrupt line in the middle is an error, not silently skipped
+    out.write_text('{"filename": "a"}\n{broken\n{"filename": "b"}\n')
+    with pytest.raises(ValueError, match="corrupt JSON line"):
+        read_jsonl(out)
+
+
+def test_summary_command_prints_overall_last(tmp_path, capsys):
+    from miro.eval.cli import main
+
+    root = make_folder(tmp_path / "imgs", [[0, 255]])
+    R.score_folder(root, {"mean": MeanScorer()}, root / "rewards.jsonl", progress=False)
+    assert main(["summary", str(root / "rewards.jsonl")]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == "overall: 0.50000"
+    assert main(["summary", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_real_shapes_scorers_through_the_cli(tmp_path, capsys):
+    from miro.eval.cli import main
+    from miro.rewards import available
+
+    names = [n for n in available() if n.startswith("shapes_")]
+    if not names:
+        pytest.skip("Shapes rewards not registered")
+    root = make_folder(tmp_path / "imgs", [[120, 130]], prompt="a red circle")
+    assert main(["rewards", str(root), "--scorers", ",".join(names[:2])]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("overall: ") and 0.0 <= float(out[-1].split()[1]) <= 1.0
+    recs = R.merge_records(read_jsonl(root / "rewards.jsonl"))
+    assert all(n in r for r in recs.values() for n in names[:2])

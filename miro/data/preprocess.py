@@ -125,10 +125,11 @@ def load_scorers(names: list[str], kwargs: dict, device: str) -> dict:
 
 
 def _free_models() -> None:
+    """Release the finished stage's models before the next stage loads its own (GPU memory)."""
     import torch
 
-    gc.collect()
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # on CPU reference counting already freed them; gc costs ~1 s
+        gc.collect()
         torch.cuda.empty_cache()
 
 

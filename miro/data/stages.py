@@ -39,6 +39,10 @@ SYNTHETIC_CAPTION = {
     "hpsv2_score": "short",
     "sciscore_score": "short",
     "aesthetic_score": "copy",
+    # Shapes world (miro/shapes/rewards.py): the image-only rewards, copied as the Shapes dataset
+    # writer does; the text rewards (alignment, counting, position) read the long caption.
+    "shapes_sharpness": "copy",
+    "shapes_contrast": "copy",
 }
 CAPTION_KINDS = ("long", "short", "copy")
 

@@ -100,11 +100,12 @@ def _geneval_section(doc: _Doc, run: Path, outdir: Path, row: str | None):
     order = [t for t in GENEVAL_TAGS if t in summ["tags"]] + [t for t in summ["tags"] if t not in GENEVAL_TAGS]
     paper = P.GENEVAL.get(row) if row and name == "GenEval-like" else None
     header = ["category", "accuracy (%)", "correct / total"] + ([f"paper: {row} (%)"] if paper else [])
+    pct = lambda v: None if v is None else f"{v:.2f}"  # noqa: E731 - percent with 2 decimals
     rows = []
     for t in order:
         s = summ["tags"][t]
-        rows.append([t, 100 * s["accuracy"], f"{s['correct']} / {s['total']}"] + ([paper.get(t)] if paper else []))
-    rows.append(["overall", 100 * summ["overall"], ""] + ([P.GENEVAL_OVERALL.get(row)] if paper else []))
+        rows.append([t, pct(100 * s["accuracy"]), f"{s['correct']} / {s['total']}"] + ([pct(paper.get(t))] if paper else []))
+    rows.append(["overall", pct(100 * summ["overall"]), ""] + ([P.GENEVAL_OVERALL.get(row)] if paper else []))
     doc.table(header, rows)
     plots.plot_categories({t: summ["tags"][t]["accuracy"] for t in order}, outdir / "categories.png", name, paper,
                           f"paper: {row}")

@@ -1,0 +1,117 @@
+"""MLLM judge against a stub OpenAI-compatible server on 127.0.0.1 (bounded, shuts itself down)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from miro.eval import mllm_judge as J
+from miro.eval.folder import read_jsonl
+
+
+class StubHandler(BaseHTTPRequestHandler):
+    """Checks the request like an OpenAI endpoint would, then answers from the server's script."""
+
+    def log_message(self, *a):  # keep test output clean
+        pass
+
+    def do_POST(self):
+        srv = self.server
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        srv.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+        content = body["messages"][0]["content"]
+        url = content[1]["image_url"]["url"]
+        assert url.startswith("data:image/png;base64,")
+        im = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+        srv.sizes.append(im.size)
+        answer = srv.script.pop(0) if srv.script else srv.default
+        if answer == 500:
+            self.send_response(500)
+            self.end_headers()
+            return
+        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def stub():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), StubHandler)
+    srv.requests, srv.sizes, srv.script = [], [], []
+    srv.default = '{"prompt_alignment": 4, "visual_quality": 2, "details": "ok"}'
+    srv.timeout = 5
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    try:
+        yield srv, f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        t.join(timeout=5)
+
+
+def _folder(root, metas):
+    for i, m in enumerate(metas):
+        d = root / f"{i:05d}" / "samples"
+        d.mkdir(parents=True)
+        (root / f"{i:05d}" / "metadata.jsonl").write_text(json.dumps(m) + "\n")
+        Image.fromarray(np.full((600, 300, 3), 40 * i, np.uint8)).save(d / "0000.png")
+    return root
+
+
+@pytest.mark.timeout(60)
+def test_judge_folder_against_stub(stub, tmp_path, monkeypatch):
+    srv, url = stub
+    monkeypatch.setenv("MY_KEY", "sk-test")
+    root = _folder(tmp_path, [{"prompt": "a red cat", "tag": "t"}, {"prompt": "a blue dog", "tag": "t"},
+                              {"prompt": "a cow", "tag": "t"}])
+    srv.script = ['```json\n{"prompt_alignment": 5, "visual_quality": 3, "details": "fine"}\n```',
+                  '{"prompt_alignment": 9, "visual_quality": 3}', '{"prompt_alignment": 2, "visual_quality": 1}',
+                  500, 500]
+    cfg = J.JudgeConfig(base_url=url, model="stub-vlm", api_key_env="MY_KEY", timeout=5, max_retries=1)
+    monkeypatch.setattr(J.time, "sleep", lambda s: None)
+    s = J.judge_folder(root, cfg, progress=False)
+    req = srv.requests[0]
+    assert req["path"] == "/v1/chat/completions" and req["auth"] == "Bearer sk-test"
+    assert req["body"]["model"] == "stub-vlm" and "a red cat" in req["body"]["messages"][0]["content"][0]["text"]
+    assert max(srv.sizes[0]) == 512  # downscaled before upload
+    recs = {r["prompt"]: r for r in read_jsonl(root / "judge.jsonl")}
+    assert recs["a red cat"]["prompt_alignment"] == 5 and recs["a red cat"]["details"] == "fine"
+    assert recs["a blue dog"]["prompt_alignment"] == 2  # out-of-range answer retried once
+    assert "error" in recs["a cow"]  # server errors exhaust the retries
+    assert s == {"images": 3, "answered": 2, "errors": 1, "fields": {
+        "prompt_alignment": {"mean": 3.5, "n": 2}, "visual_quality": {"mean": 2.0, "n": 2}}}
+    # resume: only the failed image is asked again
+    n = len(srv.requests)
+    s = J.judge_folder(root, cfg, progress=False)
+    assert len(srv.requests) == n + 1 and s["errors"] == 0 and s["answered"] == 3
+
+
+def test_cure_rubric_and_validation(stub):
+    srv, url = stub
+    cfg = J.JudgeConfig(base_url=url, model="m", rubric="cure", timeout=5, max_retries=0)
+    body = J.build_request(cfg, Image.new("RGB", (8, 8)), {"prompt": "An image of Panta Bhat", "item": "Panta Bhat",
+                                                           "category": "Rice_Dish", "region": "Bangladesh"})
+    text = body["messages"][0]["content"][0]["text"]
+    assert "Panta Bhat" in text and "Rice Dish" in text and "Bangladesh" in text
+    srv.default = '{"country_likelihood": 4, "item_accuracy": 3, "details": "x"}'
+    ans = J.judge_image(cfg, Image.new("RGB", (8, 8)), {"prompt": "p"})
+    assert ans["country_likelihood"] == 4 and ans["item_accuracy"] == 3
+    with pytest.raises(ValueError, match="rubric"):
+        J.JudgeConfig(base_url=url, model="m", rubric="vibes")
+    with pytest.raises(ValueError, match="http"):
+        J.JudgeConfig(base_url="ftp://x", model="m")
+    with pytest.raises(ValueError, match="integer 1-5"):
+        J.parse_answer('{"a": true}', ("a",))
+    with pytest.raises(ValueError, match="no JSON"):
+        J.parse_answer("I think 4", ("a",))

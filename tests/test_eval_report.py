@@ -1,0 +1,74 @@
+"""Reports: Markdown and HTML with grids and plots; paper numbers only for published checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from miro.eval import paper_numbers as P
+from miro.eval import report as R
+from miro.eval.geneval_rules import GENEVAL_TAGS
+
+
+def _run(root, model="shapes", variant=None):
+    cfg = {"model": model, "variant": variant, "n_samples": 2, "steps": 10, "cfg": 7.0, "seed": 0,
+           "reward_targets": {}, "negative_reward_targets": {}}
+    (root).mkdir(parents=True)
+    (root / "generation.json").write_text(json.dumps({"config": cfg, "prompts": "geneval", "n_prompts": 2}))
+    res, rew = [], []
+    for i in range(2):
+        d = root / f"{i:05d}"
+        (d / "samples").mkdir(parents=True)
+        meta = {"tag": GENEVAL_TAGS[i], "include": [{"class": "cat", "count": 1}], "prompt": f"prompt {i}"}
+        (d / "metadata.jsonl").write_text(json.dumps(meta) + "\n")
+        for j in range(2):
+            Image.fromarray(np.full((8, 8, 3), 60 * (i + j), np.uint8)).save(d / "samples" / f"{j:04d}.png")
+            fn = f"{i:05d}/samples/{j:04d}.png"
+            res.append({"filename": fn, "tag": meta["tag"], "prompt": meta["prompt"], "correct": j == 0, "reason": "",
+                        "metadata": json.dumps(meta), "details": "{}"})
+            rew.append({"filename": fn, "index": i, "sample": j, "tag": meta["tag"], "prompt": meta["prompt"],
+                        "aesthetic_score": 5.0 + i + j, "aesthetic_score_normalized": 0.5})
+    from miro.eval.geneval_rules import summarize
+    from miro.eval.rewards import summarize as rsum
+
+    s = summarize(res)
+    s["benchmark"] = "GenEval-like"
+    (root / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in res))
+    (root / "geneval_summary.json").write_text(json.dumps(s))
+    (root / "rewards.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rew))
+    (root / "rewards_summary.json").write_text(json.dumps(rsum(rew)))
+    (root / "best_of_n_curve.json").write_text(json.dumps(
+        {"select_by": "aesthetic_score", "mode": "expected", "n": [1, 2], "values": {"aesthetic_score": [6.0, 6.5]}}))
+    return root
+
+
+def test_report_renders_tables_grids_and_plots(tmp_path):
+    run = _run(tmp_path / "run")
+    md = R.build_report(run)
+    text = md.read_text()
+    out = md.parent
+    for png in ("samples.png", "categories.png", "rewards_hist.png", "best_of_n.png"):
+        assert (out / png).is_file() and Image.open(out / png).size[0] > 50, png
+        assert f"({png})" in text
+    assert "| single_object | 50.00 | 1 / 2 |" in text and "| overall | 50.00 |" in text
+    assert "| aesthetic_score | 4 | 6.0000 |" in text
+    assert "paper" not in text.split("## GenEval-like")[1].split("##")[0].lower().replace("paper row", "")
+    html = (out / "report.html").read_text()
+    assert html.startswith("<!doctype html>") and "<img src='samples.png'" in html and "<table>" in html
+    assert Image.open(out / "samples.png").size == (2 * 128, 2 * 128)
+
+
+def test_published_checkpoint_gets_paper_columns(tmp_path):
+    run = _run(tmp_path / "run", model="nicolas-dufour/miro")
+    text = R.build_report(run).read_text()
+    row = P.paper_row("nicolas-dufour/miro", None)
+    assert row == "Synthetic-caption MIRO"
+    assert f"paper: {row} (%)" in text and "| single_object | 50.00 | 1 / 2 | 97.19 |" in text
+    assert "| aesthetic_score | 4 | 6.0000 | 0.7071 | 0.5000 | 6.0000 | 6.2780 | 5.1770 |" in text
+    assert P.paper_row("nicolas-dufour/miro-ablations", "miro-only-aesthetic") == "only-Aesthetic"
+    assert P.paper_row("shapes") is None
+    # the paper's overall equals the mean of its six categories (to the printed integer)
+    for name, overall in P.GENEVAL_OVERALL.items():
+        assert round(np.mean(list(P.GENEVAL[name].values()))) == overall

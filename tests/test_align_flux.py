@@ -1,0 +1,190 @@
+"""FLUX as an SRPO target, on a tiny ``FluxPipeline`` saved in the real diffusers layout."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from miro.align.flux import FluxTarget, FluxTargetConfig, latent_image_ids, pack_latents, unpack_latents  # noqa: E402
+from miro.align.relative_reward import SemanticRelativeReward  # noqa: E402
+from miro.align.testing import HashEmbeddingScorer, save_tiny_flux_pipeline  # noqa: E402
+
+POS, NEG = "Real. a red circle", "Painting. a red circle"
+
+
+@pytest.fixture(scope="module")
+def flux_dir(tmp_path_factory):
+    return save_tiny_flux_pipeline(tmp_path_factory.mktemp("flux"))
+
+
+def _pipe(flux_dir):
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(flux_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _target(pipe, **kw):
+    kw.setdefault("decoder_checkpointing", False)
+    return FluxTarget.from_pipeline(pipe, FluxTargetConfig(height=16, width=16, max_sequence_length=8, **kw))
+
+
+def test_pack_unpack_roundtrip():
+    z = torch.randn(2, 4, 6, 8)
+    p = pack_latents(z)
+    assert p.shape == (2, 12, 16)
+    torch.testing.assert_close(unpack_latents(p, 6, 8), z, rtol=0, atol=0)
+    ids = latent_image_ids(6, 8)
+    assert ids.shape == (12, 3) and ids[-1].tolist() == [0.0, 2.0, 3.0]
+    with pytest.raises(ValueError, match="even"):
+        pack_latents(torch.randn(1, 4, 5, 4))
+
+
+def test_rollout_matches_flux_pipeline(flux_dir):
+    # Our Euler rollout over shift(1 - i/N) equals FluxPipeline's own sampler on that grid.
+    pipe = _pipe(flux_dir)
+    tg = _target(pipe, quantize_timestep=False, rollout_guidance=2.0)
+    n = 3
+    noise = torch.randn(tg.latent_shape(1), generator=torch.Generator().manual_seed(0))
+    ours = tg.rollout(noise, tg.encode_condition(["a red circle"]), num_steps=n, shift=3.0)
+    ref = pipe("a red circle", height=16, width=16, num_inference_steps=n, sigmas=np.linspace(1, 1 / n, n).tolist(),
+               guidance_scale=2.0, latents=noise, output_type="latent", max_sequence_length=8).images
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def _eval_reward(tg, rw):
+    cond = tg.encode_condition(["a red circle"] * 2)
+    noise = torch.randn(tg.latent_shape(2), generator=torch.Generator().manual_seed(123))
+    with torch.no_grad():
+        img = tg.decode(tg.rollout(noise, cond, num_steps=2))
+        return rw(img, [POS] * 2, [NEG] * 2, 0.0)["reward"].mean().item()
+
+
+def test_srpo_steps_increase_the_reward_on_tiny_flux(flux_dir, tmp_path):
+    from miro.align.prompts import PromptConfig
+    from miro.align.step import StepConfig
+    from miro.align.trainer import OptimConfig, SRPOTrainer, TrainConfig
+
+    pipe = _pipe(flux_dir)
+    tg = _target(pipe)
+    rw = SemanticRelativeReward(HashEmbeddingScorer())
+    frozen = {n: p.detach().clone() for n, p in pipe.vae.named_parameters()}
+    before = _eval_reward(tg, rw)
+    step = StepConfig(rollout_steps=2, loss="maximize", prompts=PromptConfig(pos_prompt=POS, neg_prompt=NEG))
+    hist = SRPOTrainer(tg, rw, [{"caption": "a red circle"}], step, OptimConfig(lr=5e-3, max_grad_norm=1.0),
+                       TrainConfig(max_steps=4, out_dir=str(tmp_path / "run"), progress=False)).fit()
+    after = _eval_reward(tg, rw)
+    assert len(hist) == 4 and all(np.isfinite(h["denoise/reward"]) for h in hist)
+    assert after > before + 0.005, (before, after)
+    for n, p in pipe.vae.named_parameters():  # gradients only into the transformer
+        torch.testing.assert_close(p, frozen[n], rtol=0, atol=0)
+
+
+def test_flux_lora_save_load_roundtrip(flux_dir, tmp_path):
+    from miro.align.lora import LoraSettings, add_flux_lora, save_flux_lora
+
+    pipe = _pipe(flux_dir)
+    add_flux_lora(pipe.transformer, LoraSettings(rank=4, alpha=8))
+    trainable = [n for n, p in pipe.transformer.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():
+        for n, p in pipe.transformer.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    tg = _target(pipe)
+    cond = tg.encode_condition(["a red circle"])
+    x = torch.randn(tg.latent_shape(1), generator=torch.Generator().manual_seed(2))
+    s = torch.tensor([0.8])
+    tuned = tg.velocity(x, s, cond).detach()
+    path = save_flux_lora(pipe.transformer, tmp_path / "lora")
+    assert path.name == "pytorch_lora_weights.safetensors"
+
+    fresh = _pipe(flux_dir)
+    base = _target(fresh).velocity(x, s, cond).detach()
+    fresh.load_lora_weights(str(tmp_path / "lora"))
+    loaded = _target(fresh).velocity(x, s, cond).detach()
+    assert not torch.allclose(base, tuned, atol=1e-4)
+    torch.testing.assert_close(loaded, tuned, rtol=1e-5, atol=1e-5)
+
+
+def test_transformer_state_dict_loading(flux_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    from miro.align.flux_tools import load_transformer_weights
+
+    pipe = _pipe(flux_dir)
+    sd = {f"module.{k}": v.clone() + 0.01 for k, v in pipe.transformer.state_dict().items()}
+    save_file(sd, tmp_path / "srpo.safetensors")
+    fresh = _pipe(flux_dir)
+    load_transformer_weights(fresh.transformer, tmp_path / "srpo.safetensors")
+    for k, v in fresh.transformer.state_dict().items():
+        torch.testing.assert_close(v, sd[f"module.{k}"])
+    save_file({"bogus.weight": torch.zeros(1)}, tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="does not match"):
+        load_transformer_weights(fresh.transformer, tmp_path / "bad.safetensors")
+
+
+def test_precompute_embeddings_roundtrip(flux_dir, tmp_path):
+    from miro.align.datasets import load_fork_embeddings, read_fork_json
+    from miro.align.flux_tools import precompute_embeddings
+
+    pipe = _pipe(flux_dir)
+    items = [{"caption": "a red circle", "category": "Shape", "region": "Peru"}, {"caption": "two blue squares"}]
+    path = precompute_embeddings(pipe, items, tmp_path / "emb", max_sequence_length=8, progress=False)
+    back = read_fork_json(path)
+    assert back[0]["category"] == "Shape" and back[0]["region"] == "Peru" and back[1]["category"] is None
+    pe, pooled, tids = pipe.encode_prompt(["two blue squares"], prompt_2=None, max_sequence_length=8)
+    e = load_fork_embeddings(back[1])
+    torch.testing.assert_close(e[0], pe[0]) and torch.testing.assert_close(e[1], pooled[0])
+    assert e[2].shape == (8, 3)
+    # precomputed embeddings drive the target exactly like live encoding
+    cond = FluxTarget.cond_from_embeddings([e])
+    tg = _target(pipe)
+    x = torch.randn(tg.latent_shape(1), generator=torch.Generator().manual_seed(0))
+    s = torch.tensor([0.7])
+    torch.testing.assert_close(tg.velocity(x, s, cond), tg.velocity(x, s, tg.encode_condition(["two blue squares"])))
+
+
+def test_generate_items_resumes_and_is_seeded(flux_dir, tmp_path):
+    from miro.align.flux_tools import generate_items
+
+    pipe = _pipe(flux_dir)
+    items = [{"caption": "a red circle", "item": "Red circle"}, {"caption": "two blue squares"}]
+    kw = dict(n_per_item=2, steps=1, height=16, width=16, seed=7, max_sequence_length=8, progress=False)
+    assert generate_items(pipe, items, tmp_path / "out", **kw) == {"written": 4, "skipped": 0}
+    assert generate_items(pipe, items, tmp_path / "out", **kw) == {"written": 0, "skipped": 4}
+    from PIL import Image
+
+    got = np.asarray(Image.open(tmp_path / "out" / "00001_two_blue_squares" / "01.png"))
+    ref = pipe("two blue squares", num_inference_steps=1, height=16, width=16, generator=torch.Generator().manual_seed(7 + 1000 + 1),
+               max_sequence_length=8, output_type="pil").images[0]
+    np.testing.assert_array_equal(got, np.asarray(ref))
+    assert json.loads((tmp_path / "out" / "00000_Red_circle" / "item.json").read_text())["item"] == "Red circle"
+
+
+def test_flux_lora_finetune_runs_and_saves(flux_dir, tmp_path):
+    from PIL import Image
+
+    from miro.align.flux_lora_train import FluxLoraTrainConfig, finetune_flux_lora
+    from miro.align.lora import LoraSettings
+    from miro.align.trainer import OptimConfig
+
+    for i, c in enumerate([(255, 0, 0), (0, 0, 255)]):
+        Image.new("RGB", (16, 16), c).save(tmp_path / f"{i}.png")
+    items = [{"caption": "x", "Item": name, "image_path": str(tmp_path / f"{i}.png")} for i, name in enumerate(["red", "blue"])]
+    cfg = FluxLoraTrainConfig(caption_column="Item", resolution=16, max_train_steps=2, grad_accum=2, checkpoint_every=1,
+                              max_sequence_length=8, out_dir=str(tmp_path / "lora"), lora=LoraSettings(rank=2, alpha=2),
+                              optim=OptimConfig(name="adamw", lr=1e-3, max_grad_norm=1.0))
+    out = finetune_flux_lora(_pipe(flux_dir), items, cfg)
+    lines = [json.loads(s) for s in (tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2] and all(np.isfinite(m["loss"]) for m in lines)
+    fresh = _pipe(flux_dir)
+    fresh.load_lora_weights(str(out.parent))
+    assert any("lora" in n for n, _ in fresh.transformer.named_parameters())

@@ -104,15 +104,22 @@ def _detector_name(args, root) -> str:
     return "shapes" if shapes else DEFAULT_DETECTOR
 
 
-def cmd_generate(args) -> int:
-    from miro.eval.generate import generate_folder, load_pipeline
+def _generate(args, outdir, cfg, spec, items) -> dict:
+    """Generate the missing samples; the model is loaded only when something is missing."""
+    from miro.eval.generate import generate_folder, load_pipeline, pending_samples
 
+    pipe = None
+    if pending_samples(outdir, items, cfg.n_samples):
+        pipe = load_pipeline(args.model, args.variant, args.device)
+        if hasattr(pipe, "set_progress_bar_config"):
+            pipe.set_progress_bar_config(disable=True)
+    return generate_folder(pipe, items, outdir, cfg, prompts_spec=spec)
+
+
+def cmd_generate(args) -> int:
     cfg = _gen_config(args)
     spec, items = _items(args)
-    pipe = load_pipeline(args.model, args.variant, args.device)
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)
-    counts = generate_folder(pipe, items, args.outdir, cfg, prompts_spec=spec)
+    counts = _generate(args, args.outdir, cfg, spec, items)
     print(f"{counts['generated']} images generated, {counts['skipped']} already present, in {args.outdir}")
     return 0
 
@@ -121,8 +128,12 @@ def run_geneval(root, args, outfile=None) -> dict:
     from miro.eval import geneval_rules as rules
     from miro.eval.geneval import GenEvalLike, GenEvalLikeConfig, evaluate_folder
 
-    cfg = GenEvalLikeConfig(detector=_detector_name(args, root), clip_model=args.clip_model,
-                            options=rules.GenEvalOptions.from_strings(args.options), bgcolor=args.bgcolor,
+    detector = _detector_name(args, root)
+    base = None
+    if detector == "shapes":  # ShapesEval's thresholds, for the Shapes detector's fit scores
+        from miro.shapes.eval import SHAPES_EVAL_OPTIONS as base
+    cfg = GenEvalLikeConfig(detector=detector, clip_model=args.clip_model,
+                            options=rules.GenEvalOptions.from_strings(args.options, base=base), bgcolor=args.bgcolor,
                             device=args.device, local_files_only=args.local_files_only)
     summary = evaluate_folder(root, outfile or Path(root) / "results.jsonl", GenEvalLike(cfg))
     print(f"[{summary['benchmark']}; detector {summary['backends']['detector']}]")
@@ -230,7 +241,6 @@ def default_outdir(model: str, variant: str | None) -> Path:
 
 
 def cmd_all(args) -> int:
-    from miro.eval.generate import generate_folder, load_pipeline
     from miro.eval.report import build_report
     from miro.eval.rewards import format_summary, score_folder, summarize_file
 
@@ -238,11 +248,7 @@ def cmd_all(args) -> int:
     cfg = _gen_config(args)
     spec, items = _items(args)
     print(f"[1/5] generate {len(items)} prompts x {cfg.n_samples} into {out}")
-    pipe = load_pipeline(args.model, args.variant, args.device)
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)
-    generate_folder(pipe, items, out, cfg, prompts_spec=spec)
-    del pipe
+    _generate(args, out, cfg, spec, items)
     geneval = None
     if all("include" in it.metadata for it in items) and not args.skip_geneval:
         print("[2/5] GenEval-style scoring")

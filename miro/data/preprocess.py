@@ -120,8 +120,18 @@ def load_scorers(names: list[str], kwargs: dict, device: str) -> dict:
     out = {}
     for n in names:
         s = load_scorer(n, **kwargs.get(n, {}))
-        out[n] = s.to(device) if hasattr(s, "to") else s
+        s = s.to(device) if hasattr(s, "to") else s
+        _load_now(s)
+        out[n] = s
     return out
+
+
+def _load_now(model) -> None:
+    """Load lazily-loaded weights before the first shard, so that a missing model fails early
+    and shard timings measure processing only."""
+    for obj in (model, getattr(model, "backbone", None)):
+        if obj is not None and callable(getattr(obj, "load", None)):
+            obj.load()
 
 
 def _free_models() -> None:
@@ -224,6 +234,9 @@ def _run(args) -> int:
             resolutions = _parse_resolutions(args, isinstance(codec, IdentityCodec))
             if hasattr(codec, "to"):
                 codec = codec.to(device)
+            _load_now(text_encoder)
+            if resolutions:
+                _load_now(codec)
             spec = EncodeSpec(resolutions=resolutions, resize_filter=args.resize_filter,
                               text_max_length=args.text_max_length,
                               required_stages=("rewards",) + (("vqa",) if vqa else ()),

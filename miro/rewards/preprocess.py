@@ -16,9 +16,12 @@ only in how an image of arbitrary size gets there:
 
 The PIL path (:meth:`ImageTransform.from_pil`) resizes with PIL's bicubic filter on uint8 images,
 as the reference pipelines do. The tensor path (:meth:`ImageTransform.from_tensor`) takes a
-float (B, 3, H, W) batch in [0, 1], uses ``F.interpolate(mode="bicubic", antialias=True)`` —
-PyTorch's antialiased bicubic is a port of PIL's filter (same a = −0.5 kernel and support) — and
-keeps gradients. The two agree to within uint8 rounding (tested), exactly when no resize is needed.
+float (B, 3, H, W) batch in [0, 1] and keeps gradients: it resizes with the same separable filter
+as PIL (``Resample.c``: bicubic a = −0.5, support scaled by the downscale factor, weights
+normalised per output pixel), written as two interpolation matrices, so up- and downsampling
+both agree with the PIL path to within PIL's uint8 rounding (tested); exactly when no resize
+is needed. (torchvision's tensor ``Resize``, which the official HPS transform applies after
+``ToTensor``, differs from PIL by about as much when upsampling.)
 """
 
 from __future__ import annotations
@@ -170,9 +173,7 @@ class ImageTransform:
         h, w = x.shape[-2:]
         nh, nw = self.resized_hw(h, w)
         if (nh, nw) != (h, w):
-            x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
-            # uint8 PIL output saturates at 0 and 255; clamp the same way so both paths agree.
-            x = x.clamp(0.0, 1.0)
+            x = pil_bicubic_resize(x, nh, nw)
         if self.resize == "longest_pad" and max(nh, nw) == s and (nh, nw) != (s, s):
             t, b, l, r = self._pad_offsets(nh, nw, s)
             x = F.pad(x, (l, r, t, b))
@@ -200,6 +201,41 @@ class ImageTransform:
         mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         return (x - mean) / std
+
+
+def _bicubic(x: torch.Tensor, a: float = -0.5) -> torch.Tensor:
+    """PIL's bicubic kernel (Resample.c ``bicubic_filter``, a = -0.5)."""
+    x = x.abs()
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return torch.where(x < 1.0, near, torch.where(x < 2.0, far, torch.zeros_like(x)))
+
+
+def pil_resample_matrix(n_in: int, n_out: int, device=None) -> torch.Tensor:
+    """(n_out, n_in) weights of PIL's 1-D bicubic resampling (``precompute_coeffs`` in Resample.c)."""
+    scale = n_in / n_out
+    filterscale = max(scale, 1.0)
+    support = 2.0 * filterscale  # bicubic support 2, widened when downsampling (antialiasing)
+    w = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        center = (i + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)  # C int() truncates toward zero, as Python's int()
+        hi = min(int(center + support + 0.5), n_in)
+        j = torch.arange(lo, hi, dtype=torch.float64)
+        k = _bicubic((j - center + 0.5) / filterscale)
+        total = k.sum()
+        w[i, lo:hi] = k / total if total != 0 else k
+    return w.to(device=device, dtype=torch.float32)
+
+
+def pil_bicubic_resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Differentiable resize of (B, C, H, W) to (h, w) with PIL's bicubic filter, clamped to [0, 1]."""
+    wh = pil_resample_matrix(x.shape[-2], h, x.device)
+    ww = pil_resample_matrix(x.shape[-1], w, x.device)
+    # PIL resamples horizontally first, then vertically, saturating the uint8 intermediate in between
+    # (bicubic overshoots at edges); clamping after each pass reproduces that.
+    y = torch.einsum("bcHW,wW->bcHw", x, ww).clamp(0.0, 1.0)
+    return torch.einsum("hH,bcHw->bchw", wh, y).clamp(0.0, 1.0)
 
 
 def num_images(images) -> int:

@@ -131,6 +131,8 @@ class MiroLightningModule(LightningModule):
         self.samples_seen += b
         self.corrupt_seen += int(batch.get("n_corrupt", 0))
         self.log("train/loss", loss.detach(), prog_bar=True)
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", float(self.trainer.optimizers[0].param_groups[0]["lr"]))
         for k, v in logs.items():
             self.log(f"train/{k}", v)
         if "synthetic" in batch:

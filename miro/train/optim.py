@@ -100,6 +100,13 @@ class WarmupCosineDecayLR(torch.optim.lr_scheduler.LRScheduler):
             return min(step / max(w, 1), 1.0)
         return 0.5 * (1.0 + math.cos(self.rate * math.pi * (step - w) / (t - w)))
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        # The configured schedule wins over the checkpoint's (raising max_steps to extend a run
+        # re-targets the cosine); only the position and base lrs are restored.
+        keep = {k: getattr(self, k) for k in ("warmup_steps", "total_steps", "rate")}
+        super().load_state_dict(state_dict)
+        self.__dict__.update(keep)
+
     def get_lr(self) -> list[float]:
         f = self.factor(self.last_epoch)
         return [base * f for base in self.base_lrs]

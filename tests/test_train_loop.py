@@ -1,0 +1,116 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from miro.train import cli
+from tests._train_helpers import tiny_overrides, write_tiny_shards
+
+
+def _run(overrides):
+    cfg = OmegaConf.to_container(cli.compose(overrides), resolve=True)
+    module, dm, trainer, ckpt = cli.build(cfg)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    return module, dm, trainer
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_tiny_shards(tmp_path_factory.mktemp("shards"))
+
+
+def test_a_few_steps_reduce_the_loss(data_dir, tmp_path):
+    ov = tiny_overrides(data_dir, tmp_path, steps=20, every=1000,
+                        extra=["optimizer.lr=3e-3", "loss.self_cond_rate=0.0", "ema_decays=[0.5]"])
+    cfg = OmegaConf.to_container(cli.compose(ov), resolve=True)
+    module, dm, trainer, _ = cli.build(cfg)
+    dm.prepare()
+    batch = next(iter(dm.train_dataloader()))
+
+    def fixed_loss():
+        module.model.train()
+        with torch.no_grad():
+            losses = [module.compute_loss(batch, torch.Generator().manual_seed(s))[0] for s in range(8)]
+        return float(torch.stack(losses).mean())
+
+    before = fixed_loss()
+    trainer.fit(module, datamodule=dm)
+    after = fixed_loss()
+    assert trainer.global_step == 20
+    assert after < 0.8 * before, (before, after)
+
+
+def test_resume_equals_uninterrupted(data_dir, tmp_path):
+    sched = ["scheduler.total_steps=6"]  # the schedule is fixed by the config, not by when a run stops
+    full, _, _ = _run(tiny_overrides(data_dir, tmp_path / "a", steps=6, every=3, extra=sched))
+    part, _, t = _run(tiny_overrides(data_dir, tmp_path / "b", steps=3, every=3, extra=sched))
+    assert t.global_step == 3
+    ckpt = tmp_path / "b" / "miro" / "checkpoints" / "shapes_miro" / "last.ckpt"
+    assert ckpt.exists()
+    res, dm, t2 = _run(tiny_overrides(data_dir, tmp_path / "b", steps=6, every=3, extra=sched))  # resume=auto
+    assert t2.global_step == 6 and res.micro_step == 6 and dm.position == 6 * 8
+    for (n, a), (_, b) in zip(full.state_dict().items(), res.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+    # optimizer state is restored too: the lr schedule continued from step 3
+    assert t2.lr_scheduler_configs[0].scheduler.last_epoch == 6
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume(data_dir, tmp_path):
+    root = tmp_path / "k"
+    ckdir = root / "miro" / "checkpoints" / "shapes_miro"
+    sched = ["scheduler.total_steps=200"]
+    cmd = [sys.executable, "-m", "miro.cli", "train", *tiny_overrides(data_dir, root, steps=100, every=2, extra=sched)]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.time() + 120
+        while not (ckdir / "step=4.ckpt").exists():
+            assert proc.poll() is None, "training exited early"
+            assert time.time() < deadline, "no checkpoint written in time"
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    ck = torch.load(ckdir / "last.ckpt", weights_only=True)  # never half-written
+    k = int(ck["global_step"])
+    assert k >= 2 and k % 2 == 0 and ck["MiroDataModule"]["position"] == 8 * k  # last.ckpt may lag step=4
+    res, dm, t = _run(tiny_overrides(data_dir, root, steps=k + 2, every=2, extra=sched))
+    assert t.global_step == k + 2 and dm.position == 8 * (k + 2)
+    full, _, _ = _run(tiny_overrides(data_dir, tmp_path / "full", steps=k + 2, every=1000, extra=sched))
+    for (n, a), (_, b) in zip(full.state_dict().items(), res.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_nonfinite_guard_zeroes_grads_and_stops():
+    from miro.train.callbacks import NonFiniteGuard
+
+    lin = torch.nn.Linear(2, 2)
+    lin.weight.grad = torch.tensor([[1.0, float("nan")], [float("inf"), 2.0]])
+    mod = SimpleNamespace(parameters=lin.parameters, log=lambda *a, **k: None, print=lambda *a: None)
+    trainer = SimpleNamespace(should_stop=False, global_step=7)
+    g = NonFiniteGuard(max_consecutive=2)
+    g.on_before_optimizer_step(trainer, mod, None)
+    assert torch.equal(lin.weight.grad, torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+    g.on_train_batch_end(trainer, mod, {"loss": torch.tensor(float("nan"))}, None, 0)
+    g.on_train_batch_end(trainer, mod, {"loss": torch.tensor(1.0)}, None, 0)  # resets the count
+    g.on_train_batch_end(trainer, mod, {"loss": torch.tensor(float("nan"))}, None, 0)
+    with pytest.raises(FloatingPointError, match="2 consecutive non-finite losses"):
+        g.on_train_batch_end(trainer, mod, {"loss": torch.tensor(float("inf"))}, None, 0)
+    assert trainer.should_stop

@@ -1,0 +1,137 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from miro.train import cli
+from tests._train_helpers import tiny_overrides, write_tiny_shards
+
+PUBLISHED_VARIANTS = {"miro-no-synthetic-captions"} | {
+    f"miro-{kind}-{r}" for kind in ("no", "only")
+    for r in ("clip", "aesthetic", "hpsv2", "image-reward", "pickscore", "sciscore", "vqa")}
+
+
+def test_every_experiment_composes_and_maps_variants():
+    names = cli.experiments()
+    assert len(names) >= 24
+    variants = {}
+    for name in names:
+        cfg = OmegaConf.to_container(cli.compose([f"experiment={name}", "data_dir=/d"]), resolve=True)
+        assert cfg["experiment_name"] == name
+        assert cfg["checkpoint_dir"].endswith(f"/miro/checkpoints/{name}")
+        mc = cli.model_config(cfg)
+        assert mc["coherence_keys"] == cfg["rewards"]["keys"] == mc["network"]["coherence_keys"]
+        assert cli.per_rank_batch(cfg) * cfg["computer"]["devices"] * cfg["computer"]["num_nodes"] == \
+            cfg["data"]["global_batch_size"]
+        if cfg["variant_name"]:
+            variants[cfg["variant_name"]] = name
+    assert PUBLISHED_VARIANTS | {"miro"} == set(variants)
+    rel = OmegaConf.to_container(cli.compose(["experiment=multi_cad_synth"]), resolve=True)
+    assert len(rel["rewards"]["keys"]) == 7 and rel["data"]["synthetic_caption_rate"] == 0.5
+    assert rel["data"]["global_batch_size"] == 1024 and rel["trainer"]["max_steps"] == 500_000
+    assert (rel["computer"]["num_nodes"], rel["computer"]["devices"]) == (2, 8)
+    no_clip = OmegaConf.to_container(cli.compose(["experiment=no_clip"]), resolve=True)
+    assert "clip_score" not in no_clip["rewards"]["keys"] and len(no_clip["rewards"]["keys"]) == 6
+    assert OmegaConf.to_container(cli.compose(["experiment=multi_cad"]))["data"]["synthetic_caption_rate"] == 0.0
+
+
+def test_seed_keys_override_and_batch_check():
+    cfg = OmegaConf.to_container(cli.compose([
+        "experiment=multi_cad_synth", "computer=gpu8", "computer.devices=4", "computer.num_nodes=2",
+        "computer.precision=bf16-mixed", "data_dir=/data", "experiment_name=x", "root_dir=/r"]), resolve=True)
+    assert cfg["checkpoint_dir"] == "/r/miro/checkpoints/x" and cfg["data_dir"] == "/data"
+    assert cli.per_rank_batch(cfg) == 1024 // 8
+    cfg["data"]["global_batch_size"] = 1001
+    with pytest.raises(ValueError, match="not divisible"):
+        cli.per_rank_batch(cfg)
+
+
+def test_help_and_dotenv(tmp_path, capsys, monkeypatch):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "multi_cad_synth  [miro]" in out and "[miro-only-vqa]" in out
+    env = tmp_path / ".env"
+    env.write_text("# site\nMIRO_TEST_A=1\nexport MIRO_TEST_B='two'\n")
+    monkeypatch.delenv("MIRO_TEST_A", raising=False)
+    monkeypatch.setenv("MIRO_TEST_B", "kept")
+    assert cli.load_dotenv(env) == {"MIRO_TEST_A": "1"}
+    import os
+
+    assert os.environ["MIRO_TEST_B"] == "kept"
+    monkeypatch.delenv("MIRO_TEST_A")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    n = torch.get_num_threads()
+    root = tmp_path_factory.mktemp("run")
+    data = write_tiny_shards(root / "data")
+    ov = tiny_overrides(data, root, steps=2, every=2, extra=["scheduler.warmup_steps=1",
+        "image_logger.enabled=true", "image_logger.every_n_steps=2", "image_logger.num_steps=2",
+        "image_logger.max_prompts=4", "image_logger.score_rewards=[shapes_alignment]"])
+    cfg = OmegaConf.to_container(cli.compose(ov), resolve=True)
+    module, dm, trainer, _ = cli.build(cfg)
+    trainer.fit(module, datamodule=dm)
+    torch.set_num_threads(n)
+    return root / "miro" / "checkpoints" / "shapes_miro", module
+
+
+def test_image_grid_written(trained):
+    ckdir, _ = trained
+    grids = sorted((ckdir / "images").glob("step_*.png"))
+    assert [g.name for g in grids] == ["step_00000002.png"]
+    from PIL import Image
+
+    assert Image.open(grids[0]).size == (2 * 8, 2 * 8)  # 4 prompts of 8x8 in a 2x2 grid
+
+
+def test_convert_load_generate(trained, tmp_path):
+    from miro import MiroPipeline
+    from miro.train.convert import convert, load_checkpoint, main
+
+    ckdir, module = trained
+    ck = load_checkpoint(ckdir / "last.ckpt")  # weights_only=True
+    assert isinstance(ck["hyper_parameters"]["model_config"], dict)
+    out = convert(ckdir / "last.ckpt", tmp_path / "pipe", variant_name="miro-only-shapes")
+    assert out == tmp_path / "pipe" / "miro-only-shapes"
+    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "uncond_embedding.npy",
+                                                "reward_bins.json"}
+    bins = json.loads((out / "reward_bins.json").read_text())
+    assert bins["num_bins"] == 64 and len(bins["edges"]["shapes_alignment"]) == 65
+    pipe = MiroPipeline.from_pretrained(str(out))
+    ema = module.ema_model()
+    for k, v in ema.state_dict().items():  # exported weights are the EMA weights
+        torch.testing.assert_close(pipe.model.state_dict()[k], v, msg=k)
+    assert not torch.equal(pipe.model.network.latents, module.model.network.latents)
+    np.testing.assert_allclose(np.load(out / "uncond_embedding.npy"), module.uncond_embedding.numpy())
+    img = pipe("a photo of a red circle", num_inference_steps=2, output_type="np",
+               generator=torch.Generator().manual_seed(0))
+    assert img.shape == (1, 8, 8, 3) and img.dtype == np.uint8
+    assert main([str(ckdir / "last.ckpt"), str(tmp_path / "raw"), "--raw"]) == 0
+    raw = MiroPipeline.from_pretrained(str(tmp_path / "raw"))
+    torch.testing.assert_close(raw.model.network.latents, module.model.network.latents)
+    with pytest.raises(ValueError, match="does not exist"):
+        convert(tmp_path / "nope.ckpt", tmp_path / "x")
+
+
+def test_testbeds_and_precompute(tmp_path):
+    from miro.shapes.captions import parse_caption
+    from miro.train.testbed import load_testbed, main, read_testbed
+
+    real = read_testbed("real")
+    assert len(real) == 80 and len({p for _, p in real}) == 80
+    shapes = read_testbed("shapes")
+    for _, p in shapes:
+        parse_caption(p)  # every Shapes testbed prompt is in the Shapes grammar
+    sub = tmp_path / "tb"
+    sub.mkdir()
+    (sub / "prompts.txt").write_text("a photo of a red circle\na photo of two blue squares\n")
+    assert main(["precompute", "--testbed", str(sub), "--encoder", "minilm", "--out", str(tmp_path / "emb")]) == 0
+    prompts, embs = load_testbed(sub, tmp_path / "emb", "minilm")
+    assert prompts[1] == "a photo of two blue squares"
+    assert embs[0].dtype == np.float16 and embs[0].shape[1] == 384 and embs[1].shape[0] > embs[0].shape[0] - 1
+    assert (tmp_path / "emb" / "uncond.minilm_embeddings.npy").exists()
+    with pytest.raises(ValueError, match="neither a built-in"):
+        read_testbed("nope")

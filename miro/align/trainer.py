@@ -178,12 +178,10 @@ class SRPOTrainer:
         self._module = module
         self.target.set_trainable_module(wrapped)
         warm = max(0, self.optim_cfg.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         start = 0
         if cfg.resume and self.ckpt_path.is_file():
             start = self.load_checkpoint()
-            for _ in range(start):
-                sched.step()
             log.info("resumed from %s at step %d", self.ckpt_path, start)
         metrics_path = self.out / "metrics.jsonl"
         if fabric.global_rank == 0:
@@ -198,6 +196,8 @@ class SRPOTrainer:
         for step in range(start, cfg.max_steps):
             t0 = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)
+            for g, lr in zip(self.optimizer.param_groups, base_lrs):  # linear warm-up, then constant
+                g["lr"] = lr * min(1.0, (step + 1) / warm) if warm else lr
             agg: dict[str, float] = {}
             for micro in range(cfg.grad_accum):
                 rank = 0 if (cfg.shared_noise and self.step_cfg.mode == "online") else fabric.global_rank
@@ -212,7 +212,6 @@ class SRPOTrainer:
             if self.optim_cfg.max_grad_norm and self.optim_cfg.max_grad_norm > 0:
                 agg["grad_norm"] = float(fabric.clip_gradients(wrapped, self.optimizer, max_norm=self.optim_cfg.max_grad_norm))
             self.optimizer.step()
-            sched.step()
             agg.update(step=step + 1, lr=float(self.optimizer.param_groups[0]["lr"]), seconds=time.perf_counter() - t0)
             history.append(agg)
             if fabric.global_rank == 0:

@@ -1,0 +1,143 @@
+"""SRPO on our own flow models (tiny MiroPipeline): convention, training, offline noise, resume, LoRA."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from miro.align.miro_target import MiroTarget, MiroTargetConfig
+from miro.align.prompts import PromptConfig
+from miro.align.relative_reward import SemanticRelativeReward
+from miro.align.step import StepConfig, clean_latents
+from miro.align.testing import HashEmbeddingScorer
+from miro.align.trainer import OptimConfig, SRPOTrainer, TrainConfig
+
+POS, NEG = "Real. a red circle", "Painting. a red circle"
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    from miro.encoders.tiny import save_tiny_bert
+
+    return save_tiny_bert(tmp_path_factory.mktemp("bert"), hidden=24)
+
+
+def make_pipe(bert_dir, seed=0):
+    from miro.encoders.autoencoder import load_autoencoder
+    from miro.encoders.text import load_text_encoder
+    from miro.models.configs import get_config
+    from miro.models.model import MiroModel
+    from miro.pipeline import MiroPipeline
+
+    cfg = get_config("tiny")
+    cfg["network"]["label_dim"] = 24
+    cfg["text_encoder"] = str(bert_dir)
+    model = MiroModel.from_config(cfg, generator=torch.Generator().manual_seed(seed))
+    te = load_text_encoder(str(bert_dir), max_length=cfg["max_text_len"])
+    pipe = MiroPipeline(model, te, load_autoencoder("identity"), cfg, te.uncond_embedding().numpy())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_velocity_and_rollout_follow_the_model_convention(bert_dir):
+    pipe = make_pipe(bert_dir)
+    tg = MiroTarget(pipe, MiroTargetConfig(guidance_scale=3.0))
+    cond = tg.encode_condition(["a red circle"])
+    x = torch.randn(tg.latent_shape(1), generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.3])
+    v, _ = pipe.model(x, 1 - sigma, cond["emb"], cond["mask"], {k: torch.ones(1) for k in tg.keys}, None)
+    torch.testing.assert_close(tg.velocity(x, sigma, cond, guidance=0.0), v)
+    # rollout + decode equals the pipeline's own generation from the same noise
+    img = tg.decode(tg.rollout(x, cond, num_steps=3, shift=None))
+    ref = pipe("a red circle", num_inference_steps=3, guidance_scale=3.0, generator=torch.Generator().manual_seed(0), output_type="pt")
+    torch.testing.assert_close(img, ref, rtol=1e-5, atol=1e-5)
+
+
+def _eval_reward(tg, rw):
+    cond = tg.encode_condition(["a red circle"] * 2)
+    noise = torch.randn(tg.latent_shape(2), generator=torch.Generator().manual_seed(123))
+    with torch.no_grad():
+        return rw(tg.decode(tg.rollout(noise, cond, num_steps=3)), [POS] * 2, [NEG] * 2, 0.0)["reward"].mean().item()
+
+
+def _trainer(tg, out, steps, rollout_steps=3, **kw):
+    step = StepConfig(rollout_steps=rollout_steps, rollout_shift=None, loss="maximize", prompts=PromptConfig(pos_prompt=POS, neg_prompt=NEG))
+    return SRPOTrainer(tg, SemanticRelativeReward(HashEmbeddingScorer()), [{"caption": "a red circle"}, {"caption": "a blue square"}],
+                       step, OptimConfig(lr=2e-3, max_grad_norm=1.0), TrainConfig(max_steps=steps, out_dir=str(out), progress=False, **kw))
+
+
+def test_srpo_steps_increase_the_reward(bert_dir, tmp_path):
+    tg = MiroTarget(make_pipe(bert_dir), MiroTargetConfig(guidance_scale=2.0))
+    rw = SemanticRelativeReward(HashEmbeddingScorer())
+    before = _eval_reward(tg, rw)
+    hist = _trainer(tg, tmp_path, 4).fit()
+    after = _eval_reward(tg, rw)
+    assert after > before + 0.02, (before, after)
+    assert {"denoise/reward", "inversion/reward", "grad_norm"} <= set(hist[-1])
+
+
+def test_offline_noise_is_independent_of_the_image(bert_dir):
+    tg = MiroTarget(make_pipe(bert_dir))
+    cfg = StepConfig(mode="offline")
+    a = torch.rand(2, 3, 8, 8) * 2 - 1
+    b = -a
+    x0a, na = clean_latents(tg, cfg, None, {"items": [{}, {}], "images": a}, torch.Generator().manual_seed(5))
+    x0b, nb = clean_latents(tg, cfg, None, {"items": [{}, {}], "images": b}, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(x0a, a) and torch.testing.assert_close(x0b, b)  # identity codec, unit normalisation
+    torch.testing.assert_close(na, nb, rtol=0, atol=0)  # same draw whatever the image
+    assert not torch.allclose(na, x0a, atol=0.5)
+    _, nc = clean_latents(tg, cfg, None, {"items": [{}, {}], "images": a}, torch.Generator().manual_seed(6))
+    assert not torch.allclose(na, nc)  # fresh noise per draw
+    with pytest.raises(ValueError, match="offline mode needs real images"):
+        clean_latents(tg, cfg, None, {"items": [{}]}, torch.Generator())
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(bert_dir, tmp_path):
+    full = MiroTarget(make_pipe(bert_dir))
+    _trainer(full, tmp_path / "full", 3, rollout_steps=2, checkpoint_every=2).fit()
+
+    class Killed(RuntimeError):
+        pass
+
+    def kill_at_3(step, metrics):
+        if step == 3:
+            raise Killed
+
+    first = MiroTarget(make_pipe(bert_dir))
+    tr = _trainer(first, tmp_path / "resumed", 3, rollout_steps=2, checkpoint_every=2)
+    tr.callback = kill_at_3
+    with pytest.raises(Killed):
+        tr.fit()
+    second = MiroTarget(make_pipe(bert_dir))  # a fresh process would rebuild the base model
+    _trainer(second, tmp_path / "resumed", 3, rollout_steps=2, checkpoint_every=2).fit()
+    for (n, p), (_, q) in zip(full.pipe.model.named_parameters(), second.pipe.model.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
+    steps = [json.loads(s)["step"] for s in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def test_miro_lora_roundtrip_and_merge(bert_dir, tmp_path):
+    from miro.align.lora import LoraSettings, add_miro_lora, load_miro_lora, merge_lora_state_dict, save_miro_lora
+
+    pipe = make_pipe(bert_dir)
+    settings = LoraSettings(rank=2, alpha=4)
+    add_miro_lora(pipe.model, settings)
+    assert all("lora_" in n for n, p in pipe.model.named_parameters() if p.requires_grad)
+    tg = MiroTarget(pipe)
+    hist = _trainer(tg, tmp_path / "run", 2).fit()  # LoRA-only SRPO
+    assert len(hist) == 2
+    cond = tg.encode_condition(["a red circle"])
+    x = torch.randn(tg.latent_shape(1), generator=torch.Generator().manual_seed(1))
+    s = torch.tensor([0.6])
+    tuned = tg.velocity(x, s, cond).detach()
+    base = MiroTarget(make_pipe(bert_dir)).velocity(x, s, cond).detach()
+    assert not torch.allclose(tuned, base, atol=1e-6)
+    save_miro_lora(pipe.model, tmp_path / "lora", settings)
+    loaded = make_pipe(bert_dir)
+    load_miro_lora(loaded.model, tmp_path / "lora")
+    torch.testing.assert_close(MiroTarget(loaded).velocity(x, s, cond), tuned, rtol=1e-5, atol=1e-6)
+    merged = make_pipe(bert_dir)
+    merged.model.load_state_dict_checked(merge_lora_state_dict(pipe.model))  # published tensor names only
+    torch.testing.assert_close(MiroTarget(merged).velocity(x, s, cond), tuned, rtol=1e-4, atol=1e-5)

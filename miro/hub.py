@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 _TRUE = {"1", "true", "yes", "on"}
+_FILE_MODE = 0o644
 
 
 def hub_offline() -> bool:
@@ -44,6 +45,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; pipeline folders are meant to be shared
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -63,6 +65,7 @@ def atomic_write_with(path: str | Path, writer: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         writer(tmp)
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -81,6 +84,10 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 # and optional.
 PIPELINE_FILES = ("config.json", "model.safetensors", "uncond_embedding.npy")
 OPTIONAL_FILES = ("reward_bins.json",)
+# A seeded-initialisation pipeline (the untrained demo) carries `init.json` ({"seed": s}) in place
+# of `model.safetensors`: its weights are MiroModel.from_config(config, generator seeded s), so
+# shipping megabytes of random numbers is unnecessary.
+INIT_FILE = "init.json"
 BUILTIN_DIR = Path(__file__).resolve().parent / "assets" / "pipelines"
 
 
@@ -123,6 +130,9 @@ def check_pipeline_files(base: Path) -> dict[str, Path]:
     files = {}
     for name in PIPELINE_FILES:
         path = base / name
+        if name == "model.safetensors" and not path.is_file() and (base / INIT_FILE).is_file():
+            files[INIT_FILE] = base / INIT_FILE
+            continue
         if not path.is_file():
             raise MissingFileError(f"pipeline folder {str(base)!r} is missing {name!r} (needs {list(PIPELINE_FILES)})")
         files[name] = path

@@ -134,7 +134,10 @@ class MiroPipeline(nn.Module):
         files = resolve_pipeline_dir(repo_id_or_dir, variant, revision, cache_dir,
                                      local_files_only, token)
         config = json.loads(files["config.json"].read_text())
-        model = _build_model(config, files["model.safetensors"])
+        if "model.safetensors" in files:
+            model = _build_model(config, files["model.safetensors"])
+        else:
+            model = _init_model(config, json.loads(files["init.json"].read_text()))
         uncond = np.load(files["uncond_embedding.npy"], allow_pickle=False)
         bins = None
         if "reward_bins.json" in files:
@@ -386,6 +389,17 @@ class MiroPipeline(nn.Module):
 def _np_save(path: str, arr: np.ndarray) -> None:
     with open(path, "wb") as f:  # np.save on a path would append ".npy" to the temp name
         np.save(f, arr, allow_pickle=False)
+
+
+def _init_model(config: Mapping[str, Any], init: Mapping[str, Any]):
+    """A seeded fresh initialisation (``init.json`` = ``{"seed": s}``), for untrained demos."""
+    from miro.models.model import MiroModel
+
+    seed = init.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"init.json needs an integer 'seed'; got {seed!r}")
+    model = MiroModel.from_config(dict(config), generator=torch.Generator().manual_seed(seed))
+    return model.eval().requires_grad_(False)
 
 
 def _build_model(config: Mapping[str, Any], weights: Path):

@@ -207,3 +207,47 @@ def open_clip_reference(sd, pixel_values, tokens, v_heads: int, t_heads: int):
     t = ln(t, sd, "ln_final", 1e-5)
     txt = t[torch.arange(t.shape[0]), tokens.argmax(-1)] @ sd["text_projection"]
     return F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+
+
+def blip_image_reward_reference(sd, pixel_values, input_ids, attention_mask, v_heads: int, t_heads: int):
+    """ImageReward's unstandardised MLP output, from ImageReward.pt tensor names (vit.py + med.py + MLP)."""
+    p = "blip.visual_encoder."
+    w = sd[p + "patch_embed.proj.weight"]
+    x = F.conv2d(pixel_values, w, sd[p + "patch_embed.proj.bias"], stride=w.shape[-1]).flatten(2).transpose(1, 2)
+    x = torch.cat([sd[p + "cls_token"].expand(x.shape[0], -1, -1), x], 1) + sd[p + "pos_embed"][:, : x.shape[1] + 1]
+    i = 0
+    while f"{p}blocks.{i}.norm1.weight" in sd:
+        b = f"{p}blocks.{i}."
+        h = ln(x, sd, b + "norm1", 1e-6)
+        x = x + packed_attention(h, sd[b + "attn.qkv.weight"], sd[b + "attn.qkv.bias"], sd[b + "attn.proj.weight"],
+                                 sd[b + "attn.proj.bias"], v_heads)
+        h = ln(x, sd, b + "norm2", 1e-6)
+        x = x + F.linear(F.gelu(F.linear(h, sd[b + "mlp.fc1.weight"], sd[b + "mlp.fc1.bias"])), sd[b + "mlp.fc2.weight"],
+                         sd[b + "mlp.fc2.bias"])
+        i += 1
+    img = ln(x, sd, p + "norm", 1e-6)
+
+    t = "blip.text_encoder."
+    L = input_ids.shape[1]
+    h = sd[t + "embeddings.word_embeddings.weight"][input_ids] + sd[t + "embeddings.position_embeddings.weight"][:L]
+    h = ln(h, sd, t + "embeddings.LayerNorm", 1e-12)
+    mask = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+
+    def attn_block(h, kv, prefix, m):
+        a = attention(h, kv, sd[prefix + "self.query.weight"], sd[prefix + "self.query.bias"], sd[prefix + "self.key.weight"],
+                      sd[prefix + "self.key.bias"], sd[prefix + "self.value.weight"], sd[prefix + "self.value.bias"],
+                      sd[prefix + "output.dense.weight"], sd[prefix + "output.dense.bias"], t_heads, m)
+        return ln(a + h, sd, prefix + "output.LayerNorm", 1e-12)
+
+    i = 0
+    while f"{t}encoder.layer.{i}.attention.self.query.weight" in sd:
+        b = f"{t}encoder.layer.{i}."
+        h = attn_block(h, h, b + "attention.", mask)
+        h = attn_block(h, img, b + "crossattention.", None)  # every image token is attended
+        f = F.gelu(F.linear(h, sd[b + "intermediate.dense.weight"], sd[b + "intermediate.dense.bias"]))
+        h = ln(F.linear(f, sd[b + "output.dense.weight"], sd[b + "output.dense.bias"]) + h, sd, b + "output.LayerNorm", 1e-12)
+        i += 1
+    y = h[:, 0]
+    for j in (0, 2, 4, 6, 7):  # Linear layers of the head (dropouts in between are inactive)
+        y = F.linear(y, sd[f"mlp.layers.{j}.weight"], sd[f"mlp.layers.{j}.bias"])
+    return y.squeeze(-1)

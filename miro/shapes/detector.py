@@ -48,11 +48,17 @@ class DetectorConfig:
     # swing (2 × TEXTURE_AMPLITUDE × sqrt(3) = 0.139), below half the closest colour-background
     # distance (0.287), so anti-aliased edges split evenly between object and background.
     fg_threshold: float = 0.16
+    faded_fraction: float = 0.5  # in a faded image the threshold drops to this × the largest distance
+    min_threshold: float = 0.05  # ...but never below this
+    texture_margin: float = 1.25  # ...nor below this × the background swing on the frame
     noise_factor: float = 4.0  # threshold >= noise_factor × per-pixel noise distance
     smooth_above: float = 0.015  # estimated noise sigma above which segmentation smooths first
     min_area: float = 0.3  # components below min_area × smallest object area are ignored
     fit_supersample: int = 4  # sub-samples per pixel side when fitting class templates
     plateau: float = 0.3  # fraction of pixels near the coverage maximum that marks a flat top
+    good_fit: float = 0.9  # a moment fit this good (1 - residual/area) skips the search for cut objects
+    blur_sigmas: tuple[float, ...] = (0.6, 1.0, 1.5)  # template blurs tried when the sharp fit is poor
+    hidden_penalty: float = 0.05  # residual added per px² of a fitted shape lying outside the frame
 
 
 def min_object_area(resolution: int) -> float:
@@ -103,8 +109,14 @@ def _fit_color(pix: np.ndarray, bg: np.ndarray) -> tuple[int, np.ndarray, float]
     return best, a[:, best], float(res[best] / len(pix))
 
 
-def _candidate_boxes(cls: str, alpha: np.ndarray, r0: int, c0: int, resolution: int, touches: bool):
-    """Candidate (x, y, size) boxes in pixels for a class, from moments and, at the frame, from the visible box."""
+def _candidate_boxes(cls: str, alpha: np.ndarray, r0: int, c0: int, h: int, w: int, touches: bool):
+    """Candidate (x, y, size) boxes in pixels for a class.
+
+    Inside the frame: size from the area and origin from the centroid (exact for a clean
+    render). At the frame, the hidden part is unknown, so sizes from the visible box's longer
+    side up to 2.5× it are tried, anchored at the side away from the frame and, along an axis
+    that is not cut, aligned to either end or centred on the visible extent.
+    """
     k, cu, cv = W.SHAPE_MOMENTS[cls]
     area = alpha.sum()
     rows, cols = np.nonzero(alpha)
@@ -118,11 +130,29 @@ def _candidate_boxes(cls: str, alpha: np.ndarray, r0: int, c0: int, resolution: 
         if on.any():
             rr, cc = np.nonzero(on)
             x1, x2, y1, y2 = cc.min() + c0, cc.max() + c0 + 1, rr.min() + r0, rr.max() + r0 + 1
-            s2 = float(max(x2 - x1, y2 - y1))
-            x = x2 - s2 if x1 <= 0 else x1
-            y = y2 - s2 if y1 <= 0 else y1
-            out.append((float(x), float(y), s2))
+            vis = float(max(x2 - x1, y2 - y1))
+            for size in np.linspace(vis, 2.5 * vis, 7):
+                xs = [x2 - size] if x1 <= 0 and x2 < w else [x1] if x2 >= w and x1 > 0 else [x1, x2 - size, (x1 + x2 - size) / 2]
+                ys = [y2 - size] if y1 <= 0 and y2 < h else [y1] if y2 >= h and y1 > 0 else [y1, y2 - size, (y1 + y2 - size) / 2]
+                out += [(float(x), float(y), float(size)) for x in xs for y in ys]
     return out
+
+
+def _refine(resid_of, cls: str, box: tuple[float, float, float], resid: float, step: float = 0.5, min_step: float = 0.125):
+    """Pattern search over (x, y, size) from ``box``; returns (residual, cls, box)."""
+    box = list(box)
+    while step >= min_step:
+        improved = False
+        for k in range(3):
+            for d in (step, -step):
+                trial = list(box)
+                trial[k] += d
+                r = resid_of(cls, tuple(trial))
+                if r < resid:
+                    resid, box, improved = r, trial, True
+        if not improved:
+            step /= 2
+    return resid, cls, tuple(box)
 
 
 class ShapesDetector:
@@ -162,8 +192,14 @@ def detect_array(img: np.ndarray, cfg: DetectorConfig | None = None) -> list[Det
     bg, sigma = _background(img)
     seg = ndimage.gaussian_filter(img, sigma=(0.8, 0.8, 0)) if sigma > cfg.smooth_above else img
     eff_sigma = sigma * (0.35 if sigma > cfg.smooth_above else 1.0)
-    thr = max(cfg.fg_threshold, cfg.noise_factor * eff_sigma * np.sqrt(3.0))
     dist = np.sqrt(((seg - bg) ** 2).sum(-1))
+    # half the strongest foreground distance when the whole image is faded (low contrast), never
+    # above fg_threshold, never below the noise floor
+    faded = cfg.faded_fraction * float(dist.max())
+    # ...nor below the background's own swing (texture), read on the frame
+    frame = np.concatenate([dist[0], dist[-1], dist[1:-1, 0], dist[1:-1, -1]])
+    swing = cfg.texture_margin * float(np.quantile(frame, 0.85))
+    thr = max(min(cfg.fg_threshold, max(faded, swing)), cfg.noise_factor * eff_sigma * np.sqrt(3.0), cfg.min_threshold)
     labels, n = ndimage.label(dist > thr)  # 4-connectivity (the default structure)
     if n == 0:
         return []
@@ -190,24 +226,55 @@ def detect_array(img: np.ndarray, cfg: DetectorConfig | None = None) -> list[Det
         area = float(alpha.sum())
         if area < cfg.min_area * a_min:
             continue
-        touches = r0 == 0 or c0 == 0 or r1 == h or c1 == w
+        # cut by the frame: the component itself reaches the image border
+        touches = sl[0].start == 0 or sl[1].start == 0 or sl[0].stop == h or sl[1].stop == w
         rows, cols = np.arange(r0, r1), np.arange(c0, c1)
-        best = (np.inf, None, None)
-        for cls in W.CLASSES:
-            for x, y, s in _candidate_boxes(cls, alpha, r0, c0, resolution, touches):
-                if s <= 0:
-                    continue
-                cov = coverage(cls, x, y, s, rows, cols, cfg.fit_supersample) * region
-                resid = float(np.abs(alpha - cov).sum())
-                if resid < best[0]:
-                    best = (resid, cls, (x, y, s))
-        resid, cls, (x, y, s) = best
+
+        def template(cls, box, ss=cfg.fit_supersample, blur=0.0):
+            x, y, s = box
+            if not blur:
+                return coverage(cls, x, y, s, rows, cols, ss)
+            pad = int(np.ceil(3 * blur))  # blur the template on a padded window, then crop
+            cov = coverage(cls, x, y, s, np.arange(r0 - pad, r1 + pad), np.arange(c0 - pad, c1 + pad), ss)
+            return ndimage.gaussian_filter(cov, blur, mode="constant")[pad:-pad, pad:-pad]
+
+        def resid_of(cls, box, ss=cfg.fit_supersample, blur=0.0):
+            x, y, s = box
+            if s <= 0.5:
+                return np.inf
+            cov = template(cls, box, ss, blur)
+            # Occam prior: a visible part explained equally well by a small object and by a huge
+            # one mostly outside the frame (a strip: a square's edge or a cross's arm) is the small one
+            hidden = max(W.SHAPE_MOMENTS[cls][0] * s * s - float(cov.sum()), 0.0)
+            return float(np.abs(alpha - cov * region).sum()) + cfg.hidden_penalty * hidden
+
+        # moment fits first; an object that only touches the frame (nothing hidden) fits here
+        fits = [(resid_of(cls, b), cls, b) for cls in W.CLASSES for b in _candidate_boxes(cls, alpha, r0, c0, h, w, False)]
+        touches = touches and min(fits)[0] > (1.0 - cfg.good_fit) * area
+        if touches:  # cut: a coarse grid of sizes and anchors, then refine the two best classes
+            fits = []
+            for cls in W.CLASSES:
+                fits.append(min((resid_of(cls, b, 2), cls, b) for b in _candidate_boxes(cls, alpha, r0, c0, h, w, True)))
+            fits.sort()
+            fits = [_refine(resid_of, cls, box, resid_of(cls, box)) for _, cls, box in fits[:2]]
+        blur = 0.0
+        if not touches and min(fits)[0] > (1.0 - cfg.good_fit) * area:
+            # a poor sharp fit: the image may be blurred (or generated); fit blurred templates too
+            for sigma in cfg.blur_sigmas:
+                for cls in W.CLASSES:
+                    for b in _candidate_boxes(cls, alpha, r0, c0, h, w, False):
+                        r = resid_of(cls, b, blur=sigma)
+                        if r < min(fits)[0]:
+                            fits.append((r, cls, b))
+                            blur = sigma
+        _, cls, (x, y, s) = min(fits)
+        resid = float(np.abs(alpha - template(cls, (x, y, s), blur=blur) * region).sum())
         fit = max(0.0, 1.0 - resid / area)
         score = fit * min(1.0, area / a_min)
         bbox = (max(x, 0.0), max(y, 0.0), min(x + s, float(w)), min(y + s, float(h)))
         mask = np.zeros((h, w), dtype=bool)
         mask[r0:r1, c0:c1] = alpha >= 0.5
-        extra = {"box": (x, y, x + s, y + s), "area": area, "fit": fit}
+        extra = {"box": (x, y, x + s, y + s), "area": area, "fit": fit, "blur": blur}
         dets.append(Detection(cls, score, bbox, W.COLORS[ci], mask, extra))
     dets.sort(key=lambda d: -d.score)
     return dets

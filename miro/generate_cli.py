@@ -98,9 +98,10 @@ def load_pipeline(model: str, variant=None, device=None, dtype=None, text_encode
                 f"loading a Lightning .ckpt needs miro.train.convert.pipeline_from_checkpoint ({e}); "
                 "convert it with `miro convert` and pass the folder instead"
             ) from e
-        pipe = pipeline_from_checkpoint(model)
-        if device is not None or dtype is not None:
-            pipe.to(device=device, dtype=dtype)
+        pipe = pipeline_from_checkpoint(model, text_encoder=text_encoder, autoencoder=vae,
+                                        device=device or "cpu")
+        if dtype is not None:
+            pipe.to(dtype=dtype)
         return pipe
     if model == DEFAULT_MODEL and DEFAULT_MODEL not in builtin_pipelines() and not Path(model).is_dir():
         print(f"notice: the trained '{DEFAULT_MODEL}' model is not installed; using "

@@ -12,7 +12,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
 
 _TRUE = {"1", "true", "yes", "on"}
 _FILE_MODE = 0o644
@@ -214,3 +217,70 @@ def _remote_variants(repo_id, revision, token) -> list[str] | str:
         return f"unknown ({type(e).__name__})"
     return sorted({f.split("/")[0] for f in files if f.count("/") == 1 and f.endswith("/config.json")})
 
+
+# ---------------------------------------------------------------------------------------------
+# Model weights and dtypes
+# ---------------------------------------------------------------------------------------------
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def parse_dtype(dtype: Any) -> torch.dtype | None:
+    """``torch.float32`` / ``"fp32"`` / ``"bfloat16"`` / ... -> a floating torch dtype (or None)."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in set(_DTYPES.values()):
+        return dtype
+    if isinstance(dtype, str):
+        key = dtype.lower().removeprefix("torch.")
+        if key in _DTYPES:
+            return _DTYPES[key]
+    raise ValueError(f"unsupported dtype {dtype!r}; allowed: {sorted(_DTYPES)} or the torch dtypes")
+
+def np_save(path: str, arr: np.ndarray) -> None:
+    with open(path, "wb") as f:  # np.save on a path would append ".npy" to the temp name
+        np.save(f, arr, allow_pickle=False)
+
+
+def init_model(config: Mapping[str, Any], init: Mapping[str, Any]):
+    """A seeded fresh initialisation (``init.json`` = ``{"seed": s}``), for untrained demos."""
+    from miro.models.model import MiroModel
+
+    seed = init.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"init.json needs an integer 'seed'; got {seed!r}")
+    model = MiroModel.from_config(dict(config), generator=torch.Generator().manual_seed(seed))
+    return model.eval().requires_grad_(False)
+
+
+def build_model(config: Mapping[str, Any], weights: Path):
+    """``MiroModel.from_config`` + the safetensors file, checked tensor by tensor.
+
+    The model is built on the meta device (no random init of weights about to be overwritten)
+    and the file's tensors are assigned in; if anything were left on meta (a tensor the file
+    does not carry), it is rebuilt normally and loaded again.
+    """
+    from safetensors.torch import load_file
+
+    from miro.models.model import MiroModel
+
+    for key in ("network", "preconditioning", "data_preprocessing", "postprocessing"):
+        if key not in config:
+            raise ValueError(f"config.json has no {key!r} section (needs network, preconditioning, "
+                             "data_preprocessing, postprocessing)")
+    state = load_file(str(weights))
+    try:
+        with torch.device("meta"):
+            model = MiroModel.from_config(dict(config))
+    except (RuntimeError, NotImplementedError):  # a constructor step that needs real values
+        model = None
+    try:
+        if model is not None:
+            model.load_state_dict_checked(state, assign=True)
+        if model is None or any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+            model = MiroModel.from_config(dict(config))
+            model.load_state_dict_checked(state)
+    except ValueError as e:
+        raise ValueError(f"{weights} does not match its config.json: {e}") from None
+    return model.eval().requires_grad_(False)

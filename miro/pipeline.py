@@ -39,28 +39,18 @@ from torch import nn
 from miro import REWARD_KEYS
 from miro.encoders.autoencoder import SDXL_VAE, load_autoencoder, to_uint8, to_unit
 from miro.encoders.text import FLAN_T5_XL, load_text_encoder
-from miro.hub import atomic_write_json, atomic_write_with, resolve_pipeline_dir
+from miro.hub import (
+    atomic_write_json,
+    atomic_write_with,
+    build_model,
+    init_model,
+    np_save,
+    parse_dtype,
+    resolve_pipeline_dir,
+)
 
 OUTPUT_TYPES = ("pil", "np", "numpy", "pt")
 DEFAULT_MAX_TEXT_LEN = 77  # published default of config["max_text_len"]
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
-
-
-def parse_dtype(dtype: Any) -> torch.dtype | None:
-    """``torch.float32`` / ``"fp32"`` / ``"bfloat16"`` / ... -> a floating torch dtype (or None)."""
-    if dtype is None or isinstance(dtype, torch.dtype) and dtype in set(_DTYPES.values()):
-        return dtype
-    if isinstance(dtype, str):
-        key = dtype.lower().removeprefix("torch.")
-        if key in _DTYPES:
-            return _DTYPES[key]
-    raise ValueError(f"unsupported dtype {dtype!r}; allowed: {sorted(_DTYPES)} or the torch dtypes")
-
-
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
@@ -135,9 +125,9 @@ class MiroPipeline(nn.Module):
                                      local_files_only, token)
         config = json.loads(files["config.json"].read_text())
         if "model.safetensors" in files:
-            model = _build_model(config, files["model.safetensors"])
+            model = build_model(config, files["model.safetensors"])
         else:
-            model = _init_model(config, json.loads(files["init.json"].read_text()))
+            model = init_model(config, json.loads(files["init.json"].read_text()))
         uncond = np.load(files["uncond_embedding.npy"], allow_pickle=False)
         bins = None
         if "reward_bins.json" in files:
@@ -176,7 +166,7 @@ class MiroPipeline(nn.Module):
         atomic_write_with(out / "model.safetensors",
                           lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
         uncond = self.uncond_embedding.detach().float().cpu().numpy()
-        atomic_write_with(out / "uncond_embedding.npy", lambda tmp: _np_save(tmp, uncond))
+        atomic_write_with(out / "uncond_embedding.npy", lambda tmp: np_save(tmp, uncond))
         if self.reward_bins is not None:
             atomic_write_json(out / "reward_bins.json", self.reward_bins.to_dict())
         atomic_write_json(out / "config.json", config)  # last: a folder with a config is complete
@@ -238,6 +228,11 @@ class MiroPipeline(nn.Module):
         if key not in self.reward_bins.edges:
             raise ValueError(f"unknown reward key {key!r}; binned rewards: {sorted(self.reward_bins.edges)}")
         return self.reward_bins.value(key, score)
+
+    def check_reward_targets(self, targets: Mapping[str, Any] | None, default: float = 1.0,
+                             name: str = "reward_targets") -> dict[str, float]:
+        """Validate targets and fill every ``coherence_keys`` entry (missing -> ``default``)."""
+        return self._targets(targets, default, name)
 
     def _targets(self, targets: Mapping[str, Any] | None, default: float, name: str) -> dict[str, float]:
         if targets is None:
@@ -384,51 +379,3 @@ class MiroPipeline(nn.Module):
         if self.autocast is not None:
             return self.autocast
         return True if self._dtype != torch.float32 else None
-
-
-def _np_save(path: str, arr: np.ndarray) -> None:
-    with open(path, "wb") as f:  # np.save on a path would append ".npy" to the temp name
-        np.save(f, arr, allow_pickle=False)
-
-
-def _init_model(config: Mapping[str, Any], init: Mapping[str, Any]):
-    """A seeded fresh initialisation (``init.json`` = ``{"seed": s}``), for untrained demos."""
-    from miro.models.model import MiroModel
-
-    seed = init.get("seed")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"init.json needs an integer 'seed'; got {seed!r}")
-    model = MiroModel.from_config(dict(config), generator=torch.Generator().manual_seed(seed))
-    return model.eval().requires_grad_(False)
-
-
-def _build_model(config: Mapping[str, Any], weights: Path):
-    """``MiroModel.from_config`` + the safetensors file, checked tensor by tensor.
-
-    The model is built on the meta device (no random init of weights about to be overwritten)
-    and the file's tensors are assigned in; if anything were left on meta (a tensor the file
-    does not carry), it is rebuilt normally and loaded again.
-    """
-    from safetensors.torch import load_file
-
-    from miro.models.model import MiroModel
-
-    for key in ("network", "preconditioning", "data_preprocessing", "postprocessing"):
-        if key not in config:
-            raise ValueError(f"config.json has no {key!r} section (needs network, preconditioning, "
-                             "data_preprocessing, postprocessing)")
-    state = load_file(str(weights))
-    try:
-        with torch.device("meta"):
-            model = MiroModel.from_config(dict(config))
-    except (RuntimeError, NotImplementedError):  # a constructor step that needs real values
-        model = None
-    try:
-        if model is not None:
-            model.load_state_dict_checked(state, assign=True)
-        if model is None or any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
-            model = MiroModel.from_config(dict(config))
-            model.load_state_dict_checked(state)
-    except ValueError as e:
-        raise ValueError(f"{weights} does not match its config.json: {e}") from None
-    return model.eval().requires_grad_(False)

@@ -93,7 +93,8 @@ class SDXLVAECodec(Codec):
     """diffusers ``AutoencoderKL`` loaded lazily from a hub id or a diffusers-format folder.
 
     ``downsample`` and ``latent_channels`` are read from the loaded VAE's config (8 and 4 for
-    SDXL)."""
+    SDXL). ``encode``/``decode`` follow the caller's grad mode (the VAE's own parameters are
+    frozen), so gradients reach the latents when a reward is back-propagated through decoding."""
 
     def __init__(
         self,
@@ -162,7 +163,6 @@ class SDXLVAECodec(Codec):
                 self.vae.to(dtype=self.dtype)
         return self
 
-    @torch.no_grad()
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) in [-1, 1] -> latent (mean, std), each (B, C, H/8, W/8), float32."""
         _check_images(images)
@@ -174,7 +174,6 @@ class SDXLVAECodec(Codec):
             stds.append(dist.std.float())
         return torch.cat(means), torch.cat(stds)
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Raw VAE latents -> images in (about) [-1, 1], decoded in chunks of ``max_batch_size``."""
         self.load()

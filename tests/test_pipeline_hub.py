@@ -1,0 +1,129 @@
+"""Pipeline resolution: built-in names first, hub repos restricted to the variant's files,
+offline errors, push_to_hub (hub client replaced by a recorder; no network)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import miro.hub as hub
+from miro.encoders.tiny import tiny_pipeline
+from miro.pipeline import MiroPipeline
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hub")
+    return tiny_pipeline(root / "enc", text="bert").save_pretrained(root / "pipe")
+
+
+def test_offline_unknown_repo_fails_fast_with_clear_error():
+    t0 = time.perf_counter()
+    with pytest.raises(OSError, match=r"could not fetch pipeline 'nobody/no-such-miro'.*offline"):
+        MiroPipeline.from_pretrained("nobody/no-such-miro")
+    assert time.perf_counter() - t0 < 10  # HF_HUB_OFFLINE read at call time: no network retries
+
+
+def test_not_a_name_folder_or_repo():
+    with pytest.raises(ValueError, match=r"'no/such/thing' is not a built-in pipeline \(\["):
+        MiroPipeline.from_pretrained("no/such/thing")
+
+
+def test_builtin_names_resolve_before_the_hub(saved, tmp_path, monkeypatch):
+    builtin = tmp_path / "pipelines"
+    shutil.copytree(saved, builtin / "mini")
+    monkeypatch.setattr(hub, "BUILTIN_DIR", builtin)
+
+    def no_hub(*a, **k):
+        raise AssertionError("the hub must not be consulted for a built-in name")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", no_hub)
+    assert hub.builtin_pipelines() == ["mini"]
+    pipe = MiroPipeline.from_pretrained("mini")
+    assert pipe.source == str(builtin / "mini")
+
+
+@pytest.mark.parametrize("variant", [None, "miro-no-clip"])
+def test_hub_download_is_restricted_to_variant_files(saved, tmp_path, monkeypatch, variant):
+    snap = tmp_path / "snapshot"
+    shutil.copytree(saved, snap / variant if variant else snap)
+    seen = {}
+
+    def fake_snapshot(repo_id, allow_patterns=None, **kw):
+        seen.update(repo_id=repo_id, allow_patterns=allow_patterns, **kw)
+        return str(snap)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot)
+    pipe = MiroPipeline.from_pretrained("someone/miro-ablations", variant=variant, revision="abc",
+                                        cache_dir=str(tmp_path / "cache"))
+    prefix = f"{variant}/" if variant else ""
+    assert seen["repo_id"] == "someone/miro-ablations" and seen["revision"] == "abc"
+    assert sorted(seen["allow_patterns"]) == sorted(
+        prefix + f for f in ("config.json", "model.safetensors", "uncond_embedding.npy", "reward_bins.json"))
+    assert seen["local_files_only"] is True  # HF_HUB_OFFLINE=1 in tests
+    assert seen["cache_dir"] == str(tmp_path / "cache")
+    ref = MiroPipeline.from_pretrained(saved)
+    for k, v in ref.model.state_dict().items():
+        assert torch.equal(pipe.model.state_dict()[k], v)
+
+
+def test_hub_variant_missing_is_named(saved, tmp_path, monkeypatch):
+    snap = tmp_path / "snapshot"
+    snap.mkdir()
+    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda *a, **k: str(snap))
+    with pytest.raises(ValueError, match="variant 'miro-only-x' not found in 'someone/repo'"):
+        MiroPipeline.from_pretrained("someone/repo", variant="miro-only-x")
+
+
+def test_variant_name_cannot_escape_the_folder(saved):
+    with pytest.raises(ValueError, match="plain subfolder name"):
+        MiroPipeline.from_pretrained(saved, variant="../p")
+
+
+def test_push_to_hub_uploads_the_saved_folder(saved, tmp_path, monkeypatch):
+    pipe = MiroPipeline.from_pretrained(saved)
+    calls = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls["token"] = token
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            calls["create"] = (repo_id, private, exist_ok)
+
+        def upload_folder(self, repo_id, folder_path, path_in_repo=None, commit_message=None, revision=None):
+            calls["upload"] = (repo_id, path_in_repo, commit_message)
+            shutil.copytree(folder_path, tmp_path / "uploaded")
+            return "https://hub.example/commit/1"
+
+    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
+    url = pipe.push_to_hub("me/my-miro", variant="miro-x", private=True, token="t")
+    assert url == "https://hub.example/commit/1"
+    assert calls["create"] == ("me/my-miro", True, True)
+    assert calls["upload"][:2] == ("me/my-miro", "miro-x")
+    up = MiroPipeline.from_pretrained(tmp_path / "uploaded")
+    up.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=2, output_type="np")
+    assert np.array_equal(up("a red circle", generator=torch.Generator().manual_seed(0), **kw),
+                          pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw))
+
+
+def test_save_is_atomic_per_file(saved, tmp_path, monkeypatch):
+    """A failing write leaves no partial file and no temp file behind."""
+    pipe = MiroPipeline.from_pretrained(saved)
+    import safetensors.torch as st
+
+    def boom(state, path, metadata=None):
+        open(path, "wb").write(b"partial")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(st, "save_file", boom)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="disk full"):
+        pipe.save_pretrained(out)
+    assert list(out.iterdir()) == []

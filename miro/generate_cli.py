@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="miro generate",
         description="Generate images from a prompt with a MIRO pipeline, steered by reward targets.",
     )
-    p.add_argument("prompt", help="the text prompt")
+    p.add_argument("prompt", nargs="?", help="the text prompt (not needed with --list-rewards)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="built-in name (shapes, shapes-untrained), pipeline folder, hub repo id, or "
                         "Lightning .ckpt (default: %(default)s)")
@@ -111,7 +111,10 @@ def load_pipeline(model: str, variant=None, device=None, dtype=None, text_encode
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.prompt is None and not args.list_rewards:
+        parser.error("the prompt is required")
     import torch
 
     for name, value in (("--steps", args.steps), ("--n-samples", args.n)):

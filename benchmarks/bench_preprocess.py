@@ -165,7 +165,7 @@ def main() -> None:
     p.add_argument("--suite", choices=("tiny", "shapes", "all"), default="all")
     p.add_argument("--samples", type=int, default=128, help="samples per suite (two shards)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: small ops on a shared 2-core machine stall less)")
     args = p.parse_args()
     import torch
 

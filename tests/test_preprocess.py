@@ -311,6 +311,8 @@ def test_bad_arguments_give_clear_errors(tmp_path, capsys):
     assert main(_args(src, csv, "all")) == 2
     assert "needs --dest" in capsys.readouterr().err
     assert main(_args(src, csv, "rewards", "--scorer-kwargs", "[1]")) == 2
+    assert main(_args(src, csv, "rewards", "--scorer-kwargs", '{"ptest_nope": {}}')) == 2
+    assert "--scorer-kwargs names ['ptest_nope']" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(_args(src, csv, "rewards", "--shard_id", "0", "--shard_range", "0-1"))
     bad = tmp_path / "bad.tsv"

@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad arguments, missing inputs, weights that cannot be loaded
         print(f"miro preprocess: {e}", file=sys.stderr)
         return 2
 
@@ -195,6 +195,11 @@ def _run(args) -> int:
     if not isinstance(scorer_kwargs, dict) or not all(isinstance(v, dict) for v in scorer_kwargs.values()):
         raise ValueError(f'--scorer-kwargs must map reward names to objects, e.g. {{"clip_score": {{}}}}; '
                          f"got {args.scorer_kwargs!r}")
+    known = set(_csv_list(args.scorers)) | ({args.vqa_scorer.strip()} - {"none"})
+    unknown = sorted(set(scorer_kwargs) - known)
+    if unknown:
+        raise ValueError(f"--scorer-kwargs names {unknown}, which are not among --scorers / --vqa-scorer "
+                         f"({', '.join(sorted(known))})")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     precision = args.precision or ("bf16" if torch.device(device).type == "cuda" else "fp32")
     src = Path(args.src)

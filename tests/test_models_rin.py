@@ -1,0 +1,261 @@
+"""RIN backbone and MiroModel: published init, masks, rewards semantics, state dict and I/O."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from miro.models import MiroModel, NetworkConfig, get_config
+from miro.models.layers import swiglu_hidden_dim
+from miro.models.rin import RIN
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: one thread is faster, and avoids stalls when the shared cores are oversubscribed.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+TSV = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_checkpoint_keys.tsv"
+
+
+def tiny(seed=0):
+    return MiroModel.from_config(get_config("tiny"), generator=torch.Generator().manual_seed(seed)).eval()
+
+
+def inputs(model, b=3, length=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, *model.latent_shape, generator=g)
+    emb = torch.randn(b, length, model.network.label_dim, generator=g)
+    mask = torch.ones(b, length, dtype=torch.bool)
+    mask[0, 2:] = False
+    return x, torch.tensor([0.1, 0.5, 0.9])[:b], emb, mask
+
+
+def test_swiglu_width():
+    assert swiglu_hidden_dim(1024, 4) == 2816
+    assert swiglu_hidden_dim(512, 4) == 1536
+    assert swiglu_hidden_dim(192, 2) == 256
+
+
+def test_published_init():
+    net = tiny().network
+    assert torch.all(net.ln_previous_2.weight == 0) and torch.all(net.ln_previous_2.bias == 0)
+    for blk in net.transformers_blocks:
+        assert torch.all(blk.layer_scale_1 == 0.1) and torch.all(blk.layer_scale_2 == 0.1)
+    for p in (net.latents, net.data_pos_embedding, net.text_registers, net.coherence_positional_embedding):
+        assert p.abs().max() <= 0.04 and 0.01 < p.std() < 0.03
+    for m in net.modules():
+        if isinstance(m, torch.nn.Linear):
+            fan_in, fan_out = m.weight.shape[1], m.weight.shape[0]
+            bound = (6 / (fan_in + fan_out)) ** 0.5
+            assert m.weight.abs().max() <= bound
+            if m.bias is not None:
+                assert torch.all(m.bias == 0)
+    bools = {k: v for k, v in net.state_dict().items() if v.dtype == torch.bool}
+    assert "cond_mask" in bools and "registers_coherence_mask" in bools
+    assert any(k.endswith("attention_mask_dummy") for k in bools)
+    assert all(v.all() for v in bools.values())
+    # same generator -> same weights
+    a, b = tiny(3).state_dict(), tiny(3).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_self_conditioning_zero_latents_noop_only_at_init():
+    model = tiny()
+    x, g, emb, mask = inputs(model)
+    with torch.no_grad():
+        f_zero, _ = model.network(x, g, emb, mask, None, torch.zeros(3, 8, 32))
+        f_off, _ = model.network(x, g, emb, mask, None, None)
+        assert torch.equal(f_zero, f_off)
+        model.network.ln_previous_2.bias.add_(0.1)
+        model.network.ln_previous_2.weight.add_(0.1)
+        f_zero, _ = model.network(x, g, emb, mask, None, torch.zeros(3, 8, 32))
+        f_off, _ = model.network(x, g, emb, mask, None, None)
+    assert (f_zero - f_off).abs().max() > 1e-4
+
+
+def test_reward_semantics_eval_and_train():
+    model = tiny()
+    x, g, emb, mask = inputs(model)
+    net = model.network
+    with torch.no_grad():
+        base = net(x, g, emb, mask, {"clip_score": torch.tensor([0.2, 0.4, 0.6])})[0]
+        nan = net(x, g, emb, mask, {"clip_score": torch.full((3,), float("nan"))})[0]
+        missing = net(x, g, emb, mask, {})[0]
+        zero = net(x, g, emb, mask, {"clip_score": torch.zeros(3)})[0]
+        assert torch.equal(nan, missing)  # eval: NaN -> zero embedding, like a missing key
+        assert (zero - missing).abs().max() > 1e-5  # value 0 is a real embedding
+        assert (base - zero).abs().max() > 1e-5
+        net.train()
+        nan_t = net(x, g, emb, mask, {"clip_score": torch.full((3,), float("nan"))})[0]
+        zero_t = net(x, g, emb, mask, {"clip_score": torch.zeros(3)})[0]
+        assert torch.equal(nan_t, zero_t)  # training: NaN -> value 0
+        net.eval()
+    with pytest.raises(ValueError, match="unknown reward keys"):
+        net(x, g, emb, mask, {"clip": torch.zeros(3)})
+
+
+def test_padded_text_does_not_change_output():
+    model = tiny()
+    x, g, emb, mask = inputs(model)
+    emb2 = emb.clone()
+    emb2[0, 2:] = 1e3 * torch.randn_like(emb2[0, 2:])  # only masked positions change
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, g, emb, mask)[0], model(x, g, emb2, mask)[0])
+
+
+@pytest.mark.parametrize("strategy", ["binomial", "uniform", "none"])
+def test_reward_dropout_rates(strategy):
+    cfg = get_config("tiny")["network"]
+    cfg.update(coherence_dropout=0.5, dropout_strategy=strategy)
+    net = RIN(**cfg)
+    k = len(cfg["coherence_keys"])
+    mask = net.coherence_dropout_mask(20000, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert mask.shape == (20000, k) and set(mask.unique().tolist()) <= {0.0, 1.0}
+    kept = mask.sum(1)
+    if strategy == "none":
+        assert torch.all(mask == 1)
+    elif strategy == "binomial":
+        assert kept.min() >= 1  # an all-dropped row gets a one-hot
+        # P(keep) = 0.5 + P(all dropped) / K
+        expected = 0.5 + 0.5**k / k
+        assert abs(mask.mean().item() - expected) < 0.01
+    else:
+        dropped = k - kept
+        counts = torch.bincount(dropped.long(), minlength=k).float() / 20000
+        assert counts.shape[0] == k  # 0..K-1 dropped, at least one kept
+        assert torch.all((counts - 1 / k).abs() < 0.015)
+        # which rewards are dropped is uniform over positions
+        assert torch.all((mask.mean(0) - mask.mean()).abs() < 0.02)
+    again = net.coherence_dropout_mask(20000, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert torch.equal(mask, again)
+
+
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("data_size", 9, "divisible by patch_size"),
+        ("latents_dim", 40, "divisible by 16"),
+        ("compute_heads", 5, "compute_heads"),
+        ("dropout_strategy", "random", "dropout_strategy"),
+        ("coherence_keys", [], "coherence_keys"),
+        ("coherence_dropout", 1.0, "coherence_dropout"),
+        ("num_blocks", 0, "num_blocks"),
+    ],
+)
+def test_bad_network_config_raises(key, value, match):
+    cfg = get_config("tiny")
+    cfg["network"][key] = value
+    if key == "latents_dim":
+        cfg["preconditioning"][key] = value
+    with pytest.raises(ValueError, match=match):
+        MiroModel.from_config(cfg)
+
+
+def test_bad_config_sections_raise():
+    cfg = get_config("tiny")
+    cfg["network"]["num_heads"] = 3
+    with pytest.raises(ValueError, match="unknown network keys"):
+        MiroModel.from_config(cfg)
+    cfg = get_config("tiny")
+    cfg["preconditioning"]["num_latents"] = 9
+    with pytest.raises(ValueError, match="must match the network"):
+        MiroModel.from_config(cfg)
+    cfg = get_config("tiny")
+    cfg["postprocessing"] = {"model_type": "sd15"}
+    with pytest.raises(ValueError, match="model_type"):
+        MiroModel.from_config(cfg)
+    with pytest.raises(ValueError, match="expected"):
+        tiny()(torch.randn(1, 3, 16, 16), torch.rand(1), torch.randn(1, 2, 384), torch.ones(1, 2, dtype=torch.bool))
+
+
+def test_network_config_fields_are_published_keys():
+    header = next(l for l in TSV.read_text().splitlines() if l.startswith("# {"))
+    published = ast.literal_eval(header[2:])
+    fields = set(NetworkConfig.__dataclass_fields__)
+    assert set(published) <= fields
+    extra = fields - set(published)
+    assert extra == {"compute_dropout", "rw_stochastic_depth", "compute_stochastic_depth", "num_text_registers",
+                     "coherence_dropout", "dropout_strategy"}
+    rel = get_config("release")["network"]
+    assert {k: rel[k] for k in published} == published
+
+
+def _tsv_state_dict():
+    sd = {}
+    dtypes = {"float32": torch.float32, "bool": torch.bool}
+    for line in TSV.read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name, shape, dtype = line.split("\t")
+        sd[name] = torch.empty(ast.literal_eval(shape), dtype=dtypes[dtype], device="meta")
+    return sd
+
+
+def test_official_key_listing_loads_strict_on_meta():
+    sd = _tsv_state_dict()
+    assert len(sd) > 500
+    with torch.device("meta"):
+        model = MiroModel.from_config(get_config("release"))
+    assert set(model.state_dict()) == set(sd)
+    model.load_state_dict_checked(sd, assign=True)
+    assert sum(p.numel() for p in model.network.parameters()) == 360_413_712
+    first = next(iter(sd))
+    bad = dict(sd)
+    del bad[first]
+    with pytest.raises(ValueError, match=f"missing tensor '{first}'"):
+        model.load_state_dict_checked(bad, assign=True)
+    bad = dict(sd, **{"network.extra": torch.empty(1, device="meta")})
+    with pytest.raises(ValueError, match="unexpected tensor 'network.extra'"):
+        model.load_state_dict_checked(bad, assign=True)
+    bad = dict(sd, **{"network.latents": torch.empty(255, 1024, device="meta")})
+    with pytest.raises(ValueError, match="network.latents.*shape"):
+        model.load_state_dict_checked(bad, assign=True)
+    bad = dict(sd, **{"network.cond_mask": torch.empty(24, device="meta")})
+    with pytest.raises(ValueError, match="cond_mask.*dtype"):
+        model.load_state_dict_checked(bad, assign=True)
+
+
+def test_safetensors_roundtrip_bit_identical(tmp_path):
+    model = tiny(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    assert sd["network.cond_mask"].dtype == torch.bool
+    other = tiny(2)
+    other.load_state_dict_checked(sd)
+    x, g, emb, mask = inputs(model)
+    coh = {"aesthetic_score": torch.tensor([0.1, 0.2, 0.3])}
+    with torch.no_grad():
+        a, za = model(x, g, emb, mask, coh)
+        b, zb = other(x, g, emb, mask, coh)
+    assert torch.equal(a, b) and torch.equal(za, zb)
+
+
+def test_pre_and_post_processing_inverse():
+    cfg = get_config("release")
+    from miro.models.model import normalization_constants
+
+    scale, bias = normalization_constants(cfg["data_preprocessing"], 4)
+    torch.testing.assert_close(scale.flatten(), 0.5 / torch.tensor([7.8518, 5.8465, 6.8716, 5.3140]))
+    s2, b2 = normalization_constants({"model_type": "sdxl", "channel_wise_normalisation": False}, 4)
+    torch.testing.assert_close(s2.flatten(), torch.full((4,), 1 / 0.13025))
+    model = tiny()
+    model.data_preprocessing.scale.fill_(2.0)
+    model.postprocessing.scale.fill_(2.0)
+    model.data_preprocessing.bias.fill_(0.5)
+    model.postprocessing.bias.fill_(0.5)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(model.preprocess(x), 2 * x + 0.5)
+    torch.testing.assert_close(model.postprocess(model.preprocess(x)), x)

@@ -336,3 +336,30 @@ def test_resolution_defaults(tmp_path):
     assert _parse_resolutions(p.parse_args(base + ["--resolutions", "none"]), False) == ()
     with pytest.raises(ValueError, match="not a positive multiple of 8"):
         _parse_resolutions(p.parse_args(base + ["--resolutions", "20"]), False)
+
+
+def test_published_reward_keys_with_tiny_real_scorers(tmp_path):
+    """PickScore and SciScore code on a tiny CLIP: stored values = scorer score / 100, short caption."""
+    from miro.rewards import load_scorer
+    from test_preprocess_helpers import save_tiny_clip
+
+    src, csv = tmp_path / "raw", tmp_path / "csv"
+    make_raw_shards(src, n_shards=1, per_shard=3)
+    clip = str(save_tiny_clip(tmp_path / "clip"))
+    kw = {k: {"model": clip, "tokenizer": None, "image_size": 32} for k in ("pick_a_score_score", "sciscore_score")}
+    argv = _args(src, csv, "rewards", "--scorer-kwargs", json.dumps(kw))
+    argv[argv.index("--scorers") + 1] = "pick_a_score_score,sciscore_score"
+    assert main(argv) == 0
+    rows = pio.read_scores_csv(csv / "00000_scores.csv")
+    raw = _read(src / "00000.tar")
+    keys = sorted(raw)
+    images = [raw[k]["jpg"] for k in keys]
+    clean = [pio.clean_caption(raw[k]["txt"]) for k in keys]
+    short = [raw[k]["json"].get("short_synthetic_caption", c) for k, c in zip(keys, clean)]
+    for name in ("pick_a_score_score", "sciscore_score"):
+        scorer = load_scorer(name, **kw[name])
+        ref, ref_syn = scorer.score(images, clean) / 100, scorer.score(images, short) / 100
+        for i, key in enumerate(keys):
+            assert rows[key][name] == pytest.approx(ref[i].item(), rel=1e-4, abs=1e-6)
+            assert rows[key][f"synthetic_{name}"] == pytest.approx(ref_syn[i].item(), rel=1e-4, abs=1e-6)
+    assert len({rows[k]["pick_a_score_score"] for k in rows}) == 3  # really image/caption dependent

@@ -129,3 +129,34 @@ def make_raw_shards(folder: Path, n_shards: int = 2, per_shard: int = 3, json_ca
         paths.append(folder / f"{i:05d}.tar")
         write_shard(paths[-1], samples)
     return paths
+
+
+def save_tiny_clip(path: Path) -> Path:
+    """A tiny random transformers ``CLIPModel`` (32 px, patch 16) + word-level tokenizer."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
+
+    words = sorted({w.lower() for c in CAPTIONS for w in c.replace("<PERSON>", "").split()})
+    specials = ["<|endoftext|>", "<|startoftext|>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>",
+        special_tokens=[("<|startoftext|>", vocab["<|startoftext|>"]), ("<|endoftext|>", vocab["<|endoftext|>"])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", unk_token="<unk>", model_max_length=77)
+    eos = vocab["<|endoftext|>"]
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, eos_token_id=eos, pad_token_id=eos,
+                         bos_token_id=vocab["<|startoftext|>"]),
+        vision_config=dict(image_size=32, patch_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2),
+        projection_dim=8)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        CLIPModel(cfg).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path

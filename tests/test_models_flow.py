@@ -122,7 +122,7 @@ def test_flow_precond_formulas():
     assert c_in.shape == (3, 1, 1, 1)
     seen = {}
 
-    def net(y, g, emb, mask, coh, prev, generator=None):
+    def net(y, g, emb, mask, coh, prev, generator=None, latents_only=False):
         seen["y"], seen["prev"] = y, prev
         return y * 2.0, prev + 1
 
@@ -214,7 +214,7 @@ def test_flow_loss_closed_form_with_oracle_model():
             super().__init__()
             self.x0 = x0
 
-        def forward(self, y, gamma, emb, mask, coh, prev, return_logvar=False, generator=None):
+        def forward(self, y, gamma, emb, mask, coh, prev, return_logvar=False, generator=None, latents_only=False):
             g = gamma.reshape(-1, 1, 1, 1)
             eps = (y - g * self.x0) / (1 - g)
             v = eps - self.x0

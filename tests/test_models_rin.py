@@ -259,3 +259,33 @@ def test_pre_and_post_processing_inverse():
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(model.preprocess(x), 2 * x + 0.5)
     torch.testing.assert_close(model.postprocess(model.preprocess(x)), x)
+
+
+def test_text_padding_trim_is_exact_and_latents_only_matches():
+    model = tiny(4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    x, g, emb, mask = inputs(model, length=7)
+    mask[:, 4:] = False  # trailing columns padded in every sample
+    net = model.network
+    with torch.no_grad():
+        f_trim, z_trim = net(x, g, emb, mask, None, torch.randn(3, 8, 32, generator=torch.Generator().manual_seed(0)))
+        net.trim_text_padding = False
+        f_full, z_full = net(x, g, emb, mask, None, torch.randn(3, 8, 32, generator=torch.Generator().manual_seed(0)))
+        net.trim_text_padding = True
+        none, z_only = model(x, g, emb, mask, None, None, latents_only=True)
+        _, z_ref = model(x, g, emb, mask, None, None)
+    torch.testing.assert_close(f_trim, f_full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(z_trim, z_full, rtol=1e-5, atol=1e-6)
+    assert none is None and torch.equal(z_only, z_ref)
+
+
+def test_rmsnorm_custom_backward():
+    from miro.models.layers import _RMSNormFn
+
+    x = torch.randn(4, 3, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: _RMSNormFn.apply(a, b, 1e-6), (x, w))
+    ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+    torch.testing.assert_close(_RMSNormFn.apply(x, w, 1e-6), ref)

@@ -262,9 +262,10 @@ class FlowPrecond(nn.Module):
         previous_latents: Tensor | None = None,
         return_logvar: bool = False,
         generator: torch.Generator | None = None,
+        latents_only: bool = False,
     ):
         """(v_hat, z[, logvar (B,1,1,1)]). Missing previous latents become fp32 zeros (B, N_l, D_l):
-        the self-conditioning path always runs (published)."""
+        the self-conditioning path always runs (published). ``latents_only``: (None, z)."""
         b = y.shape[0]
         gamma = torch.as_tensor(gamma, device=y.device)
         if gamma.dim() == 0:
@@ -273,8 +274,17 @@ class FlowPrecond(nn.Module):
         if previous_latents is None:
             previous_latents = torch.zeros(b, self.num_latents, self.latents_dim, device=y.device, dtype=torch.float32)
         f, z = network(
-            y * c_in, gamma, text_tokens_embeddings, text_tokens_mask, coherence, previous_latents, generator=generator
+            y * c_in,
+            gamma,
+            text_tokens_embeddings,
+            text_tokens_mask,
+            coherence,
+            previous_latents,
+            generator=generator,
+            latents_only=latents_only,
         )
+        if latents_only:
+            return None, z
         out = f * c_out
         if return_logvar:
             return out, z, self.logvar(gamma).reshape(-1, *([1] * (y.dim() - 1)))
@@ -360,7 +370,7 @@ def flow_loss(
     """One flow-matching loss evaluation (published ``FlowMatchingLoss``; spec §7).
 
     ``model`` is a ``MiroModel`` (anything with ``forward(y, gamma, emb, mask, coherence,
-    previous_latents, return_logvar, generator)``), normally in train mode; ``x0`` normalised
+    previous_latents, return_logvar, generator, latents_only)``), normally in train mode; ``x0`` normalised
     latents (B, C, H, W); ``coherence`` base reward key -> (B,) stored values (NaN = missing).
 
     Random draws from ``generator``, in the published order: text drop rand(B); t; noise randn;
@@ -398,7 +408,7 @@ def flow_loss(
     previous = None
     if cfg.self_cond_rate > 0:
         with torch.no_grad():
-            _, z = model(y, gamma, emb, mask, coherence, None, generator=generator)
+            _, z = model(y, gamma, emb, mask, coherence, None, generator=generator, latents_only=True)
         keep = torch.rand(b, *([1] * (z.dim() - 1)), device=z.device, generator=generator) > 1 - cfg.self_cond_rate
         previous = z * keep.to(z.dtype)
         logs["self_cond_frac"] = keep.float().mean()

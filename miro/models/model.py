@@ -169,10 +169,12 @@ class MiroModel(nn.Module):
         previous_latents: Tensor | None = None,
         return_logvar: bool = False,
         generator: torch.Generator | None = None,
+        latents_only: bool = False,
     ):
         """Velocity prediction v_hat ~ eps - x0 for the noisy input y at signal level gamma.
 
         Returns (v_hat, z) or (v_hat, z, logvar (B,1,1,1)). ``previous_latents`` None means zeros.
+        ``latents_only`` returns (None, z) without the last write block and head.
         """
         return self.preconditioning(
             self.network,
@@ -184,6 +186,7 @@ class MiroModel(nn.Module):
             previous_latents,
             return_logvar=return_logvar,
             generator=generator,
+            latents_only=latents_only,
         )
 
     def preprocess(self, x: Tensor, std: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:

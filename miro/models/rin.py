@@ -88,13 +88,15 @@ class RINBlock(nn.Module):
         cond: Tensor,
         cond_mask: Tensor,
         generator: torch.Generator | None = None,
+        write: bool = True,
     ) -> tuple[Tensor, Tensor]:
         if self.retrieve_cond is not None:
             z = self.retrieve_cond(z, cond, from_mask=cond_mask, generator=generator)
         z = self.retriever_ca(z, x, generator=generator)
         for sa in self.processer_sa:
             z = sa(z, generator=generator)
-        x = self.writer_ca(x, z, generator=generator)
+        if write:
+            x = self.writer_ca(x, z, generator=generator)
         return x, z
 
 
@@ -108,8 +110,16 @@ def _check_prob(name: str, value: float) -> None:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
 
 
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
 class RIN(nn.Module):
     """Reward- and text-conditioned RIN (published ``CADRINTextCond`` kwargs and tensor names)."""
+
+    # Drop trailing text columns that are padding in every sample (exact; one host sync per call).
+    trim_text_padding: bool = True
 
     def __init__(
         self,
@@ -397,11 +407,14 @@ class RIN(nn.Module):
         coherence: Mapping[str, Tensor | float] | None = None,
         previous_latents: Tensor | None = None,
         generator: torch.Generator | None = None,
-    ) -> tuple[Tensor, Tensor]:
+        latents_only: bool = False,
+    ) -> tuple[Tensor | None, Tensor]:
         """y (B, C, S, S) already scaled by c_in; gamma (B,) raw signal level; text (B, L, E) and
         bool mask (B, L); coherence: base reward key -> (B,) values (missing key: zero embedding in
         eval, value 0 in training); previous_latents (B, N_l, D_l) or None (path skipped).
         ``generator`` drives training-time randomness (reward dropout, dropout, stochastic depth).
+        ``latents_only`` skips the last write block and the head (z does not depend on them) and
+        returns (None, z): the self-conditioning first pass needs only z.
         Returns (F (B, C, S, S), z (B, N_l, D_l))."""
         b, c, h, w = y.shape
         if c != self.num_input_channels or h != self.data_size or w != self.data_size:
@@ -424,6 +437,15 @@ class RIN(nn.Module):
             gamma = gamma.expand(b)
         gamma = gamma.reshape(b)
 
+        if self.trim_text_padding and not self.concat_cond_token_to_latents and not _compiling():
+            # Text columns masked in every sample are only ever masked keys: dropping them leaves
+            # every output unchanged (exp(-inf) = 0) and saves their cond-mapping compute.
+            valid = text_tokens_mask.bool().any(0).nonzero()
+            n = max(int(valid.max()) + 1, 1) if valid.numel() else 1
+            if n < text_tokens_mask.shape[1]:
+                text_tokens_embeddings = text_tokens_embeddings[:, :n]
+                text_tokens_mask = text_tokens_mask[:, :n]
+
         x = self.patch_extractor(self.patchify(y))
         x = self.data_ln(x) + self.data_pos_embedding
         e = self.time_embedder(gamma)  # (B, D_l)
@@ -437,7 +459,10 @@ class RIN(nn.Module):
         if self.use_self_conditioning and previous_latents is not None:
             p = previous_latents
             z = z + self.ln_previous_2(p + self.linear_previous(self.ln_previous_1(p)))
-        for block in self.rin_blocks:
-            x, z = block(x, z, cond, cond_mask, generator)
+        last = len(self.rin_blocks) - 1
+        for i, block in enumerate(self.rin_blocks):
+            x, z = block(x, z, cond, cond_mask, generator, write=not (latents_only and i == last))
+        if latents_only:
+            return None, z
         x = self.map_tokens_to_patches(x)
         return self.unpatchify(x, h, w), z

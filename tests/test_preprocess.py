@@ -211,7 +211,11 @@ def test_resume_after_crash_mid_shard_equals_uninterrupted_run(tmp_path, tiny_mo
     finally:
         enc.load_autoencoder = real
     assert sorted(p.name for p in dest.iterdir()) == ["00000.tar"]
+    # what a SIGKILL would leave behind (no cleanup ran): removed when the shard is redone
+    (dest / ".00001.tar.spool.x1.tmp").write_bytes(b"partial")
+    (dest / ".00001.tar.x2.tmp").write_bytes(b"partial")
     assert main(_vae_args(src, csv, dest, tiny_models, res="16")) == 0
+    assert sorted(p.name for p in dest.iterdir()) == ["00000.tar", "00001.tar"]
     for i in range(2):
         assert (dest / f"{i:05d}.tar").read_bytes() == (ref_dest / f"{i:05d}.tar").read_bytes()
     # a deleted output is redone; so is a shard whose scores changed (a vqa rerun); others are skipped

@@ -82,7 +82,7 @@ def test_shard_round_trip_determinism_and_resume(tmp_path):
             assert meta[k] == pytest.approx(float(both[k][0])) and meta[synthetic_reward_key(k)] == pytest.approx(float(both[k][1]))
             assert 0.0 <= meta[k] <= 1.0
     # same arguments, same bytes (a second folder, through the CLI)
-    rc = shapes_main(["make-dataset", "--out", str(tmp_path / "b"), "--num-samples", "11", "--shard-size", "4", "--seed", "3", "--no-progress"])
+    rc = shapes_main(["make-dataset", "--out", str(tmp_path / "b"), "--num-samples", "11", "--shard-size", "4", "--seed", "3", "--no-progress", "--workers", "2"])
     assert rc == 0 and _md5s(tmp_path / "a") == _md5s(tmp_path / "b")
     # resume: complete shards are skipped, a truncated one is rewritten to the same bytes
     before = _md5s(tmp_path / "a")
@@ -101,3 +101,5 @@ def test_config_errors():
         DatasetConfig(num_samples=0)
     with pytest.raises(ValueError, match="resolution"):
         DatasetConfig(num_samples=1, resolution=128)
+    with pytest.raises(ValueError, match="workers"):
+        make_dataset("unused", DatasetConfig(num_samples=1), workers=0)

@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--imperfection-rates", nargs="*", default=[], metavar="NAME=RATE",
                    help="override defect rates, e.g. blur=0.3 noise=0; all=0 for clean data")
     p.add_argument("--plain-background", action="store_true", help="plain gray backgrounds (no colour/texture variety)")
+    p.add_argument("--workers", type=int, default=1, help="parallel processes, one shard each (same bytes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("render", help="render the ground truth of a caption")
@@ -73,7 +74,7 @@ def _make_dataset(args) -> int:
 
     cfg = DatasetConfig(num_samples=args.num_samples, shard_size=args.shard_size, seed=args.seed, resolution=args.resolution,
                         rates=ImperfectionRates.from_strings(args.imperfection_rates), varied_background=not args.plain_background)
-    res = make_dataset(args.out, cfg, progress=not args.no_progress)
+    res = make_dataset(args.out, cfg, progress=not args.no_progress, workers=args.workers)
     print(f"{res['samples']} samples in {res['shards']} shards under {args.out} ({res['written']} written, {res['skipped']} complete shards skipped)")
     return 0
 

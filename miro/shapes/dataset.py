@@ -74,7 +74,11 @@ def sample_record(index: int, cfg: DatasetConfig) -> dict:
 
     scene_cfg = SceneConfig.varied() if cfg.varied_background else SceneConfig()
     s = make_sample(cfg.seed, index, cfg.rates, cfg.resolution, scene_cfg)
-    both = score_all([s.image, s.image], [s.caption, s.synthetic["prompt"]])
+    # text rewards for both captions (one cached detection); image-only rewards once
+    text_keys = ("shapes_alignment", "shapes_counting", "shapes_position")
+    both = score_all([s.image, s.image], [s.caption, s.synthetic["prompt"]], keys=text_keys)
+    image_only = score_all([s.image], [s.caption], keys=tuple(k for k in REWARD_KEYS if k not in text_keys))
+    both.update({k: v.repeat(2) for k, v in image_only.items()})
     meta = {
         "synthetic_caption": s.synthetic["prompt"],
         "short_synthetic_caption": s.short_synthetic["prompt"],
@@ -120,28 +124,49 @@ def _check_manifest(out: Path, cfg: DatasetConfig) -> None:
     os.replace(tmp, path)
 
 
-def make_dataset(out: str | os.PathLike, cfg: DatasetConfig, progress: bool = True) -> dict:
-    """Write (or complete) the dataset in ``out``; returns counts of written and skipped shards."""
-    from tqdm.auto import tqdm
-
-    out = Path(out)
-    _check_manifest(out, cfg)
-    written = skipped = 0
-    bar = tqdm(total=cfg.num_samples, desc="shapes dataset", unit="sample", disable=not progress)
-    for shard in range(cfg.num_shards):
-        lo, hi = shard * cfg.shard_size, min((shard + 1) * cfg.shard_size, cfg.num_samples)
-        path = shard_path(out, shard)
-        if shard_is_complete(path, [sample_key(i) for i in range(lo, hi)]):
-            skipped += 1
+def _write_shard(out: Path, shard: int, cfg: DatasetConfig, bar=None) -> bool:
+    """Write one shard unless it is already complete; True when written."""
+    lo, hi = shard * cfg.shard_size, min((shard + 1) * cfg.shard_size, cfg.num_samples)
+    path = shard_path(out, shard)
+    if shard_is_complete(path, [sample_key(i) for i in range(lo, hi)]):
+        if bar is not None:
             bar.update(hi - lo)
-            continue
+        return False
 
-        def samples(lo=lo, hi=hi):
-            for i in range(lo, hi):
-                yield sample_record(i, cfg)
+    def samples():
+        for i in range(lo, hi):
+            yield sample_record(i, cfg)
+            if bar is not None:
                 bar.update(1)
 
-        write_shard(path, samples())
-        written += 1
-    bar.close()
-    return {"shards": cfg.num_shards, "written": written, "skipped": skipped, "samples": cfg.num_samples}
+    write_shard(path, samples())
+    return True
+
+
+def make_dataset(out: str | os.PathLike, cfg: DatasetConfig, progress: bool = True, workers: int = 1) -> dict:
+    """Write (or complete) the dataset in ``out``; returns counts of written and skipped shards.
+
+    ``workers > 1`` writes shards in parallel processes (the bytes do not change).
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer; got {workers!r}")
+    out = Path(out)
+    _check_manifest(out, cfg)
+    if workers == 1:
+        bar = tqdm(total=cfg.num_samples, desc="shapes dataset", unit="sample", disable=not progress)
+        written = [_write_shard(out, k, cfg, bar) for k in range(cfg.num_shards)]
+        bar.close()
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+
+        bar = tqdm(total=cfg.num_shards, desc="shapes dataset", unit="shard", disable=not progress)
+        with ProcessPoolExecutor(workers) as pool:
+            written = []
+            for w in pool.map(_write_shard, [out] * cfg.num_shards, range(cfg.num_shards), [cfg] * cfg.num_shards):
+                written.append(w)
+                bar.update(1)
+        bar.close()
+    n = sum(written)
+    return {"shards": cfg.num_shards, "written": n, "skipped": cfg.num_shards - n, "samples": cfg.num_samples}

@@ -1,7 +1,7 @@
 """ShapesEval: a GenEval-style benchmark of the Shapes world, scored by the exact detector.
 
-* **Prompts**: 320 GenEval-metadata lines over the six categories (single_object 40,
-  two_object 60, counting 45, colors 50, position 60, color_attr 65), built once by
+* **Prompts**: 300 GenEval-metadata lines over the six categories (single_object 40,
+  two_object 55, counting 45, colors 50, position 55, color_attr 55), built once by
   :func:`build_prompt_set` from a fixed seed and shipped as ``data/shapes_eval_metadata.jsonl``.
   With five classes some categories have few distinct prompts (5 single objects, 15 counting
   prompts); they repeat, and each repeat gets its own seeds (seed + 1000·i + j).
@@ -29,7 +29,7 @@ from miro.shapes.captions import canonical, caption_from_metadata, parse_caption
 from miro.shapes.scene import SceneConfig, rng_for, scene_from_metadata
 
 PROMPT_SET_SEED = 2023  # fixed: the prompt set never changes
-CATEGORY_SIZES = {"single_object": 40, "two_object": 60, "counting": 45, "colors": 50, "position": 60, "color_attr": 65}
+CATEGORY_SIZES = {"single_object": 40, "two_object": 55, "counting": 45, "colors": 50, "position": 55, "color_attr": 55}
 METADATA_FILE = "shapes_eval_metadata.jsonl"
 RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "shapes_eval_summary.json"

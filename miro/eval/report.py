@@ -133,6 +133,11 @@ def _rewards_section(doc: _Doc, run: Path, outdir: Path, row: str | None):
     doc.table(header, rows)
     if with_paper:
         doc.p("Paper numbers: PartiPrompts, 256 px (MIRO project page). They apply when this run used PartiPrompts.")
+    names = list(summ["rewards"])
+    tags = sorted({t for st in summ["rewards"].values() for t in st.get("by_tag", {})})
+    if 1 < len(tags) <= 24:  # per category (GenEval tag, Parti category, CuRe MIA variant)
+        doc.table(["tag"] + names, [[t] + [summ["rewards"][n].get("by_tag", {}).get(t, {}).get("mean") for n in names]
+                                    for t in tags])
     recs = read_jsonl(run / "rewards.jsonl")
     vals = {n: [r[n] for r in recs if isinstance(r.get(n), float)] for n in summ["rewards"]}
     vals = {n: v for n, v in vals.items() if v}

@@ -52,9 +52,13 @@ def stub():
     srv.timeout = 5
     t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()
+    watchdog = threading.Timer(30.0, srv.shutdown)  # the server stops by itself even if a test hangs
+    watchdog.daemon = True
+    watchdog.start()
     try:
         yield srv, f"http://127.0.0.1:{srv.server_address[1]}/v1"
     finally:
+        watchdog.cancel()
         srv.shutdown()
         srv.server_close()
         t.join(timeout=5)
@@ -97,6 +101,7 @@ def test_judge_folder_against_stub(stub, tmp_path, monkeypatch):
     assert len(srv.requests) == n + 1 and s["errors"] == 0 and s["answered"] == 3
 
 
+@pytest.mark.timeout(60)
 def test_cure_rubric_and_validation(stub):
     srv, url = stub
     cfg = J.JudgeConfig(base_url=url, model="m", rubric="cure", timeout=5, max_retries=0)

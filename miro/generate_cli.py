@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
     p.add_argument("--text-encoder", default=None, help="override the config's text encoder")
     p.add_argument("--vae", default=None, help="override the config's autoencoder")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is fastest on an oversubscribed machine)")
     p.add_argument("--list-rewards", action="store_true", help="print the model's reward keys and exit")
     return p
 
@@ -121,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         if value < 1:
             print(f"miro generate: {name} must be >= 1, got {value}", file=sys.stderr)
             return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"miro generate: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         pipe = load_pipeline(args.model, args.variant, device, args.dtype, args.text_encoder, args.vae)

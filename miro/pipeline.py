@@ -91,6 +91,7 @@ class MiroPipeline(nn.Module):
         self.reward_bins = reward_bins
         self.autocast: bool | None = None  # None: the sampler default (bf16 on CUDA, as published)
         self._progress = True
+        self.source: str | None = None  # where the pipeline was loaded from
         self._device = torch.device("cpu")
         self._dtype = torch.float32
 
@@ -280,6 +281,10 @@ class MiroPipeline(nn.Module):
     def encode_prompt(self, prompts: Sequence[str], num_images_per_prompt: int = 1):
         """Text embeddings (B·n, L, E) float32 and mask (B·n, L) bool, copies adjacent."""
         emb, mask = self.text_encoder.encode(list(prompts))
+        width = self.uncond_embedding.shape[1]
+        if emb.shape[-1] != width:
+            raise ValueError(f"text encoder {self.text_encoder!r} gives {emb.shape[-1]}-d embeddings; "
+                             f"this model was trained on {width}-d text (label_dim)")
         emb, mask = emb.to(self._device, torch.float32), mask.to(self._device)
         if num_images_per_prompt > 1:
             emb = emb.repeat_interleave(num_images_per_prompt, dim=0)

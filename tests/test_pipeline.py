@@ -267,3 +267,7 @@ def test_overrides_and_coherence_keys(saved, pipe):
     assert q.text_encoder is pipe.text_encoder
     with pytest.raises(ValueError, match="unknown autoencoder 'nope'"):
         MiroPipeline.from_pretrained(saved, vae="nope")
+    # A text encoder of another width is refused with both widths named.
+    wrong = MiroPipeline.from_pretrained(saved, text_encoder="minilm")
+    with pytest.raises(ValueError, match="384-d embeddings.*24-d text"):
+        wrong("a red circle", num_inference_steps=1)

@@ -173,15 +173,22 @@ def test_resume_after_crash_mid_shard_equals_uninterrupted_run(tmp_path, tiny_mo
     assert main(_vae_args(src, ref_csv, ref_dest, tiny_models, res="16")) == 0
     reset()
     csv, dest = tmp_path / "csv", tmp_path / "out"
-    CRASH["ptest_words"] = 6  # shard 0 takes 4 calls (2 batches x 2 captions); crash in shard 1's 1st batch
+    # shard 0 takes 4 calls (2 batches x 2 captions); the crash hits shard 1's 2nd batch, after
+    # its 1st batch was checkpointed (--checkpoint-seconds 0: after every batch)
+    CRASH["ptest_words"] = 8
     with pytest.raises(KeyboardInterrupt):
-        main(_args(src, csv, "rewards"))
+        main(_args(src, csv, "rewards", "--checkpoint-seconds", "0"))
     assert (csv / "00000_scores.csv").is_file() and not (csv / "00001_scores.csv").exists()
     assert json.loads((csv / "logs" / "00001.rewards.json").read_text())["status"] == "running"
+    partial = json.loads((csv / "logs" / "00001.rewards.partial.json").read_text())
+    assert sorted(partial["rows"]) == ["s1k0", "s1k1"]
     CRASH.clear()
     calls = CALLS["ptest_words"]
     assert main(_args(src, csv, "rewards")) == 0
-    assert CALLS["ptest_words"] == calls + 4  # shard 1 only
+    assert CALLS["ptest_words"] == calls + 2  # shard 1's last batch only
+    assert not (csv / "logs" / "00001.rewards.partial.json").exists()
+    log1 = json.loads((csv / "logs" / "00001.rewards.json").read_text())
+    assert (log1["status"], log1["samples_read"], log1["samples_ok"]) == ("complete", 4, 4)
     assert main(_args(src, csv, "vqa")) == 0
     for i in range(2):
         assert (csv / f"{i:05d}_scores.csv").read_bytes() == (ref_csv / f"{i:05d}_scores.csv").read_bytes()

@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "text encoders always run in fp32")
     run.add_argument("--num-workers", type=int, default=2, help="image-decoding threads (default: %(default)s)")
     run.add_argument("--overwrite", action="store_true", help="redo shards even when their outputs are complete")
+    run.add_argument("--checkpoint-seconds", type=float, default=120.0,
+                     help="stages rewards/vqa save their progress within a shard this often, so a killed "
+                          "job resumes mid-shard (default: %(default)s; 0: after every batch)")
     run.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     return p
 
@@ -219,6 +222,7 @@ def _run(args) -> int:
     opts = StageOptions(csv_dir=csv_dir, dest=Path(args.dest) if args.dest else None, batch_size=args.batch_size,
                         device=device, precision=precision, synthetic=not args.no_synthetic, captions=captions,
                         captions_id=captions_id, num_workers=args.num_workers, overwrite=args.overwrite,
+                        checkpoint_seconds=args.checkpoint_seconds,
                         progress=not args.no_progress)
     print(f"miro preprocess: stage {args.stage}, {len(shards)} shard(s), device {device} ({precision}), csv_dir {csv_dir}")
 

@@ -72,7 +72,10 @@ class ShardReport:
     truncated: bool = False  # the source tar was cut short (samples before the damage kept)
     seconds: float = 0.0
 
+    skipped_keys: list[str] = field(default_factory=list)  # every skipped key (for checkpoints)
+
     def skip(self, key: str, reason: str, detail: str = "") -> None:
+        self.skipped_keys.append(key)
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
         if len(self.errors) < MAX_LOGGED_ERRORS:
             self.errors.append(f"{key}: {reason}" + (f" ({detail})" if detail else ""))
@@ -162,13 +165,14 @@ def shard_keys(path: str | os.PathLike) -> list[str]:
 
 
 def iter_decoded(path: str | os.PathLike, report: ShardReport, transform=None,
-                 workers: int = 0, chunk: int = 32) -> Iterator[tuple[RawSample, object]]:
+                 workers: int = 0, chunk: int = 32, done: set[str] | None = None) -> Iterator[tuple[RawSample, object]]:
     """Yield ``(sample, transform(sample))`` for every usable sample of a shard, in tar order.
 
     Damaged samples (bad key, image, caption or JSON, or an exception in ``transform``) are
     skipped and counted in ``report``; a truncated tar keeps the samples before the damage.
     ``workers > 0`` decodes in a thread pool (PIL releases the GIL while decoding) while the
-    caller runs the models.
+    caller runs the models. Keys in ``done`` (handled by an earlier, interrupted run) are passed
+    over without decoding or counting.
     """
     stats = ReadStats()
 
@@ -186,6 +190,8 @@ def iter_decoded(path: str | os.PathLike, report: ShardReport, transform=None,
     def chunks() -> Iterator[list[dict]]:
         buf: list[dict] = []
         for raw in iter_raw_samples(path, stats):
+            if done and raw["__key__"] in done:
+                continue
             buf.append(raw)
             if len(buf) == chunk:
                 yield buf

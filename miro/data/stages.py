@@ -15,6 +15,7 @@ codec, MiniLM, ``shapes_*`` rewards). Each stage knows whether a shard is alread
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -61,6 +62,7 @@ class StageOptions:
     captions_id: str = "json"  # identifies the caption source in stage configs
     num_workers: int = 0  # image-decoding threads (0: decode in the main thread)
     overwrite: bool = False  # redo shards even when complete
+    checkpoint_seconds: float = 120.0  # score stages save progress within a shard this often (0: every batch)
     progress: bool = True  # tqdm bar per shard
 
 
@@ -194,13 +196,41 @@ class ScoreStage(_Stage):
                 raise batch_error
             return out
 
+    # -- within-shard checkpoints: a killed run resumes at the last saved batch -------------
+    def checkpoint_path(self, shard: Path) -> Path:
+        return self.log_path(shard).with_suffix(".partial.json")
+
+    def _save_checkpoint(self, shard: Path, rows: dict, report: pio.ShardReport) -> None:
+        body = {"source": pio.fingerprint(shard), "config": self.config(), "rows": rows,
+                "samples_read": report.samples_read, "skipped": report.skipped, "errors": report.errors,
+                "skipped_keys": report.skipped_keys}
+        pio.atomic_write_bytes(self.checkpoint_path(shard), json.dumps(body).encode("utf-8"))
+
+    def _load_checkpoint(self, shard: Path, report: pio.ShardReport) -> dict[str, dict]:
+        path = self.checkpoint_path(shard)
+        if self.opts.overwrite or not path.is_file():
+            return {}
+        try:
+            body = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        if body.get("source") != pio.fingerprint(shard) or body.get("config") != self.config():
+            return {}  # the source or the stage changed: the saved progress does not apply
+        report.samples_read = body["samples_read"]
+        report.skipped, report.errors = dict(body["skipped"]), list(body["errors"])
+        report.skipped_keys = list(body["skipped_keys"])
+        return body["rows"]
+
     def run_shard(self, shard: Path) -> pio.ShardReport:
         t0 = time.perf_counter()
         report = pio.ShardReport(self.name, shard.name)
         self._mark_running(shard, report)
-        rows: dict[str, dict] = {}
+        rows = self._load_checkpoint(shard, report)
+        done = set(rows) | set(report.skipped_keys)
+        last_save = time.monotonic()
         with self._progress(shard) as bar:
-            for batch in pio.batched(pio.iter_decoded(shard, report, workers=self.opts.num_workers),
+            bar.update(len(done))
+            for batch in pio.batched(pio.iter_decoded(shard, report, workers=self.opts.num_workers, done=done),
                                      self.opts.batch_size):
                 samples = [s for s, _ in batch]
                 caps = [pio.resolve_captions(s, self.opts.captions)[:2] for s in samples]
@@ -209,6 +239,9 @@ class ScoreStage(_Stage):
                         vals["synthetic_caption"], vals["short_synthetic_caption"] = long, short
                     rows[s.key] = vals
                 bar.update(len(batch))
+                if time.monotonic() - last_save >= self.opts.checkpoint_seconds:
+                    self._save_checkpoint(shard, rows, report)
+                    last_save = time.monotonic()
         report.samples_ok = len(rows)
         csv_path = pio.scores_csv_path(self.opts.csv_dir, shard)
         cols = self.columns() + (list(pio.CAPTION_COLUMNS) if self.opts.synthetic else [])
@@ -217,6 +250,7 @@ class ScoreStage(_Stage):
         pio.write_log(self.log_path(shard), report, "complete", source=pio.fingerprint(shard),
                       config=self.config(), keys_digest=pio.keys_digest(rows), output=str(csv_path),
                       columns=self.columns())
+        self.checkpoint_path(shard).unlink(missing_ok=True)
         return report
 
 

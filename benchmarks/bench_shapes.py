@@ -5,6 +5,8 @@
 Prints: rendering and dataset generation rates (samples/s, one process), reward scoring rate
 (images/s, all five shapes_* rewards, fresh detector cache), ShapesEval scoring rate, and the
 detector's per-object accuracy on clean renders and under each image-affecting imperfection.
+Each rate is given per wall-clock second and per CPU second of this process (the second is
+the one to compare on a shared machine).
 
 Per-object accuracy = objects found with the right class and colour (box IoU > 0.5)
 / (ground-truth objects + false detections); recall and precision are printed beside it.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -50,6 +53,15 @@ def accuracy_table(n: int, resolution: int) -> list[tuple[str, float, float, flo
     return rows
 
 
+@contextmanager
+def rate(label: str, n: int, unit: str):
+    """Print n / wall seconds and n / CPU seconds of the block."""
+    w, c = time.perf_counter(), time.process_time()
+    yield
+    w, c = time.perf_counter() - w, time.process_time() - c
+    print(f"{label}: {n / w:.0f} {unit}/s wall, {n / c:.0f} {unit}/CPU-s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=300, help="samples per measurement")
@@ -64,34 +76,24 @@ def main() -> None:
 
     n, res = args.n, args.resolution
     samples = [make_sample(99, i, resolution=res) for i in range(n)]
-    t = time.perf_counter()
-    for s in samples:
-        render(s.scene, res)
-    print(f"render: {n / (time.perf_counter() - t):.0f} images/s ({res}px, supersample 8)")
-
-    t = time.perf_counter()
-    for i in range(n):
-        make_sample(7, i, resolution=res)
-    print(f"web-like samples (scene + caption + defects + render): {n / (time.perf_counter() - t):.0f} samples/s")
-
+    with rate(f"render ({res}px, supersample 8)", n, "images"):
+        for s in samples:
+            render(s.scene, res)
+    with rate("web-like samples (scene + caption + defects + render)", n, "samples"):
+        for i in range(n):
+            make_sample(7, i, resolution=res)
     with tempfile.TemporaryDirectory() as d:
-        t = time.perf_counter()
-        make_dataset(d, DatasetConfig(num_samples=n, shard_size=max(n // 2, 1), resolution=res), progress=False)
-        print(f"make-dataset (samples + 10 rewards + PNG + tar): {n / (time.perf_counter() - t):.0f} samples/s")
-
+        with rate("make-dataset (sample + 5 rewards x 2 captions + PNG + tar)", n, "samples"):
+            make_dataset(d, DatasetConfig(num_samples=n, shard_size=max(n // 2, 1), resolution=res), progress=False)
     imgs = [s.image for s in samples]
     caps = [s.caption for s in samples]
-    t = time.perf_counter()
-    score_all(imgs, caps, detector=ShapesDetector(cache_size=0))
-    print(f"reward scoring (all five shapes_* keys, one detection per image): {n / (time.perf_counter() - t):.0f} images/s")
-
+    with rate("reward scoring (all five shapes_* keys, one detection per image)", n, "images"):
+        score_all(imgs, caps, detector=ShapesDetector(cache_size=0))
     with tempfile.TemporaryDirectory() as d:
         eval_generate(GroundTruthPipeline(res), d, n_samples=4, progress=False)
-        t = time.perf_counter()
-        summary = score_folder(d, progress=False)
-        dt = time.perf_counter() - t
-        print(f"ShapesEval scoring of {summary['images']} ground-truth images: {dt:.1f} s "
-              f"({summary['images'] / dt:.0f} images/s), overall {summary['overall']:.4f}")
+        with rate("ShapesEval scoring (300 prompts x 4 ground-truth images)", 1200, "images"):
+            summary = score_folder(d, progress=False)
+        print(f"  ShapesEval overall on ground truth: {summary['overall']:.4f} ({summary['images']} images)")
 
     print()
     print(f"detector per-object accuracy ({n} samples per row, {res}px)")

@@ -112,6 +112,9 @@ def build_configs(med_config: dict, vision: dict | None = None):
         max_position_embeddings=med_config.get("max_position_embeddings", 512),
         hidden_act=med_config.get("hidden_act", "gelu"), layer_norm_eps=med_config.get("layer_norm_eps", 1e-12),
         pad_token_id=med_config.get("pad_token_id", 0),
+        # [DEC] / [SEP] ids of bert-base-uncased + BLIP's tokens; unused by the encoder forward
+        bos_token_id=30522 if med_config["vocab_size"] > 30522 else None,
+        sep_token_id=102 if med_config["vocab_size"] > 102 else None,
         is_decoder=True,  # builds the cross-attention layers (med.py add_cross_attention); forward runs bidirectionally
     )
     return vcfg, tcfg

@@ -156,3 +156,5 @@ def test_detector_inputs_and_boxes():
     assert detect(render(Scene([ShapeObject("square", "black", 0.5, 0.5, 0.06)]))) == []
     with pytest.raises(ValueError, match="RGB"):
         detect(np.zeros((32, 32)))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        detect(img.astype(np.float32))  # 0-255 floats are refused, not misread

@@ -85,10 +85,14 @@ def to_float_image(image) -> np.ndarray:
         raise ValueError(f"image must be RGB (H, W, 3); got shape {arr.shape}")
     if arr.dtype == np.uint8:
         return arr.astype(np.float64) / 255.0
-    return arr.astype(np.float64)
+    arr = arr.astype(np.float64)
+    if arr.size and (arr.min() < -0.01 or arr.max() > 1.01):  # tolerate rounding overshoot only
+        raise ValueError(f"float images must lie in [0, 1]; got values in [{arr.min():.3g}, {arr.max():.3g}] (pass uint8 for 0-255)")
+    return np.clip(arr, 0.0, 1.0)
 
 
-def _background(img: np.ndarray) -> tuple[np.ndarray, float]:
+def estimate_background(img: np.ndarray) -> tuple[np.ndarray, float]:
+    """(background RGB, pixel-noise sigma) of a (H, W, 3) float image, read on its 1-pixel frame."""
     frame = np.concatenate([img[0], img[-1], img[1:-1, 0], img[1:-1, -1]], axis=0)
     bg = np.median(frame, axis=0)
     # pixel noise from neighbour differences along the frame: smooth textures cancel, white
@@ -189,7 +193,7 @@ def detect_array(img: np.ndarray, cfg: DetectorConfig | None = None) -> list[Det
     if h < 4 or w < 4:
         raise ValueError(f"image too small for detection: {h}x{w}")
     resolution = max(h, w)
-    bg, sigma = _background(img)
+    bg, sigma = estimate_background(img)
     seg = ndimage.gaussian_filter(img, sigma=(0.8, 0.8, 0)) if sigma > cfg.smooth_above else img
     eff_sigma = sigma * (0.35 if sigma > cfg.smooth_above else 1.0)
     dist = np.sqrt(((seg - bg) ** 2).sum(-1))

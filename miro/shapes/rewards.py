@@ -35,7 +35,7 @@ from miro.eval.geneval_rules import Detection, relative_position
 from miro.rewards.base import Scorer, check_prompts, register
 from miro.shapes import world as W
 from miro.shapes.captions import parse_caption
-from miro.shapes.detector import ShapesDetector, to_float_image
+from miro.shapes.detector import ShapesDetector, estimate_background, to_float_image
 
 REWARD_KEYS: tuple[str, ...] = ("shapes_alignment", "shapes_counting", "shapes_position", "shapes_sharpness", "shapes_contrast")
 DET_THRESHOLD = 0.3  # detections at or below this confidence are ignored (GenEval's `threshold`)
@@ -138,10 +138,8 @@ def sharpness(img: np.ndarray) -> float:
 
 
 def contrast(img: np.ndarray, dets: list[Detection]) -> float:
-    from miro.shapes.detector import _background
-
     dets = _kept(dets)
-    bg, _ = _background(img)
+    bg, _ = estimate_background(img)
     bg_names = list(W.BACKGROUNDS)
     bg_ref = np.asarray(W.BACKGROUNDS[bg_names[int(np.argmin([np.linalg.norm(bg - np.asarray(W.BACKGROUNDS[b])) for b in bg_names]))]])
     fidelity = [np.exp(-(np.linalg.norm(bg - bg_ref) / FIDELITY_SIGMA) ** 2)]
@@ -158,10 +156,8 @@ def contrast(img: np.ndarray, dets: list[Detection]) -> float:
 
 
 def _arrays(images) -> list[np.ndarray]:
-    if isinstance(images, torch.Tensor):
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"image tensor must have shape (B, 3, H, W); got {tuple(images.shape)}")
-        return [to_float_image(im) for im in images]
+    if isinstance(images, torch.Tensor) and (images.ndim != 4 or images.shape[1] != 3):
+        raise ValueError(f"image tensor must have shape (B, 3, H, W); got {tuple(images.shape)}")
     return [to_float_image(im) for im in images]
 
 

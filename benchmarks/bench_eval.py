@@ -1,6 +1,6 @@
 """Evaluation throughput: generation images/s vs batch size, and scoring images/s.
 
-    python benchmarks/bench_eval.py                       # shapes model, 20 steps, batches 1,4,16
+    python benchmarks/bench_eval.py                       # shapes model, 20 steps, batches 1,4,16, 1 thread
     python benchmarks/bench_eval.py --steps 50 --batch-sizes 1,8,32 --images 32
 
 Generation runs through ``miro.eval.generate.generate_folder`` (GenEval layout, per-sample
@@ -23,7 +23,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--images", type=int, default=16, help="images generated per batch size")
     ap.add_argument("--batch-sizes", default="1,4,16")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
     args = ap.parse_args()
 
     import torch

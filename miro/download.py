@@ -49,6 +49,7 @@ WEIGHTS: dict[str, list[tuple[str, list[str] | None, str]]] = {
         ("facebook/mask2former-swin-small-coco-instance", None, "GenEval-like detector"),
         ("openai/clip-vit-large-patch14", ["*.json", "*.txt", "model.safetensors"], "GenEval-like colour classifier"),
     ],
+    "owlv2": [("google/owlv2-base-patch16-ensemble", None, "open-vocabulary GenEval-like detector (optional)")],
 }
 GROUPS = {"rewards": ["clip_score", "aesthetic_score", "image_reward_score", "pick_a_score_score", "hpsv2_score",
                       "vqa_score", "sciscore_score"]}

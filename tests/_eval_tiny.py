@@ -6,26 +6,16 @@ from pathlib import Path
 
 import torch
 
-GENEVAL_NAMES = Path(__file__).resolve().parents[2] / "shared" / "data" / "geneval" / "object_names.txt"
 WORDS = ("a photo of colored object red orange yellow green blue purple pink brown black white "
          "cat dog bench clock cow apple mouse computer tv remote").split()
 
 
 def coco_labels() -> list[str]:
     """The 80 COCO labels with transformers' spellings (GenEval renames three of them)."""
-    from miro.eval.geneval import LABEL_ALIASES
+    from miro.eval.geneval import GENEVAL_OBJECTS, LABEL_ALIASES
 
     back = {v: k for k, v in LABEL_ALIASES.items() if k in ("mouse", "remote", "keyboard")}
-    names = ["person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-             "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-             "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-             "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-             "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-             "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-             "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
-             "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock",
-             "vase", "scissors", "teddy bear", "hair drier", "toothbrush"]
-    return [back.get(n, n) for n in names]
+    return [back.get(n, n) for n in GENEVAL_OBJECTS]
 
 
 def save_tiny_mask2former(path, seed: int = 0, size: int = 64) -> Path:
@@ -47,11 +37,10 @@ def save_tiny_mask2former(path, seed: int = 0, size: int = 64) -> Path:
     return path
 
 
-def save_tiny_clip(path, seed: int = 0) -> Path:
+def _tiny_tokenizer():
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    path = Path(path)
     specials = ["<|pad|>", "<|unk|>", "<|startoftext|>", "<|endoftext|>"]
     vocab = {t: i for i, t in enumerate(specials + WORDS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
@@ -61,16 +50,42 @@ def save_tiny_clip(path, seed: int = 0) -> Path:
         single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 2), ("<|endoftext|>", 3)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", unk_token="<|unk|>",
                                    bos_token="<|startoftext|>", eos_token="<|endoftext|>")
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=32, pad_token_id=0, bos_token_id=2,
-                         eos_token_id=3),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
+    return fast, len(vocab)
+
+
+def _text_vision(vocab: int, image_size: int = 32):
+    text = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=16, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=image_size, patch_size=8)
+    return text, vision
+
+
+def save_tiny_clip(path, seed: int = 0) -> Path:
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    path = Path(path)
+    fast, vocab = _tiny_tokenizer()
+    text, vision = _text_vision(vocab)
+    cfg = CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         CLIPModel(cfg).save_pretrained(path)
     fast.save_pretrained(path)
     CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+def save_tiny_owlv2(path, seed: int = 0) -> Path:
+    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessorPil
+
+    path = Path(path)
+    fast, vocab = _tiny_tokenizer()
+    text, vision = _text_vision(vocab)
+    cfg = Owlv2Config(text_config=text, vision_config=vision, projection_dim=32)  # class head: text width
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        Owlv2ForObjectDetection(cfg).save_pretrained(path)
+    fast.save_pretrained(path)
+    Owlv2ImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(path)
     return path

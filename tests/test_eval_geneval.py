@@ -178,3 +178,27 @@ def test_rules_integration_on_synthetic_detections(tmp_path):
     assert s["tags"]["position"] == {"accuracy": 0.5, "correct": 1, "total": 2}
     assert s["overall"] == pytest.approx(np.mean([0.5, 0.0, 1.0, 1.0, 0.0]))
     assert s["backends"]["detector"] == "scripted"
+
+
+def test_owlv2_backend_queries_the_80_names(tmp_path):
+    from _eval_tiny import save_tiny_owlv2
+
+    path = save_tiny_owlv2(tmp_path / "owl")
+    det = GE.make_detector(str(path), device="cpu", local_files_only=True)
+    assert isinstance(det, GE.OWLv2Detector) and len(det.class_names) == 80
+    img = _image(3, 48)
+    found = det.detect([img], min_score=0.0)[0]
+    assert found and all(d.mask is None and d.cls in GE.GENEVAL_OBJECTS for d in found)
+    assert all(0 <= d.bbox[0] <= d.bbox[2] <= 48 and 0 <= d.bbox[1] <= d.bbox[3] <= 48 for d in found)
+    # the best box's class is the argmax query of the raw model output
+    queries = [GE.OWL_QUERY.format(n) for n in det.class_names]
+    tok = det.tokenizer(queries, padding="max_length", max_length=16, return_tensors="pt")
+    px = det.processor(images=[img], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        logits = det.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"], pixel_values=px).logits[0]
+    best = torch.sigmoid(logits.max(-1).values).argmax()
+    top = max(found, key=lambda d: d.score)
+    assert top.cls == det.class_names[int(logits[best].argmax())]
+    assert top.score == pytest.approx(float(torch.sigmoid(logits.max())), rel=1e-5)
+    with pytest.raises(ValueError, match="model_type"):
+        GE.make_detector(str(save_tiny_clip(tmp_path / "clip")), local_files_only=True)

@@ -26,7 +26,22 @@ from miro.eval import geneval_rules as rules
 from miro.eval.folder import JsonlAppender, atomic_write_json, image_id, read_folder, read_jsonl
 
 DEFAULT_DETECTOR = "facebook/mask2former-swin-small-coco-instance"
+DEFAULT_OWL = "google/owlv2-base-patch16-ensemble"  # open-vocabulary alternative (boxes only)
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+# GenEval's 80 object names (COCO's classes in detector order, with GenEval's spellings).
+GENEVAL_OBJECTS = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
+    "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock",
+    "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+)
+# OWL-ViT's query template (its paper and model card query "a photo of a {name}").
+OWL_QUERY = "a photo of a {}"
 # GenEval's zero-shot colour templates (evaluate_images.py).
 COLOR_TEMPLATES = ("a photo of a {c} {cls}", "a photo of a {c}-colored {cls}", "a photo of a {c} object")
 # COCO label spellings -> GenEval's object_names.txt spellings (GenEval renames three classes;
@@ -112,6 +127,62 @@ class Mask2FormerDetector:
                                                  float(info["score"]), box, mask=m))
             dets.append(found)
         return dets
+
+
+class OWLv2Detector:
+    """Open-vocabulary detection with ``Owlv2ForObjectDetection``: the 80 GenEval names as queries.
+
+    Boxes only (no masks), so the colour step sees the box crop of the original image. OWLv2's
+    confidences are not Mask2Former's: GenEval's thresholds usually need re-tuning via --options.
+    """
+
+    def __init__(self, name_or_path: str = DEFAULT_OWL, device: str | None = None, local_files_only: bool = False,
+                 class_names: tuple[str, ...] = GENEVAL_OBJECTS):
+        from transformers import AutoTokenizer, Owlv2ForObjectDetection
+
+        self.device = _device(device)
+        self.model = Owlv2ForObjectDetection.from_pretrained(name_or_path, local_files_only=local_files_only).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_files_only)
+        self.processor = _pil_processor("Owlv2", name_or_path, local_files_only=local_files_only)
+        self.class_names = tuple(class_names)
+        self.name = str(name_or_path)
+
+    def detect(self, images, min_score: float = 0.0) -> list[list[rules.Detection]]:
+        import torch
+
+        images = list(images)
+        px = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
+        queries = [OWL_QUERY.format(n) for n in self.class_names] * len(images)
+        tok = self.tokenizer(queries, padding="max_length", truncation=True, return_tensors="pt",
+                             max_length=int(self.model.config.text_config.max_position_embeddings)).to(self.device)
+        with torch.no_grad():
+            out = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"], pixel_values=px)
+        # OWLv2 pads every image to a square at its longer side; boxes are relative to that square
+        sizes = [(max(im.size), max(im.size)) for im in images]
+        res = self.processor.post_process_object_detection(out, threshold=min_score, target_sizes=sizes)
+        dets = []
+        for im, r in zip(images, res):
+            found = []
+            for score, label, box in zip(r["scores"].tolist(), r["labels"].tolist(), r["boxes"].tolist()):
+                x1, y1 = min(max(box[0], 0.0), im.width), min(max(box[1], 0.0), im.height)
+                x2, y2 = min(max(box[2], x1), im.width), min(max(box[3], y1), im.height)
+                found.append(rules.Detection(self.class_names[int(label)], float(score), (x1, y1, x2, y2)))
+            dets.append(found)
+        return dets
+
+
+def make_detector(spec: str, device: str | None = None, local_files_only: bool = False):
+    """``"shapes"``, or a hub id / folder whose ``model_type`` picks Mask2Former or OWLv2."""
+    if spec == "shapes":
+        return ShapesWorldDetector()
+    from transformers import AutoConfig
+
+    model_type = AutoConfig.from_pretrained(spec, local_files_only=local_files_only).model_type
+    if model_type == "owlv2":
+        return OWLv2Detector(spec, device, local_files_only)
+    if model_type == "mask2former":
+        return Mask2FormerDetector(spec, device, local_files_only)
+    raise ValueError(f"detector {spec!r} has model_type {model_type!r}; use a Mask2Former or OWLv2 checkpoint, or 'shapes'")
 
 
 def color_crop(image, det: rules.Detection, bgcolor: str = "#999", crop: bool = True):
@@ -202,15 +273,14 @@ class GenEvalLike:
     """Detector + colour classifier + GenEval's rules.
 
     ``config.detector == "shapes"`` selects the Shapes world's detector (ShapesEval); anything
-    else is a Mask2Former hub id or folder.
+    else is a Mask2Former or OWLv2 hub id or folder (see :func:`make_detector`).
     """
 
     def __init__(self, config: GenEvalLikeConfig | None = None, detector=None, color_classifier=None):
         self.config = config or GenEvalLikeConfig()
         c = self.config
         if detector is None:
-            detector = ShapesWorldDetector() if c.detector == "shapes" else Mask2FormerDetector(
-                c.detector, c.device, c.local_files_only)
+            detector = make_detector(c.detector, c.device, c.local_files_only)
         self.detector = detector
         self._color = color_classifier
         self._color_spec = (c.clip_model, c.device, c.local_files_only)

@@ -329,7 +329,7 @@ class MiroPipeline(nn.Module):
             generator: the only source of randomness (one noise draw).
             output_type: ``"pil"`` (list of PIL images), ``"np"``/``"numpy"`` (uint8 NHWC, truncating
                 cast as published) or ``"pt"`` (float NCHW in [0, 1]).
-            callback: passed to the sampler, called after every step.
+            callback: ``callback(step, gamma_next, x)``, called by the sampler after every step.
             batched_cfg: one 2B forward per step (published) or two B forwards (less memory).
         """
         # 1. Check inputs.

@@ -16,6 +16,8 @@ from miro.eval.prompts import PromptItem
 class StandInPipeline:
     """Same call and noise interface as MiroPipeline; image = f(prompt, noise row, targets)."""
 
+    coherence_keys = ("r",)
+
     def __init__(self):
         self.calls = []
 
@@ -62,6 +64,7 @@ def test_layout_seeds_and_metadata(tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))
     run = json.loads((tmp_path / "generation.json").read_text())
     assert run["config"]["seed"] == 7 and "batch_size" not in run["config"]
+    assert run["reward_keys"] == ["r"]
 
 
 def test_resume_equals_uninterrupted_and_batch_size_is_irrelevant(tmp_path):

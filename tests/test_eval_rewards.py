@@ -123,3 +123,17 @@ def test_real_shapes_scorers_through_the_cli(tmp_path, capsys):
     assert out[-1].startswith("overall: ") and 0.0 <= float(out[-1].split()[1]) <= 1.0
     recs = R.merge_records(read_jsonl(root / "rewards.jsonl"))
     assert all(n in r for r in recs.values() for n in names[:2])
+
+
+def test_auto_scorers_follow_the_models_reward_keys(tmp_path):
+    from miro import REWARD_KEYS
+    from miro.rewards import available
+
+    def run(keys, model):
+        (tmp_path / "generation.json").write_text(json.dumps({"config": {"model": model}, "reward_keys": keys}))
+        return R.default_scorers(tmp_path)
+
+    shapes = [n for n in available() if n.startswith("shapes_")]
+    assert run(["shapes_alignment", "shapes_contrast"], "/ckpts/run3/last.ckpt") == shapes
+    assert set(run(list(REWARD_KEYS), "nicolas-dufour/miro")) <= set(REWARD_KEYS)
+    assert run(None, "shapes") == shapes  # older folders: the name decides

@@ -135,10 +135,12 @@ class per_sample_noise:
         del self.pipe.prepare_noise
 
 
-def _check_run_file(outdir: Path, cfg: GenerateConfig, n_prompts: int, prompts_spec: str | None) -> None:
+def _check_run_file(outdir: Path, cfg: GenerateConfig, n_prompts: int, prompts_spec: str | None,
+                    reward_keys: list[str] | None = None) -> None:
     """Refuse to mix images made with different settings in one folder."""
     path = outdir / RUN_FILE
     ident = cfg.identity()
+    old = {}
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
         diff = {k: (old.get("config", {}).get(k), v) for k, v in ident.items() if old.get("config", {}).get(k) != v}
@@ -147,7 +149,10 @@ def _check_run_file(outdir: Path, cfg: GenerateConfig, n_prompts: int, prompts_s
                 f"{outdir} holds images made with other settings ({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diff.items())}); "
                 "use another --outdir"
             )
-    atomic_write_text(path, json.dumps({"config": ident, "prompts": prompts_spec, "n_prompts": n_prompts}, indent=2))
+    run = {"config": ident, "prompts": prompts_spec, "n_prompts": n_prompts,
+           # the model's reward keys: lets `--scorers auto` pick Shapes or full-scale rewards
+           "reward_keys": reward_keys if reward_keys is not None else old.get("reward_keys")}
+    atomic_write_text(path, json.dumps(run, indent=2))
 
 
 def pending_samples(outdir: str | Path, items: list[PromptItem], n_samples: int) -> list[tuple[int, int]]:
@@ -163,7 +168,8 @@ def generate_folder(pipe, items: list[PromptItem], outdir: str | Path, cfg: Gene
 
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    _check_run_file(outdir, cfg, len(items), prompts_spec)
+    keys = getattr(pipe, "coherence_keys", None) if pipe is not None else None
+    _check_run_file(outdir, cfg, len(items), prompts_spec, list(keys) if isinstance(keys, (list, tuple)) else None)
     for i, item in enumerate(items):
         meta_path = prompt_dir(outdir, i) / "metadata.jsonl"
         line = json.dumps(item.metadata, ensure_ascii=False) + "\n"

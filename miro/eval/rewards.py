@@ -20,18 +20,22 @@ META_FIELDS = ("filename", "index", "sample", "tag", "prompt")
 
 
 def default_scorers(root: str | Path | None = None, model: str | None = None) -> list[str]:
-    """The scorers ``--scorers auto`` uses: Shapes rewards for Shapes models, else MIRO's seven."""
+    """The scorers ``--scorers auto`` uses: the ``shapes_*`` rewards for a Shapes model (its
+    reward keys recorded in ``generation.json`` are all ``shapes_*``, or its name says shapes),
+    else MIRO's seven."""
     import json
 
     from miro import REWARD_KEYS
     from miro.rewards import available
 
-    if model is None and root is not None:
-        run = Path(root) / "generation.json"
-        if run.is_file():
-            model = json.loads(run.read_text(encoding="utf-8")).get("config", {}).get("model")
+    keys = None
+    if root is not None and (Path(root) / "generation.json").is_file():
+        run = json.loads((Path(root) / "generation.json").read_text(encoding="utf-8"))
+        keys = run.get("reward_keys")
+        model = model or run.get("config", {}).get("model")
     names = available()
-    if model is not None and "shapes" in str(model):
+    shapes = all(k.startswith("shapes_") for k in keys) if keys else "shapes" in str(model or "")
+    if shapes:
         return [n for n in names if n.startswith("shapes_")]
     return [k for k in REWARD_KEYS if k in names]
 

@@ -114,3 +114,21 @@ def test_nonfinite_guard_zeroes_grads_and_stops():
     with pytest.raises(FloatingPointError, match="2 consecutive non-finite losses"):
         g.on_train_batch_end(trainer, mod, {"loss": torch.tensor(float("inf"))}, None, 0)
     assert trainer.should_stop
+
+
+@pytest.mark.parametrize("uninformative", [False, True])
+def test_baseline_ignores_sample_rewards(data_dir, tmp_path, uninformative):
+    ov = tiny_overrides(data_dir, tmp_path, extra=[f"rewards.uninformative={str(uninformative).lower()}"])
+    cfg = OmegaConf.to_container(cli.compose(ov), resolve=True)
+    module, dm, _, _ = cli.build(cfg)
+    assert module.hparams["uninformative_rewards"] is uninformative
+    assert (dm.cfg.reward_keys == []) is uninformative  # the baseline needs no reward scores in the data
+    dm.prepare()
+    batch = next(iter(dm.train_dataloader()))
+    keys = module.model.coherence_keys
+    b2 = dict(batch, rewards={k: torch.full((8,), 0.0 if uninformative else 1.0) for k in keys})
+    b1 = dict(batch, rewards={k: torch.full((8,), 1.0 if uninformative else 0.0) for k in keys})
+    with torch.no_grad():
+        l1 = module.compute_loss(b1, torch.Generator().manual_seed(0))[0]
+        l2 = module.compute_loss(b2, torch.Generator().manual_seed(0))[0]
+    assert torch.equal(l1, l2) is uninformative

@@ -108,3 +108,18 @@ def test_build_optimizer_names():
     assert isinstance(build_optimizer(m, OptimizerConfig(name="adamw")), torch.optim.AdamW)
     with pytest.raises(ValueError, match="'lamb' or 'adamw'"):
         build_optimizer(m, OptimizerConfig(name="sgd"))
+
+
+def test_scheduler_resume_keeps_configured_schedule():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    old = WarmupCosineDecayLR(opt, warmup_steps=2, total_steps=10)
+    for _ in range(5):
+        opt.step()
+        old.step()
+    opt2 = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    new = WarmupCosineDecayLR(opt2, warmup_steps=2, total_steps=100)  # the run was extended
+    new.load_state_dict(old.state_dict())
+    assert new.last_epoch == 5 and new.total_steps == 100
+    opt2.step()
+    new.step()
+    assert opt2.param_groups[0]["lr"] == pytest.approx(new.factor(6))

@@ -91,6 +91,9 @@ def model_config(cfg: dict) -> dict:
 
     mc = _deep_update(get_config(cfg["model"]["name"]), dict(cfg["model"].get("overrides") or {}))
     keys = list(cfg["rewards"]["keys"])
+    if not keys:
+        raise ValueError("rewards.keys is empty: the network needs at least one reward token; for a baseline "
+                         "keep the keys and set rewards.uninformative=true")
     mc["network"]["coherence_keys"] = keys
     mc["coherence_keys"] = keys
     if cfg["data"].get("max_text_len"):
@@ -125,7 +128,8 @@ def build(cfg: dict):
     mc = model_config(cfg)
     d = dict(cfg["data"])
     d.pop("global_batch_size", None)
-    dcfg = DataConfig(data_dir=str(cfg["data_dir"]), reward_keys=list(cfg["rewards"]["keys"]),
+    uninformative = bool(cfg["rewards"].get("uninformative", False))
+    dcfg = DataConfig(data_dir=str(cfg["data_dir"]), reward_keys=[] if uninformative else list(cfg["rewards"]["keys"]),
                       num_bins=int(cfg["rewards"]["num_bins"]), bins_sample_size=int(cfg["rewards"]["bins_sample_size"]),
                       bins_path=str(ckpt_dir / "reward_bins.json"), batch_size=per_rank_batch(cfg),
                       seed=int(cfg["seed"]), **d)
@@ -143,6 +147,7 @@ def build(cfg: dict):
         "ema_decays": list(cfg["ema_decays"]),
         "seed": int(cfg["seed"]),
         "compile": bool(cfg.get("compile", False)),
+        "uninformative_rewards": uninformative,
         "experiment_name": cfg["experiment_name"],
         "variant_name": cfg.get("variant_name"),
         "data": {k: v for k, v in dcfg.__dict__.items()},

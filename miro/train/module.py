@@ -8,7 +8,8 @@ Hyper-parameters are one plain dict (``save_hyperparameters``), so checkpoints l
 * ``loss`` — :class:`miro.models.flow.LossConfig` fields;
 * ``optimizer`` / ``scheduler`` — :class:`~miro.train.optim.OptimizerConfig` /
   :class:`~miro.train.optim.SchedulerConfig` fields;
-* ``ema_decays`` (list, first = exported), ``seed``, ``compile`` (torch.compile the model).
+* ``ema_decays`` (list, first = exported), ``seed``, ``compile`` (torch.compile the model);
+* ``uninformative_rewards`` — baselines: feed U(0, 1) noise instead of the sample's rewards.
 
 Randomness: every micro-batch draws its time, noise, dropout and VAE-sampling randomness from a
 ``torch.Generator`` seeded with (seed, rank, micro-step), so a resumed run repeats exactly the
@@ -118,6 +119,12 @@ class MiroLightningModule(LightningModule):
         b = x0.shape[0]
         coherence = {}
         for k in self.model.coherence_keys:
+            if self.hparams.get("uninformative_rewards", False):
+                # Baseline: the reward tokens carry i.i.d. U(0, 1) values unrelated to the sample, so
+                # the model learns to ignore them (same network and compute as MIRO; any inference
+                # target stays in distribution and has no effect).
+                coherence[k] = torch.rand(b, device=x0.device, generator=generator)
+                continue
             v = rewards.get(k)
             coherence[k] = v.float() if v is not None else torch.full((b,), math.nan, device=x0.device)
         return flow_loss(self.train_model, x0, emb, mask, coherence, self.uncond_embedding, self.loss_config, generator)

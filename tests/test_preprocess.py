@@ -110,7 +110,7 @@ def test_all_stages_end_to_end_layout_dtypes_values(tmp_path, tiny_models):
 
 
 def test_encode_trimmed_equals_padding_to_max_length(tiny_models):
-    from miro.data.stages import encode_trimmed
+    from miro.data.encode_stage import encode_trimmed
     from miro.encoders import load_text_encoder
 
     enc = load_text_encoder(tiny_models["t5"], max_length=40)

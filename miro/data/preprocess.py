@@ -33,7 +33,8 @@ from pathlib import Path
 
 from miro.data import preprocess_io as pio
 from miro.data.schema import list_shards, select_shards
-from miro.data.stages import EncodeSpec, EncodeStage, MissingStageError, ScoreStage, StageOptions
+from miro.data.encode_stage import EncodeSpec, EncodeStage, MissingStageError
+from miro.data.stages import ScoreStage, StageOptions
 
 STAGES = ("rewards", "vqa", "vae")
 # Stage 1 scores the six published rewards other than VQAScore (upstream `stage_rewards`).

@@ -1,51 +1,52 @@
-"""Building blocks of ``miro preprocess``: decoding, captions, score CSVs, shard logs, tar output.
+"""Building blocks of ``miro preprocess``: per-shard reports, damage-tolerant decoding, synthetic
+captions and the image transform. The files a run writes (score CSVs, logs, enriched tars) are in
+:mod:`miro.data.shard_files`, re-exported here so stages use one namespace.
 
 Everything here is model-free and cheap to test; :mod:`miro.data.stages` runs the models.
-
-Files a preprocessing run writes (``stem`` = shard file name without ``.tar``):
-
-- ``{csv_dir}/{stem}_scores.csv``: one row per usable sample, column ``key`` then sorted columns
-  (the stored reward values, ``synthetic_<reward>`` for the synthetic caption, and the resolved
-  ``synthetic_caption`` / ``short_synthetic_caption``). Stages ``rewards`` and ``vqa`` merge their
-  columns into it under a lock, so they may run in either order or concurrently.
-- ``{csv_dir}/logs/{stem}.{stage}.json``: the per-shard log (counts, skipped samples with reasons,
-  the source fingerprint and stage config). A stage is *complete* for a shard only when its log
-  says so, the fingerprint and config still match and the output it names is present and valid.
-- ``{dest}/{stem}.tar``: the enriched shard (stage ``vae``), reproducible and written atomically.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import hashlib
 import io
 import json
 import math
 import os
 import tarfile
-import tempfile
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from miro.data.schema import (
-    TAR_MTIME,
-    ReadStats,
-    check_key,
-    encode_member,
-    image_member,
-    iter_raw_samples,
-    split_member,
+from miro.data.schema import ReadStats, check_key, image_member, iter_raw_samples, split_member
+from miro.data.shard_files import (
+    CAPTION_COLUMNS,
+    SortedShardWriter,
+    atomic_write_bytes,
+    file_lock,
+    fingerprint,
+    keys_digest,
+    log_path,
+    merge_scores_csv,
+    read_log,
+    read_scores_csv,
+    remove_stale_temps,
+    scores_csv_path,
+    tar_sample_count,
+    write_log,
+    write_scores_csv,
 )
+
+__all__ = [
+    "CAPTION_COLUMNS", "CAPTION_PLACEHOLDERS", "RESIZE_FILTERS", "RawSample", "ShardReport", "SortedShardWriter",
+    "atomic_write_bytes", "batched", "center_crop_square", "clean_caption", "decode_raw", "file_lock",
+    "fingerprint", "finite", "iter_decoded", "keys_digest", "load_synthetic_captions", "log_path",
+    "merge_scores_csv", "read_log", "read_scores_csv", "remove_stale_temps", "resolve_captions",
+    "scores_csv_path", "shard_keys", "tar_sample_count", "to_model_input", "write_log", "write_scores_csv",
+]
 
 # Upstream MIRO strips this anonymisation tag from every caption before scoring and encoding
 # (rewards_and_geneval_facts.md §1, "Text cleaning").
 CAPTION_PLACEHOLDERS = ("<PERSON>",)
-CAPTION_COLUMNS = ("short_synthetic_caption", "synthetic_caption")
 # At most this many individual skip messages are kept in a shard log (counts are always exact).
 MAX_LOGGED_ERRORS = 200
 
@@ -294,258 +295,6 @@ def resolve_captions(sample: RawSample, tsv: dict[str, tuple[str, str]] | None) 
     if not (isinstance(short, str) and short.strip()):
         short = long
     return clean_caption(long), clean_caption(short), source
-
-
-# --------------------------------------------------------------------------- score CSVs
-
-
-def scores_csv_path(csv_dir: str | os.PathLike, shard: str | os.PathLike) -> Path:
-    return Path(csv_dir) / f"{Path(shard).stem}_scores.csv"
-
-
-def _parse_cell(col: str, value: str):
-    if col in CAPTION_COLUMNS:
-        return value
-    if value == "":
-        return None
-    return float(value)
-
-
-def read_scores_csv(path: str | os.PathLike) -> dict[str, dict]:
-    """``{key: {column: float | str | None}}``; ``ValueError`` if the file is not a score CSV."""
-    rows: dict[str, dict] = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or reader.fieldnames[0] != "key":
-            raise ValueError(f"{path} is not a score CSV: first column must be 'key'; got {reader.fieldnames}")
-        for row in reader:
-            key = row.pop("key")
-            if None in row:
-                raise ValueError(f"{path}: row {key!r} has more cells than the header")
-            try:
-                rows[key] = {c: _parse_cell(c, v if v is not None else "") for c, v in row.items()}
-            except ValueError as e:
-                raise ValueError(f"{path}: row {key!r}: {e}") from None
-    return rows
-
-
-def _format_cell(v) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, str):
-        return v
-    return repr(float(v))  # shortest round-tripping repr; NaN is written 'nan'
-
-
-def write_scores_csv(path: str | os.PathLike, rows: dict[str, dict]) -> None:
-    """Write rows sorted by key, columns sorted, atomically."""
-    path = Path(path)
-    cols = sorted({c for r in rows.values() for c in r})
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["key", *cols])
-    for key in sorted(rows):
-        w.writerow([key, *(_format_cell(rows[key].get(c)) for c in cols)])
-    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
-
-
-@contextlib.contextmanager
-def file_lock(path: str | os.PathLike):
-    """An exclusive advisory lock (``flock``) on ``path``; serialises read-merge-write of a CSV."""
-    import fcntl
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def merge_scores_csv(path: str | os.PathLike, new_rows: dict[str, dict], columns: Iterable[str],
-                     keys: set[str] | None = None) -> None:
-    """Replace ``columns`` of the CSV by ``new_rows`` (other stages' columns are kept).
-
-    ``keys``: the sample keys the shard holds now; rows of other keys (a rewritten source shard)
-    are dropped.
-    """
-    path = Path(path)
-    columns = set(columns)
-    with file_lock(path.with_name(path.name + ".lock")):
-        rows = read_scores_csv(path) if path.exists() else {}
-        if keys is not None:
-            rows = {k: v for k, v in rows.items() if k in keys}
-        for r in rows.values():
-            for c in columns:
-                r.pop(c, None)
-        for key, vals in new_rows.items():
-            rows.setdefault(key, {}).update(vals)
-        write_scores_csv(path, rows)
-
-
-def keys_digest(keys: Iterable[str]) -> str:
-    h = hashlib.sha1()
-    for k in sorted(keys):
-        h.update(k.encode("utf-8") + b"\n")
-    return h.hexdigest()
-
-
-# --------------------------------------------------------------------------- logs and fingerprints
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def fingerprint(path: str | os.PathLike) -> dict:
-    """Cheap identity of an input file: name, size and modification time."""
-    st = os.stat(path)
-    return {"name": Path(path).name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def log_path(csv_dir: str | os.PathLike, shard: str | os.PathLike, stage: str) -> Path:
-    return Path(csv_dir) / "logs" / f"{Path(shard).stem}.{stage}.json"
-
-
-def write_log(path: str | os.PathLike, report: ShardReport, status: str, **extra) -> None:
-    body = {"status": status, "stage": report.stage, "shard": report.shard,
-            "samples_read": report.samples_read, "samples_ok": report.samples_ok,
-            "samples_skipped": report.n_skipped, "skipped": report.skipped,
-            "truncated": report.truncated, "seconds": round(report.seconds, 3),
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "errors": report.errors, **extra}
-    atomic_write_bytes(path, json.dumps(body, indent=1, sort_keys=True, default=str).encode("utf-8"))
-
-
-def read_log(path: str | os.PathLike) -> dict | None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            body = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return body if isinstance(body, dict) else None
-
-
-def remove_stale_temps(directory: str | os.PathLike, name: str) -> int:
-    """Delete temp files a killed writer left for ``name`` (``.{name}.*.tmp``)."""
-    n = 0
-    for p in Path(directory).glob(f".{name}.*.tmp"):
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-            n += 1
-    return n
-
-
-# --------------------------------------------------------------------------- enriched tar output
-
-
-class SortedShardWriter:
-    """Streams enriched samples to disk and commits a reproducible tar, atomically.
-
-    Members are appended to a spool file as they are produced (memory stays at one sample); on
-    :meth:`commit` they are copied in sorted name order into a tar whose headers match
-    :func:`miro.data.schema.write_shard` exactly (same bytes for the same samples), which is then
-    renamed into place. A killed run leaves only ``.{name}.*.tmp`` files, never a partial shard.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._spool_name = tempfile.mkstemp(prefix=f".{self.path.name}.spool.", suffix=".tmp",
-                                                dir=self.path.parent)
-        self._spool = os.fdopen(fd, "w+b")
-        self._index: list[tuple[str, int, int]] = []  # (member name, offset, size)
-        self._names: set[str] = set()
-        self.n_samples = 0
-
-    def write(self, sample: dict) -> None:
-        key = check_key(sample["__key__"])
-        for ext, value in sample.items():
-            if ext.startswith("__"):
-                continue
-            name = f"{key}.{ext}"
-            if name in self._names:
-                raise ValueError(f"duplicate member {name!r}: sample key {key!r} written twice")
-            data = encode_member(ext, value)
-            offset = self._spool.tell()
-            self._spool.write(data)
-            self._index.append((name, offset, len(data)))
-            self._names.add(name)
-        self.n_samples += 1
-
-    def commit(self) -> int:
-        self._index.sort(key=lambda m: m[0])
-        self._spool.flush()
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for name, offset, size in self._index:
-                    info = tarfile.TarInfo(name)
-                    info.size = size
-                    info.mtime = TAR_MTIME
-                    info.mode = 0o644
-                    info.uid = info.gid = 0
-                    info.uname = info.gname = ""
-                    self._spool.seek(offset)
-                    tar.addfile(info, _Window(self._spool, size))
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        finally:
-            self.abort()
-        return self.n_samples
-
-    def abort(self) -> None:
-        if not self._spool.closed:
-            self._spool.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._spool_name)
-
-
-class _Window:
-    """A read-only view of ``size`` bytes from the current position of a file."""
-
-    def __init__(self, f, size: int):
-        self.f, self.left = f, size
-
-    def read(self, n: int = -1) -> bytes:
-        n = self.left if n is None or n < 0 else min(n, self.left)
-        data = self.f.read(n)
-        self.left -= len(data)
-        return data
-
-
-def tar_sample_count(path: str | os.PathLike) -> int | None:
-    """Number of sample keys in a complete tar, or None if it is damaged (headers only)."""
-    try:
-        size = os.path.getsize(path)
-        keys: set[str] = set()
-        end = 0
-        with tarfile.open(path, mode="r") as tar:
-            for info in tar:
-                end = info.offset_data + -(-info.size // 512) * 512
-                key, ext = split_member(info.name)
-                if ext:
-                    keys.add(key)
-        if size < end + 1024:
-            return None
-        return len(keys)
-    except (tarfile.TarError, OSError, EOFError):
-        return None
 
 
 # --------------------------------------------------------------------------- image transforms

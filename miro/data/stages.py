@@ -3,8 +3,9 @@
 - :class:`ScoreStage` (``rewards`` and ``vqa``): score every usable sample with a set of
   :class:`~miro.rewards.Scorer` s, for the original caption and for the synthetic caption each
   reward uses, and merge the stored (``normalize``-d) values into ``{stem}_scores.csv``.
-- :class:`EncodeStage` (``vae``): latent moments at each resolution, text embeddings of both
-  captions trimmed to the mask, scores merged into the JSON, written as an enriched tar.
+- :class:`~miro.data.encode_stage.EncodeStage` (``vae``, in its own module): latent moments at
+  each resolution, text embeddings of both captions trimmed to the mask, scores merged into the
+  JSON, written as an enriched tar.
 
 Models are loaded once per stage by the caller and passed in, so the same code runs the real
 models (SDXL VAE, FLAN-T5-XL, the published reward models) and the Shapes world (identity
@@ -18,15 +19,14 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from miro.data import preprocess_io as pio
-from miro.data.schema import latent_name, synthetic_reward_key, text_embedding_name
+from miro.data.schema import synthetic_reward_key
 
 # Which synthetic caption each published reward scores (rewards_and_geneval_facts.md §1,
 # "Synthetic twins", from upstream `_compute_reward_scores` / `stage_vqa`): CLIP and VQA read the
@@ -251,198 +251,6 @@ class ScoreStage(_Stage):
                       config=self.config(), keys_digest=pio.keys_digest(rows), output=str(csv_path),
                       columns=self.columns())
         self.checkpoint_path(shard).unlink(missing_ok=True)
-        return report
-
-
-# --------------------------------------------------------------------------- encoding stage
-
-
-def _max_tokens(encoder: Any, cap: int) -> int:
-    """Token limit for an encoder: ``cap``, bounded by its position table when it has one."""
-    model = getattr(encoder, "model", None)
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    return min(cap, int(limit)) if limit else cap
-
-
-def encode_trimmed(encoder: Any, prompts: list[str], cap: int) -> list[np.ndarray]:
-    """Text embeddings of each prompt trimmed to its attention mask, float16 (L_i, E).
-
-    Encoders that pad to a fixed ``max_length`` are run with ``max_length`` set to the longest
-    prompt of the batch (capped at ``cap``): masked padding never reaches the unmasked tokens'
-    outputs, so the trimmed embeddings equal those of padding to ``cap`` (checked in the tests)
-    at a fraction of the cost when ``cap`` is large (upstream uses 2048 with ``padding="longest"``).
-    """
-    if hasattr(encoder, "load"):
-        encoder.load()
-    tok = getattr(encoder, "tokenizer", None)
-    if tok is not None and hasattr(encoder, "max_length"):
-        cap = _max_tokens(encoder, cap)
-        longest = max(len(ids) for ids in tok(prompts, truncation=True, max_length=cap)["input_ids"])
-        saved = encoder.max_length
-        encoder.max_length = max(1, longest)
-        try:
-            emb, mask = encoder.encode(prompts)
-        finally:
-            encoder.max_length = saved
-    else:
-        emb, mask = encoder.encode(prompts)
-    emb, mask = emb.float().cpu(), mask.bool().cpu()
-    return [emb[i][mask[i]].numpy().astype(np.float16) for i in range(len(prompts))]
-
-
-@dataclass
-class EncodeSpec:
-    """What stage ``vae`` writes besides the source image, caption and JSON."""
-
-    resolutions: tuple[int, ...] = (256, 512)  # latent resolutions; () writes no latents
-    resize_filter: str = "bicubic"  # see preprocess_io.to_model_input
-    text_max_length: int = 2048  # token cap for the stored embeddings (upstream default)
-    required_stages: tuple[str, ...] = ("rewards", "vqa")  # score stages that must be complete
-    extra: dict = field(default_factory=dict)  # encoder / codec specs for the config signature
-
-
-class MissingStageError(ValueError):
-    """Stage ``vae`` found no (complete) scores for a shard; the message names the stage to run."""
-
-
-class EncodeStage(_Stage):
-    """Stage ``vae``: latents + text embeddings + merged scores into an enriched tar."""
-
-    name = "vae"
-
-    def __init__(self, text_encoder: Any, codec: Any | None, spec: EncodeSpec, opts: StageOptions):
-        super().__init__(opts)
-        if opts.dest is None:
-            raise ValueError("stage 'vae' needs --dest (the folder for enriched tars)")
-        self.text_encoder = text_encoder
-        self.codec = codec
-        self.spec = spec
-
-    def config(self) -> dict:
-        return {"resolutions": list(self.spec.resolutions), "resize_filter": self.spec.resize_filter,
-                "text_max_length": self.spec.text_max_length, "synthetic": self.opts.synthetic,
-                "captions": self.opts.captions_id, "text_encoder": getattr(self.text_encoder, "schema_name", "?"),
-                **self.spec.extra}
-
-    def dest_path(self, shard: Path) -> Path:
-        return Path(self.opts.dest) / shard.name
-
-    def _scores_fingerprint(self, shard: Path) -> dict | None:
-        p = pio.scores_csv_path(self.opts.csv_dir, shard)
-        return pio.fingerprint(p) if p.is_file() else None
-
-    def is_complete(self, shard: Path) -> bool:
-        log = self._log_ok(shard)
-        out = self.dest_path(shard)
-        if log is None or not out.is_file() or log.get("scores") != self._scores_fingerprint(shard):
-            return False
-        return out.stat().st_size == log.get("output_size") and pio.tar_sample_count(out) == log.get("samples_ok")
-
-    def check_inputs(self, shard: Path) -> tuple[dict[str, dict], list[str]]:
-        """The shard's scores and the columns every sample needs (the score stages' columns), or
-        :class:`MissingStageError` naming the stage to run."""
-        csv_path = pio.scores_csv_path(self.opts.csv_dir, shard)
-        hint = f"run `miro preprocess --stage {{}} --src ... --csv_dir {self.opts.csv_dir}` for it first"
-        if not csv_path.is_file():
-            raise MissingStageError(f"shard {shard.name}: no scores at {csv_path}; stage 'vae' merges the "
-                                    f"scores of stage 'rewards': " + hint.format("rewards"))
-        required: list[str] = []
-        for stage in self.spec.required_stages:
-            log = pio.read_log(pio.log_path(self.opts.csv_dir, shard, stage))
-            if log is None or log.get("status") != "complete" or log.get("source") != pio.fingerprint(shard):
-                raise MissingStageError(f"shard {shard.name}: stage {stage!r} has not completed for this shard "
-                                        f"(no complete log at {pio.log_path(self.opts.csv_dir, shard, stage)}); "
-                                        + hint.format(stage))
-            required += [c for c in log.get("columns", []) if c not in required]
-        return pio.read_scores_csv(csv_path), required
-
-    def _transform(self, sample: pio.RawSample) -> dict[int, np.ndarray]:
-        return {r: pio.to_model_input(sample.image, r, self.spec.resize_filter) for r in self.spec.resolutions}
-
-    def _encode_batch(self, batch, scores: dict[str, dict], required: list[str],
-                      report: pio.ShardReport) -> list[dict]:
-        kept = []
-        for s, pix in batch:
-            missing = [c for c in required if scores.get(s.key, {}).get(c) is None]
-            if missing:  # a score stage skipped this sample (e.g. its scorer failed on it)
-                report.skip(s.key, "missing scores", ", ".join(missing))
-            else:
-                kept.append((s, pix))
-        if not kept:
-            return []
-        out = [{"__key__": s.key, s.image_ext: s.image_bytes, "txt": s.txt_bytes} for s, _ in kept]
-        metas = []
-        longs = []
-        for s, _ in kept:
-            row = scores[s.key]
-            meta = dict(s.meta)
-            if self.opts.synthetic:
-                long, short, _ = pio.resolve_captions(s, self.opts.captions)
-                long = row.get("synthetic_caption") or long  # the captions the rewards were computed on
-                short = row.get("short_synthetic_caption") or short
-                meta["synthetic_caption"], meta["short_synthetic_caption"] = long, short
-                longs.append(long)
-            for col, v in row.items():
-                if col not in pio.CAPTION_COLUMNS and pio.finite(v):
-                    meta[col] = float(v)
-            metas.append(meta)
-        bad: set[int] = set()
-        enc_name = getattr(self.text_encoder, "schema_name", "text")
-        with torch.inference_mode():
-            for synthetic, prompts in ((False, [pio.clean_caption(s.caption) for s, _ in kept]),
-                                       (True, longs if self.opts.synthetic else None)):
-                if prompts is None:
-                    continue
-                for i, e in enumerate(encode_trimmed(self.text_encoder, prompts, self.spec.text_max_length)):
-                    if not np.isfinite(e).all():
-                        bad.add(i)
-                    out[i][text_embedding_name(enc_name, synthetic)] = e
-            if self.codec is not None:
-                for r in self.spec.resolutions:
-                    x = torch.from_numpy(np.stack([pix[r] for _, pix in kept])).to(self.opts.device)
-                    with autocast(self.opts.device, self.opts.precision):
-                        mean, std = self.codec.encode(x)
-                    mean = mean.float().cpu().numpy().astype(np.float16)
-                    std = std.float().cpu().numpy().astype(np.float16)
-                    for i in range(len(kept)):
-                        if not (np.isfinite(mean[i]).all() and np.isfinite(std[i]).all()):
-                            bad.add(i)
-                        out[i][latent_name("mean", r)] = mean[i]
-                        out[i][latent_name("std", r)] = std[i]
-        result = []
-        for i, (sample, meta) in enumerate(zip(out, metas)):
-            if i in bad:  # fp16 overflow or a broken model output: never write NaN into training data
-                report.skip(sample["__key__"], "non-finite embedding")
-                continue
-            sample["json"] = meta
-            result.append(sample)
-        return result
-
-    def run_shard(self, shard: Path) -> pio.ShardReport:
-        t0 = time.perf_counter()
-        scores, required = self.check_inputs(shard)
-        scores_fp = self._scores_fingerprint(shard)
-        report = pio.ShardReport(self.name, shard.name)
-        self._mark_running(shard, report)
-        out_path = self.dest_path(shard)
-        pio.remove_stale_temps(out_path.parent, out_path.name)
-        writer = pio.SortedShardWriter(out_path)
-        try:
-            transform = self._transform if self.codec is not None else None
-            with self._progress(shard) as bar:
-                for batch in pio.batched(pio.iter_decoded(shard, report, transform=transform,
-                                                          workers=self.opts.num_workers), self.opts.batch_size):
-                    for sample in self._encode_batch(batch, scores, required, report):
-                        writer.write(sample)
-                        report.samples_ok += 1
-                    bar.update(len(batch))
-            writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
-        report.seconds = time.perf_counter() - t0
-        pio.write_log(self.log_path(shard), report, "complete", source=pio.fingerprint(shard), config=self.config(),
-                      scores=scores_fp, output=str(out_path), output_size=out_path.stat().st_size)
         return report
 
 

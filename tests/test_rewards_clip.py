@@ -44,6 +44,7 @@ def test_clip_score_equals_diag_of_logits_per_image(clip_dir, images):
     from miro.rewards import load_scorer
 
     s = load_scorer("clip_score", model=str(clip_dir), device="cpu", batch_size=2)
+    assert s.backbone.model is None and s.load() is s and s.backbone.model is not None  # lazy until load()
     raw = s.score(images, PROMPTS)
     ref, scale = _reference_logits(clip_dir, s, images, PROMPTS)
     torch.testing.assert_close(raw, ref, rtol=1e-4, atol=1e-4)

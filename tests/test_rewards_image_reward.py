@@ -57,7 +57,6 @@ def test_image_reward_matches_reference_forward_and_standardisation(ir_repo):
     s = _scorer(ir_repo)
     imgs = _images()
     raw = s.score(imgs, PROMPTS)
-    s._load()
     enc = s.tokenizer(PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
     assert enc["input_ids"].shape == (3, 35) and (enc["input_ids"][:, 0] == 2).all()  # [CLS] stays first
     ref = blip_image_reward_reference(sd, s.transform(imgs), enc["input_ids"], enc["attention_mask"], v_heads=4, t_heads=4)
@@ -75,8 +74,7 @@ def test_image_reward_normalisation_and_constants():
 
 
 def test_tokenizer_gets_blip_special_tokens(ir_repo):
-    s = _scorer(ir_repo)
-    s._load()
+    s = _scorer(ir_repo).load()
     assert len(s.tokenizer) == s.model.text_encoder.config.vocab_size
     assert s.tokenizer.convert_tokens_to_ids("[ENC]") == len(s.tokenizer) - 1
 

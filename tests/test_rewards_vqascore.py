@@ -89,7 +89,7 @@ def _scorer(model_dir, tok_dir, **kw):
 def vqa(vqa_repos):
     full_dir, _, tok_dir, *_ = vqa_repos
     s = _scorer(full_dir, tok_dir)
-    s._load()
+    assert s.model is None and s.load() is s and s.model is not None  # lazy until load() / first use
     return s
 
 

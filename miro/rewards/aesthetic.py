@@ -75,6 +75,11 @@ class AestheticScorer(Scorer):
         self.batch_size = int(batch_size)
         self.mlp: AestheticMLP | None = None
 
+    def load(self):
+        """Load the weights now (they otherwise load on first use); returns self."""
+        self._load()
+        return self
+
     def _load(self) -> None:
         if self.mlp is None:
             self.backbone.load()

@@ -162,6 +162,11 @@ class ClipLikeScorer(Scorer):
     def device(self) -> torch.device:
         return self.backbone.device
 
+    def load(self) -> "ClipLikeScorer":
+        """Load the weights now (they otherwise load on first use); returns self."""
+        self.backbone.load()
+        return self
+
     def to(self, device=None, dtype=None) -> "ClipLikeScorer":
         self.backbone.to(device, dtype)
         return self

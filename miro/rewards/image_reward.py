@@ -160,6 +160,11 @@ class ImageReward(Scorer):
         # ImageReward._transform(224): Resize(224, bicubic) → CenterCrop(224) (torchvision rounding)
         self.transform = ImageTransform(size=size, crop_rounding="round")
 
+    def load(self):
+        """Load the weights now (they otherwise load on first use); returns self."""
+        self._load()
+        return self
+
     def _load(self) -> None:
         if self.model is None:
             net, tok = load_image_reward(self.model_name, med_config=self.med_config, tokenizer=self.tokenizer_name,

@@ -209,6 +209,11 @@ class VQAScore(Scorer):
         self.revision, self.local_files_only, self.batch_size = revision, local_files_only, int(batch_size)
         self.model = self.tokenizer = self.transform = None
 
+    def load(self):
+        """Load the weights now (they otherwise load on first use); returns self."""
+        self._load()
+        return self
+
     def _load(self) -> None:
         if self.model is None:
             net, tok, size = load_clip_flant5(self.model_name, tokenizer=self.tokenizer_name, vision_tower=self.vision_tower,

@@ -321,6 +321,8 @@ def test_bad_arguments_give_clear_errors(tmp_path, capsys):
     assert main(_args(src, csv, "rewards", "--shard_range", "1-0")) == 2
     assert main(_args(src, csv, "all")) == 2
     assert "needs --dest" in capsys.readouterr().err
+    assert main(_args(src, csv, "vae", dest=src)) == 2
+    assert "is the source folder" in capsys.readouterr().err
     assert main(_args(src, csv, "rewards", "--scorer-kwargs", "[1]")) == 2
     assert main(_args(src, csv, "rewards", "--scorer-kwargs", '{"ptest_nope": {}}')) == 2
     assert "--scorer-kwargs names ['ptest_nope']" in capsys.readouterr().err

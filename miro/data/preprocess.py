@@ -211,6 +211,9 @@ def _run(args) -> int:
     if not shards:
         raise FileNotFoundError(f"no *.tar shards in {src}")
     csv_dir = Path(args.csv_dir) if args.csv_dir else (src.parent if src.is_file() else src) / "scores"
+    if args.dest and Path(args.dest).resolve() == (src.parent if src.is_file() else src).resolve():
+        raise ValueError(f"--dest {args.dest} is the source folder: enriched shards would replace the raw ones; "
+                         "choose another folder")
     vqa = None if args.vqa_scorer.strip().lower() == "none" else args.vqa_scorer.strip()
 
     captions, captions_id = None, "json"

@@ -72,3 +72,10 @@ def test_published_checkpoint_gets_paper_columns(tmp_path):
     # the paper's overall equals the mean of its six categories (to the printed integer)
     for name, overall in P.GENEVAL_OVERALL.items():
         assert round(np.mean(list(P.GENEVAL[name].values()))) == overall
+
+
+def test_best_of_n_reference_in_our_units():
+    ref = P.best_of_n_reference(["pick_a_score_score", "image_reward_score", "clip_score"])
+    assert set(ref) == {"pick_a_score_score", "image_reward_score"}  # no best-of-N curve for CLIP in the paper
+    assert ref["pick_a_score_score"]["MIRO"][128] == np.float64(.2286 * 100)
+    assert ref["image_reward_score"]["Baseline"] == {1: 0.522, 128: 1.405}

@@ -179,7 +179,12 @@ def cmd_best_of_n(args) -> int:
     ns = [int(n) for n in args.ns.split(",")] if args.ns else None
     c = curve(records, args.select_by, metrics, ns, args.mode)
     atomic_write_json(Path(args.dir) / "best_of_n_curve.json", c)
-    plots.plot_best_of_n(c, Path(args.dir) / "best_of_n.png")
+    from miro.eval import paper_numbers as P
+
+    run = Path(args.dir) / "generation.json"
+    cfg = json.loads(run.read_text()).get("config", {}) if run.is_file() else {}
+    paper = P.best_of_n_reference(metrics) if P.paper_row(cfg.get("model"), cfg.get("variant")) else None
+    plots.plot_best_of_n(c, Path(args.dir) / "best_of_n.png", paper=paper)
     print(f"best-of-N selected by {args.select_by} ({c['mode']}, {c['n_prompts']} prompts, {c['candidates']} candidates)")
     for i, n in enumerate(c["n"]):
         print(f"N={n:<5} " + "  ".join(f"{k}={c['values'][k][i]:.4f}" for k in metrics))

@@ -97,3 +97,13 @@ def to_paper_unit(column: str, raw: float) -> float:
     """Our raw score for ``column``'s reward in the paper's unit."""
     _, unit = REWARD_COLUMNS[column]
     return raw / 100.0 if unit == "raw/100" else raw
+
+
+def best_of_n_reference(reward_keys) -> dict[str, dict[str, dict[int, float]]]:
+    """The paper's best-of-N endpoints for our reward keys, converted to our raw-score units."""
+    out = {}
+    for col, (key, unit) in REWARD_COLUMNS.items():
+        if key in reward_keys and col in BEST_OF_N:
+            scale = 100.0 if unit == "raw/100" else 1.0
+            out[key] = {row: {n: v * scale for n, v in pts.items()} for row, pts in BEST_OF_N[col].items()}
+    return out

@@ -146,14 +146,17 @@ def _rewards_section(doc: _Doc, run: Path, outdir: Path, row: str | None):
         doc.img("rewards_hist.png", "reward histograms")
 
 
-def _best_of_n_section(doc: _Doc, run: Path, outdir: Path):
+def _best_of_n_section(doc: _Doc, run: Path, outdir: Path, row: str | None):
     curve = _load(run / "best_of_n_curve.json")
     if curve is None:
         return
     doc.h(2, f"Best-of-N (selected by {curve['select_by']}, {curve['mode']})")
     keys = list(curve["values"])
     doc.table(["N"] + keys, [[n] + [curve["values"][k][i] for k in keys] for i, n in enumerate(curve["n"])])
-    plots.plot_best_of_n(curve, outdir / "best_of_n.png")
+    paper = P.best_of_n_reference(keys) if row else None
+    plots.plot_best_of_n(curve, outdir / "best_of_n.png", paper=paper)
+    if paper:
+        doc.p("Paper points (dashed): the MIRO project page's best-of-N endpoints, in our raw-score units.")
     doc.img("best_of_n.png", "best-of-N curves")
 
 
@@ -206,7 +209,7 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, max_prom
         doc.table(["row", "tag", "prompt"], [[k, e.tag, e.prompt] for k, e in enumerate(entries)])
     _geneval_section(doc, run, outdir, row)
     _rewards_section(doc, run, outdir, row)
-    _best_of_n_section(doc, run, outdir)
+    _best_of_n_section(doc, run, outdir, row)
     _sweep_section(doc, run, outdir)
     judge = _load(run / "judge_summary.json")
     if judge:

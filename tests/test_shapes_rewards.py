@@ -112,3 +112,30 @@ def test_every_reward_in_unit_interval_on_noise():
     out = score_all(imgs, ["two red circles above a blue square"] * 4)
     for k, v in out.items():
         assert v.shape == (4,) and bool(((v >= 0) & (v <= 1)).all()), k
+
+
+def test_alignment_is_one_exactly_when_geneval_agrees_and_nothing_is_unexplained():
+    """On web-like samples (one colour per class), alignment == 1 iff GenEval's verdict (same
+    confidence threshold) is correct and every detection is mentioned by the caption."""
+    from miro.eval.geneval_rules import GenEvalOptions, evaluate_detections
+    from miro.shapes.captions import parse_caption
+    from miro.shapes.detector import detect
+    from miro.shapes.imperfections import make_sample
+    from miro.shapes.rewards import DET_THRESHOLD, alignment
+
+    opts = GenEvalOptions(threshold=DET_THRESHOLD, counting_threshold=DET_THRESHOLD)
+    seen = set()
+    for i in range(60):
+        s = make_sample(5, i)
+        dets = detect(s.image)
+        kept = [d for d in dets if d.score > DET_THRESHOLD]
+        for cap in (s.caption, s.synthetic["prompt"]):
+            md = parse_caption(cap)
+            verdict, _ = evaluate_detections(md, dets, opts)
+            mentioned = {c["class"] for c in md["include"]}
+            counts_ok = all(sum(d.cls == c["class"] for d in kept) == c["count"] for c in md["include"])
+            expect = verdict.correct and all(d.cls in mentioned for d in kept) and counts_ok
+            got = alignment(md, dets) == 1.0
+            assert got == expect, (i, cap, verdict.reason)
+            seen.add(got)
+    assert seen == {True, False}

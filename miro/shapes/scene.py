@@ -184,16 +184,18 @@ def scene_from_metadata(metadata: dict, rng: np.random.Generator, cfg: SceneConf
 
 
 def add_clutter(scene: Scene, n: int, rng: np.random.Generator, cfg: SceneConfig, avoid_classes: set[str]) -> int:
-    """Add up to ``n`` objects whose class is not in ``avoid_classes``; returns how many fit."""
+    """Add up to ``n`` objects whose class is not in ``avoid_classes`` (objects of one class share
+    a colour); returns how many fit."""
     classes = [c for c in W.CLASSES if c not in avoid_classes]
     if not classes:
         return 0
     added = 0
     boxes = [o.box() for o in scene.objects]
     smax = size_limit(len(scene.objects) + n, cfg)
+    colors: dict[str, str] = {}  # one colour per class, as in captioned groups
     for _ in range(n):
         cls = classes[int(rng.integers(len(classes)))]
-        color = W.COLORS[int(rng.integers(len(W.COLORS)))]
+        color = colors.setdefault(cls, W.COLORS[int(rng.integers(len(W.COLORS)))])
         for _t in range(cfg.tries):
             s = float(rng.uniform(cfg.min_size, smax))
             x, y = float(rng.uniform(0, 1 - s)), float(rng.uniform(0, 1 - s))

@@ -6,8 +6,8 @@ key                 meaning
 shapes_alignment    prompt alignment, GenEval-style but graded: the mean of the clause checks
                     (presence ``found/count``, colour ``right colour/count``, relation ``pairs in
                     relation/pairs``, exclude ``0/1``), times ``1 − 0.5·(unexplained detections /
-                    detections)``. 1 exactly when GenEval's verdict is correct and every detected
-                    object is mentioned by the caption.
+                    detections)``. 1 exactly when GenEval's verdict is correct and every detection
+                    is explained by a clause (one colour per class; tested).
 shapes_counting     counting fidelity: mean over clauses of ``min(k, n)/max(k, n)`` (k detected
                     objects of the class, n asked), plus the same ratio for the total object count.
 shapes_position     spatial fidelity: mean of the fraction of (object, target) pairs in the asked

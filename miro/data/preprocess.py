@@ -150,6 +150,7 @@ def _free_models() -> None:
 def run_stage(stage, shards: list[Path], overwrite: bool) -> tuple[int, int, int]:
     """Run a stage over shards; returns (done, skipped as complete, failed)."""
     done = skipped = failed = 0
+    totals = {"ok": 0, "skipped": 0}
     for shard in shards:
         if not overwrite and stage.is_complete(shard):
             print(f"{stage.name} {shard.name}: complete, skipped")
@@ -169,6 +170,10 @@ def run_stage(stage, shards: list[Path], overwrite: bool) -> tuple[int, int, int
         if report.n_skipped:
             print(f"  skipped samples are listed in {stage.log_path(shard)}")
         done += 1
+        totals["ok"] += report.samples_ok
+        totals["skipped"] += report.n_skipped
+    if done:
+        print(f"stage {stage.name}: {totals['ok']} samples written, {totals['skipped']} skipped as damaged")
     return done, skipped, failed
 
 

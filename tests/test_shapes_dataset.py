@@ -101,5 +101,7 @@ def test_config_errors():
         DatasetConfig(num_samples=0)
     with pytest.raises(ValueError, match="resolution"):
         DatasetConfig(num_samples=1, resolution=128)
+    with pytest.raises(ValueError, match="seed"):
+        DatasetConfig(num_samples=1, seed=-1)
     with pytest.raises(ValueError, match="workers"):
         make_dataset("unused", DatasetConfig(num_samples=1), workers=0)

@@ -48,6 +48,8 @@ class DatasetConfig:
             raise ValueError(f"num_samples must be a positive integer; got {self.num_samples!r}")
         if not isinstance(self.shard_size, int) or self.shard_size < 1:
             raise ValueError(f"shard_size must be a positive integer; got {self.shard_size!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer; got {self.seed!r}")
         W.check_resolution(self.resolution)
 
     @property

@@ -75,7 +75,7 @@ def to_float_image(image) -> np.ndarray:
         if isinstance(image, torch.Tensor):
             if image.ndim != 3 or image.shape[0] != 3:
                 raise ValueError(f"image tensor must be (3, H, W); got {tuple(image.shape)}")
-            return image.detach().to("cpu", torch.float64).permute(1, 2, 0).numpy()
+            image = image.detach().to("cpu", torch.float64).permute(1, 2, 0).numpy()
     except ImportError:  # pragma: no cover
         pass
     if hasattr(image, "convert"):

@@ -199,7 +199,7 @@ class EncodeStage(_Stage):
                     for sample in self._encode_batch(batch, scores, required, report):
                         writer.write(sample)
                         report.samples_ok += 1
-                    bar.update(len(batch))
+                    bar.update(report.samples_read - bar.n)
             writer.commit()
         except BaseException:
             writer.abort()

@@ -10,14 +10,14 @@
 Models are loaded once per stage by the caller and passed in, so the same code runs the real
 models (SDXL VAE, FLAN-T5-XL, the published reward models) and the Shapes world (identity
 codec, MiniLM, ``shapes_*`` rewards). Each stage knows whether a shard is already complete
-(:meth:`is_complete`): a rerun skips those and redoes the rest from scratch.
+(:meth:`is_complete`): a rerun skips those and redoes the others (the score stages resume from
+their last within-shard checkpoint).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,7 +229,7 @@ class ScoreStage(_Stage):
         done = set(rows) | set(report.skipped_keys)
         last_save = time.monotonic()
         with self._progress(shard) as bar:
-            bar.update(len(done))
+            bar.update(report.samples_read)
             for batch in pio.batched(pio.iter_decoded(shard, report, workers=self.opts.num_workers, done=done),
                                      self.opts.batch_size):
                 samples = [s for s, _ in batch]
@@ -238,7 +238,7 @@ class ScoreStage(_Stage):
                     if self.opts.synthetic:
                         vals["synthetic_caption"], vals["short_synthetic_caption"] = long, short
                     rows[s.key] = vals
-                bar.update(len(batch))
+                bar.update(report.samples_read - bar.n)  # usable and skipped samples alike
                 if time.monotonic() - last_save >= self.opts.checkpoint_seconds:
                     self._save_checkpoint(shard, rows, report)
                     last_save = time.monotonic()
@@ -252,7 +252,3 @@ class ScoreStage(_Stage):
                       columns=self.columns())
         self.checkpoint_path(shard).unlink(missing_ok=True)
         return report
-
-
-def rate(report: pio.ShardReport) -> float:
-    return report.samples_ok / report.seconds if report.seconds > 0 else math.nan

@@ -145,9 +145,12 @@ def main(argv: list[str] | None = None) -> int:
             generator=generator,
             output_type="pil",
         )
-    except ValueError as e:
+    except ValueError as e:  # bad input: named in the message
         print(f"miro generate: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # unreachable hub, missing cache, unreadable files
+        print(f"miro generate: {e}", file=sys.stderr)
+        return 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for j, im in enumerate(images):

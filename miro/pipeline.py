@@ -249,6 +249,8 @@ class MiroPipeline(nn.Module):
         out = {}
         for key in self.coherence_keys:
             v = targets.get(key, default)
+            if isinstance(v, torch.Tensor) and v.numel() == 1 and v.is_floating_point():
+                v = float(v)
             if not _is_number(v) or not math.isfinite(float(v)) or not 0.0 <= float(v) <= 1.0:
                 raise ValueError(f"{name}[{key!r}] = {v!r}; targets must be finite numbers in [0, 1]")
             # Read back as a Python float from fp32, as published (spec §5.1).

@@ -80,6 +80,29 @@ def test_malformed_reward_flag_is_a_usage_error(capsys):
     assert e.value.code == 2 and "key=value" in capsys.readouterr().err
 
 
+def test_lightning_checkpoint_is_converted_in_memory(tmp_path, capsys):
+    """A checkpoint in the layout ``miro train`` writes (EMA weights under ``ema.ema_<decay>.``,
+    the pipeline config in the hyper-parameters) generates like the exported pipeline."""
+    pytest.importorskip("miro.train.convert")
+    pipe = tiny_pipeline(tmp_path / "enc", text="bert", seed=3)
+    state = {f"ema.ema_0_9999.{k}": v for k, v in pipe.model.state_dict().items()}
+    state["uncond_embedding"] = pipe.uncond_embedding.clone()
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": {"model_config": pipe.config, "ema_decays": [0.9999]}}, ckpt)
+    rc = generate_cli.main(["a red circle", "--model", str(ckpt), "--n", "2", "--steps", "2",
+                            "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert rc == 0
+    ref = pipe("a red circle", num_inference_steps=2, num_images_per_prompt=2,
+               generator=torch.Generator().manual_seed(0), output_type="np")
+    for j in range(2):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / f"{j:03d}.png")), ref[j])
+
+
+def test_unreachable_repo_exits_1_with_message(tmp_path, capsys):
+    rc = generate_cli.main(["p", "--model", "nobody/no-such-miro", "--out", str(tmp_path)])
+    assert rc == 1 and "could not fetch pipeline 'nobody/no-such-miro'" in capsys.readouterr().err
+
+
 def test_missing_checkpoint_file(tmp_path, capsys):
     rc = generate_cli.main(["p", "--model", str(tmp_path / "nope.ckpt")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err

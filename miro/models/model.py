@@ -40,7 +40,7 @@ _PRE_KEYS = {
 
 
 def _per_channel(value, channels: int, name: str) -> Tensor:
-    t = torch.as_tensor(value, dtype=torch.float32).flatten()
+    t = torch.as_tensor(value, dtype=torch.float32, device="cpu").flatten()
     if t.numel() == 1:
         t = t.expand(channels)
     if t.numel() != channels:
@@ -59,12 +59,13 @@ def normalization_constants(cfg: Mapping, channels: int) -> tuple[Tensor, Tensor
     if model_type == "sdxl":
         if channels != 4:
             raise ValueError(f"model_type='sdxl' needs 4 latent channels, the network has {channels}")
+        # constants are built on the CPU, also under a meta-device context
         if cfg.get("channel_wise_normalisation", False):
-            scale = 0.5 / torch.tensor(SDXL_CHANNEL_STD)
-            bias = -torch.tensor(SDXL_CHANNEL_MEAN) * scale
+            scale = 0.5 / torch.tensor(SDXL_CHANNEL_STD, device="cpu")
+            bias = -torch.tensor(SDXL_CHANNEL_MEAN, device="cpu") * scale
         else:
-            scale = 1.0 / torch.full((4,), SDXL_SCALING_FACTOR)
-            bias = -torch.zeros(4) * scale
+            scale = 1.0 / torch.full((4,), SDXL_SCALING_FACTOR, device="cpu")
+            bias = -torch.zeros(4, device="cpu") * scale
     else:
         scale = _per_channel(cfg.get("scale", 1.0), channels, "scale")
         bias = _per_channel(cfg.get("bias", 0.0), channels, "bias")

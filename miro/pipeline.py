@@ -276,8 +276,14 @@ class MiroPipeline(nn.Module):
             raise ValueError(f"num_images_per_prompt must be an integer >= 1; got {num_images_per_prompt!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {list(OUTPUT_TYPES)}; got {output_type!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
+        gens = generator if isinstance(generator, (list, tuple)) else [generator]
+        if not gens or any(g is not None and not isinstance(g, torch.Generator) for g in gens) \
+                or (isinstance(generator, (list, tuple)) and None in gens):
+            raise ValueError(f"generator must be a torch.Generator, a list of them (one per image) "
+                             f"or None; got {generator!r}")
+        if isinstance(generator, (list, tuple)) and len(generator) != len(prompts) * num_images_per_prompt:
+            raise ValueError(f"got {len(generator)} generators for {len(prompts) * num_images_per_prompt} "
+                             "images; pass one per image (prompts x num_images_per_prompt) or a single one")
         return list(prompts)
 
     def encode_prompt(self, prompts: Sequence[str], num_images_per_prompt: int = 1):
@@ -293,8 +299,14 @@ class MiroPipeline(nn.Module):
             mask = mask.repeat_interleave(num_images_per_prompt, dim=0)
         return emb, mask
 
-    def prepare_noise(self, batch_size: int, generator: torch.Generator | None) -> torch.Tensor:
-        """The single random draw of inference: fp32 (B, C, res, res) from ``generator``."""
+    def prepare_noise(self, batch_size: int, generator) -> torch.Tensor:
+        """The single random draw of inference: fp32 (B, C, res, res) from ``generator``.
+
+        With a list of generators (one per image), row k is drawn from ``generator[k]`` exactly
+        as a batch of one, so an image depends on its own seed only (batching never changes it).
+        """
+        if isinstance(generator, (list, tuple)):
+            return torch.cat([self.prepare_noise(1, g) for g in generator])
         net = self.config["network"]
         res = int(self.config.get("data_resolution", net["data_size"]))
         shape = (batch_size, int(net["num_input_channels"]), res, res)
@@ -313,7 +325,7 @@ class MiroPipeline(nn.Module):
         num_inference_steps: int = 50,
         guidance_scale: float = 7.0,
         num_images_per_prompt: int = 1,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         output_type: str = "pil",
         callback: Callable | None = None,
         batched_cfg: bool = True,
@@ -328,7 +340,8 @@ class MiroPipeline(nn.Module):
             num_inference_steps: Euler steps (>= 1). guidance_scale: w >= 0 in
                 ``(1 + w)·cond - w·uncond``; 0 disables guidance.
             num_images_per_prompt: images per prompt; each prompt's images are adjacent.
-            generator: the only source of randomness (one noise draw).
+            generator: the only source of randomness (one noise draw); or a list with one
+                generator per image (row k of the noise drawn from generator k alone).
             output_type: ``"pil"`` (list of PIL images), ``"np"``/``"numpy"`` (uint8 NHWC, truncating
                 cast as published) or ``"pt"`` (float NCHW in [0, 1]).
             callback: ``callback(step, gamma_next, x)``, called by the sampler after every step.

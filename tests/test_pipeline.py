@@ -62,6 +62,15 @@ def test_same_generator_same_images_other_seed_differs(pipe):
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
+def test_generator_list_seeds_each_image(pipe):
+    # Image k of a batch with per-image generators equals a batch of one with that seed.
+    batch = pipe(PROMPTS, num_images_per_prompt=2, generator=[gen(s) for s in (5, 6, 7, 8)], **KW)
+    single = pipe(PROMPTS[1], generator=gen(7), **KW)
+    assert np.array_equal(batch[2], single[0])
+    with pytest.raises(ValueError, match="got 3 generators for 4 images"):
+        pipe(PROMPTS, num_images_per_prompt=2, generator=[gen(0)] * 3, **KW)
+
+
 def _spy(pipe, monkeypatch):
     calls = []
     forward = pipe.model.forward

@@ -93,3 +93,18 @@ def test_sweep_command(shapes_pipeline_dir, tmp_path, capsys):
     assert "spearman=" in capsys.readouterr().out
     assert cli.main(["sweep", "--model", str(shapes_pipeline_dir), "--prompts", "shapes", "--reward-key", "shapes_contrast",
                      "--targets", "0,2", "--outdir", str(out)]) == 2
+
+
+def test_all_on_cure_prompts_reports_mia_deltas(shapes_pipeline_dir, shared_data, tmp_path, capsys):
+    out = tmp_path / "cure"
+    assert cli.main(["all", "--model", str(shapes_pipeline_dir), "--prompts", "cure", "--cure-dir", str(shared_data / "cure"),
+                     "--limit", "6", "--n", "1", "--steps", "1", "--outdir", str(out),
+                     "--scorers", "shapes_contrast"]) == 0
+    assert "GenEval-style scoring skipped" in capsys.readouterr().out
+    metas = [json.loads((out / f"{i:05d}" / "metadata.jsonl").read_text()) for i in range(6)]
+    assert [m["mia_variant"] for m in metas[:3]] == ["item", "item+category", "item+category+region"]
+    assert metas[2]["prompt"] == f"An image of {metas[2]['item']}. {metas[2]['category'].replace('_', ' ')}, {metas[2]['region']}"
+    summ = json.loads((out / "rewards_summary.json").read_text())
+    assert set(summ["mia_deltas"]["shapes_contrast"]) == {"item+category", "item+category+region"}
+    assert summ["mia_deltas"]["shapes_contrast"]["item+category"]["n"] == 2
+    assert "item+category - item" in (out / "report" / "report.md").read_text()

@@ -137,3 +137,17 @@ def test_auto_scorers_follow_the_models_reward_keys(tmp_path):
     assert run(["shapes_alignment", "shapes_contrast"], "/ckpts/run3/last.ckpt") == shapes
     assert set(run(list(REWARD_KEYS), "nicolas-dufour/miro")) <= set(REWARD_KEYS)
     assert run(None, "shapes") == shapes  # older folders: the name decides
+
+
+def test_cure_mia_deltas_are_paired_by_item_and_sample(tmp_path):
+    recs = []
+    for k, (item, base) in enumerate([("Panta Bhat", 1.0), ("Bredele", 3.0)]):
+        for v, add in (("item", 0.0), ("item+category", 0.5), ("item+category+region", -1.0)):
+            for j in range(2):
+                recs.append({"filename": f"{k}{v}{j}", "index": k, "sample": j, "tag": v, "prompt": "p", "item": item,
+                             "r": base + add + 0.1 * j})
+    s = R.summarize(recs)
+    d = s["mia_deltas"]["r"]
+    assert d["item+category"]["mean"] == pytest.approx(0.5) and d["item+category"]["std"] == pytest.approx(0.0)
+    assert d["item+category+region"]["mean"] == pytest.approx(-1.0) and d["item+category+region"]["n"] == 4
+    assert "mia_deltas" not in R.summarize([{**r, "item": None} for r in recs if r["tag"] != "item"])

@@ -138,6 +138,12 @@ def _rewards_section(doc: _Doc, run: Path, outdir: Path, row: str | None):
     if 1 < len(tags) <= 24:  # per category (GenEval tag, Parti category, CuRe MIA variant)
         doc.table(["tag"] + names, [[t] + [summ["rewards"][n].get("by_tag", {}).get(t, {}).get("mean") for n in names]
                                     for t in tags])
+    if summ.get("mia_deltas"):
+        doc.p("CuRe marginal information: mean change of each reward when the category (and region) is added "
+              "to the prompt, paired by artifact and sample.")
+        variants = sorted({v for d in summ["mia_deltas"].values() for v in d})
+        doc.table(["reward"] + [f"{v} - item" for v in variants],
+                  [[n] + [d.get(v, {}).get("mean") for v in variants] for n, d in summ["mia_deltas"].items()])
     recs = read_jsonl(run / "rewards.jsonl")
     vals = {n: [r[n] for r in recs if isinstance(r.get(n), float)] for n in summ["rewards"]}
     vals = {n: v for n, v in vals.items() if v}

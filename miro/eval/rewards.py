@@ -16,7 +16,7 @@ import numpy as np
 
 from miro.eval.folder import JsonlAppender, atomic_write_json, image_id, read_folder, read_jsonl
 
-META_FIELDS = ("filename", "index", "sample", "tag", "prompt")
+META_FIELDS = ("filename", "index", "sample", "tag", "prompt", "item")
 
 
 def default_scorers(root: str | Path | None = None, model: str | None = None) -> list[str]:
@@ -75,6 +75,8 @@ def score_folder(root: str | Path, scorers: dict, outfile: str | Path, batch_siz
             if missing:
                 meta = {"filename": fid, "index": entry.index, "sample": int(path.stem), "tag": entry.tag,
                         "prompt": entry.prompt}
+                if "item" in entry.metadata:  # CuRe: pairs the MIA variants of one artifact
+                    meta["item"] = entry.metadata["item"]
                 todo.append((meta, path, tuple(missing)))
     counts = {"images": n_images, "scored": 0, "skipped": n_images - len(todo), "corrupt": 0, "corrupt_files": []}
     # group by the set of missing scorers so each batch runs the same models
@@ -149,6 +151,28 @@ def summarize(records: list[dict]) -> dict:
         if nst["mean"] is not None:
             norms.append(min(1.0, max(0.0, nst["mean"])))
     out["overall"] = float(np.mean(norms)) if norms else None
+    deltas = mia_deltas(merged)
+    if deltas:
+        out["mia_deltas"] = deltas
+    return out
+
+
+def mia_deltas(merged: dict[str, dict], base: str = "item") -> dict:
+    """CuRe: per reward and MIA variant, score(variant) - score(item alone), paired by artifact and
+    sample index (same seed offset within a prompt), as mean/std/n."""
+    rows = [r for r in merged.values() if "item" in r]
+    if not rows or not any(r.get("tag") == base for r in rows):
+        return {}
+    out = {}
+    for name in reward_names(merged):
+        ref = {(r["item"], r["sample"]): r[name] for r in rows if r.get("tag") == base and name in r}
+        per = {}
+        for r in rows:
+            key = (r["item"], r["sample"])
+            if r.get("tag") != base and name in r and key in ref:
+                per.setdefault(r["tag"], []).append(r[name] - ref[key])
+        if per:
+            out[name] = {v: _stats(d) for v, d in sorted(per.items())}
     return out
 
 

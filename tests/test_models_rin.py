@@ -289,3 +289,27 @@ def test_rmsnorm_custom_backward():
     assert torch.autograd.gradcheck(lambda a, b: _RMSNormFn.apply(a, b, 1e-6), (x, w))
     ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
     torch.testing.assert_close(_RMSNormFn.apply(x, w, 1e-6), ref)
+
+
+def test_rmsnorm_rounds_to_input_dtype_before_weight():
+    from miro.models.layers import RMSNorm
+
+    norm = RMSNorm(8)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, 8))
+        x = torch.randn(3, 8).bfloat16()
+        xf = x.float()
+        expected = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16() * norm.weight
+        out = norm(x)
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
+
+
+def test_cpu_bf16_autocast_sampling_runs_close_to_fp32():
+    from miro.models import euler_sample
+
+    model = tiny()
+    x, _, emb, mask = inputs(model, b=2)
+    a = euler_sample(model, x, emb, mask, torch.zeros(1, 384), None, num_steps=2)
+    b = euler_sample(model, x, emb, mask, torch.zeros(1, 384), None, num_steps=2, autocast=True)
+    assert b.dtype == torch.float32 and not torch.equal(a, b)
+    assert (a - b).abs().max() < 0.1 * a.abs().max()

@@ -95,12 +95,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = (x.shape[-1],)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
                 return _RMSNormFn.apply(x, self.weight, self.eps)
-            return F.rms_norm(x, shape, self.weight, self.eps)
-        return F.rms_norm(x.float(), shape, None, self.eps).to(x.dtype) * self.weight
+            if not torch.is_autocast_enabled(x.device.type):
+                return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # Reference composite (also under autocast, whose op lists must not touch the fp32 math):
+        # normalise in fp32, round to the input dtype, then multiply by the weight.
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
 def swiglu_hidden_dim(dim: int, multiplier: float) -> int:

@@ -193,36 +193,47 @@ def test_resume_after_crash_mid_shard_equals_uninterrupted_run(tmp_path, tiny_mo
     for i in range(2):
         assert (csv / f"{i:05d}_scores.csv").read_bytes() == (ref_csv / f"{i:05d}_scores.csv").read_bytes()
 
-    # stage vae killed mid-shard: the spool and temp files go, no partial shard appears
+    # stage vae killed mid-shard (after a checkpoint): no partial shard appears under the final
+    # name, and the rerun encodes only the batch after the checkpoint
     import miro.encoders as enc
 
     real = enc.load_autoencoder
 
-    class Dying:
-        def __init__(self, codec):
-            self.codec, self.n = codec, 0
+    class Counting:
+        def __init__(self, codec, die_at=None):
+            self.codec, self.n, self.die_at = codec, 0, die_at
 
         def encode(self, x):
             self.n += 1
-            if self.n == 4:  # shard 0 takes 2 batches; dies in shard 1's 2nd batch
+            if self.n == self.die_at:
                 raise KeyboardInterrupt("simulated kill")
             return self.codec.encode(x)
 
         def decode(self, z):
             return self.codec.decode(z)
 
-    enc.load_autoencoder = lambda spec, **kw: Dying(real(spec, **kw))
+    made = []
+
+    def patched(die_at):
+        def load(spec, **kw):
+            made.append(Counting(real(spec, **kw), die_at))
+            return made[-1]
+        return load
+
+    enc.load_autoencoder = patched(4)  # shard 0 takes 2 batches; dies in shard 1's 2nd batch
     try:
         with pytest.raises(KeyboardInterrupt):
-            main(_vae_args(src, csv, dest, tiny_models, res="16"))
+            main(_vae_args(src, csv, dest, tiny_models, "--checkpoint-seconds", "0", res="16"))
+        assert sorted(p.name for p in dest.iterdir()) == [".00001.tar.spool", "00000.tar"]
+        # what a SIGKILL leaves besides the spool (a commit's temp file): removed on the rerun
+        (dest / ".00001.tar.x2.tmp").write_bytes(b"partial")
+        enc.load_autoencoder = patched(None)
+        assert main(_vae_args(src, csv, dest, tiny_models, res="16")) == 0
+        assert made[-1].n == 1  # shard 1's last batch only
     finally:
         enc.load_autoencoder = real
-    assert sorted(p.name for p in dest.iterdir()) == ["00000.tar"]
-    # what a SIGKILL would leave behind (no cleanup ran): removed when the shard is redone
-    (dest / ".00001.tar.spool.x1.tmp").write_bytes(b"partial")
-    (dest / ".00001.tar.x2.tmp").write_bytes(b"partial")
-    assert main(_vae_args(src, csv, dest, tiny_models, res="16")) == 0
     assert sorted(p.name for p in dest.iterdir()) == ["00000.tar", "00001.tar"]
+    assert not (csv / "logs" / "00001.vae.partial.json").exists()
     for i in range(2):
         assert (dest / f"{i:05d}.tar").read_bytes() == (ref_dest / f"{i:05d}.tar").read_bytes()
     # a deleted output is redone; so is a shard whose scores changed (a vqa rerun); others are skipped

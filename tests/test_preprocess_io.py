@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 
 import numpy as np
@@ -161,3 +162,26 @@ def test_iter_decoded_keeps_samples_before_truncation(tmp_path):
         keys = [s.key for s, _ in pio.iter_decoded(tmp_path / "cut.tar", report)]
     assert report.truncated and 1 <= len(keys) < 4 and keys == [f"k{i}" for i in range(len(keys))]
     assert sum(1 for _ in iter_raw_samples(tmp_path / "full.tar")) == 4
+
+
+def test_sorted_writer_resumes_from_checkpoint(tmp_path):
+    samples = [{"__key__": f"k{i}", "txt": f"caption {i}", "json": {"i": i},
+                "flan_t5_xl_embeddings.npy": np.full((i + 1, 3), i, np.float16)} for i in (4, 2, 0, 3)]
+    write_shard(tmp_path / "ref.tar", samples)
+    out = tmp_path / "out" / "x.tar"
+    w = pio.SortedShardWriter(out)
+    w.write(samples[0])
+    w.write(samples[1])
+    state = json.loads(json.dumps(w.checkpoint()))  # what the checkpoint file holds
+    w.write(samples[2])  # written after the checkpoint: lost in the crash, redone on resume
+    w.close()
+    assert not out.exists() and (out.parent / ".x.tar.spool").is_file()
+    w2 = pio.SortedShardWriter(out, resume=state)
+    assert w2.keys == {"k4", "k2"} and w2.n_samples == 2
+    w2.write(samples[2])
+    w2.write(samples[3])
+    assert w2.commit() == 4
+    assert out.read_bytes() == (tmp_path / "ref.tar").read_bytes()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["x.tar"]
+    with pytest.raises(ValueError, match="spool is missing"):
+        pio.SortedShardWriter(out, resume=state)

@@ -190,21 +190,34 @@ class EncodeStage(_Stage):
         self._mark_running(shard, report)
         out_path = self.dest_path(shard)
         pio.remove_stale_temps(out_path.parent, out_path.name)
-        writer = pio.SortedShardWriter(out_path)
+        saved = self._load_checkpoint(shard, report, scores=scores_fp)
+        try:
+            writer = pio.SortedShardWriter(out_path, resume=saved["writer"] if saved else None)
+        except ValueError:  # the spool of the saved progress is gone: start over
+            report = pio.ShardReport(self.name, shard.name)
+            writer = pio.SortedShardWriter(out_path)
+        report.samples_ok = writer.n_samples
+        done = writer.keys | set(report.skipped_keys)
+        last_save = time.monotonic()
         try:
             transform = self._transform if self.codec is not None else None
             with self._progress(shard) as bar:
-                for batch in pio.batched(pio.iter_decoded(shard, report, transform=transform,
+                bar.update(report.samples_read)
+                for batch in pio.batched(pio.iter_decoded(shard, report, transform=transform, done=done,
                                                           workers=self.opts.num_workers), self.opts.batch_size):
                     for sample in self._encode_batch(batch, scores, required, report):
                         writer.write(sample)
                         report.samples_ok += 1
                     bar.update(report.samples_read - bar.n)
+                    if time.monotonic() - last_save >= self.opts.checkpoint_seconds:
+                        self._save_checkpoint(shard, report, scores=scores_fp, writer=writer.checkpoint())
+                        last_save = time.monotonic()
             writer.commit()
         except BaseException:
-            writer.abort()
+            writer.close()  # keep the spool: the saved progress resumes from it
             raise
         report.seconds = time.perf_counter() - t0
         pio.write_log(self.log_path(shard), report, "complete", source=pio.fingerprint(shard), config=self.config(),
                       scores=scores_fp, output=str(out_path), output_size=out_path.stat().st_size)
+        self.checkpoint_path(shard).unlink(missing_ok=True)
         return report

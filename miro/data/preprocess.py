@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-workers", type=int, default=2, help="image-decoding threads (default: %(default)s)")
     run.add_argument("--overwrite", action="store_true", help="redo shards even when their outputs are complete")
     run.add_argument("--checkpoint-seconds", type=float, default=120.0,
-                     help="stages rewards/vqa save their progress within a shard this often, so a killed "
-                          "job resumes mid-shard (default: %(default)s; 0: after every batch)")
+                     help="save progress within a shard this often, so a killed job resumes mid-shard "
+                          "(default: %(default)s; 0: after every batch)")
     run.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     return p
 

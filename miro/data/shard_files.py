@@ -192,36 +192,63 @@ def remove_stale_temps(directory: str | os.PathLike, name: str) -> int:
 class SortedShardWriter:
     """Streams enriched samples to disk and commits a reproducible tar, atomically.
 
-    Members are appended to a spool file as they are produced (memory stays at one sample); on
-    :meth:`commit` they are copied in sorted name order into a tar whose headers match
-    :func:`miro.data.schema.write_shard` exactly (same bytes for the same samples), which is then
-    renamed into place. A killed run leaves only ``.{name}.*.tmp`` files, never a partial shard.
+    Members are appended to a spool file (``.{name}.spool`` beside the target) as they are
+    produced, so memory stays at one batch; :meth:`commit` copies them in sorted name order into
+    a tar whose headers match :func:`miro.data.schema.write_shard` exactly (same bytes for the
+    same samples) and renames it into place, so a killed run never leaves a partial shard under
+    the final name. :meth:`checkpoint` makes the spool durable and returns a small state from
+    which ``SortedShardWriter(path, resume=state)`` continues after a crash.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, resume: dict | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._spool_name = tempfile.mkstemp(prefix=f".{self.path.name}.spool.", suffix=".tmp",
-                                                dir=self.path.parent)
-        self._spool = os.fdopen(fd, "w+b")
+        self.spool_path = self.path.with_name(f".{self.path.name}.spool")
         self._index: list[tuple[str, int, int]] = []  # (member name, offset, size)
         self._names: set[str] = set()
+        self._keys: set[str] = set()
         self.n_samples = 0
+        if resume is not None:
+            size = int(resume["spool_size"])
+            if not self.spool_path.is_file() or self.spool_path.stat().st_size < size:
+                raise ValueError(f"cannot resume {self.path.name}: its spool is missing or shorter than checkpointed")
+            self._spool = open(self.spool_path, "r+b")
+            self._spool.truncate(size)  # drop what was written after the checkpoint
+            self._spool.seek(size)
+            self._index = [(str(n), int(o), int(z)) for n, o, z in resume["index"]]
+            self._names = {n for n, _, _ in self._index}
+            self._keys = set(resume["keys"])
+            self.n_samples = int(resume["n_samples"])
+        else:
+            self._spool = open(self.spool_path, "w+b")
+
+    @property
+    def keys(self) -> set[str]:
+        """Keys of the samples written so far."""
+        return set(self._keys)
 
     def write(self, sample: dict) -> None:
         key = check_key(sample["__key__"])
+        if key in self._keys:
+            raise ValueError(f"sample key {key!r} written twice")
         for ext, value in sample.items():
             if ext.startswith("__"):
                 continue
             name = f"{key}.{ext}"
-            if name in self._names:
-                raise ValueError(f"duplicate member {name!r}: sample key {key!r} written twice")
             data = encode_member(ext, value)
             offset = self._spool.tell()
             self._spool.write(data)
             self._index.append((name, offset, len(data)))
             self._names.add(name)
+        self._keys.add(key)
         self.n_samples += 1
+
+    def checkpoint(self) -> dict:
+        """Flush the spool to disk and return the state :class:`SortedShardWriter` resumes from."""
+        self._spool.flush()
+        os.fsync(self._spool.fileno())
+        return {"spool_size": self._spool.tell(), "index": [list(m) for m in self._index],
+                "keys": sorted(self._keys), "n_samples": self.n_samples}
 
     def commit(self) -> int:
         self._index.sort(key=lambda m: m[0])
@@ -243,15 +270,19 @@ class SortedShardWriter:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        finally:
-            self.abort()
+        self.abort()
         return self.n_samples
 
-    def abort(self) -> None:
+    def close(self) -> None:
+        """Close the spool but keep it on disk (for a later resume)."""
         if not self._spool.closed:
             self._spool.close()
+
+    def abort(self) -> None:
+        """Close and delete the spool."""
+        self.close()
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._spool_name)
+            os.unlink(self.spool_path)
 
 
 class _Window:

@@ -10,8 +10,8 @@
 Models are loaded once per stage by the caller and passed in, so the same code runs the real
 models (SDXL VAE, FLAN-T5-XL, the published reward models) and the Shapes world (identity
 codec, MiniLM, ``shapes_*`` rewards). Each stage knows whether a shard is already complete
-(:meth:`is_complete`): a rerun skips those and redoes the others (the score stages resume from
-their last within-shard checkpoint).
+(:meth:`is_complete`): a rerun skips those and resumes the others from their last within-shard
+checkpoint (or their start).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class StageOptions:
     captions_id: str = "json"  # identifies the caption source in stage configs
     num_workers: int = 0  # image-decoding threads (0: decode in the main thread)
     overwrite: bool = False  # redo shards even when complete
-    checkpoint_seconds: float = 120.0  # score stages save progress within a shard this often (0: every batch)
+    checkpoint_seconds: float = 120.0  # save progress within a shard this often (0: after every batch)
     progress: bool = True  # tqdm bar per shard
 
 
@@ -107,6 +107,33 @@ class _Stage:
         import socket
 
         pio.write_log(self.log_path(shard), report, "running", host=socket.gethostname(), pid=os.getpid())
+
+    # -- within-shard checkpoints: a killed run resumes at the last saved batch -------------
+    def checkpoint_path(self, shard: Path) -> Path:
+        return self.log_path(shard).with_suffix(".partial.json")
+
+    def _save_checkpoint(self, shard: Path, report: pio.ShardReport, **payload) -> None:
+        body = {"source": pio.fingerprint(shard), "config": self.config(), "samples_read": report.samples_read,
+                "skipped": report.skipped, "errors": report.errors, "skipped_keys": report.skipped_keys, **payload}
+        pio.atomic_write_bytes(self.checkpoint_path(shard), json.dumps(body).encode("utf-8"))
+
+    def _load_checkpoint(self, shard: Path, report: pio.ShardReport, **match) -> dict | None:
+        """The saved progress of an interrupted run (restoring ``report``), or None when there is
+        none or it no longer applies (the source, the stage config or ``match`` changed)."""
+        path = self.checkpoint_path(shard)
+        if self.opts.overwrite or not path.is_file():
+            return None
+        try:
+            body = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if (body.get("source") != pio.fingerprint(shard) or body.get("config") != self.config()
+                or any(body.get(k) != v for k, v in match.items())):
+            return None
+        report.samples_read = body["samples_read"]
+        report.skipped, report.errors = dict(body["skipped"]), list(body["errors"])
+        report.skipped_keys = list(body["skipped_keys"])
+        return body
 
     def _progress(self, shard: Path):
         from tqdm.auto import tqdm
@@ -196,36 +223,12 @@ class ScoreStage(_Stage):
                 raise batch_error
             return out
 
-    # -- within-shard checkpoints: a killed run resumes at the last saved batch -------------
-    def checkpoint_path(self, shard: Path) -> Path:
-        return self.log_path(shard).with_suffix(".partial.json")
-
-    def _save_checkpoint(self, shard: Path, rows: dict, report: pio.ShardReport) -> None:
-        body = {"source": pio.fingerprint(shard), "config": self.config(), "rows": rows,
-                "samples_read": report.samples_read, "skipped": report.skipped, "errors": report.errors,
-                "skipped_keys": report.skipped_keys}
-        pio.atomic_write_bytes(self.checkpoint_path(shard), json.dumps(body).encode("utf-8"))
-
-    def _load_checkpoint(self, shard: Path, report: pio.ShardReport) -> dict[str, dict]:
-        path = self.checkpoint_path(shard)
-        if self.opts.overwrite or not path.is_file():
-            return {}
-        try:
-            body = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        if body.get("source") != pio.fingerprint(shard) or body.get("config") != self.config():
-            return {}  # the source or the stage changed: the saved progress does not apply
-        report.samples_read = body["samples_read"]
-        report.skipped, report.errors = dict(body["skipped"]), list(body["errors"])
-        report.skipped_keys = list(body["skipped_keys"])
-        return body["rows"]
-
     def run_shard(self, shard: Path) -> pio.ShardReport:
         t0 = time.perf_counter()
         report = pio.ShardReport(self.name, shard.name)
         self._mark_running(shard, report)
-        rows = self._load_checkpoint(shard, report)
+        saved = self._load_checkpoint(shard, report)
+        rows: dict[str, dict] = saved["rows"] if saved else {}
         done = set(rows) | set(report.skipped_keys)
         last_save = time.monotonic()
         with self._progress(shard) as bar:
@@ -240,7 +243,7 @@ class ScoreStage(_Stage):
                     rows[s.key] = vals
                 bar.update(report.samples_read - bar.n)  # usable and skipped samples alike
                 if time.monotonic() - last_save >= self.opts.checkpoint_seconds:
-                    self._save_checkpoint(shard, rows, report)
+                    self._save_checkpoint(shard, report, rows=rows)
                     last_save = time.monotonic()
         report.samples_ok = len(rows)
         csv_path = pio.scores_csv_path(self.opts.csv_dir, shard)

@@ -132,3 +132,36 @@ def test_baseline_ignores_sample_rewards(data_dir, tmp_path, uninformative):
         l1 = module.compute_loss(b1, torch.Generator().manual_seed(0))[0]
         l2 = module.compute_loss(b2, torch.Generator().manual_seed(0))[0]
     assert torch.equal(l1, l2) is uninformative
+
+
+def test_on_the_fly_text_cache_matches_fresh_encoding():
+    from miro.models import get_config
+    from miro.train.module import MiroLightningModule
+
+    class Stub:
+        calls = 0
+
+        def encode(self, prompts):
+            Stub.calls += 1
+            n = [len(p.split()) for p in prompts]
+            emb = torch.zeros(len(prompts), 6, 384)
+            mask = torch.zeros(len(prompts), 6, dtype=torch.bool)
+            for i, (p, k) in enumerate(zip(prompts, n)):
+                emb[i, :k] = (hash(p) % 1000) / 7.0 + torch.arange(k)[:, None] / 3.0
+                mask[i, :k] = True
+            return emb, mask
+
+    m = MiroLightningModule({"model_config": get_config("tiny"), "text_cache_size": 2})
+    object.__setattr__(m, "_text_encoder", Stub())
+    e1, m1 = m.encode_captions(["a b", "c d e"])
+    e2, m2 = m.encode_captions(["c d e", "c d e"])  # cached: no new encoder call
+    assert Stub.calls == 1
+    torch.testing.assert_close(e2[0, :3], e1[1, :3], rtol=0, atol=0)
+    assert m2.sum(1).tolist() == [3, 3] and m1.sum(1).tolist() == [2, 3]
+    fresh = MiroLightningModule({"model_config": get_config("tiny")})
+    object.__setattr__(fresh, "_text_encoder", Stub())
+    e3, _ = fresh.encode_captions(["c d e"])
+    torch.testing.assert_close(e3[0], e2[0, :3], rtol=0, atol=0)  # identical whether cached or not
+    assert e1.dtype == torch.float32 and torch.equal(e1[1], e1[1].half().float())  # fp16-rounded like shards
+    m.encode_captions(["x", "y"])
+    assert len(m._text_cache) == 2 and "a b" not in m._text_cache  # LRU bound

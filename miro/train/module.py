@@ -19,6 +19,7 @@ draws of an uninterrupted one without saving any RNG state.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import fields
 
 import torch
@@ -104,9 +105,33 @@ class MiroLightningModule(LightningModule):
     def _text(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if "text_emb" in batch:
             return batch["text_emb"].float(), batch["text_mask"].bool()
-        with torch.no_grad():
-            emb, mask = self.text_encoder().encode(list(batch["captions"]))
-        return emb.to(self.device).float(), mask.to(self.device).bool()
+        return self.encode_captions(list(batch["captions"]))
+
+    @torch.no_grad()
+    def encode_captions(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """On-the-fly text embeddings, trimmed to the mask, stored as float16 exactly like the
+        precomputed shard members, and cached per caption (LRU of ``text_cache_size`` entries):
+        Shapes captions repeat, and cached and fresh values are identical (both fp16-rounded)."""
+        cache = self.__dict__.setdefault("_text_cache", OrderedDict())
+        size = int(self.hparams.get("text_cache_size", 20000))
+        missing = list(dict.fromkeys(c for c in captions if c not in cache))
+        if missing:
+            emb, mask = self.text_encoder().encode(missing)
+            for c, e, m in zip(missing, emb, mask):
+                cache[c] = e[m.bool()].to("cpu", torch.float16)
+        rows = []
+        for c in captions:
+            cache.move_to_end(c)
+            rows.append(cache[c])
+        while len(cache) > size:
+            cache.popitem(last=False)
+        L = max(r.shape[0] for r in rows)
+        out = torch.zeros(len(rows), L, rows[0].shape[1])
+        mask = torch.zeros(len(rows), L, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            out[i, : r.shape[0]] = r.float()
+            mask[i, : r.shape[0]] = True
+        return out.to(self.device), mask.to(self.device)
 
     def compute_loss(self, batch: dict, generator: torch.Generator | None = None):
         """The flow loss of one batch (used by training and by tests)."""

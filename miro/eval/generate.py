@@ -106,35 +106,6 @@ def load_pipeline(model: str, variant: str | None = None, device: str | None = N
     return _load(model, variant=variant, device=device)
 
 
-class per_sample_noise:
-    """Within the block, ``pipe`` draws row k of its initial noise from ``generators[k]``.
-
-    The pipeline draws one (B, C, H, W) tensor from one generator; evaluation needs every image
-    to depend only on its own seed (so batch size and resuming never change an image). Row k is
-    drawn exactly as the pipeline would draw a batch of one from ``generators[k]``.
-    """
-
-    def __init__(self, pipe, generators):
-        self.pipe, self.generators = pipe, list(generators)
-
-    def __enter__(self):
-        import torch
-
-        draw = type(self.pipe).prepare_noise.__get__(self.pipe)
-        gens = self.generators
-
-        def prepare_noise(batch_size, generator=None):
-            if batch_size != len(gens):
-                raise RuntimeError(f"pipeline asked for {batch_size} noise rows but {len(gens)} seeds were given")
-            return torch.cat([draw(1, g) for g in gens], dim=0)
-
-        self.pipe.prepare_noise = prepare_noise
-        return self.pipe
-
-    def __exit__(self, *exc):
-        del self.pipe.prepare_noise
-
-
 def _check_run_file(outdir: Path, cfg: GenerateConfig, n_prompts: int, prompts_spec: str | None,
                     reward_keys: list[str] | None = None) -> None:
     """Refuse to mix images made with different settings in one folder."""
@@ -185,17 +156,17 @@ def generate_folder(pipe, items: list[PromptItem], outdir: str | Path, cfg: Gene
         prompts = [items[i].prompt for i, _ in chunk]
         # CPU generators: the noise (hence the image) of a seed is the same on every device
         gens = [torch.Generator().manual_seed(sample_seed(cfg.seed, i, j)) for i, j in chunk]
-        with per_sample_noise(pipe, gens):
-            images = pipe(
-                prompts,
-                reward_targets=cfg.reward_targets or None,
-                negative_reward_targets=cfg.negative_reward_targets or None,
-                num_inference_steps=cfg.steps,
-                guidance_scale=cfg.cfg,
-                num_images_per_prompt=1,
-                generator=None,
-                output_type="pil",
-            )
+        # one generator per image: row k of the noise is drawn as a batch of one from gens[k]
+        images = pipe(
+            prompts,
+            reward_targets=cfg.reward_targets or None,
+            negative_reward_targets=cfg.negative_reward_targets or None,
+            num_inference_steps=cfg.steps,
+            guidance_scale=cfg.cfg,
+            num_images_per_prompt=1,
+            generator=gens,
+            output_type="pil",
+        )
         images = getattr(images, "images", images)
         if len(images) != len(chunk):
             raise RuntimeError(f"pipeline returned {len(images)} images for {len(chunk)} prompts")

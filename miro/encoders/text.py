@@ -126,7 +126,13 @@ class HFTextEncoder(TextEncoder):
 
         from miro.hub import clean_hub_kwargs
 
+        from transformers.utils import logging as hf_logging
+
         kw = clean_hub_kwargs(**self.hub_kwargs)
+        # transformers draws a per-tensor "Loading weights" bar; a text encoder loads in well
+        # under a second, so it is silenced for this call and the user's setting restored.
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.name_or_path, **kw)
             model = self._model_class().from_pretrained(self.name_or_path, **kw)
@@ -136,6 +142,9 @@ class HFTextEncoder(TextEncoder):
                 "access, pass a local folder (config.json, weights, tokenizer files) or a name "
                 "already in the hub cache."
             ) from e
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         model.eval().requires_grad_(False)
         self.model = model.to(device=self.device, dtype=torch.float32)
         self.tokenizer = tokenizer

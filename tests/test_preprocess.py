@@ -16,7 +16,8 @@ import torch
 from miro.data import preprocess_io as pio
 from miro.data.preprocess import main
 from miro.data.schema import decode_sample, iter_raw_samples, write_shard
-from test_preprocess_helpers import CALLS, CRASH, PROMPTS_SEEN, SCORERS, image, jpeg_bytes, make_raw_shards, reset
+from test_preprocess_helpers import (  # noqa: F401  (one_torch_thread: autouse fixture)
+    CALLS, CRASH, PROMPTS_SEEN, SCORERS, image, jpeg_bytes, make_raw_shards, one_torch_thread, reset)
 
 RES = "16,32"
 
@@ -387,3 +388,30 @@ def test_published_reward_keys_with_tiny_real_scorers(tmp_path):
             assert rows[key][name] == pytest.approx(ref[i].item(), rel=1e-4, abs=1e-6)
             assert rows[key][f"synthetic_{name}"] == pytest.approx(ref_syn[i].item(), rel=1e-4, abs=1e-6)
     assert len({rows[k]["pick_a_score_score"] for k in rows}) == 3  # really image/caption dependent
+
+
+from test_rewards_vqascore import vqa_repos  # noqa: E402,F401  (a tiny CLIP-FlanT5 in the published format)
+
+
+def test_vqa_stage_with_the_real_vqascore_code(tmp_path, vqa_repos):
+    """Stage vqa through the real VQAScore (tiny CLIP-FlanT5): original + long synthetic caption."""
+    from miro.rewards import load_scorer
+
+    _, lean_dir, tok_dir, *_ = vqa_repos
+    src, csv = tmp_path / "raw", tmp_path / "csv"
+    make_raw_shards(src, n_shards=1, per_shard=3)
+    kw = {"vqa_score": {"model": str(lean_dir), "tokenizer": str(tok_dir)}}
+    argv = _args(src, csv, "vqa", "--scorer-kwargs", json.dumps(kw))
+    argv[argv.index("--vqa-scorer") + 1] = "vqa_score"
+    assert main(argv) == 0
+    rows = pio.read_scores_csv(csv / "00000_scores.csv")
+    raw = _read(src / "00000.tar")
+    keys = sorted(raw)
+    clean = [pio.clean_caption(raw[k]["txt"]) for k in keys]
+    long = [raw[k]["json"].get("synthetic_caption", c) for k, c in zip(keys, clean)]
+    scorer = load_scorer("vqa_score", **kw["vqa_score"])
+    ref, ref_long = scorer.score([raw[k]["jpg"] for k in keys], clean), scorer.score([raw[k]["jpg"] for k in keys], long)
+    for i, k in enumerate(keys):
+        assert 0 < rows[k]["vqa_score"] < 1
+        assert rows[k]["vqa_score"] == pytest.approx(ref[i].item(), rel=1e-4)
+        assert rows[k]["synthetic_vqa_score"] == pytest.approx(ref_long[i].item(), rel=1e-4)

@@ -109,3 +109,10 @@ def test_all_on_cure_prompts_reports_mia_deltas(shapes_pipeline_dir, shared_data
     assert set(summ["mia_deltas"]["shapes_contrast"]) == {"item+category", "item+category+region"}
     assert summ["mia_deltas"]["shapes_contrast"]["item+category"]["n"] == 2
     assert "item+category - item" in (out / "report" / "report.md").read_text()
+
+
+def test_ground_truth_renders_score_at_the_shapes_eval_ceiling(tmp_path, capsys):
+    out = tmp_path / "gt"
+    assert cli.main(["all", "--model", "ground-truth", "--prompts", "shapes", "--limit", "12", "--n", "1",
+                     "--outdir", str(out), "--skip-rewards"]) == 0
+    assert float(_last(capsys).split()[1]) >= 0.98

@@ -100,7 +100,14 @@ def atomic_save_image(image, path: Path) -> None:
 
 
 def load_pipeline(model: str, variant: str | None = None, device: str | None = None):
-    """Load a pipeline from a built-in name, folder, hub id or Lightning ``.ckpt`` (as ``miro generate``)."""
+    """Load a pipeline from a built-in name, folder, hub id or Lightning ``.ckpt`` (as ``miro generate``).
+
+    ``"ground-truth"`` is the Shapes world's renderer behind the same call (ShapesEval's ceiling).
+    """
+    if model == "ground-truth":
+        from miro.shapes.eval import GroundTruthPipeline
+
+        return GroundTruthPipeline()
     from miro.generate_cli import load_pipeline as _load
 
     return _load(model, variant=variant, device=device)

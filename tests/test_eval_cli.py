@@ -116,3 +116,17 @@ def test_ground_truth_renders_score_at_the_shapes_eval_ceiling(tmp_path, capsys)
     assert cli.main(["all", "--model", "ground-truth", "--prompts", "shapes", "--limit", "12", "--n", "1",
                      "--outdir", str(out), "--skip-rewards"]) == 0
     assert float(_last(capsys).split()[1]) >= 0.98
+
+
+def test_generate_command_with_a_prompt_file(shapes_pipeline_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\ntwo blue squares\n")
+    argv = ["generate", "--model", str(shapes_pipeline_dir), "--prompts", str(prompts), "--n", "2", "--steps", "1",
+            "--reward", "shapes_contrast=0.5", "--out", str(tmp_path / "g")]
+    assert cli.main(argv) == 0
+    assert "4 images generated, 0 already present" in capsys.readouterr().out
+    run = json.loads((tmp_path / "g" / "generation.json").read_text())
+    assert run["config"]["reward_targets"] == {"shapes_contrast": 0.5} and run["prompts"] == str(prompts)
+    assert cli.main(argv) == 0 and "0 images generated, 4 already present" in capsys.readouterr().out
+    assert cli.main(argv[:-2] + ["--reward", "shapes_nope=0.5", "--out", str(tmp_path / "h")]) == 2
+    assert "shapes_nope" in capsys.readouterr().err

@@ -120,3 +120,14 @@ def test_cure_rubric_and_validation(stub):
         J.parse_answer('{"a": true}', ("a",))
     with pytest.raises(ValueError, match="no JSON"):
         J.parse_answer("I think 4", ("a",))
+
+
+@pytest.mark.timeout(60)
+def test_judge_command_prints_overall(stub, tmp_path, capsys):
+    from miro.eval.cli import main
+
+    srv, url = stub
+    root = _folder(tmp_path, [{"prompt": "a red cat", "tag": "t"}])
+    assert main(["judge", str(root), "--base-url", url, "--judge-model", "m", "--timeout", "5"]) == 0
+    # ratings 4 and 2 -> mean 3 -> (3 - 1) / 4
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "overall: 0.50000"

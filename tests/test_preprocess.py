@@ -151,8 +151,10 @@ def test_rerun_skips_complete_shards_and_redoes_invalid_ones(tmp_path):
     shards = make_raw_shards(src, n_shards=2, per_shard=2)
     assert main(_args(src, csv, "rewards")) == 0
     first = CALLS["ptest_words"]
+    assert CALLS["ptest_words.load"] == 1
     assert main(_args(src, csv, "rewards")) == 0
     assert CALLS["ptest_words"] == first  # both shards complete: no model call
+    assert CALLS["ptest_words.load"] == 1  # ... and no model loaded
     # a damaged CSV is redone; so is a shard whose source changed
     path = csv / "00001_scores.csv"
     path.write_text(path.read_text().splitlines()[0] + "\n")

@@ -119,14 +119,13 @@ def _parse_resolutions(args, codec_is_identity: bool) -> tuple[int, ...]:
 
 
 def load_scorers(names: list[str], kwargs: dict, device: str) -> dict:
+    """Build the scorers (weights load lazily, see :func:`_load_now`)."""
     from miro.rewards import load_scorer
 
     out = {}
     for n in names:
         s = load_scorer(n, **kwargs.get(n, {}))
-        s = s.to(device) if hasattr(s, "to") else s
-        _load_now(s)
-        out[n] = s
+        out[n] = s.to(device) if hasattr(s, "to") else s
     return out
 
 
@@ -147,15 +146,24 @@ def _free_models() -> None:
         torch.cuda.empty_cache()
 
 
-def run_stage(stage, shards: list[Path], overwrite: bool) -> tuple[int, int, int]:
-    """Run a stage over shards; returns (done, skipped as complete, failed)."""
+def run_stage(stage, shards: list[Path], overwrite: bool, models: list | None = None) -> tuple[int, int, int]:
+    """Run a stage over shards; returns (done, skipped as complete, failed).
+
+    ``models`` are loaded only when some shard still needs work (a rerun over finished shards
+    never loads a multi-GB model)."""
     done = skipped = failed = 0
     totals = {"ok": 0, "skipped": 0}
+    pending = []
     for shard in shards:
         if not overwrite and stage.is_complete(shard):
             print(f"{stage.name} {shard.name}: complete, skipped")
             skipped += 1
-            continue
+        else:
+            pending.append(shard)
+    if pending:
+        for m in models or []:
+            _load_now(m)
+    for shard in pending:
         try:
             report = stage.run_shard(shard)
         except MissingStageError as e:
@@ -236,6 +244,7 @@ def _run(args) -> int:
     print(f"miro preprocess: stage {args.stage}, {len(shards)} shard(s), device {device} ({precision}), csv_dir {csv_dir}")
 
     failed = 0
+    scorers = text_encoder = codec = None
     for name in stages:
         if name == "vqa" and vqa is None:
             continue
@@ -243,7 +252,8 @@ def _run(args) -> int:
             names = _csv_list(args.scorers) if name == "rewards" else [vqa]
             if not names:
                 raise ValueError("--scorers is empty; name at least one reward")
-            stage = ScoreStage(name, load_scorers(names, scorer_kwargs, device), opts)
+            scorers = load_scorers(names, scorer_kwargs, device)
+            stage, models = ScoreStage(name, scorers, opts), list(scorers.values())
         else:
             from miro.encoders import IdentityCodec, load_autoencoder, load_text_encoder
 
@@ -252,18 +262,16 @@ def _run(args) -> int:
             resolutions = _parse_resolutions(args, isinstance(codec, IdentityCodec))
             if hasattr(codec, "to"):
                 codec = codec.to(device)
-            _load_now(text_encoder)
-            if resolutions:
-                _load_now(codec)
             spec = EncodeSpec(resolutions=resolutions, resize_filter=args.resize_filter,
                               text_max_length=args.text_max_length,
                               required_stages=("rewards",) + (("vqa",) if vqa else ()),
                               extra={"text_encoder_spec": str(args.text_encoder), "autoencoder": str(args.autoencoder)})
             stage = EncodeStage(text_encoder, codec if resolutions else None, spec, opts)
-        done, skipped, bad = run_stage(stage, shards, args.overwrite)
+            models = [text_encoder] + ([codec] if resolutions else [])
+        done, skipped, bad = run_stage(stage, shards, args.overwrite, models)
         failed += bad
         print(f"stage {name}: {done} shard(s) processed, {skipped} already complete, {bad} failed")
-        del stage
+        stage = models = scorers = text_encoder = codec = None  # drop every reference before the next stage
         _free_models()
     return 1 if failed else 0
 

@@ -202,3 +202,11 @@ def test_owlv2_backend_queries_the_80_names(tmp_path):
     assert top.score == pytest.approx(float(torch.sigmoid(logits.max())), rel=1e-5)
     with pytest.raises(ValueError, match="model_type"):
         GE.make_detector(str(save_tiny_clip(tmp_path / "clip")), local_files_only=True)
+
+
+def test_missing_detector_offline_names_the_download(tmp_path, capsys):
+    from miro.eval.cli import main
+
+    root = _folder(tmp_path / "imgs", [{"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a cat"}], n=1)
+    assert main(["geneval", str(root), "--detector", str(tmp_path / "no-such-model"), "--local-files-only"]) == 1
+    assert "miro download geneval" in capsys.readouterr().err

@@ -350,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"miro eval {args.cmd}: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # model files missing offline, unreadable folders
+        print(f"miro eval {args.cmd}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -177,7 +177,11 @@ def make_detector(spec: str, device: str | None = None, local_files_only: bool =
         return ShapesWorldDetector()
     from transformers import AutoConfig
 
-    model_type = AutoConfig.from_pretrained(spec, local_files_only=local_files_only).model_type
+    try:
+        model_type = AutoConfig.from_pretrained(spec, local_files_only=local_files_only).model_type
+    except OSError as e:
+        raise OSError(f"cannot load the detector {spec!r}: {e}\nFetch it once with `miro download geneval` "
+                      "(or `miro download owlv2`), or pass a local folder with --detector.") from e
     if model_type == "owlv2":
         return OWLv2Detector(spec, device, local_files_only)
     if model_type == "mask2former":
@@ -297,7 +301,11 @@ class GenEvalLike:
     @property
     def color_classifier(self) -> CLIPColorClassifier:
         if self._color is None:  # loaded on first colour clause only
-            self._color = CLIPColorClassifier(*self._color_spec)
+            try:
+                self._color = CLIPColorClassifier(*self._color_spec)
+            except OSError as e:
+                raise OSError(f"cannot load the colour model {self._color_spec[0]!r}: {e}\nFetch it once with "
+                              "`miro download geneval`, or pass a local folder with --clip-model.") from e
         return self._color
 
     def evaluate_images(self, images, metadatas: list[dict]) -> list[tuple[rules.Verdict, dict]]:

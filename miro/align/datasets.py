@@ -130,7 +130,10 @@ def read_items(path: str | Path, caption_column: str = "caption") -> list[dict]:
         return read_fork_json(path)
     if path.suffix == ".jsonl":
         with open(path, encoding="utf-8") as f:
-            return [normalize_item(json.loads(line), path.parent) for line in f if line.strip()]
+            rows = [json.loads(line) for line in f if line.strip()]
+        if caption_column != "caption":
+            rows = [{**r, "caption": r.get(caption_column)} for r in rows]
+        return [normalize_item(r, path.parent) for r in rows]
     if path.suffix == ".txt":
         with open(path, encoding="utf-8") as f:
             return [normalize_item({"caption": line.strip()}) for line in f if line.strip()]

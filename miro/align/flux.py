@@ -72,6 +72,9 @@ class FluxTarget:
             raise ValueError(f"height/width must be multiples of {2 * self.vae_scale}; got {c.height}x{c.width}")
         self.lh, self.lw = c.height // self.vae_scale, c.width // self.vae_scale
         self.vae.requires_grad_(False)
+        # Full fine-tune unless LoRA adapters were added (then only they train).
+        if not any("lora_" in n for n, _ in transformer.named_parameters()):
+            transformer.requires_grad_(True)
         if c.vae_tiling and hasattr(vae, "enable_tiling"):
             vae.enable_tiling()
 

@@ -45,6 +45,10 @@ class MiroTarget:
         # SRPO trains a deterministic velocity: eval mode switches off the network's coherence
         # dropout and stochastic depth (gradients still flow).
         self.model.eval()
+        # Full fine-tune unless LoRA adapters were added (then only they train). Loaded pipelines
+        # come frozen for inference.
+        if not any("lora_" in n for n, _ in self.model.named_parameters()):
+            self.model.requires_grad_(True)
 
     @property
     def image_size(self) -> tuple[int, int]:

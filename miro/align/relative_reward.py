@@ -10,7 +10,10 @@ model's image–text similarity on its own embeddings:
 - ``"cosine"`` (HPS-like): cosine of the L2-normalised embeddings, no logit scale;
 - ``"logit"`` (CLIP / PickScore-like): ``exp(logit_scale)·cos / logit_divisor``; upstream divides
   by 20 to make it "comparable with hps";
-- ``"scorer"``: the scorer's own ``similarity(image_emb, text_emb)``.
+- ``"scorer"``: the scorer's own ``similarity(image_emb, text_emb)``;
+- ``"auto"``: the scorer's ``relative_similarity`` when it declares one (the Shapes proxy:
+  ``"scorer"``), else ``"logit"`` for ``use_logit_scale = True`` (CLIP score, PickScore) and
+  ``"cosine"`` otherwise (HPSv2).
 
 The inversion branch swaps p+ and p− (see ``direct_align``); its ``k`` comes from the
 ``discount_inv`` schedule.
@@ -24,7 +27,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-SIMILARITIES = ("cosine", "logit", "scorer")
+SIMILARITIES = ("auto", "cosine", "logit", "scorer")
 LOSSES = ("hinge", "maximize")
 
 
@@ -51,9 +54,9 @@ def srpo_loss(reward: torch.Tensor, kind: str = "hinge", margin: float = 0.7) ->
 
 @dataclass
 class RelativeRewardConfig:
-    similarity: str = "cosine"  # "cosine" (HPSv2), "logit" (CLIP/PickScore), "scorer" (its own similarity)
+    similarity: str = "auto"  # "auto", "cosine" (HPSv2), "logit" (CLIP/PickScore), "scorer" (its own similarity)
     logit_divisor: float = 20.0  # "logit" only: exp(logit_scale)·cos / divisor (upstream /20)
-    logit_scale: float | None = None  # "logit" only: log logit scale; None reads scorer.logit_scale
+    logit_scale: float | None = None  # "logit" only: log logit scale; None reads scorer.scale() / scorer.logit_scale
 
 
 class SemanticRelativeReward:
@@ -70,17 +73,23 @@ class SemanticRelativeReward:
         for name in ("embed_image", "embed_text"):
             if not callable(getattr(scorer, name, None)):
                 raise ValueError(f"scorer {type(scorer).__name__} has no {name}(); SRPO needs an embedding reward model")
+        self.mode = self.config.similarity
+        if self.mode == "auto":
+            self.mode = getattr(scorer, "relative_similarity", None) or ("logit" if getattr(scorer, "use_logit_scale", False) else "cosine")
         self._cache: dict[str, torch.Tensor] = {}
         self._cache_size = cache_size
 
     def _scale(self) -> float:
         ls = self.config.logit_scale
-        if ls is None:
-            raw = getattr(self.scorer, "logit_scale", None)
-            if raw is None:
-                raise ValueError("similarity='logit' needs logit_scale in the config or a scorer.logit_scale attribute")
-            ls = float(raw.detach() if isinstance(raw, torch.Tensor) else raw)
-        return float(torch.tensor(ls).exp()) / self.config.logit_divisor
+        if ls is not None:
+            return float(torch.tensor(float(ls)).exp()) / self.config.logit_divisor
+        if callable(getattr(self.scorer, "scale", None)):  # miro.rewards CLIP-like scorers: exp(logit_scale)
+            return float(self.scorer.scale()) / self.config.logit_divisor
+        raw = getattr(self.scorer, "logit_scale", None)
+        if raw is None:
+            raise ValueError("similarity='logit' needs logit_scale in the config, scorer.scale() or scorer.logit_scale")
+        raw = float(raw.detach() if isinstance(raw, torch.Tensor) else raw)
+        return float(torch.tensor(raw).exp()) / self.config.logit_divisor
 
     def embed_text(self, prompts: Sequence[str]) -> torch.Tensor:
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
@@ -94,9 +103,9 @@ class SemanticRelativeReward:
 
     def similarity(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
         text_emb = text_emb.to(image_emb.device)
-        if self.config.similarity == "cosine":
+        if self.mode == "cosine":
             return cosine_similarity(image_emb, text_emb)
-        if self.config.similarity == "logit":
+        if self.mode == "logit":
             return self._scale() * cosine_similarity(image_emb, text_emb)
         return self.scorer.similarity(image_emb, text_emb).float()
 

@@ -1,0 +1,248 @@
+"""``miro align``: SRPO training (Hydra overrides) and the FLUX tools (sub-commands).
+
+    miro align [experiment=<name>] key=value ...        SRPO on a MIRO pipeline or FLUX
+    miro align flux-embed   --model M --prompts P --out DIR
+    miro align flux-generate --model M --items P --out DIR [--lora DIR | --transformer FILE]
+    miro align flux-lora    --model M --data P --caption-column Item --out DIR
+
+Configs ship under ``miro/configs/align/`` and are composed with Hydra's compose API (no change of
+working directory, no per-rank run folders); training runs on Lightning Fabric.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "align"
+
+HELP = """usage: miro align [experiment=<name>] key=value ... [--print-config] [--dry-run]
+       miro align {{flux-embed,flux-generate,flux-lora}} --help
+
+SRPO post-hoc alignment (Direct-Align + semantic relative reward, MIA prompts) of a MIRO
+pipeline or FLUX. Configuration is Hydra's; every key of miro/configs/align/config.yaml can be
+overridden.
+
+experiments: {experiments}
+
+main keys:
+  mode=online|offline           online rollouts of the current policy, or real images (items with image_path)
+  inversion=true|false          inversion branch with swapped prompts (false reproduces reward hacking)
+  denoise=true|false            denoise branch
+  discount_inv=[a,b]            k of the inversion branch, clean -> noisy end (default [0.3,0.01])
+  discount_denoise=[c,d]        k of the denoise branch (default [0.1,0.25])
+  loss=hinge|maximize           relu(0.7 - r) as published, or -r
+  data.prompts=PATH|cure        .json (SRPO list), .jsonl, .txt, .csv, CuRe folder
+  target.kind=miro|flux  target.model=NAME|DIR|HUB_ID   lora.enabled=true lora.rank=16
+  reward.name=hpsv2_score|pick_a_score_score|clip_score|shapes_proxy  reward.kwargs.KEY=VALUE
+  schedule.train_timestep=[5,25] | schedule.sigma_range=[0.95,0.7]   schedule.groundtruth_ratio=0.9
+  prompts.pos_prompt=... prompts.neg_prompt=... prompts.control_words=false prompts.use_mia=true
+  optim.name=adamw|prodigy optim.lr=5e-6   train.max_steps=20 train.out_dir=DIR train.devices=N
+
+options:
+  --print-config                print the composed config and exit
+  --dry-run                     build target, reward and data, then exit without training
+  -h, --help                    show this help
+"""
+
+
+def experiments() -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+
+
+def compose(overrides: list[str], as_dict: bool = True):
+    """The composed config for ``overrides``: a plain dict (every ``???`` must be filled) or, with
+    ``as_dict=False``, the OmegaConf object."""
+    from hydra import compose as h_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = h_compose(config_name="config", overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True) if as_dict else cfg
+
+
+def load_items(cfg: dict) -> list[dict]:
+    from miro.align.datasets import read_cure, read_items
+
+    spec = str(cfg["data"]["prompts"])
+    if spec == "cure":
+        from miro.eval.prompts import CURE_FILES, CURE_URL, _locate
+
+        items = []
+        for name in CURE_FILES:
+            items += read_cure(_locate("cure", f"{name}.csv", CURE_URL.format(name=name)))
+    elif spec == "shapes":
+        from miro.eval.prompts import load_prompts
+
+        items = [{"caption": p.prompt} for p in load_prompts("shapes")]
+    else:
+        items = read_items(spec, caption_column=cfg["data"]["caption_column"])
+    if cfg["data"].get("limit"):
+        items = items[: int(cfg["data"]["limit"])]
+    if not items:
+        raise ValueError(f"data.prompts={spec!r} gave no items")
+    return items
+
+
+def build_reward(cfg: dict, device):
+    from miro.align.relative_reward import RelativeRewardConfig, SemanticRelativeReward
+
+    r = cfg["reward"]
+    if r["name"] == "shapes_proxy":
+        from miro.align.proxy_reward import ProxyRewardModel
+
+        if not r.get("path"):
+            raise ValueError("reward.name=shapes_proxy needs reward.path=<trained proxy folder>")
+        scorer = ProxyRewardModel.load(r["path"]).to(device)
+    else:
+        from miro.rewards import load_scorer
+
+        scorer = load_scorer(r["name"], **dict(r.get("kwargs") or {}))
+        scorer = scorer.to(device) or scorer
+    return SemanticRelativeReward(scorer, RelativeRewardConfig(similarity=r["similarity"], logit_divisor=float(r["logit_divisor"])))
+
+
+def _lora_settings(cfg: dict):
+    from miro.align.lora import LoraSettings
+
+    lc = cfg["lora"]
+    return LoraSettings(rank=int(lc["rank"]), alpha=lc["alpha"], dropout=float(lc["dropout"]), target_modules=list(lc["target_modules"]))
+
+
+def build_target(cfg: dict, device):
+    import torch
+
+    t = cfg["target"]
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, None: None}[t.get("dtype")]
+    if t["kind"] == "miro":
+        from miro.align.miro_target import MiroTarget, MiroTargetConfig
+        from miro.generate_cli import load_pipeline
+
+        pipe = load_pipeline(t["model"], device=device, dtype=dtype)
+        if cfg["lora"]["enabled"]:
+            from miro.align.lora import add_miro_lora
+
+            add_miro_lora(pipe.model, _lora_settings(cfg))
+        return MiroTarget(pipe, MiroTargetConfig(guidance_scale=float(t["guidance_scale"]), train_guidance=t["train_guidance"],
+                                                 reward_targets=dict(t["reward_targets"]),
+                                                 negative_reward_targets=dict(t["negative_reward_targets"]),
+                                                 decoder_checkpointing=bool(t["decoder_checkpointing"])))
+    if t["kind"] == "flux":
+        from diffusers import FluxPipeline
+
+        from miro.align.flux import FluxTarget, FluxTargetConfig
+
+        pipe = FluxPipeline.from_pretrained(t["model"], torch_dtype=dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32))
+        pipe.to(device)
+        for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
+            m.requires_grad_(False)
+        if cfg["lora"]["enabled"]:
+            from miro.align.lora import add_flux_lora
+
+            add_flux_lora(pipe.transformer, _lora_settings(cfg))
+        if t.get("gradient_checkpointing"):
+            pipe.transformer.enable_gradient_checkpointing()
+        return FluxTarget.from_pipeline(pipe, FluxTargetConfig(
+            height=int(t["height"]), width=int(t["width"]), train_guidance=float(t["flux_train_guidance"]),
+            rollout_guidance=float(t["flux_rollout_guidance"]), quantize_timestep=bool(t["quantize_timestep"]),
+            max_sequence_length=int(t["max_sequence_length"]), decoder_checkpointing=bool(t["decoder_checkpointing"])))
+    raise ValueError(f"target.kind={t['kind']!r}; allowed: miro, flux")
+
+
+def export(cfg: dict, target, out: Path) -> Path:
+    """Write the tuned weights: a LoRA (diffusers format for FLUX, peft layout for MIRO), a MIRO
+    pipeline folder (LoRA merged), or the FLUX transformer state dict (safetensors)."""
+    from safetensors.torch import save_file
+
+    from miro.align import lora as L
+
+    if cfg["target"]["kind"] == "flux":
+        if cfg["lora"]["enabled"]:
+            return L.save_flux_lora(target.transformer, out / "lora")
+        sd = {k: v.detach().cpu().contiguous() for k, v in target.transformer.state_dict().items()}
+        (out / "transformer").mkdir(parents=True, exist_ok=True)
+        save_file(sd, str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
+        return out / "transformer"
+    pipe = target.pipe
+    if cfg["lora"]["enabled"]:
+        L.save_miro_lora(pipe.model, out / "lora", _lora_settings(cfg))
+        from miro.pipeline import MiroPipeline
+
+        merged = MiroPipeline(_fresh_model(pipe, L.merge_lora_state_dict(pipe.model)), pipe.text_encoder, pipe.autoencoder,
+                              pipe.config, pipe.uncond_embedding.detach().cpu().numpy(), reward_bins=pipe.reward_bins)
+        return merged.save_pretrained(out / "pipeline")
+    return pipe.save_pretrained(out / "pipeline")
+
+
+def _fresh_model(pipe, state):
+    from miro.models.model import MiroModel
+
+    m = MiroModel.from_config(pipe.config)
+    m.load_state_dict_checked(state)
+    return m
+
+
+def run(cfg: dict, dry_run: bool = False) -> Path | None:
+    import torch
+
+    from miro.align.step import StepConfig
+    from miro.align.trainer import OptimConfig, SRPOTrainer, TrainConfig
+
+    device = torch.device(cfg["target"].get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    step = StepConfig(mode=cfg["mode"], denoise=cfg["denoise"], inversion=cfg["inversion"], discount_inv=cfg["discount_inv"],
+                      discount_denoise=cfg["discount_denoise"], loss=cfg["loss"], hinge_margin=cfg["hinge_margin"],
+                      rollout_steps=int(cfg["rollout_steps"]), rollout_shift=cfg["rollout_shift"],
+                      reuse_rollout_noise=cfg["reuse_rollout_noise"], schedule=dict(cfg["schedule"]), prompts=dict(cfg["prompts"]))
+    items = load_items(cfg)
+    target = build_target(cfg, device)
+    reward = build_reward(cfg, device)
+    o = dict(cfg["optim"])
+    optim = OptimConfig(**{**o, "betas": tuple(o["betas"])})
+    train = TrainConfig(**cfg["train"])
+    if dry_run:
+        print(f"dry run: {len(items)} items, target {cfg['target']['kind']}:{cfg['target']['model']}, reward {cfg['reward']['name']}")
+        return None
+    trainer = SRPOTrainer(target, reward, items, step, optim, train)
+    trainer.fit()
+    if trainer.fabric.global_rank == 0:
+        path = export(cfg, target, Path(train.out_dir))
+        print(f"saved {path}")
+        return path
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("flux-embed", "flux-generate", "flux-lora"):
+        from miro.align.flux_cli import main as flux_main
+
+        return flux_main(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(HELP.format(experiments=", ".join(experiments())))
+        return 0
+    flags = [a for a in argv if a.startswith("--")]
+    bad = [f for f in flags if f not in ("--print-config", "--dry-run")]
+    if bad:
+        print(f"miro align: unknown option {bad[0]}; options are --print-config, --dry-run (config keys take key=value)", file=sys.stderr)
+        return 2
+    overrides = [a for a in argv if not a.startswith("--")]
+    try:
+        if "--print-config" in flags:
+            from omegaconf import OmegaConf
+
+            print(OmegaConf.to_yaml(compose(overrides, as_dict=False)))
+            return 0
+        cfg = compose(overrides)
+    except Exception as e:  # hydra's errors (unknown key, missing value) as one clear line
+        print(f"miro align: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    run(cfg, dry_run="--dry-run" in flags)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""``miro align flux-embed | flux-generate | flux-lora``: FLUX tools around SRPO (argparse)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_FLUX = "black-forest-labs/FLUX.1-dev"
+
+
+def _dtype(name: str):
+    import torch
+
+    table = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    if name not in table:
+        raise ValueError(f"--dtype {name!r}; allowed: {', '.join(table)}")
+    return table[name]
+
+
+def _device(name: str | None):
+    import torch
+
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _items(spec: str, caption_column: str = "caption") -> list[dict]:
+    """``--items``/``--prompts``: a file, a CuRe folder, or inline JSON (a list of strings or objects)."""
+    from miro.align.datasets import normalize_item, read_items
+
+    if spec.lstrip().startswith("["):
+        data = json.loads(spec)
+        return [normalize_item({"caption": d} if isinstance(d, str) else d) for d in data]
+    return read_items(spec, caption_column=caption_column)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="miro align", description="FLUX tools around SRPO alignment")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    e = sub.add_parser("flux-embed", help="precompute FLUX text embeddings of a prompt dataset (SRPO JSON format)")
+    e.add_argument("--model", default=DEFAULT_FLUX, help="FLUX pipeline hub id or folder (default: %(default)s)")
+    e.add_argument("--prompts", required=True, help="prompt file (.txt/.jsonl/.json/.csv) or CuRe folder")
+    e.add_argument("--caption-column", default="caption", help="CSV column holding the caption")
+    e.add_argument("--out", "--outdir", dest="out", required=True, help="output folder")
+    e.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens (default: %(default)s)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--dtype", default="bfloat16")
+    e.add_argument("--device", default=None)
+
+    g = sub.add_parser("flux-generate", help="N images per item with a FLUX pipeline, an SRPO transformer or a LoRA")
+    g.add_argument("--model", default=DEFAULT_FLUX, help="FLUX pipeline hub id or folder (default: %(default)s)")
+    g.add_argument("--items", required=True, help="item file / CuRe folder, or inline JSON list")
+    g.add_argument("--out", "--outdir", dest="out", required=True)
+    g.add_argument("--transformer", default=None, help="SRPO-tuned transformer state dict (.safetensors / .pt / folder)")
+    g.add_argument("--lora", default=None, help="LoRA folder (diffusers format, pytorch_lora_weights.safetensors)")
+    g.add_argument("--lora-scale", type=float, default=1.0)
+    g.add_argument("--n-samples", "--n", dest="n", type=int, default=8, help="images per item (default: %(default)s)")
+    g.add_argument("--steps", type=int, default=28, help="sampling steps (default: %(default)s)")
+    g.add_argument("--cfg", "--guidance", dest="guidance", type=float, default=3.5, help="FLUX guidance (default: %(default)s)")
+    g.add_argument("--height", type=int, default=1024)
+    g.add_argument("--width", type=int, default=1024)
+    g.add_argument("--seed", type=int, default=0, help="image j of item i uses seed + 1000*i + j")
+    g.add_argument("--batch-size", type=int, default=1)
+    g.add_argument("--max-sequence-length", type=int, default=512)
+    g.add_argument("--dtype", default="bfloat16")
+    g.add_argument("--device", default=None)
+
+    lo = sub.add_parser("flux-lora", help="LoRA fine-tuning of FLUX on an image-caption dataset (flow matching)")
+    lo.add_argument("--model", default=DEFAULT_FLUX)
+    lo.add_argument("--data", required=True, help="items with image_path (.jsonl/.json/.csv)")
+    lo.add_argument("--caption-column", default="caption", help="item field used as caption, e.g. Item or generated_caption")
+    lo.add_argument("--instance-prompt", default="an image of", help="caption where the column is empty")
+    lo.add_argument("--out", "--outdir", dest="out", required=True)
+    lo.add_argument("--resolution", type=int, default=1024)
+    lo.add_argument("--rank", type=int, default=16)
+    lo.add_argument("--alpha", type=float, default=4.0, help="lora_alpha (diffusers FLUX DreamBooth default 4)")
+    lo.add_argument("--optimizer", default="prodigy", choices=("prodigy", "adamw"))
+    lo.add_argument("--lr", type=float, default=1.0, help="1.0 for Prodigy (default: %(default)s)")
+    lo.add_argument("--steps", type=int, default=1000, help="optimiser steps (default: %(default)s)")
+    lo.add_argument("--batch-size", type=int, default=1, help="per device")
+    lo.add_argument("--grad-accum", type=int, default=4, help="4 GPUs x 1 x 4 = effective batch 16 (default: %(default)s)")
+    lo.add_argument("--precision", default="auto", help="Fabric precision; auto = 16-mixed on CUDA (fp16 as published)")
+    lo.add_argument("--devices", default="1")
+    lo.add_argument("--checkpoint-every", type=int, default=100)
+    lo.add_argument("--seed", type=int, default=42)
+    lo.add_argument("--dtype", default="float32", help="weight dtype of the frozen parts")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from miro.align import flux_tools
+
+    if args.cmd == "flux-embed":
+        from diffusers import FluxPipeline
+
+        items = _items(args.prompts, args.caption_column)
+        pipe = FluxPipeline.from_pretrained(args.model, transformer=None, vae=None, torch_dtype=_dtype(args.dtype)).to(_device(args.device))
+        path = flux_tools.precompute_embeddings(pipe, items, args.out, args.max_sequence_length, args.batch_size)
+        print(f"wrote {len(items)} embeddings; dataset {path}")
+        return 0
+    if args.cmd == "flux-generate":
+        pipe = flux_tools.load_flux_pipeline(args.model, args.transformer, args.lora, args.lora_scale, _dtype(args.dtype), _device(args.device))
+        stats = flux_tools.generate_items(pipe, _items(args.items), args.out, args.n, args.steps, args.guidance, args.height, args.width,
+                                          args.seed, args.batch_size, args.max_sequence_length)
+        print(f"written {stats['written']}, already present {stats['skipped']} -> {Path(args.out)}")
+        return 0
+    from diffusers import FluxPipeline
+
+    from miro.align.flux_lora_train import FluxLoraTrainConfig, finetune_flux_lora
+    from miro.align.lora import LoraSettings
+    from miro.align.trainer import OptimConfig
+
+    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    cfg = FluxLoraTrainConfig(caption_column=args.caption_column, instance_prompt=args.instance_prompt, resolution=args.resolution,
+                              max_train_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                              checkpoint_every=args.checkpoint_every, seed=args.seed, precision=args.precision, devices=devices,
+                              out_dir=args.out, lora=LoraSettings(rank=args.rank, alpha=args.alpha),
+                              optim=OptimConfig(name=args.optimizer, lr=args.lr, weight_decay=1e-4, max_grad_norm=1.0))
+    pipe = FluxPipeline.from_pretrained(args.model, torch_dtype=_dtype(args.dtype)).to(_device(None))
+    path = finetune_flux_lora(pipe, _items(args.data, args.caption_column), cfg)
+    print(f"saved {path}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

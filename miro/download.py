@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.list:
         for name, entries in WEIGHTS.items():
-            for repo, pats, why in entries:
+            for repo, _pats, why in entries:
                 print(f"{name:<20} {repo:<48} {why}")
         print(f"{'rewards':<20} (group) {', '.join(GROUPS['rewards'])}")
         return 0

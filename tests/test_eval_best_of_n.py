@@ -11,7 +11,7 @@ from PIL import Image
 
 from miro.eval import best_of_n as B
 from miro.eval import sweep as S
-from miro.eval.folder import read_folder, read_jsonl
+from miro.eval.folder import read_folder
 
 
 def brute_force(select, value, n):

@@ -80,7 +80,6 @@ def test_clip_colour_classifier_is_geneval_zero_shot(tiny_backends):
 def test_detector_maps_coco_labels_to_geneval_names(tiny_backends):
     det = GE.Mask2FormerDetector(str(tiny_backends[0]), device="cpu", local_files_only=True)
     names = set(det.labels.values())
-    geneval = set(GE.rules.GENEVAL_COLORS)  # noqa: F841 - names below come from object_names.txt
     assert {"computer mouse", "tv remote", "computer keyboard"} <= names and "mouse" not in names
     out = det.detect([_image(1), _image(2)], min_score=0.0)
     assert len(out) == 2 and all(len(d) > 0 for d in out)

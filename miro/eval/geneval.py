@@ -219,7 +219,7 @@ class CLIPColorClassifier:
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_files_only)
         self.processor = _pil_processor("CLIP", name_or_path, local_files_only=local_files_only)
         self.colors = tuple(colors)
-        self._weights: dict[str, "torch.Tensor"] = {}
+        self._weights: dict = {}  # class name -> (E, n_colours) text weights
 
     @staticmethod
     def _features(out):

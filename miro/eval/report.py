@@ -121,7 +121,7 @@ def _rewards_section(doc: _Doc, run: Path, outdir: Path, row: str | None):
     with_paper = row in P.REWARDS if row else False
     header = ["reward", "n", "mean", "std", "normalised mean"]
     if with_paper:
-        header += [f"ours in paper unit", f"paper: {row}", "paper: Baseline"]
+        header += ["ours in paper unit", f"paper: {row}", "paper: Baseline"]
     rows = []
     for name, st in summ["rewards"].items():
         r = [name, st["n"], st["mean"], st["std"], st["normalized_mean"]]

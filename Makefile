@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# One torch thread: small-batch CPU sampling stalls at thread barriers on a shared machine
+# (docs/benchmarks.md, Generation); raise DEMO_THREADS on an idle one.
+DEMO_THREADS ?= 1
+
 demo: $(STAMP)
-	$(BIN)/miro generate "$(PROMPT)" --n 8 --seed 0 --out miro-out/demo
+	$(BIN)/miro generate "$(PROMPT)" --n 8 --seed 0 --threads $(DEMO_THREADS) --out miro-out/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=20 -p no:cacheprovider

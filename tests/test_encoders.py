@@ -181,3 +181,23 @@ def test_uint8_conversion_truncates():
     assert u8.dtype == np.uint8 and u8.shape == (1, 1, 6, 3)
     assert u8[0, 0, :, 0].tolist() == [0, 0, 127, 254, 255, 255]
     torch.testing.assert_close(to_unit(x)[0, 0, 0], torch.tensor([0, 0, 0.5, 0.9995, 1, 1]))
+
+
+def test_hub_id_recognised_by_downloaded_config(tmp_path, monkeypatch):
+    cfgs = {"someone/t5-thing": {"model_type": "t5"}, "someone/bert-thing": {"model_type": "bert"}}
+    seen = []
+
+    def fake_download(repo_id, filename, **kw):
+        seen.append((repo_id, filename, kw.get("local_files_only")))
+        path = tmp_path / repo_id.replace("/", "_") / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cfgs[repo_id]))
+        return str(path)
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", fake_download)
+    t5 = load_text_encoder("someone/t5-thing", max_length=16)
+    bert = load_text_encoder("someone/bert-thing")
+    assert isinstance(t5, FlanT5Encoder) and t5.name_or_path == "someone/t5-thing" and t5.model is None
+    assert isinstance(bert, MiniLMEncoder) and bert.name_or_path == "someone/bert-thing"
+    # Only config.json is fetched, and offline mode (HF_HUB_OFFLINE=1 here) is passed on.
+    assert seen == [("someone/t5-thing", "config.json", True), ("someone/bert-thing", "config.json", True)]

@@ -69,3 +69,31 @@ def test_shapes_identity_latents_on_request(shapes_raw, tmp_path):
         expected = pio.to_model_input(src[key]["png"], 16).astype(np.float16)
         assert mean.shape == (3, 16, 16) and np.array_equal(mean, expected) and not std.any()
         assert s["json"]["shapes_sharpness"] == s["json"]["synthetic_shapes_sharpness"]
+
+
+def test_isolate_stages_runs_each_stage_as_a_child_command(shapes_raw, tmp_path, monkeypatch):
+    """--isolate-stages: one `python -m miro.cli preprocess --stage X ...` per stage, same arguments.
+
+    The children run in-process here (starting three interpreters costs more than the test); the
+    command itself is checked to start with a real interpreter below."""
+    import subprocess
+    import sys
+
+    ran = []
+
+    def fake_run(cmd, check=False):
+        assert cmd[:4] == [sys.executable, "-m", "miro.cli", "preprocess"]
+        ran.append(cmd[4:])
+        return subprocess.CompletedProcess(cmd, main(cmd[4:]))
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    base = ["--src", str(shapes_raw), "--csv_dir", str(tmp_path / "csv"), "--dest", str(tmp_path / "out"),
+            "--scorers", "shapes_sharpness", "--vqa-scorer", "none", "--text-encoder", "minilm",
+            "--autoencoder", "identity", "--no-progress"]
+    assert main(["--stage", "all", "--isolate-stages", *base]) == 0
+    assert ran == [["--stage", s, *base] for s in ("rewards", "vqa", "vae")]
+    assert len(list((tmp_path / "out").glob("*.tar"))) == 2
+    assert main(["--stage", "vae", "--isolate-stages", *base]) == 2
+    monkeypatch.undo()
+    done = subprocess.run([sys.executable, "-m", "miro.cli", "preprocess", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "--isolate-stages" in done.stdout

@@ -33,8 +33,6 @@ from pathlib import Path
 
 from miro.data import preprocess_io as pio
 from miro.data.schema import list_shards, select_shards
-from miro.data.encode_stage import EncodeSpec, EncodeStage, MissingStageError
-from miro.data.stages import ScoreStage, StageOptions
 
 STAGES = ("rewards", "vqa", "vae")
 # Stage 1 scores the six published rewards other than VQAScore (upstream `stage_rewards`).
@@ -92,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint-seconds", type=float, default=120.0,
                      help="save progress within a shard this often, so a killed job resumes mid-shard "
                           "(default: %(default)s; 0: after every batch)")
+    run.add_argument("--isolate-stages", action="store_true",
+                     help="with --stage all: run each stage in its own Python process, so the next stage "
+                          "starts with all of the previous stage's GPU memory returned")
     run.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     return p
 
@@ -151,6 +152,8 @@ def run_stage(stage, shards: list[Path], overwrite: bool, models: list | None = 
 
     ``models`` are loaded only when some shard still needs work (a rerun over finished shards
     never loads a multi-GB model)."""
+    from miro.data.encode_stage import MissingStageError
+
     done = skipped = failed = 0
     totals = {"ok": 0, "skipped": 0}
     pending = []
@@ -185,9 +188,38 @@ def run_stage(stage, shards: list[Path], overwrite: bool, models: list | None = 
     return done, skipped, failed
 
 
+def _run_isolated(argv: list[str]) -> int:
+    """``--stage all --isolate-stages``: each stage as a child ``miro preprocess`` process."""
+    import subprocess
+
+    rest, skip = [], False
+    for a in argv:  # the same arguments, minus --stage and --isolate-stages
+        if skip:
+            skip = False
+        elif a == "--stage":
+            skip = True
+        elif not (a.startswith("--stage=") or a == "--isolate-stages"):
+            rest.append(a)
+    worst = 0
+    for name in STAGES:
+        cmd = [sys.executable, "-m", "miro.cli", "preprocess", "--stage", name, *rest]
+        print(f"miro preprocess: stage {name} in a child process")
+        rc = subprocess.run(cmd, check=False).returncode  # an argument list: no shell involved
+        if rc == 2:
+            return 2
+        worst = max(worst, rc)
+    return worst
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if args.isolate_stages:
+        if args.stage != "all":
+            print("miro preprocess: --isolate-stages only applies to --stage all", file=sys.stderr)
+            return 2
+        return _run_isolated(argv)
     try:
         return _run(args)
     except (ValueError, OSError) as e:  # bad arguments, missing inputs, weights that cannot be loaded
@@ -196,7 +228,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    import torch
+    import torch  # heavy imports here, so that `miro preprocess --help` is instant
+
+    from miro.data.encode_stage import EncodeSpec, EncodeStage
+    from miro.data.stages import ScoreStage, StageOptions
 
     stages = STAGES if args.stage == "all" else (args.stage,)
     if args.batch_size < 1:

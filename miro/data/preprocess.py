@@ -12,7 +12,7 @@ Raw shards hold ``{key}.jpg|png``, ``{key}.txt`` (caption) and optionally ``{key
    merged into the JSON, written as ``{dest}/{stem}.tar`` in the published sample layout.
 
 ``--stage all`` runs the three in order in one process, freeing each stage's models before the
-next. Shards are chosen with ``--shard_id N``, ``--shard_ids a,b,c`` or ``--shard_range a-b``
+next (``--isolate-stages``: each stage in its own child process instead). Shards are chosen with ``--shard_id N``, ``--shard_ids a,b,c`` or ``--shard_range a-b``
 (inclusive) over the sorted ``*.tar`` of ``--src``; none means every shard. Outputs are written
 atomically; a rerun skips shards whose outputs are complete and valid and redoes the others.
 Damaged samples are skipped and counted in ``{csv_dir}/logs/{stem}.{stage}.json``.

@@ -114,8 +114,10 @@ def test_all_on_cure_prompts_reports_mia_deltas(shapes_pipeline_dir, shared_data
 def test_ground_truth_renders_score_at_the_shapes_eval_ceiling(tmp_path, capsys):
     out = tmp_path / "gt"
     assert cli.main(["all", "--model", "ground-truth", "--prompts", "shapes", "--limit", "12", "--n", "1",
-                     "--outdir", str(out), "--skip-rewards"]) == 0
+                     "--outdir", str(out)]) == 0
     assert float(_last(capsys).split()[1]) >= 0.98
+    rewards = json.loads((out / "rewards_summary.json").read_text())["rewards"]
+    assert rewards and all(k.startswith("shapes_") for k in rewards)  # auto scorers: the Shapes rewards
 
 
 def test_generate_command_with_a_prompt_file(shapes_pipeline_dir, tmp_path, capsys):

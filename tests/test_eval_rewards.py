@@ -129,14 +129,17 @@ def test_auto_scorers_follow_the_models_reward_keys(tmp_path):
     from miro import REWARD_KEYS
     from miro.rewards import available
 
-    def run(keys, model):
-        (tmp_path / "generation.json").write_text(json.dumps({"config": {"model": model}, "reward_keys": keys}))
+    def run(keys, model, prompts="geneval"):
+        (tmp_path / "generation.json").write_text(json.dumps({"config": {"model": model}, "reward_keys": keys,
+                                                              "prompts": prompts}))
         return R.default_scorers(tmp_path)
 
     shapes = [n for n in available() if n.startswith("shapes_")]
     assert run(["shapes_alignment", "shapes_contrast"], "/ckpts/run3/last.ckpt") == shapes
     assert set(run(list(REWARD_KEYS), "nicolas-dufour/miro")) <= set(REWARD_KEYS)
     assert run(None, "shapes") == shapes  # older folders: the name decides
+    assert run(None, "ground-truth", "shapes") == shapes
+    assert set(run(None, "my/model")) <= set(REWARD_KEYS)
 
 
 def test_cure_mia_deltas_are_paired_by_item_and_sample(tmp_path):

@@ -21,20 +21,23 @@ META_FIELDS = ("filename", "index", "sample", "tag", "prompt", "item")
 
 def default_scorers(root: str | Path | None = None, model: str | None = None) -> list[str]:
     """The scorers ``--scorers auto`` uses: the ``shapes_*`` rewards for a Shapes model (its
-    reward keys recorded in ``generation.json`` are all ``shapes_*``, or its name says shapes),
-    else MIRO's seven."""
+    reward keys recorded in ``generation.json`` are all ``shapes_*``; without recorded keys, a
+    Shapes name, the ground-truth renderer or the ShapesEval prompt set), else MIRO's seven."""
     import json
 
     from miro import REWARD_KEYS
     from miro.rewards import available
 
-    keys = None
+    keys, prompts = None, None
     if root is not None and (Path(root) / "generation.json").is_file():
         run = json.loads((Path(root) / "generation.json").read_text(encoding="utf-8"))
-        keys = run.get("reward_keys")
+        keys, prompts = run.get("reward_keys"), run.get("prompts")
         model = model or run.get("config", {}).get("model")
     names = available()
-    shapes = all(k.startswith("shapes_") for k in keys) if keys else "shapes" in str(model or "")
+    if keys:
+        shapes = all(k.startswith("shapes_") for k in keys)
+    else:  # no recorded keys (older folders, the ground-truth renderer): name and prompt set decide
+        shapes = "shapes" in str(model or "") or model == "ground-truth" or prompts == "shapes"
     if shapes:
         return [n for n in names if n.startswith("shapes_")]
     return [k for k in REWARD_KEYS if k in names]

@@ -2,27 +2,24 @@
 
 Steps (per image, numpy + ``scipy.ndimage``):
 
-1. **Background**: the per-channel median of the 1-pixel frame; its noise level from the
-   frame's median absolute deviation.
-2. **Segmentation**: pixels farther than ``fg_threshold`` (raised with the noise level) from the
-   background, on a lightly smoothed copy when the image is noisy; 4-connected components.
-   Clean scenes keep a full background pixel between objects (``world.GAP``), so each
-   component is one object.
-3. **Colour**: every palette colour q defines a line bg→q in RGB; anti-aliased, blurred or
-   contrast-reduced pixels of a q-coloured object lie on that line (``p = bg + a·(q − bg)``).
-   The colour is the line with the least squared residual over the component's pixels, and
-   ``a`` (clipped to [0, 1]) is the pixel's coverage. Additive colour casts move bg and object
-   together, so they cancel.
-4. **Class**: the renderer's coverage map of each class is fitted to the component's coverage:
-   size from the area (``area = k_cls·s²``), box origin from the centroid (``world.SHAPE_MOMENTS``);
-   objects touching the frame are fitted from their visible box instead. The class with the
-   lowest L1 residual wins; on a clean render the right class fits to within rounding.
-5. **Score** = fit quality (1 − residual / area) × min(1, area / smallest object area), so specks
+1. **Background**: the per-channel median of the 1-pixel frame; the pixel noise from
+   differences of neighbouring frame pixels (smooth textures cancel).
+2. **Segmentation**: pixels farther than ``fg_threshold`` from the background (lower in a faded
+   image, never below the background's texture swing, higher with noise, on a lightly smoothed
+   copy when noisy); 4-connected components. Clean scenes keep a full background pixel between
+   objects (``world.GAP``), so each component is one object. A poorly fitting component is
+   split by raising the threshold when its parts explain the pixels better (touching objects
+   after blur, or in generated images).
+3. **Fit** (:mod:`miro.shapes.fit`): the colour is the palette line bg → q that explains the
+   pixels; coverage is each pixel's position on it; the class is the renderer's coverage map
+   that fits best (exact on clean renders). Objects cut by the frame are searched and refined;
+   soft objects are also fitted with blurred templates.
+4. **Score** = fit quality (1 − residual / area) × min(1, area / smallest object area), so specks
    and shapeless blobs get low confidence and GenEval thresholds apply.
 
 Detections are :class:`miro.eval.geneval_rules.Detection` with class, score, bbox (fitted box,
 clipped to the frame), colour, mask, and in ``extra`` the unclipped fitted ``box``, the coverage
-``area`` and the ``fit`` quality.
+``area``, the ``fit`` quality and the template ``blur``.
 """
 
 from __future__ import annotations
@@ -35,10 +32,7 @@ import numpy as np
 
 from miro.eval.geneval_rules import Detection
 from miro.shapes import world as W
-from miro.shapes.render import coverage
-
-_PALETTE = np.asarray([W.COLOR_RGB[c] for c in W.COLORS], dtype=np.float64)
-
+from miro.shapes.fit import ObjectFit, fit_object
 
 @dataclass(frozen=True)
 class DetectorConfig:
@@ -58,7 +52,9 @@ class DetectorConfig:
     plateau: float = 0.3  # fraction of pixels near the coverage maximum that marks a flat top
     good_fit: float = 0.9  # a moment fit this good (1 - residual/area) skips the search for cut objects
     blur_sigmas: tuple[float, ...] = (0.6, 1.0, 1.5)  # template blurs tried when the sharp fit is poor
+    close_call: float = 1.3  # a runner-up class within this factor of the best residual is refined too
     hidden_penalty: float = 0.05  # residual added per px² of a fitted shape lying outside the frame
+    margin: int = 3  # pixels around a component read for its fit (blurred tails reach ~2 sigma)
 
 
 def min_object_area(resolution: int) -> float:
@@ -100,63 +96,6 @@ def estimate_background(img: np.ndarray) -> tuple[np.ndarray, float]:
     diffs = np.concatenate([np.diff(img[0], axis=0), np.diff(img[-1], axis=0), np.diff(img[:, 0], axis=0), np.diff(img[:, -1], axis=0)])
     sigma = 1.4826 * float(np.median(np.abs(diffs))) / np.sqrt(2.0)
     return bg, sigma
-
-
-def _fit_color(pix: np.ndarray, bg: np.ndarray) -> tuple[int, np.ndarray, float]:
-    """Best palette line for pixels (n, 3): (colour index, coverage per pixel, mean residual)."""
-    d = pix - bg  # (n, 3)
-    dirs = _PALETTE - bg  # (C, 3)
-    norms = np.maximum((dirs * dirs).sum(1), 1e-9)
-    a = np.clip(d @ dirs.T / norms, 0.0, 1.0)  # (n, C)
-    res = ((d[:, None, :] - a[..., None] * dirs[None]) ** 2).sum(-1).sum(0)  # (C,)
-    best = int(np.argmin(res))
-    return best, a[:, best], float(res[best] / len(pix))
-
-
-def _candidate_boxes(cls: str, alpha: np.ndarray, r0: int, c0: int, h: int, w: int, touches: bool):
-    """Candidate (x, y, size) boxes in pixels for a class.
-
-    Inside the frame: size from the area and origin from the centroid (exact for a clean
-    render). At the frame, the hidden part is unknown, so sizes from the visible box's longer
-    side up to 2.5× it are tried, anchored at the side away from the frame and, along an axis
-    that is not cut, aligned to either end or centred on the visible extent.
-    """
-    k, cu, cv = W.SHAPE_MOMENTS[cls]
-    area = alpha.sum()
-    rows, cols = np.nonzero(alpha)
-    wts = alpha[rows, cols]
-    my = (wts * (rows + r0 + 0.5)).sum() / area
-    mx = (wts * (cols + c0 + 0.5)).sum() / area
-    s = float(np.sqrt(area / k))
-    out = [(mx - cu * s, my - cv * s, s)]
-    if touches:
-        on = alpha >= 0.5
-        if on.any():
-            rr, cc = np.nonzero(on)
-            x1, x2, y1, y2 = cc.min() + c0, cc.max() + c0 + 1, rr.min() + r0, rr.max() + r0 + 1
-            vis = float(max(x2 - x1, y2 - y1))
-            for size in np.linspace(vis, 2.5 * vis, 7):
-                xs = [x2 - size] if x1 <= 0 and x2 < w else [x1] if x2 >= w and x1 > 0 else [x1, x2 - size, (x1 + x2 - size) / 2]
-                ys = [y2 - size] if y1 <= 0 and y2 < h else [y1] if y2 >= h and y1 > 0 else [y1, y2 - size, (y1 + y2 - size) / 2]
-                out += [(float(x), float(y), float(size)) for x in xs for y in ys]
-    return out
-
-
-def _refine(resid_of, cls: str, box: tuple[float, float, float], resid: float, step: float = 0.5, min_step: float = 0.125):
-    """Pattern search over (x, y, size) from ``box``; returns (residual, cls, box)."""
-    box = list(box)
-    while step >= min_step:
-        improved = False
-        for k in range(3):
-            for d in (step, -step):
-                trial = list(box)
-                trial[k] += d
-                r = resid_of(cls, tuple(trial))
-                if r < resid:
-                    resid, box, improved = r, trial, True
-        if not improved:
-            step /= 2
-    return resid, cls, tuple(box)
 
 
 class ShapesDetector:
@@ -208,80 +147,75 @@ def detect_array(img: np.ndarray, cfg: DetectorConfig | None = None) -> list[Det
     if n == 0:
         return []
     a_min = min_object_area(resolution)
-    slices = ndimage.find_objects(labels)
     dets: list[Detection] = []
-    for lab, sl in enumerate(slices, start=1):
-        r0, r1 = max(sl[0].start - 1, 0), min(sl[0].stop + 1, h)
-        c0, c1 = max(sl[1].start - 1, 0), min(sl[1].stop + 1, w)
+    for lab, sl in enumerate(ndimage.find_objects(labels), start=1):
+        m = cfg.margin
+        r0, r1 = max(sl[0].start - m, 0), min(sl[0].stop + m, h)
+        c0, c1 = max(sl[1].start - m, 0), min(sl[1].stop + m, w)
         lab_win = labels[r0:r1, c0:c1]
         core = lab_win == lab
         if core.sum() < cfg.min_area * a_min * 0.5:
             continue
-        # the component plus a 1-pixel ring (faint anti-aliased edges), minus other components
-        region = ndimage.binary_dilation(core) & ((lab_win == 0) | core)
+        free = (lab_win == 0) | core  # never borrow another object's pixels
         win = img[r0:r1, c0:c1]
-        ci, a_core, _ = _fit_color(win[core], bg)
-        dirv = _PALETTE[ci] - bg
-        alpha = np.clip(((win - bg) @ dirv) / max(float(dirv @ dirv), 1e-9), 0.0, 1.0) * region
-        # a uniformly faded object (low contrast) has a flat top below 1: rescale it to 1
-        top = float(np.quantile(a_core, 0.9))
-        if 0.05 < top < 0.95 and np.mean(a_core >= 0.85 * top) >= cfg.plateau:
-            alpha = np.clip(alpha / top, 0.0, 1.0)
-        area = float(alpha.sum())
-        if area < cfg.min_area * a_min:
-            continue
         # cut by the frame: the component itself reaches the image border
-        touches = sl[0].start == 0 or sl[1].start == 0 or sl[0].stop == h or sl[1].stop == w
-        rows, cols = np.arange(r0, r1), np.arange(c0, c1)
-
-        def template(cls, box, ss=cfg.fit_supersample, blur=0.0):
-            x, y, s = box
-            if not blur:
-                return coverage(cls, x, y, s, rows, cols, ss)
-            pad = int(np.ceil(3 * blur))  # blur the template on a padded window, then crop
-            cov = coverage(cls, x, y, s, np.arange(r0 - pad, r1 + pad), np.arange(c0 - pad, c1 + pad), ss)
-            return ndimage.gaussian_filter(cov, blur, mode="constant")[pad:-pad, pad:-pad]
-
-        def resid_of(cls, box, ss=cfg.fit_supersample, blur=0.0):
-            x, y, s = box
-            if s <= 0.5:
-                return np.inf
-            cov = template(cls, box, ss, blur)
-            # Occam prior: a visible part explained equally well by a small object and by a huge
-            # one mostly outside the frame (a strip: a square's edge or a cross's arm) is the small one
-            hidden = max(W.SHAPE_MOMENTS[cls][0] * s * s - float(cov.sum()), 0.0)
-            return float(np.abs(alpha - cov * region).sum()) + cfg.hidden_penalty * hidden
-
-        # moment fits first; an object that only touches the frame (nothing hidden) fits here
-        fits = [(resid_of(cls, b), cls, b) for cls in W.CLASSES for b in _candidate_boxes(cls, alpha, r0, c0, h, w, False)]
-        touches = touches and min(fits)[0] > (1.0 - cfg.good_fit) * area
-        if touches:  # cut: a coarse grid of sizes and anchors, then refine the two best classes
-            fits = []
-            for cls in W.CLASSES:
-                fits.append(min((resid_of(cls, b, 2), cls, b) for b in _candidate_boxes(cls, alpha, r0, c0, h, w, True)))
-            fits.sort()
-            fits = [_refine(resid_of, cls, box, resid_of(cls, box)) for _, cls, box in fits[:2]]
-        blur = 0.0
-        if not touches and min(fits)[0] > (1.0 - cfg.good_fit) * area:
-            # a poor sharp fit: the image may be blurred (or generated); fit blurred templates too
-            for sigma in cfg.blur_sigmas:
-                for cls in W.CLASSES:
-                    for b in _candidate_boxes(cls, alpha, r0, c0, h, w, False):
-                        r = resid_of(cls, b, blur=sigma)
-                        if r < min(fits)[0]:
-                            fits.append((r, cls, b))
-                            blur = sigma
-        _, cls, (x, y, s) = min(fits)
-        resid = float(np.abs(alpha - template(cls, (x, y, s), blur=blur) * region).sum())
-        fit = max(0.0, 1.0 - resid / area)
-        score = fit * min(1.0, area / a_min)
-        bbox = (max(x, 0.0), max(y, 0.0), min(x + s, float(w)), min(y + s, float(h)))
-        mask = np.zeros((h, w), dtype=bool)
-        mask[r0:r1, c0:c1] = alpha >= 0.5
-        extra = {"box": (x, y, x + s, y + s), "area": area, "fit": fit, "blur": blur}
-        dets.append(Detection(cls, score, bbox, W.COLORS[ci], mask, extra))
+        cut = sl[0].start == 0 or sl[1].start == 0 or sl[0].stop == h or sl[1].stop == w
+        parts = [core]
+        fit = _fit(win, bg, core, free, r0, c0, h, w, cut, cfg)
+        if fit is not None and fit.quality < cfg.good_fit and core.sum() >= 2 * cfg.min_area * a_min:
+            split = _split(core, dist[r0:r1, c0:c1], free, cfg.min_area * a_min * 0.5)
+            if split:  # keep a split only when its parts explain the pixels better
+                sub = [_fit(win, bg, p, free & reg, r0, c0, h, w, cut, cfg) for p, reg in split]
+                if all(f is not None for f in sub) and sum(f.quality * f.area for f in sub) / sum(f.area for f in sub) > fit.quality + 0.05:
+                    fits = sub
+                else:
+                    fits = [fit]
+            else:
+                fits = [fit]
+        else:
+            fits = [fit]
+        for f in fits:
+            if f is None or f.area < cfg.min_area * a_min:
+                continue
+            x, y, s = f.box
+            score = f.quality * min(1.0, f.area / a_min)
+            bbox = (max(x, 0.0), max(y, 0.0), min(x + s, float(w)), min(y + s, float(h)))
+            mask = np.zeros((h, w), dtype=bool)
+            mask[r0:r1, c0:c1] = f.alpha >= 0.5
+            extra = {"box": (x, y, x + s, y + s), "area": f.area, "fit": f.quality, "blur": f.blur}
+            dets.append(Detection(f.cls, score, bbox, f.color, mask, extra))
     dets.sort(key=lambda d: -d.score)
     return dets
+
+
+def _fit(win, bg, core, free, r0, c0, h, w, cut, cfg) -> ObjectFit | None:
+    from scipy import ndimage
+
+    region = ndimage.binary_dilation(core) & free  # the core plus a 1-pixel ring
+    wide = ndimage.binary_dilation(core, iterations=cfg.margin) & free
+    return fit_object(win, bg, core, region, wide, r0, c0, h, w, cut, cfg)
+
+
+def _split(core: np.ndarray, dist: np.ndarray, free: np.ndarray, min_px: float):
+    """Try to split a component that may hold several touching objects (blur, generated images):
+    raise the threshold until >= 2 parts of at least ``min_px`` pixels appear; every free pixel
+    then goes to its nearest part. Returns [(part core, part region)] or None."""
+    from scipy import ndimage
+
+    peak = float(dist[core].max())
+    for frac in (0.4, 0.55, 0.7):
+        lab, n = ndimage.label((dist > frac * peak) & core)
+        if n < 2:
+            continue
+        sizes = ndimage.sum_labels(np.ones_like(lab), lab, index=np.arange(1, n + 1))
+        keep = [k + 1 for k in range(n) if sizes[k] >= min_px]
+        if len(keep) < 2:
+            continue
+        seeds = np.isin(lab, keep)
+        _, (ri, ci) = ndimage.distance_transform_edt(~seeds, return_indices=True)
+        owner = lab[ri, ci]  # nearest kept part of every pixel
+        return [((owner == k) & core, owner == k) for k in keep]
+    return None
 
 
 _DEFAULT = ShapesDetector()

@@ -96,8 +96,8 @@ class GroundTruthPipeline:
     """Renders the ground truth of each prompt behind :class:`miro.MiroPipeline`'s call API.
 
     Like the real pipeline it makes one random draw per image (:meth:`prepare_noise`, here a
-    scene seed instead of a noise tensor) from the caller's generator, so the evaluation layout's
-    per-sample seeding applies unchanged. Steps, guidance and reward targets are accepted and
+    scene seed instead of a noise tensor) from the caller's generator, or from ``generator[k]``
+    for image k when given a list, so the evaluation layout's per-sample seeding applies. Steps, guidance and reward targets are accepted and
     ignored.
     """
 
@@ -105,8 +105,11 @@ class GroundTruthPipeline:
         self.resolution = W.check_resolution(resolution)
 
     def prepare_noise(self, batch_size: int, generator=None):
+        """One scene seed per image; a list of generators gives row k from ``generator[k]``."""
         import torch
 
+        if isinstance(generator, (list, tuple)):
+            return torch.cat([self.prepare_noise(1, g) for g in generator])
         return torch.randint(0, 2**62, (batch_size,), generator=generator, dtype=torch.int64)
 
     def __call__(self, prompt, reward_targets=None, negative_reward_targets=None, num_inference_steps: int = 50,
@@ -114,11 +117,15 @@ class GroundTruthPipeline:
         import torch
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
+        n = len(prompts) * num_images_per_prompt
+        gens = list(generator) if isinstance(generator, (list, tuple)) else [generator]
+        if any(g is not None and not isinstance(g, torch.Generator) for g in gens):
+            raise ValueError(f"generator must be a torch.Generator, a list of them (one per image) or None; got {generator!r}")
+        if isinstance(generator, (list, tuple)) and len(gens) != n:
+            raise ValueError(f"got {len(gens)} generators for {n} images")
         if output_type != "pil":
             raise ValueError(f"GroundTruthPipeline supports output_type='pil' only; got {output_type!r}")
-        seeds = self.prepare_noise(len(prompts) * num_images_per_prompt, generator).tolist()
+        seeds = self.prepare_noise(n, generator).tolist()
         return [render_prompt(prompts[k // num_images_per_prompt], int(s), self.resolution) for k, s in enumerate(seeds)]
 
 

@@ -316,6 +316,19 @@ def test_vae_stage_names_the_missing_stage(tmp_path, tiny_models, capsys):
     assert "ptest_words" in meta and "ptest_vqa" not in meta
 
 
+def test_dry_run_lists_work_without_loading_models(tmp_path, capsys):
+    src, csv = tmp_path / "raw", tmp_path / "csv"
+    make_raw_shards(src, n_shards=3, per_shard=1)
+    assert main(_args(src, csv, "rewards", "--shard_id", "1")) == 0
+    reset()
+    capsys.readouterr()
+    assert main(_args(src, csv, "rewards", "--dry-run")) == 0
+    out = capsys.readouterr().out
+    assert "rewards 00001.tar: complete, skipped" in out
+    assert "rewards 00000.tar: to do" in out and "rewards 00002.tar: to do" in out
+    assert CALLS == {} and not (csv / "00000_scores.csv").exists()
+
+
 @pytest.mark.parametrize("flags, expected", [
     ([], [0, 1, 2, 3, 4]), (["--shard_id", "3"], [3]), (["--shard_ids", "0,4"], [0, 4]),
     (["--shard_range", "1-3"], [1, 2, 3]),

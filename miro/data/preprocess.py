@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint-seconds", type=float, default=120.0,
                      help="save progress within a shard this often, so a killed job resumes mid-shard "
                           "(default: %(default)s; 0: after every batch)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="list the shards each stage would process (and those already complete); load no model")
     run.add_argument("--isolate-stages", action="store_true",
                      help="with --stage all: run each stage in its own Python process, so the next stage "
                           "starts with all of the previous stage's GPU memory returned")
@@ -147,7 +149,8 @@ def _free_models() -> None:
         torch.cuda.empty_cache()
 
 
-def run_stage(stage, shards: list[Path], overwrite: bool, models: list | None = None) -> tuple[int, int, int]:
+def run_stage(stage, shards: list[Path], overwrite: bool, models: list | None = None,
+              dry_run: bool = False) -> tuple[int, int, int]:
     """Run a stage over shards; returns (done, skipped as complete, failed).
 
     ``models`` are loaded only when some shard still needs work (a rerun over finished shards
@@ -163,6 +166,10 @@ def run_stage(stage, shards: list[Path], overwrite: bool, models: list | None = 
             skipped += 1
         else:
             pending.append(shard)
+    if dry_run:
+        for shard in pending:
+            print(f"{stage.name} {shard.name}: to do")
+        return 0, skipped, 0
     if pending:
         for m in models or []:
             _load_now(m)
@@ -303,7 +310,7 @@ def _run(args) -> int:
                               extra={"text_encoder_spec": str(args.text_encoder), "autoencoder": str(args.autoencoder)})
             stage = EncodeStage(text_encoder, codec if resolutions else None, spec, opts)
             models = [text_encoder] + ([codec] if resolutions else [])
-        done, skipped, bad = run_stage(stage, shards, args.overwrite, models)
+        done, skipped, bad = run_stage(stage, shards, args.overwrite, models, dry_run=args.dry_run)
         failed += bad
         print(f"stage {name}: {done} shard(s) processed, {skipped} already complete, {bad} failed")
         stage = models = scorers = text_encoder = codec = None  # drop every reference before the next stage

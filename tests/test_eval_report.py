@@ -57,7 +57,7 @@ def test_report_renders_tables_grids_and_plots(tmp_path):
     assert "paper" not in text.split("## GenEval-like")[1].split("##")[0].lower().replace("paper row", "")
     html = (out / "report.html").read_text()
     assert html.startswith("<!doctype html>") and "<img src='samples.png'" in html and "<table>" in html
-    assert Image.open(out / "samples.png").size == (2 * 128, 2 * 128)
+    assert Image.open(out / "samples.png").size == (2 * 128 + 2, 2 * 128 + 2)  # 2 prompts x 2 samples, 2 px gaps
 
 
 def test_published_checkpoint_gets_paper_columns(tmp_path):

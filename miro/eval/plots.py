@@ -87,17 +87,19 @@ def plot_reward_hist(summary_records: dict[str, list[float]], path) -> Path:
     return _save(fig, path)
 
 
-def image_grid(paths: list[Path], ncols: int, cell: int = 128):
-    """A PIL grid of images, each resized to ``cell`` (nearest: small images stay crisp)."""
+def image_grid(paths: list[Path], ncols: int, cell: int = 128, gap: int = 2):
+    """A PIL grid of images, each resized to ``cell`` (nearest: small images stay crisp), ``gap``
+    white pixels apart."""
     from PIL import Image
 
     if not paths:
         raise ValueError("no images for the grid")
     rows = (len(paths) + ncols - 1) // ncols
-    grid = Image.new("RGB", (ncols * cell, rows * cell), "white")
+    step = cell + gap
+    grid = Image.new("RGB", (ncols * step - gap, rows * step - gap), "white")
     for k, p in enumerate(paths):
         with Image.open(p) as im:
             im = im.convert("RGB")
             resample = Image.NEAREST if im.width <= cell else Image.BICUBIC
-            grid.paste(im.resize((cell, cell), resample), ((k % ncols) * cell, (k // ncols) * cell))
+            grid.paste(im.resize((cell, cell), resample), ((k % ncols) * step, (k // ncols) * step))
     return grid

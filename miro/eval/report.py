@@ -185,6 +185,19 @@ def _sweep_section(doc: _Doc, run: Path, outdir: Path):
         pass
 
 
+def _spread(entries: list, k: int) -> list:
+    """Up to k prompt folders taken round-robin over tags, so every category shows up."""
+    by_tag: dict[str, list] = {}
+    for e in entries:
+        by_tag.setdefault(e.tag, []).append(e)
+    out, queues = [], list(by_tag.values())
+    while len(out) < k and any(queues):
+        for q in queues:
+            if q and len(out) < k:
+                out.append(q.pop(0))
+    return sorted(out, key=lambda e: e.index)
+
+
 def build_report(run_dir: str | Path, outdir: str | Path | None = None, max_prompts: int = 8) -> Path:
     """Write ``report.md`` and ``report.html`` (+ PNGs) into ``outdir`` (default ``<run>/report``)."""
     run = Path(run_dir)
@@ -201,7 +214,7 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, max_prom
         doc.table(["setting", "value"], [[k, json.dumps(v) if isinstance(v, dict) else v] for k, v in cfg.items()]
                   + [["prompts", gen.get("prompts")], ["paper row", row or "n/a (not a published checkpoint)"]])
     try:
-        entries = [e for e in read_folder(run) if e.samples][:max_prompts]
+        entries = _spread([e for e in read_folder(run) if e.samples], max_prompts)
     except ValueError:
         entries = []
     if entries:

@@ -47,10 +47,10 @@ def resolve_file(
         return f
     if is_url(name):
         return _download_url(name, cache_dir=cache_dir, local_files_only=local_files_only)
-    if filename is None:
-        raise ValueError(f"{name!r} is neither a local file nor a URL; give a filename to fetch from that hub repository")
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ValueError(f"local path {name!r} does not exist")
+    if filename is None:
+        raise ValueError(f"{name!r} is neither a local file nor a URL; give a filename to fetch from that hub repository")
     from huggingface_hub import hf_hub_download
 
     return Path(

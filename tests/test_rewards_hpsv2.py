@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from _rewards_support import make_clip_tokenizer, open_clip_reference, read_keys, tiny_state_dict
@@ -13,7 +12,7 @@ from _rewards_support import make_clip_tokenizer, open_clip_reference, read_keys
 PROMPTS = ["a photo of a dog", "two red cats", "a blue image"]
 
 
-def _tiny_hps(folder, vocab, seed):
+def _tiny_hps(vocab, seed):
     full = read_keys("hpsv2_open_clip_vit_h14_keys.tsv")
     # ViT-H-14 sizes → tiny: vision width 1280→32 (qkv 3840→96, mlp 5120→128), text width = embed 1024→24
     # (qkv 3072→72, mlp 4096→96), 257 positions → 17 (32 px / patch 8), patch 14→8, vocab → tokenizer's
@@ -39,7 +38,7 @@ def hps_repo(tmp_path_factory):
     vocab = make_clip_tokenizer(tok)
     sds = {}
     for i, (version, name) in enumerate([("v2.0", "HPS_v2_compressed.pt"), ("v2.1", "HPS_v2.1_compressed.pt")]):
-        sds[version] = _tiny_hps(root, vocab, seed=10 + i)
+        sds[version] = _tiny_hps(vocab, seed=10 + i)
         torch.save({"state_dict": sds[version], "epoch": 3}, str(root / name))  # hpsv2 checkpoints: ckpt['state_dict']
     return root, tok, vocab, sds
 
@@ -91,7 +90,7 @@ def test_versions_load_their_own_checkpoint(hps_repo):
 def test_pad_preprocessing_is_official_resize_max_size(hps_repo):
     root, tok, vocab, sds = hps_repo
     s = _scorer(hps_repo, preprocess="pad")
-    im = _images()[1]  # 40 wide, 32 high → long side 32: resized to 26 x 32? no: scale 32/40 → (26, 32), pad 3 + 3 rows
+    im = _images()[1]  # 40 wide, 32 high: long side 40 → 32, height round(32 · 0.8) = 26, padded 3 + 3 rows
     px = s.backbone.pixel_values([im])
     raw = px * torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1) + torch.tensor(
         [0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)

@@ -10,7 +10,7 @@ from miro.eval.geneval_rules import GENEVAL_COLORS, box_iou, evaluate_detections
 from miro.shapes import world as W
 from miro.shapes.captions import canonical, caption_from_metadata, describe_scene, parse_caption
 from miro.shapes.detector import detect, detect_array
-from miro.shapes.render import coverage, render, render_float, render_pil
+from miro.shapes.render import coverage, render, render_float, render_pil, to_uint8
 from miro.shapes.scene import Scene, SceneConfig, ShapeObject, add_clutter, relation_holds, rng_for, sample_metadata, scene_from_metadata
 from miro.shapes.eval import SHAPES_EVAL_OPTIONS
 
@@ -158,3 +158,21 @@ def test_detector_inputs_and_boxes():
         detect(np.zeros((32, 32)))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         detect(img.astype(np.float32))  # 0-255 floats are refused, not misread
+
+
+@pytest.mark.parametrize("sigma", [0.8, 1.3])
+def test_detector_on_blurred_objects(sigma):
+    """Blurred templates recover class and blur; two objects merged by blur are split again."""
+    from scipy import ndimage
+
+    def blurred(scene):
+        return to_uint8(ndimage.gaussian_filter(render_float(scene), (sigma, sigma, 0)))
+
+    for k, cls in enumerate(W.CLASSES):
+        dets = detect(blurred(Scene([ShapeObject(cls, W.COLORS[k], 0.3, 0.3, 0.34)])))
+        assert [(d.cls, d.color) for d in dets] == [(cls, W.COLORS[k])]
+        assert dets[0].extra["blur"] == pytest.approx(sigma, abs=0.3) and dets[0].score > 0.9
+    # 0.5 px apart: one connected component after blurring
+    pair = Scene([ShapeObject("circle", "blue", 4 / 32, 10 / 32, 10 / 32), ShapeObject("circle", "blue", 14.5 / 32, 10 / 32, 10 / 32)])
+    dets = detect(blurred(pair))
+    assert [(d.cls, d.color) for d in dets] == [("circle", "blue")] * 2

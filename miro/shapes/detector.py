@@ -203,7 +203,7 @@ def _split(core: np.ndarray, dist: np.ndarray, free: np.ndarray, min_px: float):
     from scipy import ndimage
 
     peak = float(dist[core].max())
-    for frac in (0.4, 0.55, 0.7):
+    for frac in (0.4, 0.55, 0.7, 0.85):
         lab, n = ndimage.label((dist > frac * peak) & core)
         if n < 2:
             continue

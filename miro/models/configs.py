@@ -21,7 +21,12 @@ __all__ = [
     "CONFIG_NAMES",
     "get_config",
     "PIPELINE_KEYS",
+    "check_network_kwargs",
+    "DROPOUT_STRATEGIES",
 ]
+
+DROPOUT_STRATEGIES = ("binomial", "uniform", "none")  # published reward-dropout rules (spec §7)
+COND_HEADS = 16  # the cond-mapping transformer uses 16 heads whatever the config (spec §2.3)
 
 # Reward keys of the Shapes world, in `coherence_keys` order (fixed for the whole project).
 SHAPES_REWARD_KEYS: tuple[str, ...] = (
@@ -62,6 +67,11 @@ class NetworkConfig:
     coherence_dropout: float = 0.0  # per-reward embedding dropout in training
     dropout_strategy: str = "binomial"  # "binomial", "uniform" or "none"
 
+    def __post_init__(self) -> None:
+        kw = asdict(self)
+        kw.pop("use_self_conditioning")
+        check_network_kwargs(**kw)
+
     @classmethod
     def from_dict(cls, d: dict) -> "NetworkConfig":
         return _from_dict(cls, d, "network")
@@ -101,6 +111,79 @@ def _from_dict(cls, d: dict, section: str):
         return cls(**d)
     except TypeError as exc:  # missing required fields
         raise ValueError(f"bad {section} config: {exc}") from None
+
+
+def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_prob(name: str, value: float) -> None:
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
+def check_network_kwargs(
+    *,
+    data_size, data_dim, num_input_channels, num_latents, latents_dim, label_dim, num_processing_layers,
+    num_blocks, patch_size, num_cond_tokens, read_write_heads, compute_heads, latent_mlp_multiplier,
+    data_mlp_multiplier, compute_dropout, rw_stochastic_depth, compute_stochastic_depth, use_cond_rin_block,
+    concat_cond_token_to_latents, num_text_registers, coherence_keys, coherence_dropout, dropout_strategy,
+) -> int:
+    """Validate ``RIN`` kwargs (ValueError naming the bad value); returns the learned latent count."""
+    for name, value in [
+        ("data_size", data_size),
+        ("data_dim", data_dim),
+        ("num_input_channels", num_input_channels),
+        ("num_latents", num_latents),
+        ("latents_dim", latents_dim),
+        ("label_dim", label_dim),
+        ("num_processing_layers", num_processing_layers),
+        ("num_blocks", num_blocks),
+        ("patch_size", patch_size),
+        ("read_write_heads", read_write_heads),
+        ("compute_heads", compute_heads),
+        ("latent_mlp_multiplier", latent_mlp_multiplier),
+        ("data_mlp_multiplier", data_mlp_multiplier),
+        ("num_text_registers", num_text_registers),
+    ]:
+        _check_positive(name, value)
+    if data_size % patch_size:
+        raise ValueError(f"data_size={data_size} is not divisible by patch_size={patch_size}")
+    if latents_dim % COND_HEADS or latents_dim % 4:
+        raise ValueError(
+            f"latents_dim={latents_dim} must be divisible by 16 (cond-mapping heads) and 4 "
+            "(time embedder width)"
+        )
+    if latents_dim % compute_heads:
+        raise ValueError(f"latents_dim={latents_dim} not divisible by compute_heads={compute_heads}")
+    for width in {latents_dim if use_cond_rin_block else None, min(latents_dim, data_dim)} - {None}:
+        if width % read_write_heads:
+            raise ValueError(
+                f"attention width {width} not divisible by read_write_heads={read_write_heads}"
+            )
+    for name in ("compute_dropout", "rw_stochastic_depth", "compute_stochastic_depth", "coherence_dropout"):
+        _check_prob(name, {"compute_dropout": compute_dropout, "rw_stochastic_depth": rw_stochastic_depth,
+                            "compute_stochastic_depth": compute_stochastic_depth,
+                            "coherence_dropout": coherence_dropout}[name])
+    if dropout_strategy not in DROPOUT_STRATEGIES:
+        raise ValueError(
+            f"dropout_strategy={dropout_strategy!r}; allowed: {', '.join(DROPOUT_STRATEGIES)}"
+        )
+    if isinstance(coherence_keys, str) or len(coherence_keys) == 0:
+        raise ValueError(f"coherence_keys must be a non-empty list of reward keys, got {coherence_keys!r}")
+    if len(set(coherence_keys)) != len(coherence_keys):
+        raise ValueError(f"coherence_keys contains duplicates: {list(coherence_keys)}")
+    if not isinstance(num_cond_tokens, int) or num_cond_tokens < 0:
+        raise ValueError(f"num_cond_tokens must be a non-negative integer, got {num_cond_tokens!r}")
+    n_learned = num_latents - num_cond_tokens - 1 if concat_cond_token_to_latents else num_latents
+    if n_learned <= 0:
+        raise ValueError(
+            f"num_latents={num_latents} leaves no learned latents with num_cond_tokens="
+            f"{num_cond_tokens} and concat_cond_token_to_latents=True"
+        )
+
+    return n_learned
 
 
 # Keys of a pipeline config.json (published ones, then ours: text_encoder, autoencoder).

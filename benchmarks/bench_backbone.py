@@ -1,0 +1,268 @@
+"""Backbone benchmark: our RIN / MiroModel against the published implementation, same weights.
+
+    python benchmarks/bench_backbone.py                       # tiny, shapes, release (CPU)
+    python benchmarks/bench_backbone.py --configs shapes --iters 5
+
+For each config both models hold the *same* weights (the published one's, loaded strict into
+ours) and see the same inputs; the script first checks the outputs agree within the parity
+contract, then times, interleaving the two implementations so that machine load hits both alike
+(median over iterations):
+
+- ``fwd``: preconditioned forward, eval, no grad;
+- ``fwd+bwd``: one training forward (zero previous latents) + backward of the velocity MSE;
+- ``step``: one full loss evaluation (self-conditioning 0.9, text dropout 0.1, log-variance
+  reweighting) + backward: ``flow_loss`` against the published ``FlowMatchingLoss``;
+- ``sample`` (shapes): Euler, 50 steps, CFG w = 7, images/s;
+- ``vs_ref`` (shapes): the ``step`` of ours on the ``shapes`` config against the published code on
+  a ~5M-parameter patch-2 reference (32 latents x 192), the setting of the published Shapes
+  throughput measurement: what the config choice buys per training sample.
+
+Text: ``max_text_len`` tokens with a realistic number of valid ones per sample (shapes 8-16 of 32,
+release 8-20 of 77, tiny 3-6 of 8); ``--full-text`` makes every token valid. Also printed:
+parameters, GFLOPs per forward (``torch.utils.flop_counter``, attention counted through the math
+SDPA path), saved activations of fwd+bwd (MB, unique storages) and process peak RSS.
+
+The published package is loaded from a renamed scratch copy (see make_parity_fixture.py); it is
+never imported by ``miro``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_parity_fixture import load_peer  # noqa: E402
+
+from miro.models import LossConfig, MiroModel, euler_sample, flow_loss, get_config  # noqa: E402
+
+VALID_TEXT = {"tiny": (3, 6), "shapes": (8, 16), "release": (8, 20)}
+DEFAULT_PLAN = {  # config -> list of (batch, measurements)
+    "tiny": [(16, ("fwd", "fwd+bwd", "step"))],
+    "shapes": [(64, ("fwd", "fwd+bwd", "step", "vs_ref")), (16, ("sample",))],
+    "release": [(1, ("fwd", "fwd+bwd")), (2, ("fwd+bwd", "step"))],
+}
+# The published measurement the Shapes config is compared with: a ~5M-parameter RIN at patch 2
+# with 32 latents x 192 (docs/architecture.md); this is such a model in the published code.
+REFERENCE_SHAPES = dict(patch_size=2, data_dim=128, num_blocks=3, num_processing_layers=2, latent_mlp_multiplier=2,
+                        data_mlp_multiplier=2, num_text_registers=16)
+
+
+class Pair:
+    """Our model and the published one with identical weights, plus shared inputs."""
+
+    def __init__(self, name: str, peer_classes, full_text: bool, seed: int = 0):
+        CADRINTextCond, FlowPrecond, FlowMatchingLoss, flow_euler_sampler, LinearScheduler = peer_classes
+        self.cfg = get_config(name)
+        torch.manual_seed(seed)
+        self.peer_net = CADRINTextCond(**self.cfg["network"])
+        self.peer_pre = FlowPrecond(**self.cfg["preconditioning"])
+        self.ours = MiroModel.from_config(self.cfg)
+        sd = {f"network.{k}": v for k, v in self.peer_net.state_dict().items()}
+        sd.update({f"preconditioning.{k}": v for k, v in self.peer_pre.state_dict().items()})
+        sd.update({k: v for k, v in self.ours.state_dict().items() if k.startswith(("data_pre", "postpro"))})
+        self.ours.load_state_dict_checked(sd)
+        self.uncond = torch.randn(1, self.cfg["network"]["label_dim"])
+        self.peer_loss = FlowMatchingLoss(LinearScheduler(), self.uncond, self_cond_rate=0.9, cond_drop_rate=0.1,
+                                          do_gradnorm_reweighting=True)
+        self.loss_cfg = LossConfig(self_cond_rate=0.9, cond_drop_rate=0.1, do_gradnorm_reweighting=True)
+        self.flow_euler_sampler, self.sched = flow_euler_sampler, LinearScheduler()
+        self.name, self.full_text = name, full_text
+        if name == "shapes":  # the published code on the reference-like config
+            ref = dict(self.cfg["network"], **REFERENCE_SHAPES)
+            self.ref_net = CADRINTextCond(**ref)
+            self.ref_pre = FlowPrecond(**self.cfg["preconditioning"])
+            self.ref_params = sum(p.numel() for p in self.ref_net.parameters())
+
+    def inputs(self, b: int, seed: int = 1):
+        n = self.cfg["network"]
+        g = torch.Generator().manual_seed(seed)
+        c, s, length = n["num_input_channels"], n["data_size"], self.cfg["max_text_len"]
+        lo, hi = VALID_TEXT[self.name]
+        valid = torch.full((b,), length) if self.full_text else torch.randint(lo, hi + 1, (b,), generator=g)
+        mask = torch.arange(length)[None] < valid[:, None]
+        return dict(
+            y=torch.randn(b, c, s, s, generator=g),
+            gamma=torch.rand(b, generator=g),
+            emb=torch.randn(b, length, n["label_dim"], generator=g),
+            mask=mask,
+            coh={k: torch.rand(b, generator=g) for k in n["coherence_keys"]},
+        )
+
+    def peer_batch(self, i, y=None):
+        d = {"y": (i["y"] if y is None else y).clone(), "gamma": i["gamma"], "text_tokens_embeddings": i["emb"].clone(),
+             "text_tokens_mask": i["mask"].clone(), "previous_latents": None}
+        d.update({f"{k}_coherence": v.clone() for k, v in i["coh"].items()})
+        return d
+
+    # --- the measured callables
+    def fwd(self, which, i):
+        with torch.no_grad():
+            if which == "peer":
+                return self.peer_pre(self.peer_net.eval(), self.peer_batch(i))
+            return self.ours.eval()(i["y"], i["gamma"], i["emb"], i["mask"], i["coh"])
+
+    def fwd_bwd(self, which, i):
+        if which == "peer":
+            self.peer_net.train()
+            v, z = self.peer_pre(self.peer_net, self.peer_batch(i))
+        else:
+            self.ours.train()
+            v, z = self.ours(i["y"], i["gamma"], i["emb"], i["mask"], i["coh"])
+        v.square().mean().backward()
+
+    def step(self, which, i, reference=False):
+        gen = torch.Generator().manual_seed(0)
+        if which == "peer":
+            net, pre = (self.ref_net, self.ref_pre) if reference else (self.peer_net, self.peer_pre)
+            net.train()
+            batch = self.peer_batch(i)
+            batch["x_0"] = batch.pop("y")
+            loss, _ = self.peer_loss(pre, net, None, batch, 0, generator=gen)
+            loss.mean().backward()
+        else:
+            self.ours.train()
+            loss, _ = flow_loss(self.ours, i["y"], i["emb"], i["mask"], i["coh"], self.uncond, self.loss_cfg, gen)
+            loss.backward()
+
+    def sample(self, which, i, steps=50, w=7.0):
+        keys = list(self.cfg["coherence_keys"])
+        b = i["y"].shape[0]
+        if which == "peer":
+            self.peer_net.eval()
+            batch = self.peer_batch(i)
+            batch.update({f"{k}_coherence": torch.ones(b) for k in keys})
+            unc = {"text_tokens_embeddings": self.uncond[None].expand(b, -1, -1).contiguous(),
+                   "text_tokens_mask": torch.ones(b, 1, dtype=torch.bool)}
+            with torch.no_grad():
+                return self.flow_euler_sampler(
+                    lambda bb: self.peer_pre(self.peer_net, bb), batch, num_steps=steps, scheduler=self.sched,
+                    conditioning_keys=["text_tokens"], uncond_tokens=unc, cfg_rate=w,
+                    coherence_keys=[f"{k}_coherence" for k in keys],
+                    coherence_values={f"{k}_coherence": 1.0 for k in keys},
+                    uncoherence_values={f"{k}_coherence": 0.0 for k in keys}, sampling_dtype=torch.float32)
+        return euler_sample(self.ours, i["y"], i["emb"], i["mask"], self.uncond, None, num_steps=steps, guidance_scale=w)
+
+
+def timed(fn, iters: int, warmup: int = 1) -> dict:
+    times = {"peer": [], "ours": []}
+    for which in ("peer", "ours"):
+        for _ in range(warmup):
+            fn(which)
+    for _ in range(iters):
+        for which in ("peer", "ours"):
+            t = time.perf_counter()
+            fn(which)
+            times[which].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def saved_activation_mb(fn) -> float:
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values()) / 2**20
+
+
+def gflops(model: MiroModel, i: dict, full_text: bool) -> float:
+    """GFLOPs of one forward of one sample; ``full_text``: every text token valid (nominal)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mask = torch.ones_like(i["mask"][:1]) if full_text else i["mask"][:1]
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        model.eval()(i["y"][:1], i["gamma"][:1], i["emb"][:1], mask, {k: v[:1] for k, v in i["coh"].items()})
+    return fc.get_total_flops() / 1e9
+
+
+def check_parity(pair: Pair, i: dict) -> float:
+    a, za = pair.fwd("peer", i)
+    b, zb = pair.fwd("ours", i)
+    for ours, ref in ((b, a), (zb, za)):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    return max(float((a - b).abs().max()), float((za - zb).abs().max()))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default="tiny,shapes,release", help="comma-separated config names")
+    ap.add_argument("--iters", type=int, default=5, help="timed iterations per measurement")
+    ap.add_argument("--release-iters", type=int, default=1, help="timed iterations for the release config")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    ap.add_argument("--full-text", action="store_true", help="every text token valid (no padding)")
+    ap.add_argument("--peer", type=Path, default=Path("/tmp/peer/unpacked/miro"), help="unpacked published package")
+    ap.add_argument("--scratch", type=Path, default=Path("/tmp/miro_scratch"), help="scratch dir (peer copy, einops)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    classes = load_peer(args.peer, args.scratch)
+    results = []
+    for name in args.configs.split(","):
+        pair = Pair(name, classes, args.full_text)
+        n_params = sum(p.numel() for p in pair.ours.network.parameters())
+        print(f"== {name}: {n_params:,} network parameters", flush=True)
+        for b, measures in DEFAULT_PLAN[name]:
+            i = pair.inputs(b)
+            iters = args.release_iters if name == "release" else args.iters
+            warm = 0 if name == "release" else 1  # release: one shared warm-up forward below instead
+            if name == "release" and b == DEFAULT_PLAN[name][0][0]:
+                pair.fwd("peer", i), pair.fwd("ours", i)
+            row = {"config": name, "batch": b, "params": n_params, "valid_text": int(i["mask"].sum(1).float().mean())}
+            row["max_abs_diff"] = check_parity(pair, i)
+            row["gflops_full_text"] = gflops(pair.ours, i, True)
+            row["gflops_per_sample"] = gflops(pair.ours, i, False)
+            for m in measures:
+                if m == "fwd":
+                    t = timed(lambda w: pair.fwd(w, i), iters, warm)
+                elif m == "fwd+bwd":
+                    t = timed(lambda w: pair.fwd_bwd(w, i), iters, warm)
+                    row["saved_MB"] = {w: saved_activation_mb(lambda: pair.fwd_bwd(w, i)) for w in ("peer", "ours")}
+                elif m == "step":
+                    t = timed(lambda w: pair.step(w, i), iters, warm)
+                elif m == "vs_ref":
+                    t = timed(lambda w: pair.step(w, i, reference=True), iters)
+                    print(f"  vs_ref: ours on `shapes` ({n_params:,} params) against the published code on a "
+                          f"patch-2 reference ({pair.ref_params:,} params)")
+                else:
+                    t = timed(lambda w: pair.sample(w, i), max(1, iters // 3), warmup=0)
+                    o, p = pair.sample("ours", i), pair.sample("peer", i)
+                    row["sample_max_abs_diff"] = float((o - p).abs().max())
+                row[m] = {"peer_s": t["peer"], "ours_s": t["ours"], "speedup": t["peer"] / t["ours"],
+                          "ours_per_s": b / t["ours"], "peer_per_s": b / t["peer"]}
+                unit = "images/s" if m == "sample" else "samples/s"
+                print(f"  B={b:<3d} {m:8s} peer {t['peer'] * 1e3:9.1f} ms  ours {t['ours'] * 1e3:9.1f} ms  "
+                      f"speed-up x{t['peer'] / t['ours']:.2f}  ({b / t['ours']:.1f} {unit} ours, "
+                      f"{b / t['peer']:.1f} peer)", flush=True)
+            extra = f", saved activations peer {row['saved_MB']['peer']:.0f} MB / ours {row['saved_MB']['ours']:.0f} MB" \
+                if "saved_MB" in row else ""
+            if "sample_max_abs_diff" in row:
+                extra += f", sampled images max|d| = {row['sample_max_abs_diff']:.2e}"
+            print(f"  B={b:<3d} parity max|d| = {row['max_abs_diff']:.2e}; GFLOPs/forward/sample "
+                  f"{row['gflops_full_text']:.2f} with all {pair.cfg['max_text_len']} text tokens, "
+                  f"{row['gflops_per_sample']:.2f} with {row['valid_text']} valid{extra}", flush=True)
+            results.append(row)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS {rss:.0f} MB; threads {args.threads}; torch {torch.__version__}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -108,6 +108,11 @@ def test_summarize_sweep_reads_scored_target_folders(tmp_path):
     res = S.summarize_sweep(tmp_path, "up", targets)
     assert res["spearman_means"] == {"down": pytest.approx(-1.0), "up": pytest.approx(1.0)}
     assert [r["up"]["mean"] for r in res["per_target"]] == [pytest.approx(t + 0.1) for t in targets]
-    assert json.loads((tmp_path / "sweep.json").read_text())["swept"] == "up"
+    assert json.loads((tmp_path / "sweep.json").read_text())["swept"] == "up" and "spearman_geneval" not in res
+    for t, o in zip(targets, [0.2, 0.6, 0.4]):
+        (S.target_dir(tmp_path, t) / "geneval_summary.json").write_text(json.dumps({"overall": o}))
+    res = S.summarize_sweep(tmp_path, "up", targets)
+    assert [r["geneval_overall"] for r in res["per_target"]] == [0.2, 0.6, 0.4]
+    assert res["spearman_geneval"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="targets"):
         S.summarize_sweep(tmp_path, "up", [0.5])

@@ -87,9 +87,13 @@ def test_sweep_command(shapes_pipeline_dir, tmp_path, capsys):
     out = tmp_path / "sweep"
     assert cli.main(["sweep", "--model", str(shapes_pipeline_dir), "--prompts", "shapes", "--limit", "2", "--n", "1",
                      "--steps", "2", "--reward-key", "shapes_contrast", "--targets", "0,1", "--scorers", "shapes_contrast",
-                     "--outdir", str(out)]) == 0
+                     "--outdir", str(out), "--geneval"]) == 0
     res = json.loads((out / "sweep.json").read_text())
     assert res["targets"] == [0.0, 1.0] and len(res["per_target"]) == 2
+    # GenEval-style per target with the Shapes detector (auto for shapes prompts)
+    per = [json.loads((out / f"target_{t:.4f}" / "geneval_summary.json").read_text()) for t in (0.0, 1.0)]
+    assert [r["geneval_overall"] for r in res["per_target"]] == [p["overall"] for p in per]
+    assert per[0]["benchmark"] == "ShapesEval" and "spearman_geneval" in res
     assert (out / "target_0.0000" / "00001" / "samples" / "0000.png").is_file() and (out / "sweep.png").is_file()
     assert "spearman=" in capsys.readouterr().out
     assert cli.main(["sweep", "--model", str(shapes_pipeline_dir), "--prompts", "shapes", "--reward-key", "shapes_contrast",

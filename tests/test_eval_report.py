@@ -79,3 +79,18 @@ def test_best_of_n_reference_in_our_units():
     assert set(ref) == {"pick_a_score_score", "image_reward_score"}  # no best-of-N curve for CLIP in the paper
     assert ref["pick_a_score_score"]["MIRO"][128] == np.float64(.2286 * 100)
     assert ref["image_reward_score"]["Baseline"] == {1: 0.522, 128: 1.405}
+
+
+def test_sweep_section_with_geneval_and_the_papers_aesthetic_sweep(tmp_path):
+    run = _run(tmp_path / "run", model="nicolas-dufour/miro")
+    (run / "sweep").mkdir()
+    per = [{"target": t, "n": 4, "aesthetic_score": {"mean": m, "std": 0.1}, "geneval_overall": g}
+           for t, m, g in [(0.0, 4.0, 0.70), (0.625, 5.0, 0.75), (1.0, 6.0, 0.68)]]
+    (run / "sweep" / "sweep.json").write_text(json.dumps({
+        "swept": "aesthetic_score", "targets": [0.0, 0.625, 1.0], "per_target": per,
+        "spearman_means": {"aesthetic_score": 1.0}, "spearman_images": {"aesthetic_score": 0.9},
+        "spearman_geneval": 0.5}))
+    text = R.build_report(run).read_text()
+    assert "| target | aesthetic_score | GenEval-style overall (%) | paper: GenEval (%) | paper: Aesthetic |" in text
+    assert "| 0.6250 | 5.0000 | 75.0000 | 74.8700 | 5.2400 |" in text and "| 0.0000 | 4.0000 | 70.0000 | 71.3000 | 3.6900 |" in text
+    assert "GenEval-style overall 0.500" in text and (run / "report" / "sweep.png").is_file()

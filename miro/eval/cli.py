@@ -93,12 +93,13 @@ def _scorer_names(spec: str, root, model=None) -> list[str]:
     return names
 
 
-def _detector_name(args, root) -> str:
+def _detector_name(args, root, prompts: str | None = None) -> str:
     if args.detector != "auto":
         return args.detector
-    run = Path(root) / "generation.json"
-    info = json.loads(run.read_text()) if run.is_file() else {}
-    shapes = "shapes" in str(info.get("config", {}).get("model", "")) or info.get("prompts") == "shapes"
+    run = Path(root) / "generation.json" if root is not None else None
+    info = json.loads(run.read_text()) if run is not None and run.is_file() else {}
+    model = info.get("config", {}).get("model", getattr(args, "model", ""))
+    shapes = "shapes" in str(model) or model == "ground-truth" or (info.get("prompts") or prompts) == "shapes"
     from miro.eval.geneval import DEFAULT_DETECTOR
 
     return "shapes" if shapes else DEFAULT_DETECTOR
@@ -124,18 +125,24 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def run_geneval(root, args, outfile=None) -> dict:
+def _evaluator(args, detector: str):
     from miro.eval import geneval_rules as rules
-    from miro.eval.geneval import GenEvalLike, GenEvalLikeConfig, evaluate_folder
+    from miro.eval.geneval import GenEvalLike, GenEvalLikeConfig
 
-    detector = _detector_name(args, root)
     base = None
     if detector == "shapes":  # ShapesEval's thresholds, for the Shapes detector's fit scores
         from miro.shapes.eval import SHAPES_EVAL_OPTIONS as base
     cfg = GenEvalLikeConfig(detector=detector, clip_model=args.clip_model,
                             options=rules.GenEvalOptions.from_strings(args.options, base=base), bgcolor=args.bgcolor,
                             device=args.device, local_files_only=args.local_files_only)
-    summary = evaluate_folder(root, outfile or Path(root) / "results.jsonl", GenEvalLike(cfg))
+    return GenEvalLike(cfg)
+
+
+def run_geneval(root, args, outfile=None) -> dict:
+    from miro.eval import geneval_rules as rules
+    from miro.eval.geneval import evaluate_folder
+
+    summary = evaluate_folder(root, outfile or Path(root) / "results.jsonl", _evaluator(args, _detector_name(args, root)))
     print(f"[{summary['benchmark']}; detector {summary['backends']['detector']}]")
     print(rules.format_summary(summary))
     return summary
@@ -201,12 +208,18 @@ def cmd_sweep(args) -> int:
 
     targets = [float(t) for t in args.targets.split(",")]
     cfg = _gen_config(args)
-    _, items = _items(args)
+    spec, items = _items(args)
     pipe = load_pipeline(args.model, args.variant, args.device)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     names = _scorer_names(args.scorers, None, args.model)
-    res = run_sweep(pipe, items, args.reward_key, cfg, args.outdir, _load_scorers(names, args.device), targets)
+    evaluator = None
+    if args.geneval:
+        if not all("include" in it.metadata for it in items):
+            raise ValueError("--geneval needs GenEval-format prompts (geneval, shapes or a .jsonl file)")
+        evaluator = _evaluator(args, detector=_detector_name(args, None, spec))
+    res = run_sweep(pipe, items, args.reward_key, cfg, args.outdir, _load_scorers(names, args.device), targets,
+                    geneval=evaluator)
     plots.plot_sweep(res, Path(args.outdir) / "sweep.png")
     for n, rho in res["spearman_means"].items():
         print(f"{n}: " + " ".join(f"{r[n]['mean']:.4f}" for r in res["per_target"]) + f"  spearman={rho:.3f}")
@@ -314,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="images and scores vs one reward's target; Spearman rho")
     _add_generation(p)
     p.add_argument("--reward-key", required=True, help="the reward whose target is swept")
+    p.add_argument("--geneval", action="store_true", help="also score every target GenEval-style (as the paper's sweep)")
+    _add_geneval(p)
     p.add_argument("--targets", default="0,0.125,0.25,0.375,0.5,0.625,0.75,0.875,1", help="comma-separated targets")
     _scorers_arg(p)
     p.set_defaults(fn=cmd_sweep)

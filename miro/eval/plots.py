@@ -65,7 +65,9 @@ def plot_sweep(sweep: dict, path) -> Path:
     """Mean score (± std) vs the swept reward's target, one panel per scorer."""
     plt = _plt()
     names = sorted(sweep["spearman_means"])
-    fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names), 3.0), squeeze=False)
+    has_ge = "spearman_geneval" in sweep
+    panels = len(names) + int(has_ge)
+    fig, axes = plt.subplots(1, panels, figsize=(3.4 * panels, 3.0), squeeze=False)
     t = sweep["targets"]
     for ax, n in zip(axes[0], names):
         m = [r[n]["mean"] for r in sweep["per_target"]]
@@ -73,6 +75,11 @@ def plot_sweep(sweep: dict, path) -> Path:
         ax.errorbar(t, m, yerr=s, fmt="o-", capsize=2)
         ax.set_xlabel(f"{sweep['swept']} target")
         ax.set_title(f"{n}  (rho={sweep['spearman_means'][n]:.2f})", fontsize=9)
+    if has_ge:
+        ax = axes[0][-1]
+        ax.plot(t, [100 * r["geneval_overall"] for r in sweep["per_target"]], "o-")
+        ax.set_xlabel(f"{sweep['swept']} target")
+        ax.set_title(f"GenEval-style overall %  (rho={sweep['spearman_geneval']:.2f})", fontsize=9)
     return _save(fig, path)
 
 

@@ -166,7 +166,7 @@ def _best_of_n_section(doc: _Doc, run: Path, outdir: Path, row: str | None):
     doc.img("best_of_n.png", "best-of-N curves")
 
 
-def _sweep_section(doc: _Doc, run: Path, outdir: Path):
+def _sweep_section(doc: _Doc, run: Path, outdir: Path, row: str | None):
     sweep = _load(run / "sweep" / "sweep.json")
     if sweep is None:
         return
@@ -174,8 +174,20 @@ def _sweep_section(doc: _Doc, run: Path, outdir: Path):
 
     names = sorted(sweep["spearman_means"])
     doc.h(2, f"Reward sweep: {sweep['swept']}")
-    doc.table(["target"] + names, [[r["target"]] + [r[n]["mean"] for n in names] for r in sweep["per_target"]])
-    doc.p("Spearman rho (target vs mean score): " + ", ".join(f"{n} {sweep['spearman_means'][n]:.3f}" for n in names))
+    has_ge = "spearman_geneval" in sweep
+    paper = P.AESTHETIC_SWEEP if row and sweep["swept"] == "aesthetic_score" else None
+    header = ["target"] + names + (["GenEval-style overall (%)"] if has_ge else [])
+    header += ["paper: GenEval (%)", "paper: Aesthetic"] if paper else []
+    rows = []
+    for r in sweep["per_target"]:
+        ref = paper.get(r["target"], (None, None)) if paper else None
+        rows.append([r["target"]] + [r[n]["mean"] for n in names] + ([100 * r["geneval_overall"]] if has_ge else [])
+                    + (list(ref) if paper else []))
+    doc.table(header, rows)
+    doc.p("Spearman rho (target vs mean score): " + ", ".join(f"{n} {sweep['spearman_means'][n]:.3f}" for n in names)
+          + (f", GenEval-style overall {sweep['spearman_geneval']:.3f}" if has_ge else ""))
+    if paper:
+        doc.p("Paper: synthetic-caption MIRO's aesthetic-target sweep (MIRO project page).")
     plots.plot_sweep(sweep, outdir / "sweep.png")
     doc.img("sweep.png", "reward sweep")
     try:
@@ -229,7 +241,7 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, max_prom
     _geneval_section(doc, run, outdir, row)
     _rewards_section(doc, run, outdir, row)
     _best_of_n_section(doc, run, outdir, row)
-    _sweep_section(doc, run, outdir)
+    _sweep_section(doc, run, outdir, row)
     judge = _load(run / "judge_summary.json")
     if judge:
         doc.h(2, "MLLM judge")

@@ -66,14 +66,22 @@ def check_targets(targets) -> list[float]:
 
 
 def run_sweep(pipe, items, key: str, base: GenerateConfig, outdir: str | Path, scorers: dict,
-              targets=DEFAULT_TARGETS, batch_size: int = 16, progress: bool = True) -> dict:
-    """Generate and score every target; returns (and writes ``sweep.json``) the summary."""
+              targets=DEFAULT_TARGETS, batch_size: int = 16, progress: bool = True, geneval=None) -> dict:
+    """Generate and score every target; returns (and writes ``sweep.json``) the summary.
+
+    ``geneval`` (a :class:`miro.eval.geneval.GenEvalLike`) also scores each target folder
+    GenEval-style, as in the paper's sweep table (GenEval and Aesthetic per target).
+    """
     targets = check_targets(targets)
     for t in targets:
         cfg = replace(base, reward_targets={**base.reward_targets, key: t})
         d = target_dir(outdir, t)
         generate_folder(pipe, items, d, cfg, progress=progress)
         score_folder(d, scorers, d / "rewards.jsonl", batch_size=batch_size, progress=progress)
+        if geneval is not None:
+            from miro.eval.geneval import evaluate_folder
+
+            evaluate_folder(d, d / "results.jsonl", geneval, progress=progress)
     return summarize_sweep(outdir, key, targets)
 
 
@@ -100,6 +108,14 @@ def summarize_sweep(outdir: str | Path, key: str, targets=DEFAULT_TARGETS) -> di
     rho_img = {n: spearman(img_t[n], img_s[n]) for n in names}
     out = {"swept": key, "targets": targets, "per_target": per_target,
            "spearman_means": rho, "spearman_images": rho_img}
+    summaries = [target_dir(outdir, t) / "geneval_summary.json" for t in targets]
+    if all(p.is_file() for p in summaries):  # GenEval-style overall per target (0..1)
+        import json
+
+        overall = [json.loads(p.read_text(encoding="utf-8"))["overall"] for p in summaries]
+        for row, o in zip(per_target, overall):
+            row["geneval_overall"] = o
+        out["spearman_geneval"] = spearman(targets, overall)
     atomic_write_json(Path(outdir) / "sweep.json", out)
     return out
 

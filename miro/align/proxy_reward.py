@@ -39,6 +39,7 @@ class ProxyConfig:
     width: int = 32  # channels of the first conv layer (doubles twice)
     dim: int = 128  # joint embedding width
     text_encoder: str = "minilm"  # miro.encoders spec of the frozen text encoder
+    text_dim: int = 384  # its embedding width (all-MiniLM-L6-v2: 384)
     max_text_len: int = 32
 
 
@@ -61,7 +62,7 @@ class ProxyRewardModel(nn.Module, Scorer):
         )
         self.image_proj = nn.Linear(4 * w * 4, c.dim)  # 2x2 adaptive pool keeps coarse layout (positions)
         self._text = text_encoder
-        self.text_proj = nn.Sequential(nn.Linear(384, 256), nn.GELU(), nn.Linear(256, c.dim))
+        self.text_proj = nn.Sequential(nn.Linear(c.text_dim, 256), nn.GELU(), nn.Linear(256, c.dim))
         # similarity = MLP(img ⊙ txt): a learned generalisation of the dot product (a plain cosine
         # cannot separate captions that differ in one colour word after mean pooling).
         self.head = nn.Sequential(nn.Linear(c.dim, c.dim), nn.GELU(), nn.Linear(c.dim, 1))
@@ -77,7 +78,7 @@ class ProxyRewardModel(nn.Module, Scorer):
         return self._text
 
     def _pooled_text(self, prompts: list[str]) -> torch.Tensor:
-        """Masked mean of the frozen encoder's token embeddings, (B, 384), cached per prompt."""
+        """Masked mean of the frozen encoder's token embeddings, (B, text_dim), cached per prompt."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
         if missing:
             with torch.no_grad():
@@ -199,7 +200,7 @@ def train_proxy(pairs: dict, config: ProxyConfig | None = None, train: ProxyTrai
     n_val = max(1, int(n * train.val_fraction))
     val, tr = perm[:n_val], perm[n_val:]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train.lr, weight_decay=train.weight_decay)
-    steps = train.epochs * math.ceil(len(tr) / train.batch_size)
+    steps = max(1, train.epochs * math.ceil(len(tr) / train.batch_size))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     epochs = range(train.epochs)
     if progress:

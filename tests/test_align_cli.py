@@ -1,0 +1,130 @@
+"""`miro align` (Hydra config, end-to-end runs with a real CLIP-family scorer and the Shapes proxy) and the proxy model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from miro.align.cli import compose, main
+from miro.align.proxy_reward import ProxyConfig, ProxyRewardModel, ProxyTrainConfig, make_pairs, train_proxy
+
+
+def test_help_lists_the_alignment_keys(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for key in ("mode=online|offline", "inversion=", "discount_inv=", "discount_denoise=", "flux-generate", "shapes_proxy"):
+        assert key in out
+
+
+def test_config_defaults_are_the_published_hyperparameters():
+    cfg = compose(["data.prompts=x.txt"])
+    assert cfg["mode"] == "online" and cfg["inversion"] is True
+    assert cfg["discount_inv"] == [0.3, 0.01] and cfg["discount_denoise"] == [0.1, 0.25]
+    assert cfg["schedule"]["train_timestep"] == [5, 25] and cfg["schedule"]["groundtruth_ratio"] == 0.9
+    assert cfg["optim"]["lr"] == 5e-6 and cfg["optim"]["max_grad_norm"] == 0.1 and cfg["hinge_margin"] == 0.7
+    assert cfg["rollout_steps"] == 25 and cfg["rollout_shift"] == 3.0
+    ps = compose(["experiment=flux_pickscore", "data.prompts=x.txt"])
+    assert ps["schedule"]["train_timestep"] == [5, 30] and ps["discount_inv"] == [0.6, 0.01] and ps["target"]["flux_rollout_guidance"] == 2.0
+
+
+def test_bad_overrides_fail_clearly(capsys):
+    assert main(["nonexistent_key=1", "data.prompts=x.txt", "--dry-run"]) == 2
+    assert "nonexistent_key" in capsys.readouterr().err
+    assert main(["--bogus"]) == 2
+    assert main(["--dry-run"]) == 2  # data.prompts is required
+    with pytest.raises(ValueError, match="mode must be one of"):
+        main(["mode=sideways", "data.prompts=x.txt", "--dry-run"])
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    """A tiny MIRO pipeline folder (tiny BERT text encoder) and a prompt file."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_align_miro import make_pipe
+
+    from miro.encoders.tiny import save_tiny_bert
+
+    root = tmp_path_factory.mktemp("alignworld")
+    bert = save_tiny_bert(root / "bert", hidden=24)
+    pipe = make_pipe(bert)
+    pipe.save_pretrained(root / "pipe")
+    (root / "prompts.jsonl").write_text(
+        '{"caption": "a red circle", "mia_category": "1 object", "mia_region": "red"}\n{"caption": "two blue squares", "region": "blue"}\n')
+    return root, bert
+
+
+def _run(root, out, *extra):
+    return main([f"target.model={root / 'pipe'}", f"data.prompts={root / 'prompts.jsonl'}", "rollout_steps=2",
+                 "train.max_steps=1", f"train.out_dir={out}", "train.progress=false", "prompts.control_words=false",
+                 "optim.lr=1e-3", "optim.max_grad_norm=1.0", *extra])
+
+
+def test_end_to_end_with_a_clip_family_scorer(tiny_world, tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _rewards_support import save_tiny_clip
+
+    from miro.pipeline import MiroPipeline
+
+    root, _ = tiny_world
+    clip = save_tiny_clip(tmp_path / "clip", seed=3)
+    out = tmp_path / "run"
+    # PickScore on a tiny CLIPModel: the "logit" relative similarity exp(logit_scale)·cos/20
+    assert _run(root, out, "reward.name=pick_a_score_score", f"+reward.kwargs.model={clip}", f"+reward.kwargs.tokenizer={clip}",
+                "+reward.kwargs.image_size=32") == 0
+    metrics = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 1 and metrics[0]["grad_norm"] > 0
+    tuned = MiroPipeline.from_pretrained(out / "pipeline")
+    base = MiroPipeline.from_pretrained(root / "pipe")
+    diff = [not torch.equal(a, b) for a, b in zip(tuned.model.state_dict().values(), base.model.state_dict().values())]
+    assert any(diff)
+
+
+def test_proxy_train_save_load_and_gradients(tiny_world, tmp_path):
+    root, bert = tiny_world
+    from miro.encoders.text import load_text_encoder
+
+    te = load_text_encoder(str(bert), max_length=16)
+    pairs = make_pairs(12, seed=0)
+    assert pairs["images"].shape == (36, 32, 32, 3) and pairs["targets"].min() >= 0 and pairs["targets"].max() <= 1
+    cfg = ProxyConfig(width=8, dim=16, text_encoder=str(bert), text_dim=24, max_text_len=16)
+    untrained, m0 = train_proxy(pairs, cfg, ProxyTrainConfig(epochs=0, batch_size=16, val_fraction=0.25), text_encoder=te)
+    model, m = train_proxy(pairs, cfg, ProxyTrainConfig(epochs=6, batch_size=16, lr=3e-3, val_fraction=0.25), text_encoder=te)
+    assert m["train_mse"] < m0["train_mse"]
+    model.save(tmp_path / "proxy")
+    back = ProxyRewardModel.load(tmp_path / "proxy", text_encoder=te)
+    x = torch.rand(2, 3, 32, 32, requires_grad=True)
+    caps = ["a red circle", "two blue squares"]
+    torch.testing.assert_close(back.score(x, caps), model.score(x, caps))
+    back.score(x, caps).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in back.parameters())
+    with pytest.raises(ValueError, match="not a proxy reward folder"):
+        ProxyRewardModel.load(tmp_path)
+
+
+def test_end_to_end_with_the_shapes_proxy_and_lora(tiny_world, tmp_path):
+    from miro.align.lora import load_miro_lora
+    from miro.pipeline import MiroPipeline
+
+    root, bert = tiny_world
+    proxy = ProxyRewardModel(ProxyConfig(width=8, dim=16, text_encoder=str(bert), text_dim=24, max_text_len=16))
+    proxy.save(tmp_path / "proxy")
+    out = tmp_path / "run"
+    assert _run(root, out, "reward.name=shapes_proxy", f"reward.path={tmp_path / 'proxy'}", "lora.enabled=true", "lora.rank=2") == 0
+    assert (out / "lora" / "adapter_model.safetensors").is_file()
+    merged = MiroPipeline.from_pretrained(out / "pipeline")
+    base = MiroPipeline.from_pretrained(root / "pipe")
+    load_miro_lora(base.model, out / "lora")
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    emb, mask = base.text_encoder.encode(["a red circle"])
+    coh = {k: torch.ones(1) for k in base.coherence_keys}
+    g = torch.tensor([0.5])
+    torch.testing.assert_close(merged.model(x, g, emb, mask, coh)[0], base.model(x, g, emb, mask, coh)[0], rtol=1e-4, atol=1e-5)

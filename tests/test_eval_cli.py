@@ -136,3 +136,19 @@ def test_generate_command_with_a_prompt_file(shapes_pipeline_dir, tmp_path, caps
     assert cli.main(argv) == 0 and "0 images generated, 4 already present" in capsys.readouterr().out
     assert cli.main(argv[:-2] + ["--reward", "shapes_nope=0.5", "--out", str(tmp_path / "h")]) == 2
     assert "shapes_nope" in capsys.readouterr().err
+
+
+def test_all_on_geneval_prompts_with_tiny_detector_and_clip(shapes_pipeline_dir, shared_data, tmp_path, monkeypatch, capsys):
+    from _eval_tiny import save_tiny_clip, save_tiny_mask2former
+
+    monkeypatch.setenv("MIRO_DATA_DIR", str(shared_data))
+    m2f, clip = save_tiny_mask2former(tmp_path / "m2f"), save_tiny_clip(tmp_path / "clip")
+    out = tmp_path / "ge"
+    assert cli.main(["all", "--model", str(shapes_pipeline_dir), "--prompts", "geneval", "--limit", "4", "--n", "1",
+                     "--steps", "1", "--outdir", str(out), "--detector", str(m2f), "--clip-model", str(clip),
+                     "--options", "threshold=0", "counting_threshold=0", "--local-files-only",
+                     "--scorers", "shapes_contrast"]) == 0
+    summ = json.loads((out / "geneval_summary.json").read_text())
+    assert summ["benchmark"] == "GenEval-like" and summ["backends"]["detector"] == str(m2f)
+    assert summ["images"] == 4 and _last(capsys) == f"overall: {summ['overall']:.5f}"
+    assert "GenEval-like" in (out / "report" / "report.md").read_text()

@@ -203,3 +203,16 @@ def test_aesthetic_rejects_a_wrong_head(clip_dir, tmp_path):
     s2 = load_scorer("aesthetic_score", model=str(clip_dir), mlp_weights="https://example.invalid/x.pth", device="cpu")
     with pytest.raises(ValueError, match="downloads are disabled"):
         s2.score([Image.new("RGB", (32, 32))])
+    # default: the published .pth URL, then the hub mirror; offline and uncached, both are reported
+    s3 = load_scorer("aesthetic_score", model=str(clip_dir), device="cpu")
+    with pytest.raises(ValueError, match="linearMSE.pth.*ttj/sac-logos-ava1-l14-linearMSE"):
+        s3.score([Image.new("RGB", (32, 32))])
+
+
+def test_aesthetic_head_from_a_folder_with_one_weight_file(clip_dir, images, tmp_path):
+    from miro.rewards import load_scorer
+
+    mlp = _save_mlp(tmp_path / "model.safetensors", seed=5)
+    s = load_scorer("aesthetic_score", model=str(clip_dir), mlp_weights=str(tmp_path), device="cpu")
+    w, b = mlp.affine()
+    torch.testing.assert_close(s.score(images), (s.embed_image(images) @ w + b).squeeze(-1), rtol=1e-5, atol=1e-5)

@@ -13,18 +13,24 @@ stores raw / 10.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from miro.rewards.base import Scorer, check_prompts, register
 from miro.rewards.clip_base import ClipBackbone
 from miro.rewards.preprocess import batches, num_images
-from miro.rewards.weights import load_state_dict, load_strict, resolve_file
+from miro.rewards.weights import is_url, load_state_dict, load_strict, resolve_file, snapshot_dir
 
 OPENAI_CLIP_L14 = "openai/clip-vit-large-patch14"
 AESTHETIC_MLP_URL = (
     "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac%2Blogos%2Bava1-l14-linearMSE.pth"
 )
+# safetensors mirror on the hub (what `miro download aesthetic_score` fetches); its tensor names are
+# assumed to be the published layers.* (any prefix is stripped) and checked strictly on load
+AESTHETIC_MLP_MIRROR = "ttj/sac-logos-ava1-l14-linearMSE"
+_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
 class AestheticMLP(nn.Module):
@@ -51,6 +57,15 @@ class AestheticMLP(nn.Module):
         return self.forward(w) - b, b
 
 
+def _single_weight_file(folder: Path) -> Path:
+    files = sorted(f for f in folder.iterdir() if f.suffix in _WEIGHT_SUFFIXES)
+    if len(files) > 1:
+        files = [f for f in files if f.suffix == ".safetensors"] or files
+    if len(files) != 1:
+        raise ValueError(f"expected one weight file in {folder}; found {[f.name for f in files]}")
+    return files[0]
+
+
 def _mlp_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Keep ``layers.*`` tensors, dropping any wrapper prefix (``mlp.layers.0.weight`` → ``layers.0.weight``)."""
     out = {}
@@ -66,10 +81,10 @@ class AestheticScorer(Scorer):
     differentiable = True
     score_range = (None, None)  # nominally 1-10 (an unbounded affine map)
 
-    def __init__(self, backbone: ClipBackbone, mlp_weights: str, *, mlp_filename: str | None = None,
+    def __init__(self, backbone: ClipBackbone, mlp_weights: str | None = None, *, mlp_filename: str | None = None,
                  local_files_only: bool = False, batch_size: int = 32):
         self.backbone = backbone
-        self.mlp_weights = str(mlp_weights)
+        self.mlp_weights = None if mlp_weights is None else str(mlp_weights)
         self.mlp_filename = mlp_filename
         self.local_files_only = local_files_only
         self.batch_size = int(batch_size)
@@ -83,10 +98,25 @@ class AestheticScorer(Scorer):
     def _load(self) -> None:
         if self.mlp is None:
             self.backbone.load()
-            path = resolve_file(self.mlp_weights, self.mlp_filename, local_files_only=self.local_files_only)
+            path = self._weights_path()
             mlp = AestheticMLP(self.backbone.model.config.projection_dim)
             load_strict(mlp, _mlp_state_dict(load_state_dict(path)), f"aesthetic MLP ({path.name})")
             self.mlp = mlp.eval().requires_grad_(False).to(self.backbone.device)
+
+    def _weights_path(self):
+        """The head's weight file: the given source, else the published .pth (URL), else the hub mirror."""
+        sources = [self.mlp_weights] if self.mlp_weights else [AESTHETIC_MLP_URL, AESTHETIC_MLP_MIRROR]
+        errors = []
+        for src in sources:
+            try:
+                if self.mlp_filename is None and not is_url(src) and not Path(src).expanduser().is_file():
+                    # a folder or a hub repository: its single weight file
+                    return _single_weight_file(snapshot_dir(src, allow_patterns=[f"*{x}" for x in _WEIGHT_SUFFIXES],
+                                                            local_files_only=self.local_files_only))
+                return resolve_file(src, self.mlp_filename, local_files_only=self.local_files_only)
+            except Exception as e:  # try the next source; report all if none works
+                errors.append(f"{src}: {e}")
+        raise ValueError("aesthetic MLP weights not found; " + " | ".join(errors))
 
     @property
     def device(self) -> torch.device:
@@ -120,7 +150,7 @@ class AestheticScorer(Scorer):
 def aesthetic(
     model: str = OPENAI_CLIP_L14,
     *,
-    mlp_weights: str = AESTHETIC_MLP_URL,
+    mlp_weights: str | None = None,
     mlp_filename: str | None = None,
     device=None,
     dtype=None,
@@ -129,7 +159,9 @@ def aesthetic(
     batch_size: int = 32,
 ) -> AestheticScorer:
     """Aesthetic scorer. ``mlp_weights``: a ``.pth`` / ``.safetensors`` path, a URL, or a hub repo
-    (then ``mlp_filename`` names the file in it)."""
+    (``mlp_filename`` names the file in it; without it the repo's single weight file is used).
+    Default: the published ``.pth`` from GitHub (cached after the first download), falling back
+    to the ``ttj/sac-logos-ava1-l14-linearMSE`` hub mirror (e.g. fetched by ``miro download``)."""
     def loader():
         from transformers import CLIPModel  # image tower only: no tokenizer needed
 

@@ -29,7 +29,7 @@ from miro.rewards.preprocess import ImageTransform, batches, num_images
 from miro.rewards.weights import build_and_load, load_state_dict, resolve_device, resolve_dtype, resolve_file
 
 IMAGE_REWARD_REPO = "THUDM/ImageReward"
-BERT_BASE_UNCASED = "bert-base-uncased"
+BERT_BASE_UNCASED = "google-bert/bert-base-uncased"  # the canonical id of bert-base-uncased
 # ImageReward/ImageReward.py: self.mean, self.std (reward standardisation on the training set)
 IR_MEAN = 0.16717362830052426
 IR_STD = 1.0333394966054072

@@ -145,6 +145,7 @@ def write_shard(path: str | os.PathLike, samples: Iterable[dict]) -> int:
     members.sort(key=lambda m: m[0])
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp creates 0600; shards are ordinary data files
         with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for name, data in members:
                 info = tarfile.TarInfo(name)

@@ -191,6 +191,9 @@ def test_aesthetic_is_affine_in_the_normalised_embedding(clip_dir, images, tmp_p
     torch.testing.assert_close(s.mlp(mix), 0.3 * s.mlp(emb[0]) + 0.7 * s.mlp(emb[1]), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s.normalize(raw), raw / 10)
     torch.testing.assert_close(s.score(images, PROMPTS), raw)  # prompts are ignored
+    x = torch.rand(2, 3, 40, 40, requires_grad=True)
+    s.score(x).sum().backward()
+    assert s.differentiable and x.grad.abs().sum() > 0
 
 
 def test_aesthetic_rejects_a_wrong_head(clip_dir, tmp_path):

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("miro.eval.cli", "evaluation: generate, geneval, rewards, summary, best-of-n, sweep, report, all"),
     "align": ("miro.align.cli", "SRPO post-hoc alignment (Hydra: mode=online|offline ...)"),
     "download": ("miro.download", "download weights for one-time offline use"),
+    "demo": ("miro.demo.server", "web demo: generate with reward sliders in the browser"),
 }
 
 

@@ -1,0 +1,219 @@
+"""``miro demo``: serve the reward-slider page and its JSON API with the standard library.
+
+    miro demo                                   # built-in Shapes model, http://127.0.0.1:7860/
+    miro demo --model nicolas-dufour/miro --device cuda --dtype bfloat16 --port 8080
+
+Routes: ``GET /`` (the page), ``GET /api/info`` (model, reward keys, resolution, defaults,
+limits), ``POST /api/generate`` (JSON in and out, see :mod:`miro.demo.handlers`). It binds
+127.0.0.1 by default; ``--host 0.0.0.0`` exposes it to the network, without authentication.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from typing import Any
+
+from miro.demo.handlers import DemoLimits, handle_generate, handle_info
+
+PAGE = "page.html"
+
+
+class DemoServer(ThreadingHTTPServer):
+    """A threading HTTP server holding one pipeline; generation is serialised by ``lock``."""
+
+    daemon_threads = True  # a hung client never blocks shutdown
+
+    def __init__(self, address, pipe, model_name: str, limits: DemoLimits, quiet: bool = False):
+        self.pipe = pipe
+        self.model_name = model_name
+        self.limits = limits
+        self.quiet = quiet
+        self.lock = threading.Lock()
+        self.page = resources.files("miro.demo").joinpath(PAGE).read_bytes()
+        super().__init__(address, DemoHandler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        shown = f"[{shown}]" if ":" in shown else shown
+        return f"http://{shown}:{port}/"
+
+
+class DemoHandler(BaseHTTPRequestHandler):
+    server: DemoServer
+    server_version = "miro-demo"
+    protocol_version = "HTTP/1.1"
+
+    # ------------------------------------------------------------------------------ routes
+    def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+        path = self.path.split("?", 1)[0]
+        if path in ("/", "/index.html"):
+            self._send(HTTPStatus.OK, self.server.page, "text/html; charset=utf-8")
+        elif path == "/api/info":
+            self._send_json(*handle_info(self.server.pipe, self.server.model_name, self.server.limits))
+        elif path == "/api/generate":
+            self._send_json(405, {"error": "use POST with a JSON body", "field": None}, allow="POST")
+        else:
+            self._send_json(404, {"error": f"no such path {path!r}; try / or /api/info", "field": None})
+
+    def do_POST(self) -> None:  # noqa: N802
+        path = self.path.split("?", 1)[0]
+        if path != "/api/generate":
+            self._send_json(404 if path not in ("/", "/api/info") else 405,
+                            {"error": f"POST is only for /api/generate, not {path!r}", "field": None})
+            return
+        payload = self._read_json()
+        if payload is _ERROR:
+            return
+        try:
+            status, body = handle_generate(self.server.pipe, payload, self.server.limits, self.server.lock)
+        except Exception as e:  # a failing model must not kill the server; the page shows why
+            self.log_error("generation failed: %r", e)
+            status, body = 500, {"error": f"generation failed: {type(e).__name__}: {e}", "field": None}
+        self._send_json(status, body)
+
+    # ----------------------------------------------------------------------------- helpers
+    def _read_json(self) -> Any:
+        # Until the body is read, an error reply must close the connection: the unread body
+        # would otherwise be parsed as the next request.
+        closing_before, self.close_connection = self.close_connection, True
+        ctype = self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+        # JSON only: a browser must then send a CORS preflight, which this server never
+        # grants, so another web site cannot make a visitor's browser start generations.
+        if ctype != "application/json":
+            self._send_json(415, {"error": f"Content-Type must be application/json; got {ctype!r}",
+                                  "field": None})
+            return _ERROR
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self._send_json(411, {"error": "a Content-Length header is required", "field": None})
+            return _ERROR
+        n, limit = int(length), self.server.limits.max_body_bytes
+        if n > limit:
+            self._send_json(413, {"error": f"request body of {n} bytes; at most {limit} are allowed",
+                                  "field": None})
+            return _ERROR
+        raw = self.rfile.read(n)
+        self.close_connection = closing_before
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            self._send_json(400, {"error": f"the request body is not valid UTF-8 JSON: {e}", "field": None})
+            return _ERROR
+
+    def _send_json(self, status: int, body: dict, allow: str | None = None) -> None:
+        data = json.dumps(body).encode("utf-8")
+        self._send(status, data, "application/json", allow=allow)
+
+    def _send(self, status: int, data: bytes, ctype: str, allow: str | None = None) -> None:
+        self.send_response(int(status))
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        if allow:
+            self.send_header("Allow", allow)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (base-class name)
+        if not self.server.quiet:
+            super().log_message(format, *args)
+
+
+_ERROR = object()  # sentinel: an error response was already sent
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def make_server(pipe, host: str = "127.0.0.1", port: int = 7860, model_name: str = "",
+                limits: DemoLimits | None = None, quiet: bool = False) -> DemoServer:
+    """Bind a :class:`DemoServer` (``port=0`` picks a free port; see ``server.url``)."""
+    return DemoServer((host, port), pipe, model_name or str(getattr(pipe, "source", "")),
+                      limits or DemoLimits(), quiet=quiet)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = DemoLimits()
+    p = argparse.ArgumentParser(
+        prog="miro demo",
+        description="Web demo: generate in the browser with one slider per reward of the model.",
+    )
+    p.add_argument("--model", default="shapes",
+                   help="built-in name (shapes, shapes-untrained), pipeline folder, hub repo id, or "
+                        "Lightning .ckpt (default: %(default)s)")
+    p.add_argument("--variant", default=None, help="subfolder of the model repo (e.g. miro-no-clip)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: %(default)s; 0.0.0.0 exposes it without a password)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s; 0 picks a free one)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16 (CUDA only)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is fastest on an oversubscribed machine)")
+    p.add_argument("--max-steps", type=int, default=d.max_steps,
+                   help="largest num_inference_steps a request may ask for (default: %(default)s)")
+    p.add_argument("--max-images", type=int, default=d.max_images,
+                   help="largest num_images_per_prompt a request may ask for (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no request log and no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name, value in (("--threads", args.threads), ("--max-steps", args.max_steps),
+                        ("--max-images", args.max_images)):
+        if value is not None and value < 1:
+            print(f"miro demo: {name} must be >= 1, got {value}", file=sys.stderr)
+            return 2
+    if not 0 <= args.port <= 65535:
+        print(f"miro demo: --port must be in [0, 65535], got {args.port}", file=sys.stderr)
+        return 2
+    import torch
+
+    from miro.generate_cli import load_pipeline
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        pipe = load_pipeline(args.model, args.variant, device, args.dtype)
+    except ValueError as e:
+        print(f"miro demo: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # unreachable hub, missing cache, unreadable files
+        print(f"miro demo: {e}", file=sys.stderr)
+        return 1
+    if args.quiet:
+        pipe.set_progress_bar_config(disable=True)
+    limits = DemoLimits(max_steps=args.max_steps, max_images=args.max_images)
+    try:
+        server = make_server(pipe, args.host, args.port, model_name=args.model, limits=limits,
+                             quiet=args.quiet)
+    except OSError as e:  # port in use, address not available
+        print(f"miro demo: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 1
+    # SIGTERM stops as cleanly as Ctrl-C (serve_forever runs in this, the main, thread).
+    signal.signal(signal.SIGTERM, _interrupt)
+    print(f"miro demo: {args.model} ({', '.join(pipe.coherence_keys)}) on {device}", flush=True)
+    print(f"miro demo: open {server.url}  (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    except KeyboardInterrupt:
+        print("\nmiro demo: stopping", flush=True)
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

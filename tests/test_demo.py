@@ -1,0 +1,271 @@
+"""``miro demo``: JSON handlers on a tiny pipeline, and one real server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from miro.demo.handlers import (
+    DemoLimits,
+    handle_generate,
+    handle_info,
+    isolation_targets,
+    parse_generate_request,
+)
+from miro.demo.server import main as demo_main
+from miro.demo.server import make_server
+from miro.encoders.tiny import tiny_pipeline
+
+PROMPT = "two red circles above a blue square"
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    return tiny_pipeline(tmp_path_factory.mktemp("demo_tiny"))
+
+
+def _req(**kw):
+    base = {"prompt": PROMPT, "num_inference_steps": 2, "num_images_per_prompt": 2, "seed": 0}
+    base.update(kw)
+    return base
+
+
+def _decode(url: str) -> Image.Image:
+    head, b64 = url.split(",", 1)
+    assert head == "data:image/png;base64"
+    raw = base64.b64decode(b64)
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+    return Image.open(io.BytesIO(raw))
+
+
+def test_generate_returns_the_pipelines_images(pipe):
+    status, body = handle_generate(pipe, _req(num_images_per_prompt=3, seed=11))
+    assert status == 200, body
+    res = int(pipe.config["network"]["data_size"])
+    assert len(body["images"]) == 3 and body["width"] == body["height"] == res
+    got = np.stack([np.asarray(_decode(u).convert("RGB")) for u in body["images"]])
+    assert got.shape == (3, res, res, 3)
+    # The demo is the pipeline: same arguments and seed give the same pixels.
+    want = pipe(PROMPT, num_inference_steps=2, num_images_per_prompt=3, guidance_scale=7.0,
+                generator=torch.Generator().manual_seed(11), output_type="np")
+    np.testing.assert_array_equal(got, want)
+    assert body["seed"] == 11 and body["seconds"] >= 0
+    assert body["reward_targets"] == {k: 1.0 for k in pipe.coherence_keys}
+    assert body["negative_reward_targets"] == {k: 0.0 for k in pipe.coherence_keys}
+
+
+def test_same_seed_same_bytes_other_seed_differs(pipe):
+    a = handle_generate(pipe, _req(seed=5))[1]["images"]
+    b = handle_generate(pipe, _req(seed=5))[1]["images"]
+    c = handle_generate(pipe, _req(seed=6))[1]["images"]
+    assert a == b
+    assert a != c
+
+
+def test_reward_slider_changes_output(pipe):
+    key = pipe.coherence_keys[0]
+    base = handle_generate(pipe, _req())[1]
+    moved = handle_generate(pipe, _req(reward_targets={key: 0.0}))[1]
+    assert moved["reward_targets"][key] == 0.0
+    assert moved["images"] != base["images"]
+    neg = handle_generate(pipe, _req(negative_reward_targets={key: 1.0}))[1]
+    assert neg["negative_reward_targets"][key] == 1.0 and neg["images"] != base["images"]
+
+
+def test_isolate_sets_negative_to_positive_with_one_reward_at_zero(pipe):
+    keys = pipe.coherence_keys
+    pos = {k: (i + 1) / 8 for i, k in enumerate(keys)}
+    want = dict(pos, **{keys[1]: 0.0})
+    assert isolation_targets(pos, keys[1]) == want
+    iso = handle_generate(pipe, _req(reward_targets=pos, isolate=keys[1]))
+    explicit = handle_generate(pipe, _req(reward_targets=pos, negative_reward_targets=want))
+    assert iso[0] == explicit[0] == 200
+    assert iso[1]["negative_reward_targets"] == want and iso[1]["isolate"] == keys[1]
+    assert iso[1]["images"] == explicit[1]["images"]
+
+
+def test_random_seed_is_reported_and_reproducible(pipe):
+    class Fixed:
+        def randbelow(self, n):
+            return 1234
+
+    assert parse_generate_request(pipe, _req(seed=-1), rng=Fixed()).seed == 1234
+    status, body = handle_generate(pipe, _req(seed=-1))
+    assert status == 200 and 0 <= body["seed"] < 2**31
+    assert handle_generate(pipe, _req(seed=body["seed"]))[1]["images"] == body["images"]
+
+
+BAD = [
+    ({"reward_targets": {"bogus": 1.0}}, "reward_targets", ["bogus", "valid keys"]),
+    ({"reward_targets": {"KEY0": 1.5}}, "reward_targets", ["1.5", "[0, 1]"]),
+    ({"negative_reward_targets": {"KEY0": "high"}}, "negative_reward_targets", ["'high'", "[0, 1]"]),
+    ({"reward_targets": [1, 2]}, "reward_targets", ["[1, 2]", "dict"]),
+    ({"num_inference_steps": 0}, "num_inference_steps", ["got 0", ">= 1"]),
+    ({"num_inference_steps": 2.5}, "num_inference_steps", ["2.5", "integer"]),
+    ({"num_inference_steps": 201}, "num_inference_steps", ["201", "1 to 200"]),
+    ({"guidance_scale": -1}, "guidance_scale", ["-1", ">= 0"]),
+    ({"guidance_scale": "7"}, "guidance_scale", ["'7'"]),
+    ({"num_images_per_prompt": 0}, "num_images_per_prompt", ["got 0", ">= 1"]),
+    ({"num_images_per_prompt": 9}, "num_images_per_prompt", ["= 9", "1 to 8"]),
+    ({"seed": -2}, "seed", ["-2", "2**63 - 1"]),
+    ({"seed": True}, "seed", ["True", "integer"]),
+    ({"seed": 2**63}, "seed", [str(2**63)]),
+    ({"prompt": ""}, "prompt", ["''", "non-empty"]),
+    ({"prompt": None}, "prompt", ["None", "string"]),
+    ({"prompt": "a" * 2001}, "prompt", ["2001", "2000"]),
+    ({"isolate": "bogus"}, "isolate", ["'bogus'", "KEY0"]),
+    ({"isolate": "KEY0", "negative_reward_targets": {}}, "isolate", ["not both"]),
+    ({"steps": 10}, "steps", ["'steps'", "num_inference_steps"]),
+]
+
+
+@pytest.mark.parametrize("patch,field,fragments", BAD, ids=[b[1] + str(i) for i, b in enumerate(BAD)])
+def test_bad_fields_give_400_naming_them(pipe, patch, field, fragments):
+    key0 = pipe.coherence_keys[0]
+
+    def sub(o):  # "KEY0" stands for the checkpoint's first reward key
+        if isinstance(o, dict):
+            return {sub(k): sub(v) for k, v in o.items()}
+        return o.replace("KEY0", key0) if isinstance(o, str) else o
+
+    payload = _req(**sub(patch))
+    status, body = handle_generate(pipe, payload)
+    assert status == 400
+    assert body["field"] == field
+    for frag in fragments:
+        assert sub(frag) in body["error"], (frag, body["error"])
+
+
+def test_non_object_body_is_400(pipe):
+    status, body = handle_generate(pipe, ["prompt"])
+    assert status == 400 and "JSON object" in body["error"] and body["field"] is None
+
+
+def test_generation_is_serialised(pipe):
+    active, peak, guard = [0], [0], threading.Lock()
+
+    class Tracking:  # the pipeline, counting how many calls overlap
+        def __getattr__(self, name):
+            return getattr(pipe, name)
+
+        def __call__(self, *a, **kw):
+            with guard:
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+            time.sleep(0.05)
+            try:
+                return pipe(*a, **kw)
+            finally:
+                with guard:
+                    active[0] -= 1
+
+    lock, results = threading.Lock(), []
+    threads = [threading.Thread(target=lambda: results.append(handle_generate(Tracking(), _req(), lock=lock)[0]))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert results == [200, 200, 200] and peak[0] == 1
+
+
+def test_busy_gives_503_after_queue_timeout(pipe):
+    lock = threading.Lock()
+    lock.acquire()
+    try:
+        status, body = handle_generate(pipe, _req(), DemoLimits(queue_timeout_s=0.0), lock)
+    finally:
+        lock.release()
+    assert status == 503 and "busy" in body["error"]
+
+
+def test_info(pipe):
+    status, info = handle_info(pipe, "tiny", DemoLimits(max_steps=30, max_images=3))
+    assert status == 200
+    assert info["coherence_keys"] == list(pipe.coherence_keys)
+    assert set(info["labels"]) == set(pipe.coherence_keys)
+    assert info["resolution"] == int(pipe.config["network"]["data_size"])  # identity codec
+    d = info["defaults"]
+    assert (d["num_inference_steps"], d["guidance_scale"], d["seed"]) == (50, 7.0, 3407)
+    assert info["slider_step"] == 1 / 64
+    assert info["limits"]["max_steps"] == 30 and info["limits"]["max_images"] == 3
+    json.dumps(info)  # serialisable as is
+
+
+def test_limits_are_checked():
+    with pytest.raises(ValueError, match="max_steps"):
+        DemoLimits(max_steps=0)
+    with pytest.raises(ValueError, match="queue_timeout_s"):
+        DemoLimits(queue_timeout_s=float("nan"))
+
+
+def test_cli_rejects_bad_flags_before_loading(capsys):
+    assert demo_main(["--threads", "0"]) == 2
+    assert demo_main(["--port", "70000"]) == 2
+    err = capsys.readouterr().err
+    assert "--threads must be >= 1, got 0" in err and "--port must be in [0, 65535], got 70000" in err
+    with pytest.raises(SystemExit) as e:
+        demo_main(["--help"])
+    assert e.value.code == 0
+    assert "--max-images" in capsys.readouterr().out
+
+
+def _call(url, data=None, ctype="application/json", method=None):
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", ctype)
+    try:
+        with urllib.request.urlopen(req, timeout=20) as r:
+            return r.status, r.headers.get("Content-Type"), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Content-Type"), e.read()
+
+
+def test_real_server_round_trip(pipe):
+    server = make_server(pipe, "127.0.0.1", 0, model_name="tiny", limits=DemoLimits(max_body_bytes=4096),
+                         quiet=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        base = server.url
+        assert base.startswith("http://127.0.0.1:") and not base.endswith(":0/")
+        status, ctype, page = _call(base)
+        assert status == 200 and ctype.startswith("text/html")
+        assert b"api/generate" in page and b"api/info" in page and b'id="isolate"' in page
+
+        status, ctype, raw = _call(base + "api/info")
+        info = json.loads(raw)
+        assert status == 200 and ctype == "application/json"
+        assert info["model"] == "tiny" and info["coherence_keys"] == list(pipe.coherence_keys)
+
+        payload = _req(num_images_per_prompt=2, seed=3)
+        status, _, raw = _call(base + "api/generate", json.dumps(payload).encode())
+        body = json.loads(raw)
+        assert status == 200 and len(body["images"]) == 2
+        assert body["images"] == handle_generate(pipe, payload)[1]["images"]
+
+        status, _, raw = _call(base + "api/generate", json.dumps(_req(num_inference_steps=0)).encode())
+        assert status == 400 and json.loads(raw)["field"] == "num_inference_steps"
+        status, _, raw = _call(base + "api/generate", b"{not json")
+        assert status == 400 and "not valid UTF-8 JSON" in json.loads(raw)["error"]
+        status, _, raw = _call(base + "api/generate", b"x" * 5000)
+        assert status == 413 and "4096" in json.loads(raw)["error"]
+        status, _, raw = _call(base + "api/generate", b"{}", ctype="text/plain")
+        assert status == 415
+        assert _call(base + "api/generate")[0] == 405
+        assert _call(base + "nope")[0] == 404
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert not thread.is_alive()

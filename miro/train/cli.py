@@ -174,12 +174,19 @@ def build(cfg: dict):
                                             list(il.get("score_rewards") or [])))
     logger = _logger(cfg["logger"], ckpt_dir)
     strategy = comp["strategy"]
+    accum = int(cfg["trainer"].get("accumulate_grad_batches", 1))
     if strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
-        # static_graph: flow_loss has the same autograd graph every step (self-conditioning pass is
-        # always run under no_grad and masked), which is what static_graph + grad accumulation need.
-        strategy = DDPStrategy(static_graph=True, gradient_as_bucket_view=True, bucket_cap_mb=200)
+        if accum == 1:
+            # static_graph (published): flow_loss builds the same autograd graph every step (the
+            # self-conditioning pass runs under no_grad and is masked; dropout is torch.where), and
+            # unused parameters (logvar_proj without reweighting) are handled once.
+            strategy = DDPStrategy(static_graph=True, gradient_as_bucket_view=True, bucket_cap_mb=200)
+        else:
+            # static_graph trips an internal DDP assert under no_sync (Lightning's accumulation
+            # steps; verified on torch 2.13 gloo), so accumulation uses find_unused_parameters.
+            strategy = DDPStrategy(find_unused_parameters=True, gradient_as_bucket_view=True, bucket_cap_mb=200)
     tr = cfg["trainer"]
     trainer = Trainer(accelerator=comp["accelerator"], devices=comp["devices"], num_nodes=comp["num_nodes"],
                       precision=comp["precision"], strategy=strategy, max_steps=int(tr["max_steps"]),

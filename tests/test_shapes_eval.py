@@ -131,3 +131,21 @@ def test_cli_render_detect_and_errors(tmp_path, capsys):
     assert shapes_main(["eval-score", str(tmp_path / "missing")]) == 2
     with pytest.raises(SystemExit):
         shapes_main(["--help"])
+
+
+def test_eval_generate_passes_settings_to_the_pipeline(tmp_path):
+    calls = []
+
+    class Recording(GroundTruthPipeline):
+        def __call__(self, prompt, **kw):
+            calls.append({k: kw[k] for k in ("reward_targets", "num_inference_steps", "guidance_scale", "output_type")})
+            calls[-1]["seeds"] = [g.initial_seed() for g in kw["generator"]]
+            return super().__call__(prompt, **kw)
+
+    eval_generate(Recording(), tmp_path, n_samples=2, steps=7, cfg=3.5, seed=10, limit=2, batch_size=3,
+                  reward_targets={"shapes_alignment": 0.25}, progress=False)
+    assert all(c["reward_targets"] == {"shapes_alignment": 0.25} and c["num_inference_steps"] == 7
+               and c["guidance_scale"] == 3.5 and c["output_type"] == "pil" for c in calls)
+    assert sorted(s for c in calls for s in c["seeds"]) == [10, 11, 1010, 1011]  # seed + 1000 i + j
+    with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
+        eval_generate(Recording(), tmp_path / "x", reward_targets={"shapes_alignment": 2.0}, limit=1, progress=False)

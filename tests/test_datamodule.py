@@ -154,7 +154,9 @@ def test_scan_tar_matches_reader(tmp_path):
         assert {k: v for k, v in got.items() if not k.startswith("__")} == {
             k: v for k, v in raw[i].items() if not k.startswith("__")}
     # the index is cached beside the shard and reused
-    assert (d / ".shard-000.tar.index.json").exists()
+    assert (d / ".shard-000.tar.index.npz").exists()
+    ds2 = IndexedTarDataset([d / "shard-000.tar"])
+    assert ds2.entry(5) == ds.entry(5) and ds2.read(2) == ds.read(2)
 
 
 def test_datamodule_resume_continues_stream(tmp_path):

@@ -294,7 +294,7 @@ class MiroDataModule(LightningDataModule):
         shards = schema.list_shards(cfg.data_dir) if cfg.data_dir else []
         if not shards:
             raise ValueError(f"data_dir {cfg.data_dir!r} holds no *.tar shards")
-        self.data = IndexedTarDataset(shards, cfg.index_cache_dir, self.stats)
+        self.data = IndexedTarDataset(shards, cfg.index_cache_dir, self.stats, progress=True)
         if len(self.data) == 0:
             raise ValueError(f"data_dir {cfg.data_dir!r}: no readable samples")
         if cfg.text_source == "auto":  # precomputed when the shards carry this encoder's embeddings

@@ -22,12 +22,13 @@ import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
 from miro.data.schema import ReadStats, split_member
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: numpy member tables (.npz)
 
 
 def scan_tar(path: str | os.PathLike) -> tuple[list[dict], str | None]:
@@ -70,19 +71,50 @@ def scan_tar(path: str | os.PathLike) -> tuple[list[dict], str | None]:
     return samples, error
 
 
+class ShardIndex:
+    """Compact member table of one shard: numpy arrays, so 10^7 samples stay a few hundred MB and
+    forked DataLoader workers share the pages (no per-sample Python objects to refcount)."""
+
+    def __init__(self, keys: np.ndarray, exts: list[str], offsets: np.ndarray, sizes: np.ndarray):
+        self.keys, self.exts, self.offsets, self.sizes = keys, list(exts), offsets, sizes
+        self._col = {e: i for i, e in enumerate(self.exts)}
+
+    @classmethod
+    def from_samples(cls, samples: list[dict]) -> "ShardIndex":
+        exts = sorted({e for smp in samples for e in smp["members"]})
+        col = {e: i for i, e in enumerate(exts)}
+        offsets = np.full((len(samples), len(exts)), -1, dtype=np.int64)
+        sizes = np.zeros((len(samples), len(exts)), dtype=np.int64)
+        for r, smp in enumerate(samples):
+            for e, (o, n) in smp["members"].items():
+                offsets[r, col[e]], sizes[r, col[e]] = o, n
+        # utf-8 bytes (1 byte per ASCII character; numpy's str dtype would take 4)
+        keys = np.array([smp["key"].encode() for smp in samples], dtype=np.bytes_) if samples else np.zeros(0, "S1")
+        return cls(keys, exts, offsets, sizes)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def members(self, j: int) -> dict[str, tuple[int, int]]:
+        """``{ext: (offset, size)}`` of the members sample ``j`` has."""
+        row, sz = self.offsets[j], self.sizes[j]
+        return {e: (int(row[c]), int(sz[c])) for e, c in self._col.items() if row[c] >= 0}
+
+
 def _cache_file(path: Path, cache_dir: Path | None) -> Path:
     if cache_dir is None:
-        return path.with_name(f".{path.name}.index.json")
+        return path.with_name(f".{path.name}.index.npz")
     digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
-    return cache_dir / f"{path.stem}-{digest}.index.json"
+    return cache_dir / f"{path.stem}-{digest}.index.npz"
 
 
-def _write_json_atomic(path: Path, obj) -> None:
+def _save_index_atomic(path: Path, idx: ShardIndex, stamp: dict, error: str | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, separators=(",", ":"))
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, keys=idx.keys, exts=np.array(idx.exts, dtype=np.str_), offsets=idx.offsets, sizes=idx.sizes,
+                     meta=np.array(json.dumps({"stamp": stamp, "error": error})))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -90,32 +122,30 @@ def _write_json_atomic(path: Path, obj) -> None:
         raise
 
 
-def load_index(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> tuple[list[dict], str | None]:
-    """:func:`scan_tar`, cached on disk keyed on the tar's size and mtime.
+def load_index(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> tuple[ShardIndex, str | None]:
+    """:func:`scan_tar` as a :class:`ShardIndex`, cached on disk keyed on the tar's size and mtime.
 
-    The cache goes beside the shard (``.<name>.index.json``) or, when that folder is read-only or
-    ``cache_dir`` is given, into ``cache_dir``.
+    The cache goes beside the shard (``.<name>.index.npz``), or into ``cache_dir`` when given
+    (use it when the shard folder is read-only).
     """
     path = Path(path)
     st = path.stat()
     stamp = {"version": INDEX_VERSION, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    candidates = [_cache_file(path, Path(cache_dir))] if cache_dir is not None else [_cache_file(path, None)]
-    for c in candidates:
-        try:
-            with open(c) as f:
-                cached = json.load(f)
-            if cached.get("stamp") == stamp:
-                return cached["samples"], cached.get("error")
-        except (OSError, ValueError, KeyError):
-            pass
+    cache = _cache_file(path, Path(cache_dir) if cache_dir is not None else None)
+    try:
+        with np.load(cache, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            if meta.get("stamp") == stamp:
+                return ShardIndex(z["keys"], [str(e) for e in z["exts"]], z["offsets"], z["sizes"]), meta.get("error")
+    except (OSError, ValueError, KeyError):
+        pass
     samples, error = scan_tar(path)
-    for c in candidates:
-        try:
-            _write_json_atomic(c, {"stamp": stamp, "samples": samples, "error": error})
-            break
-        except OSError:
-            continue
-    return samples, error
+    idx = ShardIndex.from_samples(samples)
+    try:
+        _save_index_atomic(cache, idx, stamp, error)
+    except OSError as e:
+        warnings.warn(f"cannot cache the index of {path} at {cache} ({e}); set data.index_cache_dir")
+    return idx, error
 
 
 class IndexedTarDataset:
@@ -127,23 +157,28 @@ class IndexedTarDataset:
     """
 
     def __init__(self, shards: Sequence[str | os.PathLike], cache_dir: str | os.PathLike | None = None,
-                 stats: ReadStats | None = None):
+                 stats: ReadStats | None = None, progress: bool = False):
         if not shards:
             raise ValueError("no shards given: the data folder holds no *.tar files")
         self.shards = [str(s) for s in shards]
         self.stats = stats if stats is not None else ReadStats()
-        self.samples: list[list[dict]] = []
-        for s in self.shards:
-            samples, error = load_index(s, cache_dir)
+        self.index: list[ShardIndex] = []
+        it = self.shards
+        if progress and len(self.shards) > 1:
+            from tqdm.auto import tqdm
+
+            it = tqdm(self.shards, desc="indexing shards", unit="shard")
+        for s in it:
+            idx, error = load_index(s, cache_dir)
             if error is not None:
                 self.stats.truncated_shards += 1
                 self.stats.errors.append(f"{s}: {error}")
-                warnings.warn(f"shard {s} is truncated or unreadable ({error}); indexed {len(samples)} complete "
+                warnings.warn(f"shard {s} is truncated or unreadable ({error}); indexed {len(idx)} complete "
                               "samples before the damage")
-            self.samples.append(samples)
+            self.index.append(idx)
         self.offsets = [0]
-        for samples in self.samples:
-            self.offsets.append(self.offsets[-1] + len(samples))
+        for idx in self.index:
+            self.offsets.append(self.offsets[-1] + len(idx))
         self.stats.samples = self.offsets[-1]
         self._handles: dict[int, object] = {}
         self._pid = os.getpid()
@@ -159,8 +194,9 @@ class IndexedTarDataset:
         return s, i - self.offsets[s]
 
     def entry(self, i: int) -> dict:
+        """``{"key", "members": {ext: (offset, size)}}`` of sample ``i``."""
         s, j = self.locate(i)
-        return self.samples[s][j]
+        return {"key": self.index[s].keys[j].decode(), "members": self.index[s].members(j)}
 
     def _handle(self, s: int):
         if os.getpid() != self._pid:  # forked into a worker: never share file offsets with the parent
@@ -171,8 +207,8 @@ class IndexedTarDataset:
         return fh
 
     def read(self, i: int, exts: Sequence[str] | None = None) -> dict:
-        s, j = self.locate(i)
-        entry = self.samples[s][j]
+        entry = self.entry(i)
+        s, _ = self.locate(i)
         out = {"__key__": entry["key"], "__url__": self.shards[s]}
         fh = self._handle(s)
         for ext, (offset, size) in entry["members"].items():

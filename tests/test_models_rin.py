@@ -313,3 +313,14 @@ def test_cpu_bf16_autocast_sampling_runs_close_to_fp32():
     b = euler_sample(model, x, emb, mask, torch.zeros(1, 384), None, num_steps=2, autocast=True)
     assert b.dtype == torch.float32 and not torch.equal(a, b)
     assert (a - b).abs().max() < 0.1 * a.abs().max()
+
+
+def test_network_config_validates_and_rejects_unknown_keys():
+    good = get_config("tiny")["network"]
+    assert NetworkConfig.from_dict(good).to_dict() == good
+    with pytest.raises(ValueError, match="patch_size"):
+        NetworkConfig(**dict(good, patch_size=3))
+    with pytest.raises(ValueError, match="unknown network keys"):
+        NetworkConfig.from_dict(dict(good, heads=4))
+    with pytest.raises(ValueError, match="bad network config"):
+        NetworkConfig.from_dict({k: v for k, v in good.items() if k != "data_dim"})

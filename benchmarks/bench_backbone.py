@@ -15,7 +15,9 @@ contract, then times, interleaving the two implementations so that machine load 
 - ``sample`` (shapes): Euler, 50 steps, CFG w = 7, images/s;
 - ``vs_ref`` (shapes): the ``step`` of ours on the ``shapes`` config against the published code on
   a ~5M-parameter patch-2 reference (32 latents x 192), the setting of the published Shapes
-  throughput measurement: what the config choice buys per training sample.
+  throughput measurement: what the config choice buys per training sample;
+- ``bf16`` (shapes): our fwd+bwd in fp32 against the same under CPU bf16 autocast (a mixed
+  precision speed-up, not bitwise, so listed apart from the parity-checked rows).
 
 Text: ``max_text_len`` tokens with a realistic number of valid ones per sample (shapes 8-16 of 32,
 release 8-20 of 77, tiny 3-6 of 8); ``--full-text`` makes every token valid. Also printed:
@@ -46,7 +48,7 @@ from miro.models import LossConfig, MiroModel, euler_sample, flow_loss, get_conf
 VALID_TEXT = {"tiny": (3, 6), "shapes": (8, 16), "release": (8, 20)}
 DEFAULT_PLAN = {  # config -> list of (batch, measurements)
     "tiny": [(16, ("fwd", "fwd+bwd", "step"))],
-    "shapes": [(64, ("fwd", "fwd+bwd", "step", "vs_ref")), (16, ("sample",))],
+    "shapes": [(64, ("fwd", "fwd+bwd", "step", "vs_ref", "bf16")), (16, ("sample",))],
     "release": [(1, ("fwd", "fwd+bwd")), (2, ("fwd+bwd", "step"))],
 }
 # The published measurement the Shapes config is compared with: a ~5M-parameter RIN at patch 2
@@ -117,6 +119,13 @@ class Pair:
             self.ours.train()
             v, z = self.ours(i["y"], i["gamma"], i["emb"], i["mask"], i["coh"])
         v.square().mean().backward()
+
+    def fwd_bwd_bf16(self, which, i):
+        """Ours only: fp32 ("peer" slot) against CPU bf16 autocast ("ours" slot)."""
+        self.ours.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=which == "ours"):
+            v, z = self.ours(i["y"], i["gamma"], i["emb"], i["mask"], i["coh"])
+        v.float().square().mean().backward()
 
     def step(self, which, i, reference=False):
         gen = torch.Generator().manual_seed(0)
@@ -235,6 +244,10 @@ def main(argv=None) -> int:
                     row["saved_MB"] = {w: saved_activation_mb(lambda: pair.fwd_bwd(w, i)) for w in ("peer", "ours")}
                 elif m == "step":
                     t = timed(lambda w: pair.step(w, i), iters, warm)
+                elif m == "bf16":
+                    t = timed(lambda w: pair.fwd_bwd_bf16(w, i), iters, warm)
+                    print("  bf16: ours fp32 fwd+bwd (listed as peer) against ours under CPU bf16 autocast "
+                          "(not bitwise: reported separately)")
                 elif m == "vs_ref":
                     t = timed(lambda w: pair.step(w, i, reference=True), iters)
                     print(f"  vs_ref: ours on `shapes` ({n_params:,} params) against the published code on a "

@@ -324,3 +324,14 @@ def test_network_config_validates_and_rejects_unknown_keys():
         NetworkConfig.from_dict(dict(good, heads=4))
     with pytest.raises(ValueError, match="bad network config"):
         NetworkConfig.from_dict({k: v for k, v in good.items() if k != "data_dim"})
+
+
+def test_bf16_weights_sample_on_cpu():
+    from miro.models import euler_sample
+
+    model = tiny()
+    x, _, emb, mask = inputs(model, b=2)
+    ref = euler_sample(model, x, emb, mask, torch.zeros(1, 384), None, num_steps=2)
+    out = euler_sample(model.to(torch.bfloat16), x, emb, mask, torch.zeros(1, 384), None, num_steps=2, autocast=True)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert (out - ref).abs().max() < 0.1 * ref.abs().max()

@@ -408,6 +408,10 @@ class RIN(nn.Module):
         cond_mask = torch.cat([self.cond_mask.expand(b, -1), text_tokens_mask.bool()], dim=1)
         if self.use_self_conditioning and previous_latents is not None:
             p = previous_latents
+            if p.dtype != self.ln_previous_1.weight.dtype:
+                # Weights cast to bf16/fp16 meet the fp32 zero latents of the first step: CPU
+                # LayerNorm refuses mixed dtypes (CUDA autocast would upcast; zeros are exact).
+                p = p.to(self.ln_previous_1.weight.dtype)
             z = z + self.ln_previous_2(p + self.linear_previous(self.ln_previous_1(p)))
         last = len(self.rin_blocks) - 1
         for i, block in enumerate(self.rin_blocks):

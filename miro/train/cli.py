@@ -217,8 +217,10 @@ def _resume_path(resume, ckpt_dir: Path) -> str | None:
     if resume in (None, "null", "none", False):
         return None
     if resume == "auto":
-        last = ckpt_dir / "last.ckpt"
-        return str(last) if last.exists() else None
+        # last.ckpt, or a newer SLURM pre-emption checkpoint (Lightning writes hpc_ckpt_<n>.ckpt into
+        # default_root_dir on SIGUSR1 before requeueing).
+        cands = [p for p in [ckpt_dir / "last.ckpt", *ckpt_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+        return str(max(cands, key=lambda p: p.stat().st_mtime)) if cands else None
     p = Path(str(resume))
     if not p.is_file():
         raise ValueError(f"resume={resume!r}: no such checkpoint file")
@@ -253,7 +255,14 @@ def main(argv: list[str] | None = None) -> int:
         print(OmegaConf.to_yaml(cfg, resolve=True))
         return 0
     cfg = OmegaConf.to_container(cfg, resolve=True)
+    import warnings
+
+    # Expected here: the EMA copies are in eval mode, and a resumed run reuses its checkpoint folder.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
     module, dm, trainer, ckpt = build(cfg)
+    print(f"miro train: experiment {cfg['experiment_name']} -> {cfg['checkpoint_dir']}; {len(dm.data):,} samples; "
+          f"{'resuming from ' + ckpt if ckpt else 'starting fresh'}", flush=True)
     if args.dry_run:
         print(f"dry run: {len(dm.data)} samples, {sum(p.numel() for p in module.model.parameters()):,} parameters, "
               f"resume from {ckpt}")

@@ -205,7 +205,8 @@ def _logger(name, ckpt_dir: Path):
     if name == "csv":
         from lightning.pytorch.loggers import CSVLogger
 
-        return CSVLogger(str(ckpt_dir), name="logs", version="")
+        # one version_<n>/ per (re)start: Lightning's CSV logger would overwrite an existing file
+        return CSVLogger(str(ckpt_dir), name="logs")
     if name == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
 

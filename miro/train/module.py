@@ -41,6 +41,18 @@ def _dataclass_from(cls, d: dict | None, section: str):
     return cls(**d)
 
 
+def _config_diff(a, b, prefix: str = "") -> list[str]:
+    """Human-readable differences between two nested config dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _config_diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        a, b = list(a), list(b)
+    return [] if a == b else [f"{prefix.rstrip('.')}: checkpoint {a!r} vs now {b!r}"]
+
+
 def step_seed(seed: int, rank: int, step: int) -> int:
     """A 63-bit seed that is a pure function of (seed, rank, micro-step)."""
     h = (int(seed) * 0x9E3779B97F4A7C15 + int(rank) * 0xBF58476D1CE4E5B9 + int(step) * 0x94D049BB133111EB)
@@ -201,6 +213,12 @@ class MiroLightningModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("miro", {})
+        old = state.get("model_config")
+        if old is not None:
+            diff = _config_diff(old, dict(self.hparams["model_config"]))
+            if diff:
+                raise ValueError("the checkpoint was trained with a different model config ("
+                                 + "; ".join(diff[:5]) + "); resume with the original config or start fresh (resume=null)")
         self.micro_step = int(state.get("micro_step", 0))
         self.samples_seen = int(state.get("samples_seen", 0))
         self.corrupt_seen = int(state.get("corrupt_seen", 0))

@@ -150,6 +150,14 @@ def test_precompute_embeddings_roundtrip(flux_dir, tmp_path):
     x = torch.randn(tg.latent_shape(1), generator=torch.Generator().manual_seed(0))
     s = torch.tensor([0.7])
     torch.testing.assert_close(tg.velocity(x, s, cond), tg.velocity(x, s, tg.encode_condition(["two blue squares"])))
+    # SRPO from the precomputed dataset with no text encoders at all
+    from miro.align.step import StepConfig
+    from miro.align.trainer import OptimConfig, SRPOTrainer, TrainConfig
+
+    bare = FluxTarget(pipe.transformer, pipe.vae, FluxTargetConfig(height=16, width=16, decoder_checkpointing=False))
+    hist = SRPOTrainer(bare, SemanticRelativeReward(HashEmbeddingScorer()), back, StepConfig(rollout_steps=1),
+                       OptimConfig(lr=1e-3), TrainConfig(max_steps=1, out_dir=str(tmp_path / "run"), progress=False)).fit()
+    assert np.isfinite(hist[0]["denoise/reward"])
 
 
 def test_generate_items_resumes_and_is_seeded(flux_dir, tmp_path):

@@ -113,7 +113,7 @@ def _lora_settings(cfg: dict):
     return LoraSettings(rank=int(lc["rank"]), alpha=lc["alpha"], dropout=float(lc["dropout"]), target_modules=list(lc["target_modules"]))
 
 
-def build_target(cfg: dict, device):
+def build_target(cfg: dict, device, items: list[dict] | None = None):
     import torch
 
     t = cfg["target"]
@@ -136,10 +136,14 @@ def build_target(cfg: dict, device):
 
         from miro.align.flux import FluxTarget, FluxTargetConfig
 
-        pipe = FluxPipeline.from_pretrained(t["model"], torch_dtype=dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32))
+        kw = {}
+        if items and all(it.get("prompt_embed_path") for it in items):
+            kw = {"text_encoder": None, "text_encoder_2": None, "tokenizer": None, "tokenizer_2": None}  # precomputed embeddings
+        pipe = FluxPipeline.from_pretrained(t["model"], torch_dtype=dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32), **kw)
         pipe.to(device)
         for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
-            m.requires_grad_(False)
+            if m is not None:
+                m.requires_grad_(False)
         if cfg["lora"]["enabled"]:
             from miro.align.lora import add_flux_lora
 
@@ -198,7 +202,7 @@ def run(cfg: dict, dry_run: bool = False) -> Path | None:
                       rollout_steps=int(cfg["rollout_steps"]), rollout_shift=cfg["rollout_shift"],
                       reuse_rollout_noise=cfg["reuse_rollout_noise"], schedule=dict(cfg["schedule"]), prompts=dict(cfg["prompts"]))
     items = load_items(cfg)
-    target = build_target(cfg, device)
+    target = build_target(cfg, device, items)
     reward = build_reward(cfg, device)
     o = dict(cfg["optim"])
     optim = OptimConfig(**{**o, "betas": tuple(o["betas"])})

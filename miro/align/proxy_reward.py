@@ -54,18 +54,21 @@ class ProxyRewardModel(nn.Module, Scorer):
         nn.Module.__init__(self)
         self.config = c = config or ProxyConfig()
         w = c.width
-        self.image_net = nn.Sequential(
-            nn.Conv2d(3, w, 3, padding=1), nn.GELU(),
-            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.GELU(),
-            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.GELU(),
-            nn.Conv2d(4 * w, 4 * w, 3, stride=2, padding=1), nn.GELU(),
+        self.image_net = nn.Sequential(  # GroupNorm: batch-independent, so SRPO's batch-1 rewards are unaffected
+            nn.Conv2d(3, w, 3, padding=1), nn.GroupNorm(4, w), nn.GELU(),
+            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.GroupNorm(4, 2 * w), nn.GELU(),
+            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.GroupNorm(4, 4 * w), nn.GELU(),
+            nn.Conv2d(4 * w, 4 * w, 3, stride=2, padding=1), nn.GroupNorm(4, 4 * w), nn.GELU(),
         )
-        self.image_proj = nn.Linear(4 * w * 4, c.dim)  # 2x2 adaptive pool keeps coarse layout (positions)
+        self.image_proj = nn.Conv2d(4 * w, c.dim, 1)  # per-position features of the 4x4 map
+        self.pos = nn.Parameter(torch.randn(16, c.dim) * 0.02)  # learned positions (relations need them)
         self._text = text_encoder
         self.text_proj = nn.Sequential(nn.Linear(c.text_dim, 256), nn.GELU(), nn.Linear(256, c.dim))
-        # similarity = MLP(img ⊙ txt): a learned generalisation of the dot product (a plain cosine
-        # cannot separate captions that differ in one colour word after mean pooling).
-        self.head = nn.Sequential(nn.Linear(c.dim, c.dim), nn.GELU(), nn.Linear(c.dim, 1))
+        # similarity(image, text): the text attends over the 16 image positions, then an MLP scores
+        # the attended feature against the text. A plain cosine of pooled features could not tell
+        # "a red circle" from "a blue circle" after mean pooling of the caption.
+        self.query = nn.Linear(c.dim, c.dim)
+        self.head = nn.Sequential(nn.Linear(3 * c.dim, c.dim), nn.GELU(), nn.Linear(c.dim, 1))
         self._text_cache: dict[str, torch.Tensor] = {}
 
     # -- text -------------------------------------------------------------------------------
@@ -94,15 +97,20 @@ class ProxyRewardModel(nn.Module, Scorer):
         r = self.config.resolution
         if x.shape[-1] != r or x.shape[-2] != r:
             x = F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False, antialias=True)
-        h = F.adaptive_avg_pool2d(self.image_net(x * 2 - 1), 2).flatten(1)
-        return self.image_proj(h)
+        h = self.image_proj(F.adaptive_avg_pool2d(self.image_net(x * 2 - 1), 4))  # (B, D, 4, 4)
+        return h.flatten(2).transpose(1, 2).flatten(1)  # (B, 16·D), position-major
 
     def embed_text(self, prompts) -> torch.Tensor:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         return self.text_proj(self._pooled_text(prompts))
 
     def similarity(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        return self.head(F.normalize(image_emb, dim=-1) * F.normalize(text_emb.to(image_emb), dim=-1) * math.sqrt(self.config.dim)).squeeze(-1)
+        d = self.config.dim
+        f = image_emb.view(image_emb.shape[0], 16, d) + self.pos
+        t = text_emb.to(image_emb)
+        att = torch.softmax((f @ self.query(t).unsqueeze(-1)).squeeze(-1) / math.sqrt(d), dim=-1)  # (B, 16)
+        pooled = (att.unsqueeze(-1) * f).sum(1)
+        return self.head(torch.cat([pooled * t, pooled, t], dim=-1)).squeeze(-1)
 
     def score(self, images, prompts) -> torch.Tensor:
         """Predicted ``shapes_alignment`` (B,), differentiable in the images."""

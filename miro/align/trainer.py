@@ -140,7 +140,13 @@ class SRPOTrainer:
 
     def _batch(self, step: int, micro: int) -> dict:
         idx = self._indices(step, micro)
-        batch = {"items": [self.items[i] for i in idx], "images": None}
+        batch = {"items": [self.items[i] for i in idx], "images": None, "cond": None}
+        if hasattr(self.target, "cond_from_embeddings") and all(it.get("prompt_embed_path") for it in batch["items"]):
+            # precomputed text embeddings (SRPO JSON dataset): the text encoders need not be loaded
+            from miro.align.datasets import load_fork_embeddings
+
+            embs = [load_fork_embeddings(it) for it in batch["items"]]
+            batch["cond"] = self.target.cond_from_embeddings(embs, self.fabric.device)
         if self.step_cfg.mode == "offline":
             batch["images"] = torch.stack([self.images[i][0] for i in idx]).to(self.fabric.device)
         return batch

@@ -165,3 +165,11 @@ def test_on_the_fly_text_cache_matches_fresh_encoding():
     assert e1.dtype == torch.float32 and torch.equal(e1[1], e1[1].half().float())  # fp16-rounded like shards
     m.encode_captions(["x", "y"])
     assert len(m._text_cache) == 2 and "a b" not in m._text_cache  # LRU bound
+
+
+def test_resume_refuses_a_different_model_config(data_dir, tmp_path):
+    _run(tiny_overrides(data_dir, tmp_path, steps=2, every=2, extra=["scheduler.total_steps=4"]))
+    other = tiny_overrides(data_dir, tmp_path, steps=4, every=2,
+                           extra=["scheduler.total_steps=4", "++model.overrides={network: {num_blocks: 2, num_text_registers: 2}}"])
+    with pytest.raises(ValueError, match="network.num_blocks: checkpoint 1 vs now 2"):
+        _run(other)

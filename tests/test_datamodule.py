@@ -191,3 +191,13 @@ def test_bad_config_values(tmp_path):
     with pytest.raises(ValueError, match="no \\*.tar"):
         (tmp_path / "empty").mkdir()
         MiroDataModule(_cfg(tmp_path / "empty")).prepare()
+
+
+def test_pixels_are_centre_cropped_then_resized():
+    from miro.data.datamodule import MiroSampleDecoder
+
+    dec = MiroSampleDecoder(DataConfig(image_source="pixels", image_size=4), None)
+    a = np.zeros((8, 16, 3), np.uint8)
+    a[:, 4:12] = 255  # the centre 8x8 square is white, the sides black
+    x = dec._image(Image.fromarray(a), np.random.default_rng(0))
+    assert x.shape == (3, 4, 4) and torch.allclose(x, torch.ones_like(x))

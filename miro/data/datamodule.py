@@ -47,7 +47,7 @@ class DataConfig:
     bins_path: str | None = None  # reward_bins.json cache; None: inside data_dir's index cache
     image_source: str = "latents"  # "latents" (vae_embeddings_*.npy) or "pixels" (the image, in [-1, 1])
     latent_resolution: int = 256  # which latent moments to read (256 or 512)
-    image_size: int | None = None  # pixels: resize (bicubic) to this square size when it differs
+    image_size: int | None = None  # pixels: centre-crop to 1:1, then resize (bicubic) to this size
     hflip: bool = False  # pixels: random horizontal flip (off for Shapes: "left of" must stay true)
     text_source: str = "precomputed"  # "precomputed" ({enc}_embeddings.npy), "on_the_fly" (captions) or "auto"
     text_encoder: str = "minilm"  # schema name of the embeddings: "flan_t5_xl" or "minilm"
@@ -124,6 +124,10 @@ class MiroSampleDecoder:
         from PIL import Image
 
         size = self.cfg.image_size
+        w, h = im.size
+        if w != h:  # centre crop to 1:1 first (CAD's preprocessing), so resizing never distorts
+            s = min(w, h)
+            im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
         if size is not None and im.size != (size, size):
             im = im.resize((size, size), Image.BICUBIC)
         x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1.0

@@ -8,7 +8,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from miro.data import schema
-from miro.data.datamodule import DataConfig, MiroDataModule, collate
+from miro.data.datamodule import DataConfig, MiroDataModule
 from miro.data.indexed import IndexedTarDataset, ResumableDistributedSampler, scan_tar
 
 

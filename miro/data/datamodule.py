@@ -19,7 +19,6 @@ uses its synthetic caption and then the rewards stored under ``synthetic_<key>``
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from miro.data import schema
 from miro.data.indexed import IndexedTarDataset, ResumableDistributedSampler
-from miro.rewards.binning import BINS_FILENAME, RewardBins
+from miro.rewards.binning import RewardBins
 
 try:  # Lightning is an optional extra ("train"); the dataset pieces work without it.
     from lightning.pytorch import LightningDataModule

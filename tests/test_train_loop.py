@@ -173,3 +173,20 @@ def test_resume_refuses_a_different_model_config(data_dir, tmp_path):
                            extra=["scheduler.total_steps=4", "++model.overrides={network: {num_blocks: 2, num_text_registers: 2}}"])
     with pytest.raises(ValueError, match="network.num_blocks: checkpoint 1 vs now 2"):
         _run(other)
+
+
+def test_training_runs_through_corrupt_data(tmp_path):
+    from miro.data import schema
+
+    d = write_tiny_shards(tmp_path / "bad", n_shards=2, per=16)
+    raw = list(schema.iter_raw_samples(d / "shard-00000.tar"))
+    raw[5]["png"] = b"\x89PNG broken"
+    schema.write_shard(d / "shard-00000.tar", [dict(r) for r in raw])
+    last = d / "shard-00001.tar"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    with pytest.warns(UserWarning):
+        module, dm, trainer = _run(tiny_overrides(d, tmp_path / "run", steps=4, every=1000,
+                                                  extra=["scheduler.total_steps=10"]))
+    assert trainer.global_step == 4
+    assert dm.stats.truncated_shards == 1 and 16 < len(dm.data) < 32
+    assert module.corrupt_seen >= 1  # the broken image was met, replaced and counted

@@ -5,6 +5,10 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -269,3 +273,38 @@ def test_real_server_round_trip(pipe):
         server.server_close()
         thread.join(timeout=5)
     assert not thread.is_alive()
+
+
+def test_cli_serves_a_saved_pipeline_and_stops_on_ctrl_c(pipe, tmp_path):
+    folder = pipe.save_pretrained(tmp_path / "pipe")
+    cmd = [sys.executable, "-m", "miro.demo.server", "--model", str(folder), "--port", "0",
+           "--device", "cpu", "--threads", "1", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url, lines = None, []
+        deadline = time.monotonic() + 60
+        while url is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            m = re.search(r"open (http://127\.0\.0\.1:\d+/)", line)
+            url = m.group(1) if m else None
+        if url is None:
+            proc.kill()
+            pytest.fail(f"no URL printed; stdout: {''.join(lines)!r}; stderr: {proc.stderr.read()!r}")
+        info = json.loads(_call(url + "api/info")[2])
+        assert info["model"] == str(folder) and info["coherence_keys"] == list(pipe.coherence_keys)
+        status, _, raw = _call(url + "api/generate", json.dumps(_req(seed=9)).encode())
+        assert status == 200
+        # The loaded folder is the same model: same bytes as the in-memory pipeline.
+        assert json.loads(raw)["images"] == handle_generate(pipe, _req(seed=9))[1]["images"]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        assert "stopping" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        proc.stdout.close()
+        proc.stderr.close()

@@ -18,6 +18,7 @@ import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from miro.demo.handlers import DemoLimits, handle_generate, handle_info
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    from miro.generate_cli import load_pipeline
+    from miro.generate_cli import DEFAULT_MODEL, FALLBACK_MODEL, load_pipeline
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -196,15 +197,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.quiet:
         pipe.set_progress_bar_config(disable=True)
     limits = DemoLimits(max_steps=args.max_steps, max_images=args.max_images)
+    name = args.model
+    if name == DEFAULT_MODEL and pipe.source and Path(pipe.source).name == FALLBACK_MODEL:
+        name = f"{FALLBACK_MODEL} (random weights)"  # the page must not claim the trained model
     try:
-        server = make_server(pipe, args.host, args.port, model_name=args.model, limits=limits,
+        server = make_server(pipe, args.host, args.port, model_name=name, limits=limits,
                              quiet=args.quiet)
     except OSError as e:  # port in use, address not available
         print(f"miro demo: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1
     # SIGTERM stops as cleanly as Ctrl-C (serve_forever runs in this, the main, thread).
     signal.signal(signal.SIGTERM, _interrupt)
-    print(f"miro demo: {args.model} ({', '.join(pipe.coherence_keys)}) on {device}", flush=True)
+    print(f"miro demo: {name} ({', '.join(pipe.coherence_keys)}) on {device}", flush=True)
     print(f"miro demo: open {server.url}  (Ctrl-C stops)", flush=True)
     try:
         server.serve_forever(poll_interval=0.5)

@@ -111,4 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     out = convert(args.ckpt, args.out_dir, variant, None if args.raw else args.ema_index, args.push_to_hub,
                   args.text_encoder, args.autoencoder)
     print(f"wrote {out}")
+    if variant is None:
+        trained_as = (load_checkpoint(args.ckpt).get("miro") or {}).get("variant_name")
+        if trained_as and trained_as != "miro":
+            print(f"note: this run reproduces the published variant {trained_as!r}; "
+                  f"--variant-name {trained_as} writes it into OUT_DIR/{trained_as}/ as on the hub")
     return 0

@@ -70,7 +70,7 @@ def trained(tmp_path_factory):
     data = write_tiny_shards(root / "data")
     ov = tiny_overrides(data, root, steps=2, every=2, extra=["scheduler.warmup_steps=1",
         "image_logger.enabled=true", "image_logger.every_n_steps=2", "image_logger.num_steps=2",
-        "image_logger.max_prompts=4", "image_logger.score_rewards=[shapes_alignment]"])
+        "image_logger.max_prompts=4", "image_logger.score_rewards=[shapes_alignment]", "logger=csv"])
     cfg = OmegaConf.to_container(cli.compose(ov), resolve=True)
     module, dm, trainer, _ = cli.build(cfg)
     trainer.fit(module, datamodule=dm)
@@ -85,6 +85,11 @@ def test_image_grid_written(trained):
     from PIL import Image
 
     assert Image.open(grids[0]).size == (2 * 8, 2 * 8)  # 4 prompts of 8x8 in a 2x2 grid
+    import csv
+
+    rows = list(csv.DictReader(open(next((ckdir / "logs").glob("version_*/metrics.csv")))))
+    scored = [r for r in rows if r.get("testbed/shapes_alignment")]
+    assert len(scored) == 1 and 0.0 <= float(scored[0]["testbed/shapes_alignment"]) <= 1.0
 
 
 def test_convert_load_generate(trained, tmp_path):

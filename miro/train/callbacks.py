@@ -185,8 +185,10 @@ class TestbedImageLogger(Callback):
         images = self.generate(pl_module)
         grid = make_grid(images, nrow=int(math.ceil(math.sqrt(len(images)))))
         path = save_png_atomic(grid, self.out_dir / f"step_{step:08d}.png")
-        for key, v in self._score(images).items():
-            pl_module.log(f"testbed/{key}", v, rank_zero_only=True)
+        scores = {f"testbed/{k}": v for k, v in self._score(images).items()}
+        if scores and trainer.logger is not None:
+            # straight to the logger: independent of log_every_n_steps, and rank 0 only
+            trainer.logger.log_metrics(scores, step=step)
         exp = getattr(trainer.logger, "experiment", None) if trainer.logger is not None else None
         if exp is not None and hasattr(exp, "add_image"):  # TensorBoard
             exp.add_image("testbed", grid, step, dataformats="HWC")

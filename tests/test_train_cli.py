@@ -140,3 +140,53 @@ def test_testbeds_and_precompute(tmp_path):
     assert (tmp_path / "emb" / "uncond.minilm_embeddings.npy").exists()
     with pytest.raises(ValueError, match="neither a built-in"):
         read_testbed("nope")
+
+
+def test_release_recipe_path_with_latents_and_t5(tmp_path):
+    """The full-scale path (SDXL-style latents sampled from mean/std, FLAN-T5 embeddings from the
+    shards, LAMB, 7 rewards) with tiny random models saved in their real formats."""
+    from PIL import Image
+
+    from miro import REWARD_KEYS, MiroPipeline
+    from miro.data import schema
+    from miro.encoders.tiny import save_tiny_autoencoder_kl, save_tiny_t5
+    from miro.train.convert import pipeline_from_checkpoint
+
+    t5 = save_tiny_t5(tmp_path / "t5")
+    vae = save_tiny_autoencoder_kl(tmp_path / "vae")
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(16):
+        meta = {"synthetic_caption": "two red circles"}
+        for k in REWARD_KEYS:
+            meta[k] = float(rng.normal())
+            meta["synthetic_" + k] = float(rng.normal())
+        samples.append({"__key__": f"s{i:03d}", "jpg": Image.new("RGB", (8, 8)), "txt": "a red circle", "json": meta,
+                        "vae_embeddings_mean_256.npy": rng.standard_normal((4, 4, 4)).astype(np.float16),
+                        "vae_embeddings_std_256.npy": np.full((4, 4, 4), 0.1, np.float16),
+                        "flan_t5_xl_embeddings.npy": rng.standard_normal((3, 32)).astype(np.float16),
+                        "synthetic_flan_t5_xl_embeddings.npy": rng.standard_normal((4, 32)).astype(np.float16)})
+    schema.write_shard(tmp_path / "data" / "shard-0.tar", samples)
+    net = ("{data_size: 4, data_dim: 32, num_latents: 8, latents_dim: 32, label_dim: 32, num_blocks: 1, "
+           "num_processing_layers: 1, read_write_heads: 2, compute_heads: 2, num_text_registers: 2}")
+    ov = ["experiment=multi_cad_synth", "computer=cpu", "computer.threads=1", f"data_dir={tmp_path / 'data'}",
+          f"root_dir={tmp_path / 'run'}", "data.global_batch_size=4", "data.num_workers=0", "trainer.max_steps=2",
+          "scheduler.warmup_steps=1", "checkpoint.every_n_steps=2", "image_logger.enabled=false", "logger=none",
+          "trainer.progress_bar=false",
+          f"++model.overrides={{network: {net}, preconditioning: {{num_latents: 8, latents_dim: 32}}, "
+          f"data_resolution: 4, text_encoder: '{t5}'}}"]
+    n = torch.get_num_threads()
+    cfg = OmegaConf.to_container(cli.compose(ov), resolve=True)
+    module, dm, trainer, _ = cli.build(cfg)
+    assert module.model.vae_sample and dm.cfg.text_source == "precomputed"
+    from miro.train.optim import Lamb
+
+    assert isinstance(module.configure_optimizers()["optimizer"], Lamb)
+    trainer.fit(module, datamodule=dm)
+    torch.set_num_threads(n)
+    assert trainer.global_step == 2
+    ckpt = tmp_path / "run" / "miro" / "checkpoints" / "multi_cad_synth" / "last.ckpt"
+    pipe = pipeline_from_checkpoint(ckpt, autoencoder=str(vae))
+    assert pipe.coherence_keys == tuple(REWARD_KEYS) and set(pipe.reward_bins.edges) == set(REWARD_KEYS)
+    img = pipe("a red circle", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
+    assert img.shape == (1, 8, 8, 3)  # 4x4 latents decoded by the x2 tiny VAE

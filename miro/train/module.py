@@ -113,6 +113,10 @@ class MiroLightningModule(LightningModule):
             object.__setattr__(self, "_text_encoder", enc)
         return self._text_encoder
 
+    def on_fit_start(self) -> None:
+        if self._text_encoder is not None:  # built on CPU by `miro train`; run it where the model is
+            self._text_encoder.to(self.device)
+
     # ------------------------------------------------------------------ training
     def _text(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if "text_emb" in batch:

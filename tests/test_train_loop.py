@@ -190,3 +190,22 @@ def test_training_runs_through_corrupt_data(tmp_path):
     assert trainer.global_step == 4
     assert dm.stats.truncated_shards == 1 and 16 < len(dm.data) < 32
     assert module.corrupt_seen >= 1  # the broken image was met, replaced and counted
+
+
+def test_atomic_checkpoint_io(tmp_path, monkeypatch):
+    from miro.train.callbacks import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    io.save_checkpoint({"a": torch.ones(2)}, target)
+    assert torch.equal(torch.load(target, weights_only=True)["a"], torch.ones(2))
+
+    def boom(obj, f):
+        open(f, "wb").write(b"partial")
+        raise KeyboardInterrupt  # killed mid-write
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"a": torch.zeros(2)}, target)
+    assert torch.equal(torch.load(target, weights_only=True)["a"], torch.ones(2))  # old file intact
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temp file left

@@ -8,7 +8,8 @@
   Shapes models it also scores the grid with the exact Shapes rewards (cheap progress metrics
   that need no full ShapesEval).
 * :class:`Throughput` — samples/s and the cumulative corrupt-sample count.
-* :func:`checkpoint_callback` — ``last.ckpt`` plus periodic step checkpoints.
+* :func:`checkpoint_callback` — ``last.ckpt`` plus periodic step checkpoints, written through
+  :class:`AtomicCheckpointIO` (temp file in the same folder + rename).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
 class NonFiniteGuard(Callback):
@@ -203,6 +205,28 @@ class TestbedImageLogger(Callback):
         self._last = step
         if trainer.is_global_zero:
             self.log_now(trainer, pl_module)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file in the target folder, then renames it.
+
+    Lightning's own local save stages the file in the system temp folder and moves it, which is a
+    non-atomic copy when that folder is on another file system (node-local /tmp vs a shared
+    checkpoint disk); a kill mid-copy would leave a truncated ``last.ckpt``.
+    """
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
 
 def checkpoint_callback(dirpath: str, every_n_steps: int, keep_periodic: bool = True) -> ModelCheckpoint:

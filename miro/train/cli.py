@@ -118,7 +118,8 @@ def build(cfg: dict):
     from lightning.pytorch import Trainer
 
     from miro.data.datamodule import DataConfig, MiroDataModule
-    from miro.train.callbacks import NonFiniteGuard, TestbedImageLogger, Throughput, checkpoint_callback
+    from miro.train.callbacks import (AtomicCheckpointIO, NonFiniteGuard, TestbedImageLogger, Throughput,
+                                      checkpoint_callback)
     from miro.train.module import MiroLightningModule
 
     comp = cfg["computer"]
@@ -194,7 +195,7 @@ def build(cfg: dict):
                       gradient_clip_val=tr.get("gradient_clip_val"), log_every_n_steps=int(tr["log_every_n_steps"]),
                       callbacks=callbacks, logger=logger, use_distributed_sampler=False, default_root_dir=str(ckpt_dir),
                       enable_progress_bar=bool(tr.get("progress_bar", True)), limit_val_batches=0,
-                      num_sanity_val_steps=0)
+                      num_sanity_val_steps=0, plugins=[AtomicCheckpointIO()])
     ckpt = _resume_path(cfg.get("resume"), ckpt_dir)
     return module, dm, trainer, ckpt
 

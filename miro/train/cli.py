@@ -252,7 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     load_dotenv()
     from omegaconf import OmegaConf
 
-    cfg = compose(overrides)
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = compose(overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        print(f"miro train: error: {e}", file=sys.stderr)
+        return 2
     if args.print_config:
         print(OmegaConf.to_yaml(cfg, resolve=True))
         return 0
@@ -262,7 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     # Expected here: the EMA copies are in eval mode, and a resumed run reuses its checkpoint folder.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
-    module, dm, trainer, ckpt = build(cfg)
+    try:
+        module, dm, trainer, ckpt = build(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"miro train: error: {e}", file=sys.stderr)
+        return 2
     print(f"miro train: experiment {cfg['experiment_name']} -> {cfg['checkpoint_dir']}; {len(dm.data):,} samples; "
           f"{'resuming from ' + ckpt if ckpt else 'starting fresh'}", flush=True)
     if args.dry_run:

@@ -52,6 +52,10 @@ def test_help_and_dotenv(tmp_path, capsys, monkeypatch):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "multi_cad_synth  [miro]" in out and "[miro-only-vqa]" in out
+    assert cli.main(["experiment=nope"]) == 2
+    assert "Could not find 'experiment/nope'" in capsys.readouterr().err
+    assert cli.main(["experiment=shapes_miro", f"data_dir={tmp_path / 'missing'}"]) == 2
+    assert "does not exist" in capsys.readouterr().err
     env = tmp_path / ".env"
     env.write_text("# site\nMIRO_TEST_A=1\nexport MIRO_TEST_B='two'\n")
     monkeypatch.delenv("MIRO_TEST_A", raising=False)

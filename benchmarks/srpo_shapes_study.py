@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     p.add_argument("--proxy-epochs", type=int, default=30)
     p.add_argument("--steps", type=int, default=60, help="SRPO steps per arm")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW lr (upstream 5e-6 is for 12B FLUX; a 5M model needs more)")
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--loss", default="maximize", choices=("hinge", "maximize"))
     p.add_argument("--discount-denoise", type=float, nargs=2, default=(0.1, 0.25))

@@ -128,3 +128,55 @@ def test_end_to_end_with_the_shapes_proxy_and_lora(tiny_world, tmp_path):
     coh = {k: torch.ones(1) for k in base.coherence_keys}
     g = torch.tensor([0.5])
     torch.testing.assert_close(merged.model(x, g, emb, mask, coh)[0], base.model(x, g, emb, mask, coh)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_world, tmp_path):
+    # Every run is its own `python -m miro.cli align` process, as in real use; the reference and
+    # the resumed run then share the float environment, so the weights must match bit for bit.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from miro.pipeline import MiroPipeline
+
+    root, bert = tiny_world
+    proxy = ProxyRewardModel(ProxyConfig(width=8, dim=16, text_encoder=str(bert), text_dim=24, max_text_len=16))
+    proxy.save(tmp_path / "proxy")
+
+    def cmd(out, steps):
+        return [sys.executable, "-m", "miro.cli", "align", f"target.model={root / 'pipe'}", f"data.prompts={root / 'prompts.jsonl'}",
+                "rollout_steps=2", f"train.max_steps={steps}", f"train.out_dir={out}", "train.progress=false",
+                "prompts.control_words=false", "optim.lr=1e-3", "optim.max_grad_norm=1.0", "reward.name=shapes_proxy",
+                f"reward.path={tmp_path / 'proxy'}", "train.checkpoint_every=1"]
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run(cmd(tmp_path / "ref", 3), check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(out, 1000), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    ckpt = out / "checkpoints" / "last.pt"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            if ckpt.is_file() and torch.load(ckpt, weights_only=True)["step"] >= 2:
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"training process exited early with {proc.returncode}")
+            time.sleep(0.1)
+        else:
+            pytest.fail("no step-2 checkpoint within the time limit")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    killed_at = torch.load(ckpt, weights_only=True)["step"]
+    assert 2 <= killed_at < 1000
+    target = max(3, killed_at + 1)
+    subprocess.run(cmd(out, target), check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    steps = [json.loads(s)["step"] for s in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, target + 1))
+    if target == 3:
+        ref = MiroPipeline.from_pretrained(tmp_path / "ref" / "pipeline").model.state_dict()
+        got = MiroPipeline.from_pretrained(out / "pipeline").model.state_dict()
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=k)

@@ -138,11 +138,14 @@ def fit_object(win: np.ndarray, bg: np.ndarray, core: np.ndarray, region: np.nda
 
     # moment fits first; an object that only touches the frame (nothing hidden) fits here
     fits = [(resid_of(cls, b), cls, b) for cls in W.CLASSES for b in candidate_boxes(cls, alpha, r0, c0, h, w, False)]
+    if not fits:  # no class admits a box for this blob: it is not an object
+        return None
     poor = min(fits)[0] > (1.0 - cfg.good_fit) * area
     if cut and poor:  # cut: a coarse grid of sizes and anchors, then refine the two best classes
-        fits = sorted(min((resid_of(cls, b, 2), cls, b) for b in candidate_boxes(cls, alpha, r0, c0, h, w, True))
-                      for cls in W.CLASSES if candidate_boxes(cls, alpha, r0, c0, h, w, True))
-        fits = [refine(resid_of, cls, box, resid_of(cls, box)) for _, cls, box in fits[:2]]
+        boxes = {cls: candidate_boxes(cls, alpha, r0, c0, h, w, True) for cls in W.CLASSES}
+        grid = sorted(min((resid_of(cls, b, 2), cls, b) for b in bs) for cls, bs in boxes.items() if bs)
+        if grid:  # else keep the moment fits
+            fits = [refine(resid_of, cls, box, resid_of(cls, box)) for _, cls, box in grid[:2]]
     _, cls, box = min(fits)
     resid = float(np.abs(alpha - template(cls, box) * region).sum())
     best = ObjectFit(cls, W.COLORS[ci], box, max(0.0, 1.0 - resid / area), area, 0.0, alpha)

@@ -11,7 +11,6 @@ working directory, no per-rank run folders); training runs on Lightning Fabric.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 

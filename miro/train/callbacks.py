@@ -123,7 +123,8 @@ class TestbedImageLogger(Callback):
 
     def __init__(self, prompts: list[str], out_dir: str, every_n_steps: int = 5000, num_steps: int = 20,
                  guidance_scale: float = 7.0, seed: int = 3407, max_prompts: int = 16,
-                 text_embeddings: list[np.ndarray] | None = None, score_rewards: list[str] | None = None):
+                 text_embeddings: list[np.ndarray] | None = None, score_rewards: list[str] | None = None,
+                 ema_index: int | None = 0):
         if not prompts:
             raise ValueError("the image logger needs at least one testbed prompt")
         self.prompts = list(prompts)[:max_prompts]
@@ -132,6 +133,7 @@ class TestbedImageLogger(Callback):
         self.every_n_steps, self.num_steps = int(every_n_steps), int(num_steps)
         self.guidance_scale, self.seed = float(guidance_scale), int(seed)
         self.score_rewards = list(score_rewards or [])
+        self.ema_index = ema_index  # None: the raw training weights (informative before the EMA warms up)
         self._last = -1
 
     def _text(self, pl_module):
@@ -153,7 +155,7 @@ class TestbedImageLogger(Callback):
         from miro.encoders import load_autoencoder, to_uint8
         from miro.models import euler_sample
 
-        model = pl_module.ema_model()
+        model = pl_module.model if self.ema_index is None else pl_module.ema_model(self.ema_index)
         emb, mask = self._text(pl_module)
         u = pl_module.uncond_embedding
         g = torch.Generator().manual_seed(self.seed)

@@ -172,7 +172,8 @@ def build(cfg: dict):
         prompts, embs = load_testbed(il["testbed"], il.get("embeddings_dir"), mc.get("text_encoder", "minilm"))
         callbacks.append(TestbedImageLogger(prompts, str(ckpt_dir / "images"), il["every_n_steps"], il["num_steps"],
                                             il["guidance_scale"], int(cfg["seed"]), il["max_prompts"], embs,
-                                            list(il.get("score_rewards") or [])))
+                                            list(il.get("score_rewards") or []),
+                                            None if il.get("weights", "ema") == "raw" else 0))
     logger = _logger(cfg["logger"], ckpt_dir)
     strategy = comp["strategy"]
     accum = int(cfg["trainer"].get("accumulate_grad_batches", 1))

@@ -248,7 +248,7 @@ def _shapes() -> dict:
     # (patch 2, 32 latents x 192). Cost per sample is cut by patch 4 (64 data tokens instead of
     # 256), SwiGLU multiplier 2 (hidden 256 for 192-d latents: the rounding up to multiples of
     # 256 makes multiplier 4 cost 512) and 8 registers: 0.40 GFLOPs per forward against 0.63
-    # for a patch-2 model of the same size; measured x1.8 samples/s per training step
+    # for a patch-2 model of the same size; measured x1.9 less CPU time per training step
     # (docs/benchmarks.md, "Backbone").
     net = NetworkConfig(
         data_size=32,

@@ -15,7 +15,7 @@ perturbs every weight so that each path matters, and stores under ``--out``:
 - ``<name>.safetensors``: the state dict in the published ``model.safetensors`` layout;
 - ``<name>.json``: the pipeline config;
 - ``<name>_cases.safetensors``: inputs and the published fp32 outputs (network forward in eval
-  and train mode, preconditioned forward with logvar, a CFG Euler run in both padding branches,
+  and train mode, eval with text padding shared by the whole batch, preconditioned forward with logvar, a CFG Euler run in both padding branches,
   one loss evaluation with its gradients).
 """
 
@@ -127,6 +127,10 @@ def make(name: str, net_kwargs: dict, peer_classes, out: Path) -> None:
 
     f, z = net(batch_dict(y, gamma, emb, mask, coh_eval, prev))
     cases.update(eval_F=f, eval_z=z)
+    trim_mask = mask.clone()
+    trim_mask[:, 3:] = False  # trailing text columns padded in every sample
+    f, z = net(batch_dict(y, gamma, emb, trim_mask, coh_eval, prev))
+    cases.update(trim_mask=trim_mask, trim_F=f, trim_z=z)
     net.train()
     f, z = net(batch_dict(y, gamma, emb, mask, coh, prev))
     cases.update(train_F=f, train_z=z)

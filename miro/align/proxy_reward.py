@@ -189,12 +189,20 @@ class ProxyTrainConfig:
     weight_decay: float = 1e-4
     val_fraction: float = 0.1
     seed: int = 0
+    contrastive_weight: float = 0.5  # weight of the in-batch matching loss (0 = MSE only)
+    contrastive_batch: int = 32  # (image, clean caption) pairs per matching batch
+    contrastive_scale: float = 5.0  # logit scale of the matching loss
 
 
 def train_proxy(pairs: dict, config: ProxyConfig | None = None, train: ProxyTrainConfig | None = None,
                 text_encoder=None, progress: bool = False) -> tuple[ProxyRewardModel, dict]:
-    """Fit the predicted alignment to the exact one (MSE, AdamW, cosine LR). Returns the model (eval,
-    frozen) and metrics: train/val MSE and the Pearson correlation on the held-out pairs."""
+    """Fit the predicted alignment to the exact one. Returns the model (eval, frozen) and metrics:
+    train/val MSE and the Pearson correlation on the held-out pairs.
+
+    Loss: MSE to ``shapes_alignment`` plus ``contrastive_weight`` × a symmetric in-batch matching
+    loss (CLIP-style cross-entropy over the B×B similarities of (image, clean caption) pairs). MSE
+    alone barely moves in 20 epochs on ~1k pairs (held-out Pearson ≈ 0); with the matching term
+    the same run reaches ≈ 0.6 (docs/benchmarks.md). AdamW, cosine LR."""
     train = train or ProxyTrainConfig()
     g = torch.Generator().manual_seed(train.seed)
     with torch.random.fork_rng(devices=[]):
@@ -215,6 +223,9 @@ def train_proxy(pairs: dict, config: ProxyConfig | None = None, train: ProxyTrai
         from tqdm.auto import tqdm
 
         epochs = tqdm(epochs, desc="proxy train")
+    # (image, clean caption) training pairs: make_pairs puts the clean caption second of each triple
+    trs = set(tr.tolist())
+    clean = torch.tensor([i for i in range(1, n, 3) if i in trs], dtype=torch.long)
     model.train()
     for _ in epochs:
         order = tr[torch.randperm(len(tr), generator=g)]
@@ -222,6 +233,13 @@ def train_proxy(pairs: dict, config: ProxyConfig | None = None, train: ProxyTrai
             idx = order[start : start + train.batch_size]
             pred = model.score(images[idx], [captions[i] for i in idx])
             loss = F.mse_loss(pred, targets[idx])
+            if train.contrastive_weight > 0 and len(clean):
+                c = clean[torch.randint(len(clean), (min(train.contrastive_batch, len(clean)),), generator=g)]
+                b = len(c)
+                ie, te = model.embed_image(images[c]), model.embed_text([captions[i] for i in c])
+                sim = model.similarity(ie.repeat_interleave(b, 0), te.repeat(b, 1)).view(b, b) * train.contrastive_scale
+                labels = torch.arange(b)
+                loss = loss + train.contrastive_weight * (F.cross_entropy(sim, labels) + F.cross_entropy(sim.t(), labels)) / 2
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

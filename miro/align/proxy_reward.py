@@ -197,7 +197,7 @@ class ProxyTrainConfig:
 def train_proxy(pairs: dict, config: ProxyConfig | None = None, train: ProxyTrainConfig | None = None,
                 text_encoder=None, progress: bool = False) -> tuple[ProxyRewardModel, dict]:
     """Fit the predicted alignment to the exact one. Returns the model (eval, frozen) and metrics:
-    train/val MSE and the Pearson correlation on the held-out pairs.
+    train/val MSE and the Pearson correlation on the pairs of held-out images.
 
     Loss: MSE to ``shapes_alignment`` plus ``contrastive_weight`` × a symmetric in-batch matching
     loss (CLIP-style cross-entropy over the B×B similarities of (image, clean caption) pairs). MSE
@@ -212,9 +212,13 @@ def train_proxy(pairs: dict, config: ProxyConfig | None = None, train: ProxyTrai
     targets = torch.from_numpy(pairs["targets"])
     captions = list(pairs["captions"])
     n = len(captions)
-    perm = torch.randperm(n, generator=g)
-    n_val = max(1, int(n * train.val_fraction))
-    val, tr = perm[:n_val], perm[n_val:]
+    if n % 3:
+        raise ValueError(f"pairs must come in make_pairs triples (own, clean, other caption per image); got {n} pairs")
+    # Split by image, so no held-out image is seen in training under another caption.
+    samples = torch.randperm(n // 3, generator=g)
+    n_val = max(1, int(n // 3 * train.val_fraction))
+    val = (samples[:n_val, None] * 3 + torch.arange(3)).flatten()
+    tr = (samples[n_val:, None] * 3 + torch.arange(3)).flatten()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train.lr, weight_decay=train.weight_decay)
     steps = max(1, train.epochs * math.ceil(len(tr) / train.batch_size))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
@@ -246,7 +250,7 @@ def train_proxy(pairs: dict, config: ProxyConfig | None = None, train: ProxyTrai
             sched.step()
     model.eval().requires_grad_(False)
     with torch.no_grad():
-        pv = torch.cat([model.score(images[val[i : i + 256]], [captions[j] for j in val[i : i + 256]]) for i in range(0, n_val, 256)])
+        pv = torch.cat([model.score(images[val[i : i + 256]], [captions[j] for j in val[i : i + 256]]) for i in range(0, len(val), 256)])
         pt = torch.cat([model.score(images[tr[i : i + 256]], [captions[j] for j in tr[i : i + 256]]) for i in range(0, len(tr), 256)])
     tv, tt = targets[val], targets[tr]
     corr = float(torch.corrcoef(torch.stack([pv, tv]))[0, 1]) if tv.std() > 0 else float("nan")

@@ -8,17 +8,17 @@ the loaders turn it into ``local_files_only=True``.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 
+import miro.io as _io
+from miro.io import atomic_write_with  # noqa: F401 - re-exported for pipeline/align writers
+
 _TRUE = {"1", "true", "yes", "on"}
-_FILE_MODE = 0o644
 
 
 def hub_offline() -> bool:
@@ -43,41 +43,12 @@ def clean_hub_kwargs(**kwargs: Any) -> dict[str, Any]:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; pipeline folders are meant to be shared
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_with(path: str | Path, writer: Callable[[str], None]) -> None:
-    """Let ``writer(tmp_path)`` produce the file, then rename it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``data`` to ``path`` through a temp file in the same folder, fsync and a rename."""
+    _io.atomic_write_bytes(path, data, fsync=True)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    _io.atomic_write_json(path, obj, indent=2, fsync=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import tarfile
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -27,6 +26,7 @@ import torch
 from torch.utils.data import Sampler
 
 from miro.data.schema import ReadStats, split_member
+from miro.io import atomic_path
 
 INDEX_VERSION = 2  # 2: numpy member tables (.npz)
 
@@ -109,17 +109,9 @@ def _cache_file(path: Path, cache_dir: Path | None) -> Path:
 
 
 def _save_index_atomic(path: Path, idx: ShardIndex, stamp: dict, error: str | None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, keys=idx.keys, exts=np.array(idx.exts, dtype=np.str_), offsets=idx.offsets, sizes=idx.sizes,
-                     meta=np.array(json.dumps({"stamp": stamp, "error": error})))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, keys=idx.keys, exts=np.array(idx.exts, dtype=np.str_), offsets=idx.offsets, sizes=idx.sizes,
+                 meta=np.array(json.dumps({"stamp": stamp, "error": error})))
 
 
 def load_index(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> tuple[ShardIndex, str | None]:

@@ -26,13 +26,14 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
+
+from miro.io import atomic_path
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_ENCODERS = ("flan_t5_xl", "minilm")
@@ -126,13 +127,22 @@ def decode_member(ext: str, data: bytes):
     return data
 
 
+def member_info(name: str, size: int) -> tarfile.TarInfo:
+    """The header of a regular member with fixed metadata, so equal content gives equal bytes."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = TAR_MTIME
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
 def write_shard(path: str | os.PathLike, samples: Iterable[dict]) -> int:
     """Write samples (dicts with ``__key__`` and ``ext -> value``) to a reproducible tar, atomically.
 
     Returns the number of samples written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     members: list[tuple[str, bytes]] = []
     n = 0
     for sample in samples:
@@ -143,23 +153,10 @@ def write_shard(path: str | os.PathLike, samples: Iterable[dict]) -> int:
             members.append((f"{key}.{ext}", encode_member(ext, value)))
         n += 1
     members.sort(key=lambda m: m[0])
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp creates 0600; shards are ordinary data files
-        with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for name, data in members:
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                info.mtime = TAR_MTIME
-                info.mode = 0o644
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                tar.addfile(info, io.BytesIO(data))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f, \
+            tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            tar.addfile(member_info(name, len(data)), io.BytesIO(data))
     return n
 
 

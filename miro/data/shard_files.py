@@ -20,12 +20,12 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-from miro.data.schema import TAR_MTIME, check_key, encode_member, split_member
+from miro.data.schema import check_key, encode_member, member_info, split_member
+from miro.io import atomic_path, atomic_write_bytes
 
 if TYPE_CHECKING:
     from miro.data.preprocess_io import ShardReport
@@ -131,20 +131,6 @@ def keys_digest(keys: Iterable[str]) -> str:
 
 
 # --------------------------------------------------------------------------- logs and fingerprints
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def fingerprint(path: str | os.PathLike) -> dict:
@@ -253,23 +239,11 @@ class SortedShardWriter:
     def commit(self) -> int:
         self._index.sort(key=lambda m: m[0])
         self._spool.flush()
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for name, offset, size in self._index:
-                    info = tarfile.TarInfo(name)
-                    info.size = size
-                    info.mtime = TAR_MTIME
-                    info.mode = 0o644
-                    info.uid = info.gid = 0
-                    info.uname = info.gname = ""
-                    self._spool.seek(offset)
-                    tar.addfile(info, _Window(self._spool, size))
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        with atomic_path(self.path) as tmp, open(tmp, "wb") as f, \
+                tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for name, offset, size in self._index:
+                self._spool.seek(offset)
+                tar.addfile(member_info(name, size), _Window(self._spool, size))
         self.abort()
         return self.n_samples
 

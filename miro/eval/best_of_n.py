@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import numpy as np
 
 from miro.eval.folder import atomic_write_json, read_folder
 from miro.eval.rewards import merge_records
+from miro.io import atomic_path
 
 
 def _order(select: np.ndarray) -> np.ndarray:
@@ -125,9 +125,8 @@ def write_best_folder(src_root: str | Path, records: list[dict], select_key: str
         (d / "samples").mkdir(parents=True, exist_ok=True)
         meta = dict(entries[i].metadata) if i in entries else {"prompt": rec["prompt"], "tag": rec["tag"]}
         (d / "metadata.jsonl").write_text(json.dumps(meta, ensure_ascii=False) + "\n", encoding="utf-8")
-        tmp = d / "samples" / f".0000.png.{os.getpid()}.tmp"
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, d / "samples" / "0000.png")
+        with atomic_path(d / "samples" / "0000.png") as tmp:
+            shutil.copyfile(src, tmp)
         chosen[i] = {"filename": rec["filename"], select_key: rec[select_key]}
     atomic_write_json(dst_root / "best_of_n.json", {"select_by": select_key, "source": str(src_root), "chosen": chosen})
     return chosen

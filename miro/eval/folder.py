@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from miro.io import atomic_write_json as _atomic_write_json, atomic_write_text
+
 
 @dataclass
 class FolderEntry:
@@ -87,9 +89,7 @@ class JsonlAppender:
         if self.path.is_file():
             text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in good)
             if text != self.path.read_text(encoding="utf-8"):
-                tmp = self.path.with_name(f".{self.path.name}.tmp")
-                tmp.write_text(text, encoding="utf-8")
-                os.replace(tmp, self.path)
+                atomic_write_text(self.path, text)
         self._f = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
@@ -107,8 +107,5 @@ class JsonlAppender:
 
 
 def atomic_write_json(path: str | Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Evaluation outputs keep non-ASCII prompts readable (``ensure_ascii=False``)."""
+    _atomic_write_json(path, obj, indent=2, ensure_ascii=False)

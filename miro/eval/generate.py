@@ -14,11 +14,11 @@ resumed run produces the same images as an uninterrupted one.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from miro.eval.prompts import PromptItem
+from miro.io import atomic_path, atomic_write_text
 
 # Seeds are seed + SEED_STRIDE * prompt_index + sample_index (shared CLI contract), so at most
 # SEED_STRIDE samples per prompt keep seeds unique.
@@ -85,18 +85,9 @@ def sample_path(outdir: str | Path, i: int, j: int) -> Path:
     return prompt_dir(outdir, i) / "samples" / f"{j:04d}.png"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def atomic_save_image(image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def load_pipeline(model: str, variant: str | None = None, device: str | None = None):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from miro.io import atomic_path
+
 
 def _plt():
     import matplotlib
@@ -16,11 +18,9 @@ def _plt():
 
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")  # the temp name has no .png suffix
     _plt().close(fig)
-    tmp.replace(path)
     return path
 
 

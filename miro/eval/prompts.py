@@ -19,6 +19,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from miro.io import atomic_write_bytes
+
 # Public sources (fetched once into the cache). GenEval: djghosh13/geneval (MIT);
 # PartiPrompts: google-research/parti (Apache-2.0); CuRe: aniketrege/cure-bench (MIT).
 GENEVAL_URL = "https://raw.githubusercontent.com/djghosh13/geneval/main/prompts/evaluation_metadata.jsonl"
@@ -52,8 +54,6 @@ def cache_dir() -> Path:
 
 def fetch(url: str, dest: Path, timeout: float = 30.0) -> Path:
     """Download ``url`` to ``dest`` atomically (temp file + rename); a clear error when offline."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - fixed https URLs
             data = r.read()
@@ -62,8 +62,7 @@ def fetch(url: str, dest: Path, timeout: float = 30.0) -> Path:
             f"could not download {url} ({e}); pass the file with --prompts PATH or put it under "
             f"$MIRO_DATA_DIR (see docs/evaluation.md)"
         ) from e
-    tmp.write_bytes(data)
-    os.replace(tmp, dest)
+    atomic_write_bytes(dest, data)
     return dest
 
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
+
+from miro.io import atomic_write_with
 
 _DEFAULT_CACHE = Path(os.environ.get("MIRO_CACHE", Path.home() / ".cache" / "miro")) / "rewards"
 
@@ -67,15 +68,8 @@ def _download_url(url: str, *, cache_dir=None, local_files_only: bool = False) -
         return target
     if local_files_only or os.environ.get("HF_HUB_OFFLINE") == "1":
         raise ValueError(f"{url} is not cached at {target} and downloads are disabled (local_files_only / HF_HUB_OFFLINE)")
-    root.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=root, suffix=".part")
-    os.close(fd)
-    try:
-        torch.hub.download_url_to_file(url, tmp, progress=True)
-        os.replace(tmp, target)  # atomic: a killed download never leaves a truncated file behind
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    # atomic: a killed download never leaves a truncated file behind
+    atomic_write_with(target, lambda tmp: torch.hub.download_url_to_file(url, tmp, progress=True))
     return target
 
 

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from miro.data.schema import ReadStats, iter_raw_samples, synthetic_reward_key, write_shard
+from miro.io import atomic_write_text
 from miro.shapes import world as W
 from miro.shapes.imperfections import ImperfectionRates, make_sample
 from miro.shapes.scene import SceneConfig
@@ -120,10 +121,7 @@ def _check_manifest(out: Path, cfg: DatasetConfig) -> None:
             diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in cur.items() if old.get(k) != v)
             raise ValueError(f"{out} holds a Shapes dataset made with other arguments ({diff}); use another --out")
         return
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(cur, indent=2, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(cur, indent=2, sort_keys=True))
 
 
 def _write_shard(out: Path, shard: int, cfg: DatasetConfig, bar=None) -> bool:

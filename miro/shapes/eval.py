@@ -24,6 +24,7 @@ from importlib import resources
 from pathlib import Path
 
 from miro.eval.geneval_rules import GenEvalOptions, evaluate_detections, format_summary, result_record, summarize, validate_metadata
+from miro.io import atomic_write_text
 from miro.shapes import world as W
 from miro.shapes.captions import canonical, caption_from_metadata, parse_caption
 from miro.shapes.scene import SceneConfig, rng_for, scene_from_metadata
@@ -187,15 +188,9 @@ def score_folder(root: str | os.PathLike, options: GenEvalOptions | None = None,
     summary = summarize(records)
     summary["corrupt_images"] = corrupt
     summary["options"] = vars(options).copy()
-    _atomic_write(root / RESULTS_FILE, "".join(json.dumps(r) + "\n" for r in records))
-    _atomic_write(root / SUMMARY_FILE, json.dumps(summary, indent=2))
+    atomic_write_text(root / RESULTS_FILE, "".join(json.dumps(r) + "\n" for r in records))
+    atomic_write_text(root / SUMMARY_FILE, json.dumps(summary, indent=2))
     return summary
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 __all__ = ["SHAPES_EVAL_OPTIONS", "GroundTruthPipeline", "build_prompt_set", "eval_generate", "evaluation_metadata",

@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from miro.io import atomic_path
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "testbed"
 DEFAULT_ENCODER = {"real": "flan_t5_xl", "shapes": "minilm"}
@@ -74,15 +75,8 @@ def load_testbed(name_or_dir: str | os.PathLike, embeddings_dir: str | os.PathLi
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.save on a name appends .npy
+        np.save(f, arr, allow_pickle=False)
 
 
 def precompute(testbed: str, encoder, out_dir: str | os.PathLike, max_length: int | None = None,

@@ -1,0 +1,81 @@
+"""Atomic file writes: a temp file in the target's folder, renamed onto the target on success.
+
+A reader (or a resumed run) therefore sees either the old file or the complete new one, never a
+truncated file, even when the writer is killed. ``os.replace`` is atomic only within one file
+system, which is why the temp file lives beside the target rather than in the system temp folder.
+
+Temp files are named ``.{name}.<random>.tmp`` (hidden, and never matching the target's own
+extension, so folder scans for ``*.png`` or ``*.tar`` skip them); cleanup code that deletes what a
+killed writer left (:func:`miro.data.shard_files.remove_stale_temps`) relies on that pattern.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+FILE_MODE = 0o644  # mkstemp makes 0600; outputs are ordinary files meant to be shared and read by others
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, fsync: bool = False) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success rename it onto ``path``.
+
+    The parent folder is created. The temp file exists (empty, mode 0644) when the body starts;
+    write it by name or through an open file object (``np.save`` on a *name* appends ``.npy``,
+    so pass it ``open(tmp, "wb")``). On any exception (``KeyboardInterrupt`` included) the temp
+    file is removed and ``path`` is left as it was. ``fsync=True`` flushes the data to disk
+    before the rename.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
+    try:
+        try:
+            os.fchmod(fd, FILE_MODE)
+        finally:
+            os.close(fd)
+        yield tmp
+        os.chmod(tmp, FILE_MODE)  # again: some writers replace the file (download-then-move)
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_with(path: str | os.PathLike, writer: Callable[[str], Any], *, fsync: bool = False) -> None:
+    """Let ``writer(tmp_path)`` produce the file, then rename it onto ``path``."""
+    with atomic_path(path, fsync=fsync) as tmp:
+        writer(str(tmp))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = False) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path, fsync=fsync) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, *, fsync: bool = False) -> None:
+    """Write ``text`` to ``path`` as UTF-8, atomically (no newline translation)."""
+    atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2, sort_keys: bool = False,
+                      ensure_ascii: bool = True, default: Callable[[Any], Any] | None = None,
+                      fsync: bool = False) -> None:
+    """``json.dumps(obj, ...)`` plus a trailing newline, written as UTF-8, atomically."""
+    text = json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=ensure_ascii, default=default)
+    atomic_write_text(path, text + "\n", fsync=fsync)

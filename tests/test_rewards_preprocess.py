@@ -120,3 +120,15 @@ def test_bad_inputs_raise_clear_errors():
         ImageTransform(resize="stretch")
     with pytest.raises(ValueError, match="crop_rounding="):
         ImageTransform(crop_rounding="ceil")
+
+
+def test_paired_batches_keep_each_prompt_with_its_image():
+    from miro.rewards.preprocess import paired_batches
+
+    prompts = [f"p{i}" for i in range(5)]
+    imgs = torch.arange(5, dtype=torch.float32).view(5, 1, 1, 1).expand(5, 3, 2, 2)
+    got = [(c[:, 0, 0, 0].long().tolist(), ps) for c, ps in paired_batches(imgs, prompts, 2)]
+    assert got == [([0, 1], ["p0", "p1"]), ([2, 3], ["p2", "p3"]), ([4], ["p4"])]
+    pil_like = list(range(5))
+    assert [(c, ps) for c, ps in paired_batches(pil_like, prompts, 3)] == [([0, 1, 2], prompts[:3]), ([3, 4], prompts[3:])]
+    assert list(paired_batches([], [], 4)) == []

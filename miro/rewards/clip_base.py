@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from miro.rewards.base import Scorer, check_prompts
-from miro.rewards.preprocess import ImageTransform, batches, num_images
+from miro.rewards.preprocess import ImageTransform, batches, num_images, paired_batches
 from miro.rewards.weights import resolve_device, resolve_dtype
 
 
@@ -194,8 +194,8 @@ class ClipLikeScorer(Scorer):
         if n == 0:
             return torch.zeros(0, device=self.device)
         out = []
-        for i, chunk in enumerate(batches(images, self.batch_size)):
-            txt = self.backbone.text_features(prompts[i * self.batch_size : i * self.batch_size + len(chunk)])
+        for chunk, ps in paired_batches(images, prompts, self.batch_size):
+            txt = self.backbone.text_features(ps)
             out.append(self.similarity(self.backbone.image_features(chunk), txt))
         return torch.cat(out)
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from miro.rewards.aesthetic import AestheticMLP
 from miro.rewards.base import Scorer, check_prompts, register
-from miro.rewards.preprocess import ImageTransform, batches, num_images
+from miro.rewards.preprocess import ImageTransform, num_images, paired_batches
 from miro.rewards.weights import build_and_load, load_state_dict, resolve_device, resolve_dtype, resolve_file
 
 IMAGE_REWARD_REPO = "THUDM/ImageReward"
@@ -187,8 +187,7 @@ class ImageReward(Scorer):
         prompts = check_prompts(prompts, n)
         self._load()
         out = []
-        for i, chunk in enumerate(batches(images, self.batch_size)):
-            ps = prompts[i * self.batch_size : i * self.batch_size + num_images(chunk)]
+        for chunk, ps in paired_batches(images, prompts, self.batch_size):
             enc = self.tokenizer(ps, padding="max_length", truncation=True, max_length=TEXT_MAX_LENGTH, return_tensors="pt")
             px = self.transform(chunk, device=self.device, dtype=self.dtype)
             out.append(self.model(px, enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)))

@@ -270,3 +270,11 @@ def batches(images, batch_size: int):
     n = num_images(images)
     for start in range(0, n, batch_size):
         yield images[start : start + batch_size]
+
+
+def paired_batches(images, prompts, batch_size: int):
+    """Yield ``(images chunk, its prompts)`` for consecutive chunks of ``batch_size`` images."""
+    n = num_images(images)
+    for start in range(0, n, batch_size):
+        chunk = images[start : start + batch_size]
+        yield chunk, prompts[start : start + num_images(chunk)]

@@ -12,36 +12,17 @@ reference code here.
 from __future__ import annotations
 
 from miro.rewards.base import register
-from miro.rewards.clip_base import ClipBackbone, ClipLikeScorer, load_clip_model
-from miro.rewards.pickscore import LAION_CLIP_H14
-from miro.rewards.preprocess import ImageTransform
+from miro.rewards.pickscore import PickStyleScorer
 
 SCISCORE = "Jialuo21/SciScore"
 
 
-class SciScore(ClipLikeScorer):
+class SciScore(PickStyleScorer):
     keys = ("sciscore_score",)
-    use_logit_scale = True  # exp(logit_scale) · cos
-    divisor = 100.0  # MIRO stores diag(logits_per_image) / 100
-    score_range = (-100.0, 100.0)
 
 
 @register("sciscore_score")
-def sciscore(
-    model: str = SCISCORE,
-    *,
-    tokenizer: str | None = LAION_CLIP_H14,
-    image_size: int = 224,
-    device=None,
-    dtype=None,
-    revision: str | None = None,
-    local_files_only: bool = False,
-    batch_size: int = 32,
-) -> SciScore:
-    """SciScore scorer; ``tokenizer=None`` takes the tokenizer from ``model`` itself."""
-    bb = ClipBackbone(
-        model, tokenizer=tokenizer, transform=ImageTransform(size=image_size, crop_rounding="floor"), max_length=77,
-        device=device, dtype=dtype, revision=revision, local_files_only=local_files_only,
-        loader=lambda: load_clip_model(model, tokenizer, revision=revision, local_files_only=local_files_only),
-    )
-    return SciScore(bb, batch_size=batch_size)
+def sciscore(model: str = SCISCORE, **kwargs) -> SciScore:
+    """SciScore scorer; keyword options as in :meth:`~miro.rewards.pickscore.PickStyleScorer.build`
+    (the LAION ViT-H tokenizer and 224 px preprocessing by default)."""
+    return SciScore.build(model, **kwargs)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from miro.rewards.base import Scorer, check_prompts, register
-from miro.rewards.preprocess import OPENAI_CLIP_MEAN, ImageTransform, batches, num_images
+from miro.rewards.preprocess import OPENAI_CLIP_MEAN, ImageTransform, num_images, paired_batches
 from miro.rewards.weights import build_and_load, load_state_dict, resolve_device, resolve_dtype, snapshot_dir
 
 CLIP_FLANT5_XXL = "zhiqiulin/clip-flant5-xxl"
@@ -249,8 +249,7 @@ class VQAScore(Scorer):
         prompts = check_prompts(prompts, n)
         self._load()
         out = []
-        for i, chunk in enumerate(batches(images, self.batch_size)):
-            ps = prompts[i * self.batch_size : i * self.batch_size + num_images(chunk)]
+        for chunk, ps in paired_batches(images, prompts, self.batch_size):
             chunks, labels = self.encode_text(ps)
             labels = labels.to(self.device)
             px = self.transform(chunk, device=self.device, dtype=self.dtype)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from miro.data.schema import ReadStats, split_member
+from miro.data.schema import ReadStats, iter_sample_members
 from miro.io import atomic_path
 
 INDEX_VERSION = 2  # 2: numpy member tables (.npz)
@@ -41,17 +41,10 @@ def scan_tar(path: str | os.PathLike) -> tuple[list[dict], str | None]:
     size = os.path.getsize(path)
     samples: list[dict] = []
     current: dict | None = None
-    end = 0
     error = None
     try:
         with tarfile.open(path, mode="r") as tar:
-            for info in tar:
-                end = info.offset_data + -(-info.size // 512) * 512
-                if not info.isfile():
-                    continue
-                key, ext = split_member(info.name)
-                if not ext:
-                    continue
+            for info, key, ext in iter_sample_members(tar, size):
                 if info.offset_data + info.size > size:
                     raise EOFError(f"member {info.name} runs past the end of the file")
                 if current is not None and current["key"] != key:
@@ -60,9 +53,6 @@ def scan_tar(path: str | os.PathLike) -> tuple[list[dict], str | None]:
                 if current is None:
                     current = {"key": key, "members": {}}
                 current["members"][ext] = [info.offset_data, info.size]
-        # tarfile stops silently at a cut header; an intact archive ends with two zero blocks.
-        if size < end + 1024:
-            raise EOFError(f"archive ends at byte {size}, before its end-of-archive marker")
     except (tarfile.TarError, OSError, EOFError) as e:
         error = str(e)
         current = None

@@ -170,6 +170,25 @@ class ReadStats:
     errors: list[str] = field(default_factory=list)
 
 
+def iter_sample_members(tar: tarfile.TarFile, size: int) -> Iterator[tuple[tarfile.TarInfo, str, str]]:
+    """``(info, key, ext)`` of the regular ``key.ext`` members of an open tar of ``size`` bytes.
+
+    After the last member, raises ``EOFError`` when the file stops before its end-of-archive
+    marker: tarfile stops silently at a cut header, and an intact archive ends with two zero blocks.
+    """
+    end = 0
+    for info in tar:
+        end = info.offset_data + -(-info.size // 512) * 512
+        if not info.isfile():
+            continue
+        key, ext = split_member(info.name)
+        if not ext:
+            continue
+        yield info, key, ext
+    if size < end + 1024:
+        raise EOFError(f"archive ends at byte {size}, before its end-of-archive marker")
+
+
 def iter_raw_samples(path: str | os.PathLike, stats: ReadStats | None = None) -> Iterator[dict]:
     """Yield ``{"__key__", "__url__", ext: bytes}`` groups from a tar, in member order.
 
@@ -180,15 +199,8 @@ def iter_raw_samples(path: str | os.PathLike, stats: ReadStats | None = None) ->
     current: dict | None = None
     try:
         size = os.path.getsize(path)
-        end = 0
         with tarfile.open(path, mode="r") as tar:
-            for info in tar:
-                end = info.offset_data + -(-info.size // 512) * 512
-                if not info.isfile():
-                    continue
-                key, ext = split_member(info.name)
-                if not ext:
-                    continue
+            for info, key, ext in iter_sample_members(tar, size):
                 data = tar.extractfile(info).read()
                 if len(data) != info.size:
                     raise EOFError(f"member {info.name} has {len(data)} of {info.size} bytes")
@@ -199,9 +211,6 @@ def iter_raw_samples(path: str | os.PathLike, stats: ReadStats | None = None) ->
                 if current is None:
                     current = {"__key__": key, "__url__": str(path)}
                 current[ext] = data
-        # tarfile stops silently at a cut header; a complete archive ends with two zero blocks.
-        if size < end + 1024:
-            raise EOFError(f"archive ends at byte {size}, before its end-of-archive marker")
     except (tarfile.TarError, OSError, EOFError) as e:
         stats.truncated_shards += 1
         stats.errors.append(f"{path}: {e}")

@@ -5,18 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _threads import one_torch_thread  # noqa: F401 - autouse fixture
 from miro.models import LossConfig, MiroModel, euler_sample, flow_loss, get_config
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one thread is faster, and avoids stalls when the shared cores are oversubscribed.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 
 
 def _inputs(model, b=3, length=6, seed=0):

@@ -7,11 +7,10 @@ import math
 import pytest
 import torch
 
+from _threads import one_torch_thread  # noqa: F401 - autouse fixture
 from miro.models import LossConfig, MiroModel, flow_loss, get_config
 from miro.models.flow import (
     FlowPrecond,
-
-
     Scheduler,
     cfg_combine,
     drop_text,
@@ -27,15 +26,6 @@ from miro.models.flow import (
     velocity_target,
     x0_from_velocity,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one thread is faster, and avoids stalls when the shared cores are oversubscribed.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_interpolation_endpoints_and_velocity_roundtrip():

@@ -12,17 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from _threads import one_torch_thread  # noqa: F401 - autouse fixture
 from miro.models import LossConfig, MiroModel, euler_sample, flow_loss
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one thread is faster, and avoids stalls when the shared cores are oversubscribed.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 
 FIX = Path(__file__).parent / "fixtures" / "parity"

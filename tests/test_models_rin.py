@@ -9,19 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from _threads import one_torch_thread  # noqa: F401 - autouse fixture
 from miro.models import MiroModel, NetworkConfig, get_config
 from miro.models.layers import swiglu_hidden_dim
 from miro.models.rin import RIN
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one thread is faster, and avoids stalls when the shared cores are oversubscribed.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 
 TSV = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_checkpoint_keys.tsv"

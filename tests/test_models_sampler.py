@@ -6,18 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from _threads import one_torch_thread  # noqa: F401 - autouse fixture
 from miro.models import MiroModel, euler_sample, get_config, time_grid
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one thread is faster, and avoids stalls when the shared cores are oversubscribed.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 
 
 class FieldModel(nn.Module):

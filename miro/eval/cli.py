@@ -93,11 +93,37 @@ def _scorer_names(spec: str, root, model=None) -> list[str]:
     return names
 
 
+def _run_info(root) -> dict:
+    """The ``generation.json`` a generation run left in ``root`` ({} when there is none)."""
+    run = Path(root) / "generation.json" if root is not None else None
+    return json.loads(run.read_text()) if run is not None and run.is_file() else {}
+
+
+def _has_geneval_metadata(items) -> bool:
+    return all("include" in it.metadata for it in items)
+
+
+def _print_reward_summary(summary: dict) -> None:
+    from miro.eval.rewards import format_summary
+
+    print(format_summary(summary))
+    print(f"overall: {summary['overall']:.5f}")
+
+
+def _load_pipeline(args):
+    """The pipeline of ``--model``/``--variant`` on ``--device``, with its progress bar off."""
+    from miro.eval.generate import load_pipeline
+
+    pipe = load_pipeline(args.model, args.variant, args.device)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _detector_name(args, root, prompts: str | None = None) -> str:
     if args.detector != "auto":
         return args.detector
-    run = Path(root) / "generation.json" if root is not None else None
-    info = json.loads(run.read_text()) if run is not None and run.is_file() else {}
+    info = _run_info(root)
     model = info.get("config", {}).get("model", getattr(args, "model", ""))
     shapes = "shapes" in str(model) or model == "ground-truth" or (info.get("prompts") or prompts) == "shapes"
     from miro.eval.geneval import DEFAULT_DETECTOR
@@ -107,13 +133,9 @@ def _detector_name(args, root, prompts: str | None = None) -> str:
 
 def _generate(args, outdir, cfg, spec, items) -> dict:
     """Generate the missing samples; the model is loaded only when something is missing."""
-    from miro.eval.generate import generate_folder, load_pipeline, pending_samples
+    from miro.eval.generate import generate_folder, pending_samples
 
-    pipe = None
-    if pending_samples(outdir, items, cfg.n_samples):
-        pipe = load_pipeline(args.model, args.variant, args.device)
-        if hasattr(pipe, "set_progress_bar_config"):
-            pipe.set_progress_bar_config(disable=True)
+    pipe = _load_pipeline(args) if pending_samples(outdir, items, cfg.n_samples) else None
     return generate_folder(pipe, items, outdir, cfg, prompts_spec=spec)
 
 
@@ -154,24 +176,20 @@ def cmd_geneval(args) -> int:
 
 
 def cmd_rewards(args) -> int:
-    from miro.eval.rewards import format_summary, score_folder, summarize_file
+    from miro.eval.rewards import score_folder, summarize_file
 
     outfile = Path(args.outfile or Path(args.dir) / "rewards.jsonl")
     names = _scorer_names(args.scorers, args.dir)
     counts = score_folder(args.dir, _load_scorers(names, args.device), outfile, batch_size=args.batch_size)
     print(f"{counts['scored']} images scored, {counts['skipped']} already scored, {counts['corrupt']} unreadable")
-    summary = summarize_file(outfile)
-    print(format_summary(summary))
-    print(f"overall: {summary['overall']:.5f}")
+    _print_reward_summary(summarize_file(outfile))
     return 0
 
 
 def cmd_summary(args) -> int:
-    from miro.eval.rewards import format_summary, summarize_file
+    from miro.eval.rewards import summarize_file
 
-    summary = summarize_file(args.file, args.out)
-    print(format_summary(summary))
-    print(f"overall: {summary['overall']:.5f}")
+    _print_reward_summary(summarize_file(args.file, args.out))
     return 0
 
 
@@ -188,8 +206,7 @@ def cmd_best_of_n(args) -> int:
     atomic_write_json(Path(args.dir) / "best_of_n_curve.json", c)
     from miro.eval import paper_numbers as P
 
-    run = Path(args.dir) / "generation.json"
-    cfg = json.loads(run.read_text()).get("config", {}) if run.is_file() else {}
+    cfg = _run_info(args.dir).get("config", {})
     paper = P.best_of_n_reference(metrics) if P.paper_row(cfg.get("model"), cfg.get("variant")) else None
     plots.plot_best_of_n(c, Path(args.dir) / "best_of_n.png", paper=paper)
     print(f"best-of-N selected by {args.select_by} ({c['mode']}, {c['n_prompts']} prompts, {c['candidates']} candidates)")
@@ -203,19 +220,16 @@ def cmd_best_of_n(args) -> int:
 
 def cmd_sweep(args) -> int:
     from miro.eval import plots
-    from miro.eval.generate import load_pipeline
     from miro.eval.sweep import run_sweep
 
     targets = [float(t) for t in args.targets.split(",")]
     cfg = _gen_config(args)
     spec, items = _items(args)
-    pipe = load_pipeline(args.model, args.variant, args.device)
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)
+    pipe = _load_pipeline(args)
     names = _scorer_names(args.scorers, None, args.model)
     evaluator = None
     if args.geneval:
-        if not all("include" in it.metadata for it in items):
+        if not _has_geneval_metadata(items):
             raise ValueError("--geneval needs GenEval-format prompts (geneval, shapes or a .jsonl file)")
         evaluator = _evaluator(args, detector=_detector_name(args, None, spec))
     res = run_sweep(pipe, items, args.reward_key, cfg, args.outdir, _load_scorers(names, args.device), targets,
@@ -268,7 +282,7 @@ def cmd_all(args) -> int:
     print(f"[1/5] generate {len(items)} prompts x {cfg.n_samples} into {out}")
     _generate(args, out, cfg, spec, items)
     geneval = None
-    if all("include" in it.metadata for it in items) and not args.skip_geneval:
+    if _has_geneval_metadata(items) and not args.skip_geneval:
         print("[2/5] GenEval-style scoring")
         geneval = run_geneval(out, args)
     else:

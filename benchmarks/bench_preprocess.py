@@ -59,23 +59,19 @@ def make_web_shards(folder: Path, n: int, per_shard: int, seed: int = 0) -> None
 def save_tiny_clip(path: Path) -> Path:
     """A tiny random CLIPModel (224 px, patch 32) + word-level tokenizer, in transformers format."""
     import torch
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 
-    specials = ["<|endoftext|>", "<|startoftext|>", "<unk>"]
-    vocab = {t: i for i, t in enumerate(specials + sorted(set(WORDS)))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>",
-        special_tokens=[("<|startoftext|>", vocab["<|startoftext|>"]), ("<|endoftext|>", vocab["<|endoftext|>"])])
+    from miro.encoders.tiny import word_level_tokenizer
+
+    tok, n_vocab = word_level_tokenizer(["<|endoftext|>", "<|startoftext|>", "<unk>"], "<unk>",
+                                        "<|startoftext|> $A <|endoftext|>", words=sorted(set(WORDS)))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
                                    pad_token="<|endoftext|>", unk_token="<unk>", model_max_length=77)
+    eos = tok.token_to_id("<|endoftext|>")
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, eos_token_id=vocab["<|endoftext|>"],
-                         bos_token_id=vocab["<|startoftext|>"], pad_token_id=vocab["<|endoftext|>"]),
+        text_config=dict(vocab_size=n_vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, eos_token_id=eos,
+                         bos_token_id=tok.token_to_id("<|startoftext|>"), pad_token_id=eos),
         vision_config=dict(image_size=224, patch_size=32, hidden_size=32, intermediate_size=64,
                            num_hidden_layers=2, num_attention_heads=4),
         projection_dim=16)

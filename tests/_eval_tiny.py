@@ -40,19 +40,16 @@ def save_tiny_mask2former(path, seed: int = 0, size: int = 64) -> Path:
 
 
 def _tiny_tokenizer():
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<|pad|>", "<|unk|>", "<|startoftext|>", "<|endoftext|>"]
-    vocab = {t: i for i, t in enumerate(specials + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 2), ("<|endoftext|>", 3)])
+    from miro.encoders.tiny import word_level_tokenizer
+
+    # ids: pad 0, unk 1, bos 2, eos 3 (as _text_vision's config), then the words
+    tok, n_vocab = word_level_tokenizer(["<|pad|>", "<|unk|>", "<|startoftext|>", "<|endoftext|>"], "<|unk|>",
+                                        "<|startoftext|> $A <|endoftext|>", words=WORDS)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", unk_token="<|unk|>",
                                    bos_token="<|startoftext|>", eos_token="<|endoftext|>")
-    return fast, len(vocab)
+    return fast, n_vocab
 
 
 def _text_vision(vocab: int, image_size: int = 32):

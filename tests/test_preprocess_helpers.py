@@ -150,25 +150,20 @@ def make_raw_shards(folder: Path, n_shards: int = 2, per_shard: int = 3, json_ca
 
 def save_tiny_clip(path: Path) -> Path:
     """A tiny random transformers ``CLIPModel`` (32 px, patch 16) + word-level tokenizer."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 
+    from miro.encoders.tiny import word_level_tokenizer
+
     words = sorted({w.lower() for c in CAPTIONS for w in c.replace("<PERSON>", "").split()})
-    specials = ["<|endoftext|>", "<|startoftext|>", "<unk>"]
-    vocab = {t: i for i, t in enumerate(specials + words)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>",
-        special_tokens=[("<|startoftext|>", vocab["<|startoftext|>"]), ("<|endoftext|>", vocab["<|endoftext|>"])])
+    tok, n_vocab = word_level_tokenizer(["<|endoftext|>", "<|startoftext|>", "<unk>"], "<unk>",
+                                        "<|startoftext|> $A <|endoftext|>", words=words)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
                                    pad_token="<|endoftext|>", unk_token="<unk>", model_max_length=77)
-    eos = vocab["<|endoftext|>"]
+    eos = tok.token_to_id("<|endoftext|>")
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        text_config=dict(vocab_size=n_vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, max_position_embeddings=77, eos_token_id=eos, pad_token_id=eos,
-                         bos_token_id=vocab["<|startoftext|>"]),
+                         bos_token_id=tok.token_to_id("<|startoftext|>")),
         vision_config=dict(image_size=32, patch_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                            num_attention_heads=2),
         projection_dim=8)

@@ -21,10 +21,14 @@ TINY_WORDS = (
 ).split()
 
 
-def _word_level_tokenizer(specials: list[str], unk: str, template: str, lowercase: bool):
+def word_level_tokenizer(specials: list[str], unk: str, template: str, lowercase: bool = True,
+                         words=TINY_WORDS):
+    """A ``tokenizers.Tokenizer`` whose vocabulary is ``specials + words`` (ids in that order),
+    splitting on whitespace/punctuation; ``template`` is the single-sequence post-processor
+    (e.g. ``"<s> $A </s>"``). Returns ``(tokenizer, vocabulary size)``."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-    vocab = {tok: i for i, tok in enumerate(specials + list(TINY_WORDS))}
+    vocab = {tok: i for i, tok in enumerate(list(specials) + list(words))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
     if lowercase:
         tok.normalizer = normalizers.Lowercase()
@@ -41,7 +45,7 @@ def save_tiny_t5(path: str | Path, d_model: int = 32, seed: int = 0) -> Path:
     from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
     path = Path(path)
-    tok, vocab_size = _word_level_tokenizer(["<pad>", "</s>", "<unk>"], "<unk>", "$A </s>", True)
+    tok, vocab_size = word_level_tokenizer(["<pad>", "</s>", "<unk>"], "<unk>", "$A </s>", True)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
     )
@@ -63,7 +67,7 @@ def save_tiny_bert(path: str | Path, hidden: int = 24, seed: int = 0) -> Path:
 
     path = Path(path)
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok, vocab_size = _word_level_tokenizer(specials, "[UNK]", "[CLS] $A [SEP]", True)
+    tok, vocab_size = word_level_tokenizer(specials, "[UNK]", "[CLS] $A [SEP]", True)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
         sep_token="[SEP]", mask_token="[MASK]",

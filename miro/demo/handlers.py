@@ -135,6 +135,12 @@ def _check_one(pipe, field: str, prompt: Any = "x", steps: Any = 1, cfg: Any = 0
         raise RequestError(field, str(e)) from None
 
 
+def _check_server_limit(field: str, value: int, limit: int) -> None:
+    # Only the upper bound: the pipeline's own check (run first) already rejects values below 1.
+    if value > limit:
+        raise RequestError(field, f"{field} = {value}; this server allows 1 to {limit}")
+
+
 def parse_generate_request(pipe, payload: Any, limits: DemoLimits | None = None,
                            rng: Any = None) -> GenerateRequest:
     """Check a decoded JSON payload; raise :class:`RequestError` naming the first bad field.
@@ -159,16 +165,12 @@ def parse_generate_request(pipe, payload: Any, limits: DemoLimits | None = None,
 
     steps = payload.get("num_inference_steps", DEFAULTS["num_inference_steps"])
     _check_one(pipe, "num_inference_steps", steps=steps)
-    if steps > limits.max_steps:
-        raise RequestError("num_inference_steps", f"num_inference_steps = {steps}; this server allows "
-                                                  f"1 to {limits.max_steps}")
+    _check_server_limit("num_inference_steps", steps, limits.max_steps)
     cfg = payload.get("guidance_scale", DEFAULTS["guidance_scale"])
     _check_one(pipe, "guidance_scale", cfg=cfg)
     n = payload.get("num_images_per_prompt", DEFAULTS["num_images_per_prompt"])
     _check_one(pipe, "num_images_per_prompt", n=n)
-    if n > limits.max_images:
-        raise RequestError("num_images_per_prompt", f"num_images_per_prompt = {n}; this server allows "
-                                                    f"1 to {limits.max_images}")
+    _check_server_limit("num_images_per_prompt", n, limits.max_images)
     seed = payload.get("seed", DEFAULTS["seed"])
     if not isinstance(seed, int) or isinstance(seed, bool) or not -1 <= seed <= MAX_SEED:
         raise RequestError("seed", f"seed must be an integer in [0, 2**63 - 1], or -1 for a random "

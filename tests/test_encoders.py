@@ -156,9 +156,11 @@ def test_autoencoder_kl_folder_matches_diffusers_and_chunks(tiny_dirs):
         dec = ref.decode(dist.mean).sample
     torch.testing.assert_close(mean, dist.mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(std, dist.std, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(codec.decode(mean), dec, rtol=1e-5, atol=1e-6)
+    # decode the reference's own latents: the encode check above already bounds mean - dist.mean,
+    # and the decoder would amplify that difference past the decode tolerance
+    torch.testing.assert_close(codec.decode(dist.mean), dec, rtol=1e-5, atol=1e-6)
     chunked = SDXLVAECodec(str(tiny_dirs["vae"]), max_batch_size=2)
-    torch.testing.assert_close(chunked.decode(mean), dec, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(chunked.decode(dist.mean), dec, rtol=1e-4, atol=1e-5)
 
 
 def test_load_autoencoder_specs(tiny_dirs, tmp_path):

@@ -42,20 +42,27 @@ def shapes_items(n: int, seed: int = 0) -> list[dict]:
     return items
 
 
-def evaluate(target, proxy, prompts: list[str], seeds: list[int], steps: int) -> dict:
+def evaluate(target, proxy, items: list[dict], seeds: list[int], steps: int) -> dict:
+    """Proxy score s(x, caption), the optimised relative term s(x, p+) − s(x, p−), and the exact rewards."""
+    from miro.align import mia_prompts
     from miro.shapes.rewards import score_all
 
+    prompts = [it["caption"] for it in items]
     caps = [p for p in prompts for _ in seeds]
+    pairs = [mia_prompts(it["caption"], it.get("category"), it.get("region")) for it in items for _ in seeds]
     noise = torch.cat([torch.randn(target.latent_shape(1), generator=torch.Generator().manual_seed(s)) for _ in prompts for s in seeds])
     with torch.no_grad():
         images = target.decode(target.rollout(noise.to(target.device), target.encode_condition(caps), num_steps=steps, shift=None))
         proxy_scores = proxy.score(images, caps).float().cpu()
+        img_emb = proxy.embed_image(images)
+        relative = (proxy.similarity(img_emb, proxy.embed_text([p for p, _ in pairs]))
+                    - proxy.similarity(img_emb, proxy.embed_text([q for _, q in pairs]))).float().cpu()
     exact = score_all(images.cpu(), caps, ("shapes_alignment", "shapes_sharpness", "shapes_contrast"))
-    return {"proxy": float(proxy_scores.mean()), "exact_alignment": float(exact["shapes_alignment"].mean()),
+    return {"proxy": float(proxy_scores.mean()), "proxy_relative": float(relative.mean()), "exact_alignment": float(exact["shapes_alignment"].mean()),
             "exact_sharpness": float(exact["shapes_sharpness"].mean()), "exact_contrast": float(exact["shapes_contrast"].mean())}
 
 
-def run_arm(name: str, args, proxy, items, eval_prompts) -> list[dict]:
+def run_arm(name: str, args, proxy, items, eval_items) -> list[dict]:
     from miro.align.miro_target import MiroTarget, MiroTargetConfig
     from miro.align.prompts import PromptConfig
     from miro.align.relative_reward import SemanticRelativeReward
@@ -70,7 +77,7 @@ def run_arm(name: str, args, proxy, items, eval_prompts) -> list[dict]:
 
     def record(step, metrics=None):
         t0 = time.perf_counter()
-        row = {"arm": name, "step": step, **evaluate(target, proxy, eval_prompts, seeds, args.rollout_steps)}
+        row = {"arm": name, "step": step, **evaluate(target, proxy, eval_items, seeds, args.rollout_steps)}
         if metrics:
             row["train_denoise_reward"] = metrics.get("denoise/reward")
         row["eval_seconds"] = time.perf_counter() - t0
@@ -93,9 +100,11 @@ def run_arm(name: str, args, proxy, items, eval_prompts) -> list[dict]:
 def write_outputs(out: Path, rows: list[dict], proxy_metrics: dict, args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"args": vars(args), "proxy": proxy_metrics, "rows": rows}, indent=1))
-    lines = ["| arm | step | proxy reward | exact alignment | exact sharpness | exact contrast |", "|---|---|---|---|---|---|"]
+    lines = ["| arm | step | proxy s(x, caption) | proxy s(x,p+) − s(x,p−) | exact alignment | exact sharpness | exact contrast |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['arm']} | {r['step']} | {r['proxy']:.3f} | {r['exact_alignment']:.3f} | {r['exact_sharpness']:.3f} | {r['exact_contrast']:.3f} |")
+        lines.append(f"| {r['arm']} | {r['step']} | {r['proxy']:.3f} | {r['proxy_relative']:.4f} | {r['exact_alignment']:.3f} "
+                     f"| {r['exact_sharpness']:.3f} | {r['exact_contrast']:.3f} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 
@@ -156,10 +165,10 @@ def main(argv=None) -> int:
         proxy.save(out / "proxy")
         print("proxy:", json.dumps(proxy_metrics), flush=True)
     items = shapes_items(args.prompts, args.seed)
-    eval_prompts = [it["caption"] for it in shapes_items(args.eval_prompts, args.seed + 1)]
+    eval_items = shapes_items(args.eval_prompts, args.seed + 1)
     rows = []
     for arm in args.arms:
-        rows += run_arm(arm, args, proxy, items, eval_prompts)
+        rows += run_arm(arm, args, proxy, items, eval_items)
     write_outputs(out, rows, proxy_metrics, args)
     return 0
 

@@ -130,6 +130,7 @@ def test_end_to_end_with_the_shapes_proxy_and_lora(tiny_world, tmp_path):
     torch.testing.assert_close(merged.model(x, g, emb, mask, coh)[0], base.model(x, g, emb, mask, coh)[0], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # three `miro align` processes (~15 s of imports each on 2 cores)
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_world, tmp_path):
     # Every run is its own `python -m miro.cli align` process, as in real use; the reference and
     # the resumed run then share the float environment, so the weights must match bit for bit.

@@ -114,7 +114,6 @@ class ImageTransform:
     def _pil_one(self, im) -> np.ndarray:
         from PIL import Image
 
-        s = self.size
         if self.pad_to_square is not None:
             w, h = im.size
             side, top, left = self._square_offsets(h, w)

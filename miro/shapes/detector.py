@@ -160,7 +160,6 @@ def detect_array(img: np.ndarray, cfg: DetectorConfig | None = None) -> list[Det
         win = img[r0:r1, c0:c1]
         # cut by the frame: the component itself reaches the image border
         cut = sl[0].start == 0 or sl[1].start == 0 or sl[0].stop == h or sl[1].stop == w
-        parts = [core]
         fit = _fit(win, bg, core, free, r0, c0, h, w, cut, cfg)
         if fit is not None and fit.quality < cfg.good_fit and core.sum() >= 2 * cfg.min_area * a_min:
             split = _split(core, dist[r0:r1, c0:c1], free, cfg.min_area * a_min * 0.5)

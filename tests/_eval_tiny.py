@@ -6,7 +6,6 @@ from pathlib import Path
 
 import torch
 
-from _threads import one_torch_thread  # noqa: F401 - re-exported autouse fixture
 
 WORDS = ("a photo of colored object red orange yellow green blue purple pink brown black white "
          "cat dog bench clock cow apple mouse computer tv remote").split()

@@ -1,6 +1,3 @@
-import io
-import tarfile
-
 import numpy as np
 import pytest
 from PIL import Image

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from _eval_tiny import one_torch_thread  # noqa: F401 - autouse fixture
 from miro.eval import cli
 from miro.eval.folder import read_jsonl
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from _eval_tiny import one_torch_thread  # noqa: F401 - autouse fixture
 from miro.eval import generate as G
 from miro.eval.prompts import PromptItem
 

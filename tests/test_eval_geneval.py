@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from _eval_tiny import one_torch_thread, save_tiny_clip, save_tiny_mask2former  # noqa: F401 - autouse fixture
+from _eval_tiny import save_tiny_clip, save_tiny_mask2former
 from miro.eval import geneval as GE
 from miro.eval import geneval_rules as rules
 from miro.eval.folder import read_jsonl

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _threads import one_torch_thread  # noqa: F401 - autouse fixture
 from miro.models import LossConfig, MiroModel, euler_sample, flow_loss, get_config
 
 

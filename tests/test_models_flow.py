@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from _threads import one_torch_thread  # noqa: F401 - autouse fixture
 from miro.models import LossConfig, MiroModel, flow_loss, get_config
 from miro.models.flow import (
     FlowPrecond,
@@ -182,7 +181,7 @@ def test_self_conditioning_graph_is_static():
     with torch.no_grad():  # make self-conditioning matter
         model.network.ln_previous_2.weight.fill_(0.5)
     x0, emb, mask, coh = _batch(model)
-    sizes, fracs, losses = set(), set(), {}
+    sizes, fracs = set(), set()
     for seed in range(8):
         loss, logs = flow_loss(model, x0, emb, mask, coh, None, LossConfig(self_cond_rate=0.5), torch.Generator().manual_seed(seed))
         sizes.add(_graph_size(loss))

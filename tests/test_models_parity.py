@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _threads import one_torch_thread  # noqa: F401 - autouse fixture
 from miro.models import LossConfig, MiroModel, euler_sample, flow_loss
 
 

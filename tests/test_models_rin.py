@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from _threads import one_torch_thread  # noqa: F401 - autouse fixture
 from miro.models import MiroModel, NetworkConfig, get_config
 from miro.models.layers import swiglu_hidden_dim
 from miro.models.rin import RIN

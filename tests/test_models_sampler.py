@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from _threads import one_torch_thread  # noqa: F401 - autouse fixture
 from miro.models import MiroModel, euler_sample, get_config, time_grid
 
 

@@ -16,8 +16,8 @@ import torch
 from miro.data import preprocess_io as pio
 from miro.data.preprocess import main
 from miro.data.schema import decode_sample, iter_raw_samples, write_shard
-from test_preprocess_helpers import (  # noqa: F401  (one_torch_thread: autouse fixture)
-    CALLS, CRASH, PROMPTS_SEEN, SCORERS, image, jpeg_bytes, make_raw_shards, one_torch_thread, reset)
+from test_preprocess_helpers import (
+    CALLS, CRASH, PROMPTS_SEEN, SCORERS, image, jpeg_bytes, make_raw_shards, reset)
 
 RES = "16,32"
 

@@ -16,18 +16,6 @@ from PIL import Image
 from miro.data.schema import write_shard
 from miro.rewards.base import REGISTRY, Scorer, register
 
-import pytest
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run faster on one thread on a shared 2-core machine (no barrier stalls);
-    restored after the module so other test modules keep their setting."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
 
 CALLS: dict[str, int] = {}  # scorer name -> number of score() calls
 CRASH: dict[str, int] = {}  # scorer name -> raise KeyboardInterrupt at this call number

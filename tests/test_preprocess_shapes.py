@@ -8,7 +8,6 @@ import pytest
 from miro.data import preprocess_io as pio
 from miro.data.preprocess import main
 from miro.data.schema import decode_sample, iter_raw_samples
-from test_preprocess_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 
 SHAPES_SCORERS = "shapes_alignment,shapes_counting,shapes_position,shapes_sharpness,shapes_contrast"
 

@@ -151,7 +151,7 @@ def test_release_recipe_path_with_latents_and_t5(tmp_path):
     shards, LAMB, 7 rewards) with tiny random models saved in their real formats."""
     from PIL import Image
 
-    from miro import REWARD_KEYS, MiroPipeline
+    from miro import REWARD_KEYS
     from miro.data import schema
     from miro.encoders.tiny import save_tiny_autoencoder_kl, save_tiny_t5
     from miro.train.convert import pipeline_from_checkpoint

@@ -21,13 +21,6 @@ def _run(overrides):
     return module, dm, trainer
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return write_tiny_shards(tmp_path_factory.mktemp("shards"))

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 import miro.io as _io
-from miro.io import atomic_write_with  # noqa: F401 - re-exported for pipeline/align writers
 
 _TRUE = {"1", "true", "yes", "on"}
 

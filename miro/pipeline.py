@@ -41,13 +41,13 @@ from miro.encoders.autoencoder import SDXL_VAE, load_autoencoder, to_uint8, to_u
 from miro.encoders.text import FLAN_T5_XL, load_text_encoder
 from miro.hub import (
     atomic_write_json,
-    atomic_write_with,
     build_model,
     init_model,
     np_save,
     parse_dtype,
     resolve_pipeline_dir,
 )
+from miro.io import atomic_write_with
 
 OUTPUT_TYPES = ("pil", "np", "numpy", "pt")
 DEFAULT_MAX_TEXT_LEN = 77  # published default of config["max_text_len"]

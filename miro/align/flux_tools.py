@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from miro.hub import atomic_write_json, atomic_write_with
+from miro.hub import atomic_write_json
+from miro.io import atomic_write_with
 
 
 def precompute_embeddings(pipe, items: list[dict], out_dir: str | Path, max_sequence_length: int = 512,

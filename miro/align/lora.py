@@ -83,7 +83,8 @@ def save_miro_lora(model: torch.nn.Module, out_dir: str | Path, settings: LoraSe
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from miro.hub import atomic_write_json, atomic_write_with
+    from miro.hub import atomic_write_json
+    from miro.io import atomic_write_with
 
     module = getattr(model, "module", model)
     out = Path(out_dir)

@@ -128,7 +128,8 @@ class ProxyRewardModel(nn.Module, Scorer):
     def save(self, folder: str | Path) -> Path:
         from safetensors.torch import save_file
 
-        from miro.hub import atomic_write_json, atomic_write_with
+        from miro.hub import atomic_write_json
+        from miro.io import atomic_write_with
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)

@@ -40,3 +40,29 @@ def test_ema_rejects_bad_decay():
         EMA(nn.Linear(1, 1), decays=[1.0])
     with pytest.raises(ValueError, match="distinct"):
         EMA(nn.Linear(1, 1), decays=[0.9, 0.9])
+
+
+def test_ema_warmup_closed_form():
+    # constant target c: ema_n = c + prod_k d_k (w0 - c), with d_k = min(d, (1+k)/(10+k))
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = EMA(model, decays=[0.999, 0.5], warmup=True)
+    assert ema.effective_decay(0.999, 0) == pytest.approx(0.1)
+    assert ema.effective_decay(0.5, 0) == pytest.approx(0.1) and ema.effective_decay(0.5, 100) == 0.5
+    assert ema.effective_decay(0.999, 10**6) == 0.999
+    c, n = 3.0, 12
+    with torch.no_grad():
+        model.weight.fill_(c)
+    for k in range(n):
+        ema.update(model, step=k)
+    for i, d in enumerate([0.999, 0.5]):
+        share = 1.0
+        for k in range(n):
+            share *= min(d, (1 + k) / (10 + k))
+        torch.testing.assert_close(ema.model(i).weight, torch.full((1, 1), c + share * (1.0 - c)))
+    # without warm-up (or without a step) the plain decay applies
+    assert EMA(model, 0.999).effective_decay(0.999, 0) == 0.999
+    assert ema.effective_decay(0.999, None) == 0.999
+    with pytest.raises(ValueError, match="step"):
+        ema.effective_decay(0.999, -1)

@@ -202,3 +202,33 @@ def test_atomic_checkpoint_io(tmp_path, monkeypatch):
         io.save_checkpoint({"a": torch.zeros(2)}, target)
     assert torch.equal(torch.load(target, weights_only=True)["a"], torch.ones(2))  # old file intact
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temp file left
+
+
+def test_init_from_checkpoint_and_ema_warmup_steps(data_dir, tmp_path):
+    src, _, _ = _run(tiny_overrides(data_dir, tmp_path / "a", steps=3, every=3))
+    ckpt = tmp_path / "a" / "miro" / "checkpoints" / "shapes_miro" / "last.ckpt"
+    # lr=0: the warm-started weights must survive training untouched, in the model and the EMA
+    ov = tiny_overrides(data_dir, tmp_path / "b", steps=3, every=100,
+                        extra=[f"init_from={ckpt}", "init_weights=raw", "ema_warmup=true", "optimizer.lr=0.0"])
+    cfg = OmegaConf.to_container(cli.compose(ov), resolve=True)
+    module, dm, trainer, resume = cli.build(cfg)
+    assert resume is None and "raw weights" in module.init_source
+    steps = []
+    update = module.ema.update
+    module.ema.update = lambda model, step=None: (steps.append(step), update(model, step))
+    trainer.fit(module, datamodule=dm)
+    assert steps == [0, 1, 2] and module.ema.warmup
+    for (n, a), b in zip(src.model.state_dict().items(), module.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+    for n, b in module.ema_model().state_dict().items():
+        torch.testing.assert_close(src.model.state_dict()[n], b, msg=n)
+
+
+def test_init_from_rejects_other_architectures(data_dir, tmp_path):
+    ov = tiny_overrides(data_dir, tmp_path, steps=1, every=100, extra=["init_from=shapes"])
+    cfg = OmegaConf.to_container(cli.compose(ov), resolve=True)
+    with pytest.raises(ValueError, match="init_from='shapes' does not fit"):
+        cli.build(cfg)
+    cfg["init_from"], cfg["init_weights"] = "shapes", "best"
+    with pytest.raises(ValueError, match="init_weights must be 'ema' or 'raw'; got 'best'"):
+        cli.build(cfg)

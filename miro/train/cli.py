@@ -35,6 +35,9 @@ common overrides:
   computer=cpu|gpu1|gpu8|slurm_2x8   hardware; computer.devices=N computer.num_nodes=N computer.precision=P
   trainer.max_steps=N        optimizer steps; data.global_batch_size=N; seed=N
   resume=auto|null|PATH      continue from last.ckpt (auto), start fresh (null) or from a given .ckpt
+  init_from=CKPT|PIPELINE    warm start a fresh run from a checkpoint's weights (init_weights=ema|raw)
+                             or a pipeline (built-in name, folder, hub id); fresh optimizer and data
+  ema_warmup=true            EMA decay min(d, (1+n)/(10+n)) at step n (short runs)
 
 options:
   --print-config             print the composed config and exit
@@ -153,6 +156,7 @@ def build(cfg: dict):
         "optimizer": dict(cfg["optimizer"]),
         "scheduler": dict(cfg["scheduler"]),
         "ema_decays": list(cfg["ema_decays"]),
+        "ema_warmup": bool(cfg.get("ema_warmup", False)),
         "seed": int(cfg["seed"]),
         "compile": bool(cfg.get("compile", False)),
         "uninformative_rewards": uninformative,
@@ -161,6 +165,9 @@ def build(cfg: dict):
         "data": {k: v for k, v in dcfg.__dict__.items()},
     }
     module = MiroLightningModule(hparams, uncond_embedding=text_encoder.uncond_embedding().cpu())
+    ckpt = _resume_path(cfg.get("resume"), ckpt_dir)
+    if cfg.get("init_from") and ckpt is None:  # a resumed run already holds its own weights
+        module.init_source = module.load_initial_weights(str(cfg["init_from"]), str(cfg.get("init_weights", "ema")))
     object.__setattr__(module, "_text_encoder", text_encoder)
     callbacks = [checkpoint_callback(str(ckpt_dir), cfg["checkpoint"]["every_n_steps"],
                                      cfg["checkpoint"].get("keep_periodic", True)),
@@ -197,7 +204,6 @@ def build(cfg: dict):
                       callbacks=callbacks, logger=logger, use_distributed_sampler=False, default_root_dir=str(ckpt_dir),
                       enable_progress_bar=bool(tr.get("progress_bar", True)), limit_val_batches=0,
                       num_sanity_val_steps=0, plugins=[AtomicCheckpointIO()])
-    ckpt = _resume_path(cfg.get("resume"), ckpt_dir)
     return module, dm, trainer, ckpt
 
 
@@ -276,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"miro train: error: {e}", file=sys.stderr)
         return 2
     print(f"miro train: experiment {cfg['experiment_name']} -> {cfg['checkpoint_dir']}; {len(dm.data):,} samples; "
-          f"{'resuming from ' + ckpt if ckpt else 'starting fresh'}", flush=True)
+          f"{'resuming from ' + ckpt if ckpt else 'starting fresh'}"
+          + (f" from the weights of {module.init_source}" if getattr(module, "init_source", None) else ""), flush=True)
     if args.dry_run:
         print(f"dry run: {len(dm.data)} samples, {sum(p.numel() for p in module.model.parameters()):,} parameters, "
               f"resume from {ckpt}")

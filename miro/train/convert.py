@@ -32,17 +32,12 @@ def _ema_prefixes(state: dict) -> list[str]:
     return names
 
 
-def pipeline_from_checkpoint(path: str | os.PathLike, ema_index: int | None = 0, text_encoder=None,
-                             autoencoder=None, device: str | torch.device = "cpu"):
-    """Build a :class:`miro.pipeline.MiroPipeline` from a training checkpoint.
+def checkpoint_weights(path: str | os.PathLike, ema_index: int | None = 0) -> tuple[dict, dict, dict]:
+    """``(model_config, weights, checkpoint)`` of a ``miro train`` checkpoint.
 
-    ``ema_index``: which EMA decay (0 = the first configured, the exported default); None uses the
-    raw training weights. ``text_encoder`` / ``autoencoder`` override the config's specs.
+    ``ema_index``: which EMA decay (0 = the first configured, the exported default); None picks the
+    raw training weights. ``weights`` are keyed like ``MiroModel.state_dict()``.
     """
-    from miro.models import MiroModel
-    from miro.pipeline import MiroPipeline
-    from miro.rewards.binning import RewardBins
-
     ckpt = load_checkpoint(path)
     hp = ckpt.get("hyper_parameters") or {}
     extra = ckpt.get("miro") or {}
@@ -63,6 +58,22 @@ def pipeline_from_checkpoint(path: str | os.PathLike, ema_index: int | None = 0,
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if not weights:
         raise ValueError(f"{path}: no tensors under {prefix!r}")
+    return config, weights, ckpt
+
+
+def pipeline_from_checkpoint(path: str | os.PathLike, ema_index: int | None = 0, text_encoder=None,
+                             autoencoder=None, device: str | torch.device = "cpu"):
+    """Build a :class:`miro.pipeline.MiroPipeline` from a training checkpoint.
+
+    ``ema_index``: which EMA decay (0 = the first configured, the exported default); None uses the
+    raw training weights. ``text_encoder`` / ``autoencoder`` override the config's specs.
+    """
+    from miro.models import MiroModel
+    from miro.pipeline import MiroPipeline
+    from miro.rewards.binning import RewardBins
+
+    config, weights, ckpt = checkpoint_weights(path, ema_index)
+    state, extra = ckpt["state_dict"], ckpt.get("miro") or {}
     model = MiroModel.from_config(config)
     model.load_state_dict_checked(weights)
     uncond = state.get("uncond_embedding")

@@ -8,7 +8,7 @@ Hyper-parameters are one plain dict (``save_hyperparameters``), so checkpoints l
 * ``loss`` — :class:`miro.models.flow.LossConfig` fields;
 * ``optimizer`` / ``scheduler`` — :class:`~miro.train.optim.OptimizerConfig` /
   :class:`~miro.train.optim.SchedulerConfig` fields;
-* ``ema_decays`` (list, first = exported), ``seed``, ``compile`` (torch.compile the model);
+* ``ema_decays`` (list, first = exported), ``ema_warmup`` (see :mod:`miro.train.ema`), ``seed``, ``compile`` (torch.compile the model);
 * ``uninformative_rewards`` — baselines: feed U(0, 1) noise instead of the sample's rewards.
 
 Randomness: every micro-batch draws its time, noise, dropout and VAE-sampling randomness from a
@@ -74,7 +74,7 @@ class MiroLightningModule(LightningModule):
         seed = int(hp.get("seed", 0))
         g = torch.Generator().manual_seed(seed if init_seed is None else init_seed)
         self.model = MiroModel.from_config(dict(hp["model_config"]), generator=g)
-        self.ema = EMA(self.model, list(hp.get("ema_decays", [0.9999])))
+        self.ema = EMA(self.model, list(hp.get("ema_decays", [0.9999])), warmup=bool(hp.get("ema_warmup", False)))
         if uncond_embedding is None:
             uncond_embedding = torch.zeros(1, self.model.network.label_dim)
         # The null-text embedding used for text dropout and CFG; saved with the weights so that
@@ -101,6 +101,38 @@ class MiroLightningModule(LightningModule):
 
     def ema_model(self, index: int = 0) -> MiroModel:
         return self.ema.model(index)
+
+    @torch.no_grad()
+    def load_initial_weights(self, source: str, weights: str = "ema") -> str:
+        """Warm start: copy weights into the model and every EMA copy before training.
+
+        ``source``: a ``miro train`` checkpoint (``*.ckpt``; ``weights`` = ``ema`` for the exported
+        EMA copy or ``raw`` for the training weights) or a pipeline (built-in name, folder or hub
+        id: its ``model.safetensors``). Optimizer, schedule and data position start fresh; the
+        architectures must match tensor for tensor. Returns a one-line description.
+        """
+        if weights not in ("ema", "raw"):
+            raise ValueError(f"init_weights must be 'ema' or 'raw'; got {weights!r}")
+        if str(source).endswith(".ckpt"):
+            from miro.train.convert import checkpoint_weights
+
+            _, state, _ = checkpoint_weights(source, 0 if weights == "ema" else None)
+            what = f"{source} ({weights} weights)"
+        else:
+            from safetensors.torch import load_file
+
+            from miro.hub import resolve_pipeline_dir
+
+            files = resolve_pipeline_dir(source)
+            if "model.safetensors" not in files:
+                raise ValueError(f"init_from={source!r}: the pipeline has no trained weights (model.safetensors)")
+            state, what = load_file(str(files["model.safetensors"])), f"pipeline {source}"
+        try:
+            self.model.load_state_dict_checked(state)
+        except ValueError as e:
+            raise ValueError(f"init_from={source!r} does not fit this experiment's model: {e}") from None
+        self.ema.copy_from(self.model)
+        return what
 
     def text_encoder(self):
         """Frozen text encoder for on-the-fly captions (loaded lazily, never trained or saved)."""
@@ -190,8 +222,9 @@ class MiroLightningModule(LightningModule):
         return loss
 
     def optimizer_step(self, *args, **kwargs):
+        step = int(self.global_step)  # optimizer steps before this one: this step's 0-based index
         super().optimizer_step(*args, **kwargs)
-        self.ema.update(self.model)
+        self.ema.update(self.model, step=step)
 
     def configure_optimizers(self):
         opt = build_optimizer(self.model, self.optimizer_config)

@@ -1,0 +1,274 @@
+"""The Shapes training study: convergence, controllability, and the rewards table.
+
+Three measurements on `miro train` runs of the Shapes world (docs/training.md), all on a fixed,
+category-stratified subset of ShapesEval (every k-th of the 300 prompts) with fixed seeds, so
+that two checkpoints are compared on exactly the same prompts and noise:
+
+* ``convergence`` — ShapesEval overall (and per category) of every periodic checkpoint of each
+  run, against training samples seen. The speed-up factor is the paper's: the samples the
+  baseline needs to reach its final score, divided by the samples MIRO needs to reach that score
+  (linear interpolation between checkpoints). Writes ``convergence.csv``, ``convergence.json``
+  and ``convergence.png``.
+* ``controllability`` — for each reward, its target swept over 9 values in [0, 1] with the other
+  targets fixed (:func:`miro.eval.sweep.run_sweep`), the reward measured by its exact Shapes
+  scorer; Spearman's rho between target and the mean measured reward (and over single images).
+  Writes ``controllability.json``, one ``sweep.json`` + grid image per reward.
+* ``table`` — every Shapes reward (mean) and ShapesEval overall for a list of models (baseline,
+  MIRO, specialists): the trade-off table. Writes ``table.json`` and ``table.md``.
+
+Every generation folder is resumable (GenEval layout), so a killed study continues where it was.
+
+    python benchmarks/shapes_training_study.py convergence --out runs/study \\
+        --run miro=runs/train/miro/checkpoints/shapes_miro --run baseline=runs/train/miro/checkpoints/shapes_baseline
+    python benchmarks/shapes_training_study.py controllability --model runs/train/.../last.ckpt --out runs/study
+    python benchmarks/shapes_training_study.py table --model baseline=CKPT --model miro=CKPT --out runs/study
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+SHAPES_KEYS = ("shapes_alignment", "shapes_counting", "shapes_position", "shapes_sharpness", "shapes_contrast")
+
+
+def eval_items(stride: int):
+    """Every ``stride``-th ShapesEval prompt: the categories keep their proportions."""
+    from miro.eval.prompts import load_shapes
+
+    if stride < 1:
+        raise ValueError(f"--stride must be >= 1; got {stride}")
+    return load_shapes()[::stride]
+
+
+def load(src: str, weights: str):
+    """A pipeline from a ``.ckpt`` (EMA or raw weights) or anything ``MiroPipeline`` loads."""
+    if src.endswith(".ckpt"):
+        from miro.train.convert import pipeline_from_checkpoint
+
+        pipe = pipeline_from_checkpoint(src, None if weights == "raw" else 0)
+    else:
+        from miro.eval.generate import load_pipeline
+
+        pipe = load_pipeline(src)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def shapes_eval(pipe, items, outdir: Path, gcfg) -> dict:
+    """Generate (resumable) and score with the Shapes detector + GenEval rules."""
+    from miro.eval.generate import generate_folder
+    from miro.shapes.eval import score_folder
+
+    generate_folder(pipe, items, outdir, gcfg, progress=False)
+    return score_folder(outdir, progress=False)
+
+
+def checkpoints(run_dir: Path, every: int) -> list[tuple[int, Path]]:
+    """The run's ``step=<k>.ckpt`` files whose step is a multiple of ``every``, sorted."""
+    found = []
+    for p in run_dir.glob("step=*.ckpt"):
+        m = re.fullmatch(r"step=(\d+)\.ckpt", p.name)
+        if m and int(m.group(1)) % every == 0:
+            found.append((int(m.group(1)), p))
+    if not found:
+        raise ValueError(f"{run_dir}: no step=<k>.ckpt with k a multiple of {every}")
+    return sorted(found)
+
+
+def samples_to_reach(curve: list[tuple[int, float]], score: float) -> float | None:
+    """First sample count at which ``curve`` (samples, score) reaches ``score`` (interpolated)."""
+    prev = None
+    for s, v in curve:
+        if v >= score:
+            if prev is None or prev[1] >= score:
+                return float(s)
+            (s0, v0) = prev
+            return s0 + (score - v0) / (v - v0) * (s - s0)
+        prev = (s, v)
+    return None
+
+
+def speedup(miro: list[tuple[int, float]], baseline: list[tuple[int, float]]) -> dict:
+    """The paper's convergence speed-up against the baseline's final score."""
+    final = baseline[-1][1]
+    need_b = samples_to_reach(baseline, final)
+    need_m = samples_to_reach(miro, final)
+    return {"baseline_final_score": final, "baseline_samples": need_b, "miro_samples": need_m,
+            "speedup": (need_b / need_m) if need_m else None}
+
+
+def cmd_convergence(args) -> int:
+    from miro.eval.generate import GenerateConfig
+
+    items = eval_items(args.stride)
+    gcfg = GenerateConfig(n_samples=args.n_samples, steps=args.steps, cfg=args.cfg, seed=args.seed, batch_size=32)
+    rows = []
+    out = Path(args.out)
+    done = {}
+    csv_path = out / "convergence.csv"
+    if csv_path.is_file():  # resume: checkpoints already scored are not generated again
+        for r in csv.DictReader(open(csv_path)):
+            done[(r["run"], int(r["step"]))] = r
+    for spec in args.run:
+        name, _, run_dir = spec.partition("=")
+        for step, ckpt in checkpoints(Path(run_dir), args.every):
+            if args.max_step and step > args.max_step:
+                continue
+            if (name, step) in done:
+                rows.append(done[(name, step)])
+                continue
+            import torch
+
+            meta = torch.load(ckpt, map_location="cpu", weights_only=True).get("miro", {})
+            pipe = load(str(ckpt), args.weights)
+            s = shapes_eval(pipe, items, out / "convergence" / name / f"step_{step:07d}", gcfg)
+            row = {"run": name, "step": step, "samples": int(meta.get("samples_seen", step * 64)),
+                   "overall": s["overall"], **{f"cat_{k}": t["accuracy"] for k, t in s["tags"].items()}}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            _write_csv(csv_path, rows)
+    _write_csv(csv_path, rows)
+    curves = {}
+    for r in rows:
+        curves.setdefault(r["run"], []).append((int(r["samples"]), float(r["overall"])))
+    curves = {k: sorted(v) for k, v in curves.items()}
+    result = {"curves": curves, "items": len(items), "n_samples": args.n_samples, "steps": args.steps,
+              "cfg": args.cfg, "weights": args.weights}
+    if "miro" in curves and "baseline" in curves:
+        result["speedup"] = speedup(curves["miro"], curves["baseline"])
+        print("speed-up:", json.dumps(result["speedup"]))
+    (out / "convergence.json").write_text(json.dumps(result, indent=2))
+    _plot_convergence(curves, out / "convergence.png", result.get("speedup"))
+    return 0
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    from miro.io import atomic_write_text
+
+    keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("run", "step", "samples", "overall"), k))
+    lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _plot_convergence(curves: dict, path: Path, sp: dict | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, c in curves.items():
+        ax.plot([s / 1000 for s, _ in c], [v for _, v in c], marker="o", ms=3, label=name)
+    if sp and sp.get("speedup"):
+        ax.axhline(sp["baseline_final_score"], color="grey", lw=0.8, ls="--")
+        ax.set_title(f"ShapesEval vs samples (speed-up x{sp['speedup']:.2f})")
+    else:
+        ax.set_title("ShapesEval vs samples")
+    ax.set_xlabel("training samples (thousands)")
+    ax.set_ylabel("ShapesEval overall (subset)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _scorers():
+    from miro.rewards import load_scorer
+
+    return {k: load_scorer(k) for k in SHAPES_KEYS}
+
+
+def cmd_controllability(args) -> int:
+    from miro.eval.generate import GenerateConfig
+    from miro.eval.sweep import DEFAULT_TARGETS, run_sweep, sweep_grid
+
+    pipe = load(args.model, args.weights)
+    items = eval_items(args.stride)
+    base = GenerateConfig(n_samples=args.n_samples, steps=args.steps, cfg=args.cfg, seed=args.seed, batch_size=32,
+                          reward_targets={k: args.others for k in pipe.coherence_keys})
+    scorers, out = _scorers(), Path(args.out) / "controllability"
+    result = {}
+    for key in args.keys or pipe.coherence_keys:
+        if key not in pipe.coherence_keys:
+            raise ValueError(f"--keys {key!r}: the model is conditioned on {list(pipe.coherence_keys)}")
+        s = run_sweep(pipe, items, key, base, out / key, {key: scorers[key]}, DEFAULT_TARGETS, progress=False)
+        result[key] = {"spearman_means": s["spearman_means"][key], "spearman_images": s["spearman_images"][key],
+                       "means": [r[key]["mean"] for r in s["per_target"]]}
+        sweep_grid(out / key, max_prompts=6).save(out / key / "grid.png")
+        print(key, json.dumps(result[key]), flush=True)
+    summary = {"model": args.model, "targets": list(DEFAULT_TARGETS), "others": args.others, "items": len(items),
+               "n_samples": args.n_samples, "steps": args.steps, "cfg": args.cfg, "rewards": result}
+    (out / "controllability.json").write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_table(args) -> int:
+    from miro.eval.generate import GenerateConfig
+    from miro.eval.rewards import merge_records, score_folder
+    from miro.eval.folder import read_jsonl
+
+    items = eval_items(args.stride)
+    gcfg = GenerateConfig(n_samples=args.n_samples, steps=args.steps, cfg=args.cfg, seed=args.seed, batch_size=32)
+    scorers, out, rows = _scorers(), Path(args.out) / "table", []
+    for spec in args.model:
+        name, _, src = spec.partition("=")
+        pipe = load(src, args.weights)
+        d = out / name
+        ev = shapes_eval(pipe, items, d, replace(gcfg, model=name))
+        score_folder(d, scorers, d / "rewards.jsonl", progress=False)
+        recs = merge_records(read_jsonl(d / "rewards.jsonl")).values()
+        row = {"model": name, "shapes_eval": ev["overall"],
+               **{k: sum(r[k] for r in recs) / len(recs) for k in SHAPES_KEYS}}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    (out / "table.json").write_text(json.dumps(rows, indent=2))
+    head = "| model | ShapesEval | " + " | ".join(k.removeprefix("shapes_") for k in SHAPES_KEYS) + " |"
+    lines = [head, "|" + "---|" * (2 + len(SHAPES_KEYS))]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['shapes_eval']:.3f} | " + " | ".join(f"{r[k]:.3f}" for k in SHAPES_KEYS) + " |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", required=True, help="output folder (resumable)")
+    common.add_argument("--stride", type=int, default=3, help="every k-th ShapesEval prompt (3: 100 prompts)")
+    common.add_argument("--n-samples", type=int, default=2, help="images per prompt")
+    common.add_argument("--steps", type=int, default=25, help="Euler steps")
+    common.add_argument("--cfg", type=float, default=5.0, help="guidance scale")
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--weights", choices=("raw", "ema"), default="raw",
+                        help="checkpoint weights (raw: no EMA lag, fair between runs of any length)")
+    c = sub.add_parser("convergence", parents=[common], help="ShapesEval vs training samples; speed-up factor")
+    c.add_argument("--run", action="append", required=True, help="NAME=CHECKPOINT_DIR (names miro and baseline "
+                   "give the speed-up)")
+    c.add_argument("--every", type=int, default=500, help="use step=<k>.ckpt with k a multiple of this")
+    c.add_argument("--max-step", type=int, default=0, help="ignore checkpoints after this step (0: none)")
+    k = sub.add_parser("controllability", parents=[common], help="Spearman of target vs measured reward")
+    k.add_argument("--model", required=True, help=".ckpt, pipeline folder or built-in name")
+    k.add_argument("--keys", nargs="*", help="rewards to sweep (default: all the model's)")
+    k.add_argument("--others", type=float, default=1.0, help="target of the rewards not swept")
+    t = sub.add_parser("table", parents=[common], help="every Shapes reward per model")
+    t.add_argument("--model", action="append", required=True, help="NAME=SOURCE (.ckpt, folder or built-in)")
+    args = p.parse_args(argv)
+    try:
+        return {"convergence": cmd_convergence, "controllability": cmd_controllability, "table": cmd_table}[args.cmd](args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

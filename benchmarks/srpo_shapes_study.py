@@ -94,6 +94,9 @@ def run_arm(name: str, args, proxy, items, eval_items) -> list[dict]:
                                       out_dir=str(Path(args.out) / name), resume=False, progress=False),
                           callback=lambda s, m: record(s, m) if s % args.eval_every == 0 or s == args.steps else None)
     trainer.fit()
+    # the tuned model as a pipeline folder, for ShapesEval next to shapes_miro:
+    # python benchmarks/shapes_training_study.py table --model srpo=OUT/<arm>/pipeline --model miro=...
+    pipe.save_pretrained(Path(args.out) / name / "pipeline")
     return log
 
 
@@ -132,7 +135,8 @@ def write_outputs(out: Path, rows: list[dict], proxy_metrics: dict, args) -> Non
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="srpo-shapes-study", help="output folder")
-    p.add_argument("--base", default="shapes", help="Shapes MIRO pipeline: built-in name, folder or .ckpt")
+    p.add_argument("--base", default="shapes", help="Shapes pipeline to align (the study uses the shapes_baseline "
+                   "checkpoint): built-in name, folder or .ckpt")
     p.add_argument("--proxy", default=None, help="trained proxy folder (else one is trained into OUT/proxy)")
     p.add_argument("--proxy-samples", type=int, default=4000, help="web-like samples for the proxy (3 pairs each)")
     p.add_argument("--proxy-epochs", type=int, default=30)

@@ -9,7 +9,8 @@
    the caption.
 3. Every ``--eval-every`` steps, generate fixed prompts × seeds and score them with the proxy
    (predicted alignment) and the exact ``shapes_alignment`` (detector-based).
-4. Write ``results.json``, ``table.md`` and ``plot.png`` to ``--out``.
+4. Write ``results.json``, ``table.md``, ``plot.png`` and ``samples.png`` (one row per model:
+   the base, then each arm's final weights; same prompts and seeds) to ``--out``.
 
     python benchmarks/srpo_shapes_study.py --out /tmp/srpo-study               # defaults
     python benchmarks/srpo_shapes_study.py --steps 4 --proxy-samples 200 ...    # smoke run
@@ -132,6 +133,27 @@ def write_outputs(out: Path, rows: list[dict], proxy_metrics: dict, args) -> Non
     print((out / "table.md").read_text())
 
 
+def write_grid(out: Path, args, eval_items: list[dict], n: int = 8, cell: int = 96) -> Path:
+    """``samples.png``: the base and every finished arm on the same prompts and noise."""
+    from PIL import Image
+
+    from miro.generate_cli import load_pipeline
+
+    sources = [args.base] + [str(out / arm / "pipeline") for arm in args.arms if (out / arm / "pipeline").is_dir()]
+    prompts = [it["caption"] for it in eval_items[:n]]
+    grid = Image.new("RGB", (cell * len(prompts), cell * len(sources)), "white")
+    for r, src in enumerate(sources):
+        pipe = load_pipeline(src)
+        pipe.set_progress_bar_config(disable=True)
+        gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+        images = pipe(prompts, num_inference_steps=args.rollout_steps, guidance_scale=args.guidance, generator=gens,
+                      output_type="pil")
+        for c, im in enumerate(getattr(images, "images", images)):
+            grid.paste(im.convert("RGB").resize((cell, cell), Image.NEAREST), (c * cell, r * cell))
+    grid.save(out / "samples.png")
+    return out / "samples.png"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="srpo-shapes-study", help="output folder")
@@ -155,8 +177,12 @@ def main(argv=None) -> int:
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--arms", nargs="+", default=["with_inversion", "without_inversion"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid-only", action="store_true", help="only (re)draw samples.png from finished arms")
     args = p.parse_args(argv)
     out = Path(args.out)
+    if args.grid_only:
+        print(write_grid(out, args, shapes_items(args.eval_prompts, args.seed + 1)))
+        return 0
     from miro.align.proxy_reward import ProxyRewardModel, ProxyTrainConfig, make_pairs, train_proxy
 
     if args.proxy:
@@ -174,6 +200,7 @@ def main(argv=None) -> int:
     for arm in args.arms:
         rows += run_arm(arm, args, proxy, items, eval_items)
     write_outputs(out, rows, proxy_metrics, args)
+    write_grid(out, args, eval_items)
     return 0
 
 

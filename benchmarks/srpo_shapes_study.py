@@ -115,17 +115,19 @@ def write_outputs(out: Path, rows: list[dict], proxy_metrics: dict, args) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+    panels = (("proxy_relative", "optimised: proxy s(x,p+) − s(x,p−)", "relative reward"),
+              ("proxy", "proxy s(x, caption) (learned)", "predicted alignment"),
+              ("exact_alignment", "truth: exact shapes_alignment", "alignment"))
     for arm, style in (("with_inversion", "-"), ("without_inversion", "--")):
         rs = [r for r in rows if r["arm"] == arm]
         if not rs:
             continue
         steps = [r["step"] for r in rs]
-        ax[0].plot(steps, [r["proxy"] for r in rs], style, marker="o", label=arm)
-        ax[1].plot(steps, [r["exact_alignment"] for r in rs], style, marker="o", label=arm)
-    ax[0].set(title="proxy reward (learned)", xlabel="SRPO step", ylabel="predicted alignment")
-    ax[1].set(title="exact shapes_alignment", xlabel="SRPO step", ylabel="alignment")
-    for a in ax:
+        for a, (key, _, _) in zip(ax, panels):
+            a.plot(steps, [r[key] for r in rs], style, marker="o", label=arm)
+    for a, (_, title, ylabel) in zip(ax, panels):
+        a.set(title=title, xlabel="SRPO step", ylabel=ylabel)
         a.legend()
         a.grid(alpha=0.3)
     fig.tight_layout()
@@ -177,10 +179,13 @@ def main(argv=None) -> int:
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--arms", nargs="+", default=["with_inversion", "without_inversion"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--grid-only", action="store_true", help="only (re)draw samples.png from finished arms")
+    p.add_argument("--redraw", action="store_true", help="only redraw table.md, plot.png and samples.png from "
+                   "OUT/results.json and the finished arms")
     args = p.parse_args(argv)
     out = Path(args.out)
-    if args.grid_only:
+    if args.redraw:
+        saved = json.loads((out / "results.json").read_text())
+        write_outputs(out, saved["rows"], saved["proxy"], argparse.Namespace(**saved["args"]))
         print(write_grid(out, args, shapes_items(args.eval_prompts, args.seed + 1)))
         return 0
     from miro.align.proxy_reward import ProxyRewardModel, ProxyTrainConfig, make_pairs, train_proxy

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import math
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from miro.models import MiroModel, NetworkConfig, get_config
 from miro.models.layers import swiglu_hidden_dim
-from miro.models.rin import RIN
+from miro.models.rin import RIN, sincos_2d_table
 
 
 TSV = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_checkpoint_keys.tsv"
@@ -57,6 +58,33 @@ def test_published_init():
     # same generator -> same weights
     a, b = tiny(3).state_dict(), tiny(3).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sincos_position_table_closed_form():
+    grid, dim = 3, 8  # two frequencies per half: 1 and 1/100
+    t = sincos_2d_table(grid, dim)
+    assert t.shape == (9, 8)
+    for r in range(grid):
+        for c in range(grid):
+            row = t[r * grid + c]
+            want = [math.sin(r), math.sin(r / 100), math.cos(r), math.cos(r / 100),
+                    math.sin(c), math.sin(c / 100), math.cos(c), math.cos(c / 100)]
+            assert torch.allclose(row, torch.tensor(want), atol=1e-6)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d_table(2, 6)
+
+
+def test_init_position_table_kinds():
+    net = tiny().network
+    others = {k: v.clone() for k, v in net.state_dict().items() if k != "data_pos_embedding"}
+    net.init_position_table("sincos")
+    grid = net.data_size // net.patch_size
+    assert torch.equal(net.data_pos_embedding.data, sincos_2d_table(grid, net.data_pos_embedding.shape[1]))
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in others.items())  # nothing else moves
+    net.init_position_table("published", generator=torch.Generator().manual_seed(0))
+    assert net.data_pos_embedding.abs().max() <= 0.04
+    with pytest.raises(ValueError, match="'published' or 'sincos'.*'fourier'"):
+        net.init_position_table("fourier")
 
 
 def test_self_conditioning_zero_latents_noop_only_at_init():

@@ -32,6 +32,10 @@ def test_every_experiment_composes_and_maps_variants():
     assert len(rel["rewards"]["keys"]) == 7 and rel["data"]["synthetic_caption_rate"] == 0.5
     assert rel["data"]["global_batch_size"] == 1024 and rel["trainer"]["max_steps"] == 500_000
     assert (rel["computer"]["num_nodes"], rel["computer"]["devices"]) == (2, 8)
+    assert rel["position_init"] == "published" and rel["ema_warmup"] is False  # the release recipe as published
+    for name in ("shapes_miro", "shapes_baseline", "shapes_only_counting"):
+        shp = OmegaConf.to_container(cli.compose([f"experiment={name}"]), resolve=True)
+        assert shp["position_init"] == "sincos" and shp["ema_warmup"] is True
     no_clip = OmegaConf.to_container(cli.compose(["experiment=no_clip"]), resolve=True)
     assert "clip_score" not in no_clip["rewards"]["keys"] and len(no_clip["rewards"]["keys"]) == 6
     assert OmegaConf.to_container(cli.compose(["experiment=multi_cad"]))["data"]["synthetic_caption_rate"] == 0.0

@@ -160,6 +160,27 @@ def test_on_the_fly_text_cache_matches_fresh_encoding():
     assert len(m._text_cache) == 2 and "a b" not in m._text_cache  # LRU bound
 
 
+def test_position_init_reaches_the_model_and_every_ema_copy():
+    from miro.models import get_config
+    from miro.models.rin import sincos_2d_table
+    from miro.train.module import MiroLightningModule
+
+    cfg = get_config("tiny")
+    grid = cfg["network"]["data_size"] // cfg["network"]["patch_size"]
+    table = sincos_2d_table(grid, cfg["network"]["data_dim"])
+    m = MiroLightningModule({"model_config": cfg, "position_init": "sincos", "ema_decays": [0.9, 0.99]})
+    assert torch.equal(m.model.network.data_pos_embedding.data, table)
+    for i in range(2):
+        assert torch.equal(m.ema_model(i).network.data_pos_embedding, table)
+    published = MiroLightningModule({"model_config": cfg})
+    assert published.model.network.data_pos_embedding.abs().max() <= 0.04
+    # only the table differs from the published init of the same seed
+    a, b = m.model.state_dict(), published.model.state_dict()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == ["network.data_pos_embedding"]
+    with pytest.raises(ValueError, match="'published' or 'sincos'"):
+        MiroLightningModule({"model_config": cfg, "position_init": "learned"})
+
+
 def test_resume_refuses_a_different_model_config(data_dir, tmp_path):
     _run(tiny_overrides(data_dir, tmp_path, steps=2, every=2, extra=["scheduler.total_steps=4"]))
     other = tiny_overrides(data_dir, tmp_path, steps=4, every=2,

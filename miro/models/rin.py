@@ -29,7 +29,7 @@ from miro.models.layers import (
     TimeEmbedder,
 )
 
-__all__ = ["RIN", "RINBlock", "DROPOUT_STRATEGIES"]
+__all__ = ["RIN", "RINBlock", "DROPOUT_STRATEGIES", "sincos_2d_table"]
 
 
 
@@ -97,6 +97,22 @@ class RINBlock(nn.Module):
         if write:
             x = self.writer_ca(x, z, generator=generator)
         return x, z
+
+
+def sincos_2d_table(grid: int, dim: int) -> Tensor:
+    """(grid*grid, dim) 2-D sine-cosine positions, tokens row-major (MAE's ``get_2d_sincos_pos_embed``
+    layout: first half of the channels from the row index, second half from the column; each
+    half is [sin | cos] over dim/4 frequencies 1/10000^(k/(dim/4)))."""
+    if dim % 4:
+        raise ValueError(f"a 2-D sine-cosine table needs a width divisible by 4; got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    pos = torch.arange(grid, dtype=torch.float64)
+    ang = pos[:, None] * omega[None]  # (grid, dim/4)
+    axis = torch.cat([ang.sin(), ang.cos()], dim=1)  # (grid, dim/2)
+    rows = axis[:, None, :].expand(grid, grid, dim // 2)
+    cols = axis[None, :, :].expand(grid, grid, dim // 2)
+    return torch.cat([rows, cols], dim=-1).reshape(grid * grid, dim).float()
 
 
 def _compiling() -> bool:
@@ -251,6 +267,25 @@ class RIN(nn.Module):
         for name, buf in self.named_buffers():
             if buf.dtype == torch.bool:
                 buf.fill_(True)
+
+    @torch.no_grad()
+    def init_position_table(self, kind: str = "published", generator: torch.Generator | None = None) -> None:
+        """(Re)initialise ``data_pos_embedding``: ``published`` (trunc-normal, std 0.02) or ``sincos``.
+
+        ``sincos`` is the fixed 2-D sine-cosine table of MAE/DiT (half the channels encode the
+        row, half the column; frequencies 1/10000^(2i/d)), here only as the *starting point* of
+        the learned table. The published table starts 50x smaller than the ``data_ln`` output it
+        is added to, so small from-scratch runs learn position last: samples are patch mosaics
+        whose patches pick colours independently (docs/training.md). Tensor names and shapes are
+        unchanged; the release recipe keeps ``published``.
+        """
+        if kind == "published":
+            nn.init.trunc_normal_(self.data_pos_embedding, std=0.02, a=-0.04, b=0.04, generator=generator)
+        elif kind == "sincos":
+            grid = self.data_size // self.patch_size
+            self.data_pos_embedding.copy_(sincos_2d_table(grid, self.data_pos_embedding.shape[1]))
+        else:
+            raise ValueError(f"position table init must be 'published' or 'sincos'; got {kind!r}")
 
     # ------------------------------------------------------------------ helpers
     def patchify(self, y: Tensor) -> Tensor:

@@ -38,6 +38,7 @@ common overrides:
   init_from=CKPT|PIPELINE    warm start a fresh run from a checkpoint's weights (init_weights=ema|raw)
                              or a pipeline (built-in name, folder, hub id); fresh optimizer and data
   ema_warmup=true            EMA decay min(d, (1+n)/(10+n)) at step n (short runs)
+  position_init=sincos       start the learned patch-position table from a 2-D sine-cosine table
 
 options:
   --print-config             print the composed config and exit
@@ -157,6 +158,7 @@ def build(cfg: dict):
         "scheduler": dict(cfg["scheduler"]),
         "ema_decays": list(cfg["ema_decays"]),
         "ema_warmup": bool(cfg.get("ema_warmup", False)),
+        "position_init": str(cfg.get("position_init", "published")),
         "seed": int(cfg["seed"]),
         "compile": bool(cfg.get("compile", False)),
         "uninformative_rewards": uninformative,

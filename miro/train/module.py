@@ -8,7 +8,8 @@ Hyper-parameters are one plain dict (``save_hyperparameters``), so checkpoints l
 * ``loss`` — :class:`miro.models.flow.LossConfig` fields;
 * ``optimizer`` / ``scheduler`` — :class:`~miro.train.optim.OptimizerConfig` /
   :class:`~miro.train.optim.SchedulerConfig` fields;
-* ``ema_decays`` (list, first = exported), ``ema_warmup`` (see :mod:`miro.train.ema`), ``seed``, ``compile`` (torch.compile the model);
+* ``ema_decays`` (list, first = exported), ``ema_warmup`` (see :mod:`miro.train.ema`),
+  ``position_init`` (``published`` or ``sincos``, :meth:`miro.models.RIN.init_position_table`), ``seed``, ``compile`` (torch.compile the model);
 * ``uninformative_rewards`` — baselines: feed U(0, 1) noise instead of the sample's rewards.
 
 Randomness: every micro-batch draws its time, noise, dropout and VAE-sampling randomness from a
@@ -74,6 +75,9 @@ class MiroLightningModule(LightningModule):
         seed = int(hp.get("seed", 0))
         g = torch.Generator().manual_seed(seed if init_seed is None else init_seed)
         self.model = MiroModel.from_config(dict(hp["model_config"]), generator=g)
+        if hp.get("position_init", "published") != "published":
+            # Before the EMA copies are taken, so that they start from the same table.
+            self.model.network.init_position_table(str(hp["position_init"]))
         self.ema = EMA(self.model, list(hp.get("ema_decays", [0.9999])), warmup=bool(hp.get("ema_warmup", False)))
         if uncond_embedding is None:
             uncond_embedding = torch.zeros(1, self.model.network.label_dim)

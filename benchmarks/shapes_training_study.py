@@ -69,15 +69,16 @@ def shapes_eval(pipe, items, outdir: Path, gcfg) -> dict:
     return score_folder(outdir, progress=False)
 
 
-def checkpoints(run_dir: Path, every: int) -> list[tuple[int, Path]]:
-    """The run's ``step=<k>.ckpt`` files whose step is a multiple of ``every``, sorted."""
+def checkpoints(run_dir: Path, every: int, at: set[int] | None = None) -> list[tuple[int, Path]]:
+    """The run's ``step=<k>.ckpt`` files whose step is a multiple of ``every`` (or in ``at``), sorted."""
     found = []
     for p in run_dir.glob("step=*.ckpt"):
         m = re.fullmatch(r"step=(\d+)\.ckpt", p.name)
-        if m and int(m.group(1)) % every == 0:
+        if m and (int(m.group(1)) in at if at else int(m.group(1)) % every == 0):
             found.append((int(m.group(1)), p))
     if not found:
-        raise ValueError(f"{run_dir}: no step=<k>.ckpt with k a multiple of {every}")
+        which = f"k in {sorted(at)}" if at else f"k a multiple of {every}"
+        raise ValueError(f"{run_dir}: no step=<k>.ckpt with {which}")
     return sorted(found)
 
 
@@ -108,20 +109,20 @@ def cmd_convergence(args) -> int:
 
     items = eval_items(args.stride)
     gcfg = GenerateConfig(n_samples=args.n_samples, steps=args.steps, cfg=args.cfg, seed=args.seed, batch_size=32)
-    rows = []
     out = Path(args.out)
     done = {}
     csv_path = out / "convergence.csv"
-    if csv_path.is_file():  # resume: checkpoints already scored are not generated again
+    if csv_path.is_file():  # resume: checkpoints already scored are kept and not generated again
         for r in csv.DictReader(open(csv_path)):
             done[(r["run"], int(r["step"]))] = r
+    rows = list(done.values())
     for spec in args.run:
         name, _, run_dir = spec.partition("=")
-        for step, ckpt in checkpoints(Path(run_dir), args.every):
+        at = {int(k) for k in args.at_steps.split(",")} if args.at_steps else None
+        for step, ckpt in checkpoints(Path(run_dir), args.every, at):
             if args.max_step and step > args.max_step:
                 continue
             if (name, step) in done:
-                rows.append(done[(name, step)])
                 continue
             import torch
 
@@ -255,6 +256,7 @@ def main(argv=None) -> int:
     c.add_argument("--run", action="append", required=True, help="NAME=CHECKPOINT_DIR (names miro and baseline "
                    "give the speed-up)")
     c.add_argument("--every", type=int, default=500, help="use step=<k>.ckpt with k a multiple of this")
+    c.add_argument("--at-steps", default="", help="comma-separated checkpoint steps to use instead of --every")
     c.add_argument("--max-step", type=int, default=0, help="ignore checkpoints after this step (0: none)")
     k = sub.add_parser("controllability", parents=[common], help="Spearman of target vs measured reward")
     k.add_argument("--model", required=True, help=".ckpt, pipeline folder or built-in name")

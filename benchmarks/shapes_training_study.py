@@ -227,6 +227,7 @@ def cmd_table(args) -> int:
         score_folder(d, scorers, d / "rewards.jsonl", progress=False)
         recs = merge_records(read_jsonl(d / "rewards.jsonl")).values()
         row = {"model": name, "shapes_eval": ev["overall"],
+               **{f"cat_{k}": t["accuracy"] for k, t in ev["tags"].items()},
                **{k: sum(r[k] for r in recs) / len(recs) for k in SHAPES_KEYS}}
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -181,3 +181,32 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_world, tmp_path):
         got = MiroPipeline.from_pretrained(out / "pipeline").model.state_dict()
         for k in ref:
             torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.slow  # two DDP ranks on the CPU (gloo), one process each
+def test_ddp_two_ranks_with_gradient_accumulation(tiny_world, tmp_path):
+    # Full fine-tune through Lightning Fabric's DDP: every trainable parameter must get a gradient
+    # on every rank (the pretraining-only log-variance head is frozen, see MiroTarget).
+    import os
+    import subprocess
+    import sys
+
+    from miro.pipeline import MiroPipeline
+
+    root, bert = tiny_world
+    ProxyRewardModel(ProxyConfig(width=8, dim=16, text_encoder=str(bert), text_dim=24, max_text_len=16)).save(tmp_path / "proxy")
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "miro.cli", "align", f"target.model={root / 'pipe'}", f"data.prompts={root / 'prompts.jsonl'}",
+           "rollout_steps=2", "train.max_steps=2", f"train.out_dir={out}", "train.progress=false", "prompts.control_words=false",
+           "optim.lr=1e-3", "reward.name=shapes_proxy", f"reward.path={tmp_path / 'proxy'}", "train.accelerator=cpu",
+           "train.devices=2", "train.strategy=ddp", "train.grad_accum=2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    steps = [json.loads(s)["step"] for s in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    tuned = MiroPipeline.from_pretrained(out / "pipeline").model.state_dict()
+    base = MiroPipeline.from_pretrained(root / "pipe").model.state_dict()
+    changed = {k for k in base if not torch.equal(tuned[k], base[k])}
+    assert any(k.startswith("network.") for k in changed)
+    assert not any("logvar_proj" in k for k in changed)

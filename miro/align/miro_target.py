@@ -49,6 +49,11 @@ class MiroTarget:
         # come frozen for inference.
         if not any("lora_" in n for n, _ in self.model.named_parameters()):
             self.model.requires_grad_(True)
+            # The EDM2 log-variance head only reweights the pretraining loss; SRPO never calls it,
+            # and a trainable parameter without a gradient stops DDP ("did not receive grad").
+            logvar = getattr(self.model.preconditioning, "logvar_proj", None)
+            if logvar is not None:
+                logvar.requires_grad_(False)
 
     @property
     def image_size(self) -> tuple[int, int]:

@@ -100,9 +100,9 @@ class RINBlock(nn.Module):
 
 
 def sincos_2d_table(grid: int, dim: int) -> Tensor:
-    """(grid*grid, dim) 2-D sine-cosine positions, tokens row-major (MAE's ``get_2d_sincos_pos_embed``
-    layout: first half of the channels from the row index, second half from the column; each
-    half is [sin | cos] over dim/4 frequencies 1/10000^(k/(dim/4)))."""
+    """(grid*grid, dim) 2-D sine-cosine positions in the style of MAE/DiT, tokens row-major: the
+    first half of the channels from the row index, the second half from the column, each half
+    [sin | cos] over dim/4 frequencies 1/10000^(k/(dim/4))."""
     if dim % 4:
         raise ValueError(f"a 2-D sine-cosine table needs a width divisible by 4; got {dim}")
     quarter = dim // 4

@@ -82,6 +82,14 @@ def checkpoints(run_dir: Path, every: int, at: set[int] | None = None) -> list[t
     return sorted(found)
 
 
+def overall_se(row: dict, tag_counts: dict[str, int]) -> float:
+    """Binomial standard error of ShapesEval overall (the mean of per-category accuracies):
+    sqrt(sum_c p_c (1 - p_c) / n_c) / C, with n_c the images of category c in the subset."""
+    terms = [float(row[f"cat_{t}"]) * (1 - float(row[f"cat_{t}"])) / n for t, n in tag_counts.items()
+             if row.get(f"cat_{t}") not in (None, "")]
+    return (sum(terms) ** 0.5) / len(terms) if terms else float("nan")
+
+
 def samples_to_reach(curve: list[tuple[int, float]], score: float) -> float | None:
     """First sample count at which ``curve`` (samples, score) reaches ``score`` (interpolated)."""
     prev = None
@@ -135,17 +143,22 @@ def cmd_convergence(args) -> int:
             print(json.dumps(row), flush=True)
             _write_csv(csv_path, rows)
     _write_csv(csv_path, rows)
-    curves = {}
+    tag_counts: dict[str, int] = {}
+    for it in items:
+        tag_counts[it.metadata["tag"]] = tag_counts.get(it.metadata["tag"], 0) + args.n_samples
+    curves, errors = {}, {}
     for r in rows:
         curves.setdefault(r["run"], []).append((int(r["samples"]), float(r["overall"])))
+        errors.setdefault(r["run"], []).append((int(r["samples"]), overall_se(r, tag_counts)))
     curves = {k: sorted(v) for k, v in curves.items()}
-    result = {"curves": curves, "items": len(items), "n_samples": args.n_samples, "steps": args.steps,
-              "cfg": args.cfg, "weights": args.weights}
+    errors = {k: sorted(v) for k, v in errors.items()}
+    result = {"curves": curves, "standard_errors": errors, "items": len(items), "n_samples": args.n_samples,
+              "steps": args.steps, "cfg": args.cfg, "weights": args.weights}
     if "miro" in curves and "baseline" in curves:
         result["speedup"] = speedup(curves["miro"], curves["baseline"])
         print("speed-up:", json.dumps(result["speedup"]))
     (out / "convergence.json").write_text(json.dumps(result, indent=2))
-    _plot_convergence(curves, out / "convergence.png", result.get("speedup"))
+    _plot_convergence(curves, errors, out / "convergence.png", result.get("speedup"))
     return 0
 
 
@@ -158,7 +171,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def _plot_convergence(curves: dict, path: Path, sp: dict | None) -> None:
+def _plot_convergence(curves: dict, errors: dict, path: Path, sp: dict | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -166,14 +179,15 @@ def _plot_convergence(curves: dict, path: Path, sp: dict | None) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, c in curves.items():
-        ax.plot([s / 1000 for s, _ in c], [v for _, v in c], marker="o", ms=3, label=name)
+        ax.errorbar([s / 1000 for s, _ in c], [v for _, v in c], yerr=[e for _, e in errors[name]], marker="o",
+                    ms=3, capsize=2, label=name)
     if sp and sp.get("speedup"):
         ax.axhline(sp["baseline_final_score"], color="grey", lw=0.8, ls="--")
         ax.set_title(f"ShapesEval vs samples (speed-up x{sp['speedup']:.2f})")
     else:
         ax.set_title("ShapesEval vs samples")
     ax.set_xlabel("training samples (thousands)")
-    ax.set_ylabel("ShapesEval overall (subset)")
+    ax.set_ylabel("ShapesEval overall (subset, ±1 s.e.)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -124,9 +124,9 @@ def cmd_convergence(args) -> int:
         for r in csv.DictReader(open(csv_path)):
             done[(r["run"], int(r["step"]))] = r
     rows = list(done.values())
+    at = {int(k) for k in args.at_steps.split(",")} if args.at_steps else None
     for spec in args.run:
         name, _, run_dir = spec.partition("=")
-        at = {int(k) for k in args.at_steps.split(",")} if args.at_steps else None
         for step, ckpt in checkpoints(Path(run_dir), args.every, at):
             if args.max_step and step > args.max_step:
                 continue

@@ -115,6 +115,11 @@ def sincos_2d_table(grid: int, dim: int) -> Tensor:
     return torch.cat([rows, cols], dim=-1).reshape(grid * grid, dim).float()
 
 
+def _trunc_normal_published(p: Tensor, generator: torch.Generator | None) -> None:
+    """The published init of the learned tables: trunc-normal, std 0.02, bounds +-0.04 (spec §2.6)."""
+    nn.init.trunc_normal_(p, std=0.02, a=-0.04, b=0.04, generator=generator)
+
+
 def _compiling() -> bool:
     compiler = getattr(torch, "compiler", None)
     return bool(compiler is not None and compiler.is_compiling())
@@ -258,8 +263,9 @@ class RIN(nn.Module):
             elif isinstance(m, SelfAttentionBlock) and m.use_layer_scale:
                 m.layer_scale_1.fill_(m.layer_scale_value)
                 m.layer_scale_2.fill_(m.layer_scale_value)
-        for p in (self.data_pos_embedding, self.latents, self.text_registers, self.coherence_positional_embedding):
-            nn.init.trunc_normal_(p, std=0.02, a=-0.04, b=0.04, generator=generator)
+        self.init_position_table("published", generator)  # first: the published draw order
+        for p in (self.latents, self.text_registers, self.coherence_positional_embedding):
+            _trunc_normal_published(p, generator)
         if self.use_self_conditioning:
             # Zero weight *and* bias: self-conditioning is a no-op at init only (spec §2.2, §2.6).
             self.ln_previous_2.weight.zero_()
@@ -270,17 +276,16 @@ class RIN(nn.Module):
 
     @torch.no_grad()
     def init_position_table(self, kind: str = "published", generator: torch.Generator | None = None) -> None:
-        """(Re)initialise ``data_pos_embedding``: ``published`` (trunc-normal, std 0.02) or ``sincos``.
+        """(Re)initialise ``data_pos_embedding``: ``published`` (trunc-normal, std 0.02) or ``sincos``
+        (:func:`sincos_2d_table`, only as the *starting point* of the learned table).
 
-        ``sincos`` is the fixed 2-D sine-cosine table of MAE/DiT (half the channels encode the
-        row, half the column; frequencies 1/10000^(2i/d)), here only as the *starting point* of
-        the learned table. The published table starts 50x smaller than the ``data_ln`` output it
-        is added to, so small from-scratch runs learn position last: samples are patch mosaics
-        whose patches pick colours independently (docs/training.md). Tensor names and shapes are
-        unchanged; the release recipe keeps ``published``.
+        The published table starts 50x smaller than the ``data_ln`` output it is added to, so small
+        from-scratch runs learn position last: samples are patch mosaics whose patches pick colours
+        independently (docs/training.md). Tensor names and shapes are unchanged; the release recipe
+        keeps ``published``.
         """
         if kind == "published":
-            nn.init.trunc_normal_(self.data_pos_embedding, std=0.02, a=-0.04, b=0.04, generator=generator)
+            _trunc_normal_published(self.data_pos_embedding, generator)
         elif kind == "sincos":
             grid = self.data_size // self.patch_size
             self.data_pos_embedding.copy_(sincos_2d_table(grid, self.data_pos_embedding.shape[1]))

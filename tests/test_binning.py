@@ -29,11 +29,19 @@ def test_closed_form_four_bins():
     np.testing.assert_allclose(got, [0, 0, 1 / 3, 2 / 3, 1, 1, 1])
 
 
-def test_ties_take_middle_bin_and_nan_is_kept():
-    scores = np.array([0.0] * 50 + [1.0] * 50)
-    b = RewardBins.fit({"binary": scores}, num_bins=8)
-    lo, hi = b.value("binary", 0.0), b.value("binary", 1.0)
-    assert 0.0 < lo < 0.5 < hi <= 1.0
+def test_interior_ties_take_middle_bin_extremes_are_pinned_and_nan_is_kept():
+    # 8 bins of a discrete reward, {0: 1/4, 0.5: 1/4, 1: 1/2} of the mass.
+    b = RewardBins(8, {"r": [0.0, 0.0, 0.5, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0]})
+    # 0.5 equals edges[2] and edges[3], spanning bins 1-3: its middle bin is 2, value 2/7.
+    assert b.value("r", 0.5) == pytest.approx(2 / 7)
+    # The best score is the strongest value and the worst the weakest, although a mid-rank
+    # would put 1.0 at bin 5 (5/7) and 0.0 at bin 1 (1/7).
+    assert b.value("r", 1.0) == 1.0 and b.value("r", 0.0) == 0.0
+    assert b.value("r", 2.0) == 1.0 and b.value("r", -1.0) == 0.0
+    binary = RewardBins.fit({"binary": np.array([0.0] * 50 + [1.0] * 50)}, num_bins=8)
+    assert binary.value("binary", 0.0) == 0.0 and binary.value("binary", 1.0) == 1.0
+    assert RewardBins.fit({"c": np.full(10, 0.3)}, num_bins=4).value("c", 0.3) == 0.0  # constant
+    b = binary
     assert math.isnan(b.value("binary", float("nan")))
     vals = b.values({"binary": None})
     assert math.isnan(vals["binary"])

@@ -11,10 +11,14 @@ paper describes; the quantile construction follows CAD's coherence binning (CAD
 Edges per reward are ``B + 1`` quantiles of the data at ``linspace(0, 1, B + 1)``. A score ``s``
 falls in bin ``i`` when ``edges[i] <= s < edges[i + 1]`` (scores below the first edge go to bin
 0, at or above the last inner edge to bin B - 1). Discrete rewards produce runs of equal edges;
-a score equal to a repeated edge takes the *middle* bin of the bins that value spans (its
-mid-rank), so a reward with two values at 50/50 maps to about 0.25 and 0.75 rather than
-collapsing every sample onto one side. NaN or missing scores stay NaN (the model treats them as
-published: value 0 in training, zero embedding at inference).
+a score equal to a repeated *interior* edge takes the middle bin of the bins that value spans
+(its mid-rank) rather than collapsing onto one side of the run. The two ends are pinned: a score
+at or above the data's maximum (the last edge) is bin B - 1, value 1.0, and one at or below its
+minimum (the first edge) is bin 0, value 0.0, however much mass sits there. Without the pin a
+reward whose best score is common (Shapes alignment: 1.0 for ~75 % of samples) would top out at
+its mid-rank (~0.6), so the default inference target 1.0 ("strongest") would be a value the model
+never saw in training. NaN or missing scores stay NaN (the model treats them as published: value
+0 in training, zero embedding at inference).
 
 On disk (``reward_bins.json`` beside a run and inside an exported pipeline folder)::
 
@@ -60,6 +64,10 @@ def bin_index(edges: np.ndarray | list[float], scores) -> np.ndarray:
     # hi is the standard "edges[i] <= s" bin. A score equal to k edges spans bins lo..hi (k = hi - lo);
     # the middle bin ceil((lo + hi) / 2) equals hi for k <= 1 and the mid-rank for a tie run.
     idx = np.ceil((lo + hi) / 2.0)
+    # The data's extremes keep the extreme values 0 and 1 (module docstring); the minimum pin comes
+    # last, so a constant reward (every edge equal) maps to 0.
+    idx = np.where(s >= e[-1], nb - 1, idx)
+    idx = np.where(s <= e[0], 0, idx)
     idx = np.clip(idx, 0, nb - 1).astype(np.float64)
     return np.where(np.isnan(s), np.nan, idx)
 

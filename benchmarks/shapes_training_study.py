@@ -9,7 +9,8 @@ that two checkpoints are compared on exactly the same prompts and noise:
   baseline needs to reach its final score, divided by the samples MIRO needs to reach that score
   (linear interpolation between checkpoints). Writes ``convergence.csv``, ``convergence.json``
   and ``convergence.png``.
-* ``controllability`` — for each reward, its target swept over 9 values in [0, 1] with the other
+* ``controllability`` — for each reward, its target swept over 9 values in [0, 1] (``--targets
+  trained``: the values it took in training, :func:`miro.eval.sweep.trained_targets`) with the other
   targets fixed (:func:`miro.eval.sweep.run_sweep`), the reward measured by its exact Shapes
   scorer; Spearman's rho between target and the mean measured reward (and over single images).
   Writes ``controllability.json``, one ``sweep.json`` + grid image per reward.
@@ -203,23 +204,26 @@ def _scorers():
 
 def cmd_controllability(args) -> int:
     from miro.eval.generate import GenerateConfig
-    from miro.eval.sweep import DEFAULT_TARGETS, run_sweep, sweep_grid
+    from miro.eval.sweep import DEFAULT_TARGETS, run_sweep, sweep_grid, trained_targets
 
     pipe = load(args.model, args.weights)
     items = eval_items(args.stride)
     base = GenerateConfig(n_samples=args.n_samples, steps=args.steps, cfg=args.cfg, seed=args.seed, batch_size=32,
                           reward_targets={k: args.others for k in pipe.coherence_keys})
     scorers, out = _scorers(), Path(args.out) / "controllability"
+    if args.targets == "trained" and pipe.reward_bins is None:
+        raise ValueError("--targets trained needs the model's reward_bins.json")
     result = {}
     for key in args.keys or pipe.coherence_keys:
         if key not in pipe.coherence_keys:
             raise ValueError(f"--keys {key!r}: the model is conditioned on {list(pipe.coherence_keys)}")
-        s = run_sweep(pipe, items, key, base, out / key, {key: scorers[key]}, DEFAULT_TARGETS, progress=False)
-        result[key] = {"spearman_means": s["spearman_means"][key], "spearman_images": s["spearman_images"][key],
-                       "means": [r[key]["mean"] for r in s["per_target"]]}
+        targets = trained_targets(pipe.reward_bins, key) if args.targets == "trained" else DEFAULT_TARGETS
+        s = run_sweep(pipe, items, key, base, out / key, {key: scorers[key]}, targets, progress=False)
+        result[key] = {"targets": list(targets), "spearman_means": s["spearman_means"][key],
+                       "spearman_images": s["spearman_images"][key], "means": [r[key]["mean"] for r in s["per_target"]]}
         sweep_grid(out / key, max_prompts=6).save(out / key / "grid.png")
         print(key, json.dumps(result[key]), flush=True)
-    summary = {"model": args.model, "targets": list(DEFAULT_TARGETS), "others": args.others, "items": len(items),
+    summary = {"model": args.model, "targets": args.targets, "others": args.others, "items": len(items),
                "n_samples": args.n_samples, "steps": args.steps, "cfg": args.cfg, "rewards": result}
     (out / "controllability.json").write_text(json.dumps(summary, indent=2))
     return 0
@@ -277,6 +281,8 @@ def main(argv=None) -> int:
     k.add_argument("--model", required=True, help=".ckpt, pipeline folder or built-in name")
     k.add_argument("--keys", nargs="*", help="rewards to sweep (default: all the model's)")
     k.add_argument("--others", type=float, default=1.0, help="target of the rewards not swept")
+    k.add_argument("--targets", choices=("grid", "trained"), default="grid",
+                   help="grid: 0, 0.125, ..., 1; trained: the values each reward took in training (<= 9)")
     t = sub.add_parser("table", parents=[common], help="every Shapes reward per model")
     t.add_argument("--model", action="append", required=True, help="NAME=SOURCE (.ckpt, folder or built-in)")
     args = p.parse_args(argv)

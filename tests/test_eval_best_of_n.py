@@ -116,3 +116,18 @@ def test_summarize_sweep_reads_scored_target_folders(tmp_path):
     assert res["spearman_geneval"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="targets"):
         S.summarize_sweep(tmp_path, "up", [0.5])
+
+
+def test_trained_targets_are_the_bin_values_seen_in_training():
+    from miro.rewards.binning import RewardBins
+
+    # A discrete reward {0: 1/4, 0.5: 1/4, 1: 1/2} over 8 bins trains on exactly 0, 2/7 and 1.
+    bins = RewardBins(8, {"d": [0.0, 0.0, 0.5, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0], "c": list(np.linspace(0, 1, 9))})
+    assert S.trained_targets(bins, "d") == pytest.approx([0.0, 2 / 7, 1.0])
+    # A continuous reward has all 8 values i/7: capped to max_n, spread by rank, ends kept.
+    assert S.trained_targets(bins, "c") == pytest.approx([i / 7 for i in range(8)])
+    assert S.trained_targets(bins, "c", max_n=3) == pytest.approx([0.0, 4 / 7, 1.0])
+    with pytest.raises(ValueError, match="no bin edges for reward 'zz'"):
+        S.trained_targets(bins, "zz")
+    with pytest.raises(ValueError, match="max_n must be >= 2"):
+        S.trained_targets(bins, "d", max_n=1)

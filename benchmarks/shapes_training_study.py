@@ -70,6 +70,20 @@ def shapes_eval(pipe, items, outdir: Path, gcfg) -> dict:
     return score_folder(outdir, progress=False)
 
 
+def parse_targets(specs: list[str] | None) -> dict[str, float]:
+    """``KEY=VALUE`` reward targets (``--reward``)."""
+    out = {}
+    for spec in specs or []:
+        key, sep, val = spec.partition("=")
+        try:
+            out[key] = float(val)
+        except ValueError:
+            sep = ""
+        if not sep or not key:
+            raise ValueError(f"--reward expects KEY=VALUE with a number; got {spec!r}")
+    return out
+
+
 def checkpoints(run_dir: Path, every: int, at: set[int] | None = None) -> list[tuple[int, Path]]:
     """The run's ``step=<k>.ckpt`` files whose step is a multiple of ``every`` (or in ``at``), sorted."""
     found = []
@@ -235,7 +249,8 @@ def cmd_table(args) -> int:
     from miro.eval.folder import read_jsonl
 
     items = eval_items(args.stride)
-    gcfg = GenerateConfig(n_samples=args.n_samples, steps=args.steps, cfg=args.cfg, seed=args.seed, batch_size=32)
+    gcfg = GenerateConfig(n_samples=args.n_samples, steps=args.steps, cfg=args.cfg, seed=args.seed, batch_size=32,
+                          reward_targets=parse_targets(args.reward))
     scorers, out, rows = _scorers(), Path(args.out) / "table", []
     for spec in args.model:
         name, _, src = spec.partition("=")
@@ -285,6 +300,7 @@ def main(argv=None) -> int:
                    help="grid: 0, 0.125, ..., 1; trained: the values each reward took in training (<= 9)")
     t = sub.add_parser("table", parents=[common], help="every Shapes reward per model")
     t.add_argument("--model", action="append", required=True, help="NAME=SOURCE (.ckpt, folder or built-in)")
+    t.add_argument("--reward", nargs="*", metavar="KEY=VALUE", help="positive reward targets (default 1.0 each)")
     args = p.parse_args(argv)
     try:
         return {"convergence": cmd_convergence, "controllability": cmd_controllability, "table": cmd_table}[args.cmd](args)

@@ -235,7 +235,7 @@ def cmd_controllability(args) -> int:
         s = run_sweep(pipe, items, key, base, out / key, {key: scorers[key]}, targets, progress=False)
         result[key] = {"targets": list(targets), "spearman_means": s["spearman_means"][key],
                        "spearman_images": s["spearman_images"][key], "means": [r[key]["mean"] for r in s["per_target"]]}
-        sweep_grid(out / key, max_prompts=6).save(out / key / "grid.png")
+        sweep_grid(out / key, targets, max_prompts=6).save(out / key / "grid.png")
         print(key, json.dumps(result[key]), flush=True)
     summary = {"model": args.model, "targets": args.targets, "others": args.others, "items": len(items),
                "n_samples": args.n_samples, "steps": args.steps, "cfg": args.cfg, "rewards": result}

@@ -15,7 +15,7 @@ a score equal to a repeated *interior* edge takes the middle bin of the bins tha
 (its mid-rank) rather than collapsing onto one side of the run. The two ends are pinned: a score
 at or above the data's maximum (the last edge) is bin B - 1, value 1.0, and one at or below its
 minimum (the first edge) is bin 0, value 0.0, however much mass sits there. Without the pin a
-reward whose best score is common (Shapes alignment: 1.0 for ~75 % of samples) would top out at
+reward whose best score is common (Shapes alignment: 1.0 for ~78 % of samples) would top out at
 its mid-rank (~0.6), so the default inference target 1.0 ("strongest") would be a value the model
 never saw in training. NaN or missing scores stay NaN (the model treats them as published: value
 0 in training, zero embedding at inference).

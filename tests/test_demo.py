@@ -279,7 +279,10 @@ def test_cli_serves_a_saved_pipeline_and_stops_on_ctrl_c(pipe, tmp_path):
     folder = pipe.save_pretrained(tmp_path / "pipe")
     cmd = [sys.executable, "-m", "miro.demo.server", "--model", str(folder), "--port", "0",
            "--device", "cpu", "--threads", "1", "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell's background job (nohup ... &, a CI runner) starts with SIGINT ignored, and a child
+    # inherits that; give the server a terminal's default disposition, as when a user runs it.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         url, lines = None, []
         deadline = time.monotonic() + 60

@@ -70,20 +70,6 @@ def shapes_eval(pipe, items, outdir: Path, gcfg) -> dict:
     return score_folder(outdir, progress=False)
 
 
-def parse_targets(specs: list[str] | None) -> dict[str, float]:
-    """``KEY=VALUE`` reward targets (``--reward``)."""
-    out = {}
-    for spec in specs or []:
-        key, sep, val = spec.partition("=")
-        try:
-            out[key] = float(val)
-        except ValueError:
-            sep = ""
-        if not sep or not key:
-            raise ValueError(f"--reward expects KEY=VALUE with a number; got {spec!r}")
-    return out
-
-
 def checkpoints(run_dir: Path, every: int, at: set[int] | None = None) -> list[tuple[int, Path]]:
     """The run's ``step=<k>.ckpt`` files whose step is a multiple of ``every`` (or in ``at``), sorted."""
     found = []
@@ -244,13 +230,13 @@ def cmd_controllability(args) -> int:
 
 
 def cmd_table(args) -> int:
-    from miro.eval.generate import GenerateConfig
+    from miro.eval.generate import GenerateConfig, parse_reward_args
     from miro.eval.rewards import merge_records, score_folder
     from miro.eval.folder import read_jsonl
 
     items = eval_items(args.stride)
     gcfg = GenerateConfig(n_samples=args.n_samples, steps=args.steps, cfg=args.cfg, seed=args.seed, batch_size=32,
-                          reward_targets=parse_targets(args.reward))
+                          reward_targets=parse_reward_args(args.reward))
     scorers, out, rows = _scorers(), Path(args.out) / "table", []
     for spec in args.model:
         name, _, src = spec.partition("=")

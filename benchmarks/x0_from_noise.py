@@ -28,15 +28,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="PNG of x̂0 (one row per gamma)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    from miro.generate_cli import load_pipeline
     from miro.models.flow import x0_from_velocity
+    from shapes_training_study import load  # beside this script: .ckpt raw weights or any pipeline
 
-    if args.model.endswith(".ckpt"):
-        from miro.train.convert import pipeline_from_checkpoint
-
-        pipe = pipeline_from_checkpoint(args.model, None)
-    else:
-        pipe = load_pipeline(args.model)
+    pipe = load(args.model, "raw")
     model = pipe.model.eval()
     caps = [p for p in PROMPTS for _ in range(args.per_prompt)]
     emb, mask = pipe.encode_prompt(caps)

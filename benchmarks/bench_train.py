@@ -1,6 +1,6 @@
 """Training throughput of the `shapes_miro` recipe on CPU, and data-loading throughput alone.
 
-    python benchmarks/bench_train.py [--data DIR] [--steps 20] [--threads 2]
+    python benchmarks/bench_train.py [--data DIR] [--steps 20] [--threads 2] [HYDRA_OVERRIDE ...]
 
 Without ``--data`` a 1,000-sample Shapes dataset is written to a temporary folder first
 (``miro shapes make-dataset``). Training = one full optimizer step of the LightningModule
@@ -28,6 +28,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--load-batches", type=int, default=60)
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides of the recipe, e.g. "
+                    "+model.overrides.network.patch_size=2")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory()
@@ -42,7 +44,7 @@ def main() -> None:
 
     cfg = OmegaConf.to_container(cli.compose([
         "experiment=shapes_miro", f"data_dir={data}", f"root_dir={tmp.name}/run", "image_logger.enabled=false",
-        "logger=none", f"computer.threads={args.threads}"]), resolve=True)
+        "logger=none", f"computer.threads={args.threads}", *args.overrides]), resolve=True)
     module, dm, trainer, _ = cli.build(cfg)
     dm.prepare()
     bs = dm.cfg.batch_size
@@ -79,8 +81,8 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
     train_sps = bs * len(times) / sum(times)
     n_params = sum(p.numel() for p in module.model.parameters())
-    print(f"shapes_miro: {n_params / 1e6:.2f}M params, batch {bs}, text {dm.cfg.text_source}, "
-          f"threads {args.threads}")
+    print(f"shapes_miro {' '.join(args.overrides)}: {n_params / 1e6:.2f}M params, batch {bs}, "
+          f"text {dm.cfg.text_source}, threads {args.threads}")
     print(f"training: {train_sps:.1f} samples/s ({1000 * sum(times) / len(times):.0f} ms/step)")
     for w, sps in results.items():
         print(f"data loading, {w} workers: {sps:.1f} samples/s ({sps / train_sps:.1f}x training)")

@@ -105,7 +105,7 @@ def test_logit_normal_matches_torch_normal_draw():
 def test_flow_precond_formulas():
     pre = FlowPrecond(num_latents=3, latents_dim=4, sigma_data=0.5, logvar_channels=8)
     gamma = torch.tensor([0.0, 1.0, 0.3])
-    c_in, c_out = pre.scalings(gamma)
+    c_in, c_out, c_skip = pre.scalings(gamma)
     torch.testing.assert_close(c_in.flatten(), torch.tensor([1.0, 2.0, 1 / math.sqrt(0.15**2 + 0.7**2)]))
     torch.testing.assert_close(c_out.flatten(), torch.full((3,), math.sqrt(1.25)))
     assert c_in.shape == (3, 1, 1, 1)
@@ -125,6 +125,38 @@ def test_flow_precond_formulas():
     off = FlowPrecond(num_latents=3, latents_dim=4, do_normalization=False, do_gradnorm_reweighting=False)
     assert not hasattr(off, "logvar_proj")
     assert torch.equal(off.scalings(gamma)[0], torch.ones(3, 1, 1, 1))
+
+
+def test_flow_precond_skip_closed_form():
+    """``skip``: F's target (v - c_skip x) / c_out has unit variance and is uncorrelated with x at
+    every gamma when x0 has std sigma_d (Monte Carlo), and a zero network predicts the data mean."""
+    sd = 0.5
+    pre = FlowPrecond(num_latents=3, latents_dim=4, do_normalization="skip", sigma_data=sd, logvar_channels=8)
+    gamma = torch.tensor([0.05, 0.3, 0.7, 0.95])
+    c_in, c_out, c_skip = pre.scalings(gamma)
+    torch.testing.assert_close(c_in, FlowPrecond(3, 4, sigma_data=sd).scalings(gamma)[0])  # same c_in
+    torch.testing.assert_close(c_out, sd * c_in)
+    g = torch.Generator().manual_seed(0)
+    x0 = sd * torch.randn(4, 200_000, generator=g)
+    eps = torch.randn(4, 200_000, generator=g)
+    x = interpolate(x0, eps, gamma[:, None])
+    r = (velocity_target(x0, eps) - c_skip.reshape(4, 1) * x) / c_out.reshape(4, 1)
+    torch.testing.assert_close(r.var(dim=1), torch.ones(4), atol=0.02, rtol=0)
+    for i in range(4):
+        assert abs(torch.corrcoef(torch.stack([r[i], x[i]]))[0, 1]) < 0.01
+
+    def net(y, g, emb, mask, coh, prev, generator=None, latents_only=False):
+        return y * 2.0, prev
+
+    y = torch.randn(4, 2, 4, 4)
+    out, _ = pre(net, y, gamma, torch.zeros(4, 1, 5), torch.ones(4, 1, dtype=torch.bool))
+    torch.testing.assert_close(out, 2.0 * y * c_in * c_out + c_skip * y)
+    zero = lambda y, *a, **k: (torch.zeros_like(y), a[3])  # noqa: E731
+    noise = torch.randn(2, 2, 4, 4, generator=g)
+    v, _ = pre(zero, noise, torch.zeros(2), torch.zeros(2, 1, 5), torch.ones(2, 1, dtype=torch.bool))
+    torch.testing.assert_close(x0_from_velocity(noise, v, 0.0), torch.zeros_like(noise))
+    with pytest.raises(ValueError, match="do_normalization='edm'.*'skip'"):
+        FlowPrecond(do_normalization="edm")
 
 
 def test_drop_text_semantics():

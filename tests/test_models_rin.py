@@ -168,6 +168,7 @@ def test_reward_dropout_rates(strategy):
         ("coherence_keys", [], "coherence_keys"),
         ("coherence_dropout", 1.0, "coherence_dropout"),
         ("num_blocks", 0, "num_blocks"),
+        ("data_norm", "layer", "data_norm.*allowed: rms, none"),
     ],
 )
 def test_bad_network_config_raises(key, value, match):
@@ -203,9 +204,39 @@ def test_network_config_fields_are_published_keys():
     assert set(published) <= fields
     extra = fields - set(published)
     assert extra == {"compute_dropout", "rw_stochastic_depth", "compute_stochastic_depth", "num_text_registers",
-                     "coherence_dropout", "dropout_strategy"}
+                     "coherence_dropout", "dropout_strategy", "data_norm"}
     rel = get_config("release")["network"]
     assert {k: rel[k] for k in published} == published
+
+
+def test_data_norm_rms_discards_patch_scale_and_none_keeps_it():
+    """Closed form: with a zero extractor bias, RMSNorm(W (c p)) = RMSNorm(W p) for c > 0, so the
+    published net gives the same tokens, hence the same output, for x and 3 x. Without the norm
+    the tokens are linear in the patch (minus the position table) and the output changes."""
+    g = torch.Generator().manual_seed(0)
+    side = get_config("tiny")["network"]["data_size"]
+    x = torch.randn(2, 3, side, side, generator=g)
+    for norm in ("rms", "none"):
+        cfg = get_config("tiny")
+        cfg["network"]["data_norm"] = norm
+        net = MiroModel.from_config(cfg, generator=torch.Generator().manual_seed(1)).network.eval()
+        assert (net.data_ln is None) == (norm == "none")
+        assert ("data_ln.weight" in net.state_dict()) == (norm == "rms")
+        with torch.no_grad():
+            assert torch.all(net.patch_extractor.bias == 0)  # the published init
+            emb, mask = torch.randn(2, 4, 384, generator=g), torch.ones(2, 4, dtype=torch.bool)
+            outs = [net(c * x, torch.tensor([0.3, 0.7]), emb, mask, {})[0] for c in (1.0, 3.0)]
+            feats = [net.patch_extractor(net.patchify(c * x)) for c in (1.0, 3.0)]
+        if norm == "rms":
+            torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+        else:
+            torch.testing.assert_close(feats[1], 3 * feats[0])
+            assert (outs[1] - outs[0]).abs().max() > 1e-2
+    # config.json: a published-architecture network has no data_norm key; the extension round-trips
+    rel = NetworkConfig.from_dict(get_config("tiny")["network"])
+    assert "data_norm" not in rel.to_dict()
+    ext = NetworkConfig.from_dict({**get_config("tiny")["network"], "data_norm": "none"})
+    assert NetworkConfig.from_dict(ext.to_dict()).data_norm == "none"
 
 
 def _tsv_state_dict():

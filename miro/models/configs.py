@@ -1,7 +1,9 @@
 """Typed model configs and the named pipeline configs (``config.json`` dicts).
 
-``NetworkConfig`` fields are exactly the published ``network`` keys of a MIRO ``config.json``
-(``miro-t2i`` 0.1.4 ``CADRINTextCond`` kwargs), with the published defaults. ``get_config(name)``
+``NetworkConfig`` fields are the published ``network`` keys of a MIRO ``config.json``
+(``miro-t2i`` 0.1.4 ``CADRINTextCond`` kwargs), with the published defaults, plus one extension
+of this project, ``data_norm``, written to ``config.json`` only when it is not the published
+``"rms"``. ``get_config(name)``
 returns a full pipeline config for ``release`` (the published 360.4M model; the values marked
 "inferred" reproduce its parameter count, see ``miro_facts.md`` §1.4), ``shapes`` (the embedded
 pixel-space Shapes world model) and ``tiny`` (tests).
@@ -26,6 +28,7 @@ __all__ = [
 ]
 
 DROPOUT_STRATEGIES = ("binomial", "uniform", "none")  # published reward-dropout rules (spec §7)
+DATA_NORMS = ("rms", "none")  # patch-embedding norm: published RMSNorm, or none (keeps patch scale)
 COND_HEADS = 16  # the cond-mapping transformer uses 16 heads whatever the config (spec §2.3)
 
 # Reward keys of the Shapes world, in `coherence_keys` order (fixed for the whole project).
@@ -66,6 +69,9 @@ class NetworkConfig:
     coherence_keys: list[str] = field(default_factory=lambda: list(REWARD_KEYS))  # reward keys, order fixed
     coherence_dropout: float = 0.0  # per-reward embedding dropout in training
     dropout_strategy: str = "binomial"  # "binomial", "uniform" or "none"
+    # Extension (not a published key): "rms" = the published data_ln RMSNorm on the patch
+    # embedding; "none" = no norm there, so a token keeps its patch's scale (docs/training.md).
+    data_norm: str = "rms"
 
     def __post_init__(self) -> None:
         kw = asdict(self)
@@ -77,7 +83,10 @@ class NetworkConfig:
         return _from_dict(cls, d, "network")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["data_norm"] == "rms":
+            del d["data_norm"]  # a published-architecture config.json stays exactly published
+        return d
 
 
 @dataclass
@@ -86,7 +95,7 @@ class PreconditioningConfig:
 
     num_latents: int = 256  # N_l of the zero previous latents
     latents_dim: int = 512  # D_l of the zero previous latents
-    do_normalization: str = "noise_driven"  # c_in/c_out scaling; False/"none" disables it
+    do_normalization: str = "noise_driven"  # c_in/c_out scaling (published); "skip" adds c_skip (miro.models.flow); False/"none" disables it
     sigma_data: float = 0.5  # sigma_d of c_in and c_out
     do_gradnorm_reweighting: bool = True  # build logvar_proj (used by the loss when enabled there)
     logvar_channels: int = 128  # Fourier channels of logvar_proj
@@ -129,6 +138,7 @@ def check_network_kwargs(
     num_blocks, patch_size, num_cond_tokens, read_write_heads, compute_heads, latent_mlp_multiplier,
     data_mlp_multiplier, compute_dropout, rw_stochastic_depth, compute_stochastic_depth, use_cond_rin_block,
     concat_cond_token_to_latents, num_text_registers, coherence_keys, coherence_dropout, dropout_strategy,
+    data_norm="rms",
 ) -> int:
     """Validate ``RIN`` kwargs (ValueError naming the bad value); returns the learned latent count."""
     for name, value in [
@@ -166,6 +176,8 @@ def check_network_kwargs(
         _check_prob(name, {"compute_dropout": compute_dropout, "rw_stochastic_depth": rw_stochastic_depth,
                             "compute_stochastic_depth": compute_stochastic_depth,
                             "coherence_dropout": coherence_dropout}[name])
+    if data_norm not in DATA_NORMS:
+        raise ValueError(f"data_norm={data_norm!r}; allowed: {', '.join(DATA_NORMS)}")
     if dropout_strategy not in DROPOUT_STRATEGIES:
         raise ValueError(
             f"dropout_strategy={dropout_strategy!r}; allowed: {', '.join(DROPOUT_STRATEGIES)}"

@@ -30,7 +30,13 @@ Classifier-free guidance
 
 Preconditioning (``FlowPrecond``)
     c_in = 1 / sqrt((gamma * sigma_d)^2 + (1 - gamma)^2),  c_out = sqrt(1 + sigma_d^2),
-    v_hat = c_out * F(c_in * x_gamma, gamma, ...), sigma_d = 0.5.
+    v_hat = c_out * F(c_in * x_gamma, gamma, ...), sigma_d = 0.5 (published ``noise_driven``).
+    ``skip`` (this project's extension, EDM's c_skip carried over to v; Karras et al. 2022, §5 and
+    App. B.6): v_hat = c_skip * x_gamma + c_out * F(c_in * x_gamma), with c_skip = Cov(v, x_gamma) /
+    Var(x_gamma) = ((1 - gamma) - gamma * sigma_d^2) * c_in^2 and c_out = sigma_d * c_in, the std of
+    the residual v - c_skip x_gamma (for x0 of std sigma_d independent of eps), so F's target has unit
+    variance at every gamma. Near pure noise (c_skip -> 1) the skip carries the noise and F predicts
+    only -x0 / sigma_d; ``noise_driven`` must instead copy its 3,072-d input through the network.
 
 FLUX / diffusers convention (used by SRPO)
     sigma = 1 - gamma is the *noise* level: x_sigma = (1 - sigma) * x0 + sigma * eps. The velocity
@@ -212,9 +218,9 @@ class FlowPrecond(nn.Module):
         logvar_mlp_layers: int = 0,
     ):
         super().__init__()
-        if do_normalization not in ("noise_driven", True, False, None, "none"):
+        if do_normalization not in ("noise_driven", "skip", True, False, None, "none"):
             raise ValueError(
-                f"do_normalization={do_normalization!r}; allowed: 'noise_driven', True, False, 'none'"
+                f"do_normalization={do_normalization!r}; allowed: 'noise_driven', 'skip', True, False, 'none'"
             )
         if not sigma_data > 0:
             raise ValueError(f"sigma_data must be > 0, got {sigma_data!r}")
@@ -225,7 +231,8 @@ class FlowPrecond(nn.Module):
             raise ValueError(f"logvar_mlp_layers must be a non-negative integer, got {logvar_mlp_layers!r}")
         self.num_latents = num_latents
         self.latents_dim = latents_dim
-        self.normalize = do_normalization in ("noise_driven", True)
+        self.normalize = do_normalization in ("noise_driven", "skip", True)
+        self.use_skip = do_normalization == "skip"
         self.sigma_data = float(sigma_data)
         self.do_gradnorm_reweighting = bool(do_gradnorm_reweighting)
         if self.do_gradnorm_reweighting:
@@ -235,15 +242,19 @@ class FlowPrecond(nn.Module):
             layers.append(nn.Linear(logvar_channels, 1))
             self.logvar_proj = nn.Sequential(*layers)
 
-    def scalings(self, gamma: Tensor, ndim: int = 4) -> tuple[Tensor, Tensor]:
-        """(c_in, c_out), each shaped (B, 1, ..., 1) with ``ndim`` dims."""
+    def scalings(self, gamma: Tensor, ndim: int = 4) -> tuple[Tensor, Tensor, Tensor]:
+        """(c_in, c_out, c_skip), each shaped (B, 1, ..., 1) with ``ndim`` dims (module docstring)."""
         shape = (-1,) + (1,) * (ndim - 1)
         if not self.normalize:
             ones = torch.ones_like(gamma).reshape(shape)
-            return ones, ones
-        c_in = 1 / torch.sqrt((gamma * self.sigma_data) ** 2 + (1 - gamma) ** 2).reshape(shape)
-        c_out = torch.ones_like(c_in) * math.sqrt(1 + self.sigma_data**2)
-        return c_in, c_out
+            return ones, ones, torch.zeros_like(ones)
+        s2 = self.sigma_data**2
+        c_in = 1 / torch.sqrt(gamma**2 * s2 + (1 - gamma) ** 2).reshape(shape)
+        if self.use_skip:
+            c_skip = ((1 - gamma.reshape(shape)) - gamma.reshape(shape) * s2) * c_in**2
+            return c_in, self.sigma_data * c_in, c_skip
+        c_out = torch.ones_like(c_in) * math.sqrt(1 + s2)
+        return c_in, c_out, torch.zeros_like(c_in)
 
     def logvar(self, gamma: Tensor) -> Tensor:
         """u(gamma), shape (B, 1)."""
@@ -270,7 +281,7 @@ class FlowPrecond(nn.Module):
         gamma = torch.as_tensor(gamma, device=y.device)
         if gamma.dim() == 0:
             gamma = gamma.expand(b)
-        c_in, c_out = self.scalings(gamma, y.dim())
+        c_in, c_out, c_skip = self.scalings(gamma, y.dim())
         if previous_latents is None:
             previous_latents = torch.zeros(b, self.num_latents, self.latents_dim, device=y.device, dtype=torch.float32)
         f, z = network(
@@ -286,6 +297,8 @@ class FlowPrecond(nn.Module):
         if latents_only:
             return None, z
         out = f * c_out
+        if self.use_skip:
+            out = out + c_skip * y.to(out.dtype)
         if return_logvar:
             return out, z, self.logvar(gamma).reshape(-1, *([1] * (y.dim() - 1)))
         return out, z

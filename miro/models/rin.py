@@ -157,6 +157,7 @@ class RIN(nn.Module):
         coherence_keys: Sequence[str] = (),
         coherence_dropout: float = 0.0,
         dropout_strategy: str = "binomial",
+        data_norm: str = "rms",
     ):
         super().__init__()
         n_learned = check_network_kwargs(
@@ -169,6 +170,7 @@ class RIN(nn.Module):
             compute_stochastic_depth=compute_stochastic_depth, use_cond_rin_block=use_cond_rin_block,
             concat_cond_token_to_latents=concat_cond_token_to_latents, num_text_registers=num_text_registers,
             coherence_keys=coherence_keys, coherence_dropout=coherence_dropout, dropout_strategy=dropout_strategy,
+            data_norm=data_norm,
         )
         self.data_size = data_size
         self.patch_size = patch_size
@@ -190,7 +192,10 @@ class RIN(nn.Module):
         # --- data path
         self.patch_extractor = nn.Linear(patch_features, data_dim)
         self.data_pos_embedding = nn.Parameter(torch.empty(grid * grid, data_dim))
-        self.data_ln = RMSNorm(data_dim)
+        # Published: RMSNorm over the patch embedding. It divides out each patch's scale (up to
+        # the extractor's bias), so the net cannot tell a faint patch from a strong one of the
+        # same direction, nor reproduce the noise it must remove (v = eps - x0); "none" keeps it.
+        self.data_ln = RMSNorm(data_dim) if data_norm == "rms" else None
         # --- latents and time
         self.latents = nn.Parameter(torch.empty(n_learned, latents_dim))
         self.time_embedder = TimeEmbedder(latents_dim // 4)
@@ -437,7 +442,9 @@ class RIN(nn.Module):
                 text_tokens_mask = text_tokens_mask[:, :n]
 
         x = self.patch_extractor(self.patchify(y))
-        x = self.data_ln(x) + self.data_pos_embedding
+        if self.data_ln is not None:
+            x = self.data_ln(x)
+        x = x + self.data_pos_embedding
         e = self.time_embedder(gamma)  # (B, D_l)
         m = self.cond_mapping(text_tokens_embeddings, text_tokens_mask, coherence, generator)
         if self.concat_cond_token_to_latents:

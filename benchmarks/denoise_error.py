@@ -16,8 +16,6 @@ Every model sees the same images and noise, so differences between rows are pair
 from __future__ import annotations
 
 import argparse
-import io
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -25,21 +23,21 @@ import torch
 
 
 def load_images(folder: str, limit: int):
-    from PIL import Image
+    """The first ``limit`` (image, caption) pairs of the folder's shards, through the shard reader
+    of ``miro preprocess`` (damaged samples are skipped)."""
+    from miro.data.preprocess_io import ShardReport, iter_decoded
 
     imgs, caps = [], []
     for shard in sorted(Path(folder).glob("*.tar")):
-        with tarfile.open(shard) as tf:
-            members = {m.name: m for m in tf.getmembers()}
-            for key in sorted({n.rsplit(".", 1)[0] for n in members if n.endswith(".png")}):
-                imgs.append(np.array(Image.open(io.BytesIO(tf.extractfile(members[key + ".png"]).read())).convert("RGB")))
-                caps.append(tf.extractfile(members[key + ".txt"]).read().decode())
-                if len(imgs) == limit:
-                    break
+        for sample, _ in iter_decoded(shard, ShardReport("denoise_error", shard.name)):
+            imgs.append(np.asarray(sample.image))
+            caps.append(sample.caption)
+            if len(imgs) == limit:
+                break
         if len(imgs) == limit:
             break
     if not imgs:
-        raise SystemExit(f"no .png samples in {folder!r}")
+        raise SystemExit(f"no samples in the .tar shards of {folder!r}")
     x0 = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
     return x0, caps
 

@@ -108,6 +108,7 @@ def test_flow_precond_formulas():
     c_in, c_out, c_skip = pre.scalings(gamma)
     torch.testing.assert_close(c_in.flatten(), torch.tensor([1.0, 2.0, 1 / math.sqrt(0.15**2 + 0.7**2)]))
     torch.testing.assert_close(c_out.flatten(), torch.full((3,), math.sqrt(1.25)))
+    assert torch.equal(c_skip, torch.zeros(3, 1, 1, 1))  # published: no skip
     assert c_in.shape == (3, 1, 1, 1)
     seen = {}
 

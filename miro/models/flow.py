@@ -36,7 +36,7 @@ Preconditioning (``FlowPrecond``)
     Var(x_gamma) = ((1 - gamma) - gamma * sigma_d^2) * c_in^2 and c_out = sigma_d * c_in, the std of
     the residual v - c_skip x_gamma (for x0 of std sigma_d independent of eps), so F's target has unit
     variance at every gamma. Near pure noise (c_skip -> 1) the skip carries the noise and F predicts
-    only -x0 / sigma_d; ``noise_driven`` must instead copy its 3,072-d input through the network.
+    only -x0 / sigma_d; ``noise_driven`` must instead copy its whole input through the network.
 
 FLUX / diffusers convention (used by SRPO)
     sigma = 1 - gamma is the *noise* level: x_sigma = (1 - sigma) * x0 + sigma * eps. The velocity

@@ -75,13 +75,13 @@ def main(argv=None) -> int:
             raise SystemExit(f"--model must be NAME=SRC; got {spec!r}")
         pipe = load(src, args.weights)
         model = pipe.model.eval()
-        x0 = model.preprocess(x0_px) if hasattr(model, "preprocess") else x0_px
+        x0 = model.preprocess(x0_px)
+        batches = [slice(i, i + args.batch_size) for i in range(0, len(caps), args.batch_size)]
+        texts = [pipe.encode_prompt(caps[sl]) for sl in batches]  # once per batch, not per gamma
         errs = []
         for g in args.gammas:
             tot = 0.0
-            for i in range(0, len(caps), args.batch_size):
-                sl = slice(i, i + args.batch_size)
-                emb, mask = pipe.encode_prompt(caps[sl])
+            for sl, (emb, mask) in zip(batches, texts):
                 x = interpolate(x0[sl], eps[sl], g)
                 with torch.no_grad():
                     v, _ = model(x, torch.full((x.shape[0],), g), emb, mask, {k: 1.0 for k in model.coherence_keys})

@@ -249,10 +249,10 @@ class FlowPrecond(nn.Module):
             ones = torch.ones_like(gamma).reshape(shape)
             return ones, ones, torch.zeros_like(ones)
         s2 = self.sigma_data**2
-        c_in = 1 / torch.sqrt(gamma**2 * s2 + (1 - gamma) ** 2).reshape(shape)
+        g = gamma.reshape(shape)
+        c_in = 1 / torch.sqrt(g**2 * s2 + (1 - g) ** 2)
         if self.use_skip:
-            c_skip = ((1 - gamma.reshape(shape)) - gamma.reshape(shape) * s2) * c_in**2
-            return c_in, self.sigma_data * c_in, c_skip
+            return c_in, self.sigma_data * c_in, ((1 - g) - g * s2) * c_in**2
         c_out = torch.ones_like(c_in) * math.sqrt(1 + s2)
         return c_in, c_out, torch.zeros_like(c_in)
 

@@ -169,6 +169,7 @@ def test_reward_dropout_rates(strategy):
         ("coherence_dropout", 1.0, "coherence_dropout"),
         ("num_blocks", 0, "num_blocks"),
         ("data_norm", "layer", "data_norm.*allowed: rms, none"),
+        ("data_mixer", "attention", "data_mixer.*allowed: none, conv"),
     ],
 )
 def test_bad_network_config_raises(key, value, match):
@@ -204,7 +205,7 @@ def test_network_config_fields_are_published_keys():
     assert set(published) <= fields
     extra = fields - set(published)
     assert extra == {"compute_dropout", "rw_stochastic_depth", "compute_stochastic_depth", "num_text_registers",
-                     "coherence_dropout", "dropout_strategy", "data_norm"}
+                     "coherence_dropout", "dropout_strategy", "data_norm", "data_mixer"}
     rel = get_config("release")["network"]
     assert {k: rel[k] for k in published} == published
 
@@ -237,6 +238,73 @@ def test_data_norm_rms_discards_patch_scale_and_none_keeps_it():
     assert "data_norm" not in rel.to_dict()
     ext = NetworkConfig.from_dict({**get_config("tiny")["network"], "data_norm": "none"})
     assert NetworkConfig.from_dict(ext.to_dict()).data_norm == "none"
+
+
+def test_token_grid_mixer_closed_form_and_locality():
+    """TokenGridMixer: out[r, c] = x[r, c] + b + sum_{dr, dc} w[dr, dc] * norm(x)[r + dr, c + dc]
+    (zero padding) per channel, on the row-major token grid of ``patchify``; a pixel change inside
+    one patch moves only that patch's token and its 8 neighbours."""
+    from miro.models.rin import TokenGridMixer
+
+    g = torch.Generator().manual_seed(0)
+    grid, d = 4, 6
+    mix = TokenGridMixer(d, grid)
+    with torch.no_grad():
+        mix.conv.weight.copy_(torch.randn(mix.conv.weight.shape, generator=g))
+        mix.conv.bias.copy_(torch.randn(d, generator=g))
+        mix.norm.weight.copy_(torch.rand(d, generator=g) + 0.5)
+    x = torch.randn(2, grid * grid, d, generator=g)
+    with torch.no_grad():
+        out = mix(x)
+        h = mix.norm(x).reshape(2, grid, grid, d)
+    w, b = mix.conv.weight[:, 0], mix.conv.bias  # (d, 3, 3)
+    for r, c in [(0, 0), (1, 2), (3, 3), (2, 0)]:
+        ref = x[:, r * grid + c] + b
+        for dr in (-1, 0, 1):
+            for dc in (-1, 0, 1):
+                if 0 <= r + dr < grid and 0 <= c + dc < grid:
+                    ref = ref + w[:, dr + 1, dc + 1] * h[:, r + dr, c + dc]
+        torch.testing.assert_close(out[:, r * grid + c], ref.detach())
+
+    # Locality in image coordinates: perturb the pixels of patch (1, 2) of a tiny net's input.
+    cfg = get_config("tiny")
+    cfg["network"]["data_mixer"] = "conv"
+    net = MiroModel.from_config(cfg, generator=torch.Generator().manual_seed(1)).network.eval()
+    mixer, p, side = net.rin_blocks[0].data_mixer, net.patch_size, net.data_size
+    with torch.no_grad():
+        mixer.conv.weight.normal_(generator=g)
+        y = torch.randn(1, 3, side, side, generator=g)
+        y2 = y.clone()
+        y2[:, :, 1 * p:2 * p, 2 * p:3 * p] += 1.0
+        tok = [mixer(net.patch_extractor(net.patchify(t))) for t in (y, y2)]
+    moved = ((tok[1] - tok[0]).abs().amax(-1) > 1e-6).reshape(mixer.grid, mixer.grid)
+    expect = torch.zeros_like(moved)
+    expect[0:3, 1:4] = True
+    assert torch.equal(moved, expect)
+
+
+def test_data_mixer_starts_as_the_published_network_and_learns():
+    """Zero-initialised, data_mixer=conv gives the published network's output bit for bit (same
+    draws, extra tensors only under rin_blocks.*.data_mixer); its conv still gets a gradient."""
+    base, ext = get_config("tiny"), get_config("tiny")
+    ext["network"]["data_mixer"] = "conv"
+    nets = [MiroModel.from_config(c, generator=torch.Generator().manual_seed(3)).network for c in (base, ext)]
+    sd0, sd1 = (n.state_dict() for n in nets)
+    assert set(sd0) <= set(sd1)
+    extra = set(sd1) - set(sd0)
+    assert extra and all(k.split(".")[2] == "data_mixer" for k in extra)
+    assert all(torch.equal(sd0[k], sd1[k]) for k in sd0)
+    g = torch.Generator().manual_seed(0)
+    side = base["network"]["data_size"]
+    args = (torch.randn(2, 3, side, side, generator=g), torch.tensor([0.2, 0.8]),
+            torch.randn(2, 4, 384, generator=g), torch.ones(2, 4, dtype=torch.bool), {})
+    outs = [n.eval()(*args)[0] for n in nets]
+    assert torch.equal(outs[0], outs[1])
+    outs[1].square().mean().backward()
+    assert nets[1].rin_blocks[0].data_mixer.conv.weight.grad.abs().sum() > 0
+    # config.json: the key is written only for the extension, and round-trips
+    assert "data_mixer" not in NetworkConfig.from_dict(base["network"]).to_dict()
+    assert NetworkConfig.from_dict(NetworkConfig.from_dict(ext["network"]).to_dict()).data_mixer == "conv"
 
 
 def _tsv_state_dict():

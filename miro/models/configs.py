@@ -2,8 +2,8 @@
 
 ``NetworkConfig`` fields are the published ``network`` keys of a MIRO ``config.json``
 (``miro-t2i`` 0.1.4 ``CADRINTextCond`` kwargs), with the published defaults, plus one extension
-of this project, ``data_norm``, written to ``config.json`` only when it is not the published
-``"rms"``. ``get_config(name)``
+of this project, ``data_norm`` and ``data_mixer``, each written to ``config.json`` only when it
+is not the published value (``"rms"``, ``"none"``). ``get_config(name)``
 returns a full pipeline config for ``release`` (the published 360.4M model; the values marked
 "inferred" reproduce its parameter count, see ``miro_facts.md`` §1.4), ``shapes`` (the embedded
 pixel-space Shapes world model) and ``tiny`` (tests).
@@ -29,6 +29,7 @@ __all__ = [
 
 DROPOUT_STRATEGIES = ("binomial", "uniform", "none")  # published reward-dropout rules (spec §7)
 DATA_NORMS = ("rms", "none")  # patch-embedding norm: published RMSNorm, or none (keeps patch scale)
+DATA_MIXERS = ("none", "conv")  # data tokens after each write: published (none), or a 3x3 depthwise conv
 COND_HEADS = 16  # the cond-mapping transformer uses 16 heads whatever the config (spec §2.3)
 
 # Reward keys of the Shapes world, in `coherence_keys` order (fixed for the whole project).
@@ -72,6 +73,9 @@ class NetworkConfig:
     # Extension (not a published key): "rms" = the published data_ln RMSNorm on the patch
     # embedding; "none" = no norm there, so a token keeps its patch's scale (docs/training.md).
     data_norm: str = "rms"
+    # Extension: "none" = published (data tokens meet only through the latents); "conv" = a
+    # residual 3x3 depthwise conv over the token grid after every write (miro.models.rin).
+    data_mixer: str = "none"
 
     def __post_init__(self) -> None:
         kw = asdict(self)
@@ -84,8 +88,10 @@ class NetworkConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if d["data_norm"] == "rms":
-            del d["data_norm"]  # a published-architecture config.json stays exactly published
+        # A published-architecture config.json stays exactly published.
+        for key, published in (("data_norm", "rms"), ("data_mixer", "none")):
+            if d[key] == published:
+                del d[key]
         return d
 
 
@@ -138,7 +144,7 @@ def check_network_kwargs(
     num_blocks, patch_size, num_cond_tokens, read_write_heads, compute_heads, latent_mlp_multiplier,
     data_mlp_multiplier, compute_dropout, rw_stochastic_depth, compute_stochastic_depth, use_cond_rin_block,
     concat_cond_token_to_latents, num_text_registers, coherence_keys, coherence_dropout, dropout_strategy,
-    data_norm="rms",
+    data_norm="rms", data_mixer="none",
 ) -> int:
     """Validate ``RIN`` kwargs (ValueError naming the bad value); returns the learned latent count."""
     for name, value in [
@@ -178,6 +184,8 @@ def check_network_kwargs(
                             "coherence_dropout": coherence_dropout}[name])
     if data_norm not in DATA_NORMS:
         raise ValueError(f"data_norm={data_norm!r}; allowed: {', '.join(DATA_NORMS)}")
+    if data_mixer not in DATA_MIXERS:
+        raise ValueError(f"data_mixer={data_mixer!r}; allowed: {', '.join(DATA_MIXERS)}")
     if dropout_strategy not in DROPOUT_STRATEGIES:
         raise ValueError(
             f"dropout_strategy={dropout_strategy!r}; allowed: {', '.join(DROPOUT_STRATEGIES)}"

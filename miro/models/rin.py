@@ -10,7 +10,7 @@ Forward, in order: patchify (features ordered (p1, p2, c)) -> ``patch_extractor`
 registers, mapped text] through two fixed 16-head LayerNorm/GELU/layer-scale blocks; latents +
 time; cond sequence [time, rewards, registers, text] with a key-only mask; self-conditioning
 ``z += ln_previous_2(P + linear_previous(ln_previous_1(P)))``; ``num_blocks`` RIN blocks
-(retrieve_cond, read, process, write); head; unpatchify.
+(retrieve_cond, read, process, write[, data_mixer]); head; unpatchify.
 """
 
 from __future__ import annotations
@@ -29,8 +29,35 @@ from miro.models.layers import (
     TimeEmbedder,
 )
 
-__all__ = ["RIN", "RINBlock", "DROPOUT_STRATEGIES", "sincos_2d_table"]
+__all__ = ["RIN", "RINBlock", "TokenGridMixer", "DROPOUT_STRATEGIES", "sincos_2d_table"]
 
+
+
+class TokenGridMixer(nn.Module):
+    """Residual 3x3 depthwise conv over the (grid x grid) data tokens: x + conv(norm(x)).
+
+    Not in the published network (``data_mixer="conv"`` turns it on). In RIN the data tokens meet
+    only through the latents, so a small from-scratch model decides each patch from its own noisy
+    pixels and learns late that neighbours agree (Shapes samples: mosaics of 4x4 patches). The
+    conv is the locality prior of a ConvNeXt block (Liu et al. 2022) at ~10*D parameters per
+    block; zero-initialised, it leaves the network unchanged at step 0.
+    """
+
+    def __init__(self, dim: int, grid: int):
+        super().__init__()
+        self.grid = grid
+        self.norm = RMSNorm(dim)
+        self.conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+
+    def reset_parameters(self) -> None:
+        self.norm.weight.data.fill_(1.0)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, d = x.shape
+        h = self.norm(x).transpose(1, 2).reshape(b, d, self.grid, self.grid)
+        return x + self.conv(h).reshape(b, d, n).transpose(1, 2)
 
 
 class RINBlock(nn.Module):
@@ -49,6 +76,7 @@ class RINBlock(nn.Module):
         rw_stochastic_depth: float,
         compute_stochastic_depth: float,
         use_cond: bool,
+        mixer_grid: int | None = None,
     ):
         super().__init__()
         # Registration order follows the published module (read, process, write, then cond).
@@ -79,6 +107,8 @@ class RINBlock(nn.Module):
             )
         else:
             self.retrieve_cond = None
+        # Extension, registered last so the published tensors keep their order.
+        self.data_mixer = TokenGridMixer(data_dim, mixer_grid) if mixer_grid else None
 
     def forward(
         self,
@@ -96,6 +126,8 @@ class RINBlock(nn.Module):
             z = sa(z, generator=generator)
         if write:
             x = self.writer_ca(x, z, generator=generator)
+            if self.data_mixer is not None:
+                x = self.data_mixer(x)
         return x, z
 
 
@@ -158,6 +190,7 @@ class RIN(nn.Module):
         coherence_dropout: float = 0.0,
         dropout_strategy: str = "binomial",
         data_norm: str = "rms",
+        data_mixer: str = "none",
     ):
         super().__init__()
         n_learned = check_network_kwargs(
@@ -170,7 +203,7 @@ class RIN(nn.Module):
             compute_stochastic_depth=compute_stochastic_depth, use_cond_rin_block=use_cond_rin_block,
             concat_cond_token_to_latents=concat_cond_token_to_latents, num_text_registers=num_text_registers,
             coherence_keys=coherence_keys, coherence_dropout=coherence_dropout, dropout_strategy=dropout_strategy,
-            data_norm=data_norm,
+            data_norm=data_norm, data_mixer=data_mixer,
         )
         self.data_size = data_size
         self.patch_size = patch_size
@@ -239,6 +272,7 @@ class RIN(nn.Module):
                 rw_stochastic_depth,
                 compute_stochastic_depth,
                 use_cond_rin_block,
+                mixer_grid=grid if data_mixer == "conv" else None,
             )
             for _ in range(num_blocks)
         )
@@ -268,7 +302,10 @@ class RIN(nn.Module):
             elif isinstance(m, SelfAttentionBlock) and m.use_layer_scale:
                 m.layer_scale_1.fill_(m.layer_scale_value)
                 m.layer_scale_2.fill_(m.layer_scale_value)
-        self.init_position_table("published", generator)  # first: the published draw order
+        for m in self.modules():
+            if isinstance(m, TokenGridMixer):
+                m.reset_parameters()  # zeros: no draw, the published draw order is unchanged
+        self.init_position_table("published", generator)  # first draw: the published order
         for p in (self.latents, self.text_registers, self.coherence_positional_embedding):
             _trunc_normal_published(p, generator)
         if self.use_self_conditioning:

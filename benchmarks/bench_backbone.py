@@ -58,12 +58,22 @@ REFERENCE_SHAPES = dict(patch_size=2, data_dim=128, num_blocks=3, num_processing
                         data_mlp_multiplier=2, num_text_registers=16)
 
 
+def published_architecture(cfg: dict) -> dict:
+    """The config without this project's extensions (``data_norm``, ``data_mixer``, the velocity
+    skip), which the published code does not have: both sides then run the same network."""
+    cfg = dict(cfg, network=dict(cfg["network"]), preconditioning=dict(cfg["preconditioning"]))
+    cfg["network"].pop("data_norm", None)
+    cfg["network"].pop("data_mixer", None)
+    cfg["preconditioning"]["do_normalization"] = "noise_driven"
+    return cfg
+
+
 class Pair:
     """Our model and the published one with identical weights, plus shared inputs."""
 
     def __init__(self, name: str, peer_classes, full_text: bool, seed: int = 0):
         CADRINTextCond, FlowPrecond, FlowMatchingLoss, flow_euler_sampler, LinearScheduler = peer_classes
-        self.cfg = get_config(name)
+        self.cfg = published_architecture(get_config(name))
         torch.manual_seed(seed)
         self.peer_net = CADRINTextCond(**self.cfg["network"])
         self.peer_pre = FlowPrecond(**self.cfg["preconditioning"])

@@ -290,10 +290,16 @@ def _shapes() -> dict:
         use_self_conditioning=True,
         num_text_registers=8,
         coherence_keys=list(SHAPES_REWARD_KEYS),
+        # Two extensions that make this small from-scratch model draw shapes instead of 4x4-patch
+        # mosaics (docs/training.md, "Data tokens that see their neighbours"): no patch norm, and
+        # a 3x3 depthwise conv over the token grid after every write.
+        data_norm="none",
+        data_mixer="conv",
     )
     return {
         "network": net.to_dict(),
-        "preconditioning": PreconditioningConfig(num_latents=32, latents_dim=192).to_dict(),
+        # EDM's skip for the velocity (miro.models.flow): F need not copy the noise through the net.
+        "preconditioning": PreconditioningConfig(num_latents=32, latents_dim=192, do_normalization="skip").to_dict(),
         "data_preprocessing": {"model_type": "identity", "scale": 1.0, "bias": 0.0, "vae_sample": False},
         "postprocessing": {"model_type": "identity", "scale": 1.0, "bias": 0.0},
         "scheduler": {"start": 1, "end": 0, "shift": 1.0, "clip_min": 1e-9},

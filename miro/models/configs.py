@@ -1,7 +1,7 @@
 """Typed model configs and the named pipeline configs (``config.json`` dicts).
 
 ``NetworkConfig`` fields are the published ``network`` keys of a MIRO ``config.json``
-(``miro-t2i`` 0.1.4 ``CADRINTextCond`` kwargs), with the published defaults, plus one extension
+(``miro-t2i`` 0.1.4 ``CADRINTextCond`` kwargs), with the published defaults, plus two extensions
 of this project, ``data_norm`` and ``data_mixer``, each written to ``config.json`` only when it
 is not the published value (``"rms"``, ``"none"``). ``get_config(name)``
 returns a full pipeline config for ``release`` (the published 360.4M model; the values marked
@@ -290,9 +290,9 @@ def _shapes() -> dict:
         use_self_conditioning=True,
         num_text_registers=8,
         coherence_keys=list(SHAPES_REWARD_KEYS),
-        # Two extensions that make this small from-scratch model draw shapes instead of 4x4-patch
-        # mosaics (docs/training.md, "Data tokens that see their neighbours"): no patch norm, and
-        # a 3x3 depthwise conv over the token grid after every write.
+        # Two extensions with which this small from-scratch model draws object-sized blobs instead
+        # of 4x4-patch mosaics (docs/training.md, "Data tokens that see their neighbours"): no
+        # patch norm, and a 3x3 depthwise conv over the token grid after every write.
         data_norm="none",
         data_mixer="conv",
     )

@@ -39,7 +39,7 @@ class TokenGridMixer(nn.Module):
     Not in the published network (``data_mixer="conv"`` turns it on). In RIN the data tokens meet
     only through the latents, so a small from-scratch model decides each patch from its own noisy
     pixels and learns late that neighbours agree (Shapes samples: mosaics of 4x4 patches). The
-    conv is the locality prior of a ConvNeXt block (Liu et al. 2022) at ~10*D parameters per
+    conv is the locality prior of a ConvNeXt block (Liu et al. 2022) at 11*D parameters per
     block; zero-initialised, it leaves the network unchanged at step 0.
     """
 
@@ -302,10 +302,9 @@ class RIN(nn.Module):
             elif isinstance(m, SelfAttentionBlock) and m.use_layer_scale:
                 m.layer_scale_1.fill_(m.layer_scale_value)
                 m.layer_scale_2.fill_(m.layer_scale_value)
-        for m in self.modules():
-            if isinstance(m, TokenGridMixer):
-                m.reset_parameters()  # zeros: no draw, the published draw order is unchanged
-        self.init_position_table("published", generator)  # first draw: the published order
+            elif isinstance(m, TokenGridMixer):
+                m.reset_parameters()  # zeros: no draw, so the published draw order is unchanged
+        self.init_position_table("published", generator)  # first: the published draw order
         for p in (self.latents, self.text_registers, self.coherence_positional_embedding):
             _trunc_normal_published(p, generator)
         if self.use_self_conditioning:

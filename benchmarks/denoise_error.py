@@ -10,8 +10,8 @@ gamma and model: the MSE of x̂0, and for reference the MSE of the best *linear*
 spatial context beats the Wiener filter at high noise; one that denoises patch by patch does not.
 Every model sees the same images and noise, so differences between rows are paired.
 
-``--ode-from G0 ...`` adds a second table: the same x_G0 integrated by Euler (``--ode-steps``, no
-CFG, self-conditioning latents carried from step to step as in the sampler) up to gamma = 1, and
+``--ode-from G0 ...`` adds a second table: the same x_G0 integrated to gamma = 1 by the sampler
+(``euler_sample``, ``--ode-steps`` steps, no CFG, self-conditioning latents carried), and
 the MSE of the end point to x0. A model whose probability-flow ODE keeps the scene it is started
 in scores low here; one that turns a half-noised shape into scattered patches (the 4x4 mosaics
 of the early Shapes models) does not, even when its one-step x̂0 is good.
@@ -115,21 +115,17 @@ def main(argv=None) -> int:
 
 
 def ode_error(model, x0, x0_px, eps, batches, texts, g0: float, steps: int) -> float:
-    """MSE to x0 of Euler's end point from x_g0 = g0 x0 + (1 - g0) eps (dx/dgamma = -v)."""
-    from miro.models.flow import interpolate
+    """MSE to x0 of the sampler's end point (no CFG) started from x_g0 = g0 x0 + (1 - g0) eps."""
+    from miro.models.flow import Scheduler, interpolate
+    from miro.models.sampler import euler_sample
 
-    gammas = torch.linspace(g0, 1.0, steps + 1)
     tot = 0.0
     for sl, (emb, mask) in zip(batches, texts):
-        x, z = interpolate(x0[sl], eps[sl], g0), None
-        b = x.shape[0]
         with torch.no_grad():
-            for i in range(steps):
-                v, z = model(x, gammas[i].expand(b), emb, mask, {k: 1.0 for k in model.coherence_keys}, z)
-                x = x - v * (gammas[i + 1] - gammas[i])
+            x = euler_sample(model, interpolate(x0[sl], eps[sl], g0), emb, mask, None, None, num_steps=steps,
+                             guidance_scale=0.0, scheduler=Scheduler(end=g0))
         tot += (model.postprocess(x) - x0_px[sl]).pow(2).sum().item()
     return tot / x0_px.numel()
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

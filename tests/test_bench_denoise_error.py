@@ -34,7 +34,7 @@ class _Oracle(torch.nn.Module):
 def test_ode_error_is_exact_for_the_straight_path_and_carries_latents():
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
-    texts = [(None, None)]
+    texts = [(torch.zeros(4, 1, 5), torch.ones(4, 1, dtype=torch.bool))]
     oracle = _Oracle(x0)
     # Euler is exact on a straight line: every step lands on the path, the end point is x0.
     assert ode_error(oracle, x0, x0, eps, [slice(0, 4)], texts, 0.3, 7) < 1e-10

@@ -43,6 +43,19 @@ def test_euler_linear_field_closed_form():
     torch.testing.assert_close(fine, noise * torch.exp(torch.tensor(-a * (1 - 1e-9))), rtol=1e-3, atol=1e-4)
 
 
+def test_euler_from_a_partly_noised_start():
+    """``scheduler=Scheduler(end=g0)``: the grid runs from g0 to 1 (SDEdit), so on dx/dgamma = -a x
+    the end point is x_g0 * (1 - a (1 - g0) / n)^n."""
+    from miro.models.flow import Scheduler
+
+    a, g0, n = 0.7, 0.4, 6
+    model = FieldModel(lambda y, g, c: a * y)
+    x = torch.randn(2, 1, 2, 2)
+    emb, mask = _text()
+    out = euler_sample(model, x, emb, mask, None, None, num_steps=n, guidance_scale=0.0, scheduler=Scheduler(end=g0))
+    torch.testing.assert_close(out, x * (1 - a * (1 - g0) / n) ** n)
+
+
 def test_euler_straight_path_is_exact():
     """For a single data point the flow is straight, so Euler recovers it for any N."""
     x_star = torch.randn(1, 1, 2, 2)

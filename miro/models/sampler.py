@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
-from miro.models.flow import cfg_combine, time_grid
+from miro.models.flow import Scheduler, cfg_combine, time_grid
 
 __all__ = ["euler_sample", "build_cfg_text", "reward_values"]
 
@@ -115,6 +115,7 @@ def euler_sample(
     guidance_scale: float = 7.0,
     batched_cfg: bool = True,
     shift: float = 1.0,
+    scheduler: Scheduler | None = None,
     autocast: bool | None = None,
     callback: Callable[[int, Tensor, Tensor], None] | None = None,
     progress: bool = False,
@@ -125,6 +126,8 @@ def euler_sample(
     ``reward_targets`` / ``negative_reward_targets``: base key -> value in [0, 1] (float or (B,));
     defaults 1.0 and 0.0 for every key; ``None`` as a value drops that reward (zero embedding).
     ``guidance_scale`` w <= 0 disables CFG (one B-sized forward per step).
+    ``scheduler`` replaces the published grid (and ``shift``), e.g. ``Scheduler(end=g0)`` integrates
+    from gamma = g0 when ``noise`` is a partly noised x_g0 (SDEdit).
     ``callback(step, gamma_next, x)`` is called after every step. Deterministic: the only
     randomness is ``noise``. Returns fp32 x0 (B, C, S, S).
     """
@@ -156,7 +159,7 @@ def euler_sample(
     else:
         ce, cm = text_emb.to(device).float(), text_mask.to(device).bool()
 
-    gammas = time_grid(num_steps, shift=shift, device=device)
+    gammas = time_grid(num_steps, shift=shift, device=device, scheduler=scheduler)
     x = noise.to(torch.float32)
     z_c = z_u = None
     was_training = model.training

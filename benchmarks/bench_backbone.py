@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_parity_fixture import load_peer  # noqa: E402
 
 from miro.models import LossConfig, MiroModel, euler_sample, flow_loss, get_config  # noqa: E402
+from miro.models.configs import NETWORK_EXTENSIONS  # noqa: E402
 
 VALID_TEXT = {"tiny": (3, 6), "shapes": (8, 16), "release": (8, 20)}
 DEFAULT_PLAN = {  # config -> list of (batch, measurements)
@@ -62,8 +63,8 @@ def published_architecture(cfg: dict) -> dict:
     """The config without this project's extensions (``data_norm``, ``data_mixer``, the velocity
     skip), which the published code does not have: both sides then run the same network."""
     cfg = dict(cfg, network=dict(cfg["network"]), preconditioning=dict(cfg["preconditioning"]))
-    cfg["network"].pop("data_norm", None)
-    cfg["network"].pop("data_mixer", None)
+    for key in NETWORK_EXTENSIONS:
+        cfg["network"].pop(key, None)
     cfg["preconditioning"]["do_normalization"] = "noise_driven"
     return cfg
 

@@ -25,11 +25,14 @@ __all__ = [
     "PIPELINE_KEYS",
     "check_network_kwargs",
     "DROPOUT_STRATEGIES",
+    "NETWORK_EXTENSIONS",
 ]
 
 DROPOUT_STRATEGIES = ("binomial", "uniform", "none")  # published reward-dropout rules (spec §7)
 DATA_NORMS = ("rms", "none")  # patch-embedding norm: published RMSNorm, or none (keeps patch scale)
 DATA_MIXERS = ("none", "conv")  # data tokens after each write: published (none), or a 3x3 depthwise conv
+# This project's network keys and the value that means "as published" (not written to config.json).
+NETWORK_EXTENSIONS = {"data_norm": "rms", "data_mixer": "none"}
 COND_HEADS = 16  # the cond-mapping transformer uses 16 heads whatever the config (spec §2.3)
 
 # Reward keys of the Shapes world, in `coherence_keys` order (fixed for the whole project).
@@ -89,7 +92,7 @@ class NetworkConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         # A published-architecture config.json stays exactly published.
-        for key, published in (("data_norm", "rms"), ("data_mixer", "none")):
+        for key, published in NETWORK_EXTENSIONS.items():
             if d[key] == published:
                 del d[key]
         return d

@@ -83,6 +83,25 @@ def checkpoints(run_dir: Path, every: int, at: set[int] | None = None) -> list[t
     return sorted(found)
 
 
+def tag_counts(items, n_samples: int) -> dict[str, int]:
+    """Images per ShapesEval category in the subset: ``n_samples`` per prompt."""
+    counts: dict[str, int] = {}
+    for it in items:
+        counts[it.metadata["tag"]] = counts.get(it.metadata["tag"], 0) + n_samples
+    return counts
+
+
+def mean_se(values) -> tuple[float, float]:
+    """Mean and its standard error std(ddof=1)/sqrt(n) (nan for n < 2)."""
+    v = [float(x) for x in values]
+    if not v:
+        raise ValueError("mean_se needs at least one value")
+    m = sum(v) / len(v)
+    if len(v) < 2:
+        return m, float("nan")
+    return m, (sum((x - m) ** 2 for x in v) / (len(v) - 1) / len(v)) ** 0.5
+
+
 def overall_se(row: dict, tag_counts: dict[str, int]) -> float:
     """Binomial standard error of ShapesEval overall (the mean of per-category accuracies):
     sqrt(sum_c p_c (1 - p_c) / n_c) / C, with n_c the images of category c in the subset."""
@@ -144,13 +163,11 @@ def cmd_convergence(args) -> int:
             print(json.dumps(row), flush=True)
             _write_csv(csv_path, rows)
     _write_csv(csv_path, rows)
-    tag_counts: dict[str, int] = {}
-    for it in items:
-        tag_counts[it.metadata["tag"]] = tag_counts.get(it.metadata["tag"], 0) + args.n_samples
+    counts = tag_counts(items, args.n_samples)
     curves, errors = {}, {}
     for r in rows:
         curves.setdefault(r["run"], []).append((int(r["samples"]), float(r["overall"])))
-        errors.setdefault(r["run"], []).append((int(r["samples"]), overall_se(r, tag_counts)))
+        errors.setdefault(r["run"], []).append((int(r["samples"]), overall_se(r, counts)))
     curves = {k: sorted(v) for k, v in curves.items()}
     errors = {k: sorted(v) for k, v in errors.items()}
     result = {"curves": curves, "standard_errors": errors, "items": len(items), "n_samples": args.n_samples,
@@ -238,26 +255,36 @@ def cmd_table(args) -> int:
     gcfg = GenerateConfig(n_samples=args.n_samples, steps=args.steps, cfg=args.cfg, seed=args.seed, batch_size=32,
                           reward_targets=parse_reward_args(args.reward))
     scorers, out, rows = _scorers(), Path(args.out) / "table", []
+    counts = tag_counts(items, args.n_samples)
     for spec in args.model:
         name, _, src = spec.partition("=")
         pipe = load(src, args.weights)
         d = out / name
         ev = shapes_eval(pipe, items, d, replace(gcfg, model=name))
         score_folder(d, scorers, d / "rewards.jsonl", progress=False)
-        recs = merge_records(read_jsonl(d / "rewards.jsonl")).values()
+        recs = list(merge_records(read_jsonl(d / "rewards.jsonl")).values())
         row = {"model": name, "shapes_eval": ev["overall"],
-               **{f"cat_{k}": t["accuracy"] for k, t in ev["tags"].items()},
-               **{k: sum(r[k] for r in recs) / len(recs) for k in SHAPES_KEYS}}
+               **{f"cat_{k}": t["accuracy"] for k, t in ev["tags"].items()}}
+        row["se_shapes_eval"] = overall_se(row, counts)
+        for k in SHAPES_KEYS:
+            row[k], row[f"se_{k}"] = mean_se(r[k] for r in recs)
         rows.append(row)
         print(json.dumps(row), flush=True)
     (out / "table.json").write_text(json.dumps(rows, indent=2))
-    head = "| model | ShapesEval | " + " | ".join(k.removeprefix("shapes_") for k in SHAPES_KEYS) + " |"
-    lines = [head, "|" + "---|" * (2 + len(SHAPES_KEYS))]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['shapes_eval']:.3f} | " + " | ".join(f"{r[k]:.3f}" for k in SHAPES_KEYS) + " |")
-    (out / "table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    (out / "table.md").write_text(table_markdown(rows))
+    print(table_markdown(rows), end="")
     return 0
+
+
+def table_markdown(rows: list[dict]) -> str:
+    """The rewards table, each cell ``mean ± standard error`` over the subset's images."""
+    cols = ("shapes_eval",) + SHAPES_KEYS
+    head = "| model | ShapesEval | " + " | ".join(k.removeprefix("shapes_") for k in SHAPES_KEYS) + " |"
+    lines = [head, "|" + "---|" * (1 + len(cols))]
+    for r in rows:
+        cells = [f"{r[c]:.3f} ± {r[f'se_{c}']:.3f}" if f"se_{c}" in r else f"{r[c]:.3f}" for c in cols]
+        lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:

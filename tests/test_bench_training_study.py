@@ -1,0 +1,63 @@
+"""benchmarks/shapes_training_study.py: its statistics against closed forms."""
+
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from shapes_training_study import (  # noqa: E402
+    SHAPES_KEYS,
+    mean_se,
+    overall_se,
+    samples_to_reach,
+    speedup,
+    table_markdown,
+    tag_counts,
+)
+
+
+def test_mean_se_closed_form():
+    # 0, 1, 2, 3: mean 1.5, sample variance 5/3, SE sqrt(5/3 / 4).
+    m, se = mean_se(iter([0, 1, 2, 3]))
+    assert m == pytest.approx(1.5)
+    assert se == pytest.approx(math.sqrt(5 / 12))
+    assert math.isnan(mean_se([0.7])[1])
+    with pytest.raises(ValueError, match="at least one"):
+        mean_se([])
+
+
+def test_tag_counts_and_overall_se():
+    items = [SimpleNamespace(metadata={"tag": t}) for t in ("a", "a", "b")]
+    counts = tag_counts(items, 4)
+    assert counts == {"a": 8, "b": 4}
+    row = {"cat_a": 0.5, "cat_b": 0.25}
+    # sqrt(0.5*0.5/8 + 0.25*0.75/4) / 2
+    assert overall_se(row, counts) == pytest.approx(math.sqrt(0.25 / 8 + 0.1875 / 4) / 2)
+
+
+def test_samples_to_reach_interpolates_and_speedup():
+    curve = [(100, 0.1), (200, 0.3), (300, 0.2)]
+    assert samples_to_reach(curve, 0.2) == pytest.approx(150.0)
+    assert samples_to_reach(curve, 0.05) == 100.0
+    assert samples_to_reach(curve, 0.5) is None
+    base = [(100, 0.0), (400, 0.2)]
+    s = speedup(curve, base)
+    assert s["baseline_samples"] == pytest.approx(400.0)
+    assert s["miro_samples"] == pytest.approx(150.0)
+    assert s["speedup"] == pytest.approx(400 / 150)
+
+
+def test_table_markdown_cells_carry_standard_errors():
+    row = {"model": "m", "shapes_eval": 0.25, "se_shapes_eval": 0.0125}
+    for i, k in enumerate(SHAPES_KEYS):
+        row[k], row[f"se_{k}"] = 0.1 * i, 0.01 * i
+    old = {"model": "old", "shapes_eval": 0.5, **{k: 0.5 for k in SHAPES_KEYS}}  # a table.json without errors
+    lines = table_markdown([row, old]).splitlines()
+    assert lines[0].split("|")[2].strip() == "ShapesEval" and len(lines) == 4
+    cells = [c.strip() for c in lines[2].split("|")[2:-1]]
+    assert cells[0] == "0.250 ± 0.013"
+    assert cells[1 + SHAPES_KEYS.index("shapes_contrast")] == "0.400 ± 0.040"
+    assert [c.strip() for c in lines[3].split("|")[2:-1]] == ["0.500"] * 6

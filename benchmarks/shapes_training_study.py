@@ -213,6 +213,30 @@ def _plot_convergence(curves: dict, errors: dict, path: Path, sp: dict | None) -
     plt.close(fig)
 
 
+def _plot_table(rows: list[dict], path: Path) -> None:
+    """Grouped bars: ShapesEval and each reward (columns), one bar per model, ±1 s.e."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = ("shapes_eval",) + SHAPES_KEYS
+    width = 0.8 / max(len(rows), 1)
+    fig, ax = plt.subplots(figsize=(1.6 * len(cols) + 1, 4))
+    for i, r in enumerate(rows):
+        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(cols))]
+        ax.bar(xs, [r[c] for c in cols], width, yerr=[r.get(f"se_{c}", 0.0) for c in cols], capsize=2,
+               label=r["model"])
+    ax.set_xticks(range(len(cols)), ["ShapesEval"] + [k.removeprefix("shapes_") for k in SHAPES_KEYS])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("mean over the subset (±1 s.e.)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _scorers():
     from miro.rewards import load_scorer
 
@@ -250,6 +274,7 @@ def cmd_table(args) -> int:
     from miro.eval.generate import GenerateConfig, parse_reward_args
     from miro.eval.rewards import merge_records, score_folder
     from miro.eval.folder import read_jsonl
+    from miro.io import atomic_write_text
 
     items = eval_items(args.stride)
     gcfg = GenerateConfig(n_samples=args.n_samples, steps=args.steps, cfg=args.cfg, seed=args.seed, batch_size=32,
@@ -270,8 +295,9 @@ def cmd_table(args) -> int:
             row[k], row[f"se_{k}"] = mean_se(r[k] for r in recs)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    (out / "table.json").write_text(json.dumps(rows, indent=2))
-    (out / "table.md").write_text(table_markdown(rows))
+    atomic_write_text(out / "table.json", json.dumps(rows, indent=2))
+    atomic_write_text(out / "table.md", table_markdown(rows))
+    _plot_table(rows, out / "table.png")
     print(table_markdown(rows), end="")
     return 0
 

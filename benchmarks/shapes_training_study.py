@@ -15,7 +15,8 @@ that two checkpoints are compared on exactly the same prompts and noise:
   scorer; Spearman's rho between target and the mean measured reward (and over single images).
   Writes ``controllability.json``, one ``sweep.json`` + grid image per reward.
 * ``table`` — every Shapes reward (mean) and ShapesEval overall for a list of models (baseline,
-  MIRO, specialists): the trade-off table. Writes ``table.json`` and ``table.md``.
+  MIRO, specialists): the trade-off table, each cell ± its standard error. Writes ``table.json``,
+  ``table.md`` and ``table.png``.
 
 Every generation folder is resumable (GenEval layout), so a killed study continues where it was.
 

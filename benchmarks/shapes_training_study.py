@@ -10,7 +10,8 @@ that two checkpoints are compared on exactly the same prompts and noise:
   (linear interpolation between checkpoints). Writes ``convergence.csv``, ``convergence.json``
   and ``convergence.png``.
 * ``controllability`` — for each reward, its target swept over 9 values in [0, 1] (``--targets
-  trained``: the values it took in training, :func:`miro.eval.sweep.trained_targets`) with the other
+  trained``: the values it took in training, :func:`miro.eval.sweep.trained_targets`; ``--targets
+  score``: those of evenly spaced raw scores, :func:`miro.eval.sweep.score_spaced_targets`) with the other
   targets fixed (:func:`miro.eval.sweep.run_sweep`), the reward measured by its exact Shapes
   scorer; Spearman's rho between target and the mean measured reward (and over single images).
   Writes ``controllability.json``, one ``sweep.json`` + grid image per reward.
@@ -246,20 +247,21 @@ def _scorers():
 
 def cmd_controllability(args) -> int:
     from miro.eval.generate import GenerateConfig
-    from miro.eval.sweep import DEFAULT_TARGETS, run_sweep, sweep_grid, trained_targets
+    from miro.eval.sweep import DEFAULT_TARGETS, run_sweep, score_spaced_targets, sweep_grid, trained_targets
 
     pipe = load(args.model, args.weights)
     items = eval_items(args.stride)
     base = GenerateConfig(n_samples=args.n_samples, steps=args.steps, cfg=args.cfg, seed=args.seed, batch_size=32,
                           reward_targets={k: args.others for k in pipe.coherence_keys})
     scorers, out = _scorers(), Path(args.out) / "controllability"
-    if args.targets == "trained" and pipe.reward_bins is None:
-        raise ValueError("--targets trained needs the model's reward_bins.json")
+    if args.targets != "grid" and pipe.reward_bins is None:
+        raise ValueError(f"--targets {args.targets} needs the model's reward_bins.json")
+    pick = {"trained": trained_targets, "score": score_spaced_targets}
     result = {}
     for key in args.keys or pipe.coherence_keys:
         if key not in pipe.coherence_keys:
             raise ValueError(f"--keys {key!r}: the model is conditioned on {list(pipe.coherence_keys)}")
-        targets = trained_targets(pipe.reward_bins, key) if args.targets == "trained" else DEFAULT_TARGETS
+        targets = pick[args.targets](pipe.reward_bins, key) if args.targets in pick else DEFAULT_TARGETS
         s = run_sweep(pipe, items, key, base, out / key, {key: scorers[key]}, targets, progress=False)
         result[key] = {"targets": list(targets), "spearman_means": s["spearman_means"][key],
                        "spearman_images": s["spearman_images"][key], "means": [r[key]["mean"] for r in s["per_target"]]}
@@ -336,8 +338,9 @@ def main(argv=None) -> int:
     k.add_argument("--model", required=True, help=".ckpt, pipeline folder or built-in name")
     k.add_argument("--keys", nargs="*", help="rewards to sweep (default: all the model's)")
     k.add_argument("--others", type=float, default=1.0, help="target of the rewards not swept")
-    k.add_argument("--targets", choices=("grid", "trained"), default="grid",
-                   help="grid: 0, 0.125, ..., 1; trained: the values each reward took in training (<= 9)")
+    k.add_argument("--targets", choices=("grid", "trained", "score"), default="grid",
+                   help="grid: 0, 0.125, ..., 1; trained: the values each reward took in training (<= 9); "
+                        "score: the values of 9 raw scores evenly spaced over the reward's range")
     t = sub.add_parser("table", parents=[common], help="every Shapes reward per model")
     t.add_argument("--model", action="append", required=True, help="NAME=SOURCE (.ckpt, folder or built-in)")
     t.add_argument("--reward", nargs="*", metavar="KEY=VALUE", help="positive reward targets (default 1.0 each)")

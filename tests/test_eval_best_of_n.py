@@ -131,3 +131,19 @@ def test_trained_targets_are_the_bin_values_seen_in_training():
         S.trained_targets(bins, "zz")
     with pytest.raises(ValueError, match="max_n must be >= 2"):
         S.trained_targets(bins, "d", max_n=1)
+
+
+def test_score_spaced_targets_follow_the_score_not_the_quantiles():
+    from miro.rewards.binning import RewardBins
+
+    # A skewed reward: 7 of 8 bins in the top 10 % of the score range.
+    skew = [0.0, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0]
+    bins = RewardBins(8, {"s": skew, "c": list(np.linspace(0, 1, 9))})
+    # Scores 0, 0.25, 0.5, 0.75 all sit in bin 0; only 1.0 reaches the top: two targets, 0 and 1.
+    assert S.score_spaced_targets(bins, "s", n=5) == pytest.approx([0.0, 1.0])
+    # 9 scores i/8 on linear edges: score i/8 is edge i, which maps to bin i (i <= 7), and 1.0 to 7.
+    assert S.score_spaced_targets(bins, "c") == pytest.approx([i / 7 for i in range(8)])
+    with pytest.raises(ValueError, match="no bin edges for reward 'zz'"):
+        S.score_spaced_targets(bins, "zz")
+    with pytest.raises(ValueError, match="n must be >= 2"):
+        S.score_spaced_targets(bins, "c", n=1)

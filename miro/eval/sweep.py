@@ -69,6 +69,22 @@ def trained_targets(bins, key: str, max_n: int = len(DEFAULT_TARGETS)) -> list[f
     return vals
 
 
+def score_spaced_targets(bins, key: str, n: int = len(DEFAULT_TARGETS)) -> list[float]:
+    """The training values of ``n`` raw scores evenly spaced between reward ``key``'s lowest and
+    highest bin edge (duplicates merged).
+
+    Quantile bins give a heavily skewed reward most of its targets in a sliver of its score range
+    (Shapes contrast: targets 0.5-1 all score 0.988-1.0 in the data), where neither the model nor
+    the scorer can tell the targets apart; spacing by score sweeps where the data differs.
+    """
+    if key not in bins.edges:
+        raise ValueError(f"no bin edges for reward {key!r}; binned rewards: {sorted(bins.edges)}")
+    if n < 2:
+        raise ValueError(f"n must be >= 2; got {n}")
+    e = bins.edges[key]
+    return sorted({round(float(v), 6) for v in bins.value(key, np.linspace(e[0], e[-1], n))})
+
+
 def target_dir(outdir: str | Path, t: float) -> Path:
     return Path(outdir) / f"target_{t:.4f}"
 

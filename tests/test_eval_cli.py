@@ -99,6 +99,25 @@ def test_sweep_command(shapes_pipeline_dir, tmp_path, capsys):
                      "--targets", "0,2", "--outdir", str(out)]) == 2
 
 
+def test_sweep_targets_from_the_model_bins(shapes_pipeline_dir, tmp_path):
+    import shutil
+
+    from miro.eval.sweep import score_spaced_targets
+    from miro.rewards.binning import RewardBins
+
+    args = ["sweep", "--prompts", "shapes", "--limit", "1", "--n", "1", "--steps", "1", "--reward-key",
+            "shapes_contrast", "--scorers", "shapes_contrast", "--targets", "score"]
+    # Without reward_bins.json: a clear error, nothing generated.
+    assert cli.main(args + ["--model", str(shapes_pipeline_dir), "--outdir", str(tmp_path / "none")]) == 2
+    model = tmp_path / "binned"
+    shutil.copytree(shapes_pipeline_dir, model)
+    bins = RewardBins(4, {"shapes_contrast": [0.0, 0.9, 0.95, 0.99, 1.0]})
+    (model / "reward_bins.json").write_text(json.dumps(bins.to_dict()))
+    assert cli.main(args + ["--model", str(model), "--outdir", str(tmp_path / "s")]) == 0
+    res = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert res["targets"] == score_spaced_targets(bins, "shapes_contrast") == [0.0, 1.0]
+
+
 def test_all_on_cure_prompts_reports_mia_deltas(shapes_pipeline_dir, shared_data, tmp_path, capsys):
     out = tmp_path / "cure"
     assert cli.main(["all", "--model", str(shapes_pipeline_dir), "--prompts", "cure", "--cure-dir", str(shared_data / "cure"),

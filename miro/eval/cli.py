@@ -220,12 +220,17 @@ def cmd_best_of_n(args) -> int:
 
 def cmd_sweep(args) -> int:
     from miro.eval import plots
-    from miro.eval.sweep import run_sweep
+    from miro.eval.sweep import run_sweep, score_spaced_targets, trained_targets
 
-    targets = [float(t) for t in args.targets.split(",")]
+    from_bins = {"score": score_spaced_targets, "trained": trained_targets}
+    targets = None if args.targets in from_bins else [float(t) for t in args.targets.split(",")]
     cfg = _gen_config(args)
     spec, items = _items(args)
     pipe = _load_pipeline(args)
+    if targets is None:  # chosen from the model's quantile bins (docs/evaluation.md, "Reward sweeps")
+        if pipe.reward_bins is None:
+            raise ValueError(f"--targets {args.targets} needs the model's reward_bins.json; {args.model} has none")
+        targets = from_bins[args.targets](pipe.reward_bins, args.reward_key)
     names = _scorer_names(args.scorers, None, args.model)
     evaluator = None
     if args.geneval:
@@ -343,7 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward-key", required=True, help="the reward whose target is swept")
     p.add_argument("--geneval", action="store_true", help="also score every target GenEval-style (as the paper's sweep)")
     _add_geneval(p)
-    p.add_argument("--targets", default="0,0.125,0.25,0.375,0.5,0.625,0.75,0.875,1", help="comma-separated targets")
+    p.add_argument("--targets", default="0,0.125,0.25,0.375,0.5,0.625,0.75,0.875,1",
+                   help="comma-separated targets, or 'score' (the targets of evenly spaced raw scores) or "
+                        "'trained' (the values seen in training), both from the model's reward_bins.json")
     _scorers_arg(p)
     p.set_defaults(fn=cmd_sweep)
 

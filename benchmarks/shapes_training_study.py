@@ -93,17 +93,6 @@ def tag_counts(items, n_samples: int) -> dict[str, int]:
     return counts
 
 
-def mean_se(values) -> tuple[float, float]:
-    """Mean and its standard error std(ddof=1)/sqrt(n) (nan for n < 2)."""
-    v = [float(x) for x in values]
-    if not v:
-        raise ValueError("mean_se needs at least one value")
-    m = sum(v) / len(v)
-    if len(v) < 2:
-        return m, float("nan")
-    return m, (sum((x - m) ** 2 for x in v) / (len(v) - 1) / len(v)) ** 0.5
-
-
 def overall_se(row: dict, tag_counts: dict[str, int]) -> float:
     """Binomial standard error of ShapesEval overall (the mean of per-category accuracies):
     sqrt(sum_c p_c (1 - p_c) / n_c) / C, with n_c the images of category c in the subset."""
@@ -247,21 +236,18 @@ def _scorers():
 
 def cmd_controllability(args) -> int:
     from miro.eval.generate import GenerateConfig
-    from miro.eval.sweep import DEFAULT_TARGETS, run_sweep, score_spaced_targets, sweep_grid, trained_targets
+    from miro.eval.sweep import DEFAULT_TARGETS, run_sweep, sweep_grid, targets_from_bins
 
     pipe = load(args.model, args.weights)
     items = eval_items(args.stride)
     base = GenerateConfig(n_samples=args.n_samples, steps=args.steps, cfg=args.cfg, seed=args.seed, batch_size=32,
                           reward_targets={k: args.others for k in pipe.coherence_keys})
     scorers, out = _scorers(), Path(args.out) / "controllability"
-    if args.targets != "grid" and pipe.reward_bins is None:
-        raise ValueError(f"--targets {args.targets} needs the model's reward_bins.json")
-    pick = {"trained": trained_targets, "score": score_spaced_targets}
     result = {}
     for key in args.keys or pipe.coherence_keys:
         if key not in pipe.coherence_keys:
             raise ValueError(f"--keys {key!r}: the model is conditioned on {list(pipe.coherence_keys)}")
-        targets = pick[args.targets](pipe.reward_bins, key) if args.targets in pick else DEFAULT_TARGETS
+        targets = DEFAULT_TARGETS if args.targets == "grid" else targets_from_bins(args.targets, pipe.reward_bins, key)
         s = run_sweep(pipe, items, key, base, out / key, {key: scorers[key]}, targets, progress=False)
         result[key] = {"targets": list(targets), "spearman_means": s["spearman_means"][key],
                        "spearman_images": s["spearman_images"][key], "means": [r[key]["mean"] for r in s["per_target"]]}
@@ -275,7 +261,7 @@ def cmd_controllability(args) -> int:
 
 def cmd_table(args) -> int:
     from miro.eval.generate import GenerateConfig, parse_reward_args
-    from miro.eval.rewards import merge_records, score_folder
+    from miro.eval.rewards import score_folder, summarize
     from miro.eval.folder import read_jsonl
     from miro.io import atomic_write_text
 
@@ -290,12 +276,12 @@ def cmd_table(args) -> int:
         d = out / name
         ev = shapes_eval(pipe, items, d, replace(gcfg, model=name))
         score_folder(d, scorers, d / "rewards.jsonl", progress=False)
-        recs = list(merge_records(read_jsonl(d / "rewards.jsonl")).values())
+        stats = summarize(read_jsonl(d / "rewards.jsonl"))["rewards"]
         row = {"model": name, "shapes_eval": ev["overall"],
                **{f"cat_{k}": t["accuracy"] for k, t in ev["tags"].items()}}
         row["se_shapes_eval"] = overall_se(row, counts)
         for k in SHAPES_KEYS:
-            row[k], row[f"se_{k}"] = mean_se(r[k] for r in recs)
+            row[k], row[f"se_{k}"] = stats[k]["mean"], stats[k]["sem"]
         rows.append(row)
         print(json.dumps(row), flush=True)
     atomic_write_text(out / "table.json", json.dumps(rows, indent=2))

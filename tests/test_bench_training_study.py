@@ -10,23 +10,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from shapes_training_study import (  # noqa: E402
     SHAPES_KEYS,
-    mean_se,
     overall_se,
     samples_to_reach,
     speedup,
     table_markdown,
     tag_counts,
 )
-
-
-def test_mean_se_closed_form():
-    # 0, 1, 2, 3: mean 1.5, sample variance 5/3, SE sqrt(5/3 / 4).
-    m, se = mean_se(iter([0, 1, 2, 3]))
-    assert m == pytest.approx(1.5)
-    assert se == pytest.approx(math.sqrt(5 / 12))
-    assert math.isnan(mean_se([0.7])[1])
-    with pytest.raises(ValueError, match="at least one"):
-        mean_se([])
 
 
 def test_tag_counts_and_overall_se():

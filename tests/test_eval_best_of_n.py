@@ -147,3 +147,15 @@ def test_score_spaced_targets_follow_the_score_not_the_quantiles():
         S.score_spaced_targets(bins, "zz")
     with pytest.raises(ValueError, match="n must be >= 2"):
         S.score_spaced_targets(bins, "c", n=1)
+
+
+def test_targets_from_bins_names_the_grid_and_needs_bins():
+    from miro.rewards.binning import RewardBins
+
+    bins = RewardBins(8, {"c": list(np.linspace(0, 1, 9))})
+    assert S.targets_from_bins("score", bins, "c") == S.score_spaced_targets(bins, "c")
+    assert S.targets_from_bins("trained", bins, "c") == S.trained_targets(bins, "c")
+    with pytest.raises(ValueError, match="unknown target grid 'grid'; choose from"):
+        S.targets_from_bins("grid", bins, "c")
+    with pytest.raises(ValueError, match="need the model's reward_bins.json"):
+        S.targets_from_bins("score", None, "c")

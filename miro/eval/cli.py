@@ -220,17 +220,15 @@ def cmd_best_of_n(args) -> int:
 
 def cmd_sweep(args) -> int:
     from miro.eval import plots
-    from miro.eval.sweep import run_sweep, score_spaced_targets, trained_targets
+    from miro.eval.sweep import BIN_TARGETS, run_sweep, targets_from_bins
 
-    from_bins = {"score": score_spaced_targets, "trained": trained_targets}
-    targets = None if args.targets in from_bins else [float(t) for t in args.targets.split(",")]
+    from_bins = args.targets in BIN_TARGETS
+    targets = None if from_bins else [float(t) for t in args.targets.split(",")]
     cfg = _gen_config(args)
     spec, items = _items(args)
     pipe = _load_pipeline(args)
-    if targets is None:  # chosen from the model's quantile bins (docs/evaluation.md, "Reward sweeps")
-        if pipe.reward_bins is None:
-            raise ValueError(f"--targets {args.targets} needs the model's reward_bins.json; {args.model} has none")
-        targets = from_bins[args.targets](pipe.reward_bins, args.reward_key)
+    if from_bins:  # chosen from the model's quantile bins (docs/evaluation.md, "Reward sweeps")
+        targets = targets_from_bins(args.targets, pipe.reward_bins, args.reward_key)
     names = _scorer_names(args.scorers, None, args.model)
     evaluator = None
     if args.geneval:

@@ -85,6 +85,20 @@ def score_spaced_targets(bins, key: str, n: int = len(DEFAULT_TARGETS)) -> list[
     return sorted({round(float(v), 6) for v in bins.value(key, np.linspace(e[0], e[-1], n))})
 
 
+# Target grids derived from a model's reward bins, by name (``--targets score|trained``).
+BIN_TARGETS = {"score": score_spaced_targets, "trained": trained_targets}
+
+
+def targets_from_bins(kind: str, bins, key: str) -> list[float]:
+    """The ``kind`` grid (a key of ``BIN_TARGETS``) of reward ``key`` from ``bins`` (``RewardBins``
+    or None, as ``pipe.reward_bins``)."""
+    if kind not in BIN_TARGETS:
+        raise ValueError(f"unknown target grid {kind!r}; choose from {sorted(BIN_TARGETS)}")
+    if bins is None:
+        raise ValueError(f"targets {kind!r} need the model's reward_bins.json; this model has none")
+    return BIN_TARGETS[kind](bins, key)
+
+
 def target_dir(outdir: str | Path, t: float) -> Path:
     return Path(outdir) / f"target_{t:.4f}"
 

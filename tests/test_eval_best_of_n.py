@@ -152,9 +152,10 @@ def test_score_spaced_targets_follow_the_score_not_the_quantiles():
 def test_targets_from_bins_names_the_grid_and_needs_bins():
     from miro.rewards.binning import RewardBins
 
-    bins = RewardBins(8, {"c": list(np.linspace(0, 1, 9))})
-    assert S.targets_from_bins("score", bins, "c") == S.score_spaced_targets(bins, "c")
-    assert S.targets_from_bins("trained", bins, "c") == S.trained_targets(bins, "c")
+    # A skewed reward, where the two grids differ: by score only 0 and 1, trained all 8 values i/7.
+    bins = RewardBins(8, {"c": [0.0, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0]})
+    assert S.targets_from_bins("score", bins, "c") == pytest.approx([0.0, 1.0])
+    assert S.targets_from_bins("trained", bins, "c") == pytest.approx([i / 7 for i in range(8)])
     with pytest.raises(ValueError, match="unknown target grid 'grid'; choose from"):
         S.targets_from_bins("grid", bins, "c")
     with pytest.raises(ValueError, match="need the model's reward_bins.json"):

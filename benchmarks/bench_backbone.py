@@ -18,7 +18,10 @@ do not inflate; the wall-clock ratio is printed beside it):
   a ~5M-parameter patch-2 reference (32 latents x 192), the setting of the published Shapes
   throughput measurement: what the config choice buys per training sample;
 - ``bf16`` (shapes): our fwd+bwd in fp32 against the same under CPU bf16 autocast (a mixed
-  precision speed-up, not bitwise, so listed apart from the parity-checked rows).
+  precision speed-up, not bitwise, so listed apart from the parity-checked rows);
+- ``fwd+bwd_compiled`` (``--compile``): ``fwd+bwd`` with *both* forwards under ``torch.compile``
+  (inductor; on CPU it needs a C++ compiler and several minutes of compilation per model, which
+  is not timed): whether kernel fusion changes the comparison or beats eager.
 
 Text: ``max_text_len`` tokens with a realistic number of valid ones per sample (shapes 8-16 of 32,
 release 8-20 of 77, tiny 3-6 of 8); ``--full-text`` makes every token valid. Also printed:
@@ -132,6 +135,21 @@ class Pair:
             v, z = self.ours(i["y"], i["gamma"], i["emb"], i["mask"], i["coh"])
         v.square().mean().backward()
 
+    def fwd_bwd_compiled(self, which, i):
+        if not hasattr(self, "_compiled"):
+            self._compiled = {
+                "peer": torch.compile(lambda batch: self.peer_pre(self.peer_net, batch)),
+                "ours": torch.compile(self.ours),
+            }
+        if which == "peer":
+            self.peer_net.train()
+            v, z = self._compiled["peer"](self.peer_batch(i))
+        else:
+            self.ours.train()
+            v, z = self._compiled["ours"](i["y"], i["gamma"], i["emb"], i["mask"], i["coh"])
+        v.square().mean().backward()
+        return v.detach()
+
     def fwd_bwd_bf16(self, which, i):
         """Ours only: fp32 ("peer" slot) against CPU bf16 autocast ("ours" slot)."""
         self.ours.train()
@@ -236,6 +254,9 @@ def main(argv=None) -> int:
     ap.add_argument("--full-text", action="store_true", help="every text token valid (no padding)")
     ap.add_argument("--peer", type=Path, default=Path("/tmp/peer/unpacked/miro"), help="unpacked published package")
     ap.add_argument("--scratch", type=Path, default=Path("/tmp/miro_scratch"), help="scratch dir (peer copy, einops)")
+    ap.add_argument("--only", default="", help="comma-separated measurements to run (default: all of the plan)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time fwd+bwd with both models under torch.compile (minutes of compilation)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -246,6 +267,12 @@ def main(argv=None) -> int:
         n_params = sum(p.numel() for p in pair.ours.network.parameters())
         print(f"== {name}: {n_params:,} network parameters", flush=True)
         for b, measures in DEFAULT_PLAN[name]:
+            if args.compile and "fwd+bwd" in measures:
+                measures = (*measures, "fwd+bwd_compiled")
+            if args.only:
+                measures = tuple(m for m in measures if m in args.only.split(","))
+                if not measures:
+                    continue
             i = pair.inputs(b)
             iters = args.release_iters if name == "release" else args.iters
             warm = 0 if name == "release" else 1  # release: one shared warm-up forward below instead
@@ -263,6 +290,13 @@ def main(argv=None) -> int:
                     row["saved_MB"] = {w: saved_activation_mb(lambda: pair.fwd_bwd(w, i)) for w in ("peer", "ours")}
                 elif m == "step":
                     t = timed(lambda w: pair.step(w, i), iters, warm)
+                elif m == "fwd+bwd_compiled":
+                    for w in ("peer", "ours"):  # compile, untimed
+                        pair.fwd_bwd_compiled(w, i)
+                    ref, got = pair.fwd_bwd_compiled("peer", i), pair.fwd_bwd_compiled("ours", i)
+                    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+                    row["compiled_max_abs_diff"] = float((got - ref).abs().max())
+                    t = timed(lambda w: pair.fwd_bwd_compiled(w, i), iters, warm)
                 elif m == "bf16":
                     t = timed(lambda w: pair.fwd_bwd_bf16(w, i), iters, warm)
                     print("  bf16: ours fp32 fwd+bwd (listed as peer) against ours under CPU bf16 autocast "

@@ -126,27 +126,20 @@ class Pair:
                 return self.peer_pre(self.peer_net.eval(), self.peer_batch(i))
             return self.ours.eval()(i["y"], i["gamma"], i["emb"], i["mask"], i["coh"])
 
-    def fwd_bwd(self, which, i):
+    def fwd_bwd(self, which, i, compiled: bool = False):
+        """Training forward + backward of the velocity MSE; ``compiled``: both under torch.compile."""
+        peer = lambda batch: self.peer_pre(self.peer_net, batch)  # noqa: E731
+        ours = self.ours
+        if compiled:
+            if not hasattr(self, "_compiled"):
+                self._compiled = (torch.compile(peer), torch.compile(self.ours))
+            peer, ours = self._compiled
         if which == "peer":
             self.peer_net.train()
-            v, z = self.peer_pre(self.peer_net, self.peer_batch(i))
+            v, z = peer(self.peer_batch(i))
         else:
             self.ours.train()
-            v, z = self.ours(i["y"], i["gamma"], i["emb"], i["mask"], i["coh"])
-        v.square().mean().backward()
-
-    def fwd_bwd_compiled(self, which, i):
-        if not hasattr(self, "_compiled"):
-            self._compiled = {
-                "peer": torch.compile(lambda batch: self.peer_pre(self.peer_net, batch)),
-                "ours": torch.compile(self.ours),
-            }
-        if which == "peer":
-            self.peer_net.train()
-            v, z = self._compiled["peer"](self.peer_batch(i))
-        else:
-            self.ours.train()
-            v, z = self._compiled["ours"](i["y"], i["gamma"], i["emb"], i["mask"], i["coh"])
+            v, z = ours(i["y"], i["gamma"], i["emb"], i["mask"], i["coh"])
         v.square().mean().backward()
         return v.detach()
 
@@ -292,11 +285,11 @@ def main(argv=None) -> int:
                     t = timed(lambda w: pair.step(w, i), iters, warm)
                 elif m == "fwd+bwd_compiled":
                     for w in ("peer", "ours"):  # compile, untimed
-                        pair.fwd_bwd_compiled(w, i)
-                    ref, got = pair.fwd_bwd_compiled("peer", i), pair.fwd_bwd_compiled("ours", i)
+                        pair.fwd_bwd(w, i, compiled=True)
+                    ref, got = pair.fwd_bwd("peer", i, compiled=True), pair.fwd_bwd("ours", i, compiled=True)
                     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
                     row["compiled_max_abs_diff"] = float((got - ref).abs().max())
-                    t = timed(lambda w: pair.fwd_bwd_compiled(w, i), iters, warm)
+                    t = timed(lambda w: pair.fwd_bwd(w, i, compiled=True), iters, warm)
                 elif m == "bf16":
                     t = timed(lambda w: pair.fwd_bwd_bf16(w, i), iters, warm)
                     print("  bf16: ours fp32 fwd+bwd (listed as peer) against ours under CPU bf16 autocast "

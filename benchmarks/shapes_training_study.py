@@ -1,4 +1,4 @@
-"""The Shapes training study: convergence, controllability, and the rewards table.
+"""The Shapes training study: convergence, controllability, the rewards table, and the data's rewards.
 
 Three measurements on `miro train` runs of the Shapes world (docs/training.md), all on a fixed,
 category-stratified subset of ShapesEval (every k-th of the 300 prompts) with fixed seeds, so
@@ -18,6 +18,10 @@ that two checkpoints are compared on exactly the same prompts and noise:
 * ``table`` — every Shapes reward (mean) and ShapesEval overall for a list of models (baseline,
   MIRO, specialists): the trade-off table, each cell ± its standard error. Writes ``table.json``,
   ``table.md`` and ``table.png``.
+* ``data`` — no model: how the training shards' rewards go together. Spearman's rho between every
+  pair, and for each detector reward how often it is below perfect while the other detector
+  rewards are perfect (the combinations a one-reward sweep with the others at 1.0 asks for). Writes
+  ``data.json`` and ``data.md``.
 
 Every generation folder is resumable (GenEval layout), so a killed study continues where it was.
 
@@ -25,6 +29,7 @@ Every generation folder is resumable (GenEval layout), so a killed study continu
         --run miro=runs/train/miro/checkpoints/shapes_miro --run baseline=runs/train/miro/checkpoints/shapes_baseline
     python benchmarks/shapes_training_study.py controllability --model runs/train/.../last.ckpt --out runs/study
     python benchmarks/shapes_training_study.py table --model baseline=CKPT --model miro=CKPT --out runs/study
+    python benchmarks/shapes_training_study.py data --data shapes-data --out runs/study
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from dataclasses import replace
 from pathlib import Path
 
 SHAPES_KEYS = ("shapes_alignment", "shapes_counting", "shapes_position", "shapes_sharpness", "shapes_contrast")
+DETECTOR_KEYS = ("shapes_alignment", "shapes_counting", "shapes_position")  # read from detections of the prompt's objects
 
 
 def eval_items(stride: int):
@@ -259,6 +265,85 @@ def cmd_controllability(args) -> int:
     return 0
 
 
+def data_reward_rows(data_dir: str, keys=SHAPES_KEYS, limit: int = 0) -> list[list[float]]:
+    """The training pairs' rewards: one row per (sample, caption), original and synthetic, as trained.
+
+    A row with any reward missing or non-finite is left out. ``limit`` > 0 stops after that many samples.
+    """
+    import math
+
+    from miro.data import schema
+
+    rows, n = [], 0
+    for shard in schema.list_shards(data_dir):
+        for raw in schema.iter_raw_samples(shard):
+            if "json" not in raw:
+                continue
+            meta = schema.decode_member("json", raw["json"])
+            for names in (keys, [schema.synthetic_reward_key(k) for k in keys]):
+                vals = [meta.get(k) for k in names]
+                if all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals):
+                    rows.append([float(v) for v in vals])
+            n += 1
+            if limit and n >= limit:
+                return rows
+    return rows
+
+
+def joint_room(rows, perfect: float = 1.0 - 1e-6) -> list[dict]:
+    """Per reward: how often the data shows it below perfect while every other reward is perfect.
+
+    Sweeping one target with the others fixed at 1.0 asks the model for exactly these combinations;
+    a reward that is almost never imperfect when the others are perfect has almost no examples to
+    learn independent control from. Returns, per column, ``{"n_others_perfect", "frac_below"}``.
+    """
+    import numpy as np
+
+    a = np.asarray(rows, dtype=np.float64)
+    out = []
+    for j in range(a.shape[1]):
+        others = np.delete(a, j, axis=1)
+        sel = (others >= perfect).all(axis=1)
+        n = int(sel.sum())
+        out.append({"n_others_perfect": n, "frac_below": float((a[sel, j] < perfect).mean()) if n else float("nan")})
+    return out
+
+
+def cmd_data(args) -> int:
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    rows = data_reward_rows(args.data, SHAPES_KEYS, args.limit)
+    if len(rows) < 3:
+        raise ValueError(f"--data {args.data!r}: {len(rows)} (sample, caption) rows with every Shapes reward; need >= 3")
+    a = np.asarray(rows)
+    rho = np.atleast_2d(spearmanr(a).correlation)
+    # The detector rewards are discrete, with most pairs exactly perfect (their top bin is the score
+    # 1.0), so "the others at target 1.0" is a set of pairs one can count; sharpness and contrast
+    # are continuous (never exactly 1), so the count is over the detector rewards only.
+    det = [i for i, k in enumerate(SHAPES_KEYS) if k in DETECTOR_KEYS]
+    room = joint_room(a[:, det])
+    short = [k.removeprefix("shapes_") for k in SHAPES_KEYS]
+    lines = ["| Spearman | " + " | ".join(short) + " |", "|---" * (len(short) + 1) + "|"]
+    lines += [f"| {short[i]} | " + " | ".join(f"{rho[i, j]:.2f}" for j in range(len(short))) + " |"
+              for i in range(len(short))]
+    lines += ["", "| reward | P(perfect) | pairs with the other detector rewards perfect | below perfect among them |",
+              "|---|---|---|---|"]
+    lines += [f"| {short[j]} | {float((a[:, j] >= 1 - 1e-6).mean()):.3f} | {r['n_others_perfect']} | {r['frac_below']:.3f} |"
+              for j, r in zip(det, room)]
+    md = "\n".join(lines) + "\n"
+    print(f"{len(rows)} (sample, caption) pairs from {args.data}\n\n{md}")
+    if args.out:
+        from miro.io import atomic_write_text
+
+        out = Path(args.out)
+        atomic_write_text(out / "data.json", json.dumps({"data": args.data, "pairs": len(rows), "keys": list(SHAPES_KEYS),
+                                                         "spearman": rho.tolist(),
+                                                         "joint_room": dict(zip(DETECTOR_KEYS, room))}, indent=2))
+        atomic_write_text(out / "data.md", md)
+    return 0
+
+
 def cmd_table(args) -> int:
     from miro.eval.generate import GenerateConfig, parse_reward_args
     from miro.eval.rewards import score_folder, summarize
@@ -330,9 +415,14 @@ def main(argv=None) -> int:
     t = sub.add_parser("table", parents=[common], help="every Shapes reward per model")
     t.add_argument("--model", action="append", required=True, help="NAME=SOURCE (.ckpt, folder or built-in)")
     t.add_argument("--reward", nargs="*", metavar="KEY=VALUE", help="positive reward targets (default 1.0 each)")
+    d = sub.add_parser("data", help="how the training data's rewards go together (what a one-reward sweep asks for)")
+    d.add_argument("--data", required=True, help="folder of Shapes shards (miro shapes make-dataset)")
+    d.add_argument("--limit", type=int, default=0, help="read at most this many samples (0: all)")
+    d.add_argument("--out", default="", help="also write data.json and data.md here")
     args = p.parse_args(argv)
     try:
-        return {"convergence": cmd_convergence, "controllability": cmd_controllability, "table": cmd_table}[args.cmd](args)
+        return {"convergence": cmd_convergence, "controllability": cmd_controllability, "table": cmd_table,
+                "data": cmd_data}[args.cmd](args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from shapes_training_study import (  # noqa: E402
     SHAPES_KEYS,
+    data_reward_rows,
+    joint_room,
     overall_se,
     samples_to_reach,
     speedup,
@@ -50,3 +52,26 @@ def test_table_markdown_cells_carry_standard_errors():
     assert cells[0] == "0.250 ± 0.013"
     assert cells[1 + SHAPES_KEYS.index("shapes_contrast")] == "0.400 ± 0.040"
     assert [c.strip() for c in lines[3].split("|")[2:-1]] == ["0.500"] * 6
+
+
+def test_joint_room_counts_imperfect_pairs_where_the_others_are_perfect():
+    rows = [[1.0, 1.0], [0.5, 1.0], [0.5, 1.0], [1.0, 1.0], [0.0, 0.2]]
+    room = joint_room(rows)
+    # column 0 given column 1 perfect: rows 0-3, two of them below 1; column 1 given column 0 perfect: rows 0, 3
+    assert room[0] == {"n_others_perfect": 4, "frac_below": 0.5}
+    assert room[1] == {"n_others_perfect": 2, "frac_below": 0.0}
+    assert math.isnan(joint_room([[0.5, 0.5]])[0]["frac_below"])
+
+
+def test_data_reward_rows_reads_both_captions_and_skips_incomplete_pairs(tmp_path):
+    from miro.data import schema
+
+    full = {k: 0.1 * (i + 1) for i, k in enumerate(SHAPES_KEYS)}
+    synth = {schema.synthetic_reward_key(k): 1.0 for k in SHAPES_KEYS}
+    partial = {k: v for k, v in full.items() if k != "shapes_position"}  # a missing reward: left out
+    samples = [{"__key__": "a", "json": {**full, **synth}}, {"__key__": "b", "json": partial},
+               {"__key__": "c", "json": {**full, "shapes_contrast": float("nan")}}]
+    schema.write_shard(tmp_path / "s-000000.tar", samples)
+    rows = data_reward_rows(str(tmp_path))
+    assert rows == [[pytest.approx(0.1 * (i + 1)) for i in range(5)], [1.0] * 5]
+    assert len(data_reward_rows(str(tmp_path), limit=1)) == 2

@@ -95,6 +95,13 @@ def test_shard_round_trip_determinism_and_resume(tmp_path):
     with pytest.raises(ValueError, match="other arguments"):
         make_dataset(tmp_path / "a", DatasetConfig(num_samples=11, shard_size=4, seed=4), progress=False)
     assert shapes_main(["make-dataset", "--out", str(tmp_path / "a"), "--num-samples", "11", "--shard-size", "4", "--seed", "4", "--no-progress"]) == 2
+    with pytest.raises(ValueError, match="other arguments"):  # shrinking would leave shards beyond the end
+        make_dataset(tmp_path / "a", DatasetConfig(num_samples=7, shard_size=4, seed=3), progress=False)
+    # growing in place keeps the full shards, rewrites the partial last one, and equals a fresh folder
+    res = make_dataset(tmp_path / "a", DatasetConfig(num_samples=14, shard_size=4, seed=3), progress=False)
+    assert res == {"shards": 4, "written": 2, "skipped": 2, "samples": 14}
+    make_dataset(tmp_path / "c", DatasetConfig(num_samples=14, shard_size=4, seed=3), progress=False)
+    assert _md5s(tmp_path / "a") == _md5s(tmp_path / "c")
 
 
 def test_config_errors():

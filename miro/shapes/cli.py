@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="<command>")
 
     p = sub.add_parser("make-dataset", help="write webdataset shards of web-like samples with Shapes rewards")
-    p.add_argument("--out", "--outdir", dest="out", required=True, help="output folder (resumable)")
+    p.add_argument("--out", "--outdir", dest="out", required=True, help="output folder (resumable; a larger --num-samples grows it in place)")
     p.add_argument("--num-samples", type=int, required=True, help="number of samples")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="dataset seed; sample i is a function of (seed, i)")

@@ -117,10 +117,15 @@ def _check_manifest(out: Path, cfg: DatasetConfig) -> None:
     cur = json.loads(json.dumps(cfg.to_dict()))
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
-        if old != cur:
+        if old == cur:
+            return
+        # Sample i is a function of (seed, i) only, so a dataset grows in place: the shards it has
+        # stay valid and a partial last shard fails the completeness check and is rewritten.
+        grown = {**old, "num_samples": cur["num_samples"]} == cur and cur["num_samples"] > old.get("num_samples", 0)
+        if not grown:
             diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in cur.items() if old.get(k) != v)
-            raise ValueError(f"{out} holds a Shapes dataset made with other arguments ({diff}); use another --out")
-        return
+            raise ValueError(f"{out} holds a Shapes dataset made with other arguments ({diff}); use another --out "
+                             "(only a larger --num-samples may extend it in place)")
     atomic_write_text(path, json.dumps(cur, indent=2, sort_keys=True))
 
 

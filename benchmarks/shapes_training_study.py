@@ -1,6 +1,6 @@
 """The Shapes training study: convergence, controllability, the rewards table, and the data's rewards.
 
-Three measurements on `miro train` runs of the Shapes world (docs/training.md), all on a fixed,
+Three measurements of `miro train` runs of the Shapes world (docs/training.md), all on a fixed,
 category-stratified subset of ShapesEval (every k-th of the 300 prompts) with fixed seeds, so
 that two checkpoints are compared on exactly the same prompts and noise:
 
@@ -44,6 +44,7 @@ from pathlib import Path
 
 SHAPES_KEYS = ("shapes_alignment", "shapes_counting", "shapes_position", "shapes_sharpness", "shapes_contrast")
 DETECTOR_KEYS = ("shapes_alignment", "shapes_counting", "shapes_position")  # read from detections of the prompt's objects
+PERFECT = 1.0 - 1e-6  # a reward at or above this counts as 1 (scores are stored as float32)
 
 
 def eval_items(stride: int):
@@ -290,7 +291,7 @@ def data_reward_rows(data_dir: str, keys=SHAPES_KEYS, limit: int = 0) -> list[li
     return rows
 
 
-def joint_room(rows, perfect: float = 1.0 - 1e-6) -> list[dict]:
+def joint_room(rows, perfect: float = PERFECT) -> list[dict]:
     """Per reward: how often the data shows it below perfect while every other reward is perfect.
 
     Sweeping one target with the others fixed at 1.0 asks the model for exactly these combinations;
@@ -329,7 +330,7 @@ def cmd_data(args) -> int:
               for i in range(len(short))]
     lines += ["", "| reward | P(perfect) | pairs with the other detector rewards perfect | below perfect among them |",
               "|---|---|---|---|"]
-    lines += [f"| {short[j]} | {float((a[:, j] >= 1 - 1e-6).mean()):.3f} | {r['n_others_perfect']} | {r['frac_below']:.3f} |"
+    lines += [f"| {short[j]} | {float((a[:, j] >= PERFECT).mean()):.3f} | {r['n_others_perfect']} | {r['frac_below']:.3f} |"
               for j, r in zip(det, room)]
     md = "\n".join(lines) + "\n"
     print(f"{len(rows)} (sample, caption) pairs from {args.data}\n\n{md}")

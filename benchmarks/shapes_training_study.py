@@ -322,7 +322,7 @@ def cmd_data(args) -> int:
     # The detector rewards are discrete, with most pairs exactly perfect (their top bin is the score
     # 1.0), so "the others at target 1.0" is a set of pairs one can count; sharpness and contrast
     # are continuous (never exactly 1), so the count is over the detector rewards only.
-    det = [i for i, k in enumerate(SHAPES_KEYS) if k in DETECTOR_KEYS]
+    det = [SHAPES_KEYS.index(k) for k in DETECTOR_KEYS]
     room = joint_room(a[:, det])
     short = [k.removeprefix("shapes_") for k in SHAPES_KEYS]
     lines = ["| Spearman | " + " | ".join(short) + " |", "|---" * (len(short) + 1) + "|"]

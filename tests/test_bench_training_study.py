@@ -61,6 +61,9 @@ def test_joint_room_counts_imperfect_pairs_where_the_others_are_perfect():
     assert room[0] == {"n_others_perfect": 4, "frac_below": 0.5}
     assert room[1] == {"n_others_perfect": 2, "frac_below": 0.0}
     assert math.isnan(joint_room([[0.5, 0.5]])[0]["frac_below"])
+    # a float32 score one ulp below 1 counts as perfect, on either side of the test
+    assert joint_room([[1 - 6e-8, 0.5], [1.0, 1 - 6e-8]]) == [{"n_others_perfect": 1, "frac_below": 0.0},
+                                                            {"n_others_perfect": 2, "frac_below": 0.5}]
 
 
 def test_data_reward_rows_reads_both_captions_and_skips_incomplete_pairs(tmp_path):

@@ -42,6 +42,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from miro.io import atomic_write_json
+
 SHAPES_KEYS = ("shapes_alignment", "shapes_counting", "shapes_position", "shapes_sharpness", "shapes_contrast")
 DETECTOR_KEYS = ("shapes_alignment", "shapes_counting", "shapes_position")  # read from detections of the prompt's objects
 PERFECT = 1.0 - 1e-6  # a reward at or above this counts as 1 (scores are stored as float32)
@@ -173,7 +175,7 @@ def cmd_convergence(args) -> int:
     if "miro" in curves and "baseline" in curves:
         result["speedup"] = speedup(curves["miro"], curves["baseline"])
         print("speed-up:", json.dumps(result["speedup"]))
-    (out / "convergence.json").write_text(json.dumps(result, indent=2))
+    atomic_write_json(out / "convergence.json", result)
     _plot_convergence(curves, errors, out / "convergence.png", result.get("speedup"))
     return 0
 
@@ -243,6 +245,7 @@ def _scorers():
 
 def cmd_controllability(args) -> int:
     from miro.eval.generate import GenerateConfig
+    from miro.demo.handlers import isolation_targets
     from miro.eval.sweep import DEFAULT_TARGETS, run_sweep, sweep_grid, targets_from_bins
 
     pipe = load(args.model, args.weights)
@@ -255,14 +258,18 @@ def cmd_controllability(args) -> int:
         if key not in pipe.coherence_keys:
             raise ValueError(f"--keys {key!r}: the model is conditioned on {list(pipe.coherence_keys)}")
         targets = DEFAULT_TARGETS if args.targets == "grid" else targets_from_bins(args.targets, pipe.reward_bins, key)
-        s = run_sweep(pipe, items, key, base, out / key, {key: scorers[key]}, targets, progress=False)
+        kbase = base
+        if args.negative == "isolate":  # s- = the positive targets with the swept reward at 0 (miro_facts.md §2)
+            kbase = replace(base, negative_reward_targets=isolation_targets(base.reward_targets, key))
+        s = run_sweep(pipe, items, key, kbase, out / key, {key: scorers[key]}, targets, progress=False)
         result[key] = {"targets": list(targets), "spearman_means": s["spearman_means"][key],
                        "spearman_images": s["spearman_images"][key], "means": [r[key]["mean"] for r in s["per_target"]]}
         sweep_grid(out / key, targets, max_prompts=6).save(out / key / "grid.png")
         print(key, json.dumps(result[key]), flush=True)
-    summary = {"model": args.model, "targets": args.targets, "others": args.others, "items": len(items),
+    summary = {"model": args.model, "targets": args.targets, "others": args.others, "negative": args.negative,
+               "items": len(items),
                "n_samples": args.n_samples, "steps": args.steps, "cfg": args.cfg, "rewards": result}
-    (out / "controllability.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(out / "controllability.json", summary)
     return 0
 
 
@@ -413,6 +420,9 @@ def main(argv=None) -> int:
     k.add_argument("--targets", choices=("grid", "trained", "score"), default="grid",
                    help="grid: 0, 0.125, ..., 1; trained: the values each reward took in training (<= 9); "
                         "score: the values of 9 raw scores evenly spaced over the reward's range")
+    k.add_argument("--negative", choices=("zeros", "isolate"), default="zeros",
+                   help="negative branch's reward targets: zeros (the pipeline's default) or isolate (the "
+                        "positive targets with the swept reward at 0, the project page's per-reward isolation)")
     t = sub.add_parser("table", parents=[common], help="every Shapes reward per model")
     t.add_argument("--model", action="append", required=True, help="NAME=SOURCE (.ckpt, folder or built-in)")
     t.add_argument("--reward", nargs="*", metavar="KEY=VALUE", help="positive reward targets (default 1.0 each)")

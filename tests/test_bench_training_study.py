@@ -78,3 +78,36 @@ def test_data_reward_rows_reads_both_captions_and_skips_incomplete_pairs(tmp_pat
     rows = data_reward_rows(str(tmp_path))
     assert rows == [[pytest.approx(0.1 * (i + 1)) for i in range(5)], [1.0] * 5]
     assert len(data_reward_rows(str(tmp_path), limit=1)) == 2
+
+
+@pytest.mark.parametrize("negative", ["zeros", "isolate"])
+def test_controllability_negative_branch(tmp_path, monkeypatch, negative):
+    """--negative isolate gives every target of a sweep the same s- = the others' targets with the
+    swept reward at 0; zeros leaves the pipeline's default (all 0) to the generator."""
+    import json
+
+    import miro.eval.sweep as sweep
+    import shapes_training_study as study
+
+    keys = ("shapes_counting", "shapes_position")
+    seen = {}
+
+    def fake_run_sweep(pipe, items, key, base, outdir, scorers, targets, progress=True):
+        seen[key] = (dict(base.reward_targets), dict(base.negative_reward_targets), list(targets))
+        return {"spearman_means": {key: 1.0}, "spearman_images": {key: 0.5},
+                "per_target": [{key: {"mean": float(t)}} for t in targets]}
+
+    monkeypatch.setattr(study, "load", lambda src, weights: SimpleNamespace(coherence_keys=keys, reward_bins=None))
+    monkeypatch.setattr(study, "eval_items", lambda stride: [])
+    monkeypatch.setattr(study, "_scorers", lambda: {k: None for k in keys})
+    monkeypatch.setattr(sweep, "run_sweep", fake_run_sweep)
+    monkeypatch.setattr(sweep, "sweep_grid", lambda *a, **k: SimpleNamespace(save=lambda p: None))
+    assert study.main(["controllability", "--model", "m", "--out", str(tmp_path), "--others", "0.75",
+                       "--negative", negative]) == 0
+    for key in keys:
+        pos, neg, targets = seen[key]
+        assert pos == {k: 0.75 for k in keys}
+        assert neg == ({} if negative == "zeros" else {**pos, key: 0.0})
+        assert targets == [i / 8 for i in range(9)]
+    summary = json.loads((tmp_path / "controllability" / "controllability.json").read_text())
+    assert summary["negative"] == negative and set(summary["rewards"]) == set(keys)

@@ -237,6 +237,28 @@ def _plot_table(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _plot_controllability(result: dict, path: Path) -> None:
+    """One panel per swept reward: measured mean ±1 s.e. at each target, targets evenly spaced by
+    rank (score-spaced targets crowd near 0) and labelled with their values; rho in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(result), figsize=(3.2 * len(result), 3), squeeze=False)
+    for ax, (key, r) in zip(axes[0], result.items()):
+        xs = range(len(r["targets"]))
+        ax.errorbar(xs, r["means"], yerr=r["se"], marker="o", capsize=3)
+        ax.set_xticks(xs, [f"{t:.3g}" for t in r["targets"]], rotation=45, fontsize=7)
+        ax.set_title(f"{key.removeprefix('shapes_')}: rho {r['spearman_means']:.2f}", fontsize=9)
+        ax.set_xlabel("target")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("measured reward (mean ±1 s.e.)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _scorers():
     from miro.rewards import load_scorer
 
@@ -263,13 +285,15 @@ def cmd_controllability(args) -> int:
             kbase = replace(base, negative_reward_targets=isolation_targets(base.reward_targets, key))
         s = run_sweep(pipe, items, key, kbase, out / key, {key: scorers[key]}, targets, progress=False)
         result[key] = {"targets": list(targets), "spearman_means": s["spearman_means"][key],
-                       "spearman_images": s["spearman_images"][key], "means": [r[key]["mean"] for r in s["per_target"]]}
+                       "spearman_images": s["spearman_images"][key], "means": [r[key]["mean"] for r in s["per_target"]],
+                       "se": [r[key]["std"] / r["n"] ** 0.5 for r in s["per_target"]]}
         sweep_grid(out / key, targets, max_prompts=6).save(out / key / "grid.png")
         print(key, json.dumps(result[key]), flush=True)
     summary = {"model": args.model, "targets": args.targets, "others": args.others, "negative": args.negative,
                "items": len(items),
                "n_samples": args.n_samples, "steps": args.steps, "cfg": args.cfg, "rewards": result}
     atomic_write_json(out / "controllability.json", summary)
+    _plot_controllability(result, out / "controllability.png")
     return 0
 
 

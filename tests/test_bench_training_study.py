@@ -95,7 +95,7 @@ def test_controllability_negative_branch(tmp_path, monkeypatch, negative):
     def fake_run_sweep(pipe, items, key, base, outdir, scorers, targets, progress=True):
         seen[key] = (dict(base.reward_targets), dict(base.negative_reward_targets), list(targets))
         return {"spearman_means": {key: 1.0}, "spearman_images": {key: 0.5},
-                "per_target": [{key: {"mean": float(t)}} for t in targets]}
+                "per_target": [{"n": 4, key: {"mean": float(t), "std": 0.5}} for t in targets]}
 
     monkeypatch.setattr(study, "load", lambda src, weights: SimpleNamespace(coherence_keys=keys, reward_bins=None))
     monkeypatch.setattr(study, "eval_items", lambda stride: [])
@@ -111,3 +111,5 @@ def test_controllability_negative_branch(tmp_path, monkeypatch, negative):
         assert targets == [i / 8 for i in range(9)]
     summary = json.loads((tmp_path / "controllability" / "controllability.json").read_text())
     assert summary["negative"] == negative and set(summary["rewards"]) == set(keys)
+    assert summary["rewards"]["shapes_counting"]["se"] == [0.25] * 9  # std / sqrt(n)
+    assert (tmp_path / "controllability" / "controllability.png").stat().st_size > 0

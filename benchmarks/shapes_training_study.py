@@ -14,7 +14,9 @@ that two checkpoints are compared on exactly the same prompts and noise:
   score``: those of evenly spaced raw scores, :func:`miro.eval.sweep.score_spaced_targets`) with the other
   targets fixed (:func:`miro.eval.sweep.run_sweep`), the reward measured by its exact Shapes
   scorer; Spearman's rho between target and the mean measured reward (and over single images).
-  Writes ``controllability.json``, one ``sweep.json`` + grid image per reward.
+  The negative branch's targets are all 0 (the pipeline's default) or, with ``--negative isolate``,
+  the positive ones with the swept reward at 0. Writes ``controllability.json`` (means and their
+  standard errors), ``controllability.png`` (the curves), one ``sweep.json`` + grid image per reward.
 * ``table`` — every Shapes reward (mean) and ShapesEval overall for a list of models (baseline,
   MIRO, specialists): the trade-off table, each cell ± its standard error. Writes ``table.json``,
   ``table.md`` and ``table.png``.

@@ -268,8 +268,8 @@ def _scorers():
 
 
 def cmd_controllability(args) -> int:
-    from miro.eval.generate import GenerateConfig
     from miro.demo.handlers import isolation_targets
+    from miro.eval.generate import GenerateConfig
     from miro.eval.sweep import DEFAULT_TARGETS, run_sweep, sweep_grid, targets_from_bins
 
     pipe = load(args.model, args.weights)

@@ -30,15 +30,10 @@ from pathlib import Path
 
 import torch
 
-KEYS = [
-    "clip_score",
-    "aesthetic_score",
-    "image_reward_score",
-    "pick_a_score_score",
-    "hpsv2_score",
-    "vqa_score",
-    "sciscore_score",
-]
+from miro import REWARD_KEYS
+
+# The published coherence_keys order (the fixture covers every reward path).
+KEYS = list(REWARD_KEYS)
 
 NETWORKS = {
     "parity_main": dict(

@@ -19,6 +19,7 @@ uses its synthetic caption and then the rewards stored under ``synthetic_<key>``
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,7 +298,8 @@ class MiroDataModule(LightningDataModule):
         shards = schema.list_shards(cfg.data_dir) if cfg.data_dir else []
         if not shards:
             raise ValueError(f"data_dir {cfg.data_dir!r} holds no *.tar shards")
-        self.data = IndexedTarDataset(shards, cfg.index_cache_dir, self.stats, progress=True)
+        # A bar only on a terminal: redrawn into a log file it is one unreadable line.
+        self.data = IndexedTarDataset(shards, cfg.index_cache_dir, self.stats, progress=sys.stderr.isatty())
         if len(self.data) == 0:
             raise ValueError(f"data_dir {cfg.data_dir!r}: no readable samples")
         if cfg.text_source == "auto":  # precomputed when the shards carry this encoder's embeddings

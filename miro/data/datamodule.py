@@ -19,7 +19,6 @@ uses its synthetic caption and then the rewards stored under ``synthetic_<key>``
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,16 +289,15 @@ class MiroDataModule(LightningDataModule):
             return int(t.global_rank), int(t.world_size)
         return 0, 1
 
-    def prepare(self) -> None:
-        """Index shards and fit/load reward bins (idempotent; cached on disk)."""
+    def prepare(self, progress: bool = True) -> None:
+        """Index shards (a bar when ``progress``) and fit/load reward bins (idempotent; cached on disk)."""
         if self.data is not None:
             return
         cfg = self.cfg
         shards = schema.list_shards(cfg.data_dir) if cfg.data_dir else []
         if not shards:
             raise ValueError(f"data_dir {cfg.data_dir!r} holds no *.tar shards")
-        # A bar only on a terminal: redrawn into a log file it is one unreadable line.
-        self.data = IndexedTarDataset(shards, cfg.index_cache_dir, self.stats, progress=sys.stderr.isatty())
+        self.data = IndexedTarDataset(shards, cfg.index_cache_dir, self.stats, progress=progress)
         if len(self.data) == 0:
             raise ValueError(f"data_dir {cfg.data_dir!r}: no readable samples")
         if cfg.text_source == "auto":  # precomputed when the shards carry this encoder's embeddings

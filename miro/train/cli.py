@@ -146,7 +146,7 @@ def build(cfg: dict):
                       bins_path=str(ckpt_dir / "reward_bins.json"), batch_size=per_rank_batch(cfg),
                       seed=int(cfg["seed"]), **d)
     dm = MiroDataModule(dcfg)
-    dm.prepare()
+    dm.prepare(progress=bool(cfg["trainer"].get("progress_bar", True)))  # trainer.progress_bar=false: no bars in log files
     from miro.encoders import load_text_encoder
 
     # Needed for the null-text embedding (text dropout, CFG) and for on-the-fly captions.

@@ -20,6 +20,9 @@ that two checkpoints are compared on exactly the same prompts and noise:
 * ``table`` — every Shapes reward (mean) and ShapesEval overall for a list of models (baseline,
   MIRO, specialists): the trade-off table, each cell ± its standard error. Writes ``table.json``,
   ``table.md`` and ``table.png``.
+* ``guidance`` — one model over a grid of sampler settings (guidance scale x Euler steps x time
+  shift): ShapesEval and every reward per setting, the table's protocol. Writes ``guidance.json``,
+  ``guidance.md`` and ``guidance.png``.
 * ``data`` — no model: how the training shards' rewards go together. Spearman's rho between every
   pair, and for each detector reward how often it is below perfect while the other detector
   rewards are perfect (the combinations a one-reward sweep with the others at 1.0 asks for). Writes
@@ -378,10 +381,24 @@ def cmd_data(args) -> int:
     return 0
 
 
+def eval_row(pipe, items, d: Path, gcfg, scorers, counts: dict) -> dict:
+    """ShapesEval (overall, per category, its standard error) and every Shapes reward (mean and
+    standard error) of one model at one generation setting; the folder ``d`` is resumable."""
+    from miro.eval.folder import read_jsonl
+    from miro.eval.rewards import score_folder, summarize
+
+    ev = shapes_eval(pipe, items, d, gcfg)
+    score_folder(d, scorers, d / "rewards.jsonl", progress=False)
+    stats = summarize(read_jsonl(d / "rewards.jsonl"))["rewards"]
+    row = {"shapes_eval": ev["overall"], **{f"cat_{k}": t["accuracy"] for k, t in ev["tags"].items()}}
+    row["se_shapes_eval"] = overall_se(row, counts)
+    for k in SHAPES_KEYS:
+        row[k], row[f"se_{k}"] = stats[k]["mean"], stats[k]["sem"]
+    return row
+
+
 def cmd_table(args) -> int:
     from miro.eval.generate import GenerateConfig, parse_reward_args
-    from miro.eval.rewards import score_folder, summarize
-    from miro.eval.folder import read_jsonl
     from miro.io import atomic_write_text
 
     items = eval_items(args.stride)
@@ -392,22 +409,82 @@ def cmd_table(args) -> int:
     for spec in args.model:
         name, _, src = spec.partition("=")
         pipe = load(src, args.weights)
-        d = out / name
-        ev = shapes_eval(pipe, items, d, replace(gcfg, model=name))
-        score_folder(d, scorers, d / "rewards.jsonl", progress=False)
-        stats = summarize(read_jsonl(d / "rewards.jsonl"))["rewards"]
-        row = {"model": name, "shapes_eval": ev["overall"],
-               **{f"cat_{k}": t["accuracy"] for k, t in ev["tags"].items()}}
-        row["se_shapes_eval"] = overall_se(row, counts)
-        for k in SHAPES_KEYS:
-            row[k], row[f"se_{k}"] = stats[k]["mean"], stats[k]["sem"]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        rows.append({"model": name, **eval_row(pipe, items, out / name, replace(gcfg, model=name), scorers, counts)})
+        print(json.dumps(rows[-1]), flush=True)
     atomic_write_text(out / "table.json", json.dumps(rows, indent=2))
     atomic_write_text(out / "table.md", table_markdown(rows))
     _plot_table(rows, out / "table.png")
     print(table_markdown(rows), end="")
     return 0
+
+
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{name} must be comma-separated numbers; got {text!r}") from None
+    if not vals:
+        raise ValueError(f"{name} needs at least one value; got {text!r}")
+    return vals
+
+
+def cmd_guidance(args) -> int:
+    """One model over a grid of sampler settings: guidance scale x Euler steps x time shift.
+
+    The shift is the model config's ``scheduler.shift`` (the published ``LinearScheduler``'s; > 1
+    spends more steps near the data end), set on the loaded pipeline for each folder; the folder
+    name records it, so resumed folders never mix settings.
+    """
+    from miro.eval.generate import GenerateConfig
+    from miro.io import atomic_write_text
+
+    cfgs, shifts = _floats(args.cfgs, "--cfgs"), _floats(args.shifts, "--shifts")
+    steps = [int(v) for v in _floats(args.steps_list, "--steps-list")]
+    items, scorers = eval_items(args.stride), _scorers()
+    counts, out, rows = tag_counts(items, args.n_samples), Path(args.out) / "guidance", []
+    pipe = load(args.model, args.weights)
+    shipped_shift = float(pipe.config.get("scheduler", {}).get("shift", 1.0))
+    for n in steps:
+        for s in shifts:
+            pipe.config.setdefault("scheduler", {})["shift"] = s
+            for w in cfgs:
+                name = f"cfg{w:g}_steps{n}_shift{s:g}"
+                gcfg = GenerateConfig(model=args.model, n_samples=args.n_samples, steps=n, cfg=w, seed=args.seed,
+                                      batch_size=32)
+                rows.append({"model": name, "cfg": w, "steps": n, "shift": s,
+                             **eval_row(pipe, items, out / name, gcfg, scorers, counts)})
+                print(json.dumps(rows[-1]), flush=True)
+    pipe.config["scheduler"]["shift"] = shipped_shift
+    atomic_write_text(out / "guidance.json", json.dumps(rows, indent=2))
+    atomic_write_text(out / "guidance.md", table_markdown(rows))
+    _plot_guidance(rows, out / "guidance.png")
+    print(table_markdown(rows), end="")
+    return 0
+
+
+def _plot_guidance(rows: list[dict], path: Path) -> None:
+    """One panel per measure (ShapesEval, each reward) against the guidance scale, one line per
+    (steps, shift), ±1 s.e."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = ("shapes_eval",) + SHAPES_KEYS
+    fig, axes = plt.subplots(1, len(cols), figsize=(2.6 * len(cols), 2.8), squeeze=False)
+    lines = sorted({(r["steps"], r["shift"]) for r in rows})
+    for ax, c in zip(axes[0], cols):
+        for n, s in lines:
+            rs = sorted((r for r in rows if (r["steps"], r["shift"]) == (n, s)), key=lambda r: r["cfg"])
+            ax.errorbar([r["cfg"] for r in rs], [r[c] for r in rs], yerr=[r[f"se_{c}"] for r in rs], marker="o",
+                        ms=3, capsize=2, label=f"{n} steps, shift {s:g}")
+        ax.set_title("ShapesEval" if c == "shapes_eval" else c.removeprefix("shapes_"), fontsize=9)
+        ax.set_xlabel("guidance scale w")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def table_markdown(rows: list[dict]) -> str:
@@ -452,6 +529,11 @@ def main(argv=None) -> int:
     t = sub.add_parser("table", parents=[common], help="every Shapes reward per model")
     t.add_argument("--model", action="append", required=True, help="NAME=SOURCE (.ckpt, folder or built-in)")
     t.add_argument("--reward", nargs="*", metavar="KEY=VALUE", help="positive reward targets (default 1.0 each)")
+    g = sub.add_parser("guidance", parents=[common], help="ShapesEval and rewards over guidance scale x steps x shift")
+    g.add_argument("--model", default="shapes", help=".ckpt, pipeline folder or built-in name")
+    g.add_argument("--cfgs", default="1,2,3,5,7,10", help="comma-separated guidance scales")
+    g.add_argument("--steps-list", default="25,50", help="comma-separated Euler step counts")
+    g.add_argument("--shifts", default="1", help="comma-separated time shifts (scheduler.shift)")
     d = sub.add_parser("data", help="how the training data's rewards go together (what a one-reward sweep asks for)")
     d.add_argument("--data", required=True, help="folder of Shapes shards (miro shapes make-dataset)")
     d.add_argument("--limit", type=int, default=0, help="read at most this many samples (0: all)")
@@ -459,7 +541,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         return {"convergence": cmd_convergence, "controllability": cmd_controllability, "table": cmd_table,
-                "data": cmd_data}[args.cmd](args)
+                "guidance": cmd_guidance, "data": cmd_data}[args.cmd](args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

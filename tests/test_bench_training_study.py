@@ -113,3 +113,32 @@ def test_controllability_negative_branch(tmp_path, monkeypatch, negative):
     assert summary["negative"] == negative and set(summary["rewards"]) == set(keys)
     assert summary["rewards"]["shapes_counting"]["se"] == [0.25] * 9  # std / sqrt(n)
     assert (tmp_path / "controllability" / "controllability.png").stat().st_size > 0
+
+
+def test_guidance_grid_sets_each_shift_and_restores_the_model_s(tmp_path, monkeypatch):
+    """Every (steps, shift, cfg) of the grid is evaluated once with the shift set on the pipeline
+    while its folder is generated; the model's own shift is back afterwards; a bad list is refused."""
+    import json
+
+    import shapes_training_study as study
+
+    pipe = SimpleNamespace(config={"scheduler": {"shift": 1.0}})
+    seen = []
+
+    def fake_eval_row(p, items, d, gcfg, scorers, counts):
+        seen.append((gcfg.steps, p.config["scheduler"]["shift"], gcfg.cfg, d.name))
+        return {"shapes_eval": 0.1, "se_shapes_eval": 0.01,
+                **{k: gcfg.cfg / 10 for k in SHAPES_KEYS}, **{f"se_{k}": 0.01 for k in SHAPES_KEYS}}
+
+    monkeypatch.setattr(study, "load", lambda src, weights: pipe)
+    monkeypatch.setattr(study, "eval_items", lambda stride: [])
+    monkeypatch.setattr(study, "_scorers", lambda: {})
+    monkeypatch.setattr(study, "eval_row", fake_eval_row)
+    assert study.main(["guidance", "--out", str(tmp_path), "--cfgs", "2,5", "--steps-list", "10,20",
+                       "--shifts", "0.5,2"]) == 0
+    assert seen == [(n, s, w, f"cfg{w:g}_steps{n}_shift{s:g}") for n in (10, 20) for s in (0.5, 2.0) for w in (2.0, 5.0)]
+    assert pipe.config["scheduler"]["shift"] == 1.0
+    rows = json.loads((tmp_path / "guidance" / "guidance.json").read_text())
+    assert [(r["steps"], r["shift"], r["cfg"]) for r in rows] == [s[:3] for s in seen]
+    assert (tmp_path / "guidance" / "guidance.png").stat().st_size > 0
+    assert study.main(["guidance", "--out", str(tmp_path), "--cfgs", "2,x"]) == 2

@@ -23,6 +23,9 @@ that two checkpoints are compared on exactly the same prompts and noise:
 * ``guidance`` — one model over a grid of sampler settings (guidance scale x Euler steps x time
   shift): ShapesEval and every reward per setting, the table's protocol. Writes ``guidance.json``,
   ``guidance.md`` and ``guidance.png``.
+* ``confusion`` — no generation: from scored ShapesEval folders, the shape the detector found
+  against the shape asked for, over the prompts that ask for one object (single object, colours).
+  Writes ``confusion.json``, ``confusion.md`` and ``confusion.png``.
 * ``data`` — no model: how the training shards' rewards go together. Spearman's rho between every
   pair, and for each detector reward how often it is below perfect while the other detector
   rewards are perfect (the combinations a one-reward sweep with the others at 1.0 asks for). Writes
@@ -487,6 +490,90 @@ def _plot_guidance(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+ONE_OBJECT_TAGS = ("single_object", "colors")  # ShapesEval categories that ask for exactly one object
+
+
+def shape_outcome(details: dict) -> str:
+    """What the detector found in an image that asked for one object: the class when exactly one
+    class was found (however many instances), ``"none"``, or ``"several"`` (more than one class)."""
+    found = sorted(k for k, boxes in details.items() if boxes)
+    return found[0] if len(found) == 1 else ("none" if not found else "several")
+
+
+def shape_confusion(records) -> dict:
+    """Asked shape -> detected outcome counts over the one-object ShapesEval images (``results.jsonl``
+    records), plus ``accuracy``: the share whose outcome is exactly the asked class."""
+    from miro.shapes.world import CLASSES
+
+    cols = list(CLASSES) + ["none", "several"]
+    counts = {c: dict.fromkeys(cols, 0) for c in CLASSES}
+    for r in records:
+        if r.get("tag") not in ONE_OBJECT_TAGS:
+            continue
+        meta = json.loads(r["metadata"]) if isinstance(r["metadata"], str) else r["metadata"]
+        details = json.loads(r["details"]) if isinstance(r.get("details"), str) and r["details"] else (r.get("details") or {})
+        counts[meta["include"][0]["class"]][shape_outcome(details)] += 1
+    n = sum(sum(row.values()) for row in counts.values())
+    hits = sum(counts[c][c] for c in CLASSES)
+    return {"columns": cols, "counts": counts, "n": n, "accuracy": hits / n if n else float("nan")}
+
+
+def confusion_markdown(name: str, conf: dict) -> str:
+    """One confusion matrix: rows the asked shape, cells the share of its images (%)."""
+    cols = conf["columns"]
+    lines = [f"**{name}** (shape right {conf['accuracy']:.3f} of {conf['n']} one-object images)", "",
+             "| asked \\ found | " + " | ".join(cols) + " |", "|" + "---|" * (1 + len(cols))]
+    for asked, row in conf["counts"].items():
+        tot = sum(row.values()) or 1
+        lines.append(f"| {asked} | " + " | ".join(f"{100 * row[c] / tot:.0f}" for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_confusion(args) -> int:
+    """Which shapes a model draws when asked for one: from scored ShapesEval folders, no generation."""
+    from miro.eval.folder import read_jsonl
+    from miro.io import atomic_write_text
+    from miro.shapes.eval import RESULTS_FILE
+
+    result = {}
+    for spec in args.folder:
+        name, _, d = spec.partition("=")
+        path = Path(d) / RESULTS_FILE
+        if not path.is_file():
+            raise ValueError(f"--folder {spec!r}: no {RESULTS_FILE} there (score it with `miro shapes eval-score`)")
+        result[name or d] = shape_confusion(read_jsonl(path))
+    out = Path(args.out) / "confusion"
+    atomic_write_text(out / "confusion.json", json.dumps(result, indent=2))
+    md = "\n".join(confusion_markdown(k, v) for k, v in result.items())
+    atomic_write_text(out / "confusion.md", md)
+    _plot_confusion(result, out / "confusion.png")
+    print(md, end="")
+    return 0
+
+
+def _plot_confusion(result: dict, path: Path) -> None:
+    """One heat map per folder: asked shape (rows) by detected outcome (columns), row shares."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(result), figsize=(3.6 * len(result), 3.2), squeeze=False)
+    for ax, (name, conf) in zip(axes[0], result.items()):
+        m = np.array([[row[c] for c in conf["columns"]] for row in conf["counts"].values()], dtype=float)
+        m /= np.maximum(m.sum(1, keepdims=True), 1)
+        ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
+        for (i, j), v in np.ndenumerate(m):
+            ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=6, color="w" if v < 0.5 else "k")
+        ax.set_xticks(range(len(conf["columns"])), conf["columns"], rotation=45, fontsize=7)
+        ax.set_yticks(range(len(conf["counts"])), list(conf["counts"]), fontsize=7)
+        ax.set_title(f"{name}: shape right {conf['accuracy']:.2f}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def table_markdown(rows: list[dict]) -> str:
     """The rewards table, each cell ``mean ± standard error`` over the subset's images."""
     cols = ("shapes_eval",) + SHAPES_KEYS
@@ -534,6 +621,9 @@ def main(argv=None) -> int:
     g.add_argument("--cfgs", default="1,2,3,5,7,10", help="comma-separated guidance scales")
     g.add_argument("--steps-list", default="25,50", help="comma-separated Euler step counts")
     g.add_argument("--shifts", default="1", help="comma-separated time shifts (scheduler.shift)")
+    f = sub.add_parser("confusion", help="asked vs detected shape on the one-object prompts of scored folders")
+    f.add_argument("--folder", action="append", required=True, help="NAME=DIR, a scored ShapesEval folder")
+    f.add_argument("--out", required=True, help="output folder")
     d = sub.add_parser("data", help="how the training data's rewards go together (what a one-reward sweep asks for)")
     d.add_argument("--data", required=True, help="folder of Shapes shards (miro shapes make-dataset)")
     d.add_argument("--limit", type=int, default=0, help="read at most this many samples (0: all)")
@@ -541,7 +631,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         return {"convergence": cmd_convergence, "controllability": cmd_controllability, "table": cmd_table,
-                "guidance": cmd_guidance, "data": cmd_data}[args.cmd](args)
+                "guidance": cmd_guidance,
+                "confusion": cmd_confusion, "data": cmd_data}[args.cmd](args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

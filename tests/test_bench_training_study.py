@@ -142,3 +142,34 @@ def test_guidance_grid_sets_each_shift_and_restores_the_model_s(tmp_path, monkey
     assert [(r["steps"], r["shift"], r["cfg"]) for r in rows] == [s[:3] for s in seen]
     assert (tmp_path / "guidance" / "guidance.png").stat().st_size > 0
     assert study.main(["guidance", "--out", str(tmp_path), "--cfgs", "2,x"]) == 2
+
+
+def test_shape_confusion_counts_one_object_images_only(tmp_path):
+    import json
+
+    from shapes_training_study import main, shape_confusion, shape_outcome
+
+    assert shape_outcome({}) == "none" and shape_outcome({"circle": []}) == "none"
+    assert shape_outcome({"square": [[0, 0, 1, 1, 0.9], [2, 2, 3, 3, 0.8]]}) == "square"
+    assert shape_outcome({"square": [[0, 0, 1, 1, 0.9]], "circle": [[2, 2, 3, 3, 0.8]]}) == "several"
+
+    def rec(tag, include, details):
+        return {"tag": tag, "metadata": json.dumps({"tag": tag, "include": include}), "details": json.dumps(details)}
+
+    box = [[0, 0, 4, 4, 0.9]]
+    records = [rec("single_object", [{"class": "circle", "count": 1}], {"circle": box}),
+               rec("single_object", [{"class": "square", "count": 1}], {"circle": box}),
+               rec("colors", [{"class": "square", "count": 1, "color": "red"}], {"square": box}),
+               rec("colors", [{"class": "cross", "count": 1, "color": "red"}], {}),
+               rec("two_object", [{"class": "cross", "count": 1}, {"class": "circle", "count": 1}], {"cross": box})]
+    conf = shape_confusion(records)
+    assert conf["n"] == 4 and conf["accuracy"] == 0.5  # the two-object record is left out
+    assert conf["counts"]["square"] == {**dict.fromkeys(conf["columns"], 0), "circle": 1, "square": 1}
+    assert conf["counts"]["cross"]["none"] == 1 and sum(conf["counts"]["triangle"].values()) == 0
+    d = tmp_path / "folder"
+    d.mkdir()
+    (d / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["confusion", "--folder", f"m={d}", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "confusion" / "confusion.json").read_text())["m"]["accuracy"] == 0.5
+    assert "| square | 50 | 50 |" in (tmp_path / "confusion" / "confusion.md").read_text()
+    assert main(["confusion", "--folder", f"m={tmp_path / 'nothing'}", "--out", str(tmp_path)]) == 2

@@ -115,7 +115,7 @@ def test_controllability_negative_branch(tmp_path, monkeypatch, negative):
     assert (tmp_path / "controllability" / "controllability.png").stat().st_size > 0
 
 
-def test_guidance_grid_sets_each_shift_and_restores_the_model_s(tmp_path, monkeypatch):
+def test_guidance_grid_sets_each_shift_then_restores_the_model_shift(tmp_path, monkeypatch):
     """Every (steps, shift, cfg) of the grid is evaluated once with the shift set on the pipeline
     while its folder is generated; the model's own shift is back afterwards; a bad list is refused."""
     import json

@@ -198,10 +198,9 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def _plot_convergence(curves: dict, errors: dict, path: Path, sp: dict | None) -> None:
-    import matplotlib
+    from miro.eval.plots import _plt
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _plt()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, c in curves.items():
@@ -223,10 +222,9 @@ def _plot_convergence(curves: dict, errors: dict, path: Path, sp: dict | None) -
 
 def _plot_table(rows: list[dict], path: Path) -> None:
     """Grouped bars: ShapesEval and each reward (columns), one bar per model, ±1 s.e."""
-    import matplotlib
+    from miro.eval.plots import _plt
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _plt()
 
     cols = ("shapes_eval",) + SHAPES_KEYS
     width = 0.8 / max(len(rows), 1)
@@ -248,10 +246,9 @@ def _plot_table(rows: list[dict], path: Path) -> None:
 def _plot_controllability(result: dict, path: Path) -> None:
     """One panel per swept reward: measured mean ±1 s.e. at each target, targets evenly spaced by
     rank (score-spaced targets crowd near 0) and labelled with their values; rho in the title."""
-    import matplotlib
+    from miro.eval.plots import _plt
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _plt()
 
     fig, axes = plt.subplots(1, len(result), figsize=(3.2 * len(result), 3), squeeze=False)
     for ax, (key, r) in zip(axes[0], result.items()):
@@ -468,10 +465,9 @@ def cmd_guidance(args) -> int:
 def _plot_guidance(rows: list[dict], path: Path) -> None:
     """One panel per measure (ShapesEval, each reward) against the guidance scale, one line per
     (steps, shift), ±1 s.e."""
-    import matplotlib
+    from miro.eval.plots import _plt
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _plt()
 
     cols = ("shapes_eval",) + SHAPES_KEYS
     fig, axes = plt.subplots(1, len(cols), figsize=(2.6 * len(cols), 2.8), squeeze=False)
@@ -510,9 +506,9 @@ def shape_confusion(records) -> dict:
     for r in records:
         if r.get("tag") not in ONE_OBJECT_TAGS:
             continue
-        meta = json.loads(r["metadata"]) if isinstance(r["metadata"], str) else r["metadata"]
-        details = json.loads(r["details"]) if isinstance(r.get("details"), str) and r["details"] else (r.get("details") or {})
-        counts[meta["include"][0]["class"]][shape_outcome(details)] += 1
+        # metadata and details are JSON strings (miro.eval.geneval_rules.result_record)
+        asked = json.loads(r["metadata"])["include"][0]["class"]
+        counts[asked][shape_outcome(json.loads(r["details"]))] += 1
     n = sum(sum(row.values()) for row in counts.values())
     hits = sum(counts[c][c] for c in CLASSES)
     return {"columns": cols, "counts": counts, "n": n, "accuracy": hits / n if n else float("nan")}
@@ -553,11 +549,11 @@ def cmd_confusion(args) -> int:
 
 def _plot_confusion(result: dict, path: Path) -> None:
     """One heat map per folder: asked shape (rows) by detected outcome (columns), row shares."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from miro.eval.plots import _plt
+
+    plt = _plt()
 
     fig, axes = plt.subplots(1, len(result), figsize=(3.6 * len(result), 3.2), squeeze=False)
     for ax, (name, conf) in zip(axes[0], result.items()):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from miro.models.patch_resize import PATCH_KEYS
 from miro.train import cli
 from tests._train_helpers import tiny_overrides, write_tiny_shards
 
@@ -253,3 +254,19 @@ def test_init_from_rejects_other_architectures(data_dir, tmp_path):
     cfg["init_from"], cfg["init_weights"] = "shapes", "best"
     with pytest.raises(ValueError, match="init_weights must be 'ema' or 'raw'; got 'best'"):
         cli.build(cfg)
+
+
+def test_init_from_a_coarser_patch_resizes_the_patch_tensors(data_dir, tmp_path):
+    coarse = ["++model.overrides={network: {num_blocks: 1, num_text_registers: 2, patch_size: 4}}"]
+    src, _, _ = _run(tiny_overrides(data_dir, tmp_path / "a", steps=3, every=3, extra=coarse))
+    ckpt = tmp_path / "a" / "miro" / "checkpoints" / "shapes_miro" / "last.ckpt"
+    ov = tiny_overrides(data_dir, tmp_path / "b", steps=3, every=100, extra=[f"init_from={ckpt}", "init_weights=raw"])
+    cfg = OmegaConf.to_container(cli.compose(ov), resolve=True)
+    module, _, _, _ = cli.build(cfg)
+    assert module.model.network.patch_size == 2 and "patch 4 -> 2 resized" in module.init_source
+    for n, a in src.model.state_dict().items():
+        b = module.model.state_dict()[n]
+        if n in PATCH_KEYS:
+            assert a.shape != b.shape or n.endswith("bias"), n
+        else:
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)

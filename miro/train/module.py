@@ -27,6 +27,7 @@ import torch
 from lightning.pytorch import LightningModule
 
 from miro.models import LossConfig, MiroModel, flow_loss
+from miro.models.patch_resize import patch_size_of, resize_patch_tensors
 from miro.train.ema import EMA
 from miro.train.optim import OptimizerConfig, SchedulerConfig, WarmupCosineDecayLR, build_optimizer
 
@@ -113,7 +114,8 @@ class MiroLightningModule(LightningModule):
         ``source``: a ``miro train`` checkpoint (``*.ckpt``; ``weights`` = ``ema`` for the exported
         EMA copy or ``raw`` for the training weights) or a pipeline (built-in name, folder or hub
         id: its ``model.safetensors``). Optimizer, schedule and data position start fresh; the
-        architectures must match tensor for tensor. Returns a one-line description.
+        architectures must match tensor for tensor, except the patch size, which may be a divisor
+        of the source's (:mod:`miro.models.patch_resize`). Returns a one-line description.
         """
         if weights not in ("ema", "raw"):
             raise ValueError(f"init_weights must be 'ema' or 'raw'; got {weights!r}")
@@ -131,7 +133,12 @@ class MiroLightningModule(LightningModule):
             if "model.safetensors" not in files:
                 raise ValueError(f"init_from={source!r}: the pipeline has no trained weights (model.safetensors)")
             state, what = load_file(str(files["model.safetensors"])), f"pipeline {source}"
+        net = self.model.network
         try:
+            src_patch = patch_size_of(state, net.num_input_channels)
+            if src_patch != net.patch_size:  # a finer patch warm-starts from a coarser one (patch_resize)
+                state = resize_patch_tensors(state, net.patch_size, net.num_input_channels)
+                what += f", patch {src_patch} -> {net.patch_size} resized"
             self.model.load_state_dict_checked(state)
         except ValueError as e:
             raise ValueError(f"init_from={source!r} does not fit this experiment's model: {e}") from None

@@ -36,7 +36,8 @@ common overrides:
   trainer.max_steps=N        optimizer steps; data.global_batch_size=N; seed=N
   resume=auto|null|PATH      continue from last.ckpt (auto), start fresh (null) or from a given .ckpt
   init_from=CKPT|PIPELINE    warm start a fresh run from a checkpoint's weights (init_weights=ema|raw)
-                             or a pipeline (built-in name, folder, hub id); fresh optimizer and data
+                             or a pipeline (built-in name, folder, hub id); fresh optimizer and data;
+                             a finer patch (a divisor of the source's) gets resized patch tensors
   ema_warmup=true            EMA decay min(d, (1+n)/(10+n)) at step n (short runs)
   position_init=sincos       start the learned patch-position table from a 2-D sine-cosine table
 

@@ -1,4 +1,4 @@
-"""Warm start across patch sizes: the three patch-shaped tensors of a RIN state dict, resized.
+"""Warm start across patch sizes: the patch-shaped tensors of a RIN state dict, resized.
 
 Only ``network.patch_extractor`` (tokens from p×p×C patches), ``network.map_tokens_to_patches.1``
 (tokens back to patches) and ``network.data_pos_embedding`` (one row per token) depend on the
@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -198,7 +198,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def _plot_convergence(curves: dict, errors: dict, path: Path, sp: dict | None) -> None:
-    from miro.eval.plots import _plt
+    from miro.eval.plots import _plt, _save
 
     plt = _plt()
 
@@ -216,13 +216,12 @@ def _plot_convergence(curves: dict, errors: dict, path: Path, sp: dict | None) -
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)  # atomic: a killed study never leaves half a PNG
 
 
 def _plot_table(rows: list[dict], path: Path) -> None:
     """Grouped bars: ShapesEval and each reward (columns), one bar per model, ±1 s.e."""
-    from miro.eval.plots import _plt
+    from miro.eval.plots import _plt, _save
 
     plt = _plt()
 
@@ -239,14 +238,13 @@ def _plot_table(rows: list[dict], path: Path) -> None:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)  # atomic: a killed study never leaves half a PNG
 
 
 def _plot_controllability(result: dict, path: Path) -> None:
     """One panel per swept reward: measured mean ±1 s.e. at each target, targets evenly spaced by
     rank (score-spaced targets crowd near 0) and labelled with their values; rho in the title."""
-    from miro.eval.plots import _plt
+    from miro.eval.plots import _plt, _save
 
     plt = _plt()
 
@@ -260,8 +258,7 @@ def _plot_controllability(result: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("measured reward (mean ±1 s.e.)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)  # atomic: a killed study never leaves half a PNG
 
 
 def _scorers():
@@ -465,7 +462,7 @@ def cmd_guidance(args) -> int:
 def _plot_guidance(rows: list[dict], path: Path) -> None:
     """One panel per measure (ShapesEval, each reward) against the guidance scale, one line per
     (steps, shift), ±1 s.e."""
-    from miro.eval.plots import _plt
+    from miro.eval.plots import _plt, _save
 
     plt = _plt()
 
@@ -482,8 +479,7 @@ def _plot_guidance(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)  # atomic: a killed study never leaves half a PNG
 
 
 ONE_OBJECT_TAGS = ("single_object", "colors")  # ShapesEval categories that ask for exactly one object
@@ -551,7 +547,7 @@ def _plot_confusion(result: dict, path: Path) -> None:
     """One heat map per folder: asked shape (rows) by detected outcome (columns), row shares."""
     import numpy as np
 
-    from miro.eval.plots import _plt
+    from miro.eval.plots import _plt, _save
 
     plt = _plt()
 
@@ -566,8 +562,7 @@ def _plot_confusion(result: dict, path: Path) -> None:
         ax.set_yticks(range(len(conf["counts"])), list(conf["counts"]), fontsize=7)
         ax.set_title(f"{name}: shape right {conf['accuracy']:.2f}", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)  # atomic: a killed study never leaves half a PNG
 
 
 def table_markdown(rows: list[dict]) -> str:

@@ -110,12 +110,9 @@ def write_outputs(out: Path, rows: list[dict], proxy_metrics: dict, args) -> Non
         lines.append(f"| {r['arm']} | {r['step']} | {r['proxy']:.3f} | {r['proxy_relative']:.4f} | {r['exact_alignment']:.3f} "
                      f"| {r['exact_sharpness']:.3f} | {r['exact_contrast']:.3f} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
-    import matplotlib
+    from miro.eval.plots import _plt, _save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+    fig, ax = _plt().subplots(1, 3, figsize=(14, 4))
     panels = (("proxy_relative", "optimised: proxy s(x,p+) − s(x,p−)", "relative reward"),
               ("proxy", "proxy s(x, caption) (learned)", "predicted alignment"),
               ("exact_alignment", "truth: exact shapes_alignment", "alignment"))
@@ -131,7 +128,7 @@ def write_outputs(out: Path, rows: list[dict], proxy_metrics: dict, args) -> Non
         a.legend()
         a.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "plot.png", dpi=120)
+    _save(fig, out / "plot.png")
     print((out / "table.md").read_text())
 
 

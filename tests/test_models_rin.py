@@ -452,3 +452,28 @@ def test_bf16_weights_sample_on_cpu():
     out = euler_sample(model.to(torch.bfloat16), x, emb, mask, torch.zeros(1, 384), None, num_steps=2, autocast=True)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert (out - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_conv_attn_mixer_warm_starts_a_conv_model_exactly_and_learns():
+    """data_mixer=conv_attn adds a self-attention block over the data tokens whose layer scales
+    start at 0: a conv model's weights plus the new block's fresh tensors give the conv model's
+    output bit for bit, and the layer scales get a gradient (so the block can switch on)."""
+    conv, attn = get_config("tiny"), get_config("tiny")
+    conv["network"]["data_mixer"], attn["network"]["data_mixer"] = "conv", "conv_attn"
+    src = MiroModel.from_config(conv, generator=torch.Generator().manual_seed(3)).network
+    dst = MiroModel.from_config(attn, generator=torch.Generator().manual_seed(4)).network
+    with torch.no_grad():  # trained-looking conv weights, so the mixer is not a no-op itself
+        for blk in src.rin_blocks:
+            blk.data_mixer.conv.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(5))
+    new = set(dst.state_dict()) - set(src.state_dict())
+    assert new and all(".data_mixer.attn." in k for k in new)
+    dst.load_state_dict({**dst.state_dict(), **src.state_dict()})
+    g = torch.Generator().manual_seed(0)
+    side = conv["network"]["data_size"]
+    args = (torch.randn(2, 3, side, side, generator=g), torch.tensor([0.2, 0.8]),
+            torch.randn(2, 4, 384, generator=g), torch.ones(2, 4, dtype=torch.bool), {})
+    outs = [n.eval()(*args)[0] for n in (src, dst)]
+    assert torch.equal(outs[0], outs[1])
+    outs[1].square().mean().backward()
+    assert dst.rin_blocks[0].data_mixer.attn.layer_scale_1.grad.abs().sum() > 0
+    assert NetworkConfig.from_dict(NetworkConfig.from_dict(attn["network"]).to_dict()).data_mixer == "conv_attn"

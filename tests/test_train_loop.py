@@ -270,3 +270,21 @@ def test_init_from_a_coarser_patch_resizes_the_patch_tensors(data_dir, tmp_path)
             assert a.shape != b.shape or n.endswith("bias"), n
         else:
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+
+
+def test_init_strict_false_keeps_a_new_module_at_its_initialisation(data_dir, tmp_path):
+    net = "++model.overrides={network: {num_blocks: 1, num_text_registers: 2, data_mixer: %s}}"
+    src, _, _ = _run(tiny_overrides(data_dir, tmp_path / "a", steps=3, every=3, extra=[net % "conv"]))
+    ckpt = tmp_path / "a" / "miro" / "checkpoints" / "shapes_miro" / "last.ckpt"
+    ov = tiny_overrides(data_dir, tmp_path / "b", steps=3, every=100,
+                        extra=[net % "conv_attn", f"init_from={ckpt}", "init_weights=raw"])
+    cfg = OmegaConf.to_container(cli.compose(ov), resolve=True)
+    with pytest.raises(ValueError, match="missing tensor 'network.rin_blocks.0.data_mixer.attn"):
+        cli.build(cfg)
+    cfg["init_strict"] = False
+    module, _, _, _ = cli.build(cfg)
+    fresh = [k for k in module.model.state_dict() if k not in src.model.state_dict()]
+    assert fresh and f"{len(fresh)} new tensors kept at their initialisation" in module.init_source
+    for n, a in src.model.state_dict().items():
+        torch.testing.assert_close(a, module.model.state_dict()[n], rtol=0, atol=0, msg=n)
+    assert float(module.model.network.rin_blocks[0].data_mixer.attn.layer_scale_1.abs().sum()) == 0.0

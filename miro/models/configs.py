@@ -30,7 +30,7 @@ __all__ = [
 
 DROPOUT_STRATEGIES = ("binomial", "uniform", "none")  # published reward-dropout rules (spec §7)
 DATA_NORMS = ("rms", "none")  # patch-embedding norm: published RMSNorm, or none (keeps patch scale)
-DATA_MIXERS = ("none", "conv")  # data tokens after each write: published (none), or a 3x3 depthwise conv
+DATA_MIXERS = ("none", "conv", "conv_attn")  # data tokens after each write: published (none), a 3x3 depthwise conv, or the conv then self-attention
 # This project's network keys and the value that means "as published" (not written to config.json).
 NETWORK_EXTENSIONS = {"data_norm": "rms", "data_mixer": "none"}
 COND_HEADS = 16  # the cond-mapping transformer uses 16 heads whatever the config (spec §2.3)

@@ -43,11 +43,16 @@ class TokenGridMixer(nn.Module):
     block; zero-initialised, it leaves the network unchanged at step 0.
     """
 
-    def __init__(self, dim: int, grid: int):
+    def __init__(self, dim: int, grid: int, attn_heads: int = 0, mlp_multiplier: int = 2):
         super().__init__()
         self.grid = grid
         self.norm = RMSNorm(dim)
         self.conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        # ``conv_attn``: then a self-attention block over all data tokens, so a token can learn
+        # where it sits in an object (the shape), not only what its neighbours hold. Its layer
+        # scales start at 0 (a no-op at init), so a ``conv`` model warm-starts into it exactly.
+        self.attn = (SelfAttentionBlock(dim, attn_heads, mlp_multiplier, use_layer_scale=True, layer_scale_value=0.0)
+                     if attn_heads else None)
 
     def reset_parameters(self) -> None:
         self.norm.weight.data.fill_(1.0)
@@ -57,7 +62,8 @@ class TokenGridMixer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, n, d = x.shape
         h = self.norm(x).transpose(1, 2).reshape(b, d, self.grid, self.grid)
-        return x + self.conv(h).reshape(b, d, n).transpose(1, 2)
+        x = x + self.conv(h).reshape(b, d, n).transpose(1, 2)
+        return x if self.attn is None else self.attn(x)
 
 
 class RINBlock(nn.Module):
@@ -77,6 +83,7 @@ class RINBlock(nn.Module):
         compute_stochastic_depth: float,
         use_cond: bool,
         mixer_grid: int | None = None,
+        mixer_attn_heads: int = 0,
     ):
         super().__init__()
         # Registration order follows the published module (read, process, write, then cond).
@@ -108,7 +115,8 @@ class RINBlock(nn.Module):
         else:
             self.retrieve_cond = None
         # Extension, registered last so the published tensors keep their order.
-        self.data_mixer = TokenGridMixer(data_dim, mixer_grid) if mixer_grid else None
+        self.data_mixer = (TokenGridMixer(data_dim, mixer_grid, mixer_attn_heads, data_mlp_multiplier)
+                           if mixer_grid else None)
 
     def forward(
         self,
@@ -272,7 +280,8 @@ class RIN(nn.Module):
                 rw_stochastic_depth,
                 compute_stochastic_depth,
                 use_cond_rin_block,
-                mixer_grid=grid if data_mixer == "conv" else None,
+                mixer_grid=grid if data_mixer in ("conv", "conv_attn") else None,
+                mixer_attn_heads=read_write_heads if data_mixer == "conv_attn" else 0,
             )
             for _ in range(num_blocks)
         )

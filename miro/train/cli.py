@@ -37,7 +37,8 @@ common overrides:
   resume=auto|null|PATH      continue from last.ckpt (auto), start fresh (null) or from a given .ckpt
   init_from=CKPT|PIPELINE    warm start a fresh run from a checkpoint's weights (init_weights=ema|raw)
                              or a pipeline (built-in name, folder, hub id); fresh optimizer and data;
-                             a finer patch (a divisor of the source's) gets resized patch tensors
+                             a finer patch (a divisor of the source's) gets resized patch tensors;
+                             init_strict=false keeps tensors the source lacks at their initialisation
   ema_warmup=true            EMA decay min(d, (1+n)/(10+n)) at step n (short runs)
   position_init=sincos       start the learned patch-position table from a 2-D sine-cosine table
 
@@ -170,7 +171,8 @@ def build(cfg: dict):
     module = MiroLightningModule(hparams, uncond_embedding=text_encoder.uncond_embedding().cpu())
     ckpt = _resume_path(cfg.get("resume"), ckpt_dir)
     if cfg.get("init_from") and ckpt is None:  # a resumed run already holds its own weights
-        module.init_source = module.load_initial_weights(str(cfg["init_from"]), str(cfg.get("init_weights", "ema")))
+        module.init_source = module.load_initial_weights(str(cfg["init_from"]), str(cfg.get("init_weights", "ema")),
+                                                         strict=bool(cfg.get("init_strict", True)))
     object.__setattr__(module, "_text_encoder", text_encoder)
     callbacks = [checkpoint_callback(str(ckpt_dir), cfg["checkpoint"]["every_n_steps"],
                                      cfg["checkpoint"].get("keep_periodic", True)),

@@ -108,14 +108,17 @@ class MiroLightningModule(LightningModule):
         return self.ema.model(index)
 
     @torch.no_grad()
-    def load_initial_weights(self, source: str, weights: str = "ema") -> str:
+    def load_initial_weights(self, source: str, weights: str = "ema", strict: bool = True) -> str:
         """Warm start: copy weights into the model and every EMA copy before training.
 
         ``source``: a ``miro train`` checkpoint (``*.ckpt``; ``weights`` = ``ema`` for the exported
         EMA copy or ``raw`` for the training weights) or a pipeline (built-in name, folder or hub
         id: its ``model.safetensors``). Optimizer, schedule and data position start fresh; the
         architectures must match tensor for tensor, except the patch size, which may be a divisor
-        of the source's (:mod:`miro.models.patch_resize`). Returns a one-line description.
+        of the source's (:mod:`miro.models.patch_resize`). ``strict=False`` lets tensors the source
+        lacks keep their fresh initialisation (a module added to a trained model, e.g. the
+        zero-scaled attention of ``data_mixer: conv_attn``); extra or mis-shaped tensors are still
+        refused. Returns a one-line description.
         """
         if weights not in ("ema", "raw"):
             raise ValueError(f"init_weights must be 'ema' or 'raw'; got {weights!r}")
@@ -139,6 +142,11 @@ class MiroLightningModule(LightningModule):
             if src_patch != net.patch_size:  # a finer patch warm-starts from a coarser one (patch_resize)
                 state = resize_patch_tensors(state, net.patch_size, net.num_input_channels)
                 what += f", patch {src_patch} -> {net.patch_size} resized"
+            if not strict:
+                fresh = {k: v for k, v in self.model.state_dict().items() if k not in state}
+                if fresh:
+                    state = {**state, **fresh}
+                    what += f", {len(fresh)} new tensors kept at their initialisation"
             self.model.load_state_dict_checked(state)
         except ValueError as e:
             raise ValueError(f"init_from={source!r} does not fit this experiment's model: {e}") from None

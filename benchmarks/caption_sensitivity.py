@@ -52,15 +52,20 @@ def scenes(n: int, seed: int):
     return {k: np.stack(v) for k, v in imgs.items()}, caps
 
 
-def per_image_mse(model, pipe, x0_px, caps, eps, gamma: float, batch_size: int) -> torch.Tensor:
-    """(N,) MSE of x̂0 to x0 in pixel units [-1, 1], one forward pass per batch."""
+def encode_batches(pipe, caps: list[str], batch_size: int) -> list[tuple[slice, tuple]]:
+    """(slice, (emb, mask)) per batch of captions: encoded once, reused at every noise level."""
+    sls = [slice(i, i + batch_size) for i in range(0, len(caps), batch_size)]
+    return [(sl, pipe.encode_prompt(caps[sl])) for sl in sls]
+
+
+def per_image_mse(model, x0_px, texts, eps, gamma: float) -> torch.Tensor:
+    """(N,) MSE of x̂0 = x_gamma - (1 - gamma) v̂ to x0, in the units of ``x0_px``, one forward pass
+    per batch of ``texts`` (:func:`encode_batches`), every reward target 1.0, no self-conditioning."""
     from miro.models.flow import interpolate, x0_from_velocity
 
     x0 = model.preprocess(x0_px)
     out = []
-    for i in range(0, len(caps), batch_size):
-        sl = slice(i, i + batch_size)
-        emb, mask = pipe.encode_prompt(caps[sl])
+    for sl, (emb, mask) in texts:
         x = interpolate(x0[sl], eps[sl], gamma)
         with torch.no_grad():
             v, _ = model(x, torch.full((x.shape[0],), gamma), emb, mask, {k: 1.0 for k in model.coherence_keys})
@@ -71,12 +76,13 @@ def per_image_mse(model, pipe, x0_px, caps, eps, gamma: float, batch_size: int) 
 def sensitivity(pipe, x0_px, caps, eps, gammas, batch_size: int = 100) -> list[dict]:
     """Per gamma: true-caption MSE and each swap's paired gap (mean, standard error)."""
     model = pipe.model.eval()
+    texts = {word: encode_batches(pipe, c, batch_size) for word, c in caps.items()}
     rows = []
     for g in gammas:
-        base = per_image_mse(model, pipe, x0_px, caps["true"], eps, g, batch_size)
+        base = per_image_mse(model, x0_px, texts["true"], eps, g)
         row = {"gamma": g, "mse": base.mean().item()}
         for word in ("shape", "colour"):
-            d = per_image_mse(model, pipe, x0_px, caps[word], eps, g, batch_size) - base
+            d = per_image_mse(model, x0_px, texts[word], eps, g) - base
             row[word] = (d.mean().item(), d.std().item() / len(d) ** 0.5)
         rows.append(row)
     return rows

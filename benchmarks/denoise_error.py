@@ -70,8 +70,9 @@ def main(argv=None) -> int:
         ap.error(f"--ode-steps {args.ode_steps}: must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from miro.models.flow import interpolate, x0_from_velocity
-    from shapes_training_study import load  # beside this script
+    from caption_sensitivity import encode_batches, per_image_mse  # beside this script
+    from miro.models.flow import interpolate
+    from shapes_training_study import load
 
     x0_px, caps = load_images(args.data, args.num_images)
     eps = torch.randn(x0_px.shape, generator=torch.Generator().manual_seed(args.seed))
@@ -91,20 +92,11 @@ def main(argv=None) -> int:
         pipe = load(src, args.weights)
         model = pipe.model.eval()
         x0 = model.preprocess(x0_px)
-        batches = [slice(i, i + args.batch_size) for i in range(0, len(caps), args.batch_size)]
-        texts = [pipe.encode_prompt(caps[sl]) for sl in batches]  # once per batch, not per gamma
-        errs = []
-        for g in args.gammas:
-            tot = 0.0
-            for sl, (emb, mask) in zip(batches, texts):
-                x = interpolate(x0[sl], eps[sl], g)
-                with torch.no_grad():
-                    v, _ = model(x, torch.full((x.shape[0],), g), emb, mask, {k: 1.0 for k in model.coherence_keys})
-                tot += (model.postprocess(x0_from_velocity(x, v, g)) - x0_px[sl]).pow(2).sum().item()
-            errs.append(tot / x0_px.numel())
+        texts = encode_batches(pipe, caps, args.batch_size)  # once per batch, not per gamma
+        errs = [per_image_mse(model, x0_px, texts, eps, g).mean().item() for g in args.gammas]
         print(name[:23].ljust(24) + "".join(f"{e:>9.4f}" for e in errs))
         if args.ode_from:
-            ode_rows.append((name, [ode_error(model, x0, x0_px, eps, batches, texts, g0, args.ode_steps)
+            ode_rows.append((name, [ode_error(model, x0, x0_px, eps, texts, g0, args.ode_steps)
                                     for g0 in args.ode_from]))
     if ode_rows:
         print(f"\nODE from gamma0 to 1 ({args.ode_steps} Euler steps, no CFG): MSE of the end point to x0")
@@ -114,13 +106,13 @@ def main(argv=None) -> int:
     return 0
 
 
-def ode_error(model, x0, x0_px, eps, batches, texts, g0: float, steps: int) -> float:
+def ode_error(model, x0, x0_px, eps, texts, g0: float, steps: int) -> float:
     """MSE to x0 of the sampler's end point (no CFG) started from x_g0 = g0 x0 + (1 - g0) eps."""
     from miro.models.flow import Scheduler, interpolate
     from miro.models.sampler import euler_sample
 
     tot = 0.0
-    for sl, (emb, mask) in zip(batches, texts):
+    for sl, (emb, mask) in texts:
         with torch.no_grad():
             x = euler_sample(model, interpolate(x0[sl], eps[sl], g0), emb, mask, None, None, num_steps=steps,
                              guidance_scale=0.0, scheduler=Scheduler(end=g0))

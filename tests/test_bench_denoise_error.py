@@ -34,12 +34,12 @@ class _Oracle(torch.nn.Module):
 def test_ode_error_is_exact_for_the_straight_path_and_carries_latents():
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
-    texts = [(torch.zeros(4, 1, 5), torch.ones(4, 1, dtype=torch.bool))]
+    texts = [(slice(0, 4), (torch.zeros(4, 1, 5), torch.ones(4, 1, dtype=torch.bool)))]
     oracle = _Oracle(x0)
     # Euler is exact on a straight line: every step lands on the path, the end point is x0.
-    assert ode_error(oracle, x0, x0, eps, [slice(0, 4)], texts, 0.3, 7) < 1e-10
+    assert ode_error(oracle, x0, x0, eps, texts, 0.3, 7) < 1e-10
     assert oracle.seen[0] is None and all(p is not None for p in oracle.seen[1:])
     # A constant velocity error c: e = x - x0 follows e' = e (1 - g') / (1 - g) - h c per step, and
     # the last step (to gamma = 1) multiplies e by 0, so the end point is off by exactly -c h_last.
-    err = ode_error(_Oracle(x0, offset=0.5), x0, x0, eps, [slice(0, 4)], texts, 0.2, 5)
+    err = ode_error(_Oracle(x0, offset=0.5), x0, x0, eps, texts, 0.2, 5)
     assert abs(err - (0.5 * 0.8 / 5) ** 2) < 1e-6

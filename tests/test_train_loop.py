@@ -288,3 +288,19 @@ def test_init_strict_false_keeps_a_new_module_at_its_initialisation(data_dir, tm
     for n, a in src.model.state_dict().items():
         torch.testing.assert_close(a, module.model.state_dict()[n], rtol=0, atol=0, msg=n)
     assert float(module.model.network.rin_blocks[0].data_mixer.attn.layer_scale_1.abs().sum()) == 0.0
+
+
+def test_max_time_stops_early_and_writes_last_ckpt(data_dir, tmp_path):
+    # 0.0001 minutes: Lightning's Timer stops the run after its first step; last.ckpt holds that step.
+    _, _, trainer = _run(tiny_overrides(data_dir, tmp_path, steps=1000, every=1000, extra=["trainer.max_time=0.0001"]))
+    assert 1 <= trainer.global_step < 1000
+    ckpt = torch.load(tmp_path / "miro" / "checkpoints" / "shapes_miro" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == trainer.global_step
+
+
+@pytest.mark.parametrize("value", [0, -5, "5m", "00:30:00"])
+def test_max_time_rejects_bad_values(value):
+    with pytest.raises(ValueError, match="max_time"):
+        cli._max_time(value)
+    assert cli._max_time(None) is None and cli._max_time("00:00:30:00") == "00:00:30:00"
+    assert cli._max_time(1.5).total_seconds() == 90

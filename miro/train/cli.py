@@ -203,6 +203,7 @@ def build(cfg: dict):
             strategy = DDPStrategy(find_unused_parameters=True, gradient_as_bucket_view=True, bucket_cap_mb=200)
     tr = cfg["trainer"]
     trainer = Trainer(accelerator=comp["accelerator"], devices=comp["devices"], num_nodes=comp["num_nodes"],
+                      max_time=_max_time(tr.get("max_time")),
                       precision=comp["precision"], strategy=strategy, max_steps=int(tr["max_steps"]),
                       accumulate_grad_batches=int(tr.get("accumulate_grad_batches", 1)),
                       gradient_clip_val=tr.get("gradient_clip_val"), log_every_n_steps=int(tr["log_every_n_steps"]),
@@ -210,6 +211,22 @@ def build(cfg: dict):
                       enable_progress_bar=bool(tr.get("progress_bar", True)), limit_val_batches=0,
                       num_sanity_val_steps=0, plugins=[AtomicCheckpointIO()])
     return module, dm, trainer, ckpt
+
+
+def _max_time(value):
+    """``trainer.max_time``: null, minutes (a number) or Lightning's "DD:HH:MM:SS" string."""
+    if value in (None, "null", "none"):
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError(f"trainer.max_time={value!r}: minutes must be > 0")
+        from datetime import timedelta
+
+        return timedelta(minutes=float(value))
+    parts = str(value).split(":")
+    if len(parts) != 4 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"trainer.max_time={value!r}: expected minutes or \"DD:HH:MM:SS\" (e.g. 00:00:30:00)")
+    return str(value)
 
 
 def _logger(name, ckpt_dir: Path):

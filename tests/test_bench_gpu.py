@@ -1,0 +1,43 @@
+"""benchmarks/bench_gpu.py on the CPU: the step it times is a real training step, and its FLOP count
+is that of the passes the step runs."""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_gpu  # noqa: E402
+
+from miro.models import MiroModel, get_config  # noqa: E402
+
+
+def test_step_trains_and_counts_about_four_forwards(tmp_path):
+    cfg = get_config("tiny")
+    torch.manual_seed(0)
+    model = MiroModel.from_config(cfg)
+    batch = bench_gpu.synthetic_batch(cfg, "tiny", 4, torch.device("cpu"))
+    before = [p.detach().clone() for p in model.parameters()]
+    step = bench_gpu.Step(model, batch, "adamw", "fp32", torch.device("cpu"))
+    flops = bench_gpu.step_flops(step)
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # the optimizer stepped
+    assert any(not torch.equal(a, p) for a, p in zip(before, step.ema.parameters()))  # the EMA moved
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model.train()(batch["x0"], torch.full((4,), 0.5), batch["emb"], batch["mask"], batch["coh"])
+    fwd = fc.get_total_flops()
+    # self-conditioning pass (a forward without the last write) + forward + backward (2 forwards)
+    assert 3.3 * fwd < flops < 4.2 * fwd, flops / fwd
+
+
+def test_main_writes_json(tmp_path):
+    out = tmp_path / "r.json"
+    assert bench_gpu.main(["--config", "tiny", "--batch", "2", "--iters", "2", "--warmup", "1", "--device", "cpu",
+                           "--precision", "bf16", "--json", str(out)]) == 0
+    (r,) = json.loads(out.read_text())
+    assert r["batch"] == 2 and r["samples_per_s"] > 0 and r["tflop_per_step"] > 0
+    assert r["optimizer"] == "adamw" and "mfu" not in r  # no known peak on the CPU
+    assert bench_gpu.main(["--config", "tiny", "--batch", "2", "--iters", "1", "--warmup", "0", "--device", "cpu",
+                           "--peak-tflops", "1", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())[0]["mfu"] > 0

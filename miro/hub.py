@@ -239,7 +239,9 @@ def build_model(config: Mapping[str, Any], weights: Path):
         if key not in config:
             raise ValueError(f"config.json has no {key!r} section (needs network, preconditioning, "
                              "data_preprocessing, postprocessing)")
-    state = load_file(str(weights))
+    # Half-precision files (a smaller download or transfer) load as float32, the pipeline's default
+    # dtype, as diffusers does without torch_dtype; from_pretrained(dtype=...) casts afterwards.
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
     try:
         with torch.device("meta"):
             model = MiroModel.from_config(dict(config))

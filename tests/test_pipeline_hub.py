@@ -127,3 +127,18 @@ def test_save_is_atomic_per_file(saved, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         pipe.save_pretrained(out)
     assert list(out.iterdir()) == []
+
+
+def test_half_precision_weights_load_as_float32(saved, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    half = tmp_path / "half"
+    shutil.copytree(saved, half)
+    state = load_file(str(half / "model.safetensors"))
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, str(half / "model.safetensors"))
+    pipe = MiroPipeline.from_pretrained(str(half))
+    loaded = pipe.model.state_dict()
+    for k, v in state.items():
+        assert loaded[k].dtype == v.dtype, k  # float32 (bool masks stay bool)
+        torch.testing.assert_close(loaded[k], v.half().to(v.dtype) if v.is_floating_point() else v, rtol=0, atol=0)
+    assert MiroPipeline.from_pretrained(str(half), dtype=torch.bfloat16).model.network.latents.dtype == torch.bfloat16

@@ -1,0 +1,41 @@
+"""benchmarks/gpu_checks.sh end to end on the CPU with tiny sizes: the one-run GPU session's glue
+(bench -> data -> warm-started training sized by the bench -> fp16 export -> sensitivity) works
+before a GPU is ever lent to it."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_checks_smoke_run_on_cpu(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), WORK=str(tmp_path / "work"), PY=sys.executable, TRAIN_MINUTES="2",
+               NUM_SAMPLES="48", BATCH="8", STEPS="2", RELEASE_BATCH="0", BENCH_ITERS="1", SENS_IMAGES="4",
+               WORKERS="1")
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_checks.sh")], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    log = (out / "log.txt").read_text()
+    assert "exit 1" not in log and log.count("exit 0") == 5, log[-3000:]  # bench, data, train, convert, sensitivity
+    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "log.txt", "metrics.csv", "pipeline"]
+    (bench,) = json.loads((out / "bench.json").read_text())
+    assert bench["config"] == "shapes" and bench["batch"] == 8 and bench["precision"] == "fp32"
+    state = load_file(str(out / "pipeline" / "model.safetensors"))
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float16}
+    assert "trained" in log and "init" in log  # both models' caption-sensitivity rows
+    from miro.pipeline import MiroPipeline
+
+    pipe = MiroPipeline.from_pretrained(str(out / "pipeline"))
+    shipped = MiroPipeline.from_pretrained("shapes")
+    ref = shipped.model.state_dict()
+    changed = sum(int((v != ref[k].half().float()).sum()) for k, v in pipe.model.state_dict().items() if v.is_floating_point())
+    total = sum(v.numel() for v in ref.values() if v.is_floating_point())
+    assert changed > 0.5 * total, (changed, total)  # trained weights, not the fp16-rounded warm start

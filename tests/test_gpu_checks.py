@@ -17,14 +17,19 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_gpu_checks_smoke_run_on_cpu(tmp_path):
     out = tmp_path / "out"
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import pack_minilm
+
+    pack_minilm.pack(tmp_path / "minilm_pack", samples=40, data=[])  # the path taken without the MiniLM wheel
     env = dict(os.environ, OUT=str(out), WORK=str(tmp_path / "work"), PY=sys.executable, TRAIN_MINUTES="2",
                NUM_SAMPLES="48", BATCH="8", STEPS="2", RELEASE_BATCH="0", BENCH_ITERS="1", SENS_IMAGES="4",
-               WORKERS="1")
+               WORKERS="1", TEXT_PACK=str(tmp_path / "minilm_pack"))
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_checks.sh")], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     log = (out / "log.txt").read_text()
-    assert "exit 1" not in log and log.count("exit 0") == 5, log[-3000:]  # bench, data, train, convert, sensitivity
+    assert "exit 1" not in log and log.count("exit 0") == 6, log[-3000:]  # bench, data, unpack, train, convert, sensitivity
+    assert "MIRO_MINILM_DIR" not in os.environ and (tmp_path / "work" / "minilm" / "model.safetensors").is_file()
     assert sorted(p.name for p in out.iterdir()) == ["bench.json", "log.txt", "metrics.csv", "pipeline"]
     (bench,) = json.loads((out / "bench.json").read_text())
     assert bench["config"] == "shapes" and bench["batch"] == 8 and bench["precision"] == "fp32"

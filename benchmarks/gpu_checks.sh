@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything in this project that wants a GPU, in one run of about 9 minutes on one H100/H200
+# Everything in this project that wants a GPU, in one run of at most BUDGET_MINUTES (9) on one H100/H200
 # (docs/benchmarks.md, "One GPU"):
 #   1. the release config's training step in bf16 at the paper's per-GPU batch of 64
 #      (bench_gpu.py; with PEER=<unpacked published package>, also fwd+bwd against it);
@@ -22,7 +22,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
 WORK=${WORK:-$(mktemp -d)}
 PY=${PY:-python3}
-TRAIN_MINUTES=${TRAIN_MINUTES:-5}      # wall-clock training budget
+BUDGET_MINUTES=${BUDGET_MINUTES:-9}    # the whole run; training gets what is left of it less 2 minutes
+TRAIN_MINUTES=${TRAIN_MINUTES:-5}      # at most this much training
 NUM_SAMPLES=${NUM_SAMPLES:-160000}     # fresh Shapes samples (about a minute on 16 cores)
 DATA_SEED=${DATA_SEED:-4}              # seeds 0-3 made the CPU legs' data (docs/benchmarks.md)
 BATCH=${BATCH:-256}                    # Shapes global batch on the device
@@ -82,7 +83,13 @@ if [ -n "$TEXT_PACK" ]; then  # the packed encoder, checked against every captio
     export MIRO_MINILM_DIR="$WORK/minilm"
 fi
 
-# 4. training
+# 4. training, inside what is left of the budget (2 minutes kept for start-up, export and the check)
+LEFT=$($PY -c "print(round(min($TRAIN_MINUTES, ($BUDGET_MINUTES * 60 - $SECONDS - 120) / 60), 2))")
+if $PY -c "import sys; sys.exit(not $LEFT < 0.2)"; then
+    log "only $LEFT minutes of the budget left for training: stopping"; exit 1
+fi
+log "training for at most $LEFT minutes"
+TRAIN_MINUTES=$LEFT
 if [ -z "$STEPS" ]; then
     STEPS=$($PY -c "
 import json, sys

@@ -72,6 +72,24 @@ def published_architecture(cfg: dict) -> dict:
     return cfg
 
 
+def synthetic_inputs(cfg: dict, name: str, b: int, full_text: bool = False, seed: int = 1) -> dict:
+    """Random network inputs of config ``cfg`` (named ``name``): y, gamma, text embeddings with
+    ``VALID_TEXT[name]`` valid tokens per sample (all with ``full_text``), a mask, reward values."""
+    n = cfg["network"]
+    g = torch.Generator().manual_seed(seed)
+    c, s, length = n["num_input_channels"], n["data_size"], cfg["max_text_len"]
+    lo, hi = VALID_TEXT[name]
+    valid = torch.full((b,), length) if full_text else torch.randint(lo, hi + 1, (b,), generator=g)
+    mask = torch.arange(length)[None] < valid[:, None]
+    return dict(
+        y=torch.randn(b, c, s, s, generator=g),
+        gamma=torch.rand(b, generator=g),
+        emb=torch.randn(b, length, n["label_dim"], generator=g),
+        mask=mask,
+        coh={k: torch.rand(b, generator=g) for k in n["coherence_keys"]},
+    )
+
+
 class Pair:
     """Our model and the published one with identical weights, plus shared inputs."""
 
@@ -99,19 +117,7 @@ class Pair:
             self.ref_params = sum(p.numel() for p in self.ref_net.parameters())
 
     def inputs(self, b: int, seed: int = 1):
-        n = self.cfg["network"]
-        g = torch.Generator().manual_seed(seed)
-        c, s, length = n["num_input_channels"], n["data_size"], self.cfg["max_text_len"]
-        lo, hi = VALID_TEXT[self.name]
-        valid = torch.full((b,), length) if self.full_text else torch.randint(lo, hi + 1, (b,), generator=g)
-        mask = torch.arange(length)[None] < valid[:, None]
-        return dict(
-            y=torch.randn(b, c, s, s, generator=g),
-            gamma=torch.rand(b, generator=g),
-            emb=torch.randn(b, length, n["label_dim"], generator=g),
-            mask=mask,
-            coh={k: torch.rand(b, generator=g) for k in n["coherence_keys"]},
-        )
+        return synthetic_inputs(self.cfg, self.name, b, self.full_text, seed)
 
     def peer_batch(self, i, y=None):
         d = {"y": (i["y"] if y is None else y).clone(), "gamma": i["gamma"], "text_tokens_embeddings": i["emb"].clone(),

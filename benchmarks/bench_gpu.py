@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_backbone import VALID_TEXT  # noqa: E402
+from bench_backbone import synthetic_inputs  # noqa: E402
 
 from miro.models import LossConfig, MiroModel, flow_loss, get_config  # noqa: E402
 from miro.train.ema import EMA  # noqa: E402
@@ -53,19 +53,10 @@ def default_peak(device: torch.device) -> float | None:
 
 
 def synthetic_batch(cfg: dict, config_name: str, b: int, device: torch.device, seed: int = 0) -> dict:
-    n = cfg["network"]
-    g = torch.Generator().manual_seed(seed)
-    c, s, length = n["num_input_channels"], n["data_size"], cfg["max_text_len"]
-    lo, hi = VALID_TEXT.get(config_name, (1, length))
-    valid = torch.randint(lo, hi + 1, (b,), generator=g)
-    batch = dict(
-        x0=torch.randn(b, c, s, s, generator=g),
-        emb=torch.randn(b, length, n["label_dim"], generator=g),
-        mask=torch.arange(length)[None] < valid[:, None],
-        coh={k: torch.rand(b, generator=g) for k in n["coherence_keys"]},
-    )
-    return {k: ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(device))
-            for k, v in batch.items()}
+    """``bench_backbone.synthetic_inputs`` on ``device``: x0 (normalised latents), text, rewards."""
+    i = synthetic_inputs(cfg, config_name, b, seed=seed)
+    return {"x0": i["y"].to(device), "emb": i["emb"].to(device), "mask": i["mask"].to(device),
+            "coh": {k: v.to(device) for k, v in i["coh"].items()}}
 
 
 def sync(device: torch.device) -> None:

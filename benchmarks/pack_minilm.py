@@ -115,11 +115,11 @@ def pack(out: Path, samples: int, data: list[Path]) -> dict:
 
 def unpack(pack_dir: Path, out: Path, check_data: list[Path] = ()) -> dict:
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    state = load_file(str(pack_dir / PACK_FILE))
     with safe_open(str(pack_dir / PACK_FILE), "pt") as f:
         vocab = int(f.metadata()["vocab_size"])
+        state = {k: f.get_tensor(k) for k in f.keys()}
     keep, rows = state.pop("kept_ids"), state.pop("kept_rows")
     kept = set(keep.tolist())
     tok = _tokenizer(pack_dir)

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from miro.encoders.text import pad_token_rows
 from miro.io import atomic_write_json
 
 PROMPT = "a photo of a {color} {cls}"
@@ -64,13 +65,7 @@ class CaptionCache:
             emb, mask = self.encoder.encode(missing)
             for c, e, m in zip(missing, emb, mask):
                 self.rows[c] = e[m.bool()]
-        L = max(self.rows[c].shape[0] for c in captions)
-        emb = torch.zeros(len(captions), L, self.rows[captions[0]].shape[1])
-        mask = torch.zeros(len(captions), L, dtype=torch.bool)
-        for i, c in enumerate(captions):
-            emb[i, : self.rows[c].shape[0]] = self.rows[c]
-            mask[i, : self.rows[c].shape[0]] = True
-        return emb, mask
+        return pad_token_rows([self.rows[c] for c in captions])
 
 
 def to_model_space(model, images: np.ndarray) -> torch.Tensor:
@@ -99,13 +94,12 @@ def evaluate(model, captions, classes, noise, cache, uncond, guidance: float) ->
     return {"one_object": one / n, "shape_right": right / n}, img
 
 
-def grid(images: np.ndarray, cols: int = 10, scale: int = 3):
-    from PIL import Image
+def save_grid(images: np.ndarray, path: Path, cols: int = 10, scale: int = 3) -> None:
+    """Float (N, H, W, 3) images in [0, 1] as one PNG, ``cols`` per row, upscaled ``scale``x (nearest)."""
+    from miro.train.callbacks import make_grid, save_png_atomic
 
-    images = images[: (len(images) // cols) * cols] if len(images) >= cols else images
-    rows = [np.concatenate(list(images[r * cols:(r + 1) * cols]), 1) for r in range(max(1, len(images) // cols))]
-    tile = (np.concatenate(rows, 0) * 255).round().astype(np.uint8)
-    return Image.fromarray(tile).resize((tile.shape[1] * scale, tile.shape[0] * scale), Image.NEAREST)
+    tile = make_grid((images * 255).round().astype(np.uint8), cols)
+    save_png_atomic(tile.repeat(scale, 0).repeat(scale, 1), path)
 
 
 def main(argv=None) -> int:
@@ -160,7 +154,7 @@ def main(argv=None) -> int:
         scores, img = evaluate(model, ev_caps, ev_cls, noise, cache, uncond, a.guidance)
         model.train()
         log["evals"].append({"step": step, "samples": step * a.batch, "loss": loss, **scores})
-        grid(img[:40]).save(a.out / f"grid_{step}.png")
+        save_grid(img[:40], a.out / f"grid_{step}.png")
         atomic_write_json(a.out / "probe.json", log)
         print(f"eval step {step} ({step * a.batch} samples): one object {scores['one_object']:.2f}, "
               f"right shape {scores['shape_right']:.2f}", flush=True)

@@ -203,3 +203,15 @@ def test_hub_id_recognised_by_downloaded_config(tmp_path, monkeypatch):
     assert isinstance(bert, MiniLMEncoder) and bert.name_or_path == "someone/bert-thing"
     # Only config.json is fetched, and offline mode (HF_HUB_OFFLINE=1 here) is passed on.
     assert seen == [("someone/t5-thing", "config.json", True), ("someone/bert-thing", "config.json", True)]
+
+
+def test_pad_token_rows_pads_cuts_and_masks():
+    from miro.encoders.text import pad_token_rows
+
+    rows = [torch.ones(2, 3, dtype=torch.float16), np.full((4, 3), 2.0, dtype=np.float16), torch.full((1, 3), 3.0)]
+    emb, mask = pad_token_rows(rows)
+    assert emb.dtype == torch.float32 and emb.shape == (3, 4, 3)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert emb[0, :2].eq(1).all() and emb[1].eq(2).all() and emb[2, 0].eq(3).all() and emb[~mask].eq(0).all()
+    emb, mask = pad_token_rows(rows, length=3)  # a fixed length cuts longer rows
+    assert emb.shape == (3, 3, 3) and mask.sum(1).tolist() == [2, 3, 1]

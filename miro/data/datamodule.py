@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from miro.data import schema
 from miro.data.indexed import IndexedTarDataset, ResumableDistributedSampler
+from miro.encoders.text import pad_token_rows
 from miro.rewards.binning import RewardBins
 
 try:  # Lightning is an optional extra ("train"); the dataset pieces work without it.
@@ -179,16 +180,7 @@ def collate(samples: list[dict], max_text_len: int | None = None) -> dict:
         if name in samples[0]:
             batch[name] = torch.stack([s[name] for s in samples])
     if "text_emb" in samples[0]:
-        lengths = [s["text_emb"].shape[0] for s in samples]
-        L = max_text_len if max_text_len else max(lengths)
-        E = samples[0]["text_emb"].shape[1]
-        emb = torch.zeros(len(samples), L, E)
-        mask = torch.zeros(len(samples), L, dtype=torch.bool)
-        for b, s in enumerate(samples):
-            n = min(lengths[b], L)
-            emb[b, :n] = s["text_emb"][:n]
-            mask[b, :n] = True
-        batch["text_emb"], batch["text_mask"] = emb, mask
+        batch["text_emb"], batch["text_mask"] = pad_token_rows([s["text_emb"] for s in samples], max_text_len)
     if "caption" in samples[0]:
         batch["captions"] = [s["caption"] for s in samples]
     keys = list(samples[0]["rewards"])

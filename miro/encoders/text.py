@@ -253,6 +253,19 @@ class MiniLMEncoder(HFTextEncoder):
         return AutoModel
 
 
+def pad_token_rows(rows: Sequence, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad per-prompt token embeddings (L_i, E) (tensors or arrays, any float dtype) into
+    float32 (B, L, E) and a bool mask (B, L); L = ``length`` (longer rows are cut) or the longest."""
+    L = length or max(r.shape[0] for r in rows)
+    emb = torch.zeros(len(rows), L, rows[0].shape[1])
+    mask = torch.zeros(len(rows), L, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        n = min(r.shape[0], L)
+        emb[i, :n] = torch.as_tensor(r[:n])
+        mask[i, :n] = True
+    return emb, mask
+
+
 MINILM_DIR_ENV = "MIRO_MINILM_DIR"
 
 

@@ -130,13 +130,9 @@ class TestbedImageLogger(Callback):
 
     def _text(self, pl_module):
         if self.text_embeddings is not None:
-            L = max(e.shape[0] for e in self.text_embeddings)
-            E = self.text_embeddings[0].shape[1]
-            emb = torch.zeros(len(self.text_embeddings), L, E)
-            mask = torch.zeros(len(self.text_embeddings), L, dtype=torch.bool)
-            for i, e in enumerate(self.text_embeddings):
-                emb[i, : e.shape[0]] = torch.from_numpy(np.asarray(e, dtype=np.float32))
-                mask[i, : e.shape[0]] = True
+            from miro.encoders.text import pad_token_rows
+
+            emb, mask = pad_token_rows(self.text_embeddings)
             return emb.to(pl_module.device), mask.to(pl_module.device)
         emb, mask = pl_module.text_encoder().encode(self.prompts)
         return emb.to(pl_module.device).float(), mask.to(pl_module.device).bool()

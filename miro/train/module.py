@@ -26,6 +26,7 @@ from dataclasses import fields
 import torch
 from lightning.pytorch import LightningModule
 
+from miro.encoders.text import pad_token_rows
 from miro.models import LossConfig, MiroModel, flow_loss
 from miro.models.patch_resize import patch_size_of, resize_patch_tensors
 from miro.train.ema import EMA
@@ -192,12 +193,7 @@ class MiroLightningModule(LightningModule):
             rows.append(cache[c])
         while len(cache) > size:
             cache.popitem(last=False)
-        L = max(r.shape[0] for r in rows)
-        out = torch.zeros(len(rows), L, rows[0].shape[1])
-        mask = torch.zeros(len(rows), L, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            out[i, : r.shape[0]] = r.float()
-            mask[i, : r.shape[0]] = True
+        out, mask = pad_token_rows(rows)
         return out.to(self.device), mask.to(self.device)
 
     def compute_loss(self, batch: dict, generator: torch.Generator | None = None):

@@ -170,6 +170,8 @@ def test_reward_dropout_rates(strategy):
         ("num_blocks", 0, "num_blocks"),
         ("data_norm", "layer", "data_norm.*allowed: rms, none"),
         ("data_mixer", "attention", "data_mixer.*allowed: none, conv"),
+        ("pixel_unet", 12, "pixel_unet=12; allowed: 0 .off. or a positive multiple of 8"),
+        ("pixel_unet", -8, "pixel_unet=-8"),
     ],
 )
 def test_bad_network_config_raises(key, value, match):
@@ -205,7 +207,7 @@ def test_network_config_fields_are_published_keys():
     assert set(published) <= fields
     extra = fields - set(published)
     assert extra == {"compute_dropout", "rw_stochastic_depth", "compute_stochastic_depth", "num_text_registers",
-                     "coherence_dropout", "dropout_strategy", "data_norm", "data_mixer"}
+                     "coherence_dropout", "dropout_strategy", "data_norm", "data_mixer", "pixel_unet"}
     rel = get_config("release")["network"]
     assert {k: rel[k] for k in published} == published
 
@@ -305,6 +307,65 @@ def test_data_mixer_starts_as_the_published_network_and_learns():
     # config.json: the key is written only for the extension, and round-trips
     assert "data_mixer" not in NetworkConfig.from_dict(base["network"]).to_dict()
     assert NetworkConfig.from_dict(NetworkConfig.from_dict(ext["network"]).to_dict()).data_mixer == "conv"
+
+
+def test_pixel_unet_starts_as_the_published_network_and_learns():
+    """pixel_unet=C: the same generator draws the same published tensors, the extra tensors all
+    sit under pixel_unet.*, and the output is the published network's bit for bit (zero token
+    projection, zero last convs); one AdamW step on the extension's own tensors changes it."""
+    base, ext = get_config("tiny"), get_config("tiny")
+    ext["network"]["pixel_unet"] = 8
+    nets = [MiroModel.from_config(c, generator=torch.Generator().manual_seed(3)).network for c in (base, ext)]
+    sd0, sd1 = (n.state_dict() for n in nets)
+    extra = set(sd1) - set(sd0)
+    assert set(sd0) <= set(sd1) and extra and all(k.startswith("pixel_unet.") for k in extra)
+    assert all(torch.equal(sd0[k], sd1[k]) for k in sd0)
+    g = torch.Generator().manual_seed(0)
+    side = base["network"]["data_size"]
+    args = (torch.randn(2, 3, side, side, generator=g), torch.tensor([0.2, 0.8]),
+            torch.randn(2, 4, 384, generator=g), torch.ones(2, 4, dtype=torch.bool), {})
+    outs = [n.eval()(*args)[0] for n in nets]
+    assert torch.equal(outs[0], outs[1])
+    outs[1].square().mean().backward()
+    unet = nets[1].pixel_unet
+    assert unet.out.weight.grad.abs().sum() > 0 and unet.to_tokens.weight.grad.abs().sum() > 0
+    torch.optim.AdamW(unet.parameters(), lr=1e-2).step()
+    with torch.no_grad():
+        assert not torch.allclose(nets[1](*args)[0], outs[0])
+    assert "pixel_unet" not in NetworkConfig.from_dict(base["network"]).to_dict()
+    assert NetworkConfig.from_dict(NetworkConfig.from_dict(ext["network"]).to_dict()).pixel_unet == 8
+
+
+@pytest.mark.parametrize("patch", [1, 2, 4])
+def test_pixel_unet_feeds_each_token_its_own_patch(patch):
+    """The encoder's token addend is in patchify's row-major token order. With every 3x3 kernel
+    cut to its centre tap, a stride-2 level reads pixel (2i, 2j), so a bright patch at token (r, c)
+    changes token r * grid + c and no other. The decoder returns the input's shape."""
+    from miro.models.pixel_unet import PixelUNet
+
+    unet = PixelUNet(8, 3, patch, data_dim=16, cond_dim=32)
+    unet.reset_parameters(torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for m in unet.modules():
+            if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3):
+                centre = m.weight[:, :, 1, 1].clone()
+                m.weight.zero_()
+                m.weight[:, :, 1, 1] = centre
+        torch.nn.init.normal_(unet.to_tokens.weight, generator=torch.Generator().manual_seed(2))
+    side, cond = 8 * patch, torch.randn(1, 32)
+    grid = side // patch
+    for r, c in [(0, 0), (2, 5), (7, 3)]:
+        y = torch.zeros(1, 3, side, side)
+        y[..., r * patch:(r + 1) * patch, c * patch:(c + 1) * patch] = 5.0
+        with torch.no_grad():
+            add, skips = unet.encode(y, cond)
+            base, _ = unet.encode(torch.zeros_like(y), cond)
+            assert add.shape == (1, grid * grid, 16)
+            moved = ((add - base)[0].abs().amax(-1) > 1e-6).nonzero().flatten().tolist()
+            assert moved == [r * grid + c]
+            assert unet.decode(torch.randn(1, grid * grid, 16), skips, cond).shape == y.shape
+    with pytest.raises(ValueError, match="power-of-two patch_size, got patch_size=3"):
+        PixelUNet(8, 3, 3, data_dim=16, cond_dim=32)
 
 
 def _tsv_state_dict():

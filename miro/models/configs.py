@@ -2,8 +2,8 @@
 
 ``NetworkConfig`` fields are the published ``network`` keys of a MIRO ``config.json``
 (``miro-t2i`` 0.1.4 ``CADRINTextCond`` kwargs), with the published defaults, plus two extensions
-of this project, ``data_norm`` and ``data_mixer``, each written to ``config.json`` only when it
-is not the published value (``"rms"``, ``"none"``). ``get_config(name)``
+of this project, ``data_norm``, ``data_mixer`` and ``pixel_unet``, each written to ``config.json`` only when it
+is not the published value (``"rms"``, ``"none"``, 0). ``get_config(name)``
 returns a full pipeline config for ``release`` (the published 360.4M model; the values marked
 "inferred" reproduce its parameter count, see ``miro_facts.md`` §1.4), ``shapes`` (the embedded
 pixel-space Shapes world model) and ``tiny`` (tests).
@@ -15,6 +15,7 @@ import copy
 from dataclasses import asdict, dataclass, field, fields
 
 from miro import REWARD_KEYS
+from miro.models.pixel_unet import check_pixel_unet
 
 __all__ = [
     "NetworkConfig",
@@ -32,7 +33,7 @@ DROPOUT_STRATEGIES = ("binomial", "uniform", "none")  # published reward-dropout
 DATA_NORMS = ("rms", "none")  # patch-embedding norm: published RMSNorm, or none (keeps patch scale)
 DATA_MIXERS = ("none", "conv", "conv_attn")  # data tokens after each write: published (none), a 3x3 depthwise conv, or the conv then self-attention
 # This project's network keys and the value that means "as published" (not written to config.json).
-NETWORK_EXTENSIONS = {"data_norm": "rms", "data_mixer": "none"}
+NETWORK_EXTENSIONS = {"data_norm": "rms", "data_mixer": "none", "pixel_unet": 0}
 COND_HEADS = 16  # the cond-mapping transformer uses 16 heads whatever the config (spec §2.3)
 
 # Reward keys of the Shapes world, in `coherence_keys` order (fixed for the whole project).
@@ -79,6 +80,9 @@ class NetworkConfig:
     # Extension: "none" = published (data tokens meet only through the latents); "conv" = a
     # residual 3x3 depthwise conv over the token grid after every write (miro.models.rin).
     data_mixer: str = "none"
+    # Extension: 0 = published; C > 0 = a convolutional encoder/decoder of width C around the RIN,
+    # zero-initialised so it starts as the published network (miro.models.pixel_unet).
+    pixel_unet: int = 0
 
     def __post_init__(self) -> None:
         kw = asdict(self)
@@ -147,7 +151,7 @@ def check_network_kwargs(
     num_blocks, patch_size, num_cond_tokens, read_write_heads, compute_heads, latent_mlp_multiplier,
     data_mlp_multiplier, compute_dropout, rw_stochastic_depth, compute_stochastic_depth, use_cond_rin_block,
     concat_cond_token_to_latents, num_text_registers, coherence_keys, coherence_dropout, dropout_strategy,
-    data_norm="rms", data_mixer="none",
+    data_norm="rms", data_mixer="none", pixel_unet=0,
 ) -> int:
     """Validate ``RIN`` kwargs (ValueError naming the bad value); returns the learned latent count."""
     for name, value in [
@@ -189,6 +193,7 @@ def check_network_kwargs(
         raise ValueError(f"data_norm={data_norm!r}; allowed: {', '.join(DATA_NORMS)}")
     if data_mixer not in DATA_MIXERS:
         raise ValueError(f"data_mixer={data_mixer!r}; allowed: {', '.join(DATA_MIXERS)}")
+    check_pixel_unet(pixel_unet, patch_size)
     if dropout_strategy not in DROPOUT_STRATEGIES:
         raise ValueError(
             f"dropout_strategy={dropout_strategy!r}; allowed: {', '.join(DROPOUT_STRATEGIES)}"

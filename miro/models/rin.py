@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from miro.models.configs import COND_HEADS, DROPOUT_STRATEGIES, check_network_kwargs
+from miro.models.pixel_unet import PixelUNet
 from miro.models.layers import (
     CrossAttentionBlock,
     FusedMLP,
@@ -199,6 +200,7 @@ class RIN(nn.Module):
         dropout_strategy: str = "binomial",
         data_norm: str = "rms",
         data_mixer: str = "none",
+        pixel_unet: int = 0,
     ):
         super().__init__()
         n_learned = check_network_kwargs(
@@ -211,7 +213,7 @@ class RIN(nn.Module):
             compute_stochastic_depth=compute_stochastic_depth, use_cond_rin_block=use_cond_rin_block,
             concat_cond_token_to_latents=concat_cond_token_to_latents, num_text_registers=num_text_registers,
             coherence_keys=coherence_keys, coherence_dropout=coherence_dropout, dropout_strategy=dropout_strategy,
-            data_norm=data_norm, data_mixer=data_mixer,
+            data_norm=data_norm, data_mixer=data_mixer, pixel_unet=pixel_unet,
         )
         self.data_size = data_size
         self.patch_size = patch_size
@@ -289,6 +291,9 @@ class RIN(nn.Module):
         # Bool masks, published as requires_grad=False parameters: persistent bool buffers here.
         self.register_buffer("registers_coherence_mask", torch.ones(num_text_registers + k, dtype=torch.bool))
         self.register_buffer("cond_mask", torch.ones(num_text_registers + k + 1, dtype=torch.bool))
+        # Extension, registered last: a convolutional encoder/decoder around the RIN (0 = off).
+        self.pixel_unet = (PixelUNet(pixel_unet, num_input_channels, patch_size, data_dim, latents_dim)
+                           if pixel_unet else None)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -297,7 +302,10 @@ class RIN(nn.Module):
         """Published initialisation (spec §2.6), optionally from an explicit generator."""
         from miro.models.layers import FourierEmbedding
 
+        own = set(self.pixel_unet.modules()) if self.pixel_unet is not None else set()
         for m in self.modules():
+            if m in own:
+                continue  # initialised last, below
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight, generator=generator)
                 if m.bias is not None:
@@ -323,6 +331,8 @@ class RIN(nn.Module):
         for name, buf in self.named_buffers():
             if buf.dtype == torch.bool:
                 buf.fill_(True)
+        if self.pixel_unet is not None:
+            self.pixel_unet.reset_parameters(generator)  # last: the published draws come first
 
     @torch.no_grad()
     def init_position_table(self, kind: str = "published", generator: torch.Generator | None = None) -> None:
@@ -486,11 +496,14 @@ class RIN(nn.Module):
                 text_tokens_embeddings = text_tokens_embeddings[:, :n]
                 text_tokens_mask = text_tokens_mask[:, :n]
 
+        e = self.time_embedder(gamma)  # (B, D_l)
         x = self.patch_extractor(self.patchify(y))
         if self.data_ln is not None:
             x = self.data_ln(x)
         x = x + self.data_pos_embedding
-        e = self.time_embedder(gamma)  # (B, D_l)
+        if self.pixel_unet is not None:
+            add, skips = self.pixel_unet.encode(y, e)
+            x = x + add
         m = self.cond_mapping(text_tokens_embeddings, text_tokens_mask, coherence, generator)
         if self.concat_cond_token_to_latents:
             z = torch.cat([self.latents.expand(b, -1, -1), e[:, None], m], dim=1)
@@ -510,5 +523,7 @@ class RIN(nn.Module):
             x, z = block(x, z, cond, cond_mask, generator, write=not (latents_only and i == last))
         if latents_only:
             return None, z
-        x = self.map_tokens_to_patches(x)
-        return self.unpatchify(x, h, w), z
+        out = self.unpatchify(self.map_tokens_to_patches(x), h, w)
+        if self.pixel_unet is not None:
+            out = out + self.pixel_unet.decode(x, skips, e)
+        return out, z

@@ -77,21 +77,28 @@ def to_model_space(model, images: np.ndarray) -> torch.Tensor:
 def evaluate(model, captions, classes, noise, cache, uncond, guidance: float) -> tuple[dict, np.ndarray]:
     """``uncond`` (L_u, E): the empty prompt's tokens, all valid (as the pipeline samples)."""
     from miro.models import euler_sample
-    from miro.shapes.detector import detect_array
 
     emb, mask = cache(captions)
     n = len(captions)
     x = euler_sample(model, noise, emb, mask, uncond[None].expand(n, -1, -1),
                      torch.ones(n, uncond.shape[0], dtype=torch.bool), num_steps=25, guidance_scale=guidance)
     img = ((model.postprocess(x).clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+    return read_samples(img, classes), img
+
+
+def read_samples(images: np.ndarray, classes: list[str]) -> dict:
+    """Detector reading of float (N, H, W, 3) images in [0, 1]: the share with exactly one object,
+    and with exactly one object of the asked class."""
+    from miro.shapes.detector import detect_array
+
     one = right = 0
-    for im, cls in zip(img, classes):
+    for im, cls in zip(images, classes):
         dets = detect_array(im)
         if len(dets) == 1:
             one += 1
             right += dets[0].cls == cls
     n = len(classes)
-    return {"one_object": one / n, "shape_right": right / n}, img
+    return {"one_object": one / n, "shape_right": right / n}
 
 
 def save_grid(images: np.ndarray, path: Path, cols: int = 10, scale: int = 3) -> None:

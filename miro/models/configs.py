@@ -303,6 +303,9 @@ def _shapes() -> dict:
         # patch norm, and a 3x3 depthwise conv over the token grid after every write.
         data_norm="none",
         data_mixer="conv",
+        # The RIN as the bottleneck of a small conv encoder/decoder: convolutions learn edges and
+        # corners from the few samples a CPU gives (docs/training.md, "A convolutional encoder").
+        pixel_unet=32,
     )
     return {
         "network": net.to_dict(),

@@ -285,16 +285,16 @@ def test_token_grid_mixer_closed_form_and_locality():
     assert torch.equal(moved, expect)
 
 
-def test_data_mixer_starts_as_the_published_network_and_learns():
-    """Zero-initialised, data_mixer=conv gives the published network's output bit for bit (same
-    draws, extra tensors only under rin_blocks.*.data_mixer); its conv still gets a gradient."""
+def _published_and_extended(key, value, prefix):
+    """The tiny network without and with the extension ``key=value``, from the same generator: the
+    published tensors are equal, the extra ones all start with ``prefix``, and so are the outputs
+    (bit for bit). Returns (base config, ext config, nets, args, ext output with its graph)."""
     base, ext = get_config("tiny"), get_config("tiny")
-    ext["network"]["data_mixer"] = "conv"
+    ext["network"][key] = value
     nets = [MiroModel.from_config(c, generator=torch.Generator().manual_seed(3)).network for c in (base, ext)]
     sd0, sd1 = (n.state_dict() for n in nets)
-    assert set(sd0) <= set(sd1)
     extra = set(sd1) - set(sd0)
-    assert extra and all(k.split(".")[2] == "data_mixer" for k in extra)
+    assert set(sd0) <= set(sd1) and extra and all(k.startswith(prefix) for k in extra)
     assert all(torch.equal(sd0[k], sd1[k]) for k in sd0)
     g = torch.Generator().manual_seed(0)
     side = base["network"]["data_size"]
@@ -302,38 +302,32 @@ def test_data_mixer_starts_as_the_published_network_and_learns():
             torch.randn(2, 4, 384, generator=g), torch.ones(2, 4, dtype=torch.bool), {})
     outs = [n.eval()(*args)[0] for n in nets]
     assert torch.equal(outs[0], outs[1])
-    outs[1].square().mean().backward()
-    assert nets[1].rin_blocks[0].data_mixer.conv.weight.grad.abs().sum() > 0
     # config.json: the key is written only for the extension, and round-trips
-    assert "data_mixer" not in NetworkConfig.from_dict(base["network"]).to_dict()
-    assert NetworkConfig.from_dict(NetworkConfig.from_dict(ext["network"]).to_dict()).data_mixer == "conv"
+    assert key not in NetworkConfig.from_dict(base["network"]).to_dict()
+    assert getattr(NetworkConfig.from_dict(NetworkConfig.from_dict(ext["network"]).to_dict()), key) == value
+    return nets, args, outs[1]
+
+
+def test_data_mixer_starts_as_the_published_network_and_learns():
+    """Zero-initialised, data_mixer=conv gives the published network's output bit for bit (same
+    draws, extra tensors only under rin_blocks.*.data_mixer); its conv still gets a gradient."""
+    nets, _, out = _published_and_extended("data_mixer", "conv", "rin_blocks.")
+    assert all(".data_mixer." in k for k in set(nets[1].state_dict()) - set(nets[0].state_dict()))
+    out.square().mean().backward()
+    assert nets[1].rin_blocks[0].data_mixer.conv.weight.grad.abs().sum() > 0
 
 
 def test_pixel_unet_starts_as_the_published_network_and_learns():
     """pixel_unet=C: the same generator draws the same published tensors, the extra tensors all
     sit under pixel_unet.*, and the output is the published network's bit for bit (zero token
     projection, zero last convs); one AdamW step on the extension's own tensors changes it."""
-    base, ext = get_config("tiny"), get_config("tiny")
-    ext["network"]["pixel_unet"] = 8
-    nets = [MiroModel.from_config(c, generator=torch.Generator().manual_seed(3)).network for c in (base, ext)]
-    sd0, sd1 = (n.state_dict() for n in nets)
-    extra = set(sd1) - set(sd0)
-    assert set(sd0) <= set(sd1) and extra and all(k.startswith("pixel_unet.") for k in extra)
-    assert all(torch.equal(sd0[k], sd1[k]) for k in sd0)
-    g = torch.Generator().manual_seed(0)
-    side = base["network"]["data_size"]
-    args = (torch.randn(2, 3, side, side, generator=g), torch.tensor([0.2, 0.8]),
-            torch.randn(2, 4, 384, generator=g), torch.ones(2, 4, dtype=torch.bool), {})
-    outs = [n.eval()(*args)[0] for n in nets]
-    assert torch.equal(outs[0], outs[1])
-    outs[1].square().mean().backward()
+    nets, args, out = _published_and_extended("pixel_unet", 8, "pixel_unet.")
+    out.square().mean().backward()
     unet = nets[1].pixel_unet
     assert unet.out.weight.grad.abs().sum() > 0 and unet.to_tokens.weight.grad.abs().sum() > 0
     torch.optim.AdamW(unet.parameters(), lr=1e-2).step()
     with torch.no_grad():
-        assert not torch.allclose(nets[1](*args)[0], outs[0])
-    assert "pixel_unet" not in NetworkConfig.from_dict(base["network"]).to_dict()
-    assert NetworkConfig.from_dict(NetworkConfig.from_dict(ext["network"]).to_dict()).pixel_unet == 8
+        assert not torch.allclose(nets[1](*args)[0], out)
 
 
 @pytest.mark.parametrize("patch", [1, 2, 4])

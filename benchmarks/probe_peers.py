@@ -33,6 +33,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from single_object_probe import CaptionCache, read_samples, save_grid, single_object_batch  # noqa: E402
 
+from miro.models.flow import drop_text  # noqa: E402
 from miro.models.layers import RMSNorm, SelfAttentionBlock, TimeEmbedder  # noqa: E402
 from miro.models.pixel_unet import ResBlock  # noqa: E402
 from miro.models.rin import sincos_2d_table  # noqa: E402
@@ -107,17 +108,6 @@ class PeerUNet(nn.Module):
         return self.out(F.silu(h))
 
 
-def with_dropped_text(emb, mask, drop, uncond):
-    """Rows where ``drop`` get the empty prompt's tokens (padded to the longer of the two)."""
-    b, n, e = emb.shape
-    length = max(n, uncond.shape[0])
-    out, m = torch.zeros(b, length, e), torch.zeros(b, length, dtype=torch.bool)
-    out[:, :n], m[:, :n] = emb, mask.bool()
-    out[drop], m[drop] = 0, False
-    out[drop, :uncond.shape[0]], m[drop, :uncond.shape[0]] = uncond, True
-    return out, m
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peer", choices=["dit", "unet"], required=True)
@@ -170,7 +160,7 @@ def main(argv=None) -> int:
         x0 = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
         drop = torch.rand(64, generator=gen) < 0.1
         if drop.any():
-            emb, mask = with_dropped_text(emb, mask, drop, uncond)
+            emb, mask, _ = drop_text(emb, mask, {}, drop, uncond)
         gamma = 1 - torch.sigmoid(torch.randn(64, generator=gen))
         eps = torch.randn(x0.shape, generator=gen)
         g = gamma[:, None, None, None]

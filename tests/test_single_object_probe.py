@@ -53,13 +53,3 @@ def test_peers_train_and_log(tmp_path, peer, extra):
     assert e["samples"] == 128 and 0 <= e["shape_right"] <= e["one_object"] <= 1 and np.isfinite(e["loss"])
     assert (out / "grid_2.png").is_file()
 
-
-def test_peers_drop_text_to_the_empty_prompt():
-    import torch
-    from probe_peers import with_dropped_text
-
-    emb, mask = torch.randn(3, 4, 5), torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
-    uncond = torch.randn(6, 5)
-    out, m = with_dropped_text(emb, mask, torch.tensor([False, True, False]), uncond)
-    assert out.shape == (3, 6, 5) and torch.equal(out[0, :4], emb[0]) and torch.equal(m[0, :4], mask[0])
-    assert not m[0, 4:].any() and torch.equal(out[1], uncond) and m[1].all()

@@ -6,11 +6,12 @@ One class, weight-compatible with the published ``CADRINTextCond`` (``miro-t2i``
 persistent bool buffers). Behaviour: ``miro_numerics_spec.md`` §2; init: §2.6.
 
 Forward, in order: patchify (features ordered (p1, p2, c)) -> ``patch_extractor`` ->
-``data_ln`` + position table; time token; conditioning tokens [rewards + position vectors,
+``data_ln`` + position table [+ ``pixel_unet`` encoder]; time token; conditioning tokens [rewards + position vectors,
 registers, mapped text] through two fixed 16-head LayerNorm/GELU/layer-scale blocks; latents +
 time; cond sequence [time, rewards, registers, text] with a key-only mask; self-conditioning
 ``z += ln_previous_2(P + linear_previous(ln_previous_1(P)))``; ``num_blocks`` RIN blocks
-(retrieve_cond, read, process, write[, data_mixer]); head; unpatchify.
+(retrieve_cond, read, process, write[, data_mixer]); head; unpatchify [+ ``pixel_unet`` decoder
+residual]. The bracketed parts are this project's extensions, off in the published network.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ that two checkpoints are compared on exactly the same prompts and noise:
 * ``convergence`` — ShapesEval overall (and per category) of every periodic checkpoint of each
   run, against training samples seen. The speed-up factor is the paper's: the samples the
   baseline needs to reach its final score, divided by the samples MIRO needs to reach that score
-  (linear interpolation between checkpoints). Writes ``convergence.csv``, ``convergence.json``
+  (linear interpolation between checkpoints), with a 90 % interval from redrawing every point
+  within its standard error (:func:`speedup_interval`). Writes ``convergence.csv``, ``convergence.json``
   and ``convergence.png``.
 * ``controllability`` — for each reward, its target swept over 9 values in [0, 1] (``--targets
   trained``: the values it took in training, :func:`miro.eval.sweep.trained_targets`; ``--targets
@@ -140,6 +141,33 @@ def speedup(miro: list[tuple[int, float]], baseline: list[tuple[int, float]]) ->
             "speedup": (need_b / need_m) if need_m else None}
 
 
+def speedup_interval(miro, baseline, miro_se, baseline_se, draws: int = 2000, level: float = 0.9,
+                     seed: int = 0) -> dict:
+    """How far the speed-up moves under the curves' own noise (a parametric bootstrap).
+
+    Every point's score is redrawn from a normal with its standard error (the points are
+    independent: each checkpoint is scored on its own images) and the speed-up recomputed. A
+    draw in which MIRO never reaches the baseline's final score counts as speed-up 0, so a curve
+    too short to tell pulls the interval down rather than dropping out. Returns the central
+    ``level`` interval and how often the speed-up was above 1.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    xs_m, xs_b = [s for s, _ in miro], [s for s, _ in baseline]
+    vm = np.array([v for _, v in miro])[None] + rng.standard_normal((draws, len(miro))) * np.array([e for _, e in miro_se])
+    vb = np.array([v for _, v in baseline])[None] + rng.standard_normal((draws, len(baseline))) * np.array(
+        [e for _, e in baseline_se])
+    out = []
+    for m, b in zip(vm, vb):
+        sp = speedup(list(zip(xs_m, m.tolist())), list(zip(xs_b, b.tolist())))["speedup"]
+        out.append(sp or 0.0)
+    out = np.array(out)
+    tail = (1 - level) / 2
+    return {"level": level, "low": float(np.quantile(out, tail)), "high": float(np.quantile(out, 1 - tail)),
+            "p_above_1": float((out > 1).mean()), "draws": draws}
+
+
 def cmd_convergence(args) -> int:
     from miro.eval.generate import GenerateConfig
 
@@ -182,6 +210,8 @@ def cmd_convergence(args) -> int:
               "steps": args.steps, "cfg": args.cfg, "weights": args.weights}
     if "miro" in curves and "baseline" in curves:
         result["speedup"] = speedup(curves["miro"], curves["baseline"])
+        result["speedup"]["interval"] = speedup_interval(curves["miro"], curves["baseline"], errors["miro"],
+                                                         errors["baseline"])
         print("speed-up:", json.dumps(result["speedup"]))
     atomic_write_json(out / "convergence.json", result)
     _plot_convergence(curves, errors, out / "convergence.png", result.get("speedup"))
@@ -208,7 +238,9 @@ def _plot_convergence(curves: dict, errors: dict, path: Path, sp: dict | None) -
                     ms=3, capsize=2, label=name)
     if sp and sp.get("speedup"):
         ax.axhline(sp["baseline_final_score"], color="grey", lw=0.8, ls="--")
-        ax.set_title(f"ShapesEval vs samples (speed-up x{sp['speedup']:.2f})")
+        ci = sp.get("interval")
+        ci = f", 90% {ci['low']:.2f}-{ci['high']:.2f}" if ci else ""
+        ax.set_title(f"ShapesEval vs samples (speed-up x{sp['speedup']:.2f}{ci})")
     else:
         ax.set_title("ShapesEval vs samples")
     ax.set_xlabel("training samples (thousands)")

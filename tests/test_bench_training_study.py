@@ -15,6 +15,7 @@ from shapes_training_study import (  # noqa: E402
     overall_se,
     samples_to_reach,
     speedup,
+    speedup_interval,
     table_markdown,
     tag_counts,
 )
@@ -39,6 +40,21 @@ def test_samples_to_reach_interpolates_and_speedup():
     assert s["baseline_samples"] == pytest.approx(400.0)
     assert s["miro_samples"] == pytest.approx(150.0)
     assert s["speedup"] == pytest.approx(400 / 150)
+
+
+def test_speedup_interval_collapses_without_noise_and_widens_with_it():
+    base = [(100, 0.05), (200, 0.10), (300, 0.15), (400, 0.20)]
+    miro = [(s, v * 2) for s, v in base]  # twice as fast: reaches the baseline's final 0.2 at 200
+    zero = [(s, 0.0) for s, _ in base]
+    exact = speedup_interval(miro, base, zero, zero, draws=50)
+    assert exact["low"] == pytest.approx(2.0) and exact["high"] == pytest.approx(2.0)
+    assert exact["p_above_1"] == 1.0
+    noisy = [(s, 0.05) for s, _ in base]
+    wide = speedup_interval(miro, base, noisy, noisy, draws=400)
+    assert wide["low"] < 2.0 < wide["high"] and 0.5 < wide["p_above_1"] < 1.0
+    # MIRO never reaching the baseline's final score counts as 0, not as a missing draw
+    flat = [(s, 0.01) for s, _ in base]
+    assert speedup_interval(flat, base, zero, zero, draws=20)["high"] == 0.0
 
 
 def test_table_markdown_cells_carry_standard_errors():

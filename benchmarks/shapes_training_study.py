@@ -154,15 +154,13 @@ def speedup_interval(miro, baseline, miro_se, baseline_se, draws: int = 2000, le
     import numpy as np
 
     rng = np.random.default_rng(seed)
+
+    def redraw(curve, se):  # (draws, points): each point's score plus its own normal noise
+        return np.array([v for _, v in curve]) + rng.standard_normal((draws, len(curve))) * np.array([e for _, e in se])
+
     xs_m, xs_b = [s for s, _ in miro], [s for s, _ in baseline]
-    vm = np.array([v for _, v in miro])[None] + rng.standard_normal((draws, len(miro))) * np.array([e for _, e in miro_se])
-    vb = np.array([v for _, v in baseline])[None] + rng.standard_normal((draws, len(baseline))) * np.array(
-        [e for _, e in baseline_se])
-    out = []
-    for m, b in zip(vm, vb):
-        sp = speedup(list(zip(xs_m, m.tolist())), list(zip(xs_b, b.tolist())))["speedup"]
-        out.append(sp or 0.0)
-    out = np.array(out)
+    out = np.array([speedup(list(zip(xs_m, m.tolist())), list(zip(xs_b, b.tolist())))["speedup"] or 0.0
+                    for m, b in zip(redraw(miro, miro_se), redraw(baseline, baseline_se))])
     tail = (1 - level) / 2
     return {"level": level, "low": float(np.quantile(out, tail)), "high": float(np.quantile(out, 1 - tail)),
             "p_above_1": float((out > 1).mean()), "draws": draws}

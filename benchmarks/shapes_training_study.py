@@ -430,7 +430,8 @@ def cmd_table(args) -> int:
 
     items = eval_items(args.stride)
     gcfg = GenerateConfig(n_samples=args.n_samples, steps=args.steps, cfg=args.cfg, seed=args.seed, batch_size=32,
-                          reward_targets=parse_reward_args(args.reward))
+                          reward_targets=parse_reward_args(args.reward),
+                          negative_reward_targets=parse_reward_args(args.negative_reward, "--negative-reward"))
     scorers, out, rows = _scorers(), Path(args.out) / "table", []
     counts = tag_counts(items, args.n_samples)
     for spec in args.model:
@@ -637,6 +638,9 @@ def main(argv=None) -> int:
     t = sub.add_parser("table", parents=[common], help="every Shapes reward per model")
     t.add_argument("--model", action="append", required=True, help="NAME=SOURCE (.ckpt, folder or built-in)")
     t.add_argument("--reward", nargs="*", metavar="KEY=VALUE", help="positive reward targets (default 1.0 each)")
+    t.add_argument("--negative-reward", nargs="*", metavar="KEY=VALUE",
+                   help="negative branch's reward targets (default 0 each); equal to the positive ones, the "
+                        "guidance follows the text alone")
     g = sub.add_parser("guidance", parents=[common], help="ShapesEval and rewards over guidance scale x steps x shift")
     g.add_argument("--model", default="shapes", help=".ckpt, pipeline folder or built-in name")
     g.add_argument("--cfgs", default="1,2,3,5,7,10", help="comma-separated guidance scales")

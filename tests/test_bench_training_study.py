@@ -189,3 +189,30 @@ def test_shape_confusion_counts_one_object_images_only(tmp_path):
     assert json.loads((tmp_path / "confusion" / "confusion.json").read_text())["m"]["accuracy"] == 0.5
     assert "| square | 50 | 50 |" in (tmp_path / "confusion" / "confusion.md").read_text()
     assert main(["confusion", "--folder", f"m={tmp_path / 'nothing'}", "--out", str(tmp_path)]) == 2
+
+
+def test_table_passes_both_branches_targets_to_the_generator(tmp_path, monkeypatch, capsys):
+    """--reward sets the positive branch, --negative-reward the negative one (default: empty, the
+    pipeline's zeros); a malformed pair is refused with its text."""
+    import json
+
+    import shapes_training_study as study
+
+    seen = []
+
+    def fake_eval_row(p, items, d, gcfg, scorers, counts):
+        seen.append((d.name, dict(gcfg.reward_targets), dict(gcfg.negative_reward_targets)))
+        return {"shapes_eval": 0.1, "se_shapes_eval": 0.01,
+                **{k: 0.5 for k in SHAPES_KEYS}, **{f"se_{k}": 0.01 for k in SHAPES_KEYS}}
+
+    monkeypatch.setattr(study, "load", lambda src, weights: SimpleNamespace())
+    monkeypatch.setattr(study, "eval_items", lambda stride: [])
+    monkeypatch.setattr(study, "_scorers", lambda: {})
+    monkeypatch.setattr(study, "eval_row", fake_eval_row)
+    assert study.main(["table", "--out", str(tmp_path), "--model", "a=x"]) == 0
+    assert study.main(["table", "--out", str(tmp_path), "--model", "b=x", "--reward", "shapes_contrast=0.5",
+                       "--negative-reward", "shapes_contrast=1", "shapes_position=0.25"]) == 0
+    assert seen == [("a", {}, {}), ("b", {"shapes_contrast": 0.5}, {"shapes_contrast": 1.0, "shapes_position": 0.25})]
+    assert json.loads((tmp_path / "table" / "table.json").read_text())[0]["model"] == "b"
+    assert study.main(["table", "--out", str(tmp_path), "--model", "c=x", "--negative-reward", "shapes_contrast"]) == 2
+    assert "--negative-reward 'shapes_contrast': expected KEY=VALUE" in capsys.readouterr().err

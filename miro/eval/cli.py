@@ -71,7 +71,8 @@ def _gen_config(args):
 
     return GenerateConfig(model=args.model, variant=args.variant, n_samples=args.n_samples, steps=args.steps,
                           cfg=args.cfg, seed=args.seed, reward_targets=parse_reward_args(args.reward),
-                          negative_reward_targets=parse_reward_args(args.negative_reward), batch_size=args.batch_size)
+                          negative_reward_targets=parse_reward_args(args.negative_reward, "--negative-reward"),
+                          batch_size=args.batch_size)
 
 
 def _load_scorers(names: list[str], device: str | None):

@@ -59,17 +59,17 @@ class GenerateConfig:
         return d
 
 
-def parse_reward_args(pairs: list[str] | None) -> dict[str, float]:
-    """``["aesthetic_score=0.5", ...]`` -> ``{"aesthetic_score": 0.5}`` (a clear error otherwise)."""
+def parse_reward_args(pairs: list[str] | None, flag: str = "--reward") -> dict[str, float]:
+    """``["aesthetic_score=0.5", ...]`` -> ``{"aesthetic_score": 0.5}`` (a clear error, naming ``flag``, otherwise)."""
     out: dict[str, float] = {}
     for p in pairs or []:
         key, sep, val = p.partition("=")
         if not sep or not key:
-            raise ValueError(f"--reward {p!r}: expected KEY=VALUE, e.g. aesthetic_score=0.8")
+            raise ValueError(f"{flag} {p!r}: expected KEY=VALUE, e.g. aesthetic_score=0.8")
         try:
             out[key.strip()] = float(val)
         except ValueError:
-            raise ValueError(f"--reward {p!r}: value {val!r} is not a number") from None
+            raise ValueError(f"{flag} {p!r}: value {val!r} is not a number") from None
     return out
 
 

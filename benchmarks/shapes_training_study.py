@@ -19,8 +19,9 @@ that two checkpoints are compared on exactly the same prompts and noise:
   the positive ones with the swept reward at 0. Writes ``controllability.json`` (means and their
   standard errors), ``controllability.png`` (the curves), one ``sweep.json`` + grid image per reward.
 * ``table`` — every Shapes reward (mean) and ShapesEval overall for a list of models (baseline,
-  MIRO, specialists): the trade-off table, each cell ± its standard error. Writes ``table.json``,
-  ``table.md`` and ``table.png``.
+  MIRO, specialists): the trade-off table, each cell ± its standard error; ``--reward`` and
+  ``--negative-reward`` set the two guidance branches' targets (equal: text-only guidance). Writes
+  ``table.json``, ``table.md`` and ``table.png``.
 * ``guidance`` — one model over a grid of sampler settings (guidance scale x Euler steps x time
   shift): ShapesEval and every reward per setting, the table's protocol. Writes ``guidance.json``,
   ``guidance.md`` and ``guidance.png``.

@@ -171,7 +171,7 @@ def cmd_convergence(args) -> int:
     from miro.eval.generate import GenerateConfig
 
     items = eval_items(args.stride)
-    gcfg = GenerateConfig(n_samples=args.n_samples, steps=args.steps, cfg=args.cfg, seed=args.seed, batch_size=32)
+    gcfg = GenerateConfig(n_samples=args.n_samples, steps=args.steps, cfg=args.cfg, reward_cfg=args.reward_cfg, seed=args.seed, batch_size=32)
     out = Path(args.out)
     done = {}
     csv_path = out / "convergence.csv"
@@ -206,7 +206,8 @@ def cmd_convergence(args) -> int:
     curves = {k: sorted(v) for k, v in curves.items()}
     errors = {k: sorted(v) for k, v in errors.items()}
     result = {"curves": curves, "standard_errors": errors, "items": len(items), "n_samples": args.n_samples,
-              "steps": args.steps, "cfg": args.cfg, "weights": args.weights}
+              "steps": args.steps, "cfg": args.cfg, "reward_cfg": args.reward_cfg,
+              "weights": args.weights}
     if "miro" in curves and "baseline" in curves:
         result["speedup"] = speedup(curves["miro"], curves["baseline"])
         result["speedup"]["interval"] = speedup_interval(curves["miro"], curves["baseline"], errors["miro"],
@@ -305,7 +306,7 @@ def cmd_controllability(args) -> int:
 
     pipe = load(args.model, args.weights)
     items = eval_items(args.stride)
-    base = GenerateConfig(n_samples=args.n_samples, steps=args.steps, cfg=args.cfg, seed=args.seed, batch_size=32,
+    base = GenerateConfig(n_samples=args.n_samples, steps=args.steps, cfg=args.cfg, reward_cfg=args.reward_cfg, seed=args.seed, batch_size=32,
                           reward_targets={k: args.others for k in pipe.coherence_keys})
     scorers, out = _scorers(), Path(args.out) / "controllability"
     result = {}
@@ -324,7 +325,8 @@ def cmd_controllability(args) -> int:
         print(key, json.dumps(result[key]), flush=True)
     summary = {"model": args.model, "targets": args.targets, "others": args.others, "negative": args.negative,
                "items": len(items),
-               "n_samples": args.n_samples, "steps": args.steps, "cfg": args.cfg, "rewards": result}
+               "n_samples": args.n_samples, "steps": args.steps, "cfg": args.cfg, "reward_cfg": args.reward_cfg,
+               "rewards": result}
     atomic_write_json(out / "controllability.json", summary)
     _plot_controllability(result, out / "controllability.png")
     return 0
@@ -430,7 +432,7 @@ def cmd_table(args) -> int:
     from miro.io import atomic_write_text
 
     items = eval_items(args.stride)
-    gcfg = GenerateConfig(n_samples=args.n_samples, steps=args.steps, cfg=args.cfg, seed=args.seed, batch_size=32,
+    gcfg = GenerateConfig(n_samples=args.n_samples, steps=args.steps, cfg=args.cfg, reward_cfg=args.reward_cfg, seed=args.seed, batch_size=32,
                           reward_targets=parse_reward_args(args.reward),
                           negative_reward_targets=parse_reward_args(args.negative_reward, "--negative-reward"))
     scorers, out, rows = _scorers(), Path(args.out) / "table", []
@@ -468,6 +470,7 @@ def cmd_guidance(args) -> int:
     from miro.io import atomic_write_text
 
     cfgs, shifts = _floats(args.cfgs, "--cfgs"), _floats(args.shifts, "--shifts")
+    reward_cfgs = _floats(args.reward_cfgs, "--reward-cfgs") if args.reward_cfgs.strip() else [args.reward_cfg]
     steps = [int(v) for v in _floats(args.steps_list, "--steps-list")]
     items, scorers = eval_items(args.stride), _scorers()
     counts, out, rows = tag_counts(items, args.n_samples), Path(args.out) / "guidance", []
@@ -476,11 +479,11 @@ def cmd_guidance(args) -> int:
     for n in steps:
         for s in shifts:
             pipe.config.setdefault("scheduler", {})["shift"] = s
-            for w in cfgs:
-                name = f"cfg{w:g}_steps{n}_shift{s:g}"
-                gcfg = GenerateConfig(model=args.model, n_samples=args.n_samples, steps=n, cfg=w, seed=args.seed,
-                                      batch_size=32)
-                rows.append({"model": name, "cfg": w, "steps": n, "shift": s,
+            for w, wr in ((w, wr) for wr in reward_cfgs for w in cfgs):
+                name = f"cfg{w:g}" + ("" if wr is None else f"_rcfg{wr:g}") + f"_steps{n}_shift{s:g}"
+                gcfg = GenerateConfig(model=args.model, n_samples=args.n_samples, steps=n, cfg=w, reward_cfg=wr,
+                                      seed=args.seed, batch_size=32)
+                rows.append({"model": name, "cfg": w, "reward_cfg": wr, "steps": n, "shift": s,
                              **eval_row(pipe, items, out / name, gcfg, scorers, counts)})
                 print(json.dumps(rows[-1]), flush=True)
     pipe.config["scheduler"]["shift"] = shipped_shift
@@ -493,19 +496,23 @@ def cmd_guidance(args) -> int:
 
 def _plot_guidance(rows: list[dict], path: Path) -> None:
     """One panel per measure (ShapesEval, each reward) against the guidance scale, one line per
-    (steps, shift), ±1 s.e."""
+    (steps, shift, reward scale), ±1 s.e."""
     from miro.eval.plots import _plt, _save
 
     plt = _plt()
 
     cols = ("shapes_eval",) + SHAPES_KEYS
     fig, axes = plt.subplots(1, len(cols), figsize=(2.6 * len(cols), 2.8), squeeze=False)
-    lines = sorted({(r["steps"], r["shift"]) for r in rows})
+    def line(r):
+        return r["steps"], r["shift"], r.get("reward_cfg")
+
+    lines = sorted({line(r) for r in rows}, key=lambda t: (t[0], t[1], -1 if t[2] is None else t[2]))
     for ax, c in zip(axes[0], cols):
-        for n, s in lines:
-            rs = sorted((r for r in rows if (r["steps"], r["shift"]) == (n, s)), key=lambda r: r["cfg"])
+        for n, s, wr in lines:
+            rs = sorted((r for r in rows if line(r) == (n, s, wr)), key=lambda r: r["cfg"])
+            label = f"{n} steps, shift {s:g}" + ("" if wr is None else f", w_r {wr:g}")
             ax.errorbar([r["cfg"] for r in rs], [r[c] for r in rs], yerr=[r[f"se_{c}"] for r in rs], marker="o",
-                        ms=3, capsize=2, label=f"{n} steps, shift {s:g}")
+                        ms=3, capsize=2, label=label)
         ax.set_title("ShapesEval" if c == "shapes_eval" else c.removeprefix("shapes_"), fontsize=9)
         ax.set_xlabel("guidance scale w")
         ax.grid(alpha=0.3)
@@ -617,6 +624,8 @@ def main(argv=None) -> int:
     common.add_argument("--n-samples", type=int, default=2, help="images per prompt")
     common.add_argument("--steps", type=int, default=25, help="Euler steps")
     common.add_argument("--cfg", type=float, default=5.0, help="guidance scale")
+    common.add_argument("--reward-cfg", type=float, default=None,
+                        help="separate guidance scale of the reward direction (default: --cfg, one scale)")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--weights", choices=("raw", "ema"), default="raw",
                         help="checkpoint weights (raw: no EMA lag, fair between runs of any length)")
@@ -647,6 +656,8 @@ def main(argv=None) -> int:
     g.add_argument("--cfgs", default="1,2,3,5,7,10", help="comma-separated guidance scales")
     g.add_argument("--steps-list", default="25,50", help="comma-separated Euler step counts")
     g.add_argument("--shifts", default="1", help="comma-separated time shifts (scheduler.shift)")
+    g.add_argument("--reward-cfgs", default="", help="comma-separated reward guidance scales w_r (default: "
+                   "--reward-cfg, i.e. w_r = w); each is crossed with every --cfgs value")
     f = sub.add_parser("confusion", help="asked vs detected shape on the one-object prompts of scored folders")
     f.add_argument("--folder", action="append", required=True, help="NAME=DIR, a scored ShapesEval folder")
     f.add_argument("--out", required=True, help="output folder")

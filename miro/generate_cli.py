@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="Euler steps (default: %(default)s)")
     p.add_argument("--cfg", type=float, default=7.0,
                    help="guidance w in (1+w)*cond - w*uncond; 0 disables (default: %(default)s)")
+    p.add_argument("--reward-cfg", type=float, default=None,
+                   help="separate guidance of the reward direction, w_r*(v(prompt, r+) - v(prompt, r-)); "
+                        "default: --cfg (the published single scale)")
     p.add_argument("--n-samples", "--n", dest="n", type=int, default=4,
                    help="images to generate (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise generator (default: %(default)s)")
@@ -141,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             negative_reward_targets=dict(args.negative_reward) or None,
             num_inference_steps=args.steps,
             guidance_scale=args.cfg,
+            reward_guidance_scale=args.reward_cfg,
             num_images_per_prompt=args.n,
             generator=generator,
             output_type="pil",

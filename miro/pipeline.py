@@ -329,6 +329,7 @@ class MiroPipeline(nn.Module):
         output_type: str = "pil",
         callback: Callable | None = None,
         batched_cfg: bool = True,
+        reward_guidance_scale: float | None = None,
     ):
         """Generate images.
 
@@ -346,10 +347,20 @@ class MiroPipeline(nn.Module):
                 cast as published) or ``"pt"`` (float NCHW in [0, 1]).
             callback: ``callback(step, gamma_next, x)``, called by the sampler after every step.
             batched_cfg: one 2B forward per step (published) or two B forwards (less memory).
+            reward_guidance_scale: w_r >= 0 for the reward direction alone, or None (default: w,
+                the published single scale). Set, a third branch (prompt, negative targets)
+                splits guidance into ``w_r·[v(prompt, r+) - v(prompt, r-)]`` and
+                ``w·[v(prompt, r-) - v(null, r-)]`` (``miro.models.sampler.euler_sample``), so the
+                rewards can be pushed harder or softer than the prompt; 3B per step.
         """
         # 1. Check inputs.
         prompts = self.check_inputs(prompt, num_inference_steps, guidance_scale,
                                     num_images_per_prompt, output_type, generator)
+        if reward_guidance_scale is not None and (not _is_number(reward_guidance_scale)
+                                                  or not math.isfinite(reward_guidance_scale)
+                                                  or reward_guidance_scale < 0):
+            raise ValueError(f"reward_guidance_scale must be None or a finite number >= 0; "
+                             f"got {reward_guidance_scale!r}")
         if self._dtype != torch.float32 and self._device.type != "cuda":
             raise ValueError(
                 f"generation in {self._dtype} needs a CUDA device (autocast keeps the norms in "
@@ -368,7 +379,8 @@ class MiroPipeline(nn.Module):
         uncond_mask = torch.ones(uncond_emb.shape[:2], dtype=torch.bool, device=self._device)
         # 5. Sample in the model's normalised space.
         x0 = self._sample(noise, emb, mask, uncond_emb, uncond_mask, pos, neg,
-                          int(num_inference_steps), float(guidance_scale), bool(batched_cfg), callback)
+                          int(num_inference_steps), float(guidance_scale), bool(batched_cfg), callback,
+                          None if reward_guidance_scale is None else float(reward_guidance_scale))
         # 6. Undo the latent normalisation and decode, in the pipeline dtype.
         latents = self.model.postprocess(x0.to(self._dtype))
         images = self.autoencoder.decode(latents)
@@ -382,7 +394,7 @@ class MiroPipeline(nn.Module):
 
         return [Image.fromarray(a) for a in arr]
 
-    def _sample(self, noise, emb, mask, uncond_emb, uncond_mask, pos, neg, steps, w, batched, callback):
+    def _sample(self, noise, emb, mask, uncond_emb, uncond_mask, pos, neg, steps, w, batched, callback, w_r=None):
         from miro.models.sampler import euler_sample
 
         shift = float(self.config.get("scheduler", {}).get("shift", 1.0))
@@ -390,7 +402,7 @@ class MiroPipeline(nn.Module):
             self.model, noise, emb, mask, uncond_emb, uncond_mask,
             reward_targets=pos, negative_reward_targets=neg, num_steps=steps,
             guidance_scale=w, batched_cfg=batched, shift=shift, autocast=self._autocast(),
-            callback=callback, progress=self._progress,
+            callback=callback, progress=self._progress, reward_guidance_scale=w_r,
         )
 
     def _autocast(self):

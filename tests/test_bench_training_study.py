@@ -160,6 +160,36 @@ def test_guidance_grid_sets_each_shift_then_restores_the_model_shift(tmp_path, m
     assert study.main(["guidance", "--out", str(tmp_path), "--cfgs", "2,x"]) == 2
 
 
+def test_guidance_grid_crosses_reward_scales_with_text_scales(tmp_path, monkeypatch):
+    """--reward-cfgs: every (w_r, w) pair reaches the generator once, in its own folder; without it
+    the folders keep their single-scale names and w_r stays None (the published combination)."""
+    import json
+
+    import shapes_training_study as study
+
+    pipe = SimpleNamespace(config={})
+    seen = []
+
+    def fake_eval_row(p, items, d, gcfg, scorers, counts):
+        seen.append((gcfg.cfg, gcfg.reward_cfg, d.name))
+        return {"shapes_eval": 0.1, "se_shapes_eval": 0.01,
+                **{k: 0.5 for k in SHAPES_KEYS}, **{f"se_{k}": 0.01 for k in SHAPES_KEYS}}
+
+    monkeypatch.setattr(study, "load", lambda src, weights: pipe)
+    monkeypatch.setattr(study, "eval_items", lambda stride: [])
+    monkeypatch.setattr(study, "_scorers", lambda: {})
+    monkeypatch.setattr(study, "eval_row", fake_eval_row)
+    assert study.main(["guidance", "--out", str(tmp_path), "--cfgs", "2,5", "--steps-list", "25",
+                       "--reward-cfgs", "0,10"]) == 0
+    assert seen == [(w, wr, f"cfg{w:g}_rcfg{wr:g}_steps25_shift1") for wr in (0.0, 10.0) for w in (2.0, 5.0)]
+    rows = json.loads((tmp_path / "guidance" / "guidance.json").read_text())
+    assert [r["reward_cfg"] for r in rows] == [0.0, 0.0, 10.0, 10.0]
+    seen.clear()
+    assert study.main(["guidance", "--out", str(tmp_path / "b"), "--cfgs", "3", "--steps-list", "25"]) == 0
+    assert seen == [(3.0, None, "cfg3_steps25_shift1")]
+    assert study.main(["guidance", "--out", str(tmp_path), "--cfgs", "3", "--reward-cfgs", "1,y"]) == 2
+
+
 def test_shape_confusion_counts_one_object_images_only(tmp_path):
     import json
 

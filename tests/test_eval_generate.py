@@ -104,6 +104,32 @@ def test_refuses_to_mix_settings_or_prompts(tmp_path):
         G.generate_folder(StandInPipeline(), other, tmp_path, G.GenerateConfig(n_samples=1), progress=False)
 
 
+def test_reward_cfg_reaches_only_pipelines_that_are_asked(tmp_path):
+    """reward_cfg=None calls the pipeline without the keyword (any diffusers-like pipeline works, and
+    folders written before the option resume); set, it is passed on and recorded."""
+
+    class TwoScale(StandInPipeline):
+        def __call__(self, *a, reward_guidance_scale=None, **k):
+            self.scales.append(reward_guidance_scale)
+            return super().__call__(*a, **k)
+
+    G.generate_folder(StandInPipeline(), _items(1), tmp_path / "a", G.GenerateConfig(n_samples=1), progress=False)
+    run = json.loads((tmp_path / "a" / "generation.json").read_text())
+    run["config"].pop("reward_cfg")  # a folder from before the option
+    (tmp_path / "a" / "generation.json").write_text(json.dumps(run))
+    (tmp_path / "a" / "00000" / "samples" / "0000.png").unlink()
+    assert G.generate_folder(StandInPipeline(), _items(1), tmp_path / "a", G.GenerateConfig(n_samples=1),
+                             progress=False)["generated"] == 1
+    pipe = TwoScale()
+    pipe.scales = []
+    G.generate_folder(pipe, _items(2), tmp_path / "b", G.GenerateConfig(n_samples=1, reward_cfg=12.0), progress=False)
+    assert pipe.scales == [12.0]
+    with pytest.raises(ValueError, match="reward_cfg: 12.0 -> None"):
+        G.generate_folder(pipe, _items(2), tmp_path / "b", G.GenerateConfig(n_samples=1), progress=False)
+    with pytest.raises(ValueError, match="reward_cfg must be a finite number >= 0 or None; got -1"):
+        G.GenerateConfig(reward_cfg=-1.0)
+
+
 def test_config_and_reward_argument_validation():
     assert G.parse_reward_args(["aesthetic_score=0.5", "clip_score=1"]) == {"aesthetic_score": 0.5, "clip_score": 1.0}
     with pytest.raises(ValueError, match="expected KEY=VALUE"):

@@ -24,7 +24,7 @@ def test_help_lists_flags(capsys):
         miro_main(["generate", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--model", "--variant", "--reward", "--negative-reward", "--steps", "--cfg",
+    for flag in ("--model", "--variant", "--reward", "--negative-reward", "--steps", "--cfg", "--reward-cfg",
                  "--n-samples", "--n", "--seed", "--outdir", "--out"):
         assert flag in out
 
@@ -33,13 +33,13 @@ def test_writes_pngs_and_grid_matching_pipeline(pipe_dir, tmp_path):
     out = tmp_path / "out"
     rc = generate_cli.main(["a red circle", "--model", str(pipe_dir), "--n", "3", "--steps", "2",
                             "--seed", "5", "--out", str(out), "--reward", "clip_score=0.5",
-                            "--negative-reward", "vqa_score=0.25", "--device", "cpu"])
+                            "--negative-reward", "vqa_score=0.25", "--reward-cfg", "11", "--device", "cpu"])
     assert rc == 0
     assert sorted(p.name for p in out.iterdir()) == ["000.png", "001.png", "002.png", "grid.png"]
     pipe = MiroPipeline.from_pretrained(pipe_dir)
     pipe.set_progress_bar_config(disable=True)
     ref = pipe("a red circle", reward_targets={"clip_score": 0.5},
-               negative_reward_targets={"vqa_score": 0.25}, num_inference_steps=2,
+               negative_reward_targets={"vqa_score": 0.25}, num_inference_steps=2, reward_guidance_scale=11.0,
                num_images_per_prompt=3, generator=torch.Generator().manual_seed(5), output_type="np")
     for j in range(3):
         assert np.array_equal(np.asarray(Image.open(out / f"{j:03d}.png")), ref[j])
@@ -63,6 +63,7 @@ def test_aliases_and_defaults(pipe_dir, tmp_path):
     (["--reward", "clip_score=2"], r"clip_score.*2\.0"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--n", "0"], "--n-samples must be >= 1"),
+    (["--reward-cfg", "-3"], r"reward_guidance_scale.*got -3\.0"),
     (["--variant", "missing"], "'missing' not found"),
 ])
 def test_bad_values_exit_2_with_message(pipe_dir, tmp_path, capsys, argv, match):

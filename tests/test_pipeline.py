@@ -132,6 +132,18 @@ def test_split_cfg_close_to_batched(pipe):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_reward_guidance_scale_runs_three_branches(pipe, monkeypatch):
+    """A separate reward scale adds a (prompt, negative targets) branch: 3B rows per step, and
+    the image changes; w_r = w is the published two-branch call."""
+    base = pipe(PROMPTS, generator=gen(0), num_inference_steps=3, output_type="pt")
+    assert torch.equal(pipe(PROMPTS, generator=gen(0), num_inference_steps=3, output_type="pt",
+                            reward_guidance_scale=7.0), base)
+    calls = _spy(pipe, monkeypatch)
+    out = pipe(PROMPTS, generator=gen(0), num_inference_steps=3, output_type="pt", reward_guidance_scale=20.0)
+    assert len(calls) == 3 and all(c["y"].shape[0] == 6 for c in calls)
+    assert (out - base).abs().max() > 1e-3
+
+
 def test_output_types(pipe):
     arr = pipe(PROMPTS, generator=gen(4), **KW)
     assert arr.dtype == np.uint8 and arr.shape == (2, 8, 8, 3)
@@ -177,6 +189,8 @@ def test_variant_subfolders(pipe, tmp_path):
         (dict(num_inference_steps=0), "num_inference_steps.*>= 1; got 0"),
         (dict(num_inference_steps=2.5), "got 2.5"),
         (dict(guidance_scale=-1.0), r"guidance_scale.*>= 0; got -1\.0"),
+        (dict(reward_guidance_scale=-2.0), r"reward_guidance_scale.*None or a finite number >= 0; got -2\.0"),
+        (dict(reward_guidance_scale="3"), r"reward_guidance_scale.*got '3'"),
         (dict(num_images_per_prompt=0), "num_images_per_prompt.*got 0"),
         (dict(output_type="jpeg"), r"\['pil', 'np', 'numpy', 'pt'\]; got 'jpeg'"),
         (dict(generator=0), "torch.Generator"),

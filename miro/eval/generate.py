@@ -14,6 +14,7 @@ resumed run produces the same images as an uninterrupted one.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,7 @@ class GenerateConfig:
     n_samples: int = 4  # images per prompt (GenEval uses 4)
     steps: int = 50  # Euler steps (published default)
     cfg: float = 7.0  # guidance scale w in (1+w)*cond - w*uncond (published default)
+    reward_cfg: float | None = None  # separate scale of the reward direction (None: cfg; MiroPipeline)
     seed: int = 0  # base seed; sample j of prompt i uses seed + 1000*i + j
     reward_targets: dict[str, float] = field(default_factory=dict)  # positive reward targets
     negative_reward_targets: dict[str, float] = field(default_factory=dict)  # negative branch
@@ -45,6 +47,8 @@ class GenerateConfig:
             raise ValueError(f"n_samples must be in [1, {SEED_STRIDE}]; got {self.n_samples}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1; got {self.steps}")
+        if self.reward_cfg is not None and not (math.isfinite(self.reward_cfg) and self.reward_cfg >= 0):
+            raise ValueError(f"reward_cfg must be a finite number >= 0 or None; got {self.reward_cfg}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
         for name, targets in (("reward", self.reward_targets), ("negative reward", self.negative_reward_targets)):
@@ -149,6 +153,8 @@ def generate_folder(pipe, items: list[PromptItem], outdir: str | Path, cfg: Gene
     todo = pending_samples(outdir, items, cfg.n_samples)
     total = len(items) * cfg.n_samples
     bar = tqdm(total=len(todo), desc="generate", unit="img", disable=not progress)
+    # only MIRO pipelines take a reward scale; left out, any diffusers-like pipeline works
+    extra = {} if cfg.reward_cfg is None else {"reward_guidance_scale": cfg.reward_cfg}
     for start in range(0, len(todo), cfg.batch_size):
         chunk = todo[start : start + cfg.batch_size]
         prompts = [items[i].prompt for i, _ in chunk]
@@ -164,6 +170,7 @@ def generate_folder(pipe, items: list[PromptItem], outdir: str | Path, cfg: Gene
             num_images_per_prompt=1,
             generator=gens,
             output_type="pil",
+            **extra,
         )
         images = getattr(images, "images", images)
         if len(images) != len(chunk):

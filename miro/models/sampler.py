@@ -16,6 +16,7 @@ published; ``autocast=False`` gives a true fp32 run. On CPU everything is fp32 u
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Mapping
 
 import torch
@@ -119,6 +120,7 @@ def euler_sample(
     autocast: bool | None = None,
     callback: Callable[[int, Tensor, Tensor], None] | None = None,
     progress: bool = False,
+    reward_guidance_scale: float | None = None,
 ) -> Tensor:
     """Integrate from ``noise`` (B, C, S, S) to x0 in the model's normalised latent space.
 
@@ -126,6 +128,11 @@ def euler_sample(
     ``reward_targets`` / ``negative_reward_targets``: base key -> value in [0, 1] (float or (B,));
     defaults 1.0 and 0.0 for every key; ``None`` as a value drops that reward (zero embedding).
     ``guidance_scale`` w <= 0 disables CFG (one B-sized forward per step).
+    ``reward_guidance_scale`` w_r (None: w, the published single scale) guides the text and the
+    rewards separately through a third branch v(x, text, r-), as two-condition CFG does
+    (InstructPix2Pix, Brooks et al. 2023, eq. 3):
+    v = v(text, r+) + w_r [v(text, r+) - v(text, r-)] + w [v(text, r-) - v(null, r-)],
+    which is the published combination when w_r = w (3B per step instead of 2B).
     ``scheduler`` replaces the published grid (and ``shift``), e.g. ``Scheduler(end=g0)`` integrates
     from gamma = g0 when ``noise`` is a partly noised x_g0 (SDEdit).
     ``callback(step, gamma_next, x)`` is called after every step. Deterministic: the only
@@ -133,6 +140,9 @@ def euler_sample(
     """
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    for name, w in (("guidance_scale", guidance_scale), ("reward_guidance_scale", reward_guidance_scale)):
+        if w is not None and not (isinstance(w, (int, float)) and math.isfinite(w)):
+            raise ValueError(f"{name} must be a finite number, got {w!r}")
     device = noise.device
     b = noise.shape[0]
     if text_emb.shape[0] != b or text_mask.shape != text_emb.shape[:2]:
@@ -142,26 +152,44 @@ def euler_sample(
     keys = tuple(model.coherence_keys)
     pos = reward_values(keys, reward_targets, 1.0, b, device)
     use_cfg = guidance_scale > 0
+    two_scales = reward_guidance_scale is not None and reward_guidance_scale != guidance_scale
+    if use_cfg and uncond_emb is None:
+        raise ValueError("guidance_scale > 0 needs an unconditional text embedding (uncond_emb)")
+    # Branches, conditional first as published: (text, r+) [, (text, r-)] [, (null, r-)].
     if use_cfg:
-        if uncond_emb is None:
-            raise ValueError("guidance_scale > 0 needs an unconditional text embedding (uncond_emb)")
-        neg = reward_values(keys, negative_reward_targets, 0.0, b, device)
         ce, cm, ue, um = build_cfg_text(text_emb.to(device), text_mask.to(device), uncond_emb, uncond_mask)
-        if batched_cfg:
-            emb2, mask2 = torch.cat([ce, ue]), torch.cat([cm, um])
-            shared = set(pos) & set(neg)
-            if set(pos) != set(neg):
-                raise ValueError(
-                    "with batched_cfg a reward must be given (or dropped) in both branches: "
-                    f"{sorted(set(pos) ^ set(neg))}"
-                )
-            coh2 = {k: torch.cat([pos[k], neg[k]]) for k in keys if k in shared}
     else:
         ce, cm = text_emb.to(device).float(), text_mask.to(device).bool()
+    branches = [(ce, cm, pos)]
+    if use_cfg or two_scales:
+        neg = reward_values(keys, negative_reward_targets, 0.0, b, device)
+        if two_scales:
+            branches.append((ce, cm, neg))
+        if use_cfg:
+            branches.append((ue, um, neg))
+        if batched_cfg and set(pos) != set(neg):
+            raise ValueError(
+                "with batched_cfg a reward must be given (or dropped) in both branches: "
+                f"{sorted(set(pos) ^ set(neg))}"
+            )
+    n_br = len(branches)
+    if batched_cfg and n_br > 1:
+        emb_all = torch.cat([e for e, _, _ in branches])
+        mask_all = torch.cat([m for _, m, _ in branches])
+        coh_all = {k: torch.cat([r[k] for _, _, r in branches]) for k in pos}
+
+    def combine(vs: list[Tensor]) -> Tensor:
+        if n_br == 1:
+            return vs[0]
+        if not two_scales:
+            return cfg_combine(vs[0], vs[1], guidance_scale)
+        w_r = float(reward_guidance_scale)
+        v = vs[0] + w_r * (vs[0] - vs[1])
+        return v + guidance_scale * (vs[1] - vs[2]) if use_cfg else v
 
     gammas = time_grid(num_steps, shift=shift, device=device, scheduler=scheduler)
     x = noise.to(torch.float32)
-    z_c = z_u = None
+    zs: list[Tensor | None] = [None] * n_br  # self-conditioning latents, carried per branch
     was_training = model.training
     model.eval()
     steps = range(num_steps)
@@ -173,18 +201,16 @@ def euler_sample(
         for i in steps:
             g, g_next = gammas[i], gammas[i + 1]
             with _autocast_ctx(device, autocast):
-                if not use_cfg:
-                    v, z_c = model(x, g.expand(b), ce, cm, pos, z_c)
-                elif batched_cfg:
-                    prev = None if z_c is None else torch.cat([z_c, z_u])
-                    v2, z2 = model(torch.cat([x, x]), g.expand(2 * b), emb2, mask2, coh2, prev)
-                    v_c, v_u = v2.chunk(2)
-                    z_c, z_u = z2.chunk(2)
-                    v = cfg_combine(v_c, v_u, guidance_scale)
+                if batched_cfg and n_br > 1:
+                    prev = None if zs[0] is None else torch.cat(zs)
+                    v_all, z_all = model(torch.cat([x] * n_br), g.expand(n_br * b), emb_all, mask_all, coh_all, prev)
+                    vs, zs = list(v_all.chunk(n_br)), list(z_all.chunk(n_br))
                 else:
-                    v_c, z_c = model(x, g.expand(b), ce, cm, pos, z_c)
-                    v_u, z_u = model(x, g.expand(b), ue, um, neg, z_u)
-                    v = cfg_combine(v_c, v_u, guidance_scale)
+                    vs = []
+                    for j, (e, m, r) in enumerate(branches):
+                        v_j, zs[j] = model(x, g.expand(b), e, m, r, zs[j])
+                        vs.append(v_j)
+                v = combine(vs)
             x = x - v.float() * (g_next - g)
             if callback is not None:
                 callback(i, g_next, x)

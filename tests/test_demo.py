@@ -68,6 +68,17 @@ def test_generate_returns_the_pipelines_images(pipe):
     assert body["negative_reward_targets"] == {k: 0.0 for k in pipe.coherence_keys}
 
 
+def test_reward_guidance_scale_reaches_the_pipeline(pipe):
+    status, body = handle_generate(pipe, _req(num_images_per_prompt=2, seed=4, reward_guidance_scale=12.5))
+    assert status == 200, body
+    got = np.stack([np.asarray(_decode(u).convert("RGB")) for u in body["images"]])
+    want = pipe(PROMPT, num_inference_steps=2, num_images_per_prompt=2, guidance_scale=7.0, reward_guidance_scale=12.5,
+                generator=torch.Generator().manual_seed(4), output_type="np")
+    np.testing.assert_array_equal(got, want)
+    assert body["reward_guidance_scale"] == 12.5
+    assert handle_generate(pipe, _req(seed=4))[1]["reward_guidance_scale"] is None
+
+
 def test_same_seed_same_bytes_other_seed_differs(pipe):
     a = handle_generate(pipe, _req(seed=5))[1]["images"]
     b = handle_generate(pipe, _req(seed=5))[1]["images"]
@@ -119,6 +130,8 @@ BAD = [
     ({"num_inference_steps": 201}, "num_inference_steps", ["201", "1 to 200"]),
     ({"guidance_scale": -1}, "guidance_scale", ["-1", ">= 0"]),
     ({"guidance_scale": "7"}, "guidance_scale", ["'7'"]),
+    ({"reward_guidance_scale": -2}, "reward_guidance_scale", ["-2", "null (w_r = w) or a finite number >= 0"]),
+    ({"reward_guidance_scale": True}, "reward_guidance_scale", ["True"]),
     ({"num_images_per_prompt": 0}, "num_images_per_prompt", ["got 0", ">= 1"]),
     ({"num_images_per_prompt": 9}, "num_images_per_prompt", ["= 9", "1 to 8"]),
     ({"seed": -2}, "seed", ["-2", "2**63 - 1"]),

@@ -7,6 +7,7 @@
      "negative_reward_targets": {"shapes_alignment": 0.0, ...}, # missing keys: 0.0
      "isolate": null,            # or a reward key (then no negative_reward_targets)
      "num_inference_steps": 50, "guidance_scale": 7.0,
+     "reward_guidance_scale": null,  # or w_r >= 0: the reward direction's own scale
      "num_images_per_prompt": 4, "seed": 3407}                  # seed -1: a random one
 
 and answers the PNGs as ``data:`` URLs with the generation time and the targets actually used.
@@ -31,6 +32,7 @@ from typing import Any, Mapping
 DEFAULTS: dict[str, Any] = {
     "num_inference_steps": 50,
     "guidance_scale": 7.0,
+    "reward_guidance_scale": None,  # None: the published single scale (w_r = w)
     "seed": 3407,
     "num_images_per_prompt": 4,
     "reward_target": 1.0,
@@ -41,7 +43,7 @@ DEFAULTS: dict[str, Any] = {
 SLIDER_BINS = 64
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed accepts any signed 64-bit value
 FIELDS = ("prompt", "reward_targets", "negative_reward_targets", "isolate",
-          "num_inference_steps", "guidance_scale", "num_images_per_prompt", "seed")
+          "num_inference_steps", "guidance_scale", "reward_guidance_scale", "num_images_per_prompt", "seed")
 
 # Short slider labels; an unknown key is shown as itself with spaces.
 LABELS = {
@@ -110,6 +112,7 @@ class GenerateRequest:
     guidance_scale: float
     num_images_per_prompt: int
     seed: int
+    reward_guidance_scale: float | None = None
 
 
 def isolation_targets(reward_targets: Mapping[str, float], key: str) -> dict[str, float]:
@@ -168,6 +171,11 @@ def parse_generate_request(pipe, payload: Any, limits: DemoLimits | None = None,
     _check_server_limit("num_inference_steps", steps, limits.max_steps)
     cfg = payload.get("guidance_scale", DEFAULTS["guidance_scale"])
     _check_one(pipe, "guidance_scale", cfg=cfg)
+    cfg_r = payload.get("reward_guidance_scale", DEFAULTS["reward_guidance_scale"])
+    if cfg_r is not None and (isinstance(cfg_r, bool) or not isinstance(cfg_r, (int, float))
+                              or not math.isfinite(cfg_r) or cfg_r < 0):
+        raise RequestError("reward_guidance_scale", f"reward_guidance_scale must be null (w_r = w) or a finite "
+                                                    f"number >= 0; got {cfg_r!r}")
     n = payload.get("num_images_per_prompt", DEFAULTS["num_images_per_prompt"])
     _check_one(pipe, "num_images_per_prompt", n=n)
     _check_server_limit("num_images_per_prompt", n, limits.max_images)
@@ -200,7 +208,8 @@ def parse_generate_request(pipe, payload: Any, limits: DemoLimits | None = None,
             raise RequestError("negative_reward_targets", str(e)) from None
     return GenerateRequest(prompt=prompt, reward_targets=pos, negative_reward_targets=neg,
                            isolate=isolate, num_inference_steps=int(steps),
-                           guidance_scale=float(cfg), num_images_per_prompt=int(n), seed=int(seed))
+                           guidance_scale=float(cfg), num_images_per_prompt=int(n), seed=int(seed),
+                           reward_guidance_scale=None if cfg_r is None else float(cfg_r))
 
 
 def png_data_url(image) -> str:
@@ -219,6 +228,7 @@ def run_generation(pipe, req: GenerateRequest) -> tuple[list, float]:
     images = pipe(req.prompt, reward_targets=req.reward_targets,
                   negative_reward_targets=req.negative_reward_targets,
                   num_inference_steps=req.num_inference_steps, guidance_scale=req.guidance_scale,
+                  reward_guidance_scale=req.reward_guidance_scale,
                   num_images_per_prompt=req.num_images_per_prompt, generator=generator,
                   output_type="pil")
     return images, time.perf_counter() - t0

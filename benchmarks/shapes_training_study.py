@@ -171,7 +171,8 @@ def cmd_convergence(args) -> int:
     from miro.eval.generate import GenerateConfig
 
     items = eval_items(args.stride)
-    gcfg = GenerateConfig(n_samples=args.n_samples, steps=args.steps, cfg=args.cfg, reward_cfg=args.reward_cfg, seed=args.seed, batch_size=32)
+    gcfg = GenerateConfig(n_samples=args.n_samples, steps=args.steps, cfg=args.cfg, reward_cfg=args.reward_cfg,
+                          reward_direction=args.reward_direction, seed=args.seed, batch_size=32)
     out = Path(args.out)
     done = {}
     csv_path = out / "convergence.csv"
@@ -306,7 +307,8 @@ def cmd_controllability(args) -> int:
 
     pipe = load(args.model, args.weights)
     items = eval_items(args.stride)
-    base = GenerateConfig(n_samples=args.n_samples, steps=args.steps, cfg=args.cfg, reward_cfg=args.reward_cfg, seed=args.seed, batch_size=32,
+    base = GenerateConfig(n_samples=args.n_samples, steps=args.steps, cfg=args.cfg, reward_cfg=args.reward_cfg,
+                          reward_direction=args.reward_direction, seed=args.seed, batch_size=32,
                           reward_targets={k: args.others for k in pipe.coherence_keys})
     scorers, out = _scorers(), Path(args.out) / "controllability"
     result = {}
@@ -432,7 +434,8 @@ def cmd_table(args) -> int:
     from miro.io import atomic_write_text
 
     items = eval_items(args.stride)
-    gcfg = GenerateConfig(n_samples=args.n_samples, steps=args.steps, cfg=args.cfg, reward_cfg=args.reward_cfg, seed=args.seed, batch_size=32,
+    gcfg = GenerateConfig(n_samples=args.n_samples, steps=args.steps, cfg=args.cfg, reward_cfg=args.reward_cfg,
+                          reward_direction=args.reward_direction, seed=args.seed, batch_size=32,
                           reward_targets=parse_reward_args(args.reward),
                           negative_reward_targets=parse_reward_args(args.negative_reward, "--negative-reward"))
     scorers, out, rows = _scorers(), Path(args.out) / "table", []
@@ -480,10 +483,12 @@ def cmd_guidance(args) -> int:
         for s in shifts:
             pipe.config.setdefault("scheduler", {})["shift"] = s
             for w, wr in ((w, wr) for wr in reward_cfgs for w in cfgs):
-                name = f"cfg{w:g}" + ("" if wr is None else f"_rcfg{wr:g}") + f"_steps{n}_shift{s:g}"
+                rname = "" if wr is None else f"_rcfg{wr:g}" + ("_null" if args.reward_direction == "null" else "")
+                name = f"cfg{w:g}{rname}_steps{n}_shift{s:g}"
                 gcfg = GenerateConfig(model=args.model, n_samples=args.n_samples, steps=n, cfg=w, reward_cfg=wr,
-                                      seed=args.seed, batch_size=32)
-                rows.append({"model": name, "cfg": w, "reward_cfg": wr, "steps": n, "shift": s,
+                                      reward_direction=args.reward_direction, seed=args.seed, batch_size=32)
+                rows.append({"model": name, "cfg": w, "reward_cfg": wr, "reward_direction": args.reward_direction,
+                             "steps": n, "shift": s,
                              **eval_row(pipe, items, out / name, gcfg, scorers, counts)})
                 print(json.dumps(rows[-1]), flush=True)
     pipe.config["scheduler"]["shift"] = shipped_shift
@@ -626,6 +631,8 @@ def main(argv=None) -> int:
     common.add_argument("--cfg", type=float, default=5.0, help="guidance scale")
     common.add_argument("--reward-cfg", type=float, default=None,
                         help="separate guidance scale of the reward direction (default: --cfg, one scale)")
+    common.add_argument("--reward-direction", choices=("prompt", "null"), default="prompt",
+                        help="with a reward scale: the reward direction taken with the prompt or the null text")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--weights", choices=("raw", "ema"), default="raw",
                         help="checkpoint weights (raw: no EMA lag, fair between runs of any length)")

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward-cfg", type=float, default=None,
                    help="separate guidance of the reward direction, w_r*(v(prompt, r+) - v(prompt, r-)); "
                         "default: --cfg (the published single scale)")
+    p.add_argument("--reward-direction", choices=("prompt", "null"), default="prompt",
+                   help="with --reward-cfg: take the reward direction with the prompt, v(prompt, r+) - "
+                        "v(prompt, r-), or with the null text (default: %(default)s)")
     p.add_argument("--n-samples", "--n", dest="n", type=int, default=4,
                    help="images to generate (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise generator (default: %(default)s)")
@@ -145,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             num_inference_steps=args.steps,
             guidance_scale=args.cfg,
             reward_guidance_scale=args.reward_cfg,
+            reward_direction=args.reward_direction,
             num_images_per_prompt=args.n,
             generator=generator,
             output_type="pil",

@@ -330,6 +330,7 @@ class MiroPipeline(nn.Module):
         callback: Callable | None = None,
         batched_cfg: bool = True,
         reward_guidance_scale: float | None = None,
+        reward_direction: str = "prompt",
     ):
         """Generate images.
 
@@ -352,6 +353,9 @@ class MiroPipeline(nn.Module):
                 splits guidance into ``w_r·[v(prompt, r+) - v(prompt, r-)]`` and
                 ``w·[v(prompt, r-) - v(null, r-)]`` (``miro.models.sampler.euler_sample``), so the
                 rewards can be pushed harder or softer than the prompt; 3B per step.
+            reward_direction: ``"prompt"`` (above) or ``"null"``: the third branch is
+                (null text, r+), giving ``w·[v(prompt, r+) - v(null, r+)] + w_r·[v(null, r+) -
+                v(null, r-)]``; w_r = 0 there is text-only guidance at the positive targets.
         """
         # 1. Check inputs.
         prompts = self.check_inputs(prompt, num_inference_steps, guidance_scale,
@@ -361,6 +365,8 @@ class MiroPipeline(nn.Module):
                                                   or reward_guidance_scale < 0):
             raise ValueError(f"reward_guidance_scale must be None or a finite number >= 0; "
                              f"got {reward_guidance_scale!r}")
+        if reward_direction not in ("prompt", "null"):
+            raise ValueError(f"reward_direction must be 'prompt' or 'null'; got {reward_direction!r}")
         if self._dtype != torch.float32 and self._device.type != "cuda":
             raise ValueError(
                 f"generation in {self._dtype} needs a CUDA device (autocast keeps the norms in "
@@ -380,7 +386,8 @@ class MiroPipeline(nn.Module):
         # 5. Sample in the model's normalised space.
         x0 = self._sample(noise, emb, mask, uncond_emb, uncond_mask, pos, neg,
                           int(num_inference_steps), float(guidance_scale), bool(batched_cfg), callback,
-                          None if reward_guidance_scale is None else float(reward_guidance_scale))
+                          None if reward_guidance_scale is None else float(reward_guidance_scale),
+                          reward_direction)
         # 6. Undo the latent normalisation and decode, in the pipeline dtype.
         latents = self.model.postprocess(x0.to(self._dtype))
         images = self.autoencoder.decode(latents)
@@ -394,7 +401,8 @@ class MiroPipeline(nn.Module):
 
         return [Image.fromarray(a) for a in arr]
 
-    def _sample(self, noise, emb, mask, uncond_emb, uncond_mask, pos, neg, steps, w, batched, callback, w_r=None):
+    def _sample(self, noise, emb, mask, uncond_emb, uncond_mask, pos, neg, steps, w, batched, callback, w_r=None,
+                direction="prompt"):
         from miro.models.sampler import euler_sample
 
         shift = float(self.config.get("scheduler", {}).get("shift", 1.0))
@@ -402,7 +410,7 @@ class MiroPipeline(nn.Module):
             self.model, noise, emb, mask, uncond_emb, uncond_mask,
             reward_targets=pos, negative_reward_targets=neg, num_steps=steps,
             guidance_scale=w, batched_cfg=batched, shift=shift, autocast=self._autocast(),
-            callback=callback, progress=self._progress, reward_guidance_scale=w_r,
+            callback=callback, progress=self._progress, reward_guidance_scale=w_r, reward_direction=direction,
         )
 
     def _autocast(self):

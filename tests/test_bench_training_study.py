@@ -187,6 +187,10 @@ def test_guidance_grid_crosses_reward_scales_with_text_scales(tmp_path, monkeypa
     seen.clear()
     assert study.main(["guidance", "--out", str(tmp_path / "b"), "--cfgs", "3", "--steps-list", "25"]) == 0
     assert seen == [(3.0, None, "cfg3_steps25_shift1")]
+    seen.clear()
+    assert study.main(["guidance", "--out", str(tmp_path / "c"), "--cfgs", "3", "--steps-list", "25",
+                       "--reward-cfgs", "8", "--reward-direction", "null"]) == 0
+    assert seen == [(3.0, 8.0, "cfg3_rcfg8_null_steps25_shift1")]
     assert study.main(["guidance", "--out", str(tmp_path), "--cfgs", "3", "--reward-cfgs", "1,y"]) == 2
 
 

@@ -109,23 +109,28 @@ def test_reward_cfg_reaches_only_pipelines_that_are_asked(tmp_path):
     folders written before the option resume); set, it is passed on and recorded."""
 
     class TwoScale(StandInPipeline):
-        def __call__(self, *a, reward_guidance_scale=None, **k):
-            self.scales.append(reward_guidance_scale)
+        def __call__(self, *a, reward_guidance_scale=None, reward_direction=None, **k):
+            self.scales.append((reward_guidance_scale, reward_direction))
             return super().__call__(*a, **k)
 
     G.generate_folder(StandInPipeline(), _items(1), tmp_path / "a", G.GenerateConfig(n_samples=1), progress=False)
     run = json.loads((tmp_path / "a" / "generation.json").read_text())
-    run["config"].pop("reward_cfg")  # a folder from before the option
-    (tmp_path / "a" / "generation.json").write_text(json.dumps(run))
+    assert "reward_cfg" not in run["config"]  # one scale: the folder's identity is as before the option
     (tmp_path / "a" / "00000" / "samples" / "0000.png").unlink()
     assert G.generate_folder(StandInPipeline(), _items(1), tmp_path / "a", G.GenerateConfig(n_samples=1),
                              progress=False)["generated"] == 1
     pipe = TwoScale()
     pipe.scales = []
     G.generate_folder(pipe, _items(2), tmp_path / "b", G.GenerateConfig(n_samples=1, reward_cfg=12.0), progress=False)
-    assert pipe.scales == [12.0]
+    assert pipe.scales == [(12.0, "prompt")]
+    assert json.loads((tmp_path / "b" / "generation.json").read_text())["config"]["reward_direction"] == "prompt"
     with pytest.raises(ValueError, match="reward_cfg: 12.0 -> None"):
         G.generate_folder(pipe, _items(2), tmp_path / "b", G.GenerateConfig(n_samples=1), progress=False)
+    with pytest.raises(ValueError, match="reward_direction: 'prompt' -> 'null'"):
+        G.generate_folder(pipe, _items(2), tmp_path / "b", G.GenerateConfig(n_samples=1, reward_cfg=12.0,
+                                                                            reward_direction="null"), progress=False)
+    with pytest.raises(ValueError, match="reward_direction must be 'prompt' or 'null'; got 'x'"):
+        G.GenerateConfig(reward_direction="x")
     with pytest.raises(ValueError, match="reward_cfg must be a finite number >= 0 or None; got -1"):
         G.GenerateConfig(reward_cfg=-1.0)
 

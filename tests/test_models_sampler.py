@@ -170,36 +170,51 @@ def test_w_zero_is_the_conditional_euler_loop():
 
 
 class TextRewardField(nn.Module):
-    """v = r + (mean of the valid text features): the text and the reward enter additively."""
+    """v = f(r, text) = r + text + r * text, text = mean of the valid text features: the reward and
+    the text interact, so the two factorisations of two-scale guidance differ."""
 
     coherence_keys = ("r",)
+
+    @staticmethod
+    def f(r, text):
+        return r + text + r * text
 
     def forward(self, y, gamma, emb, mask, coherence=None, previous_latents=None):
         m = mask.float()
         text = (emb[..., 0] * m).sum(1) / m.sum(1)
-        return y * 0 + (coherence["r"] + text).reshape(-1, 1, 1, 1), torch.zeros(y.shape[0], 2, 3)
+        return y * 0 + self.f(coherence["r"], text).reshape(-1, 1, 1, 1), torch.zeros(y.shape[0], 2, 3)
 
 
 @pytest.mark.parametrize("batched", [True, False])
 def test_two_scale_guidance_closed_form(batched):
-    """v = v(t, r+) + w_r [v(t, r+) - v(t, r-)] + w [v(t, r-) - v(null, r-)] (InstructPix2Pix eq. 3)."""
-    a, u, rp, rn, w, wr = 0.5, -0.25, 0.8, 0.2, 3.0, 7.0
+    """prompt: v = v(t, r+) + w_r [v(t, r+) - v(t, r-)] + w [v(t, r-) - v(null, r-)] (InstructPix2Pix eq. 3);
+    null: v = v(t, r+) + w [v(t, r+) - v(null, r+)] + w_r [v(null, r+) - v(null, r-)]."""
+    a, u, rp, rn = 0.5, -0.25, 0.8, 0.2
     model = TextRewardField()
+    f = model.f
     noise = torch.zeros(2, 1, 2, 2)
     emb, mask = torch.full((2, 4, 5), a), torch.ones(2, 4, dtype=torch.bool)
     unc = torch.full((1, 5), u)
-    out = euler_sample(model, noise, emb, mask, unc, None, {"r": rp}, {"r": rn}, num_steps=3, guidance_scale=w,
-                       reward_guidance_scale=wr, batched_cfg=batched)
-    v = (rp + a) + wr * (rp - rn) + w * (a - u)
-    torch.testing.assert_close(out, torch.full_like(out, -v * (1 - 1e-9)))
-    # text guidance off, reward guidance on: two branches, both with the prompt; no uncond needed
-    out = euler_sample(model, noise, emb, mask, None, None, {"r": rp}, {"r": rn}, num_steps=3, guidance_scale=0.0,
-                       reward_guidance_scale=wr, batched_cfg=batched)
-    torch.testing.assert_close(out, torch.full_like(out, -((rp + a) + wr * (rp - rn)) * (1 - 1e-9)))
-    # w_r = 0: the reward targets enter only through the conditional branch
-    out = euler_sample(model, noise, emb, mask, unc, None, {"r": rp}, {"r": rn}, num_steps=3, guidance_scale=w,
-                       reward_guidance_scale=0.0, batched_cfg=batched)
-    torch.testing.assert_close(out, torch.full_like(out, -((rp + a) + w * (a - u)) * (1 - 1e-9)))
+
+    def run(w, wr, direction="prompt", uncond=unc):
+        out = euler_sample(model, noise, emb, mask, uncond, None, {"r": rp}, {"r": rn}, num_steps=3, guidance_scale=w,
+                           reward_guidance_scale=wr, reward_direction=direction, batched_cfg=batched)
+        return out.flatten()[0].item() / -(1 - 1e-9)  # the constant velocity the three steps integrated
+
+    for w, wr in ((3.0, 7.0), (3.0, 0.0)):
+        assert run(w, wr) == pytest.approx(f(rp, a) + wr * (f(rp, a) - f(rn, a)) + w * (f(rn, a) - f(rn, u)))
+    for w, wr in ((3.0, 7.0), (0.0, 7.0), (3.0, 0.0)):
+        assert run(w, wr, "null") == pytest.approx(f(rp, a) + w * (f(rp, a) - f(rp, u)) + wr * (f(rp, u) - f(rn, u)))
+    # text guidance off, reward guidance along the prompt: two branches, no uncond needed
+    assert run(0.0, 7.0, uncond=None) == pytest.approx(f(rp, a) + 7.0 * (f(rp, a) - f(rn, a)))
+    # w_r = w: both are the published (1 + w) v(t, r+) - w v(null, r-)
+    for d in ("prompt", "null"):
+        assert run(3.0, 3.0, d) == pytest.approx(4.0 * f(rp, a) - 3.0 * f(rn, u))
+    assert run(3.0, 7.0, "null") != pytest.approx(run(3.0, 7.0, "prompt"))
+    with pytest.raises(ValueError, match="reward_direction must be 'prompt' or 'null'; got 'text'"):
+        run(3.0, 7.0, "text")
+    with pytest.raises(ValueError, match="needs an unconditional text embedding"):
+        run(0.0, 1.0, "null", uncond=None)
 
 
 def test_two_scale_guidance_on_the_network():
@@ -226,6 +241,10 @@ def test_two_scale_guidance_on_the_network():
             v = vs[0] + 9.0 * (vs[0] - vs[1]) + 4.0 * (vs[1] - vs[2])
             x = x - v * (grid[i + 1] - grid[i])
     torch.testing.assert_close(b, x, rtol=1e-5, atol=1e-5)
+    c = euler_sample(model, noise, emb, mask, unc, None, pos, neg, reward_direction="null", **kw)
+    d = euler_sample(model, noise, emb, mask, unc, None, pos, neg, reward_direction="null", batched_cfg=False, **kw)
+    torch.testing.assert_close(c, d, rtol=1e-5, atol=1e-5)
+    assert (c - a).abs().max() > 1e-4
     one = euler_sample(model, noise, emb, mask, unc, None, pos, neg, num_steps=3, guidance_scale=4.0)
     assert (a - one).abs().max() > 1e-4  # a larger reward scale changes the image
     same = euler_sample(model, noise, emb, mask, unc, None, pos, neg, num_steps=3, guidance_scale=4.0,

@@ -36,6 +36,8 @@ def _add_generation(ap: argparse.ArgumentParser, outdir_required: bool = True) -
     ap.add_argument("--cfg", type=float, default=7.0, help="guidance scale")
     ap.add_argument("--reward-cfg", type=float, default=None,
                     help="separate guidance scale of the reward direction (default: --cfg; 3 branches per step)")
+    ap.add_argument("--reward-direction", choices=("prompt", "null"), default="prompt",
+                    help="with --reward-cfg: the reward direction taken with the prompt or with the null text")
     ap.add_argument("--seed", type=int, default=0, help="base seed; sample j of prompt i uses seed + 1000*i + j")
     ap.add_argument("--reward", action="append", default=[], metavar="K=V", help="positive reward target (repeatable)")
     ap.add_argument("--negative-reward", action="append", default=[], metavar="K=V", help="negative reward target")
@@ -72,7 +74,8 @@ def _gen_config(args):
     from miro.eval.generate import GenerateConfig, parse_reward_args
 
     return GenerateConfig(model=args.model, variant=args.variant, n_samples=args.n_samples, steps=args.steps,
-                          cfg=args.cfg, reward_cfg=args.reward_cfg, seed=args.seed, reward_targets=parse_reward_args(args.reward),
+                          cfg=args.cfg, reward_cfg=args.reward_cfg,
+                          reward_direction=args.reward_direction, seed=args.seed, reward_targets=parse_reward_args(args.reward),
                           negative_reward_targets=parse_reward_args(args.negative_reward, "--negative-reward"),
                           batch_size=args.batch_size)
 

@@ -37,6 +37,7 @@ class GenerateConfig:
     steps: int = 50  # Euler steps (published default)
     cfg: float = 7.0  # guidance scale w in (1+w)*cond - w*uncond (published default)
     reward_cfg: float | None = None  # separate scale of the reward direction (None: cfg; MiroPipeline)
+    reward_direction: str = "prompt"  # the third branch: (prompt, r-) or "null": (null, r+)
     seed: int = 0  # base seed; sample j of prompt i uses seed + 1000*i + j
     reward_targets: dict[str, float] = field(default_factory=dict)  # positive reward targets
     negative_reward_targets: dict[str, float] = field(default_factory=dict)  # negative branch
@@ -49,6 +50,8 @@ class GenerateConfig:
             raise ValueError(f"steps must be >= 1; got {self.steps}")
         if self.reward_cfg is not None and not (math.isfinite(self.reward_cfg) and self.reward_cfg >= 0):
             raise ValueError(f"reward_cfg must be a finite number >= 0 or None; got {self.reward_cfg}")
+        if self.reward_direction not in ("prompt", "null"):
+            raise ValueError(f"reward_direction must be 'prompt' or 'null'; got {self.reward_direction!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
         for name, targets in (("reward", self.reward_targets), ("negative reward", self.negative_reward_targets)):
@@ -60,6 +63,9 @@ class GenerateConfig:
         """The fields that determine the images (batch size does not)."""
         d = asdict(self)
         d.pop("batch_size")
+        if self.reward_cfg is None:  # one scale: the direction has no effect (and older folders lack both)
+            d.pop("reward_cfg")
+            d.pop("reward_direction")
         return d
 
 
@@ -116,7 +122,9 @@ def _check_run_file(outdir: Path, cfg: GenerateConfig, n_prompts: int, prompts_s
     old = {}
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
-        diff = {k: (old.get("config", {}).get(k), v) for k, v in ident.items() if old.get("config", {}).get(k) != v}
+        before = old.get("config", {})
+        keys = list(ident) + [k for k in before if k not in ident]  # a setting dropped counts as changed
+        diff = {k: (before.get(k), ident.get(k)) for k in keys if before.get(k) != ident.get(k)}
         if diff:
             raise ValueError(
                 f"{outdir} holds images made with other settings ({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diff.items())}); "
@@ -154,7 +162,8 @@ def generate_folder(pipe, items: list[PromptItem], outdir: str | Path, cfg: Gene
     total = len(items) * cfg.n_samples
     bar = tqdm(total=len(todo), desc="generate", unit="img", disable=not progress)
     # only MIRO pipelines take a reward scale; left out, any diffusers-like pipeline works
-    extra = {} if cfg.reward_cfg is None else {"reward_guidance_scale": cfg.reward_cfg}
+    extra = {} if cfg.reward_cfg is None else {"reward_guidance_scale": cfg.reward_cfg,
+                                               "reward_direction": cfg.reward_direction}
     for start in range(0, len(todo), cfg.batch_size):
         chunk = todo[start : start + cfg.batch_size]
         prompts = [items[i].prompt for i, _ in chunk]

@@ -121,6 +121,7 @@ def euler_sample(
     callback: Callable[[int, Tensor, Tensor], None] | None = None,
     progress: bool = False,
     reward_guidance_scale: float | None = None,
+    reward_direction: str = "prompt",
 ) -> Tensor:
     """Integrate from ``noise`` (B, C, S, S) to x0 in the model's normalised latent space.
 
@@ -129,10 +130,12 @@ def euler_sample(
     defaults 1.0 and 0.0 for every key; ``None`` as a value drops that reward (zero embedding).
     ``guidance_scale`` w <= 0 disables CFG (one B-sized forward per step).
     ``reward_guidance_scale`` w_r (None: w, the published single scale) guides the text and the
-    rewards separately through a third branch v(x, text, r-), as two-condition CFG does
-    (InstructPix2Pix, Brooks et al. 2023, eq. 3):
-    v = v(text, r+) + w_r [v(text, r+) - v(text, r-)] + w [v(text, r-) - v(null, r-)],
-    which is the published combination when w_r = w (3B per step instead of 2B).
+    rewards separately through a third branch, as two-condition CFG does (InstructPix2Pix, Brooks
+    et al. 2023, eq. 3). Both factorisations are offered, as the order matters:
+    ``reward_direction="prompt"``: v = v(t, r+) + w_r [v(t, r+) - v(t, r-)] + w [v(t, r-) - v(null, r-)];
+    ``reward_direction="null"``: v = v(t, r+) + w [v(t, r+) - v(null, r+)] + w_r [v(null, r+) - v(null, r-)]
+    (w_r = 0 there is text-only guidance at the positive targets). Either is the published
+    combination when w_r = w; 3B per step instead of 2B.
     ``scheduler`` replaces the published grid (and ``shift``), e.g. ``Scheduler(end=g0)`` integrates
     from gamma = g0 when ``noise`` is a partly noised x_g0 (SDEdit).
     ``callback(step, gamma_next, x)`` is called after every step. Deterministic: the only
@@ -152,21 +155,28 @@ def euler_sample(
     keys = tuple(model.coherence_keys)
     pos = reward_values(keys, reward_targets, 1.0, b, device)
     use_cfg = guidance_scale > 0
+    if reward_direction not in ("prompt", "null"):
+        raise ValueError(f"reward_direction must be 'prompt' or 'null'; got {reward_direction!r}")
     two_scales = reward_guidance_scale is not None and reward_guidance_scale != guidance_scale
-    if use_cfg and uncond_emb is None:
-        raise ValueError("guidance_scale > 0 needs an unconditional text embedding (uncond_emb)")
-    # Branches, conditional first as published: (text, r+) [, (text, r-)] [, (null, r-)].
-    if use_cfg:
+    by_null = two_scales and reward_direction == "null"
+    if (use_cfg or by_null) and uncond_emb is None:
+        raise ValueError("guidance_scale > 0 (or reward_direction='null') needs an unconditional text "
+                         "embedding (uncond_emb)")
+    # Branches, conditional first as published: (text, r+) [, (text, r-) or (null, r+)] [, (null, r-)].
+    if use_cfg or by_null:
         ce, cm, ue, um = build_cfg_text(text_emb.to(device), text_mask.to(device), uncond_emb, uncond_mask)
     else:
         ce, cm = text_emb.to(device).float(), text_mask.to(device).bool()
     branches = [(ce, cm, pos)]
     if use_cfg or two_scales:
         neg = reward_values(keys, negative_reward_targets, 0.0, b, device)
-        if two_scales:
-            branches.append((ce, cm, neg))
-        if use_cfg:
-            branches.append((ue, um, neg))
+        if by_null:
+            branches += [(ue, um, pos), (ue, um, neg)]
+        else:
+            if two_scales:
+                branches.append((ce, cm, neg))
+            if use_cfg:
+                branches.append((ue, um, neg))
         if batched_cfg and set(pos) != set(neg):
             raise ValueError(
                 "with batched_cfg a reward must be given (or dropped) in both branches: "
@@ -184,6 +194,8 @@ def euler_sample(
         if not two_scales:
             return cfg_combine(vs[0], vs[1], guidance_scale)
         w_r = float(reward_guidance_scale)
+        if by_null:
+            return vs[0] + guidance_scale * (vs[0] - vs[1]) + w_r * (vs[1] - vs[2])
         v = vs[0] + w_r * (vs[0] - vs[1])
         return v + guidance_scale * (vs[1] - vs[2]) if use_cfg else v
 

@@ -474,6 +474,12 @@ def cmd_guidance(args) -> int:
 
     cfgs, shifts = _floats(args.cfgs, "--cfgs"), _floats(args.shifts, "--shifts")
     reward_cfgs = _floats(args.reward_cfgs, "--reward-cfgs") if args.reward_cfgs.strip() else [args.reward_cfg]
+    directions = [d.strip() for d in (args.reward_directions or args.reward_direction).split(",") if d.strip()]
+    if not directions or set(directions) - {"prompt", "null"}:
+        raise ValueError(f"--reward-directions must be a comma-separated subset of prompt,null; got "
+                         f"{args.reward_directions!r}")
+    # w_r = None (one scale) has no direction: run it once
+    settings = [(wr, d) for wr in reward_cfgs for d in (directions if wr is not None else directions[:1])]
     steps = [int(v) for v in _floats(args.steps_list, "--steps-list")]
     items, scorers = eval_items(args.stride), _scorers()
     counts, out, rows = tag_counts(items, args.n_samples), Path(args.out) / "guidance", []
@@ -482,12 +488,14 @@ def cmd_guidance(args) -> int:
     for n in steps:
         for s in shifts:
             pipe.config.setdefault("scheduler", {})["shift"] = s
-            for w, wr in ((w, wr) for wr in reward_cfgs for w in cfgs):
-                rname = "" if wr is None else f"_rcfg{wr:g}" + ("_null" if args.reward_direction == "null" else "")
+            for w, (wr, d) in ((w, st) for st in settings for w in cfgs):
+                if wr == w and d != directions[0]:
+                    continue  # w_r = w is the one-scale combination whatever the direction
+                rname = "" if wr is None else f"_rcfg{wr:g}" + ("_null" if d == "null" else "")
                 name = f"cfg{w:g}{rname}_steps{n}_shift{s:g}"
                 gcfg = GenerateConfig(model=args.model, n_samples=args.n_samples, steps=n, cfg=w, reward_cfg=wr,
-                                      reward_direction=args.reward_direction, seed=args.seed, batch_size=32)
-                rows.append({"model": name, "cfg": w, "reward_cfg": wr, "reward_direction": args.reward_direction,
+                                      reward_direction=d, seed=args.seed, batch_size=32)
+                rows.append({"model": name, "cfg": w, "reward_cfg": wr, "reward_direction": None if wr in (None, w) else d,
                              "steps": n, "shift": s,
                              **eval_row(pipe, items, out / name, gcfg, scorers, counts)})
                 print(json.dumps(rows[-1]), flush=True)
@@ -500,26 +508,41 @@ def cmd_guidance(args) -> int:
 
 
 def _plot_guidance(rows: list[dict], path: Path) -> None:
-    """One panel per measure (ShapesEval, each reward) against the guidance scale, one line per
-    (steps, shift, reward scale), ±1 s.e."""
+    """One panel per measure (ShapesEval, each reward), ±1 s.e., against the guidance scale w, one
+    line per (steps, shift, w_r, direction); or, when every row has the same w and the reward scale
+    varies, against w_r (a one-scale row sits at w_r = w), one line per (steps, shift, direction)."""
     from miro.eval.plots import _plt, _save
 
     plt = _plt()
 
     cols = ("shapes_eval",) + SHAPES_KEYS
     fig, axes = plt.subplots(1, len(cols), figsize=(2.6 * len(cols), 2.8), squeeze=False)
-    def line(r):
-        return r["steps"], r["shift"], r.get("reward_cfg")
+    by_wr = len({r["cfg"] for r in rows}) == 1 and len({r.get("reward_cfg") for r in rows}) > 1
 
-    lines = sorted({line(r) for r in rows}, key=lambda t: (t[0], t[1], -1 if t[2] is None else t[2]))
+    def x(r):
+        wr = r.get("reward_cfg")
+        return (r["cfg"] if wr is None else wr) if by_wr else r["cfg"]
+
+    def line(r):
+        d = r.get("reward_direction")  # None: one scale (w_r unset or = w)
+        if by_wr:  # the one-scale point belongs to every direction's curve
+            return r["steps"], r["shift"], d
+        return r["steps"], r["shift"], r.get("reward_cfg"), d
+
+    keys = sorted({line(r) for r in rows if line(r)[-1] is not None or not by_wr}, key=str) or [line(rows[0])]
     for ax, c in zip(axes[0], cols):
-        for n, s, wr in lines:
-            rs = sorted((r for r in rows if line(r) == (n, s, wr)), key=lambda r: r["cfg"])
-            label = f"{n} steps, shift {s:g}" + ("" if wr is None else f", w_r {wr:g}")
-            ax.errorbar([r["cfg"] for r in rs], [r[c] for r in rs], yerr=[r[f"se_{c}"] for r in rs], marker="o",
+        for key in keys:
+            rs = sorted((r for r in rows if line(r) == key or (by_wr and line(r)[:2] == key[:2]
+                                                                and r["reward_direction"] is None)), key=x)
+            label = f"{key[0]} steps, shift {key[1]:g}"
+            if not by_wr and key[2] is not None:
+                label += f", w_r {key[2]:g}"
+            if key[-1] is not None:
+                label += f", reward along {key[-1]}"
+            ax.errorbar([x(r) for r in rs], [r[c] for r in rs], yerr=[r[f"se_{c}"] for r in rs], marker="o",
                         ms=3, capsize=2, label=label)
         ax.set_title("ShapesEval" if c == "shapes_eval" else c.removeprefix("shapes_"), fontsize=9)
-        ax.set_xlabel("guidance scale w")
+        ax.set_xlabel(f"reward guidance scale w_r (w = {rows[0]['cfg']:g})" if by_wr else "guidance scale w")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
@@ -665,6 +688,8 @@ def main(argv=None) -> int:
     g.add_argument("--shifts", default="1", help="comma-separated time shifts (scheduler.shift)")
     g.add_argument("--reward-cfgs", default="", help="comma-separated reward guidance scales w_r (default: "
                    "--reward-cfg, i.e. w_r = w); each is crossed with every --cfgs value")
+    g.add_argument("--reward-directions", default="", help="comma-separated subset of prompt,null, crossed with "
+                   "--reward-cfgs (default: --reward-direction)")
     f = sub.add_parser("confusion", help="asked vs detected shape on the one-object prompts of scored folders")
     f.add_argument("--folder", action="append", required=True, help="NAME=DIR, a scored ShapesEval folder")
     f.add_argument("--out", required=True, help="output folder")

@@ -191,6 +191,14 @@ def test_guidance_grid_crosses_reward_scales_with_text_scales(tmp_path, monkeypa
     assert study.main(["guidance", "--out", str(tmp_path / "c"), "--cfgs", "3", "--steps-list", "25",
                        "--reward-cfgs", "8", "--reward-direction", "null"]) == 0
     assert seen == [(3.0, 8.0, "cfg3_rcfg8_null_steps25_shift1")]
+    seen.clear()  # both factorisations over w_r at one w; w_r = w is one combination, run once
+    assert study.main(["guidance", "--out", str(tmp_path / "d"), "--cfgs", "5", "--steps-list", "25",
+                       "--reward-cfgs", "0,5", "--reward-directions", "prompt,null"]) == 0
+    assert [s[2] for s in seen] == ["cfg5_rcfg0_steps25_shift1", "cfg5_rcfg0_null_steps25_shift1",
+                                    "cfg5_rcfg5_steps25_shift1"]
+    assert (tmp_path / "d" / "guidance" / "guidance.png").stat().st_size > 0
+    assert study.main(["guidance", "--out", str(tmp_path), "--cfgs", "3", "--reward-cfgs", "1",
+                       "--reward-directions", "prompt,text"]) == 2
     assert study.main(["guidance", "--out", str(tmp_path), "--cfgs", "3", "--reward-cfgs", "1,y"]) == 2
 
 

@@ -69,13 +69,16 @@ def test_generate_returns_the_pipelines_images(pipe):
 
 
 def test_reward_guidance_scale_reaches_the_pipeline(pipe):
-    status, body = handle_generate(pipe, _req(num_images_per_prompt=2, seed=4, reward_guidance_scale=12.5))
-    assert status == 200, body
-    got = np.stack([np.asarray(_decode(u).convert("RGB")) for u in body["images"]])
-    want = pipe(PROMPT, num_inference_steps=2, num_images_per_prompt=2, guidance_scale=7.0, reward_guidance_scale=12.5,
-                generator=torch.Generator().manual_seed(4), output_type="np")
-    np.testing.assert_array_equal(got, want)
-    assert body["reward_guidance_scale"] == 12.5
+    for direction in ("prompt", "null"):
+        status, body = handle_generate(pipe, _req(num_images_per_prompt=2, seed=4, reward_guidance_scale=12.5,
+                                                  reward_direction=direction))
+        assert status == 200, body
+        got = np.stack([np.asarray(_decode(u).convert("RGB")) for u in body["images"]])
+        want = pipe(PROMPT, num_inference_steps=2, num_images_per_prompt=2, guidance_scale=7.0,
+                    reward_guidance_scale=12.5, reward_direction=direction,
+                    generator=torch.Generator().manual_seed(4), output_type="np")
+        np.testing.assert_array_equal(got, want)
+        assert body["reward_guidance_scale"] == 12.5 and body["reward_direction"] == direction
     assert handle_generate(pipe, _req(seed=4))[1]["reward_guidance_scale"] is None
 
 
@@ -132,6 +135,7 @@ BAD = [
     ({"guidance_scale": "7"}, "guidance_scale", ["'7'"]),
     ({"reward_guidance_scale": -2}, "reward_guidance_scale", ["-2", "null (w_r = w) or a finite number >= 0"]),
     ({"reward_guidance_scale": True}, "reward_guidance_scale", ["True"]),
+    ({"reward_direction": "text"}, "reward_direction", ["'text'", "'prompt' or 'null'"]),
     ({"num_images_per_prompt": 0}, "num_images_per_prompt", ["got 0", ">= 1"]),
     ({"num_images_per_prompt": 9}, "num_images_per_prompt", ["= 9", "1 to 8"]),
     ({"seed": -2}, "seed", ["-2", "2**63 - 1"]),

@@ -8,6 +8,7 @@
      "isolate": null,            # or a reward key (then no negative_reward_targets)
      "num_inference_steps": 50, "guidance_scale": 7.0,
      "reward_guidance_scale": null,  # or w_r >= 0: the reward direction's own scale
+     "reward_direction": "prompt",   # or "null" (MiroPipeline's two factorisations)
      "num_images_per_prompt": 4, "seed": 3407}                  # seed -1: a random one
 
 and answers the PNGs as ``data:`` URLs with the generation time and the targets actually used.
@@ -33,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "num_inference_steps": 50,
     "guidance_scale": 7.0,
     "reward_guidance_scale": None,  # None: the published single scale (w_r = w)
+    "reward_direction": "prompt",
     "seed": 3407,
     "num_images_per_prompt": 4,
     "reward_target": 1.0,
@@ -43,7 +45,8 @@ DEFAULTS: dict[str, Any] = {
 SLIDER_BINS = 64
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed accepts any signed 64-bit value
 FIELDS = ("prompt", "reward_targets", "negative_reward_targets", "isolate",
-          "num_inference_steps", "guidance_scale", "reward_guidance_scale", "num_images_per_prompt", "seed")
+          "num_inference_steps", "guidance_scale", "reward_guidance_scale", "reward_direction",
+          "num_images_per_prompt", "seed")
 
 # Short slider labels; an unknown key is shown as itself with spaces.
 LABELS = {
@@ -113,6 +116,7 @@ class GenerateRequest:
     num_images_per_prompt: int
     seed: int
     reward_guidance_scale: float | None = None
+    reward_direction: str = "prompt"
 
 
 def isolation_targets(reward_targets: Mapping[str, float], key: str) -> dict[str, float]:
@@ -176,6 +180,9 @@ def parse_generate_request(pipe, payload: Any, limits: DemoLimits | None = None,
                               or not math.isfinite(cfg_r) or cfg_r < 0):
         raise RequestError("reward_guidance_scale", f"reward_guidance_scale must be null (w_r = w) or a finite "
                                                     f"number >= 0; got {cfg_r!r}")
+    direction = payload.get("reward_direction", DEFAULTS["reward_direction"])
+    if direction not in ("prompt", "null"):
+        raise RequestError("reward_direction", f"reward_direction must be 'prompt' or 'null'; got {direction!r}")
     n = payload.get("num_images_per_prompt", DEFAULTS["num_images_per_prompt"])
     _check_one(pipe, "num_images_per_prompt", n=n)
     _check_server_limit("num_images_per_prompt", n, limits.max_images)
@@ -209,7 +216,8 @@ def parse_generate_request(pipe, payload: Any, limits: DemoLimits | None = None,
     return GenerateRequest(prompt=prompt, reward_targets=pos, negative_reward_targets=neg,
                            isolate=isolate, num_inference_steps=int(steps),
                            guidance_scale=float(cfg), num_images_per_prompt=int(n), seed=int(seed),
-                           reward_guidance_scale=None if cfg_r is None else float(cfg_r))
+                           reward_guidance_scale=None if cfg_r is None else float(cfg_r),
+                           reward_direction=direction)
 
 
 def png_data_url(image) -> str:
@@ -228,7 +236,7 @@ def run_generation(pipe, req: GenerateRequest) -> tuple[list, float]:
     images = pipe(req.prompt, reward_targets=req.reward_targets,
                   negative_reward_targets=req.negative_reward_targets,
                   num_inference_steps=req.num_inference_steps, guidance_scale=req.guidance_scale,
-                  reward_guidance_scale=req.reward_guidance_scale,
+                  reward_guidance_scale=req.reward_guidance_scale, reward_direction=req.reward_direction,
                   num_images_per_prompt=req.num_images_per_prompt, generator=generator,
                   output_type="pil")
     return images, time.perf_counter() - t0

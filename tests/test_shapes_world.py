@@ -160,6 +160,22 @@ def test_detector_inputs_and_boxes():
         detect(img.astype(np.float32))  # 0-255 floats are refused, not misread
 
 
+def test_detector_boxes_stay_in_the_frame_on_an_over_guided_image():
+    """A model image (strong reward guidance) on which a fitted square lay wholly above the frame:
+    every box is a non-empty box inside the image, and the image is scored, not refused."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    path = Path(__file__).parent / "fixtures" / "shapes" / "detector_box_above_frame.png"
+    img = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255
+    dets = detect_array(img)
+    assert dets  # the pink object is still found
+    for d in dets:
+        x1, y1, x2, y2 = d.bbox
+        assert 0 <= x1 < x2 <= 32 and 0 <= y1 < y2 <= 32
+
+
 @pytest.mark.parametrize("sigma", [0.8, 1.3])
 def test_detector_on_blurred_objects(sigma):
     """Blurred templates recover class and blur; two objects merged by blur are split again."""

@@ -178,7 +178,11 @@ def detect_array(img: np.ndarray, cfg: DetectorConfig | None = None) -> list[Det
                 continue
             x, y, s = f.box
             score = f.quality * min(1.0, f.area / a_min)
-            bbox = (max(x, 0.0), max(y, 0.0), min(x + s, float(w)), min(y + s, float(h)))
+            # the fitted square may overhang the frame (objects cut by it); a fit that lies wholly
+            # outside (seen on over-guided images) has no box in the image and is no detection
+            bbox = (min(max(x, 0.0), w), min(max(y, 0.0), h), min(max(x + s, 0.0), w), min(max(y + s, 0.0), h))
+            if bbox[2] <= bbox[0] or bbox[3] <= bbox[1]:
+                continue
             mask = np.zeros((h, w), dtype=bool)
             mask[r0:r1, c0:c1] = f.alpha >= 0.5
             extra = {"box": (x, y, x + s, y + s), "area": f.area, "fit": f.quality, "blur": f.blur}

@@ -131,6 +131,25 @@ def test_controllability_negative_branch(tmp_path, monkeypatch, negative):
     assert (tmp_path / "controllability" / "controllability.png").stat().st_size > 0
 
 
+def _fake_guidance_grid(monkeypatch, pipe, record) -> list:
+    """Run `guidance` on ``pipe`` without generating: each folder's ``record(pipe, folder, gcfg)``
+    is appended to the returned list, and its row has every measure at w / 10."""
+    import shapes_training_study as study
+
+    seen = []
+
+    def fake_eval_row(p, items, d, gcfg, scorers, counts):
+        seen.append(record(p, d, gcfg))
+        return {"shapes_eval": 0.1, "se_shapes_eval": 0.01,
+                **{k: gcfg.cfg / 10 for k in SHAPES_KEYS}, **{f"se_{k}": 0.01 for k in SHAPES_KEYS}}
+
+    monkeypatch.setattr(study, "load", lambda src, weights: pipe)
+    monkeypatch.setattr(study, "eval_items", lambda stride: [])
+    monkeypatch.setattr(study, "_scorers", lambda: {})
+    monkeypatch.setattr(study, "eval_row", fake_eval_row)
+    return seen
+
+
 def test_guidance_grid_sets_each_shift_then_restores_the_model_shift(tmp_path, monkeypatch):
     """Every (steps, shift, cfg) of the grid is evaluated once with the shift set on the pipeline
     while its folder is generated; the model's own shift is back afterwards; a bad list is refused."""
@@ -139,17 +158,7 @@ def test_guidance_grid_sets_each_shift_then_restores_the_model_shift(tmp_path, m
     import shapes_training_study as study
 
     pipe = SimpleNamespace(config={"scheduler": {"shift": 1.0}})
-    seen = []
-
-    def fake_eval_row(p, items, d, gcfg, scorers, counts):
-        seen.append((gcfg.steps, p.config["scheduler"]["shift"], gcfg.cfg, d.name))
-        return {"shapes_eval": 0.1, "se_shapes_eval": 0.01,
-                **{k: gcfg.cfg / 10 for k in SHAPES_KEYS}, **{f"se_{k}": 0.01 for k in SHAPES_KEYS}}
-
-    monkeypatch.setattr(study, "load", lambda src, weights: pipe)
-    monkeypatch.setattr(study, "eval_items", lambda stride: [])
-    monkeypatch.setattr(study, "_scorers", lambda: {})
-    monkeypatch.setattr(study, "eval_row", fake_eval_row)
+    seen = _fake_guidance_grid(monkeypatch, pipe, lambda p, d, g: (g.steps, p.config["scheduler"]["shift"], g.cfg, d.name))
     assert study.main(["guidance", "--out", str(tmp_path), "--cfgs", "2,5", "--steps-list", "10,20",
                        "--shifts", "0.5,2"]) == 0
     assert seen == [(n, s, w, f"cfg{w:g}_steps{n}_shift{s:g}") for n in (10, 20) for s in (0.5, 2.0) for w in (2.0, 5.0)]
@@ -167,18 +176,7 @@ def test_guidance_grid_crosses_reward_scales_with_text_scales(tmp_path, monkeypa
 
     import shapes_training_study as study
 
-    pipe = SimpleNamespace(config={})
-    seen = []
-
-    def fake_eval_row(p, items, d, gcfg, scorers, counts):
-        seen.append((gcfg.cfg, gcfg.reward_cfg, d.name))
-        return {"shapes_eval": 0.1, "se_shapes_eval": 0.01,
-                **{k: 0.5 for k in SHAPES_KEYS}, **{f"se_{k}": 0.01 for k in SHAPES_KEYS}}
-
-    monkeypatch.setattr(study, "load", lambda src, weights: pipe)
-    monkeypatch.setattr(study, "eval_items", lambda stride: [])
-    monkeypatch.setattr(study, "_scorers", lambda: {})
-    monkeypatch.setattr(study, "eval_row", fake_eval_row)
+    seen = _fake_guidance_grid(monkeypatch, SimpleNamespace(config={}), lambda p, d, g: (g.cfg, g.reward_cfg, d.name))
     assert study.main(["guidance", "--out", str(tmp_path), "--cfgs", "2,5", "--steps-list", "25",
                        "--reward-cfgs", "0,10"]) == 0
     assert seen == [(w, wr, f"cfg{w:g}_rcfg{wr:g}_steps25_shift1") for wr in (0.0, 10.0) for w in (2.0, 5.0)]

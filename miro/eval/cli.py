@@ -74,8 +74,8 @@ def _gen_config(args):
     from miro.eval.generate import GenerateConfig, parse_reward_args
 
     return GenerateConfig(model=args.model, variant=args.variant, n_samples=args.n_samples, steps=args.steps,
-                          cfg=args.cfg, reward_cfg=args.reward_cfg,
-                          reward_direction=args.reward_direction, seed=args.seed, reward_targets=parse_reward_args(args.reward),
+                          cfg=args.cfg, reward_cfg=args.reward_cfg, reward_direction=args.reward_direction,
+                          seed=args.seed, reward_targets=parse_reward_args(args.reward),
                           negative_reward_targets=parse_reward_args(args.negative_reward, "--negative-reward"),
                           batch_size=args.batch_size)
 

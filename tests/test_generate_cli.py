@@ -24,8 +24,8 @@ def test_help_lists_flags(capsys):
         miro_main(["generate", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--model", "--variant", "--reward", "--negative-reward", "--steps", "--cfg", "--reward-cfg", "--reward-direction",
-                 "--n-samples", "--n", "--seed", "--outdir", "--out"):
+    for flag in ("--model", "--variant", "--reward", "--negative-reward", "--steps", "--cfg", "--reward-cfg",
+                 "--reward-direction", "--n-samples", "--n", "--seed", "--outdir", "--out"):
         assert flag in out
 
 

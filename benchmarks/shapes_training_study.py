@@ -208,7 +208,7 @@ def cmd_convergence(args) -> int:
     errors = {k: sorted(v) for k, v in errors.items()}
     result = {"curves": curves, "standard_errors": errors, "items": len(items), "n_samples": args.n_samples,
               "steps": args.steps, "cfg": args.cfg, "reward_cfg": args.reward_cfg,
-              "weights": args.weights}
+              "reward_direction": args.reward_direction, "weights": args.weights}
     if "miro" in curves and "baseline" in curves:
         result["speedup"] = speedup(curves["miro"], curves["baseline"])
         result["speedup"]["interval"] = speedup_interval(curves["miro"], curves["baseline"], errors["miro"],
@@ -328,7 +328,7 @@ def cmd_controllability(args) -> int:
     summary = {"model": args.model, "targets": args.targets, "others": args.others, "negative": args.negative,
                "items": len(items),
                "n_samples": args.n_samples, "steps": args.steps, "cfg": args.cfg, "reward_cfg": args.reward_cfg,
-               "rewards": result}
+               "reward_direction": args.reward_direction, "rewards": result}
     atomic_write_json(out / "controllability.json", summary)
     _plot_controllability(result, out / "controllability.png")
     return 0

@@ -259,7 +259,7 @@ class MiroPipeline(nn.Module):
 
     # ---------------------------------------------------------------------------- inference
     def check_inputs(self, prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
-                     output_type, generator) -> list[str]:
+                     output_type, generator, reward_guidance_scale=None, reward_direction="prompt") -> list[str]:
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError(f"prompt must be a non-empty string or a non-empty list of strings; got {prompt!r}")
@@ -271,6 +271,13 @@ class MiroPipeline(nn.Module):
             raise ValueError(f"num_inference_steps must be an integer >= 1; got {num_inference_steps!r}")
         if not _is_number(guidance_scale) or not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance_scale must be a finite number >= 0; got {guidance_scale!r}")
+        if reward_guidance_scale is not None and (not _is_number(reward_guidance_scale)
+                                                  or not math.isfinite(reward_guidance_scale)
+                                                  or reward_guidance_scale < 0):
+            raise ValueError(f"reward_guidance_scale must be None or a finite number >= 0; "
+                             f"got {reward_guidance_scale!r}")
+        if reward_direction not in ("prompt", "null"):
+            raise ValueError(f"reward_direction must be 'prompt' or 'null'; got {reward_direction!r}")
         if not isinstance(num_images_per_prompt, (int, np.integer)) or isinstance(num_images_per_prompt, bool) \
                 or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be an integer >= 1; got {num_images_per_prompt!r}")
@@ -358,15 +365,8 @@ class MiroPipeline(nn.Module):
                 v(null, r-)]``; w_r = 0 there is text-only guidance at the positive targets.
         """
         # 1. Check inputs.
-        prompts = self.check_inputs(prompt, num_inference_steps, guidance_scale,
-                                    num_images_per_prompt, output_type, generator)
-        if reward_guidance_scale is not None and (not _is_number(reward_guidance_scale)
-                                                  or not math.isfinite(reward_guidance_scale)
-                                                  or reward_guidance_scale < 0):
-            raise ValueError(f"reward_guidance_scale must be None or a finite number >= 0; "
-                             f"got {reward_guidance_scale!r}")
-        if reward_direction not in ("prompt", "null"):
-            raise ValueError(f"reward_direction must be 'prompt' or 'null'; got {reward_direction!r}")
+        prompts = self.check_inputs(prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
+                                    output_type, generator, reward_guidance_scale, reward_direction)
         if self._dtype != torch.float32 and self._device.type != "cuda":
             raise ValueError(
                 f"generation in {self._dtype} needs a CUDA device (autocast keeps the norms in "

@@ -133,7 +133,7 @@ BAD = [
     ({"num_inference_steps": 201}, "num_inference_steps", ["201", "1 to 200"]),
     ({"guidance_scale": -1}, "guidance_scale", ["-1", ">= 0"]),
     ({"guidance_scale": "7"}, "guidance_scale", ["'7'"]),
-    ({"reward_guidance_scale": -2}, "reward_guidance_scale", ["-2", "null (w_r = w) or a finite number >= 0"]),
+    ({"reward_guidance_scale": -2}, "reward_guidance_scale", ["-2", "None or a finite number >= 0"]),
     ({"reward_guidance_scale": True}, "reward_guidance_scale", ["True"]),
     ({"reward_direction": "text"}, "reward_direction", ["'text'", "'prompt' or 'null'"]),
     ({"num_images_per_prompt": 0}, "num_images_per_prompt", ["got 0", ">= 1"]),

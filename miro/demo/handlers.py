@@ -133,11 +133,12 @@ def isolation_targets(reward_targets: Mapping[str, float], key: str) -> dict[str
     return out
 
 
-def _check_one(pipe, field: str, prompt: Any = "x", steps: Any = 1, cfg: Any = 0.0, n: Any = 1) -> None:
+def _check_one(pipe, field: str, prompt: Any = "x", steps: Any = 1, cfg: Any = 0.0, n: Any = 1,
+               cfg_r: Any = None, direction: Any = "prompt") -> None:
     # The pipeline checks all arguments at once; passing known-good values for the others
     # tells which field a message is about.
     try:
-        pipe.check_inputs(prompt, steps, cfg, n, "pil", None)
+        pipe.check_inputs(prompt, steps, cfg, n, "pil", None, cfg_r, direction)
     except ValueError as e:
         raise RequestError(field, str(e)) from None
 
@@ -176,13 +177,9 @@ def parse_generate_request(pipe, payload: Any, limits: DemoLimits | None = None,
     cfg = payload.get("guidance_scale", DEFAULTS["guidance_scale"])
     _check_one(pipe, "guidance_scale", cfg=cfg)
     cfg_r = payload.get("reward_guidance_scale", DEFAULTS["reward_guidance_scale"])
-    if cfg_r is not None and (isinstance(cfg_r, bool) or not isinstance(cfg_r, (int, float))
-                              or not math.isfinite(cfg_r) or cfg_r < 0):
-        raise RequestError("reward_guidance_scale", f"reward_guidance_scale must be null (w_r = w) or a finite "
-                                                    f"number >= 0; got {cfg_r!r}")
+    _check_one(pipe, "reward_guidance_scale", cfg_r=cfg_r)
     direction = payload.get("reward_direction", DEFAULTS["reward_direction"])
-    if direction not in ("prompt", "null"):
-        raise RequestError("reward_direction", f"reward_direction must be 'prompt' or 'null'; got {direction!r}")
+    _check_one(pipe, "reward_direction", direction=direction)
     n = payload.get("num_images_per_prompt", DEFAULTS["num_images_per_prompt"])
     _check_one(pipe, "num_images_per_prompt", n=n)
     _check_server_limit("num_images_per_prompt", n, limits.max_images)

@@ -52,6 +52,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from miro.eval.generate import parse_reward_cfg
 from miro.io import atomic_write_json
 
 SHAPES_KEYS = ("shapes_alignment", "shapes_counting", "shapes_position", "shapes_sharpness", "shapes_contrast")
@@ -472,6 +473,9 @@ def cmd_guidance(args) -> int:
     from miro.eval.generate import GenerateConfig
     from miro.io import atomic_write_text
 
+    if isinstance(args.reward_cfg, dict):
+        raise ValueError(f"guidance sweeps one reward scale (--reward-cfg, --reward-cfgs); got per-reward scales "
+                         f"{args.reward_cfg}: use table or controllability for those")
     cfgs, shifts = _floats(args.cfgs, "--cfgs"), _floats(args.shifts, "--shifts")
     reward_cfgs = _floats(args.reward_cfgs, "--reward-cfgs") if args.reward_cfgs.strip() else [args.reward_cfg]
     directions = [d.strip() for d in (args.reward_directions or args.reward_direction).split(",") if d.strip()]
@@ -652,8 +656,9 @@ def main(argv=None) -> int:
     common.add_argument("--n-samples", type=int, default=2, help="images per prompt")
     common.add_argument("--steps", type=int, default=25, help="Euler steps")
     common.add_argument("--cfg", type=float, default=5.0, help="guidance scale")
-    common.add_argument("--reward-cfg", type=float, default=None,
-                        help="separate guidance scale of the reward direction (default: --cfg, one scale)")
+    common.add_argument("--reward-cfg", type=parse_reward_cfg, default=None,
+                        help="separate guidance scale of the reward direction (default: --cfg, one scale), "
+                             "or one per reward: KEY=W,KEY=W (rewards left out: --cfg)")
     common.add_argument("--reward-direction", choices=("prompt", "null"), default="prompt",
                         help="with a reward scale: the reward direction taken with the prompt or the null text")
     common.add_argument("--seed", type=int, default=0)

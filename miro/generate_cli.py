@@ -17,6 +17,8 @@ import math
 import sys
 from pathlib import Path
 
+from miro.eval.generate import parse_reward_cfg
+
 DEFAULT_MODEL = "shapes"
 # Until the trained Shapes model ships, the demo falls back to the honestly named untrained one.
 FALLBACK_MODEL = "shapes-untrained"
@@ -51,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="Euler steps (default: %(default)s)")
     p.add_argument("--cfg", type=float, default=7.0,
                    help="guidance w in (1+w)*cond - w*uncond; 0 disables (default: %(default)s)")
-    p.add_argument("--reward-cfg", type=float, default=None,
+    p.add_argument("--reward-cfg", type=parse_reward_cfg, default=None,
                    help="separate guidance of the reward direction, w_r*(v(prompt, r+) - v(prompt, r-)); "
-                        "default: --cfg (the published single scale)")
+                        "default: --cfg (the published single scale); or one scale per reward, KEY=W,KEY=W "
+                        "(rewards left out keep --cfg; a branch per reward)")
     p.add_argument("--reward-direction", choices=("prompt", "null"), default="prompt",
                    help="with --reward-cfg: take the reward direction with the prompt, v(prompt, r+) - "
                         "v(prompt, r-), or with the null text (default: %(default)s)")

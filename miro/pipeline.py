@@ -55,6 +55,13 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
+def _scales(w_r):
+    """``reward_guidance_scale`` as the sampler takes it: None, a float, or {key: float}."""
+    if w_r is None:
+        return None
+    return {k: float(v) for k, v in w_r.items()} if isinstance(w_r, Mapping) else float(w_r)
+
+
 class MiroPipeline(nn.Module):
     """A MIRO model with its text encoder, autoencoder and unconditional text embedding.
 
@@ -271,11 +278,15 @@ class MiroPipeline(nn.Module):
             raise ValueError(f"num_inference_steps must be an integer >= 1; got {num_inference_steps!r}")
         if not _is_number(guidance_scale) or not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance_scale must be a finite number >= 0; got {guidance_scale!r}")
-        if reward_guidance_scale is not None and (not _is_number(reward_guidance_scale)
-                                                  or not math.isfinite(reward_guidance_scale)
-                                                  or reward_guidance_scale < 0):
-            raise ValueError(f"reward_guidance_scale must be None or a finite number >= 0; "
-                             f"got {reward_guidance_scale!r}")
+        if isinstance(reward_guidance_scale, Mapping):
+            from miro.models.sampler import per_reward_scales
+
+            per_reward_scales(tuple(self.coherence_keys), reward_guidance_scale, 0.0)  # raises naming the value
+        elif reward_guidance_scale is not None and (not _is_number(reward_guidance_scale)
+                                                    or not math.isfinite(reward_guidance_scale)
+                                                    or reward_guidance_scale < 0):
+            raise ValueError(f"reward_guidance_scale must be None or a finite number >= 0 (or a mapping "
+                             f"{{reward key: scale}}); got {reward_guidance_scale!r}")
         if reward_direction not in ("prompt", "null"):
             raise ValueError(f"reward_direction must be 'prompt' or 'null'; got {reward_direction!r}")
         if not isinstance(num_images_per_prompt, (int, np.integer)) or isinstance(num_images_per_prompt, bool) \
@@ -336,7 +347,7 @@ class MiroPipeline(nn.Module):
         output_type: str = "pil",
         callback: Callable | None = None,
         batched_cfg: bool = True,
-        reward_guidance_scale: float | None = None,
+        reward_guidance_scale: float | Mapping[str, float] | None = None,
         reward_direction: str = "prompt",
     ):
         """Generate images.
@@ -363,6 +374,9 @@ class MiroPipeline(nn.Module):
             reward_direction: ``"prompt"`` (above) or ``"null"``: the third branch is
                 (null text, r+), giving ``w·[v(prompt, r+) - v(null, r+)] + w_r·[v(null, r+) -
                 v(null, r-)]``; w_r = 0 there is text-only guidance at the positive targets.
+                A mapping ``{reward key: w_k}`` gives each reward its own scale (keys left out:
+                w), one branch per reward with a non-zero scale (at r+ with that reward alone at
+                its negative target), summed as in ``euler_sample``.
         """
         # 1. Check inputs.
         prompts = self.check_inputs(prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
@@ -386,7 +400,7 @@ class MiroPipeline(nn.Module):
         # 5. Sample in the model's normalised space.
         x0 = self._sample(noise, emb, mask, uncond_emb, uncond_mask, pos, neg,
                           int(num_inference_steps), float(guidance_scale), bool(batched_cfg), callback,
-                          None if reward_guidance_scale is None else float(reward_guidance_scale),
+                          _scales(reward_guidance_scale),
                           reward_direction)
         # 6. Undo the latent normalisation and decode, in the pipeline dtype.
         latents = self.model.postprocess(x0.to(self._dtype))

@@ -110,6 +110,7 @@ def test_controllability_negative_branch(tmp_path, monkeypatch, negative):
 
     def fake_run_sweep(pipe, items, key, base, outdir, scorers, targets, progress=True):
         seen[key] = (dict(base.reward_targets), dict(base.negative_reward_targets), list(targets))
+        seen["reward_cfg"] = base.reward_cfg
         return {"spearman_means": {key: 1.0}, "spearman_images": {key: 0.5},
                 "per_target": [{"n": 4, key: {"mean": float(t), "std": 0.5}} for t in targets]}
 
@@ -119,7 +120,8 @@ def test_controllability_negative_branch(tmp_path, monkeypatch, negative):
     monkeypatch.setattr(sweep, "run_sweep", fake_run_sweep)
     monkeypatch.setattr(sweep, "sweep_grid", lambda *a, **k: SimpleNamespace(save=lambda p: None))
     assert study.main(["controllability", "--model", "m", "--out", str(tmp_path), "--others", "0.75",
-                       "--negative", negative]) == 0
+                       "--negative", negative, "--reward-cfg", "shapes_counting=12"]) == 0
+    assert seen["reward_cfg"] == {"shapes_counting": 12.0}  # one scale per reward reaches the generator
     for key in keys:
         pos, neg, targets = seen[key]
         assert pos == {k: 0.75 for k in keys}
@@ -127,6 +129,7 @@ def test_controllability_negative_branch(tmp_path, monkeypatch, negative):
         assert targets == [i / 8 for i in range(9)]
     summary = json.loads((tmp_path / "controllability" / "controllability.json").read_text())
     assert summary["negative"] == negative and set(summary["rewards"]) == set(keys)
+    assert summary["reward_cfg"] == {"shapes_counting": 12.0}
     assert summary["rewards"]["shapes_counting"]["se"] == [0.25] * 9  # std / sqrt(n)
     assert (tmp_path / "controllability" / "controllability.png").stat().st_size > 0
 
@@ -198,6 +201,7 @@ def test_guidance_grid_crosses_reward_scales_with_text_scales(tmp_path, monkeypa
     assert study.main(["guidance", "--out", str(tmp_path), "--cfgs", "3", "--reward-cfgs", "1",
                        "--reward-directions", "prompt,text"]) == 2
     assert study.main(["guidance", "--out", str(tmp_path), "--cfgs", "3", "--reward-cfgs", "1,y"]) == 2
+    assert study.main(["guidance", "--out", str(tmp_path), "--cfgs", "3", "--reward-cfg", "shapes_counting=9"]) == 2
 
 
 def test_shape_confusion_counts_one_object_images_only(tmp_path):

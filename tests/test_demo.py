@@ -80,6 +80,12 @@ def test_reward_guidance_scale_reaches_the_pipeline(pipe):
         np.testing.assert_array_equal(got, want)
         assert body["reward_guidance_scale"] == 12.5 and body["reward_direction"] == direction
     assert handle_generate(pipe, _req(seed=4))[1]["reward_guidance_scale"] is None
+    per = {pipe.coherence_keys[0]: 12.5}  # one scale per reward, through the JSON API
+    status, body = handle_generate(pipe, _req(num_images_per_prompt=1, seed=4, reward_guidance_scale=per))
+    assert status == 200 and body["reward_guidance_scale"] == per
+    want = pipe(PROMPT, num_inference_steps=2, guidance_scale=7.0, reward_guidance_scale=per,
+                generator=torch.Generator().manual_seed(4), output_type="np")
+    np.testing.assert_array_equal(np.asarray(_decode(body["images"][0]).convert("RGB"))[None], want)
 
 
 def test_same_seed_same_bytes_other_seed_differs(pipe):
@@ -136,6 +142,7 @@ BAD = [
     ({"reward_guidance_scale": -2}, "reward_guidance_scale", ["-2", "None or a finite number >= 0"]),
     ({"reward_guidance_scale": True}, "reward_guidance_scale", ["True"]),
     ({"reward_direction": "text"}, "reward_direction", ["'text'", "'prompt' or 'null'"]),
+    ({"reward_guidance_scale": {"nope": 2}}, "reward_guidance_scale", ["unknown reward keys ['nope']"]),
     ({"num_images_per_prompt": 0}, "num_images_per_prompt", ["got 0", ">= 1"]),
     ({"num_images_per_prompt": 9}, "num_images_per_prompt", ["= 9", "1 to 8"]),
     ({"seed": -2}, "seed", ["-2", "2**63 - 1"]),

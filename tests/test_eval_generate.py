@@ -133,6 +133,28 @@ def test_reward_cfg_reaches_only_pipelines_that_are_asked(tmp_path):
         G.GenerateConfig(reward_direction="x")
     with pytest.raises(ValueError, match="reward_cfg must be a finite number >= 0 or None; got -1"):
         G.GenerateConfig(reward_cfg=-1.0)
+    # one scale per reward: passed on as a mapping, recorded, and a changed mapping refused
+    pipe.scales = []
+    per = {"aesthetic_score": 9.0, "clip_score": 0.0}
+    G.generate_folder(pipe, _items(2), tmp_path / "c", G.GenerateConfig(n_samples=1, reward_cfg=per), progress=False)
+    assert pipe.scales == [(per, "prompt")]
+    assert json.loads((tmp_path / "c" / "generation.json").read_text())["config"]["reward_cfg"] == per
+    with pytest.raises(ValueError, match="reward_cfg: .*'clip_score': 0.0.* -> .*'clip_score': 1.0"):
+        G.generate_folder(pipe, _items(2), tmp_path / "c",
+                          G.GenerateConfig(n_samples=1, reward_cfg={**per, "clip_score": 1.0}), progress=False)
+    with pytest.raises(ValueError, match=r"reward_cfg\['clip_score'\] must be a finite number >= 0 or None; got nan"):
+        G.GenerateConfig(reward_cfg={"clip_score": float("nan")})
+
+
+def test_parse_reward_cfg():
+    import argparse
+
+    assert G.parse_reward_cfg(" 7.5 ") == 7.5
+    assert G.parse_reward_cfg("clip_score=15, aesthetic_score=0,") == {"clip_score": 15.0, "aesthetic_score": 0.0}
+    with pytest.raises(argparse.ArgumentTypeError, match="'high': expected a number"):
+        G.parse_reward_cfg("high")
+    with pytest.raises(argparse.ArgumentTypeError, match="--reward-cfg 'clip_score=x': value 'x' is not a number"):
+        G.parse_reward_cfg("clip_score=x")
 
 
 def test_config_and_reward_argument_validation():

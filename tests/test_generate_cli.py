@@ -50,6 +50,23 @@ def test_writes_pngs_and_grid_matching_pipeline(pipe_dir, tmp_path):
     assert (grid[256:, 256:] == 255).all()  # the empty fourth cell stays white
 
 
+def test_per_reward_cfg_matches_the_pipeline(pipe_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert generate_cli.main(["a red circle", "--model", str(pipe_dir), "--n", "2", "--steps", "2", "--seed", "5",
+                              "--out", str(out), "--reward-cfg", "clip_score=11, vqa_score=0", "--device", "cpu"]) == 0
+    pipe = MiroPipeline.from_pretrained(pipe_dir)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe("a red circle", num_inference_steps=2, reward_guidance_scale={"clip_score": 11.0, "vqa_score": 0.0},
+               num_images_per_prompt=2, generator=torch.Generator().manual_seed(5), output_type="np")
+    for j in range(2):
+        assert np.array_equal(np.asarray(Image.open(out / f"{j:03d}.png")), ref[j])
+    with pytest.raises(SystemExit) as e:
+        generate_cli.main(["a red circle", "--model", str(pipe_dir), "--reward-cfg", "strong"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "'strong': expected a number (e.g. 7.5) or KEY=SCALE pairs" in err
+
+
 def test_aliases_and_defaults(pipe_dir, tmp_path):
     rc = generate_cli.main(["a red circle", "--model", str(pipe_dir), "--n-samples", "1",
                             "--steps", "1", "--outdir", str(tmp_path / "o"), "--device", "cpu"])
@@ -64,6 +81,8 @@ def test_aliases_and_defaults(pipe_dir, tmp_path):
     (["--steps", "0"], "--steps must be >= 1"),
     (["--n", "0"], "--n-samples must be >= 1"),
     (["--reward-cfg", "-3"], r"reward_guidance_scale.*got -3\.0"),
+    (["--reward-cfg", "nope=3"], r"unknown reward keys \['nope'\]"),
+    (["--reward-cfg", "clip_score=-1"], r"reward_guidance_scale\['clip_score'\] = -1\.0"),
     (["--variant", "missing"], "'missing' not found"),
 ])
 def test_bad_values_exit_2_with_message(pipe_dir, tmp_path, capsys, argv, match):

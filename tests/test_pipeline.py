@@ -144,6 +144,26 @@ def test_reward_guidance_scale_runs_three_branches(pipe, monkeypatch):
     assert (out - base).abs().max() > 1e-3
 
 
+def test_per_reward_guidance_scales(pipe, monkeypatch):
+    """A mapping gives each reward its own branch; zero scales cost none, unnamed rewards get w."""
+    keys = pipe.coherence_keys
+    one = {k: 0.0 for k in keys} | {keys[0]: 20.0}
+    calls = _spy(pipe, monkeypatch)
+    out = pipe(PROMPTS, generator=gen(0), num_inference_steps=3, output_type="pt", reward_guidance_scale=one)
+    # (prompt, r+), (prompt, r+[k0]), (prompt, r-), (null, r-): four branches of two images
+    assert len(calls) == 3 and all(c["y"].shape[0] == 8 for c in calls)
+    calls.clear()
+    pipe(PROMPTS, generator=gen(0), num_inference_steps=1, output_type="pt", reward_guidance_scale={keys[0]: 2.0},
+         reward_direction="null")
+    assert [c["y"].shape[0] for c in calls] == [2 * (2 + len(keys))]
+    base = pipe(PROMPTS, generator=gen(0), num_inference_steps=3, output_type="pt")
+    assert (out - base).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"unknown reward keys \['nope'\]"):
+        pipe(PROMPTS, generator=gen(0), **KW, reward_guidance_scale={"nope": 1.0})
+    with pytest.raises(ValueError, match=rf"reward_guidance_scale\['{keys[1]}'\] = -1\.0; .*finite number >= 0"):
+        pipe(PROMPTS, generator=gen(0), **KW, reward_guidance_scale={keys[1]: -1.0})
+
+
 def test_output_types(pipe):
     arr = pipe(PROMPTS, generator=gen(4), **KW)
     assert arr.dtype == np.uint8 and arr.shape == (2, 8, 8, 3)
@@ -189,7 +209,7 @@ def test_variant_subfolders(pipe, tmp_path):
         (dict(num_inference_steps=0), "num_inference_steps.*>= 1; got 0"),
         (dict(num_inference_steps=2.5), "got 2.5"),
         (dict(guidance_scale=-1.0), r"guidance_scale.*>= 0; got -1\.0"),
-        (dict(reward_guidance_scale=-2.0), r"reward_guidance_scale.*None or a finite number >= 0; got -2\.0"),
+        (dict(reward_guidance_scale=-2.0), r"reward_guidance_scale.*None or a finite number >= 0 .*; got -2\.0"),
         (dict(reward_guidance_scale="3"), r"reward_guidance_scale.*got '3'"),
         (dict(reward_guidance_scale=3.0, reward_direction="text"), r"'prompt' or 'null'; got 'text'"),
         (dict(num_images_per_prompt=0), "num_images_per_prompt.*got 0"),

@@ -7,7 +7,7 @@
      "negative_reward_targets": {"shapes_alignment": 0.0, ...}, # missing keys: 0.0
      "isolate": null,            # or a reward key (then no negative_reward_targets)
      "num_inference_steps": 50, "guidance_scale": 7.0,
-     "reward_guidance_scale": null,  # or w_r >= 0: the reward direction's own scale
+     "reward_guidance_scale": null,  # or w_r >= 0: the reward direction's own scale, or {key: w_k}
      "reward_direction": "prompt",   # or "null" (MiroPipeline's two factorisations)
      "num_images_per_prompt": 4, "seed": 3407}                  # seed -1: a random one
 
@@ -115,7 +115,7 @@ class GenerateRequest:
     guidance_scale: float
     num_images_per_prompt: int
     seed: int
-    reward_guidance_scale: float | None = None
+    reward_guidance_scale: float | dict[str, float] | None = None
     reward_direction: str = "prompt"
 
 
@@ -213,7 +213,8 @@ def parse_generate_request(pipe, payload: Any, limits: DemoLimits | None = None,
     return GenerateRequest(prompt=prompt, reward_targets=pos, negative_reward_targets=neg,
                            isolate=isolate, num_inference_steps=int(steps),
                            guidance_scale=float(cfg), num_images_per_prompt=int(n), seed=int(seed),
-                           reward_guidance_scale=None if cfg_r is None else float(cfg_r),
+                           reward_guidance_scale=(None if cfg_r is None else {k: float(v) for k, v in cfg_r.items()}
+                                                  if isinstance(cfg_r, Mapping) else float(cfg_r)),
                            reward_direction=direction)
 
 

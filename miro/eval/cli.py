@@ -20,6 +20,7 @@ import json
 import sys
 from pathlib import Path
 
+from miro.eval.generate import parse_reward_cfg
 from miro.eval.prompts import CURE_VARIANTS
 
 
@@ -34,8 +35,9 @@ def _add_generation(ap: argparse.ArgumentParser, outdir_required: bool = True) -
     ap.add_argument("--n-samples", "--n", dest="n_samples", type=int, default=4, help="images per prompt")
     ap.add_argument("--steps", type=int, default=50, help="sampling steps")
     ap.add_argument("--cfg", type=float, default=7.0, help="guidance scale")
-    ap.add_argument("--reward-cfg", type=float, default=None,
-                    help="separate guidance scale of the reward direction (default: --cfg; 3 branches per step)")
+    ap.add_argument("--reward-cfg", type=parse_reward_cfg, default=None,
+                    help="separate guidance scale of the reward direction (default: --cfg; 3 branches per step), "
+                         "or one per reward: KEY=W,KEY=W (rewards left out: --cfg; a branch per reward)")
     ap.add_argument("--reward-direction", choices=("prompt", "null"), default="prompt",
                     help="with --reward-cfg: the reward direction taken with the prompt or with the null text")
     ap.add_argument("--seed", type=int, default=0, help="base seed; sample j of prompt i uses seed + 1000*i + j")

@@ -36,7 +36,7 @@ class GenerateConfig:
     n_samples: int = 4  # images per prompt (GenEval uses 4)
     steps: int = 50  # Euler steps (published default)
     cfg: float = 7.0  # guidance scale w in (1+w)*cond - w*uncond (published default)
-    reward_cfg: float | None = None  # separate scale of the reward direction (None: cfg; MiroPipeline)
+    reward_cfg: float | dict[str, float] | None = None  # reward direction's own scale, or one per reward (None: cfg)
     reward_direction: str = "prompt"  # the third branch: (prompt, r-) or "null": (null, r+)
     seed: int = 0  # base seed; sample j of prompt i uses seed + 1000*i + j
     reward_targets: dict[str, float] = field(default_factory=dict)  # positive reward targets
@@ -48,8 +48,10 @@ class GenerateConfig:
             raise ValueError(f"n_samples must be in [1, {SEED_STRIDE}]; got {self.n_samples}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1; got {self.steps}")
-        if self.reward_cfg is not None and not (math.isfinite(self.reward_cfg) and self.reward_cfg >= 0):
-            raise ValueError(f"reward_cfg must be a finite number >= 0 or None; got {self.reward_cfg}")
+        for k, w in (self.reward_cfg.items() if isinstance(self.reward_cfg, dict) else [("", self.reward_cfg)]):
+            if w is not None and not (math.isfinite(w) and w >= 0):
+                name = f"reward_cfg[{k!r}]" if k else "reward_cfg"
+                raise ValueError(f"{name} must be a finite number >= 0 or None; got {w}")
         if self.reward_direction not in ("prompt", "null"):
             raise ValueError(f"reward_direction must be 'prompt' or 'null'; got {self.reward_direction!r}")
         if self.batch_size < 1:
@@ -81,6 +83,25 @@ def parse_reward_args(pairs: list[str] | None, flag: str = "--reward") -> dict[s
         except ValueError:
             raise ValueError(f"{flag} {p!r}: value {val!r} is not a number") from None
     return out
+
+
+def parse_reward_cfg(text: str) -> float | dict[str, float]:
+    """``--reward-cfg``: one scale (``"7.5"``) or one per reward (``"shapes_alignment=15,shapes_counting=15"``;
+    rewards left out keep ``--cfg``). An argparse ``type``: a bad value names itself and the forms allowed."""
+    import argparse
+
+    text = text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number (e.g. 7.5) or KEY=SCALE pairs separated by "
+                                         "commas (e.g. shapes_alignment=15,shapes_counting=15)")
+    try:
+        return parse_reward_args([p for p in text.split(",") if p.strip()], "--reward-cfg")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:

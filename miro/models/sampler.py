@@ -24,7 +24,7 @@ from torch import Tensor
 
 from miro.models.flow import Scheduler, cfg_combine, time_grid
 
-__all__ = ["euler_sample", "build_cfg_text", "reward_values"]
+__all__ = ["euler_sample", "build_cfg_text", "reward_values", "per_reward_scales"]
 
 
 def reward_values(
@@ -51,6 +51,22 @@ def reward_values(
         if t.shape != (batch_size,):
             raise ValueError(f"reward {k!r}: expected a scalar or shape ({batch_size},), got {tuple(t.shape)}")
         out[k] = t
+    return out
+
+
+def per_reward_scales(keys: tuple[str, ...], scales: Mapping[str, float], default: float) -> dict[str, float]:
+    """Every key's own guidance scale: the mapping's value, ``default`` (w) where not given.
+
+    Unknown keys, and values that are not finite numbers >= 0, raise naming the value."""
+    unknown = set(scales) - set(keys)
+    if unknown:
+        raise ValueError(f"reward_guidance_scale: unknown reward keys {sorted(unknown)}; this model uses {list(keys)}")
+    out = {}
+    for k in keys:
+        w = scales.get(k, default)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"reward_guidance_scale[{k!r}] = {w!r}; a reward's scale must be a finite number >= 0")
+        out[k] = float(w)
     return out
 
 
@@ -120,7 +136,7 @@ def euler_sample(
     autocast: bool | None = None,
     callback: Callable[[int, Tensor, Tensor], None] | None = None,
     progress: bool = False,
-    reward_guidance_scale: float | None = None,
+    reward_guidance_scale: float | Mapping[str, float] | None = None,
     reward_direction: str = "prompt",
 ) -> Tensor:
     """Integrate from ``noise`` (B, C, S, S) to x0 in the model's normalised latent space.
@@ -136,6 +152,13 @@ def euler_sample(
     ``reward_direction="null"``: v = v(t, r+) + w [v(t, r+) - v(null, r+)] + w_r [v(null, r+) - v(null, r-)]
     (w_r = 0 there is text-only guidance at the positive targets). Either is the published
     combination when w_r = w; 3B per step instead of 2B.
+    A mapping ``{key: w_k}`` gives each reward its own scale (keys not given: w), one branch per
+    reward with a non-zero scale, each at r+ with that reward alone set to its negative target
+    (r+[k]), as composable diffusion sums its concepts (Liu et al. 2022, eq. 10):
+    ``"prompt"``: v = v(t, r+) + sum_k w_k [v(t, r+) - v(t, r+[k])] + w [v(t, r-) - v(null, r-)];
+    ``"null"``: v = v(t, r+) + w [v(t, r+) - v(null, r+)] + sum_k w_k [v(null, r+) - v(null, r+[k])].
+    With one reward this is the scalar form; with several it is not the published combination
+    even when every w_k = w (the network is not additive in its rewards). (K+3)B or (K+2)B per step.
     ``scheduler`` replaces the published grid (and ``shift``), e.g. ``Scheduler(end=g0)`` integrates
     from gamma = g0 when ``noise`` is a partly noised x_g0 (SDEdit).
     ``callback(step, gamma_next, x)`` is called after every step. Deterministic: the only
@@ -143,9 +166,12 @@ def euler_sample(
     """
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-    for name, w in (("guidance_scale", guidance_scale), ("reward_guidance_scale", reward_guidance_scale)):
-        if w is not None and not (isinstance(w, (int, float)) and math.isfinite(w)):
-            raise ValueError(f"{name} must be a finite number, got {w!r}")
+    if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale)):
+        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+    per_reward = isinstance(reward_guidance_scale, Mapping)
+    if not per_reward and reward_guidance_scale is not None and not (
+            isinstance(reward_guidance_scale, (int, float)) and math.isfinite(reward_guidance_scale)):
+        raise ValueError(f"reward_guidance_scale must be a finite number or a mapping, got {reward_guidance_scale!r}")
     device = noise.device
     b = noise.shape[0]
     if text_emb.shape[0] != b or text_mask.shape != text_emb.shape[:2]:
@@ -157,31 +183,49 @@ def euler_sample(
     use_cfg = guidance_scale > 0
     if reward_direction not in ("prompt", "null"):
         raise ValueError(f"reward_direction must be 'prompt' or 'null'; got {reward_direction!r}")
-    two_scales = reward_guidance_scale is not None and reward_guidance_scale != guidance_scale
+    two_scales = per_reward or (reward_guidance_scale is not None and reward_guidance_scale != guidance_scale)
     by_null = two_scales and reward_direction == "null"
     if (use_cfg or by_null) and uncond_emb is None:
         raise ValueError("guidance_scale > 0 (or reward_direction='null') needs an unconditional text "
                          "embedding (uncond_emb)")
-    # Branches, conditional first as published: (text, r+) [, (text, r-) or (null, r+)] [, (null, r-)].
     if use_cfg or by_null:
         ce, cm, ue, um = build_cfg_text(text_emb.to(device), text_mask.to(device), uncond_emb, uncond_mask)
     else:
         ce, cm = text_emb.to(device).float(), text_mask.to(device).bool()
+    # Branches, conditional first as published. One scale: (text, r+) [, (null, r-)]. Two scales:
+    # "prompt" (text, r+), (text, r-) [, (null, r-)]; "null" (text, r+), (null, r+), (null, r-).
+    # Per reward: the single r- branch becomes one branch per guided reward k, at r+ with k set
+    # to its negative target: "prompt" (text, r+), (text, r+[k])..., (text, r-), (null, r-);
+    # "null" (text, r+), (null, r+), (null, r+[k])...
     branches = [(ce, cm, pos)]
-    if use_cfg or two_scales:
-        neg = reward_values(keys, negative_reward_targets, 0.0, b, device)
+    neg = reward_values(keys, negative_reward_targets, 0.0, b, device) if (use_cfg or two_scales) else pos
+    scales: list[float] = []
+    if per_reward:
+        guided = per_reward_scales(keys, reward_guidance_scale, guidance_scale)
+        ks = [k for k in pos if guided[k] != 0.0]  # a zero scale costs no forward
+        scales = [guided[k] for k in ks]
+        side = (ue, um) if by_null else (ce, cm)
         if by_null:
-            branches += [(ue, um, pos), (ue, um, neg)]
-        else:
-            if two_scales:
-                branches.append((ce, cm, neg))
-            if use_cfg:
-                branches.append((ue, um, neg))
-        if batched_cfg and set(pos) != set(neg):
-            raise ValueError(
-                "with batched_cfg a reward must be given (or dropped) in both branches: "
-                f"{sorted(set(pos) ^ set(neg))}"
-            )
+            branches.append((ue, um, pos))
+        for k in ks:
+            rk = {j: v for j, v in pos.items() if j != k}
+            if k in neg:
+                rk[k] = neg[k]
+            branches.append((*side, rk))
+        if not by_null and use_cfg:
+            branches += [(ce, cm, neg), (ue, um, neg)]
+    elif by_null:
+        branches += [(ue, um, pos), (ue, um, neg)]
+    else:
+        if two_scales:
+            branches.append((ce, cm, neg))
+        if use_cfg:
+            branches.append((ue, um, neg))
+    if batched_cfg and len(branches) > 1 and set(pos) != set(neg):
+        raise ValueError(
+            "with batched_cfg a reward must be given (or dropped) in both branches: "
+            f"{sorted(set(pos) ^ set(neg))}"
+        )
     n_br = len(branches)
     if batched_cfg and n_br > 1:
         emb_all = torch.cat([e for e, _, _ in branches])
@@ -191,6 +235,12 @@ def euler_sample(
     def combine(vs: list[Tensor]) -> Tensor:
         if n_br == 1:
             return vs[0]
+        if per_reward:
+            if by_null:
+                v = vs[0] + guidance_scale * (vs[0] - vs[1])
+                return v + sum(w_k * (vs[1] - vs[2 + j]) for j, w_k in enumerate(scales))
+            v = vs[0] + sum(w_k * (vs[0] - vs[1 + j]) for j, w_k in enumerate(scales))
+            return v + guidance_scale * (vs[-2] - vs[-1]) if use_cfg else v
         if not two_scales:
             return cfg_combine(vs[0], vs[1], guidance_scale)
         w_r = float(reward_guidance_scale)

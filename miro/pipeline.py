@@ -279,9 +279,9 @@ class MiroPipeline(nn.Module):
         if not _is_number(guidance_scale) or not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance_scale must be a finite number >= 0; got {guidance_scale!r}")
         if isinstance(reward_guidance_scale, Mapping):
-            from miro.models.sampler import per_reward_scales
+            from miro.models.sampler import reward_scale_groups
 
-            per_reward_scales(tuple(self.coherence_keys), reward_guidance_scale, 0.0)  # raises naming the value
+            reward_scale_groups(tuple(self.coherence_keys), reward_guidance_scale, 0.0)  # raises naming the value
         elif reward_guidance_scale is not None and (not _is_number(reward_guidance_scale)
                                                     or not math.isfinite(reward_guidance_scale)
                                                     or reward_guidance_scale < 0):
@@ -375,8 +375,9 @@ class MiroPipeline(nn.Module):
                 (null text, r+), giving ``w·[v(prompt, r+) - v(null, r+)] + w_r·[v(null, r+) -
                 v(null, r-)]``; w_r = 0 there is text-only guidance at the positive targets.
                 A mapping ``{reward key: w_k}`` gives each reward its own scale (keys left out:
-                w), one branch per reward with a non-zero scale (at r+ with that reward alone at
-                its negative target), summed as in ``euler_sample``.
+                w): the rewards are turned to their negative targets one step at a time, in the
+                mapping's order, each step guided at its own scale (``euler_sample``); every
+                scale = w is the published call.
         """
         # 1. Check inputs.
         prompts = self.check_inputs(prompt, num_inference_steps, guidance_scale, num_images_per_prompt,

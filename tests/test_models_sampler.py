@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from miro.models import MiroModel, euler_sample, get_config, time_grid
-from miro.models.sampler import build_cfg_text
+from miro.models.sampler import build_cfg_text, reward_scale_groups
 
 
 class FieldModel(nn.Module):
@@ -271,9 +271,9 @@ class TwoRewardField(nn.Module):
 
 @pytest.mark.parametrize("batched", [True, False])
 def test_per_reward_guidance_closed_form(batched):
-    """{key: w_k}: one branch per reward at r+ with that reward alone at its negative target;
-    prompt: v(t, r+) + sum_k w_k [v(t, r+) - v(t, r+[k])] + w [v(t, r-) - v(null, r-)];
-    null: v(t, r+) + w [v(t, r+) - v(null, r+)] + sum_k w_k [v(null, r+) - v(null, r+[k])]."""
+    """{key: w_k}: a chain r+ = r_0 -> r_1 -> r_2 = r-, one reward turned to its negative target per
+    step, in the mapping's order; prompt: v(t, r_0) + sum_j w_j [v(t, r_j-1) - v(t, r_j)] + w [v(t, r-)
+    - v(null, r-)]; null: v(t, r+) + w [v(t, r+) - v(null, r+)] + sum_j w_j [v(null, r_j-1) - v(null, r_j)]."""
     t, u = 0.5, -0.25
     (pa, pb), (na, nb) = (0.8, 0.9), (0.2, 0.1)
     model = TwoRewardField()
@@ -288,16 +288,23 @@ def test_per_reward_guidance_closed_form(batched):
         return out.flatten()[0].item() / -(1 - 1e-9)
 
     for w, wa, wb in ((3.0, 7.0, 2.0), (0.0, 7.0, 2.0), (3.0, 0.0, 5.0)):
-        prompt = (f(pa, pb, t) + wa * (f(pa, pb, t) - f(na, pb, t)) + wb * (f(pa, pb, t) - f(pa, nb, t))
+        prompt = (f(pa, pb, t) + wa * (f(pa, pb, t) - f(na, pb, t)) + wb * (f(na, pb, t) - f(na, nb, t))
                   + w * (f(na, nb, t) - f(na, nb, u)))
         assert run(w, {"a": wa, "b": wb}, "prompt") == pytest.approx(prompt)
         null = (f(pa, pb, t) + w * (f(pa, pb, t) - f(pa, pb, u)) + wa * (f(pa, pb, u) - f(na, pb, u))
-                + wb * (f(pa, pb, u) - f(pa, nb, u)))
+                + wb * (f(na, pb, u) - f(na, nb, u)))
         assert run(w, {"a": wa, "b": wb}, "null") == pytest.approx(null)
-    # a reward not named gets w
-    assert run(3.0, {"a": 7.0}, "null") == pytest.approx(run(3.0, {"a": 7.0, "b": 3.0}, "null"))
-    # not the published combination even when every w_k = w: the rewards interact
-    assert run(3.0, {"a": 3.0, "b": 3.0}, "null") != pytest.approx(run(3.0, 3.0, "null"))
+    # the mapping's order is the chain's: b first
+    assert run(3.0, {"b": 2.0, "a": 7.0}, "null") == pytest.approx(
+        f(pa, pb, t) + 3.0 * (f(pa, pb, t) - f(pa, pb, u)) + 2.0 * (f(pa, pb, u) - f(pa, nb, u))
+        + 7.0 * (f(pa, nb, u) - f(na, nb, u)))
+    assert run(3.0, {"b": 2.0, "a": 7.0}, "null") != pytest.approx(run(3.0, {"a": 7.0, "b": 2.0}, "null"))
+    # a reward not named gets w; equal scales telescope: one scale for all is the scalar form,
+    # and every scale = w the published combination
+    for d in ("prompt", "null"):
+        assert run(3.0, {"a": 7.0}, d) == run(3.0, {"a": 7.0, "b": 3.0}, d)
+        assert run(3.0, {"a": 7.0, "b": 7.0}, d) == run(3.0, 7.0, d)
+        assert run(3.0, {"b": 3.0}, d) == run(3.0, None, d) == pytest.approx(4.0 * f(pa, pb, t) - 3.0 * f(na, nb, u))
     with pytest.raises(ValueError, match=r"unknown reward keys \['c'\]; this model uses \['a', 'b'\]"):
         run(3.0, {"c": 1.0}, "null")
     for bad in (-1.0, float("inf"), True, "2"):
@@ -305,42 +312,44 @@ def test_per_reward_guidance_closed_form(batched):
             run(3.0, {"b": bad}, "prompt")
 
 
-def test_per_reward_guidance_with_one_reward_is_the_scalar_form():
-    model = TextRewardField()
-    noise, emb, mask = torch.zeros(2, 1, 2, 2), torch.full((2, 4, 5), 0.5), torch.ones(2, 4, dtype=torch.bool)
-    unc = torch.full((1, 5), -0.25)
-    for d in ("prompt", "null"):
-        a, b = (euler_sample(model, noise, emb, mask, unc, None, {"r": 0.8}, {"r": 0.2}, num_steps=2,
-                             guidance_scale=3.0, reward_guidance_scale=s, reward_direction=d) for s in (7.0, {"r": 7.0}))
-        torch.testing.assert_close(a, b)
+def test_reward_scale_groups():
+    keys = ("a", "b", "c", "d")
+    assert reward_scale_groups(keys, 2.0, 5.0) == [(keys, 2.0)]
+    assert reward_scale_groups(keys, {"c": 9, "a": 9}, 5.0) == [(("c", "a"), 9.0), (("b", "d"), 5.0)]
+    assert reward_scale_groups(keys, {"b": 5.0, "d": 0}, 5.0) == [(("b",), 5.0), (("d",), 0.0), (("a", "c"), 5.0)]
 
 
 def test_per_reward_guidance_on_the_network():
-    """Batched == split; a zero scale costs no forward; self-conditioning latents per branch
-    (checked against a hand loop)."""
+    """Batched == split == a hand loop over the chain's branches, each with its own
+    self-conditioning latents; equal scales share a step."""
     model = _tiny().eval()
     noise, emb, mask, unc = _inputs()
     keys = model.coherence_keys
+    assert len(keys) >= 3
     pos, neg = {k: 0.9 for k in keys}, {k: 0.1 for k in keys}
-    scales = {k: (6.0 if i == 0 else 0.0) for i, k in enumerate(keys)}
-    kw = dict(num_steps=3, guidance_scale=4.0, reward_guidance_scale=scales, reward_direction="null")
+    k0 = keys[0]
+    kw = dict(num_steps=3, guidance_scale=4.0, reward_guidance_scale={k0: 6.0}, reward_direction="null")
     a = euler_sample(model, noise, emb, mask, unc, None, pos, neg, **kw)
     calls = []
     model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     b = euler_sample(model, noise, emb, mask, unc, None, pos, neg, batched_cfg=False, **kw)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert calls == [2] * 9  # three branches of two images, three steps: the zero scales cost nothing
+    assert calls == [2] * 12  # (text, r+), (null, r+), (null, r+ with k0 at r-), (null, r-): the rest share a step
     ce, cm, ue, um = build_cfg_text(emb, mask, unc, None)
-    k0 = keys[0]
-    full = [{k: torch.full((2,), v) for k, v in r.items()} for r in (pos, pos, {**pos, k0: neg[k0]})]
-    texts = [(ce, cm), (ue, um), (ue, um)]
-    x, zs, grid = noise.clone(), [None] * 3, time_grid(3)
+    full = [{k: torch.full((2,), v) for k, v in r.items()} for r in (pos, pos, {**pos, k0: neg[k0]}, neg)]
+    texts = [(ce, cm), (ue, um), (ue, um), (ue, um)]
+    x, zs, grid = noise.clone(), [None] * 4, time_grid(3)
     with torch.no_grad():
         for i in range(3):
             vs = []
-            for j in range(3):
+            for j in range(4):
                 v, zs[j] = model(x, grid[i].expand(2), *texts[j], full[j], zs[j])
                 vs.append(v)
-            v = vs[0] + 4.0 * (vs[0] - vs[1]) + 6.0 * (vs[1] - vs[2])
+            v = vs[0] + 4.0 * (vs[0] - vs[1]) + 6.0 * (vs[1] - vs[2]) + 4.0 * (vs[2] - vs[3])
             x = x - v * (grid[i + 1] - grid[i])
     torch.testing.assert_close(b, x, rtol=1e-5, atol=1e-5)
+    calls.clear()
+    one = euler_sample(model, noise, emb, mask, unc, None, pos, neg, num_steps=3, guidance_scale=4.0)
+    same = euler_sample(model, noise, emb, mask, unc, None, pos, neg, num_steps=3, guidance_scale=4.0,
+                        reward_guidance_scale={k: 4.0 for k in reversed(keys)}, reward_direction="null")
+    assert torch.equal(one, same) and calls == [4] * 6  # every scale = w: the published 2B path

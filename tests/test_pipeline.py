@@ -145,19 +145,22 @@ def test_reward_guidance_scale_runs_three_branches(pipe, monkeypatch):
 
 
 def test_per_reward_guidance_scales(pipe, monkeypatch):
-    """A mapping gives each reward its own branch; zero scales cost none, unnamed rewards get w."""
+    """A mapping gives each reward its own scale: a chain of branches, one per run of equal scales;
+    every scale = w is the published call."""
     keys = pipe.coherence_keys
-    one = {k: 0.0 for k in keys} | {keys[0]: 20.0}
     calls = _spy(pipe, monkeypatch)
-    out = pipe(PROMPTS, generator=gen(0), num_inference_steps=3, output_type="pt", reward_guidance_scale=one)
-    # (prompt, r+), (prompt, r+[k0]), (prompt, r-), (null, r-): four branches of two images
-    assert len(calls) == 3 and all(c["y"].shape[0] == 8 for c in calls)
+    out = pipe(PROMPTS, generator=gen(0), num_inference_steps=3, output_type="pt",
+               reward_guidance_scale={keys[1]: 20.0, keys[0]: 0.0})
+    # (prompt, r+), (prompt, r+ with k1 at r-), (.. and k0), (prompt, r-), (null, r-): five branches of two
+    assert len(calls) == 3 and all(c["y"].shape[0] == 10 for c in calls)
     calls.clear()
     pipe(PROMPTS, generator=gen(0), num_inference_steps=1, output_type="pt", reward_guidance_scale={keys[0]: 2.0},
          reward_direction="null")
-    assert [c["y"].shape[0] for c in calls] == [2 * (2 + len(keys))]
+    assert [c["y"].shape[0] for c in calls] == [8]  # (prompt, r+), (null, r+), (null, r+ k0 at r-), (null, r-)
     base = pipe(PROMPTS, generator=gen(0), num_inference_steps=3, output_type="pt")
     assert (out - base).abs().max() > 1e-3
+    assert torch.equal(base, pipe(PROMPTS, generator=gen(0), num_inference_steps=3, output_type="pt",
+                                  reward_guidance_scale={k: 7.0 for k in keys}))
     with pytest.raises(ValueError, match=r"unknown reward keys \['nope'\]"):
         pipe(PROMPTS, generator=gen(0), **KW, reward_guidance_scale={"nope": 1.0})
     with pytest.raises(ValueError, match=rf"reward_guidance_scale\['{keys[1]}'\] = -1\.0; .*finite number >= 0"):

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from miro.models.flow import Scheduler, cfg_combine, time_grid
 
-__all__ = ["euler_sample", "build_cfg_text", "reward_values", "per_reward_scales"]
+__all__ = ["euler_sample", "build_cfg_text", "reward_values", "reward_scale_groups"]
 
 
 def reward_values(
@@ -54,20 +54,32 @@ def reward_values(
     return out
 
 
-def per_reward_scales(keys: tuple[str, ...], scales: Mapping[str, float], default: float) -> dict[str, float]:
-    """Every key's own guidance scale: the mapping's value, ``default`` (w) where not given.
+def reward_scale_groups(
+    keys: tuple[str, ...], scales: float | Mapping[str, float], default: float
+) -> list[tuple[tuple[str, ...], float]]:
+    """The chain of reward guidance: ``[(keys, w_j), ...]``, the rewards the j-th step turns to
+    their negative targets and its scale.
 
-    Unknown keys, and values that are not finite numbers >= 0, raise naming the value."""
-    unknown = set(scales) - set(keys)
+    A number is one step over every key. A mapping ``{key: w_k}`` takes its keys in the order
+    given, then the keys it leaves out at ``default`` (w); neighbours with equal scales share a
+    step (exact: the chain telescopes). Unknown keys, and scales that are not finite numbers >= 0,
+    raise naming the value.
+    """
+    if not isinstance(scales, Mapping):
+        return [(tuple(keys), float(scales))]
+    unknown = [k for k in scales if k not in keys]
     if unknown:
-        raise ValueError(f"reward_guidance_scale: unknown reward keys {sorted(unknown)}; this model uses {list(keys)}")
-    out = {}
-    for k in keys:
+        raise ValueError(f"reward_guidance_scale: unknown reward keys {unknown}; this model uses {list(keys)}")
+    groups: list[tuple[tuple[str, ...], float]] = []
+    for k in [*scales, *(k for k in keys if k not in scales)]:
         w = scales.get(k, default)
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
             raise ValueError(f"reward_guidance_scale[{k!r}] = {w!r}; a reward's scale must be a finite number >= 0")
-        out[k] = float(w)
-    return out
+        if groups and groups[-1][1] == float(w):
+            groups[-1] = (groups[-1][0] + (k,), groups[-1][1])
+        else:
+            groups.append(((k,), float(w)))
+    return groups
 
 
 def build_cfg_text(
@@ -152,13 +164,15 @@ def euler_sample(
     ``reward_direction="null"``: v = v(t, r+) + w [v(t, r+) - v(null, r+)] + w_r [v(null, r+) - v(null, r-)]
     (w_r = 0 there is text-only guidance at the positive targets). Either is the published
     combination when w_r = w; 3B per step instead of 2B.
-    A mapping ``{key: w_k}`` gives each reward its own scale (keys not given: w), one branch per
-    reward with a non-zero scale, each at r+ with that reward alone set to its negative target
-    (r+[k]), as composable diffusion sums its concepts (Liu et al. 2022, eq. 10):
-    ``"prompt"``: v = v(t, r+) + sum_k w_k [v(t, r+) - v(t, r+[k])] + w [v(t, r-) - v(null, r-)];
-    ``"null"``: v = v(t, r+) + w [v(t, r+) - v(null, r+)] + sum_k w_k [v(null, r+) - v(null, r+[k])].
-    With one reward this is the scalar form; with several it is not the published combination
-    even when every w_k = w (the network is not additive in its rewards). (K+3)B or (K+2)B per step.
+    A mapping ``{key: w_k}`` gives each reward its own scale (keys not given: w). The reward
+    direction becomes a chain r+ = r_0 -> r_1 -> ... -> r_m = r-, step j turning its rewards to
+    their negative targets (the mapping's keys in the order given, then the rest; neighbours with
+    equal scales share a step, ``reward_scale_groups``):
+    ``"prompt"``: v = v(t, r_0) + sum_j w_j [v(t, r_j-1) - v(t, r_j)] + w [v(t, r-) - v(null, r-)];
+    ``"null"``: v = v(t, r+) + w [v(t, r+) - v(null, r+)] + sum_j w_j [v(null, r_j-1) - v(null, r_j)].
+    The sum telescopes, so a number w_r is the one-step chain above and every w_j = w is the
+    published combination; the order of the steps matters only where the scales differ (the
+    network is not additive in its rewards). (m+2)B per step.
     ``scheduler`` replaces the published grid (and ``shift``), e.g. ``Scheduler(end=g0)`` integrates
     from gamma = g0 when ``noise`` is a partly noised x_g0 (SDEdit).
     ``callback(step, gamma_next, x)`` is called after every step. Deterministic: the only
@@ -168,8 +182,7 @@ def euler_sample(
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
     if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale)):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-    per_reward = isinstance(reward_guidance_scale, Mapping)
-    if not per_reward and reward_guidance_scale is not None and not (
+    if reward_guidance_scale is not None and not isinstance(reward_guidance_scale, Mapping) and not (
             isinstance(reward_guidance_scale, (int, float)) and math.isfinite(reward_guidance_scale)):
         raise ValueError(f"reward_guidance_scale must be a finite number or a mapping, got {reward_guidance_scale!r}")
     device = noise.device
@@ -183,7 +196,9 @@ def euler_sample(
     use_cfg = guidance_scale > 0
     if reward_direction not in ("prompt", "null"):
         raise ValueError(f"reward_direction must be 'prompt' or 'null'; got {reward_direction!r}")
-    two_scales = per_reward or (reward_guidance_scale is not None and reward_guidance_scale != guidance_scale)
+    groups = [] if reward_guidance_scale is None else reward_scale_groups(keys, reward_guidance_scale, guidance_scale)
+    # Every reward at w: the chain telescopes to the published combination; take its 2B path.
+    two_scales = bool(groups) and not (len(groups) == 1 and groups[0][1] == guidance_scale)
     by_null = two_scales and reward_direction == "null"
     if (use_cfg or by_null) and uncond_emb is None:
         raise ValueError("guidance_scale > 0 (or reward_direction='null') needs an unconditional text "
@@ -192,35 +207,26 @@ def euler_sample(
         ce, cm, ue, um = build_cfg_text(text_emb.to(device), text_mask.to(device), uncond_emb, uncond_mask)
     else:
         ce, cm = text_emb.to(device).float(), text_mask.to(device).bool()
-    # Branches, conditional first as published. One scale: (text, r+) [, (null, r-)]. Two scales:
-    # "prompt" (text, r+), (text, r-) [, (null, r-)]; "null" (text, r+), (null, r+), (null, r-).
-    # Per reward: the single r- branch becomes one branch per guided reward k, at r+ with k set
-    # to its negative target: "prompt" (text, r+), (text, r+[k])..., (text, r-), (null, r-);
-    # "null" (text, r+), (null, r+), (null, r+[k])...
-    branches = [(ce, cm, pos)]
     neg = reward_values(keys, negative_reward_targets, 0.0, b, device) if (use_cfg or two_scales) else pos
-    scales: list[float] = []
-    if per_reward:
-        guided = per_reward_scales(keys, reward_guidance_scale, guidance_scale)
-        ks = [k for k in pos if guided[k] != 0.0]  # a zero scale costs no forward
-        scales = [guided[k] for k in ks]
+    # Branches, conditional first as published. One scale: (text, r+), (null, r-). Two scales: the
+    # chain r+ = r_0 -> r_1 -> ... -> r_m = r-, step j turning its rewards to their negative targets;
+    # "prompt": (text, r_0..r_m) [, (null, r-)]; "null": (text, r+), (null, r_0..r_m).
+    branches = [(ce, cm, pos)]
+    if two_scales:
+        chain, r = [pos], dict(pos)
+        for group, _ in groups:
+            for k in group:
+                if k in r:  # a reward dropped from r+ stays dropped
+                    r.pop(k)
+                    if k in neg:
+                        r[k] = neg[k]
+            chain.append(dict(r))
         side = (ue, um) if by_null else (ce, cm)
-        if by_null:
-            branches.append((ue, um, pos))
-        for k in ks:
-            rk = {j: v for j, v in pos.items() if j != k}
-            if k in neg:
-                rk[k] = neg[k]
-            branches.append((*side, rk))
-        if not by_null and use_cfg:
-            branches += [(ce, cm, neg), (ue, um, neg)]
-    elif by_null:
-        branches += [(ue, um, pos), (ue, um, neg)]
-    else:
-        if two_scales:
-            branches.append((ce, cm, neg))
-        if use_cfg:
+        branches = branches[:1] + [(*side, c) for c in (chain if by_null else chain[1:])]
+        if use_cfg and not by_null:
             branches.append((ue, um, neg))
+    elif use_cfg:
+        branches.append((ue, um, neg))
     if batched_cfg and len(branches) > 1 and set(pos) != set(neg):
         raise ValueError(
             "with batched_cfg a reward must be given (or dropped) in both branches: "
@@ -231,23 +237,19 @@ def euler_sample(
         emb_all = torch.cat([e for e, _, _ in branches])
         mask_all = torch.cat([m for _, m, _ in branches])
         coh_all = {k: torch.cat([r[k] for _, _, r in branches]) for k in pos}
+    scales = [w_j for _, w_j in groups]
 
     def combine(vs: list[Tensor]) -> Tensor:
         if n_br == 1:
             return vs[0]
-        if per_reward:
-            if by_null:
-                v = vs[0] + guidance_scale * (vs[0] - vs[1])
-                return v + sum(w_k * (vs[1] - vs[2 + j]) for j, w_k in enumerate(scales))
-            v = vs[0] + sum(w_k * (vs[0] - vs[1 + j]) for j, w_k in enumerate(scales))
-            return v + guidance_scale * (vs[-2] - vs[-1]) if use_cfg else v
         if not two_scales:
             return cfg_combine(vs[0], vs[1], guidance_scale)
-        w_r = float(reward_guidance_scale)
-        if by_null:
-            return vs[0] + guidance_scale * (vs[0] - vs[1]) + w_r * (vs[1] - vs[2])
-        v = vs[0] + w_r * (vs[0] - vs[1])
-        return v + guidance_scale * (vs[1] - vs[2]) if use_cfg else v
+        if by_null:  # vs: (text, r+), (null, r_0), ..., (null, r_m)
+            v = vs[0] + guidance_scale * (vs[0] - vs[1])
+            return v + sum(w_j * (vs[j] - vs[j + 1]) for j, w_j in enumerate(scales, start=1))
+        # vs: (text, r_0), ..., (text, r_m) [, (null, r_m)]
+        v = vs[0] + sum(w_j * (vs[j] - vs[j + 1]) for j, w_j in enumerate(scales))
+        return v + guidance_scale * (vs[-2] - vs[-1]) if use_cfg else v
 
     gammas = time_grid(num_steps, shift=shift, device=device, scheduler=scheduler)
     x = noise.to(torch.float32)

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward-cfg", type=parse_reward_cfg, default=None,
                    help="separate guidance of the reward direction, w_r*(v(prompt, r+) - v(prompt, r-)); "
                         "default: --cfg (the published single scale); or one scale per reward, KEY=W,KEY=W "
-                        "(rewards left out keep --cfg; a branch per reward)")
+                        "(rewards left out keep --cfg; the README explains the chain)")
     p.add_argument("--reward-direction", choices=("prompt", "null"), default="prompt",
                    help="with --reward-cfg: take the reward direction with the prompt, v(prompt, r+) - "
                         "v(prompt, r-), or with the null text (default: %(default)s)")

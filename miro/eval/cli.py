@@ -37,7 +37,7 @@ def _add_generation(ap: argparse.ArgumentParser, outdir_required: bool = True) -
     ap.add_argument("--cfg", type=float, default=7.0, help="guidance scale")
     ap.add_argument("--reward-cfg", type=parse_reward_cfg, default=None,
                     help="separate guidance scale of the reward direction (default: --cfg; 3 branches per step), "
-                         "or one per reward: KEY=W,KEY=W (rewards left out: --cfg; a branch per reward)")
+                         "or one per reward: KEY=W,KEY=W (rewards left out: --cfg; README, per-reward scales)")
     ap.add_argument("--reward-direction", choices=("prompt", "null"), default="prompt",
                     help="with --reward-cfg: the reward direction taken with the prompt or with the null text")
     ap.add_argument("--seed", type=int, default=0, help="base seed; sample j of prompt i uses seed + 1000*i + j")

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_checks.sh end to end on the CPU with tiny sizes: the one-run GPU session's glue
+"""benchmarks/gpu_checks.sh end to end on the CPU with tiny sizes: the one-run GPU script's glue
 (bench -> data -> warm-started training sized by the bench -> fp16 export -> sensitivity) works
 before a GPU is ever lent to it."""
 import json

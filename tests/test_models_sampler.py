@@ -227,7 +227,9 @@ def test_two_scale_guidance_on_the_network():
     kw = dict(num_steps=3, guidance_scale=4.0, reward_guidance_scale=9.0)
     a = euler_sample(model, noise, emb, mask, unc, None, pos, neg, **kw)
     b = euler_sample(model, noise, emb, mask, unc, None, pos, neg, batched_cfg=False, **kw)
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # float32 rounding of a 3B-row against a B-row forward (about 1e-6 a branch, depending on the
+    # CPU's kernels) is multiplied by up to 1 + w + w_r = 14 in the combination
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=5e-5)
     ce, cm, ue, um = build_cfg_text(emb, mask, unc, None)
     full = [{k: torch.full((2,), v[k]) for k in v} for v in (pos, neg, neg)]
     texts = [(ce, cm), (ce, cm), (ue, um)]

@@ -18,6 +18,10 @@ against ``--peak-tflops`` (the dense bf16 peak; defaults known for H100/H200/A10
 release config the ratio to the paper's throughput: 2.65 it/s x 1024 / 16 H100 = 170 samples/s
 per GPU.
 
+``--sample-batch``: also sampling (the model's side of ``MiroPipeline``: ``--sample-steps`` Euler steps
+with batched CFG, ``euler_sample``, no text encoder or VAE decode) at these batch sizes: images/s,
+peak memory, model FLOPs per image (one step counted, times the steps) and MFU.
+
 ``--peer``: also forward + backward of the velocity MSE, ours against the published
 implementation with the same weights and inputs (``bench_backbone.Pair``), interleaved, on the
 same device and precision.
@@ -38,6 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_backbone import synthetic_inputs  # noqa: E402
 
 from miro.models import LossConfig, MiroModel, flow_loss, get_config  # noqa: E402
+from miro.io import atomic_write_text  # noqa: E402
+from miro.models.sampler import euler_sample  # noqa: E402
 from miro.train.ema import EMA  # noqa: E402
 from miro.train.optim import OptimizerConfig, build_optimizer  # noqa: E402
 
@@ -67,9 +73,12 @@ def sync(device: torch.device) -> None:
 class Step:
     """One training step of ``model`` on a fixed synthetic batch."""
 
-    def __init__(self, model: MiroModel, batch: dict, optimizer: str, precision: str, device: torch.device):
+    def __init__(self, model: MiroModel, batch: dict, optimizer: str, precision: str, device: torch.device,
+                 foreach: bool | None = None):
         self.model, self.batch, self.device = model.train(), batch, device
         self.opt = build_optimizer(model, OptimizerConfig(name=optimizer, lr=1e-4))
+        for group in self.opt.param_groups:  # None: the optimizer's default for the device
+            group["foreach"] = foreach
         self.ema = EMA(model, (0.9999,)).to(device)
         self.uncond = torch.randn(1, batch["emb"].shape[-1], device=device)
         self.loss_cfg = LossConfig(self_cond_rate=0.9, cond_drop_rate=0.1)
@@ -114,16 +123,17 @@ def step_flops(step: Step) -> float:
 
 
 def measure(config: str, batch: int, optimizer: str, precision: str, device: torch.device, iters: int,
-            warmup: int, peak_tflops: float | None) -> dict:
+            warmup: int, peak_tflops: float | None, foreach: bool | None = None) -> dict:
     cfg = get_config(config)
     torch.manual_seed(0)
     model = MiroModel.from_config(cfg).to(device)
-    step = Step(model, synthetic_batch(cfg, config, batch, device), optimizer, precision, device)
+    step = Step(model, synthetic_batch(cfg, config, batch, device), optimizer, precision, device, foreach)
     flops = step_flops(step)  # also the first warm-up step
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sec = time_calls({"step": step}, iters, warmup, device)["step"]
-    out = {"config": config, "batch": batch, "optimizer": optimizer, "precision": precision, "device": str(device),
+    out = {"config": config, "batch": batch, "optimizer": optimizer, "foreach": foreach, "precision": precision,
+           "device": str(device),
            "params_M": sum(p.numel() for p in model.parameters()) / 1e6, "ms_per_step": 1e3 * sec,
            "samples_per_s": batch / sec, "tflop_per_step": flops / 1e12, "achieved_tflops": flops / sec / 1e12}
     if device.type == "cuda":
@@ -132,6 +142,39 @@ def measure(config: str, batch: int, optimizer: str, precision: str, device: tor
         out["mfu"] = out["achieved_tflops"] / peak_tflops
     if config == "release":
         out["vs_paper_per_gpu"] = out["samples_per_s"] / PAPER_SAMPLES_PER_GPU
+    return out
+
+
+def measure_sampling(config: str, batch: int, steps: int, cfg_scale: float, precision: str, device: torch.device,
+                     iters: int, warmup: int, peak_tflops: float | None) -> dict:
+    """Images/s of ``steps`` Euler steps with batched CFG (2B rows a step), as the pipeline samples."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = get_config(config)
+    torch.manual_seed(0)
+    model = MiroModel.from_config(cfg).to(device).eval()
+    b = synthetic_batch(cfg, config, batch, device)
+    uncond = torch.randn(1, b["emb"].shape[-1], device=device)
+    noise = torch.randn_like(b["x0"])
+
+    def run(n: int = steps):
+        with torch.no_grad():
+            return euler_sample(model, noise, b["emb"], b["mask"], uncond, None, num_steps=n,
+                                guidance_scale=cfg_scale, autocast=precision == "bf16")
+
+    with FlopCounterMode(display=False) as fc:  # one step: every step runs the same forwards
+        run(1)
+    flops = float(fc.get_total_flops()) * steps
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sec = time_calls({"sample": run}, iters, warmup, device)["sample"]
+    out = {"config": config, "mode": "sample", "batch": batch, "steps": steps, "cfg": cfg_scale,
+           "precision": precision, "device": str(device), "sec_per_batch": sec, "images_per_s": batch / sec,
+           "tflop_per_image": flops / batch / 1e12, "achieved_tflops": flops / sec / 1e12}
+    if device.type == "cuda":
+        out["peak_mem_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if peak_tflops:
+        out["mfu"] = out["achieved_tflops"] / peak_tflops
     return out
 
 
@@ -161,12 +204,18 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="release", help="model config name (release, shapes, tiny)")
     ap.add_argument("--batch", type=int, nargs="+", default=[64], help="per-device batch sizes")
     ap.add_argument("--optimizer", default=None, help="lamb or adamw (default: lamb for release, else adamw)")
+    ap.add_argument("--loop-optimizer", action="store_true",
+                    help="the optimizer one tensor at a time (default: multi-tensor on CUDA, as torch.optim)")
     ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense peak for MFU (default: known GPUs)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--sample-batch", type=int, nargs="*", default=[], help="also time sampling at these batches")
+    ap.add_argument("--sample-steps", type=int, default=50, help="Euler steps per sample")
+    ap.add_argument("--sample-iters", type=int, default=3, help="timed samples per batch size")
+    ap.add_argument("--cfg", type=float, default=7.0, help="guidance scale of the sampling rows")
     ap.add_argument("--peer", type=Path, default=None, help="unpacked published package: also fwd+bwd against it")
     ap.add_argument("--scratch", type=Path, default=Path("/tmp/miro_scratch"))
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -178,12 +227,10 @@ def main(argv=None) -> int:
     peak = args.peak_tflops or default_peak(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {device} ({name}), torch {torch.__version__}, {args.precision}, optimizer {optimizer}")
-    results = []
-    for b in args.batch:
-        r = measure(args.config, b, optimizer, args.precision, device, args.iters, args.warmup, peak)
+    results: list[dict] = []
+
+    def record(r: dict, line: str) -> None:  # printed and saved row by row: a later failure keeps what ran
         results.append(r)
-        line = (f"{args.config} batch {b}: {r['samples_per_s']:.1f} samples/s ({r['ms_per_step']:.1f} ms/step), "
-                f"{1e3 * r['tflop_per_step']:.4g} GFLOP/step, {r['achieved_tflops']:.3g} TFLOP/s")
         if "mfu" in r:
             line += f", MFU {100 * r['mfu']:.1f} %"
         if "peak_mem_GiB" in r:
@@ -191,16 +238,26 @@ def main(argv=None) -> int:
         if "vs_paper_per_gpu" in r:
             line += f"; x{r['vs_paper_per_gpu']:.2f} the paper's {PAPER_SAMPLES_PER_GPU:.0f} samples/s per H100"
         print(line, flush=True)
-        if args.peer:
-            p = measure_peer(args.config, b, args.precision, device, args.iters, args.warmup, args.peer, args.scratch)
-            results.append(p)
-            print(f"  fwd+bwd vs published: {p['peer_ms']:.1f} ms vs ours {p['ours_ms']:.1f} ms "
-                  f"(x{p['speedup']:.2f})", flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        tmp.replace(args.json)
+        if args.json:
+            atomic_write_text(args.json, json.dumps(results, indent=1))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    for b in args.batch:
+        r = measure(args.config, b, optimizer, args.precision, device, args.iters, args.warmup, peak,
+                    False if args.loop_optimizer else None)
+        record(r, f"{args.config} batch {b}: {r['samples_per_s']:.1f} samples/s ({r['ms_per_step']:.1f} ms/step), "
+                  f"{1e3 * r['tflop_per_step']:.4g} GFLOP/step, {r['achieved_tflops']:.3g} TFLOP/s")
+    for b in args.sample_batch:
+        r = measure_sampling(args.config, b, args.sample_steps, args.cfg, args.precision, device, args.sample_iters,
+                             1, peak)
+        record(r, f"{args.config} sampling batch {b} ({args.sample_steps} steps, CFG {args.cfg:g}): "
+                  f"{r['images_per_s']:.2f} images/s ({r['sec_per_batch']:.2f} s/batch), "
+                  f"{1e3 * r['tflop_per_image']:.4g} GFLOP/image, {r['achieved_tflops']:.3g} TFLOP/s")
+    for b in args.batch if args.peer else []:  # last: the published code is the likeliest to fail somewhere new
+        p = measure_peer(args.config, b, args.precision, device, args.iters, args.warmup, args.peer, args.scratch)
+        record(p, f"{args.config} batch {b}: fwd+bwd vs published: {p['peer_ms']:.1f} ms vs ours "
+                  f"{p['ours_ms']:.1f} ms (x{p['speedup']:.2f})")
     return 0
 
 

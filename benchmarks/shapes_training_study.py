@@ -69,16 +69,16 @@ def eval_items(stride: int):
     return load_shapes()[::stride]
 
 
-def load(src: str, weights: str):
-    """A pipeline from a ``.ckpt`` (EMA or raw weights) or anything ``MiroPipeline`` loads."""
+def load(src: str, weights: str, device: str | None = None):
+    """A pipeline from a ``.ckpt`` (EMA or raw weights) or anything ``MiroPipeline`` loads, on ``device``."""
     if src.endswith(".ckpt"):
         from miro.train.convert import pipeline_from_checkpoint
 
-        pipe = pipeline_from_checkpoint(src, None if weights == "raw" else 0)
+        pipe = pipeline_from_checkpoint(src, None if weights == "raw" else 0, device=device or "cpu")
     else:
         from miro.eval.generate import load_pipeline
 
-        pipe = load_pipeline(src)
+        pipe = load_pipeline(src, device=device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -192,7 +192,7 @@ def cmd_convergence(args) -> int:
             import torch
 
             meta = torch.load(ckpt, map_location="cpu", weights_only=True).get("miro", {})
-            pipe = load(str(ckpt), args.weights)
+            pipe = load(str(ckpt), args.weights, args.device)
             s = shapes_eval(pipe, items, out / "convergence" / name / f"step_{step:07d}", gcfg)
             row = {"run": name, "step": step, "samples": int(meta.get("samples_seen", step * 64)),
                    "overall": s["overall"], **{f"cat_{k}": t["accuracy"] for k, t in s["tags"].items()}}
@@ -306,7 +306,7 @@ def cmd_controllability(args) -> int:
     from miro.eval.generate import GenerateConfig
     from miro.eval.sweep import DEFAULT_TARGETS, run_sweep, sweep_grid, targets_from_bins
 
-    pipe = load(args.model, args.weights)
+    pipe = load(args.model, args.weights, args.device)
     items = eval_items(args.stride)
     base = GenerateConfig(n_samples=args.n_samples, steps=args.steps, cfg=args.cfg, reward_cfg=args.reward_cfg,
                           reward_direction=args.reward_direction, seed=args.seed, batch_size=32,
@@ -443,7 +443,7 @@ def cmd_table(args) -> int:
     counts = tag_counts(items, args.n_samples)
     for spec in args.model:
         name, _, src = spec.partition("=")
-        pipe = load(src, args.weights)
+        pipe = load(src, args.weights, args.device)
         rows.append({"model": name, **eval_row(pipe, items, out / name, replace(gcfg, model=name), scorers, counts)})
         print(json.dumps(rows[-1]), flush=True)
     atomic_write_text(out / "table.json", json.dumps(rows, indent=2))
@@ -487,7 +487,7 @@ def cmd_guidance(args) -> int:
     steps = [int(v) for v in _floats(args.steps_list, "--steps-list")]
     items, scorers = eval_items(args.stride), _scorers()
     counts, out, rows = tag_counts(items, args.n_samples), Path(args.out) / "guidance", []
-    pipe = load(args.model, args.weights)
+    pipe = load(args.model, args.weights, args.device)
     shipped_shift = float(pipe.config.get("scheduler", {}).get("shift", 1.0))
     for n in steps:
         for s in shifts:
@@ -662,6 +662,7 @@ def main(argv=None) -> int:
     common.add_argument("--reward-direction", choices=("prompt", "null"), default="prompt",
                         help="with a reward scale: the reward direction taken with the prompt or the null text")
     common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--device", default=None, help="generate on this device (default: the pipeline's, CPU)")
     common.add_argument("--weights", choices=("raw", "ema"), default="raw",
                         help="checkpoint weights (raw: no EMA lag, fair between runs of any length)")
     c = sub.add_parser("convergence", parents=[common], help="ShapesEval vs training samples; speed-up factor")

@@ -41,3 +41,21 @@ def test_main_writes_json(tmp_path):
     assert bench_gpu.main(["--config", "tiny", "--batch", "2", "--iters", "1", "--warmup", "0", "--device", "cpu",
                            "--peak-tflops", "1", "--json", str(out)]) == 0
     assert json.loads(out.read_text())[0]["mfu"] > 0
+
+
+def test_sampling_row_counts_two_forwards_per_step_per_image():
+    # batched CFG runs 2B rows a step: the FLOPs per image are 2 x steps forwards of one image
+    cfg = get_config("tiny")
+    r = bench_gpu.measure_sampling("tiny", 2, 3, 7.0, "fp32", torch.device("cpu"), 1, 0, None)
+    torch.manual_seed(0)
+    model = MiroModel.from_config(cfg).eval()
+    b = bench_gpu.synthetic_batch(cfg, "tiny", 1, torch.device("cpu"))
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(b["x0"], torch.full((1,), 0.5), b["emb"], b["mask"], b["coh"])
+    per_image = 2 * 3 * fc.get_total_flops()
+    assert 0.8 * per_image < 1e12 * r["tflop_per_image"] < 1.25 * per_image, 1e12 * r["tflop_per_image"] / per_image
+    assert r["images_per_s"] > 0 and r["steps"] == 3 and "mfu" not in r
+    r1 = bench_gpu.measure_sampling("tiny", 2, 1, 0.0, "fp32", torch.device("cpu"), 1, 0, None)  # no CFG: B rows
+    assert 0.4 < r1["tflop_per_image"] * 3 / r["tflop_per_image"] < 0.6

@@ -114,7 +114,7 @@ def test_controllability_negative_branch(tmp_path, monkeypatch, negative):
         return {"spearman_means": {key: 1.0}, "spearman_images": {key: 0.5},
                 "per_target": [{"n": 4, key: {"mean": float(t), "std": 0.5}} for t in targets]}
 
-    monkeypatch.setattr(study, "load", lambda src, weights: SimpleNamespace(coherence_keys=keys, reward_bins=None))
+    monkeypatch.setattr(study, "load", lambda src, weights, device=None: SimpleNamespace(coherence_keys=keys, reward_bins=None))
     monkeypatch.setattr(study, "eval_items", lambda stride: [])
     monkeypatch.setattr(study, "_scorers", lambda: {k: None for k in keys})
     monkeypatch.setattr(sweep, "run_sweep", fake_run_sweep)
@@ -146,7 +146,7 @@ def _fake_guidance_grid(monkeypatch, pipe, record) -> list:
         return {"shapes_eval": 0.1, "se_shapes_eval": 0.01,
                 **{k: gcfg.cfg / 10 for k in SHAPES_KEYS}, **{f"se_{k}": 0.01 for k in SHAPES_KEYS}}
 
-    monkeypatch.setattr(study, "load", lambda src, weights: pipe)
+    monkeypatch.setattr(study, "load", lambda src, weights, device=None: pipe)
     monkeypatch.setattr(study, "eval_items", lambda stride: [])
     monkeypatch.setattr(study, "_scorers", lambda: {})
     monkeypatch.setattr(study, "eval_row", fake_eval_row)
@@ -249,7 +249,7 @@ def test_table_passes_both_branches_targets_to_the_generator(tmp_path, monkeypat
         return {"shapes_eval": 0.1, "se_shapes_eval": 0.01,
                 **{k: 0.5 for k in SHAPES_KEYS}, **{f"se_{k}": 0.01 for k in SHAPES_KEYS}}
 
-    monkeypatch.setattr(study, "load", lambda src, weights: SimpleNamespace())
+    monkeypatch.setattr(study, "load", lambda src, weights, device=None: SimpleNamespace())
     monkeypatch.setattr(study, "eval_items", lambda stride: [])
     monkeypatch.setattr(study, "_scorers", lambda: {})
     monkeypatch.setattr(study, "eval_row", fake_eval_row)

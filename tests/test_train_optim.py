@@ -25,20 +25,50 @@ def _lamb_reference(p, g, lr, b1, b2, eps, wd, decouple, adapt, steps):
     return p
 
 
+@pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize("decouple", [False, True])
 @pytest.mark.parametrize("adapt", [False, True])
-def test_lamb_matches_closed_form(decouple, adapt):
+def test_lamb_matches_closed_form(decouple, adapt, foreach):
     torch.manual_seed(0)
     p0 = torch.randn(3, 4, dtype=torch.float64)
     g = torch.randn(3, 4, dtype=torch.float64)
     p = nn.Parameter(p0.clone())
     opt = Lamb([{"params": [p], "layer_adaptation": adapt}], lr=0.1, betas=(0.8, 0.9), eps=1e-6,
-               weight_decay=0.05, decouple=decouple)
+               weight_decay=0.05, decouple=decouple, foreach=foreach)
     for _ in range(3):
         p.grad = g.clone()
         opt.step()
     ref = _lamb_reference(p0, g, 0.1, 0.8, 0.9, 1e-6, 0.05, decouple, adapt, 3)
     torch.testing.assert_close(p.detach(), ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("decouple", [False, True])
+def test_lamb_foreach_equals_the_loop_on_a_model(decouple):
+    # Both published groups (decay + adaptation, and neither), tensors of many shapes, a tensor
+    # with no gradient in some steps (its step count falls behind) and a zero tensor (ratio 1).
+    def run(foreach):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Linear(7, 3), nn.Embedding(4, 3))
+        with torch.no_grad():
+            m[2].bias.zero_()
+        opt = build_optimizer(m, OptimizerConfig(name="lamb", lr=0.02, weight_decay=0.1, decouple=decouple))
+        for group in opt.param_groups:
+            group["foreach"] = foreach
+        gen = torch.Generator().manual_seed(1)
+        for i in range(6):
+            opt.zero_grad(set_to_none=True)
+            x = torch.randn(8, 5, generator=gen)
+            loss = m[2](m[1](m[0](x))).square().mean() + (m[3].weight.sum() if i % 2 else 0.0)
+            loss.backward()
+            opt.step()
+        return [p.detach().clone() for p in m.parameters()], opt
+
+    loop, _ = run(False)
+    fused, opt = run(True)
+    for a, b in zip(loop, fused):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    steps = {tuple(p.shape): opt.state[p]["step"] for g in opt.param_groups for p in g["params"]}
+    assert steps[(4, 3)] == 3 and steps[(7, 5)] == 6  # the embedding had gradients every other step
 
 
 def test_lamb_first_step_by_hand():

@@ -185,8 +185,10 @@ class MiroLightningModule(LightningModule):
         missing = list(dict.fromkeys(c for c in captions if c not in cache))
         if missing:
             emb, mask = self.text_encoder().encode(missing)
+            # one device-to-host copy for the batch: a copy per caption is a sync per caption on a GPU
+            emb, mask = emb.to("cpu", torch.float16), mask.to("cpu").bool()
             for c, e, m in zip(missing, emb, mask):
-                cache[c] = e[m.bool()].to("cpu", torch.float16)
+                cache[c] = e[m]
         rows = []
         for c in captions:
             cache.move_to_end(c)

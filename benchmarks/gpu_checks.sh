@@ -35,10 +35,12 @@ TRAIN_MINUTES=${TRAIN_MINUTES:-5}      # at most this much training
 NUM_SAMPLES=${NUM_SAMPLES:-160000}     # fresh Shapes samples (about a minute on 16 cores)
 DATA_SEED=${DATA_SEED:-4}              # seeds 0-3 made the CPU legs' data (docs/benchmarks.md)
 BATCH=${BATCH:-1024}                   # Shapes global batch: the H200 step costs ~0.1 s at any batch <= 1024
-LR=${LR:-5e-4}
+LR=${LR:-5e-4}                         # from-scratch runs (the pair)
+WARM_LR=${WARM_LR:-2e-4}               # the warm start: 5e-4 cut mid-schedule lost 0.067 ShapesEval (docs/benchmarks.md)
 WARMUP=${WARMUP:-200}
 INIT=${INIT:-shapes}                   # warm start: pipeline name/folder or .ckpt; "none" trains from scratch
-STEPS=${STEPS:-}                       # default: 80 % of what the bench says fits in TRAIN_MINUTES
+STEPS=${STEPS:-}                       # default: STEP_FRACTION of what the bench says fits in TRAIN_MINUTES
+STEP_FRACTION=${STEP_FRACTION:-0.5}    # in-training rate / bench rate: 0.31 measured on the first run (3 runs)
 RELEASE_BATCH=${RELEASE_BATCH:-64}     # 0 skips the release benchmarks
 SAMPLE_BATCHES=${SAMPLE_BATCHES:-1 64} # release sampling rows ("" skips them)
 BENCH_ITERS=${BENCH_ITERS:-20}
@@ -119,7 +121,7 @@ if [ -z "$STEPS" ]; then  # the slowest of the concurrent bench processes sizes 
     STEPS=$($PY -c "
 import glob, json
 sps = min(json.load(open(f))[0]['samples_per_s'] for f in glob.glob('$WORK/bench_shapes_*.json'))
-print(max(1, int(0.8 * $TRAIN_MINUTES * 60 * sps / $BATCH)))") || STEPS=1000
+print(max(1, int($STEP_FRACTION * $TRAIN_MINUTES * 60 * sps / $BATCH)))") || STEPS=1000
 fi
 # the warm start's reward bins, for every run: the same raw score keeps the same target
 BINS=
@@ -130,24 +132,24 @@ print(resolve_pipeline_dir('$INIT').get('reward_bins.json') or '')" 2>/dev/null)
 fi
 LOADERS=$(( WORKERS / RUNS > 12 ? 12 : WORKERS / RUNS ))
 LOADERS=$(( LOADERS < 1 ? 1 : LOADERS ))
-train() {  # NAME EXPERIMENT INIT CHECKPOINT_EVERY KEEP_PERIODIC: one run, in $WORK/run/miro/checkpoints/NAME
+train() {  # NAME EXPERIMENT INIT CHECKPOINT_EVERY KEEP_PERIODIC LR: one run, in $WORK/run/miro/checkpoints/NAME
     local dir="$WORK/run/miro/checkpoints/$1" init_args=()
     mkdir -p "$dir"
     [ -n "$BINS" ] && cp "$BINS" "$dir/reward_bins.json"
     [ "$3" != none ] && init_args=("init_from=$3")
     step $PY -m miro.cli train "experiment=$2" "${COMPUTER[@]}" "data_dir=$WORK/data" "root_dir=$WORK/run" \
         "experiment_name=$1" "${init_args[@]}" "trainer.max_steps=$STEPS" "trainer.max_time=$TRAIN_MINUTES" \
-        "data.global_batch_size=$BATCH" "data.num_workers=$LOADERS" "optimizer.lr=$LR" \
+        "data.global_batch_size=$BATCH" "data.num_workers=$LOADERS" "optimizer.lr=$6" \
         "scheduler.warmup_steps=$(( WARMUP < STEPS ? WARMUP : STEPS / 2 ))" \
         "checkpoint.every_n_steps=$4" "checkpoint.keep_periodic=$5" \
         image_logger.enabled=false trainer.progress_bar=false "trainer.log_every_n_steps=$(( STEPS < 100 ? 1 : 25 ))"
 }
 EVERY=$(( STEPS / PAIR_POINTS > 1 ? STEPS / PAIR_POINTS : 1 ))
 if [ "$PAIR" = 1 ]; then
-    train pair_miro shapes_miro none "$EVERY" true &
-    train pair_baseline shapes_baseline none "$EVERY" true &
+    train pair_miro shapes_miro none "$EVERY" true "$LR" &
+    train pair_baseline shapes_baseline none "$EVERY" true "$LR" &
 fi
-train gpu shapes_miro "$INIT" "$(( STEPS / 4 > 1 ? STEPS / 4 : 1 ))" false
+train gpu shapes_miro "$INIT" "$(( STEPS / 4 > 1 ? STEPS / 4 : 1 ))" false "$([ "$INIT" = none ] && echo "$LR" || echo "$WARM_LR")"
 wait
 RUN="$WORK/run/miro/checkpoints/gpu"
 cp "$RUN"/logs/version_0/metrics.csv "$OUT/metrics.csv" 2>/dev/null

@@ -6,7 +6,8 @@
 #      batched CFG) at SAMPLE_BATCHES, on the GPU while
 #   2. a fresh Shapes dataset is made with every core;
 #   3. the Shapes config's step at BATCH, in as many processes at once as there will be runs (it
-#      sizes their step counts);
+#      sizes their step counts); then bench_train.py: the training module's step on real batches
+#      (text encoded on the fly) and the DataLoader alone at the runs' worker count;
 #   4. `shapes_miro` trained on the device for TRAIN_MINUTES, warm-started from INIT (the shipped
 #      model by default), its schedule sized to end inside the budget (trainer.max_time stops it
 #      regardless); with PAIR=1, beside it on the same GPU, `shapes_miro` and `shapes_baseline` from
@@ -45,6 +46,7 @@ RELEASE_BATCH=${RELEASE_BATCH:-64}     # 0 skips the release benchmarks
 SAMPLE_BATCHES=${SAMPLE_BATCHES:-1 64} # release sampling rows ("" skips them)
 BENCH_ITERS=${BENCH_ITERS:-20}
 SENS_IMAGES=${SENS_IMAGES:-200}        # 0 skips the caption-sensitivity check
+MODULE_STEPS=${MODULE_STEPS:-10}       # bench_train.py on the device: the module's step and the loader (0 skips)
 PAIR=${PAIR:-0}                        # 1: also the from-scratch MIRO/baseline pair (steps 4 and 6)
 PAIR_POINTS=${PAIR_POINTS:-6}          # checkpoints per pair run, each scored on ShapesEval
 EVAL_STRIDE=${EVAL_STRIDE:-3}          # every k-th ShapesEval prompt (3: 100 prompts), 2 images each
@@ -91,8 +93,11 @@ if [ -n "$TEXT_PACK" ]; then  # the packed encoder, checked against every captio
 fi
 [ -n "$RELEASE_PID" ] && wait "$RELEASE_PID"
 
-# 3. the Shapes step, one process per run that will share the device
+# 3. the Shapes step, one process per run that will share the device; then, alone, the training
+# module's step on real batches (on-the-fly text encoding included) and the loader at the runs' workers
 RUNS=$(( PAIR == 1 ? 3 : 1 ))
+LOADERS=$(( WORKERS / RUNS > 12 ? 12 : WORKERS / RUNS ))
+LOADERS=$(( LOADERS < 1 ? 1 : LOADERS ))
 for i in $(seq "$RUNS"); do
     step $PY benchmarks/bench_gpu.py --config shapes --batch "$BATCH" --iters "$BENCH_ITERS" --warmup 2 \
         --precision "$PRECISION" --json "$WORK/bench_shapes_$i.json" &
@@ -109,6 +114,10 @@ for f in [work / "bench_release.json"] + sorted(work.glob("bench_shapes_*.json")
         rows.append(r)
 Path(sys.argv[2]).write_text(json.dumps(rows, indent=1))
 EOF
+if [ "$MODULE_STEPS" -gt 0 ]; then
+    step $PY benchmarks/bench_train.py --data "$WORK/data" --device "$DEVICE" --steps "$MODULE_STEPS" --warmup 3 \
+        --load-batches "$MODULE_STEPS" --threads 4 "data.global_batch_size=$BATCH" "data.num_workers=$LOADERS"
+fi
 
 # 4. training, inside what is left of the budget
 LEFT=$($PY -c "print(round(min($TRAIN_MINUTES, ($BUDGET_MINUTES * 60 - $SECONDS) / 60 - $END_MINUTES), 2))")
@@ -130,8 +139,6 @@ if [ "$INIT" != none ]; then
 from miro.hub import resolve_pipeline_dir
 print(resolve_pipeline_dir('$INIT').get('reward_bins.json') or '')" 2>/dev/null)
 fi
-LOADERS=$(( WORKERS / RUNS > 12 ? 12 : WORKERS / RUNS ))
-LOADERS=$(( LOADERS < 1 ? 1 : LOADERS ))
 train() {  # NAME EXPERIMENT INIT CHECKPOINT_EVERY KEEP_PERIODIC LR: one run, in $WORK/run/miro/checkpoints/NAME
     local dir="$WORK/run/miro/checkpoints/$1" init_args=()
     mkdir -p "$dir"

@@ -1,6 +1,6 @@
 """benchmarks/gpu_checks.sh end to end on the CPU with tiny sizes: the one-run GPU script's glue
-(bench -> data -> warm-started training sized by the bench -> fp16 export -> sensitivity) works
-before a GPU is ever lent to it."""
+(data -> bench -> module bench -> warm-started training sized by the bench -> fp16 export ->
+sensitivity) works before a GPU is ever lent to it."""
 import json
 import os
 import subprocess
@@ -22,13 +22,15 @@ def test_gpu_checks_smoke_run_on_cpu(tmp_path):
 
     pack_minilm.pack(tmp_path / "minilm_pack", samples=40, data=[])  # the path taken without the MiniLM wheel
     env = dict(os.environ, OUT=str(out), WORK=str(tmp_path / "work"), PY=sys.executable, TRAIN_MINUTES="2",
-               NUM_SAMPLES="48", BATCH="8", STEPS="2", RELEASE_BATCH="0", BENCH_ITERS="1", SENS_IMAGES="4",
+               NUM_SAMPLES="48", BATCH="8", STEPS="2", RELEASE_BATCH="0", BENCH_ITERS="1", SENS_IMAGES="4", MODULE_STEPS="1",
                WORKERS="1", TEXT_PACK=str(tmp_path / "minilm_pack"))
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_checks.sh")], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     log = (out / "log.txt").read_text()
-    assert "exit 1" not in log and log.count("exit 0") == 6, log[-3000:]  # bench, data, unpack, train, convert, sensitivity
+    # data, unpack, bench, module bench, train, convert, sensitivity
+    assert "exit 1" not in log and log.count("exit 0") == 7, log[-3000:]
+    assert "loader/training ratio" in log
     assert "MIRO_MINILM_DIR" not in os.environ and (tmp_path / "work" / "minilm" / "model.safetensors").is_file()
     assert sorted(p.name for p in out.iterdir()) == ["bench.json", "log.txt", "metrics.csv", "pipeline"]
     (bench,) = json.loads((out / "bench.json").read_text())

@@ -59,3 +59,11 @@ def test_sampling_row_counts_two_forwards_per_step_per_image():
     assert r["images_per_s"] > 0 and r["steps"] == 3 and "mfu" not in r
     r1 = bench_gpu.measure_sampling("tiny", 2, 1, 0.0, "fp32", torch.device("cpu"), 1, 0, None)  # no CFG: B rows
     assert 0.4 < r1["tflop_per_image"] * 3 / r["tflop_per_image"] < 0.6
+
+
+def test_bench_optim_times_both_forms(capsys):
+    import bench_optim
+
+    assert bench_optim.main(["--config", "tiny", "--iters", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny on cpu:" in out and "loop" in out and "foreach" in out

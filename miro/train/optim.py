@@ -28,8 +28,9 @@ class Lamb(torch.optim.Optimizer):
     ``adam=True`` turns the trust ratio off everywhere (plain Adam with the same decay rule).
     ``foreach``: each group's update as a handful of multi-tensor ops instead of a dozen ops per
     tensor, with the same arithmetic. ``None`` (default) chooses as ``torch.optim`` does: foreach
-    for CUDA tensors, where the per-tensor loop is launch-bound, the loop on the CPU, where the
-    group-wide temporaries make it slower (docs/benchmarks.md, "One GPU").
+    for CUDA tensors, where the per-tensor loop is launch-bound (×1.28–1.30 on the release step,
+    H200), the loop on the CPU, where the group-wide temporaries of the release model make foreach
+    slower (×0.63; ``benchmarks/bench_optim.py``, docs/benchmarks.md "One GPU").
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,

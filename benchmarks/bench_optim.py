@@ -5,20 +5,38 @@
 
 Random gradients on every parameter of ``MiroModel`` (``--config``), the published two groups
 (``build_optimizer``), then median wall ms of ``optimizer.step()`` for each form, interleaved, the
-device synchronised around each step. ``Lamb(foreach=None)`` picks foreach on CUDA and the loop on
+device synchronised around each step (``bench_gpu.time_calls``). ``Lamb(foreach=None)`` picks foreach on CUDA and the loop on
 the CPU; this is the measurement behind that choice (docs/benchmarks.md, "One GPU").
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
-from miro.models import MiroModel, get_config
-from miro.train.optim import OptimizerConfig, build_optimizer
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gpu import time_calls  # noqa: E402
+
+from miro.models import MiroModel, get_config  # noqa: E402
+from miro.train.optim import OptimizerConfig, build_optimizer  # noqa: E402
+
+
+def measure(config: str, device: torch.device, iters: int) -> dict:
+    """Median ms of ``optimizer.step()`` for the loop and the foreach form, and the tensor count."""
+    torch.manual_seed(0)
+    model = MiroModel.from_config(get_config(config)).to(device)
+    for p in model.parameters():
+        p.grad = 1e-3 * torch.randn_like(p)
+    opts = {}
+    for name, foreach in (("loop", False), ("foreach", True)):
+        opts[name] = build_optimizer(model, OptimizerConfig(name="lamb", lr=1e-4))
+        for group in opts[name].param_groups:
+            group["foreach"] = foreach
+    sec = time_calls({name: opt.step for name, opt in opts.items()}, iters, 1, device)  # warm-up allocates state
+    return {"tensors": sum(1 for _ in model.parameters()), **{k: 1e3 * v for k, v in sec.items()}}
 
 
 def main(argv=None) -> int:
@@ -31,29 +49,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = MiroModel.from_config(get_config(args.config)).to(device)
-    for p in model.parameters():
-        p.grad = 1e-3 * torch.randn_like(p)
-    opts = {}
-    for name, foreach in (("loop", False), ("foreach", True)):
-        opts[name] = build_optimizer(model, OptimizerConfig(name="lamb", lr=1e-4))
-        for group in opts[name].param_groups:
-            group["foreach"] = foreach
-        opts[name].step()  # state allocated outside the timing
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times: dict[str, list[float]] = {k: [] for k in opts}
-    for _ in range(args.iters):
-        for name, opt in opts.items():
-            sync()
-            t = time.perf_counter()
-            opt.step()
-            sync()
-            times[name].append(time.perf_counter() - t)
-    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-    n = sum(1 for _ in model.parameters())
-    print(f"{args.config} on {device}: {n} tensors, LAMB step loop {ms['loop']:.1f} ms, foreach {ms['foreach']:.1f} ms "
-          f"(loop / foreach x{ms['loop'] / ms['foreach']:.2f})")
+    r = measure(args.config, device, args.iters)
+    print(f"{args.config} on {device}: {r['tensors']} tensors, LAMB step loop {r['loop']:.1f} ms, "
+          f"foreach {r['foreach']:.1f} ms (loop / foreach x{r['loop'] / r['foreach']:.2f})")
     return 0
 
 

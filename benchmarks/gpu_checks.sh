@@ -161,12 +161,10 @@ wait
 RUN="$WORK/run/miro/checkpoints/gpu"
 cp "$RUN"/logs/version_0/metrics.csv "$OUT/metrics.csv" 2>/dev/null
 
-# 5. export (fp16 weights for the trip) and the shape-word check
 # 6 (in the background, beside the export). The pair's checkpoints on ShapesEval, one process each, and
 # every reward of the last models, on the device's generator
 STUDY="$WORK/study"
-EVAL_DEVICE=$([ "$DEVICE" = cuda ] && echo cuda || echo cpu)
-EVAL_ARGS=(--stride "$EVAL_STRIDE" --n-samples 2 --steps 25 --cfg 5 --weights ema --device "$EVAL_DEVICE")
+EVAL_ARGS=(--stride "$EVAL_STRIDE" --n-samples 2 --steps 25 --cfg 5 --weights ema --device "$DEVICE")
 EVAL_PIDS=()
 if [ "$PAIR" = 1 ]; then
     TABLE_MODELS=("shipped=$INIT" "warm=$RUN/last.ckpt")

@@ -61,9 +61,17 @@ def test_sampling_row_counts_two_forwards_per_step_per_image():
     assert 0.4 < r1["tflop_per_image"] * 3 / r["tflop_per_image"] < 0.6
 
 
-def test_bench_optim_times_both_forms(capsys):
+def test_bench_optim_times_both_forms(capsys, monkeypatch):
     import bench_optim
 
+    from miro.train import optim
+
+    calls = {"loop": 0, "foreach": 0}
+    for name, fn in (("loop", optim._loop_update), ("foreach", optim._foreach_update)):
+        monkeypatch.setattr(optim, f"_{name}_update", lambda *a, _n=name, _f=fn: (calls.__setitem__(_n, calls[_n] + 1), _f(*a)))
+    r = bench_optim.measure("tiny", torch.device("cpu"), 2)
+    groups = len(optim.param_groups(MiroModel.from_config(get_config("tiny")), 0.01))
+    assert calls == {"loop": 3 * groups, "foreach": 3 * groups}  # warm-up + 2 timed steps, each group
+    assert r["tensors"] > 0 and r["loop"] > 0 and r["foreach"] > 0
     assert bench_optim.main(["--config", "tiny", "--iters", "1"]) == 0
-    out = capsys.readouterr().out
-    assert "tiny on cpu:" in out and "loop" in out and "foreach" in out
+    assert "tiny on cpu:" in capsys.readouterr().out

@@ -30,7 +30,7 @@ class Lamb(torch.optim.Optimizer):
     tensor, with the same arithmetic. ``None`` (default) chooses as ``torch.optim`` does: foreach
     for CUDA tensors, where the per-tensor loop is launch-bound (×1.28–1.30 on the release step,
     H200), the loop on the CPU, where the group-wide temporaries of the release model make foreach
-    slower (×0.63; ``benchmarks/bench_optim.py``, docs/benchmarks.md "One GPU").
+    slower (×0.77–0.81; ``benchmarks/bench_optim.py``, docs/benchmarks.md "One GPU").
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,

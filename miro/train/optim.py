@@ -62,11 +62,12 @@ class Lamb(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
+            if not params:
+                continue
             foreach = group.get("foreach")
             if foreach is None:
                 foreach = all(p.is_cuda for p in params)
-            if params:
-                (_foreach_update if foreach else _loop_update)(params, [self.state[p] for p in params], group)
+            (_foreach_update if foreach else _loop_update)(params, [self.state[p] for p in params], group)
         return loss
 
 
@@ -74,6 +75,11 @@ def _group_hyper(group: dict):
     b1, b2 = group["betas"]
     adapt = group.get("layer_adaptation", group["weight_decay"] > 0) and not group["adam"]
     return b1, b2, group["weight_decay"], group["eps"], group["lr"], group["decouple"], adapt
+
+
+def _trust_ratio(w_norm: torch.Tensor, u_norm: torch.Tensor) -> torch.Tensor:
+    """‖p‖/‖u‖, or 1 where either norm is 0 (unclipped, as published)."""
+    return torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
 
 
 def _loop_update(params: list, states: list, group: dict) -> None:
@@ -87,8 +93,7 @@ def _loop_update(params: list, states: list, group: dict) -> None:
         if wd != 0 and not decouple:
             u.add_(p, alpha=wd)
         if adapt:
-            w_norm, u_norm = p.norm(2), u.norm(2)
-            u.mul_(torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm)))
+            u.mul_(_trust_ratio(p.norm(2), u.norm(2)))
         p.add_(u, alpha=-lr)
         if wd != 0 and decouple:
             p.mul_(1 - wd)
@@ -112,8 +117,7 @@ def _foreach_update(params: list, states: list, group: dict) -> None:
     if wd != 0 and not decouple:
         torch._foreach_add_(u, params, alpha=wd)
     if adapt:  # per-tensor trust ratios, computed together: no host sync
-        w_norm, u_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(u))
-        ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+        ratio = _trust_ratio(torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(u)))
         torch._foreach_mul_(u, list(ratio.unbind(0)))
     torch._foreach_add_(params, u, alpha=-lr)
     if wd != 0 and decouple:

@@ -25,6 +25,9 @@ that two checkpoints are compared on exactly the same prompts and noise:
 * ``guidance`` — one model over a grid of sampler settings (guidance scale x Euler steps x time
   shift): ShapesEval and every reward per setting, the table's protocol. Writes ``guidance.json``,
   ``guidance.md`` and ``guidance.png``.
+* ``summarize`` — no generation: the controllability runs of several sampler settings side by side,
+  Spearman's rho of every reward, how many reach 0.9, and ShapesEval where a ``table`` run sits in the
+  same folder. Writes ``settings.json`` and ``settings.md``.
 * ``confusion`` — no generation: from scored ShapesEval folders, the shape the detector found
   against the shape asked for, over the prompts that ask for one object (single object, colours).
   Writes ``confusion.json``, ``confusion.md`` and ``confusion.png``.
@@ -70,7 +73,13 @@ def eval_items(stride: int):
 
 
 def load(src: str, weights: str, device: str | None = None):
-    """A pipeline from a ``.ckpt`` (EMA or raw weights) or anything ``MiroPipeline`` loads, on ``device``."""
+    """A pipeline from a ``.ckpt`` (EMA or raw weights) or anything ``MiroPipeline`` loads, on ``device``.
+    On CUDA, float32 matmuls may use TF32 (10-bit mantissa products, float32 sums): a sweep compares
+    settings with each other on one device, and the GPU's float32 path is several times slower."""
+    if device and device.startswith("cuda"):
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = True
     if src.endswith(".ckpt"):
         from miro.train.convert import pipeline_from_checkpoint
 
@@ -173,7 +182,7 @@ def cmd_convergence(args) -> int:
 
     items = eval_items(args.stride)
     gcfg = GenerateConfig(n_samples=args.n_samples, steps=args.steps, cfg=args.cfg, reward_cfg=args.reward_cfg,
-                          reward_direction=args.reward_direction, seed=args.seed, batch_size=32)
+                          reward_direction=args.reward_direction, seed=args.seed, batch_size=args.batch_size)
     out = Path(args.out)
     done = {}
     csv_path = out / "convergence.csv"
@@ -309,7 +318,7 @@ def cmd_controllability(args) -> int:
     pipe = load(args.model, args.weights, args.device)
     items = eval_items(args.stride)
     base = GenerateConfig(n_samples=args.n_samples, steps=args.steps, cfg=args.cfg, reward_cfg=args.reward_cfg,
-                          reward_direction=args.reward_direction, seed=args.seed, batch_size=32,
+                          reward_direction=args.reward_direction, seed=args.seed, batch_size=args.batch_size,
                           reward_targets={k: args.others for k in pipe.coherence_keys})
     scorers, out = _scorers(), Path(args.out) / "controllability"
     result = {}
@@ -436,7 +445,7 @@ def cmd_table(args) -> int:
 
     items = eval_items(args.stride)
     gcfg = GenerateConfig(n_samples=args.n_samples, steps=args.steps, cfg=args.cfg, reward_cfg=args.reward_cfg,
-                          reward_direction=args.reward_direction, seed=args.seed, batch_size=32,
+                          reward_direction=args.reward_direction, seed=args.seed, batch_size=args.batch_size,
                           reward_targets=parse_reward_args(args.reward),
                           negative_reward_targets=parse_reward_args(args.negative_reward, "--negative-reward"))
     scorers, out, rows = _scorers(), Path(args.out) / "table", []
@@ -498,7 +507,7 @@ def cmd_guidance(args) -> int:
                 rname = "" if wr is None else f"_rcfg{wr:g}" + ("_null" if d == "null" else "")
                 name = f"cfg{w:g}{rname}_steps{n}_shift{s:g}"
                 gcfg = GenerateConfig(model=args.model, n_samples=args.n_samples, steps=n, cfg=w, reward_cfg=wr,
-                                      reward_direction=d, seed=args.seed, batch_size=32)
+                                      reward_direction=d, seed=args.seed, batch_size=args.batch_size)
                 rows.append({"model": name, "cfg": w, "reward_cfg": wr, "reward_direction": None if wr in (None, w) else d,
                              "steps": n, "shift": s,
                              **eval_row(pipe, items, out / name, gcfg, scorers, counts)})
@@ -636,6 +645,82 @@ def _plot_confusion(result: dict, path: Path) -> None:
     _save(fig, path)  # atomic: a killed study never leaves half a PNG
 
 
+CONTROL_TARGET = 0.9  # the issue's bar: Spearman rho >= 0.9 for every reward
+
+
+def _setting_label(gen: dict) -> str:
+    """A sampler setting in the words of the CLI flags, from a target folder's ``generation.json``."""
+    rc = gen.get("reward_cfg")
+    if isinstance(rc, dict):
+        rc = ",".join(f"{k.removeprefix('shapes_')}={v:g}" for k, v in sorted(rc.items()))
+    parts = [f"w={gen['cfg']:g}", f"steps={gen['steps']}"]
+    if rc is not None:
+        parts.append(f"w_r={rc if isinstance(rc, str) else format(rc, 'g')}")
+        if gen.get("reward_direction", "prompt") != "prompt":
+            parts.append(f"direction={gen['reward_direction']}")
+    if gen.get("negative_reward_targets"):
+        parts.append("s-=isolate")
+    return " ".join(parts)
+
+
+def summarize_settings(settings: dict[str, Path]) -> list[dict]:
+    """One row per setting folder (a ``controllability`` run's ``--out``, optionally with a one-model
+    ``table`` run beside it): rho per reward, how many pass, the images per target, the setting read
+    from its own ``generation.json`` and ShapesEval at every target 1.0. Rewards not (yet) swept are
+    left out of the row, so a time-boxed grid reports what it finished."""
+    rows = []
+    for name, d in settings.items():
+        row, label = {"setting": name, "rho": {}, "n": {}}, None
+        for key in SHAPES_KEYS:
+            sweep = d / "controllability" / key / "sweep.json"
+            if not sweep.is_file():
+                continue
+            s = json.loads(sweep.read_text(encoding="utf-8"))
+            row["rho"][key] = s["spearman_means"][key]
+            row["n"][key] = min(r["n"] for r in s["per_target"])
+            gen = d / "controllability" / key / f"target_{s['targets'][0]:.4f}" / "generation.json"
+            label = label or _setting_label(json.loads(gen.read_text(encoding="utf-8"))["config"])
+        tables = sorted(d.glob("table/table.json"))
+        if tables:
+            t = json.loads(tables[0].read_text(encoding="utf-8"))[0]
+            row["shapes_eval"], row["se_shapes_eval"] = t["shapes_eval"], t["se_shapes_eval"]
+        row["label"] = label or ""
+        row["passed"] = sum(r >= CONTROL_TARGET for r in row["rho"].values())
+        rows.append(row)
+    return rows
+
+
+def settings_markdown(rows: list[dict]) -> str:
+    head = ("| setting | " + " | ".join(k.removeprefix("shapes_") for k in SHAPES_KEYS)
+            + f" | rho >= {CONTROL_TARGET} | images per target | ShapesEval (targets 1.0) |")
+    lines = [head, "|" + "---|" * (len(SHAPES_KEYS) + 4)]
+    for r in rows:
+        cells = [(f"**{r['rho'][k]:.2f}**" if r["rho"][k] >= CONTROL_TARGET else f"{r['rho'][k]:.2f}")
+                 if k in r["rho"] else "–" for k in SHAPES_KEYS]
+        n = sorted(set(r["n"].values()))
+        ev = f"{r['shapes_eval']:.3f} ± {r['se_shapes_eval']:.3f}" if "shapes_eval" in r else "–"
+        lines.append(f"| {r['setting']}: {r['label']} | " + " | ".join(cells)
+                     + f" | {r['passed']}/{len(r['rho'])} | {'/'.join(map(str, n)) or '–'} | {ev} |")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_summarize(args) -> int:
+    from miro.io import atomic_write_text
+
+    settings = {}
+    for spec in args.setting:
+        name, sep, d = spec.partition("=")
+        if not sep or not name or not Path(d).is_dir():
+            raise ValueError(f"--setting {spec!r}: expected NAME=DIR with DIR an existing folder")
+        settings[name] = Path(d)
+    rows = summarize_settings(settings)
+    out = Path(args.out)
+    atomic_write_json(out / "settings.json", rows)
+    atomic_write_text(out / "settings.md", settings_markdown(rows))
+    print(settings_markdown(rows), end="")
+    return 0
+
+
 def table_markdown(rows: list[dict]) -> str:
     """The rewards table, each cell ``mean ± standard error`` over the subset's images."""
     cols = ("shapes_eval",) + SHAPES_KEYS
@@ -663,6 +748,8 @@ def main(argv=None) -> int:
                         help="with a reward scale: the reward direction taken with the prompt or the null text")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--device", default=None, help="generate on this device (default: the pipeline's, CPU)")
+    common.add_argument("--batch-size", type=int, default=32,
+                        help="images per pipeline call (does not change the images; a GPU wants hundreds)")
     common.add_argument("--weights", choices=("raw", "ema"), default="raw",
                         help="checkpoint weights (raw: no EMA lag, fair between runs of any length)")
     c = sub.add_parser("convergence", parents=[common], help="ShapesEval vs training samples; speed-up factor")
@@ -703,11 +790,15 @@ def main(argv=None) -> int:
     d.add_argument("--data", required=True, help="folder of Shapes shards (miro shapes make-dataset)")
     d.add_argument("--limit", type=int, default=0, help="read at most this many samples (0: all)")
     d.add_argument("--out", default="", help="also write data.json and data.md here")
+    m = sub.add_parser("summarize", help="no generation: controllability (and ShapesEval) of several sampler settings")
+    m.add_argument("--setting", action="append", required=True,
+                   help="NAME=DIR, a controllability run's --out (with a one-model table run in it, also ShapesEval)")
+    m.add_argument("--out", required=True, help="output folder (settings.json, settings.md)")
     args = p.parse_args(argv)
     try:
         return {"convergence": cmd_convergence, "controllability": cmd_controllability, "table": cmd_table,
                 "guidance": cmd_guidance,
-                "confusion": cmd_confusion, "data": cmd_data}[args.cmd](args)
+                "summarize": cmd_summarize, "confusion": cmd_confusion, "data": cmd_data}[args.cmd](args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

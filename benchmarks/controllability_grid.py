@@ -1,0 +1,178 @@
+"""Controllability of one model over a grid of sampler settings, time-boxed, many jobs at once.
+
+The issue's bar is Spearman rho >= 0.9 between target and measured reward for every reward
+(docs/benchmarks.md, "Controllability"). On the shipped Shapes model each reward passes at some
+sampler setting, but no setting found on the CPU passes all five, and a CPU sweep of one setting
+takes 25-55 minutes. This runs the sweeps of many settings at once (one process per reward and
+setting, `shapes_training_study.py controllability`, plus one `table` per setting for ShapesEval
+at every target 1.0), on a GPU where one is lent, in priority order until ``--budget-minutes``;
+after every finished job it rewrites ``settings.md`` / ``settings.json`` (`shapes_training_study.py
+summarize`) and packs every sweep's ``sweep.json`` and grid image into ``OUT/grid.tar.gz``, so a run
+cut short still returns what it finished.
+
+    python benchmarks/controllability_grid.py --out OUT --device cuda --jobs 8 --budget-minutes 6
+    python benchmarks/controllability_grid.py --out OUT --setting 'ac10=--reward-cfg shapes_alignment=10,shapes_counting=10'
+
+Settings are ``NAME=ARGS``: extra `shapes_training_study.py` flags (split like a shell line, never run
+through one). Every setting shares ``--stride``, ``--n-samples``, ``--steps``, ``--cfg`` (a setting may
+override them) and the score-spaced targets (``--targets score``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+STUDY = HERE / "shapes_training_study.py"
+KEYS = ("shapes_alignment", "shapes_counting", "shapes_position", "shapes_sharpness", "shapes_contrast")
+AC = "shapes_alignment={w},shapes_counting={w}"
+# Priority order. What the CPU sweeps found (docs/benchmarks.md, "Per-reward guidance scales"):
+# the default passes contrast, sharpness, position; alignment orders only when pushed together with
+# counting at 15, which flattens counting and sharpness. So: the CPU's settings again with more
+# images per target, then the scale of that push between 5 and 15, then steps, w and isolation.
+DEFAULT_SETTINGS = {
+    "default": "",
+    "ac15": "--reward-cfg " + AC.format(w=15),
+    "ac10": "--reward-cfg " + AC.format(w=10),
+    "ac7.5": "--reward-cfg " + AC.format(w=7.5),
+    "a15": "--reward-cfg shapes_alignment=15",
+    "ac10_steps50": "--reward-cfg " + AC.format(w=10) + " --steps 50",
+    "ac12.5": "--reward-cfg " + AC.format(w=12.5),
+    "w7.5": "--cfg 7.5",
+    "ac10_iso": "--reward-cfg " + AC.format(w=10) + " --negative isolate",
+    "a15c10": "--reward-cfg shapes_alignment=15,shapes_counting=10",
+}
+
+
+def parse_setting(spec: str) -> tuple[str, list[str]]:
+    name, sep, rest = spec.partition("=")
+    if not sep or not name or "/" in name or name.startswith("."):
+        raise ValueError(f"--setting {spec!r}: expected NAME=ARGS with NAME a plain folder name")
+    return name, shlex.split(rest)
+
+
+def jobs_for(name: str, extra: list[str], args) -> list[tuple[str, list[str]]]:
+    """The setting's jobs: one controllability sweep per reward, then its ShapesEval table."""
+    common = ["--stride", str(args.stride), "--n-samples", str(args.n_samples), "--steps", str(args.steps),
+              "--cfg", str(args.cfg), "--batch-size", str(args.batch_size)]
+    if args.device:
+        common += ["--device", args.device]
+    out = str(Path(args.work) / name)
+    jobs = [(f"{name}/{key}", [sys.executable, str(STUDY), "controllability", "--model", args.model, "--targets",
+                               "score", "--keys", key, "--out", out, *common, *extra]) for key in args.keys]
+    if not args.no_table:
+        table_extra = [a for a in extra if a not in ("--negative", "isolate")]  # the table's s- stays zeros
+        jobs.append((f"{name}/table", [sys.executable, str(STUDY), "table", "--model", f"{name}={args.model}",
+                                       "--out", out, *common, *table_extra]))
+    return jobs
+
+
+def pack(out: Path, work: Path, names: list[str], log) -> None:
+    """settings.md/json of what is finished, and every sweep's small files, into out (atomically)."""
+    specs = [f"--setting={n}={work / n}" for n in names if (work / n).is_dir()]
+    if not specs:
+        return
+    r = subprocess.run([sys.executable, str(STUDY), "summarize", *specs, "--out", str(out)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        log(f"summarize failed: {r.stderr.strip()[-500:]}")
+    tmp = out / "grid.tar.gz.tmp"
+    with tarfile.open(tmp, "w:gz") as tar:
+        for n in names:
+            for pattern in ("controllability/*/sweep.json", "controllability/*/grid.png", "table/table.json",
+                            "controllability/*/target_*/generation.json"):
+                for f in sorted((work / n).glob(pattern)):
+                    tar.add(f, arcname=str(f.relative_to(work)))
+    os.replace(tmp, out / "grid.tar.gz")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="where settings.md, settings.json, grid.tar.gz and log.txt go")
+    p.add_argument("--work", default="", help="image folders (resumable; default OUT/work)")
+    p.add_argument("--model", default="shapes", help=".ckpt, pipeline folder or built-in name")
+    p.add_argument("--setting", action="append", default=[], metavar="NAME=ARGS",
+                   help="a sampler setting (repeatable; default: the built-in grid, in priority order)")
+    p.add_argument("--keys", nargs="+", default=list(KEYS), choices=KEYS, help="rewards to sweep")
+    p.add_argument("--stride", type=int, default=1, help="every k-th ShapesEval prompt (1: all 300)")
+    p.add_argument("--n-samples", type=int, default=2, help="images per prompt and target")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--batch-size", type=int, default=300, help="images per pipeline call")
+    p.add_argument("--device", default="", help="generate on this device (default: CPU)")
+    p.add_argument("--jobs", type=int, default=1, help="processes at once")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per process (default: cores / jobs)")
+    p.add_argument("--budget-minutes", type=float, default=0, help="stop starting and kill jobs after this (0: none)")
+    p.add_argument("--no-table", action="store_true", help="skip ShapesEval per setting")
+    args = p.parse_args(argv)
+    try:
+        settings = dict(map(parse_setting, args.setting)) if args.setting else {
+            k: shlex.split(v) for k, v in DEFAULT_SETTINGS.items()}
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.jobs < 1:
+        print(f"error: --jobs must be >= 1; got {args.jobs}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    work = Path(args.work) if args.work else out / "work"
+    args.work = str(work)
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    logf = open(out / "log.txt", "a", encoding="utf-8")
+
+    def log(msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S', time.gmtime())}] {msg}"
+        print(line, flush=True)
+        logf.write(line + "\n")
+        logf.flush()
+
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    queue = [j for name, extra in settings.items() for j in jobs_for(name, extra, args)]
+    deadline = time.monotonic() + 60 * args.budget_minutes if args.budget_minutes > 0 else float("inf")
+    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    done = failed = 0
+    log(f"{len(settings)} settings, {len(queue)} jobs, {args.jobs} at once, {threads} threads each, "
+        f"device {args.device or 'cpu'}")
+    while queue or running:
+        while queue and len(running) < args.jobs and time.monotonic() < deadline:
+            tag, cmd = queue.pop(0)
+            fh = open(work / "logs" / (tag.replace("/", "__") + ".log"), "w", encoding="utf-8")
+            running[tag] = (subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                             start_new_session=True), time.monotonic())
+        if time.monotonic() >= deadline:
+            for tag, (proc, _) in running.items():
+                os.killpg(proc.pid, signal.SIGKILL)
+                log(f"killed {tag} at the budget")
+            log(f"budget spent; {len(queue)} jobs not started")
+            running.clear()
+            break
+        time.sleep(0.5)
+        for tag in [t for t, (proc, _) in running.items() if proc.poll() is not None]:
+            proc, t0 = running.pop(tag)
+            if proc.returncode:
+                failed += 1
+                tail = (work / "logs" / (tag.replace("/", "__") + ".log")).read_text(encoding="utf-8")[-800:]
+                log(f"FAILED {tag} (exit {proc.returncode}) after {time.monotonic() - t0:.0f} s:\n{tail}")
+            else:
+                done += 1
+                log(f"done {tag} in {time.monotonic() - t0:.0f} s")
+            pack(out, work, list(settings), log)
+    pack(out, work, list(settings), log)
+    log(f"{done} jobs done, {failed} failed")
+    if (out / "settings.md").is_file():
+        print((out / "settings.md").read_text(encoding="utf-8"), end="")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

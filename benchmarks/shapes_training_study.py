@@ -12,7 +12,8 @@ that two checkpoints are compared on exactly the same prompts and noise:
   and ``convergence.png``.
 * ``controllability`` — for each reward, its target swept over 9 values in [0, 1] (``--targets
   trained``: the values it took in training, :func:`miro.eval.sweep.trained_targets`; ``--targets
-  score``: those of evenly spaced raw scores, :func:`miro.eval.sweep.score_spaced_targets`) with the other
+  score``: those of evenly spaced raw scores, :func:`miro.eval.sweep.score_spaced_targets`; ``--targets filled``:
+  those topped up to 9 distinct values, :func:`miro.eval.sweep.filled_targets`) with the other
   targets fixed (:func:`miro.eval.sweep.run_sweep`), the reward measured by its exact Shapes
   scorer; Spearman's rho between target and the mean measured reward (and over single images).
   The negative branch's targets are all 0 (the pipeline's default) or, with ``--negative isolate``,
@@ -27,7 +28,7 @@ that two checkpoints are compared on exactly the same prompts and noise:
   ``guidance.md`` and ``guidance.png``.
 * ``summarize`` — no generation: the controllability runs of several sampler settings side by side,
   Spearman's rho of every reward, how many reach 0.9, and ShapesEval where a ``table`` run sits in the
-  same folder. Writes ``settings.json`` and ``settings.md``.
+  same folder; runs of one setting (other seeds, other targets) are pooled target by target. Writes ``settings.json`` and ``settings.md``.
 * ``confusion`` — no generation: from scored ShapesEval folders, the shape the detector found
   against the shape asked for, over the prompts that ask for one object (single object, colours).
   Writes ``confusion.json``, ``confusion.md`` and ``confusion.png``.
@@ -326,6 +327,8 @@ def cmd_controllability(args) -> int:
         if key not in pipe.coherence_keys:
             raise ValueError(f"--keys {key!r}: the model is conditioned on {list(pipe.coherence_keys)}")
         targets = DEFAULT_TARGETS if args.targets == "grid" else targets_from_bins(args.targets, pipe.reward_bins, key)
+        if args.target_values:  # a subset or extension of a sweep, pooled later (`summarize`)
+            targets = args.target_values
         kbase = base
         if args.negative == "isolate":  # s- = the positive targets with the swept reward at 0 (miro_facts.md §2)
             kbase = replace(base, negative_reward_targets=isolation_targets(base.reward_targets, key))
@@ -663,28 +666,60 @@ def _setting_label(gen: dict) -> str:
     return " ".join(parts)
 
 
-def summarize_settings(settings: dict[str, Path]) -> list[dict]:
-    """One row per setting folder (a ``controllability`` run's ``--out``, optionally with a one-model
-    ``table`` run beside it): rho per reward, how many pass, the images per target, the setting read
-    from its own ``generation.json`` and ShapesEval at every target 1.0. Rewards not (yet) swept are
-    left out of the row, so a time-boxed grid reports what it finished."""
+def pool_targets(rows: list[dict], key: str) -> list[dict]:
+    """Per-target rows of several sweeps of one reward (``sweep.json``'s ``per_target``: target, n,
+    {key: mean, std}) pooled by target: n summed, mean and (population) std of all the images."""
+    import numpy as np
+
+    by_t: dict[float, list[dict]] = {}
+    for r in rows:
+        by_t.setdefault(round(r["target"], 4), []).append(r)  # the precision of target folder names
+    out = []
+    for t, rs in sorted(by_t.items()):
+        n = np.array([r["n"] for r in rs], dtype=np.float64)
+        m = np.array([r[key]["mean"] for r in rs])
+        sd = np.array([r[key]["std"] for r in rs])
+        mean = float((n * m).sum() / n.sum())
+        var = float((n * (sd**2 + m**2)).sum() / n.sum() - mean**2)
+        out.append({"target": t, "n": int(n.sum()), "mean": mean, "std": max(var, 0.0) ** 0.5})
+    return out
+
+
+def summarize_settings(settings: dict[str, list[Path]]) -> list[dict]:
+    """One row per setting: its folders (``controllability`` runs' ``--out``, optionally with a one-model
+    ``table`` run in one of them) pooled target by target, so runs with other seeds or other targets
+    of the same setting add images or targets. A row has rho per reward over the pooled means, how
+    many pass, the images per target, the setting read from ``generation.json`` (folders whose
+    settings differ are refused) and ShapesEval at every target 1.0. Rewards not (yet) swept are left
+    out of the row, so a time-boxed grid reports what it finished."""
+    from miro.eval.sweep import spearman
+
     rows = []
-    for name, d in settings.items():
-        row, label = {"setting": name, "rho": {}, "n": {}}, None
+    for name, dirs in settings.items():
+        row, labels = {"setting": name, "rho": {}, "n": {}, "curves": {}}, {}
         for key in SHAPES_KEYS:
-            sweep = d / "controllability" / key / "sweep.json"
-            if not sweep.is_file():
+            per_target = []
+            for d in dirs:
+                sweep = d / "controllability" / key / "sweep.json"
+                if not sweep.is_file():
+                    continue
+                s = json.loads(sweep.read_text(encoding="utf-8"))
+                per_target += s["per_target"]
+                gen = d / "controllability" / key / f"target_{s['targets'][0]:.4f}" / "generation.json"
+                labels[str(d)] = _setting_label(json.loads(gen.read_text(encoding="utf-8"))["config"])
+            if not per_target:
                 continue
-            s = json.loads(sweep.read_text(encoding="utf-8"))
-            row["rho"][key] = s["spearman_means"][key]
-            row["n"][key] = min(r["n"] for r in s["per_target"])
-            gen = d / "controllability" / key / f"target_{s['targets'][0]:.4f}" / "generation.json"
-            label = label or _setting_label(json.loads(gen.read_text(encoding="utf-8"))["config"])
-        tables = sorted(d.glob("table/table.json"))
+            pooled = pool_targets(per_target, key)
+            row["curves"][key] = pooled
+            row["rho"][key] = spearman([p["target"] for p in pooled], [p["mean"] for p in pooled])
+            row["n"][key] = min(p["n"] for p in pooled)
+        if len(set(labels.values())) > 1:
+            raise ValueError(f"setting {name!r} pools folders of different settings: {labels}")
+        tables = sorted(t for d in dirs for t in d.glob("table/table.json"))
         if tables:
             t = json.loads(tables[0].read_text(encoding="utf-8"))[0]
             row["shapes_eval"], row["se_shapes_eval"] = t["shapes_eval"], t["se_shapes_eval"]
-        row["label"] = label or ""
+        row["label"] = next(iter(labels.values()), "")
         row["passed"] = sum(r >= CONTROL_TARGET for r in row["rho"].values())
         rows.append(row)
     return rows
@@ -707,12 +742,12 @@ def settings_markdown(rows: list[dict]) -> str:
 def cmd_summarize(args) -> int:
     from miro.io import atomic_write_text
 
-    settings = {}
+    settings: dict[str, list[Path]] = {}
     for spec in args.setting:
         name, sep, d = spec.partition("=")
         if not sep or not name or not Path(d).is_dir():
             raise ValueError(f"--setting {spec!r}: expected NAME=DIR with DIR an existing folder")
-        settings[name] = Path(d)
+        settings.setdefault(name, []).append(Path(d))
     rows = summarize_settings(settings)
     out = Path(args.out)
     atomic_write_json(out / "settings.json", rows)
@@ -762,9 +797,12 @@ def main(argv=None) -> int:
     k.add_argument("--model", required=True, help=".ckpt, pipeline folder or built-in name")
     k.add_argument("--keys", nargs="*", help="rewards to sweep (default: all the model's)")
     k.add_argument("--others", type=float, default=1.0, help="target of the rewards not swept")
-    k.add_argument("--targets", choices=("grid", "trained", "score"), default="grid",
+    k.add_argument("--targets", choices=("grid", "trained", "score", "filled"), default="grid",
                    help="grid: 0, 0.125, ..., 1; trained: the values each reward took in training (<= 9); "
-                        "score: the values of 9 raw scores evenly spaced over the reward's range")
+                        "score: the values of 9 raw scores evenly spaced over the reward's range; filled: "
+                        "those topped up to 9 distinct values by halving the widest gaps")
+    k.add_argument("--target-values", type=lambda t: _floats(t, "--target-values"), default=None,
+                   help="comma-separated targets to sweep instead (>= 2; e.g. the ones a pooled run lacks)")
     k.add_argument("--negative", choices=("zeros", "isolate"), default="zeros",
                    help="negative branch's reward targets: zeros (the pipeline's default) or isolate (the "
                         "positive targets with the swept reward at 0, the project page's per-reward isolation)")
@@ -792,7 +830,8 @@ def main(argv=None) -> int:
     d.add_argument("--out", default="", help="also write data.json and data.md here")
     m = sub.add_parser("summarize", help="no generation: controllability (and ShapesEval) of several sampler settings")
     m.add_argument("--setting", action="append", required=True,
-                   help="NAME=DIR, a controllability run's --out (with a one-model table run in it, also ShapesEval)")
+                   help="NAME=DIR, a controllability run's --out (with a one-model table run in it, also ShapesEval); "
+                        "folders given one NAME are pooled target by target")
     m.add_argument("--out", required=True, help="output folder (settings.json, settings.md)")
     args = p.parse_args(argv)
     try:

@@ -128,6 +128,9 @@ def test_controllability_negative_branch(tmp_path, monkeypatch, negative):
         assert neg == ({} if negative == "zeros" else {**pos, key: 0.0})
         assert targets == [i / 8 for i in range(9)]
     summary = json.loads((tmp_path / "controllability" / "controllability.json").read_text())
+    assert study.main(["controllability", "--model", "m", "--out", str(tmp_path / "v"), "--keys", keys[0],
+                       "--target-values", "0.3,0.6"]) == 0
+    assert seen[keys[0]][2] == [0.3, 0.6]  # explicit targets replace the grid
     assert summary["negative"] == negative and set(summary["rewards"]) == set(keys)
     assert summary["reward_cfg"] == {"shapes_counting": 12.0}
     assert summary["rewards"]["shapes_counting"]["se"] == [0.25] * 9  # std / sqrt(n)
@@ -260,3 +263,69 @@ def test_table_passes_both_branches_targets_to_the_generator(tmp_path, monkeypat
     assert json.loads((tmp_path / "table" / "table.json").read_text())[0]["model"] == "b"
     assert study.main(["table", "--out", str(tmp_path), "--model", "c=x", "--negative-reward", "shapes_contrast"]) == 2
     assert "--negative-reward 'shapes_contrast': expected KEY=VALUE" in capsys.readouterr().err
+
+
+def _fake_sweep(d: Path, key: str, per_target: list[tuple[float, int, float, float]], gen: dict) -> None:
+    """A controllability run's files for one reward: sweep.json (target, n, mean, std) and the first
+    target's generation.json."""
+    import json
+
+    k = d / "controllability" / key
+    k.mkdir(parents=True, exist_ok=True)
+    rows = [{"target": t, "n": n, key: {"mean": m, "std": s}} for t, n, m, s in per_target]
+    (k / "sweep.json").write_text(json.dumps({"swept": key, "targets": [r[0] for r in per_target], "per_target": rows}))
+    first = k / f"target_{per_target[0][0]:.4f}"
+    first.mkdir(exist_ok=True)
+    (first / "generation.json").write_text(json.dumps({"config": gen}))
+
+
+def test_pool_targets_equals_the_statistics_of_all_images():
+    import numpy as np
+
+    import shapes_training_study as study
+
+    rng = np.random.default_rng(0)
+    a, b, c = rng.random(5), rng.random(7), rng.random(3)
+    rows = [{"target": 0.5, "n": len(a), "k": {"mean": a.mean(), "std": a.std()}},
+            {"target": 1.0, "n": len(c), "k": {"mean": c.mean(), "std": c.std()}},
+            {"target": 0.50001, "n": len(b), "k": {"mean": b.mean(), "std": b.std()}}]  # same folder name
+    pooled = study.pool_targets(rows, "k")
+    ab = np.concatenate([a, b])
+    assert [p["target"] for p in pooled] == [0.5, 1.0] and [p["n"] for p in pooled] == [12, 3]
+    assert pooled[0]["mean"] == pytest.approx(ab.mean()) and pooled[0]["std"] == pytest.approx(ab.std())
+    assert pooled[1]["mean"] == pytest.approx(c.mean()) and pooled[1]["std"] == pytest.approx(c.std())
+
+
+def test_summarize_pools_folders_of_one_setting_and_refuses_mixed_ones(tmp_path):
+    import json
+
+    import shapes_training_study as study
+
+    gen = {"cfg": 5.0, "steps": 25, "reward_cfg": None, "reward_direction": "prompt", "negative_reward_targets": {},
+           "seed": 0, "n_samples": 2}
+    key = "shapes_alignment"
+    # Run 1: targets 0, 0.5, 1 with 0.5 out of order; run 2 (another seed) pulls 0.5 back into order
+    # and adds target 0.75: pooled means 0.2, 0.4, 0.6, 0.8.
+    _fake_sweep(tmp_path / "r1", key, [(0.0, 100, 0.2, 0.1), (0.5, 100, 0.1, 0.1), (1.0, 100, 0.8, 0.1)], gen)
+    _fake_sweep(tmp_path / "r2", key, [(0.5, 300, 0.5, 0.1), (0.75, 50, 0.6, 0.1)], {**gen, "seed": 2})
+    _fake_sweep(tmp_path / "r1", "shapes_counting", [(0.0, 10, 0.9, 0.0), (1.0, 10, 0.1, 0.0)], gen)
+    (tmp_path / "r1" / "table").mkdir()
+    (tmp_path / "r1" / "table" / "table.json").write_text(json.dumps([{"shapes_eval": 0.37, "se_shapes_eval": 0.015}]))
+    one, pooled = study.summarize_settings({"one": [tmp_path / "r1"], "pooled": [tmp_path / "r1", tmp_path / "r2"]})
+    assert one["rho"][key] == pytest.approx(0.5) and one["rho"]["shapes_counting"] == pytest.approx(-1.0)
+    assert one["passed"] == 0 and one["n"] == {key: 100, "shapes_counting": 10}
+    assert pooled["rho"][key] == pytest.approx(1.0) and pooled["passed"] == 1 and pooled["n"][key] == 50
+    assert [p["mean"] for p in pooled["curves"][key]] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert pooled["shapes_eval"] == 0.37 and pooled["label"] == "w=5 steps=25"
+    assert set(pooled["rho"]) == {key, "shapes_counting"}  # rewards never swept are left out
+    md = study.settings_markdown([one, pooled])
+    assert "| pooled: w=5 steps=25 | **1.00** | -1.00 | – | – | – | 1/2 | 10/50 | 0.370 ± 0.015 |" in md
+    _fake_sweep(tmp_path / "r3", key, [(0.0, 10, 0.2, 0.1), (1.0, 10, 0.3, 0.1)],
+                {**gen, "reward_cfg": {"shapes_alignment": 15.0}, "negative_reward_targets": {key: 0.0}})
+    assert study.summarize_settings({"x": [tmp_path / "r3"]})[0]["label"] == "w=5 steps=25 w_r=alignment=15 s-=isolate"
+    with pytest.raises(ValueError, match="pools folders of different settings"):
+        study.summarize_settings({"mixed": [tmp_path / "r1", tmp_path / "r3"]})
+    assert study.main(["summarize", "--setting", f"p={tmp_path / 'r1'}", "--setting", f"p={tmp_path / 'r2'}",
+                       "--out", str(tmp_path / "s")]) == 0
+    assert json.loads((tmp_path / "s" / "settings.json").read_text())[0]["passed"] == 1
+    assert study.main(["summarize", "--setting", "p", "--out", str(tmp_path / "s")]) == 2

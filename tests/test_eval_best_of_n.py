@@ -149,6 +149,21 @@ def test_score_spaced_targets_follow_the_score_not_the_quantiles():
         S.score_spaced_targets(bins, "c", n=1)
 
 
+def test_filled_targets_top_up_the_score_targets_by_halving_the_widest_gap():
+    from miro.rewards.binning import RewardBins
+
+    skew = [0.0, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0]
+    bins = RewardBins(8, {"s": skew, "c": list(np.linspace(0, 1, 9))})
+    # [0, 1] -> 0.5 -> two equal gaps, the lower halved first -> 0.75 fills the widest one left.
+    assert S.filled_targets(bins, "s", n=5) == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    # Eight distinct score targets i/7: one more, in the first of the equal gaps (up to rounding).
+    assert S.filled_targets(bins, "c") == pytest.approx([0.0, 1 / 14] + [i / 7 for i in range(1, 8)], abs=1e-6)
+    for key in ("s", "c"):  # every score target kept, n distinct sorted values
+        ts = S.filled_targets(bins, key)
+        assert len(set(ts)) == 9 and ts == sorted(ts) and set(S.score_spaced_targets(bins, key)) <= set(ts)
+    assert S.targets_from_bins("filled", bins, "s") == S.filled_targets(bins, "s")
+
+
 def test_targets_from_bins_names_the_grid_and_needs_bins():
     from miro.rewards.binning import RewardBins
 

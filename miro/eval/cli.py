@@ -355,8 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--geneval", action="store_true", help="also score every target GenEval-style (as the paper's sweep)")
     _add_geneval(p)
     p.add_argument("--targets", default="0,0.125,0.25,0.375,0.5,0.625,0.75,0.875,1",
-                   help="comma-separated targets, or 'score' (the targets of evenly spaced raw scores) or "
-                        "'trained' (the values seen in training), both from the model's reward_bins.json")
+                   help="comma-separated targets, or 'score' (the targets of evenly spaced raw scores), 'filled' "
+                        "(those topped up to 9 distinct values) or 'trained' (the values seen in training), all "
+                        "from the model's reward_bins.json")
     _scorers_arg(p)
     p.set_defaults(fn=cmd_sweep)
 

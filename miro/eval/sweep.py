@@ -85,8 +85,25 @@ def score_spaced_targets(bins, key: str, n: int = len(DEFAULT_TARGETS)) -> list[
     return sorted({round(float(v), 6) for v in bins.value(key, np.linspace(e[0], e[-1], n))})
 
 
-# Target grids derived from a model's reward bins, by name (``--targets score|trained``).
-BIN_TARGETS = {"score": score_spaced_targets, "trained": trained_targets}
+def filled_targets(bins, key: str, n: int = len(DEFAULT_TARGETS)) -> list[float]:
+    """``score_spaced_targets`` topped up to ``n`` distinct values: while fewer, the widest gap
+    between neighbours is halved (the lowest of equal gaps first).
+
+    Merging duplicates can leave a skewed reward 6-7 targets (Shapes alignment: 0, five values
+    below 0.21, and 1.0), fewer than the >= 9 a controllability number is taken over; the values
+    added sit where the data has no bin (between 0.21 and 1.0 there), so they also test that the
+    model's response between trained values keeps its order.
+    """
+    ts = score_spaced_targets(bins, key, n)
+    while len(ts) < n:
+        gaps = [b - a for a, b in zip(ts, ts[1:])]
+        i = next(j for j, g in enumerate(gaps) if g >= max(gaps) - 1e-5)  # ts are rounded to 1e-6
+        ts.insert(i + 1, round((ts[i] + ts[i + 1]) / 2, 6))
+    return ts
+
+
+# Target grids derived from a model's reward bins, by name (``--targets score|filled|trained``).
+BIN_TARGETS = {"score": score_spaced_targets, "filled": filled_targets, "trained": trained_targets}
 
 
 def targets_from_bins(kind: str, bins, key: str) -> list[float]:

@@ -7,8 +7,8 @@ takes 25-55 minutes. This runs the sweeps of many settings at once (one process 
 setting, `shapes_training_study.py controllability`, plus one `table` per setting for ShapesEval
 at every target 1.0), on a GPU where one is lent, in priority order until ``--budget-minutes``;
 after every finished job it rewrites ``settings.md`` / ``settings.json`` (`shapes_training_study.py
-summarize`) and packs every sweep's ``sweep.json`` and grid image into ``OUT/grid.tar.gz``, so a run
-cut short still returns what it finished.
+summarize`) and packs every sweep's ``sweep.json`` and grid image, and each setting's curves, into
+``OUT/grid.tar.gz``, so a run cut short still returns what it finished, in four files.
 
     python benchmarks/controllability_grid.py --out OUT --device cuda --jobs 8 --budget-minutes 6
     python benchmarks/controllability_grid.py --out OUT --setting 'ac10=--reward-cfg shapes_alignment=10,shapes_counting=10'
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,12 +81,19 @@ def pack(out: Path, work: Path, names: list[str], log) -> None:
     specs = [f"--setting={n}={work / n}" for n in names if (work / n).is_dir()]
     if not specs:
         return
-    r = subprocess.run([sys.executable, str(STUDY), "summarize", *specs, "--out", str(out)],
+    summary = work / "summary"  # its plots go in the tarball: a GPU box returns only a few files
+    r = subprocess.run([sys.executable, str(STUDY), "summarize", *specs, "--out", str(summary)],
                        capture_output=True, text=True)
     if r.returncode:
         log(f"summarize failed: {r.stderr.strip()[-500:]}")
+    for name in ("settings.md", "settings.json"):
+        if (summary / name).is_file():
+            shutil.copyfile(summary / name, out / (name + ".tmp"))
+            os.replace(out / (name + ".tmp"), out / name)
     tmp = out / "grid.tar.gz.tmp"
     with tarfile.open(tmp, "w:gz") as tar:
+        for f in sorted(summary.glob("*.png")):
+            tar.add(f, arcname=f"summary/{f.name}")
         for n in names:
             for pattern in ("controllability/*/sweep.json", "controllability/*/grid.png", "table/table.json",
                             "controllability/*/target_*/generation.json"):

@@ -28,7 +28,8 @@ that two checkpoints are compared on exactly the same prompts and noise:
   ``guidance.md`` and ``guidance.png``.
 * ``summarize`` — no generation: the controllability runs of several sampler settings side by side,
   Spearman's rho of every reward, how many reach 0.9, and ShapesEval where a ``table`` run sits in the
-  same folder; runs of one setting (other seeds, other targets) are pooled target by target. Writes ``settings.json`` and ``settings.md``.
+  same folder; runs of one setting (other seeds, other targets) are pooled target by target. Writes
+  ``settings.json``, ``settings.md`` and ``<setting>_controllability.png`` (the pooled curves).
 * ``confusion`` — no generation: from scored ShapesEval folders, the shape the detector found
   against the shape asked for, over the prompts that ask for one object (single object, colours).
   Writes ``confusion.json``, ``confusion.md`` and ``confusion.png``.
@@ -752,6 +753,11 @@ def cmd_summarize(args) -> int:
     out = Path(args.out)
     atomic_write_json(out / "settings.json", rows)
     atomic_write_text(out / "settings.md", settings_markdown(rows))
+    for r in rows:  # the pooled curves of each setting, as `controllability` draws one run's
+        if r["curves"]:
+            _plot_controllability({k: {"targets": [p["target"] for p in c], "means": [p["mean"] for p in c],
+                                       "se": [p["std"] / p["n"] ** 0.5 for p in c], "spearman_means": r["rho"][k]}
+                                   for k, c in r["curves"].items()}, out / f"{r['setting']}_controllability.png")
     print(settings_markdown(rows), end="")
     return 0
 

@@ -328,4 +328,5 @@ def test_summarize_pools_folders_of_one_setting_and_refuses_mixed_ones(tmp_path)
     assert study.main(["summarize", "--setting", f"p={tmp_path / 'r1'}", "--setting", f"p={tmp_path / 'r2'}",
                        "--out", str(tmp_path / "s")]) == 0
     assert json.loads((tmp_path / "s" / "settings.json").read_text())[0]["passed"] == 1
+    assert (tmp_path / "s" / "p_controllability.png").stat().st_size > 0  # the pooled curves
     assert study.main(["summarize", "--setting", "p", "--out", str(tmp_path / "s")]) == 2

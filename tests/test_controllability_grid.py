@@ -37,7 +37,9 @@ def test_grid_runs_sweeps_and_tables_then_summarizes_and_packs(tmp_path):
         assert 0 <= row["shapes_eval"] <= 1  # its table job ran (zero s- even for the isolate setting)
     with tarfile.open(out / "grid.tar.gz") as tar:
         names = set(tar.getnames())
-    assert {"default/controllability/shapes_sharpness/sweep.json", "iso/table/table.json"} <= names
+    assert {"default/controllability/shapes_sharpness/sweep.json", "iso/table/table.json",
+            "summary/iso_controllability.png"} <= names
+    assert sorted(p.name for p in out.iterdir()) == ["grid.tar.gz", "log.txt", "settings.json", "settings.md"]
     assert not any(n.endswith(".png") and "/samples/" in n for n in names)  # no images but the grids
     log = (out / "log.txt").read_text()
     assert log.count("done ") == 4 and "0 failed" in log

@@ -47,6 +47,8 @@ SAMPLE_BATCHES=${SAMPLE_BATCHES:-1 64} # release sampling rows ("" skips them)
 BENCH_ITERS=${BENCH_ITERS:-20}
 SENS_IMAGES=${SENS_IMAGES:-200}        # 0 skips the caption-sensitivity check
 MODULE_STEPS=${MODULE_STEPS:-10}       # bench_train.py on the device: the module's step and the loader (0 skips)
+TRAIN_THREADS=${TRAIN_THREADS:-4}      # torch threads of each training process and of bench_train.py on the GPU
+                                       # (computer=gpu1 leaves torch's default: every core, in each of the runs)
 PAIR=${PAIR:-0}                        # 1: also the from-scratch MIRO/baseline pair (steps 4 and 6)
 PAIR_POINTS=${PAIR_POINTS:-6}          # checkpoints per pair run, each scored on ShapesEval
 EVAL_STRIDE=${EVAL_STRIDE:-3}          # every k-th ShapesEval prompt (3: 100 prompts), 2 images each
@@ -69,7 +71,7 @@ DEVICE=$($PY -c 'import torch; print("cuda" if torch.cuda.is_available() else "c
 log "device $DEVICE, $NPROC cores, work folder $WORK"
 if [ "$DEVICE" = cuda ]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
-    COMPUTER=(computer=gpu1)
+    COMPUTER=(computer=gpu1 "computer.threads=$TRAIN_THREADS")
     PRECISION=bf16
 else  # a smoke run: fp32 (CPU bf16 autocast is slow without native bf16 units)
     COMPUTER=(computer=cpu "computer.threads=$(( NPROC < 2 ? 1 : 2 ))")
@@ -116,7 +118,7 @@ Path(sys.argv[2]).write_text(json.dumps(rows, indent=1))
 EOF
 if [ "$MODULE_STEPS" -gt 0 ]; then
     step $PY benchmarks/bench_train.py --data "$WORK/data" --device "$DEVICE" --steps "$MODULE_STEPS" --warmup 3 \
-        --load-batches "$MODULE_STEPS" --threads 4 "data.global_batch_size=$BATCH" "data.num_workers=$LOADERS"
+        --load-batches "$MODULE_STEPS" --threads "$TRAIN_THREADS" "data.global_batch_size=$BATCH" "data.num_workers=$LOADERS"
 fi
 
 # 4. training, inside what is left of the budget

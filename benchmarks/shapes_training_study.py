@@ -476,6 +476,16 @@ def _floats(text: str, name: str) -> list[float]:
     return vals
 
 
+def _target_values(text: str) -> list[float]:
+    """``--target-values``: >= 2 distinct comma-separated numbers in [0, 1] (an argparse ``type``)."""
+    from miro.eval.sweep import check_targets
+
+    try:
+        return check_targets(_floats(text, "--target-values"))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def cmd_guidance(args) -> int:
     """One model over a grid of sampler settings: guidance scale x Euler steps x time shift.
 
@@ -727,6 +737,7 @@ def summarize_settings(settings: dict[str, list[Path]]) -> list[dict]:
 
 
 def settings_markdown(rows: list[dict]) -> str:
+    """``summarize_settings`` rows as a table: rho per reward (bold where it reaches the bar)."""
     head = ("| setting | " + " | ".join(k.removeprefix("shapes_") for k in SHAPES_KEYS)
             + f" | rho >= {CONTROL_TARGET} | images per target | ShapesEval (targets 1.0) |")
     lines = [head, "|" + "---|" * (len(SHAPES_KEYS) + 4)]
@@ -807,7 +818,7 @@ def main(argv=None) -> int:
                    help="grid: 0, 0.125, ..., 1; trained: the values each reward took in training (<= 9); "
                         "score: the values of 9 raw scores evenly spaced over the reward's range; filled: "
                         "those topped up to 9 distinct values by halving the widest gaps")
-    k.add_argument("--target-values", type=lambda t: _floats(t, "--target-values"), default=None,
+    k.add_argument("--target-values", type=_target_values, default=None,
                    help="comma-separated targets to sweep instead (>= 2; e.g. the ones a pooled run lacks)")
     k.add_argument("--negative", choices=("zeros", "isolate"), default="zeros",
                    help="negative branch's reward targets: zeros (the pipeline's default) or isolate (the "

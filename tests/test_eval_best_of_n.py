@@ -162,6 +162,8 @@ def test_filled_targets_top_up_the_score_targets_by_halving_the_widest_gap():
         ts = S.filled_targets(bins, key)
         assert len(set(ts)) == 9 and ts == sorted(ts) and set(S.score_spaced_targets(bins, key)) <= set(ts)
     assert S.targets_from_bins("filled", bins, "s") == S.filled_targets(bins, "s")
+    flat = RewardBins(8, {"f": [0.5] * 9})  # one training value: the sweep still spans 0 -> 1
+    assert S.filled_targets(flat, "f", n=3) == pytest.approx([0.0, 0.5, 1.0])
 
 
 def test_targets_from_bins_names_the_grid_and_needs_bins():

@@ -94,7 +94,7 @@ def filled_targets(bins, key: str, n: int = len(DEFAULT_TARGETS)) -> list[float]
     added sit where the data has no bin (between 0.21 and 1.0 there), so they also test that the
     model's response between trained values keeps its order.
     """
-    ts = score_spaced_targets(bins, key, n)
+    ts = sorted(set(score_spaced_targets(bins, key, n)) | {0.0, 1.0})  # a sweep spans 0 -> 1
     while len(ts) < n:
         gaps = [b - a for a, b in zip(ts, ts[1:])]
         i = next(j for j, g in enumerate(gaps) if g >= max(gaps) - 1e-5)  # ts are rounded to 1e-6

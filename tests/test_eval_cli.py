@@ -116,6 +116,10 @@ def test_sweep_targets_from_the_model_bins(shapes_pipeline_dir, tmp_path):
     assert cli.main(args + ["--model", str(model), "--outdir", str(tmp_path / "s")]) == 0
     res = json.loads((tmp_path / "s" / "sweep.json").read_text())
     assert res["targets"] == score_spaced_targets(bins, "shapes_contrast") == [0.0, 1.0]
+    # filled: the same two, topped up to nine by halving the widest gaps
+    filled = args[:-1] + ["filled", "--model", str(model), "--outdir", str(tmp_path / "f")]
+    assert cli.main(filled) == 0
+    assert json.loads((tmp_path / "f" / "sweep.json").read_text())["targets"] == pytest.approx([i / 8 for i in range(9)])
 
 
 def test_all_on_cure_prompts_reports_mia_deltas(shapes_pipeline_dir, shared_data, tmp_path, capsys):

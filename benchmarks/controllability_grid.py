@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -39,6 +38,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 STUDY = HERE / "shapes_training_study.py"
+sys.path.insert(0, str(HERE))
+import shapes_training_study as study  # noqa: E402
 KEYS = ("shapes_alignment", "shapes_counting", "shapes_position", "shapes_sharpness", "shapes_contrast")
 AC = "shapes_alignment={w},shapes_counting={w}"
 # Priority order. What the GPU run of 2026-12-04 found (docs/benchmarks.md, "Controllability with more
@@ -83,18 +84,18 @@ def jobs_for(name: str, extra: list[str], args) -> list[tuple[str, list[str]]]:
 
 def pack(out: Path, work: Path, names: list[str], log) -> None:
     """settings.md/json of what is finished, and every sweep's small files, into out (atomically)."""
-    specs = [f"--setting={n.partition('+')[0]}={work / n}" for n in names if (work / n).is_dir()]
-    if not specs:
+    settings: dict[str, list[Path]] = {}
+    for n in names:
+        if (work / n).is_dir():
+            settings.setdefault(n.partition("+")[0], []).append(work / n)
+    if not settings:
         return
-    summary = work / "summary"  # its plots go in the tarball: a GPU box returns only a few files
-    r = subprocess.run([sys.executable, str(STUDY), "summarize", *specs, "--out", str(summary)],
-                       capture_output=True, text=True)
-    if r.returncode:
-        log(f"summarize failed: {r.stderr.strip()[-500:]}")
-    for name in ("settings.md", "settings.json"):
-        if (summary / name).is_file():
-            shutil.copyfile(summary / name, out / (name + ".tmp"))
-            os.replace(out / (name + ".tmp"), out / name)
+    summary = work / "summary"  # the plots go in the tarball: a GPU box returns only a few files
+    summary.mkdir(exist_ok=True)
+    try:
+        study.write_summary(settings, out, plots=summary)
+    except (ValueError, OSError, KeyError) as e:  # a report that fails must not stop the grid
+        log(f"summarize failed: {e!r}")
     tmp = out / "grid.tar.gz.tmp"
     with tarfile.open(tmp, "w:gz") as tar:
         for f in sorted(summary.glob("*.png")):

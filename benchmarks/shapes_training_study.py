@@ -327,9 +327,12 @@ def cmd_controllability(args) -> int:
     for key in args.keys or pipe.coherence_keys:
         if key not in pipe.coherence_keys:
             raise ValueError(f"--keys {key!r}: the model is conditioned on {list(pipe.coherence_keys)}")
-        targets = DEFAULT_TARGETS if args.targets == "grid" else targets_from_bins(args.targets, pipe.reward_bins, key)
         if args.target_values:  # a subset or extension of a sweep, pooled later (`summarize`)
             targets = args.target_values
+        elif args.targets == "grid":
+            targets = DEFAULT_TARGETS
+        else:
+            targets = targets_from_bins(args.targets, pipe.reward_bins, key)
         kbase = base
         if args.negative == "isolate":  # s- = the positive targets with the swept reward at 0 (miro_facts.md §2)
             kbase = replace(base, negative_reward_targets=isolation_targets(base.reward_targets, key))
@@ -751,25 +754,32 @@ def settings_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cmd_summarize(args) -> int:
+def write_summary(settings: dict[str, list[Path]], out: Path, plots: Path | None = None) -> str:
+    """``summarize_settings`` written to ``out`` (settings.json, settings.md) with each setting's
+    pooled curves as ``<setting>_controllability.png`` in ``plots`` (default: ``out``); returns the
+    markdown table."""
     from miro.io import atomic_write_text
 
+    rows = summarize_settings(settings)
+    md = settings_markdown(rows)
+    atomic_write_json(out / "settings.json", rows)
+    atomic_write_text(out / "settings.md", md)
+    for r in rows:  # the pooled curves of each setting, as `controllability` draws one run's
+        if r["curves"]:
+            _plot_controllability({k: {"targets": [p["target"] for p in c], "means": [p["mean"] for p in c],
+                                       "se": [p["std"] / p["n"] ** 0.5 for p in c], "spearman_means": r["rho"][k]}
+                                   for k, c in r["curves"].items()}, (plots or out) / f"{r['setting']}_controllability.png")
+    return md
+
+
+def cmd_summarize(args) -> int:
     settings: dict[str, list[Path]] = {}
     for spec in args.setting:
         name, sep, d = spec.partition("=")
         if not sep or not name or not Path(d).is_dir():
             raise ValueError(f"--setting {spec!r}: expected NAME=DIR with DIR an existing folder")
         settings.setdefault(name, []).append(Path(d))
-    rows = summarize_settings(settings)
-    out = Path(args.out)
-    atomic_write_json(out / "settings.json", rows)
-    atomic_write_text(out / "settings.md", settings_markdown(rows))
-    for r in rows:  # the pooled curves of each setting, as `controllability` draws one run's
-        if r["curves"]:
-            _plot_controllability({k: {"targets": [p["target"] for p in c], "means": [p["mean"] for p in c],
-                                       "se": [p["std"] / p["n"] ** 0.5 for p in c], "spearman_means": r["rho"][k]}
-                                   for k, c in r["curves"].items()}, out / f"{r['setting']}_controllability.png")
-    print(settings_markdown(rows), end="")
+    print(write_summary(settings, Path(args.out)), end="")
     return 0
 
 

@@ -89,7 +89,7 @@ def filled_targets(bins, key: str, n: int = len(DEFAULT_TARGETS)) -> list[float]
     """``score_spaced_targets`` topped up to ``n`` distinct values: while fewer, the widest gap
     between neighbours is halved (the lowest of equal gaps first).
 
-    Merging duplicates can leave a skewed reward 6-7 targets (Shapes alignment: 0, five values
+    Merging duplicates can leave a skewed reward 6-8 targets (Shapes alignment: 0, five values
     below 0.21, and 1.0), fewer than the >= 9 a controllability number is taken over; the values
     added sit where the data has no bin (between 0.21 and 1.0 there), so they also test that the
     model's response between trained values keeps its order.

@@ -10,7 +10,7 @@ at every target 1.0), on a GPU where one is lent, in priority order until ``--bu
 after every finished job it rewrites ``settings.md`` / ``settings.json`` (`shapes_training_study.py
 summarize`) and packs every sweep's ``sweep.json`` and grid image, and each setting's curves, into
 ``OUT/grid.tar.gz``, so a run cut short still returns what it finished, in four files. The
-detector-based scorers (numpy, ~58 ms per image on one core), not the GPU, set the pace: give each
+detector-based scorers (numpy, ~46 ms per generated image on one core), not the GPU, set the pace: give each
 job one thread and run about as many jobs as cores.
 
     python benchmarks/controllability_grid.py --out OUT --device cuda --jobs 8 --budget-minutes 6

@@ -122,6 +122,10 @@ class ShapesDetector:
     def batch(self, images) -> list[list[Detection]]:
         return [self(im) for im in images]
 
+    def cache_clear(self) -> None:
+        """Forget every cached detection (a benchmark's repeated runs must each detect)."""
+        self._cache.clear()
+
 
 def detect_array(img: np.ndarray, cfg: DetectorConfig | None = None) -> list[Detection]:
     """Detect objects in a (H, W, 3) float image in [0, 1]."""

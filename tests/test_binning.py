@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from miro.rewards.binning import RewardBins, bin_index, bin_values, quantile_edges
+from miro.rewards.binning import RewardBins, bin_index, bin_span, bin_values, quantile_edges
 
 
 def test_uniform_scores_give_uniform_bins():
@@ -69,3 +69,49 @@ def test_bad_input():
         RewardBins(4, {"a": [0, 1, 2]})
     with pytest.raises(ValueError, match="no bin edges for reward 'zz'"):
         RewardBins(4, {"a": [0, 1, 2, 3, 4]}).value("zz", 1.0)
+
+
+def test_spread_ties_closed_form_and_draws():
+    # The 8-bin discrete reward above: 0.0 spans bins 0-1, 0.5 bins 1-3, 1.0 bins 3-7.
+    b = RewardBins(8, {"r": [0.0, 0.0, 0.5, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0]}, ties="spread")
+    lo, hi = bin_span(b.edges["r"], [0.0, 0.5, 1.0])
+    assert lo.tolist() == [0, 1, 3] and hi.tolist() == [1, 3, 7]
+    # Quantile positions drawn from [0, 1.5), [1.5, 3.5) and [3.5, 8): the end bins of a run are
+    # half-weighted except at the data's extremes. Expected bins 1/3, 2 and 23.5/4.5.
+    np.testing.assert_allclose(b.value("r", np.array([0.0, 0.5, 1.0])), [1 / 21, 2 / 7, 23.5 / 4.5 / 7])
+    rng = np.random.default_rng(0)
+    draws = np.rint(b.value("r", np.full(45_000, 1.0), rng) * 7).astype(int)
+    freq = np.bincount(draws, minlength=8) / 45_000
+    np.testing.assert_allclose(freq, [0, 0, 0, 1 / 9, 2 / 9, 2 / 9, 2 / 9, 2 / 9], atol=0.01)
+    assert math.isnan(b.value("r", float("nan"), rng))
+    # the best and worst scores reach the extreme values 1.0 and 0.0 without a pin
+    assert b.value("r", np.full(200, 1.0), rng).max() == 1.0 and b.value("r", np.full(200, 0.0), rng).min() == 0.0
+    # trained values: every bin under spread, three values under midrank
+    assert b.trained_values("r") == [i / 7 for i in range(8)]
+    assert RewardBins(8, b.edges).trained_values("r") == [0.0, 2 / 7, 1.0]
+
+
+def test_spread_makes_a_discrete_reward_uniform_and_leaves_continuous_scores_alone():
+    rng = np.random.default_rng(1)
+    # 84 % perfect scores, the rest on six levels (the shape of Shapes counting)
+    x = np.where(rng.random(20_000) < 0.84, 1.0, rng.integers(0, 6, 20_000) / 6)
+    mid, spread = RewardBins.fit({"c": x}, 16), RewardBins.fit({"c": x}, 16, ties="spread")
+    h_mid = np.bincount(np.rint(mid.value("c", x) * 15).astype(int), minlength=16) / x.size
+    h_spread = np.bincount(np.rint(spread.value("c", x, rng) * 15).astype(int), minlength=16) / x.size
+    assert h_mid.max() > 0.8 and (h_mid > 0).sum() <= 7  # one value holds the perfect scores
+    assert np.all(np.abs(h_spread - 1 / 16) < 0.01)  # near-uniform over all 16 bins
+    assert np.all(np.diff(spread.value("c", np.unique(x))) >= 0)  # expected values keep the order
+    # a continuous reward: no score equals an edge, so the two rules agree, draw or not
+    y = rng.normal(size=5_000)
+    c_mid, c_spread = RewardBins.fit({"y": y}, 64), RewardBins.fit({"y": y}, 64, ties="spread")
+    z = rng.normal(size=2_000) * 2
+    np.testing.assert_array_equal(c_mid.value("y", z), c_spread.value("y", z))
+    np.testing.assert_array_equal(c_mid.value("y", z), c_spread.value("y", z, rng))
+
+
+def test_tie_rule_round_trip_and_bad_rule(tmp_path):
+    b = RewardBins(4, {"a": [0, 0, 0, 1, 1]}, ties="spread")
+    assert RewardBins.load(b.save(tmp_path / "b.json")).ties == "spread"
+    assert RewardBins.from_dict({"num_bins": 4, "edges": {"a": [0, 1, 2, 3, 4]}}).ties == "midrank"  # older files
+    with pytest.raises(ValueError, match="unknown tie rule 'mean'.*midrank.*spread"):
+        RewardBins(4, {"a": [0, 1, 2, 3, 4]}, ties="mean")

@@ -201,3 +201,33 @@ def test_pixels_are_centre_cropped_then_resized():
     a[:, 4:12] = 255  # the centre 8x8 square is white, the sides black
     x = dec._image(Image.fromarray(a), np.random.default_rng(0))
     assert x.shape == (3, 4, 4) and torch.allclose(x, torch.ones_like(x))
+
+
+def test_spread_ties_draw_per_sample_and_replace_the_files_rule(tmp_path):
+    d = _shards(tmp_path, 2, 20)
+    path = tmp_path / "reward_bins.json"
+    kw = dict(shuffle=False, batch_size=40, synthetic_caption_rate=0.0, num_bins=8, bins_path=str(path))
+    mid = MiroDataModule(_cfg(d, **kw))
+    b_mid = next(iter(mid.train_dataloader()))
+    assert mid.bins.ties == "midrank" and '"midrank"' in path.read_text()
+    with pytest.warns(UserWarning, match="tie rule 'midrank' replaced by the run's 'spread'"):
+        spread = MiroDataModule(_cfg(d, bin_ties="spread", **kw))
+        spread.prepare()
+    assert spread.bins.edges == mid.bins.edges and '"spread"' in path.read_text()
+    b1 = next(iter(spread.train_dataloader()))
+    b2 = next(iter(MiroDataModule(_cfg(d, bin_ties="spread", **kw)).train_dataloader()))
+    # q is i % 7 (seven levels, tied edges): each value is drawn within its score's bins, the same
+    # for the same (seed, epoch, index), and spread over more values than the rule of the file
+    from miro.rewards.binning import bin_span
+    raw = np.array([np.nan if i % 5 == 0 else i % 7 for i in range(40)], dtype=float)
+    q1, q2, qm = (b["rewards"]["q"].numpy() for b in (b1, b2, b_mid))
+    np.testing.assert_array_equal(np.isnan(q1), np.isnan(raw))
+    np.testing.assert_array_equal(q1[~np.isnan(q1)], q2[~np.isnan(q2)])
+    ok = ~np.isnan(raw)
+    lo, hi = bin_span(spread.bins.edges["q"], raw[ok])
+    assert np.all((lo <= q1[ok] * 7 + 1e-9) & (q1[ok] * 7 <= hi + 1e-9))
+    assert len(np.unique(q1[ok])) > len(np.unique(qm[ok]))
+    with pytest.raises(ValueError, match=r"bin_ties must be one of \['midrank', 'spread'\]; got 'mean'"):
+        MiroDataModule(_cfg(d, bin_ties="mean", **kw)).prepare()
+    # the continuous reward r (distinct scores) keeps its values
+    np.testing.assert_array_equal(b1["rewards"]["r"].numpy(), b_mid["rewards"]["r"].numpy())

@@ -78,7 +78,8 @@ def trained(tmp_path_factory):
     data = write_tiny_shards(root / "data")
     ov = tiny_overrides(data, root, steps=2, every=2, extra=["scheduler.warmup_steps=1",
         "image_logger.enabled=true", "image_logger.every_n_steps=2", "image_logger.num_steps=2",
-        "image_logger.max_prompts=4", "image_logger.score_rewards=[shapes_alignment]", "logger=csv"])
+        "image_logger.max_prompts=4", "image_logger.score_rewards=[shapes_alignment]", "logger=csv",
+        "rewards.ties=spread"])
     cfg = OmegaConf.to_container(cli.compose(ov), resolve=True)
     module, dm, trainer, _ = cli.build(cfg)
     trainer.fit(module, datamodule=dm)
@@ -113,7 +114,9 @@ def test_convert_load_generate(trained, tmp_path):
                                                 "reward_bins.json"}
     bins = json.loads((out / "reward_bins.json").read_text())
     assert bins["num_bins"] == 64 and len(bins["edges"]["shapes_alignment"]) == 65
+    assert bins["ties"] == "spread"  # the run's tie rule travels with the edges
     pipe = MiroPipeline.from_pretrained(str(out))
+    assert pipe.reward_bins.ties == "spread"
     ema = module.ema_model()
     for k, v in ema.state_dict().items():  # exported weights are the EMA weights
         torch.testing.assert_close(pipe.model.state_dict()[k], v, msg=k)

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from miro.data import schema
 from miro.data.indexed import IndexedTarDataset, ResumableDistributedSampler
 from miro.encoders.text import pad_token_rows
-from miro.rewards.binning import RewardBins
+from miro.rewards.binning import TIE_RULES, RewardBins
 
 try:  # Lightning is an optional extra ("train"); the dataset pieces work without it.
     from lightning.pytorch import LightningDataModule
@@ -43,6 +43,7 @@ class DataConfig:
     data_dir: str = ""  # folder of *.tar shards (sorted order), or one tar
     reward_keys: list[str] = field(default_factory=list)  # JSON keys conditioned on (empty: no rewards)
     num_bins: int = 64  # quantile bins per reward (release: 64)
+    bin_ties: str = "midrank"  # tied scores: "midrank" (release) or "spread" (miro/rewards/binning.py)
     bins_sample_size: int = 100_000  # samples used to fit bin edges (CAD: <= 100,001)
     bins_path: str | None = None  # reward_bins.json cache; None: inside data_dir's index cache
     image_source: str = "latents"  # "latents" (vae_embeddings_*.npy) or "pixels" (the image, in [-1, 1])
@@ -117,7 +118,7 @@ class MiroSampleDecoder:
             out["caption"] = str(meta["synthetic_caption"]) if synthetic else schema.decode_member("txt", raw["txt"])
         prefix = "synthetic_" if synthetic else ""
         scores = {k: meta.get(prefix + k) for k in cfg.reward_keys}
-        out["rewards"] = self.bins.values(scores, cfg.reward_keys) if self.bins is not None else {}
+        out["rewards"] = self.bins.values(scores, cfg.reward_keys, rng) if self.bins is not None else {}
         return out
 
     def _image(self, im, rng: np.random.Generator) -> torch.Tensor:
@@ -235,7 +236,7 @@ class ResampledStreamDataset(IterableDataset):
 
 
 def fit_reward_bins(data: IndexedTarDataset, keys: list[str], num_bins: int, sample_size: int,
-                    seed: int = 0) -> RewardBins:
+                    seed: int = 0, ties: str = "midrank") -> RewardBins:
     """Quantile edges per reward over (a seeded sample of) the data, both captions' scores pooled."""
     n = len(data)
     idx = np.arange(n) if n <= sample_size else np.sort(np.random.default_rng(seed).choice(n, sample_size, replace=False))
@@ -254,7 +255,7 @@ def fit_reward_bins(data: IndexedTarDataset, keys: list[str], num_bins: int, sam
     if missing:
         raise ValueError(f"rewards {missing} have no finite value in the data's JSON; check `reward_keys` "
                          f"(first sample's keys: {sorted(meta) if n else []})")
-    return RewardBins.fit(scores, num_bins)
+    return RewardBins.fit(scores, num_bins, ties)
 
 
 class MiroDataModule(LightningDataModule):
@@ -295,13 +296,19 @@ class MiroDataModule(LightningDataModule):
         if cfg.text_source == "auto":  # precomputed when the shards carry this encoder's embeddings
             member = schema.text_embedding_name(cfg.text_encoder)
             cfg.text_source = "precomputed" if member in self.data.entry(0)["members"] else "on_the_fly"
+        if cfg.bin_ties not in TIE_RULES:
+            raise ValueError(f"bin_ties must be one of {list(TIE_RULES)}; got {cfg.bin_ties!r}")
         if cfg.reward_keys and self.bins is None:
             path = Path(cfg.bins_path) if cfg.bins_path else None
             if path is not None and path.exists():
                 self.bins = RewardBins.load(path)
+                if self.bins.ties != cfg.bin_ties:  # the edges are the data's; the tie rule is the run's
+                    warnings.warn(f"{path}: tie rule {self.bins.ties!r} replaced by the run's {cfg.bin_ties!r}")
+                    self.bins.ties = cfg.bin_ties
+                    self.bins.save(path)
             else:
                 self.bins = fit_reward_bins(self.data, list(cfg.reward_keys), cfg.num_bins, cfg.bins_sample_size,
-                                            cfg.seed)
+                                            cfg.seed, cfg.bin_ties)
                 if path is not None:
                     self.bins.save(path)
         if self.bins is not None:

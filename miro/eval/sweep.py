@@ -52,8 +52,8 @@ def spearman(x, y) -> float:
 
 
 def trained_targets(bins, key: str, max_n: int = len(DEFAULT_TARGETS)) -> list[float]:
-    """The distinct conditioning values reward ``key`` took in training (``RewardBins`` edges
-    mapped through the bins), at most ``max_n`` of them spread evenly by rank.
+    """The distinct conditioning values reward ``key`` took in training
+    (``RewardBins.trained_values``), at most ``max_n`` of them spread evenly by rank.
 
     A discrete reward trains on a few values only (Shapes alignment: 0, a handful below 0.2, and
     1.0 for its ~78 % of perfect scores), so a 0 -> 1 grid mostly probes values the model never
@@ -63,7 +63,7 @@ def trained_targets(bins, key: str, max_n: int = len(DEFAULT_TARGETS)) -> list[f
         raise ValueError(f"no bin edges for reward {key!r}; binned rewards: {sorted(bins.edges)}")
     if max_n < 2:
         raise ValueError(f"max_n must be >= 2; got {max_n}")
-    vals = sorted({round(float(v), 6) for v in bins.value(key, np.unique(bins.edges[key]))})
+    vals = sorted({round(float(v), 6) for v in bins.trained_values(key)})
     if len(vals) > max_n:
         vals = [vals[i] for i in np.unique(np.round(np.linspace(0, len(vals) - 1, max_n)).astype(int))]
     return vals

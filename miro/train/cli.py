@@ -137,14 +137,15 @@ def build(cfg: dict):
     d.pop("global_batch_size", None)
     from dataclasses import fields
 
-    allowed = {f.name for f in fields(DataConfig)} - {"data_dir", "reward_keys", "num_bins", "bins_sample_size",
+    allowed = {f.name for f in fields(DataConfig)} - {"data_dir", "reward_keys", "num_bins", "bin_ties", "bins_sample_size",
                                                        "bins_path", "batch_size", "seed"}
     unknown = sorted(set(d) - allowed)
     if unknown:
         raise ValueError(f"unknown data keys {unknown}; allowed: {sorted(allowed | {'global_batch_size'})}")
     uninformative = bool(cfg["rewards"].get("uninformative", False))
     dcfg = DataConfig(data_dir=str(cfg["data_dir"]), reward_keys=[] if uninformative else list(cfg["rewards"]["keys"]),
-                      num_bins=int(cfg["rewards"]["num_bins"]), bins_sample_size=int(cfg["rewards"]["bins_sample_size"]),
+                      num_bins=int(cfg["rewards"]["num_bins"]), bin_ties=str(cfg["rewards"].get("ties", "midrank")),
+                      bins_sample_size=int(cfg["rewards"]["bins_sample_size"]),
                       bins_path=str(ckpt_dir / "reward_bins.json"), batch_size=per_rank_batch(cfg),
                       seed=int(cfg["seed"]), **d)
     dm = MiroDataModule(dcfg)

@@ -124,6 +124,8 @@ def test_trained_targets_are_the_bin_values_seen_in_training():
     # A discrete reward {0: 1/4, 0.5: 1/4, 1: 1/2} over 8 bins trains on exactly 0, 2/7 and 1.
     bins = RewardBins(8, {"d": [0.0, 0.0, 0.5, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0], "c": list(np.linspace(0, 1, 9))})
     assert S.trained_targets(bins, "d") == pytest.approx([0.0, 2 / 7, 1.0])
+    # Spread ties train it on every value.
+    assert S.trained_targets(RewardBins(8, bins.edges, ties="spread"), "d") == pytest.approx([i / 7 for i in range(8)])
     # A continuous reward has all 8 values i/7: capped to max_n, spread by rank, ends kept.
     assert S.trained_targets(bins, "c") == pytest.approx([i / 7 for i in range(8)])
     assert S.trained_targets(bins, "c", max_n=3) == pytest.approx([0.0, 4 / 7, 1.0])
@@ -164,6 +166,9 @@ def test_filled_targets_top_up_the_score_targets_by_halving_the_widest_gap():
     assert S.targets_from_bins("filled", bins, "s") == S.filled_targets(bins, "s")
     flat = RewardBins(8, {"f": [0.5] * 9})  # one training value: the sweep still spans 0 -> 1
     assert S.filled_targets(flat, "f", n=3) == pytest.approx([0.0, 0.5, 1.0])
+    # Spread ties: the expected values of the three scores (binning tests) plus the ends 0 and 1.
+    spread = RewardBins(8, {"d": [0.0, 0.0, 0.5, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0]}, ties="spread")
+    assert S.filled_targets(spread, "d", n=3) == pytest.approx([0.0, 1 / 21, 2 / 7, 23.5 / 31.5, 1.0], abs=1e-6)
 
 
 def test_targets_from_bins_names_the_grid_and_needs_bins():

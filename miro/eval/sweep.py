@@ -86,8 +86,9 @@ def score_spaced_targets(bins, key: str, n: int = len(DEFAULT_TARGETS)) -> list[
 
 
 def filled_targets(bins, key: str, n: int = len(DEFAULT_TARGETS)) -> list[float]:
-    """``score_spaced_targets`` topped up to ``n`` distinct values: while fewer, the widest gap
-    between neighbours is halved (the lowest of equal gaps first).
+    """``score_spaced_targets`` and the ends 0 and 1, topped up to ``n`` distinct values: while
+    fewer, the widest gap between neighbours is halved (the lowest of equal gaps first). Under
+    ``ties="spread"`` the extreme scores' values lie inside (0, 1), so up to ``n + 2`` can come out.
 
     Merging duplicates can leave a skewed reward 6-8 targets (Shapes alignment: 0, five values
     below 0.21, and 1.0), fewer than the >= 9 a controllability number is taken over; the values

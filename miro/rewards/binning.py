@@ -160,7 +160,7 @@ class RewardBins:
 
     def value(self, key: str, score, rng: np.random.Generator | None = None) -> np.ndarray | float:
         """Value(s) in [0, 1] of raw ``score`` for reward ``key`` (NaN stays NaN). ``rng`` draws the
-        training value of a spread tie; without it a spread score gets its span's centre."""
+        training value of a spread tie; without it a spread score gets the draw's expected bin."""
         if key not in self.edges:
             raise ValueError(f"no bin edges for reward {key!r}; binned rewards: {sorted(self.edges)}")
         out = bin_values(self.edges[key], score, self.ties, rng)

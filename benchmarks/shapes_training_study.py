@@ -699,18 +699,20 @@ def pool_targets(rows: list[dict], key: str) -> list[dict]:
     return out
 
 
-def summarize_settings(settings: dict[str, list[Path]]) -> list[dict]:
+def summarize_settings(settings: dict[str, list[Path]], only: dict[str, list[float]] | None = None) -> list[dict]:
     """One row per setting: its folders (``controllability`` runs' ``--out``, optionally with a one-model
     ``table`` run in one of them) pooled target by target, so runs with other seeds or other targets
     of the same setting add images or targets. A row has rho per reward over the pooled means, how
     many pass, the images per target, the setting read from ``generation.json`` (folders whose
     settings differ are refused) and ShapesEval at every target 1.0. Rewards not (yet) swept are left
-    out of the row, so a time-boxed grid reports what it finished."""
+    out of the row, so a time-boxed grid reports what it finished. ``only`` (reward -> targets)
+    keeps those targets of each curve (at the folder names' precision, 4 decimals) and lists the
+    ones no folder has under ``missing``."""
     from miro.eval.sweep import spearman
 
     rows = []
     for name, dirs in settings.items():
-        row, labels = {"setting": name, "rho": {}, "n": {}, "curves": {}}, {}
+        row, labels = {"setting": name, "rho": {}, "n": {}, "curves": {}, "missing": {}}, {}
         for key in SHAPES_KEYS:
             per_target = []
             for d in dirs:
@@ -724,6 +726,12 @@ def summarize_settings(settings: dict[str, list[Path]]) -> list[dict]:
             if not per_target:
                 continue
             pooled = pool_targets(per_target, key)
+            if only is not None and key in only:
+                want = {round(t, 4) for t in only[key]}
+                row["missing"][key] = sorted(want - {p["target"] for p in pooled})
+                pooled = [p for p in pooled if p["target"] in want]
+                if not pooled:
+                    continue
             row["curves"][key] = pooled
             row["rho"][key] = spearman([p["target"] for p in pooled], [p["mean"] for p in pooled])
             row["n"][key] = min(p["n"] for p in pooled)
@@ -751,16 +759,19 @@ def settings_markdown(rows: list[dict]) -> str:
         ev = f"{r['shapes_eval']:.3f} ± {r['se_shapes_eval']:.3f}" if "shapes_eval" in r else "–"
         lines.append(f"| {r['setting']}: {r['label']} | " + " | ".join(cells)
                      + f" | {r['passed']}/{len(r['rho'])} | {'/'.join(map(str, n)) or '–'} | {ev} |")
+    lines += [f"\n{r['setting']}, {k.removeprefix('shapes_')}: no run has targets {m} (rho without them)"
+              for r in rows for k, m in r.get("missing", {}).items() if m]
     return "\n".join(lines) + "\n"
 
 
-def write_summary(settings: dict[str, list[Path]], out: Path, plots: Path | None = None) -> str:
+def write_summary(settings: dict[str, list[Path]], out: Path, plots: Path | None = None,
+                  only: dict[str, list[float]] | None = None) -> str:
     """``summarize_settings`` written to ``out`` (settings.json, settings.md) with each setting's
     pooled curves as ``<setting>_controllability.png`` in ``plots`` (default: ``out``); returns the
     markdown table."""
     from miro.io import atomic_write_text
 
-    rows = summarize_settings(settings)
+    rows = summarize_settings(settings, only)
     md = settings_markdown(rows)
     atomic_write_json(out / "settings.json", rows)
     atomic_write_text(out / "settings.md", md)
@@ -779,7 +790,15 @@ def cmd_summarize(args) -> int:
         if not sep or not name or not Path(d).is_dir():
             raise ValueError(f"--setting {spec!r}: expected NAME=DIR with DIR an existing folder")
         settings.setdefault(name, []).append(Path(d))
-    print(write_summary(settings, Path(args.out)), end="")
+    only = None
+    if args.targets:  # one model's target grid of every reward, e.g. a spread model's own score targets
+        from miro.eval.sweep import targets_from_bins
+
+        if not args.model:
+            raise ValueError(f"--targets {args.targets}: name the model whose bins define them (--model)")
+        bins = load(args.model, "ema").reward_bins
+        only = {k: targets_from_bins(args.targets, bins, k) for k in SHAPES_KEYS if bins is not None and k in bins.edges}
+    print(write_summary(settings, Path(args.out), only=only), end="")
     return 0
 
 
@@ -860,6 +879,10 @@ def main(argv=None) -> int:
                    help="NAME=DIR, a controllability run's --out (with a one-model table run in it, also ShapesEval); "
                         "folders given one NAME are pooled target by target")
     m.add_argument("--out", required=True, help="output folder (settings.json, settings.md)")
+    m.add_argument("--targets", choices=["trained", "score", "filled"], default=None,
+                   help="keep only these targets of --model (its reward_bins.json) in every curve; "
+                        "the ones no run has are listed")
+    m.add_argument("--model", default="", help="with --targets: .ckpt, pipeline folder or built-in name")
     args = p.parse_args(argv)
     try:
         return {"convergence": cmd_convergence, "controllability": cmd_controllability, "table": cmd_table,

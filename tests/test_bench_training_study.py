@@ -330,3 +330,16 @@ def test_summarize_pools_folders_of_one_setting_and_refuses_mixed_ones(tmp_path)
     assert json.loads((tmp_path / "s" / "settings.json").read_text())[0]["passed"] == 1
     assert (tmp_path / "s" / "p_controllability.png").stat().st_size > 0  # the pooled curves
     assert study.main(["summarize", "--setting", "p", "--out", str(tmp_path / "s")]) == 2
+    # A model's own targets: the others are dropped, the absent ones listed; rewards without a list keep all.
+    (kept,) = study.summarize_settings({"p": [tmp_path / "r1", tmp_path / "r2"]}, only={key: [0.0, 0.75, 0.9]})
+    assert [p["target"] for p in kept["curves"][key]] == [0.0, 0.75] and kept["missing"][key] == [0.9]
+    assert kept["rho"][key] == pytest.approx(1.0) and len(kept["curves"]["shapes_counting"]) == 2
+    assert "p, alignment: no run has targets [0.9]" in study.settings_markdown([kept])
+    (none,) = study.summarize_settings({"p": [tmp_path / "r1"]}, only={key: [0.3]})
+    assert key not in none["rho"] and none["missing"][key] == [0.3]
+    assert study.main(["summarize", "--setting", f"p={tmp_path / 'r1'}", "--targets", "score",
+                       "--out", str(tmp_path / "s")]) == 2  # whose targets? --model is required
+    assert study.main(["summarize", "--setting", f"p={tmp_path / 'r1'}", "--targets", "filled", "--model", "shapes",
+                       "--out", str(tmp_path / "f")]) == 0
+    (row,) = json.loads((tmp_path / "f" / "settings.json").read_text())
+    assert 0.0 not in row["missing"][key] and len(row["missing"][key]) == 7  # 9 filled targets, r1 has 0 and 1

@@ -28,7 +28,8 @@ that two checkpoints are compared on exactly the same prompts and noise:
   ``guidance.md`` and ``guidance.png``.
 * ``summarize`` — no generation: the controllability runs of several sampler settings side by side,
   Spearman's rho of every reward, how many reach 0.9, and ShapesEval where a ``table`` run sits in the
-  same folder; runs of one setting (other seeds, other targets) are pooled target by target. Writes
+  same folder; runs of one setting (other seeds, other targets) are pooled target by target;
+  ``--targets KIND --model M`` keeps only M's own targets (e.g. a spread-ties model's). Writes
   ``settings.json``, ``settings.md`` and ``<setting>_controllability.png`` (the pooled curves).
 * ``confusion`` — no generation: from scored ShapesEval folders, the shape the detector found
   against the shape asked for, over the prompts that ask for one object (single object, colours).

@@ -798,7 +798,8 @@ def cmd_summarize(args) -> int:
         if not args.model:
             raise ValueError(f"--targets {args.targets}: name the model whose bins define them (--model)")
         bins = load(args.model, "ema").reward_bins
-        only = {k: targets_from_bins(args.targets, bins, k) for k in SHAPES_KEYS if bins is not None and k in bins.edges}
+        # a model without bins raises in targets_from_bins (what --targets needs), not silently keeps all
+        only = {k: targets_from_bins(args.targets, bins, k) for k in SHAPES_KEYS if bins is None or k in bins.edges}
     print(write_summary(settings, Path(args.out), only=only), end="")
     return 0
 

@@ -681,6 +681,9 @@ def _setting_label(gen: dict) -> str:
     return " ".join(parts)
 
 
+TARGET_DECIMALS = 4  # the precision of target folder names (miro.eval.sweep.target_dir): targets equal there are one
+
+
 def pool_targets(rows: list[dict], key: str) -> list[dict]:
     """Per-target rows of several sweeps of one reward (``sweep.json``'s ``per_target``: target, n,
     {key: mean, std}) pooled by target: n summed, mean and (population) std of all the images."""
@@ -688,7 +691,7 @@ def pool_targets(rows: list[dict], key: str) -> list[dict]:
 
     by_t: dict[float, list[dict]] = {}
     for r in rows:
-        by_t.setdefault(round(r["target"], 4), []).append(r)  # the precision of target folder names
+        by_t.setdefault(round(r["target"], TARGET_DECIMALS), []).append(r)
     out = []
     for t, rs in sorted(by_t.items()):
         n = np.array([r["n"] for r in rs], dtype=np.float64)
@@ -707,7 +710,7 @@ def summarize_settings(settings: dict[str, list[Path]], only: dict[str, list[flo
     many pass, the images per target, the setting read from ``generation.json`` (folders whose
     settings differ are refused) and ShapesEval at every target 1.0. Rewards not (yet) swept are left
     out of the row, so a time-boxed grid reports what it finished. ``only`` (reward -> targets)
-    keeps those targets of each curve (at the folder names' precision, 4 decimals) and lists the
+    keeps those targets of each curve (at ``pool_targets``' precision) and lists the
     ones no folder has under ``missing``."""
     from miro.eval.sweep import spearman
 
@@ -728,7 +731,7 @@ def summarize_settings(settings: dict[str, list[Path]], only: dict[str, list[flo
                 continue
             pooled = pool_targets(per_target, key)
             if only is not None and key in only:
-                want = {round(t, 4) for t in only[key]}
+                want = {round(t, TARGET_DECIMALS) for t in only[key]}
                 row["missing"][key] = sorted(want - {p["target"] for p in pooled})
                 pooled = [p for p in pooled if p["target"] in want]
                 if not pooled:

@@ -339,6 +339,8 @@ def test_summarize_pools_folders_of_one_setting_and_refuses_mixed_ones(tmp_path)
     assert key not in none["rho"] and none["missing"][key] == [0.3]
     assert study.main(["summarize", "--setting", f"p={tmp_path / 'r1'}", "--targets", "score",
                        "--out", str(tmp_path / "s")]) == 2  # whose targets? --model is required
+    assert study.main(["summarize", "--setting", f"p={tmp_path / 'r1'}", "--targets", "score", "--model",
+                       "shapes-untrained", "--out", str(tmp_path / "s")]) == 2  # no reward bins: an error, not all kept
     assert study.main(["summarize", "--setting", f"p={tmp_path / 'r1'}", "--targets", "filled", "--model", "shapes",
                        "--out", str(tmp_path / "f")]) == 0
     (row,) = json.loads((tmp_path / "f" / "settings.json").read_text())

@@ -156,19 +156,25 @@ class MiroPipeline(nn.Module):
         return pipe
 
     # ------------------------------------------------------------------------------- saving
-    def save_pretrained(self, save_directory: str | os.PathLike, variant: str | None = None) -> Path:
+    def save_pretrained(self, save_directory: str | os.PathLike, variant: str | None = None,
+                        dtype: str | torch.dtype = torch.float32) -> Path:
         """Write the published layout (plus ``text_encoder``/``autoencoder`` config keys and
         ``reward_bins.json`` when bins exist) into ``save_directory[/variant]``, atomically per
-        file. Floating tensors are stored in float32 and bool masks as bool, as published."""
+        file. Floating tensors are stored in float32 and bool masks as bool, as published;
+        ``dtype="float16"`` (or bfloat16) stores the weights at half the size instead, which
+        ``from_pretrained`` reads back into float32 (the uncond embedding stays float32)."""
         from safetensors.torch import save_file
 
+        store = parse_dtype(dtype)
+        if store is None:
+            raise ValueError("dtype=None: name the storage dtype, e.g. 'float32' or 'float16'")
         out = Path(save_directory) / variant if variant else Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
         config = copy.deepcopy(self.config)
         config["text_encoder"] = getattr(self.text_encoder, "spec", config.get("text_encoder", FLAN_T5_XL))
         config["autoencoder"] = getattr(self.autoencoder, "spec", config.get("autoencoder", SDXL_VAE))
         state = {
-            k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
+            k: (v.detach().to(store) if v.is_floating_point() else v.detach()).cpu().contiguous()
             for k, v in self.model.state_dict().items()
         }
         atomic_write_with(out / "model.safetensors",

@@ -130,6 +130,20 @@ def test_convert_load_generate(trained, tmp_path):
     torch.testing.assert_close(raw.model.network.latents, module.model.network.latents)
     with pytest.raises(ValueError, match="does not exist"):
         convert(tmp_path / "nope.ckpt", tmp_path / "x")
+    # --dtype float16: half the bytes, the EMA weights rounded to fp16 and read back as float32
+    assert main([str(ckdir / "last.ckpt"), str(tmp_path / "half"), "--dtype", "float16"]) == 0
+    from safetensors.torch import load_file
+
+    stored = load_file(str(tmp_path / "half" / "model.safetensors"))
+    assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.float16}
+    assert (tmp_path / "half" / "model.safetensors").stat().st_size < 0.6 * (out / "model.safetensors").stat().st_size
+    half = MiroPipeline.from_pretrained(str(tmp_path / "half"))
+    for k, v in ema.state_dict().items():
+        got = half.model.state_dict()[k]
+        assert got.dtype == v.dtype, k
+        torch.testing.assert_close(got, v.half().float() if v.is_floating_point() else v, rtol=0, atol=0, msg=k)
+    with pytest.raises(ValueError, match="unsupported dtype 'int8'"):
+        pipe.save_pretrained(tmp_path / "bad", dtype="int8")
 
 
 def test_testbeds_and_precompute(tmp_path):

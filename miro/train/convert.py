@@ -93,10 +93,11 @@ def pipeline_from_checkpoint(path: str | os.PathLike, ema_index: int | None = 0,
 
 def convert(ckpt: str | os.PathLike, out_dir: str | os.PathLike, variant_name: str | None = None,
             ema_index: int | None = 0, push_to_hub: str | None = None, text_encoder=None,
-            autoencoder=None) -> Path:
-    """Write the pipeline folder (``out_dir/variant_name`` when given); optionally upload it."""
+            autoencoder=None, dtype: str = "float32") -> Path:
+    """Write the pipeline folder (``out_dir/variant_name`` when given); optionally upload it.
+    ``dtype``: how the weights are stored (float32 as published; float16 halves the file)."""
     pipe = pipeline_from_checkpoint(ckpt, ema_index, text_encoder, autoencoder)
-    out = pipe.save_pretrained(out_dir, variant=variant_name)
+    out = pipe.save_pretrained(out_dir, variant=variant_name, dtype=dtype)
     if push_to_hub:
         url = pipe.push_to_hub(push_to_hub, variant=variant_name)
         print(f"uploaded to {url}")
@@ -117,10 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--raw", action="store_true", help="export the raw training weights instead of the EMA")
     p.add_argument("--text-encoder", default=None, help="override the text encoder spec in config.json")
     p.add_argument("--autoencoder", default=None, help="override the autoencoder spec in config.json")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="storage dtype of the weights (float32 as published; float16 halves the file, "
+                        "as the shipped shapes model; loading always gives float32)")
     args = p.parse_args(argv)
     variant = args.variant_name
     out = convert(args.ckpt, args.out_dir, variant, None if args.raw else args.ema_index, args.push_to_hub,
-                  args.text_encoder, args.autoencoder)
+                  args.text_encoder, args.autoencoder, args.dtype)
     print(f"wrote {out}")
     if variant is None:
         trained_as = (load_checkpoint(args.ckpt).get("miro") or {}).get("variant_name")

@@ -137,9 +137,9 @@ def test_convert_load_generate(trained, tmp_path):
     stored = load_file(str(tmp_path / "half" / "model.safetensors"))
     assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.float16}
     assert (tmp_path / "half" / "model.safetensors").stat().st_size < 0.6 * (out / "model.safetensors").stat().st_size
-    half = MiroPipeline.from_pretrained(str(tmp_path / "half"))
+    half = MiroPipeline.from_pretrained(str(tmp_path / "half")).model.state_dict()
     for k, v in ema.state_dict().items():
-        got = half.model.state_dict()[k]
+        got = half[k]
         assert got.dtype == v.dtype, k
         torch.testing.assert_close(got, v.half().float() if v.is_floating_point() else v, rtol=0, atol=0, msg=k)
     with pytest.raises(ValueError, match="unsupported dtype 'int8'"):

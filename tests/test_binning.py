@@ -115,3 +115,29 @@ def test_tie_rule_round_trip_and_bad_rule(tmp_path):
     assert RewardBins.from_dict({"num_bins": 4, "edges": {"a": [0, 1, 2, 3, 4]}}).ties == "midrank"  # older files
     with pytest.raises(ValueError, match="unknown tie rule 'mean'.*midrank.*spread"):
         RewardBins(4, {"a": [0, 1, 2, 3, 4]}, ties="mean")
+
+
+def test_per_reward_tie_rules_match_the_uniform_rules_and_their_draws(tmp_path):
+    edges = {"a": [0.0, 0.0, 0.5, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0], "b": [0.0, 0.0, 0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0],
+             "c": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]}
+    mixed = RewardBins(8, edges, ties={"b": "spread", "c": "spread"})
+    spread, mid = RewardBins(8, edges, ties="spread"), RewardBins(8, edges)
+    assert [mixed.rule(k) for k in "abc"] == ["midrank", "spread", "spread"]  # unnamed: midrank
+    x = np.array([0.0, 0.5, 1.0, 0.25, 0.7])
+    np.testing.assert_array_equal(mixed.value("a", x), mid.value("a", x))
+    np.testing.assert_array_equal(mixed.value("b", x), spread.value("b", x))
+    assert mixed.trained_values("a") == mid.trained_values("a")
+    assert mixed.trained_values("b") == spread.trained_values("b") == [i / 7 for i in range(8)]
+    # sample by sample, a spread reward gets the draws a run spreading every reward would give it
+    r1, r2 = np.random.default_rng(3), np.random.default_rng(3)
+    for s in ({"a": 1.0, "b": 1.0, "c": 0.35}, {"a": 0.5, "b": 0.0, "c": 0.05}, {"a": None, "b": 1.0, "c": 0.8}):
+        vm, vs = mixed.values(s, rng=r1), spread.values(s, rng=r2)
+        assert vm["b"] == vs["b"] and vm["c"] == vs["c"]
+        assert vm["a"] == mid.values(s)["a"] or (math.isnan(vm["a"]) and math.isnan(vs["a"]))
+    assert r1.random() == r2.random()  # the two streams stay in step
+    loaded = RewardBins.load(mixed.save(tmp_path / "m.json"))
+    assert loaded.ties == {"b": "spread", "c": "spread"} and loaded.rule("a") == "midrank"
+    with pytest.raises(ValueError, match="unknown tie rule 'mean' for reward 'b'"):
+        RewardBins(8, edges, ties={"b": "mean"})
+    with pytest.raises(ValueError, match=r"tie rules name rewards \['zz'\] that are not binned"):
+        RewardBins(8, edges, ties={"zz": "spread"})

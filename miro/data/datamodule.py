@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from miro.data import schema
 from miro.data.indexed import IndexedTarDataset, ResumableDistributedSampler
 from miro.encoders.text import pad_token_rows
-from miro.rewards.binning import TIE_RULES, RewardBins
+from miro.rewards.binning import TIE_RULES, RewardBins, check_tie_rules
 
 try:  # Lightning is an optional extra ("train"); the dataset pieces work without it.
     from lightning.pytorch import LightningDataModule
@@ -43,7 +43,8 @@ class DataConfig:
     data_dir: str = ""  # folder of *.tar shards (sorted order), or one tar
     reward_keys: list[str] = field(default_factory=list)  # JSON keys conditioned on (empty: no rewards)
     num_bins: int = 64  # quantile bins per reward (release: 64)
-    bin_ties: str = "midrank"  # tied scores: "midrank" (release) or "spread" (miro/rewards/binning.py)
+    # Tied scores: "midrank" (release) or "spread", or one rule per reward (miro/rewards/binning.py).
+    bin_ties: str | dict[str, str] = "midrank"
     bins_sample_size: int = 100_000  # samples used to fit bin edges (CAD: <= 100,001)
     bins_path: str | None = None  # reward_bins.json cache; None: inside data_dir's index cache
     image_source: str = "latents"  # "latents" (vae_embeddings_*.npy) or "pixels" (the image, in [-1, 1])
@@ -236,7 +237,7 @@ class ResampledStreamDataset(IterableDataset):
 
 
 def fit_reward_bins(data: IndexedTarDataset, keys: list[str], num_bins: int, sample_size: int,
-                    seed: int = 0, ties: str = "midrank") -> RewardBins:
+                    seed: int = 0, ties: str | dict[str, str] = "midrank") -> RewardBins:
     """Quantile edges per reward over (a seeded sample of) the data, both captions' scores pooled."""
     n = len(data)
     idx = np.arange(n) if n <= sample_size else np.sort(np.random.default_rng(seed).choice(n, sample_size, replace=False))
@@ -296,8 +297,10 @@ class MiroDataModule(LightningDataModule):
         if cfg.text_source == "auto":  # precomputed when the shards carry this encoder's embeddings
             member = schema.text_embedding_name(cfg.text_encoder)
             cfg.text_source = "precomputed" if member in self.data.entry(0)["members"] else "on_the_fly"
-        if cfg.bin_ties not in TIE_RULES:
-            raise ValueError(f"bin_ties must be one of {list(TIE_RULES)}; got {cfg.bin_ties!r}")
+        if isinstance(cfg.bin_ties, str) and cfg.bin_ties not in TIE_RULES:
+            raise ValueError(f"bin_ties must be one of {list(TIE_RULES)} or a mapping reward -> rule; "
+                             f"got {cfg.bin_ties!r}")
+        cfg.bin_ties = check_tie_rules(cfg.bin_ties, cfg.reward_keys if not isinstance(cfg.bin_ties, str) else None)
         if cfg.reward_keys and self.bins is None:
             path = Path(cfg.bins_path) if cfg.bins_path else None
             if path is not None and path.exists():

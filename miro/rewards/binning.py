@@ -31,11 +31,16 @@ because the best score's range ends at bin B - 1. Where no draw is possible (tra
 score into an inference target) a spread score takes the draw's expected bin. Scores strictly
 inside one bin map as under ``midrank``.
 
+``ties`` may also name a rule per reward (``{"shapes_counting": "spread", ...}``; a reward not
+named keeps ``midrank``), for instance to spread the tied bins of counting and position while
+alignment keeps its pinned 1.0. A per-reward rule draws once per score for every reward, whatever
+its rule, so a spread reward's draws are the ones a run spreading every reward would make.
+
 On disk (``reward_bins.json`` beside a run and inside an exported pipeline folder)::
 
     {"num_bins": 64, "edges": {"clip_score": [65 floats], ...}, "ties": "midrank"}
 
-(``ties`` absent: ``midrank``, the rule of every file written before it existed.)
+(``ties`` a rule, or an object of one rule per reward; ``ties`` absent: ``midrank``, the rule of every file written before it existed.)
 """
 
 from __future__ import annotations
@@ -71,6 +76,25 @@ def _check_ties(ties: str) -> str:
     if ties not in TIE_RULES:
         raise ValueError(f"unknown tie rule {ties!r}; choose from {list(TIE_RULES)}")
     return ties
+
+
+def check_tie_rules(ties, keys: Iterable[str] | None = None) -> str | dict[str, str]:
+    """``ties`` validated: a ``TIE_RULES`` entry, or a mapping reward key -> entry whose keys are
+    among ``keys`` (when given). Returns the rule, or a plain dict of the mapping."""
+    if isinstance(ties, str):
+        return _check_ties(ties)
+    if not isinstance(ties, Mapping):
+        raise ValueError(f"ties must be one of {list(TIE_RULES)} or a mapping reward -> rule; got {ties!r}")
+    out = {}
+    for key, rule in ties.items():
+        if rule not in TIE_RULES:
+            raise ValueError(f"unknown tie rule {rule!r} for reward {key!r}; choose from {list(TIE_RULES)}")
+        out[str(key)] = str(rule)
+    if keys is not None:
+        unknown = sorted(set(out) - set(keys))
+        if unknown:
+            raise ValueError(f"tie rules name rewards {unknown} that are not binned; binned rewards: {sorted(keys)}")
+    return out
 
 
 def bin_span(edges: np.ndarray | list[float], scores) -> tuple[np.ndarray, np.ndarray]:
@@ -137,11 +161,13 @@ class RewardBins:
 
     num_bins: int = DEFAULT_NUM_BINS  # B: number of equal-mass bins per reward
     edges: dict[str, list[float]] = field(default_factory=dict)  # reward key -> B + 1 increasing edges
-    ties: str = "midrank"  # a TIE_RULES entry: how scores equal to several edges are binned
+    # A TIE_RULES entry, or one per reward key (unnamed keys: midrank): how scores equal to several
+    # edges are binned.
+    ties: str | dict[str, str] = "midrank"
 
     def __post_init__(self) -> None:
         self.num_bins = int(self.num_bins)
-        _check_ties(self.ties)
+        self.ties = check_tie_rules(self.ties, self.edges if isinstance(self.ties, Mapping) else None)
         for key, e in self.edges.items():
             if len(e) != self.num_bins + 1:
                 raise ValueError(f"reward {key!r}: expected {self.num_bins + 1} edges for {self.num_bins} bins, got {len(e)}")
@@ -152,9 +178,13 @@ class RewardBins:
     def keys(self) -> list[str]:
         return list(self.edges)
 
+    def rule(self, key: str) -> str:
+        """The tie rule of reward ``key``."""
+        return self.ties if isinstance(self.ties, str) else self.ties.get(key, "midrank")
+
     @classmethod
     def fit(cls, scores: Mapping[str, Iterable[float]], num_bins: int = DEFAULT_NUM_BINS,
-            ties: str = "midrank") -> "RewardBins":
+            ties: str | Mapping[str, str] = "midrank") -> "RewardBins":
         """Edges from raw scores per reward key (NaN/missing ignored)."""
         return cls(num_bins, {k: quantile_edges(v, num_bins) for k, v in scores.items()}, ties)
 
@@ -163,7 +193,10 @@ class RewardBins:
         training value of a spread tie; without it a spread score gets the draw's expected bin."""
         if key not in self.edges:
             raise ValueError(f"no bin edges for reward {key!r}; binned rewards: {sorted(self.edges)}")
-        out = bin_values(self.edges[key], score, self.ties, rng)
+        rule = self.rule(key)
+        if rng is not None and rule == "midrank" and not isinstance(self.ties, str):
+            rng.random(np.shape(score))  # per-reward rules draw for every reward (module docstring)
+        out = bin_values(self.edges[key], score, rule, rng)
         return float(out) if np.ndim(score) == 0 else out
 
     def trained_values(self, key: str) -> list[float]:
@@ -171,7 +204,7 @@ class RewardBins:
         if key not in self.edges:
             raise ValueError(f"no bin edges for reward {key!r}; binned rewards: {sorted(self.edges)}")
         u = np.unique(self.edges[key])
-        if self.ties == "midrank":
+        if self.rule(key) == "midrank":
             return sorted({float(v) for v in self.value(key, u)})
         lo, hi = bin_span(self.edges[key], u)
         idx = {min(int(i), self.num_bins - 1) for a, b in zip(lo, hi) for i in range(int(a), int(b) + 1)}
@@ -193,14 +226,14 @@ class RewardBins:
 
     def to_dict(self) -> dict:
         return {"num_bins": self.num_bins, "edges": {k: [float(x) for x in v] for k, v in self.edges.items()},
-                "ties": self.ties}
+                "ties": self.ties if isinstance(self.ties, str) else dict(self.ties)}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "RewardBins":
         if "num_bins" not in d or "edges" not in d:
             raise ValueError(f"reward bins need 'num_bins' and 'edges'; got keys {sorted(d)}")
         return cls(int(d["num_bins"]), {k: [float(x) for x in v] for k, v in d["edges"].items()},
-                   str(d.get("ties", "midrank")))
+                   d.get("ties", "midrank"))
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write JSON atomically (temp file + rename)."""

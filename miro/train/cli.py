@@ -41,6 +41,8 @@ common overrides:
                              init_strict=false keeps tensors the source lacks at their initialisation
   ema_warmup=true            EMA decay min(d, (1+n)/(10+n)) at step n (short runs)
   position_init=sincos       start the learned patch-position table from a 2-D sine-cosine table
+  rewards.ties=RULE          tied reward scores: midrank (release) or spread; or one rule per reward,
+                             'rewards.ties={{shapes_counting:spread,shapes_position:spread}}' (others midrank)
 
 options:
   --print-config             print the composed config and exit
@@ -144,7 +146,7 @@ def build(cfg: dict):
         raise ValueError(f"unknown data keys {unknown}; allowed: {sorted(allowed | {'global_batch_size'})}")
     uninformative = bool(cfg["rewards"].get("uninformative", False))
     dcfg = DataConfig(data_dir=str(cfg["data_dir"]), reward_keys=[] if uninformative else list(cfg["rewards"]["keys"]),
-                      num_bins=int(cfg["rewards"]["num_bins"]), bin_ties=str(cfg["rewards"].get("ties", "midrank")),
+                      num_bins=int(cfg["rewards"]["num_bins"]), bin_ties=cfg["rewards"].get("ties", "midrank"),
                       bins_sample_size=int(cfg["rewards"]["bins_sample_size"]),
                       bins_path=str(ckpt_dir / "reward_bins.json"), batch_size=per_rank_batch(cfg),
                       seed=int(cfg["seed"]), **d)

@@ -8,8 +8,9 @@
   Shapes models it also scores the grid with the exact Shapes rewards (cheap progress metrics
   that need no full ShapesEval).
 * :class:`Throughput` — samples/s and the cumulative corrupt-sample count.
-* :func:`checkpoint_callback` — ``last.ckpt`` plus periodic step checkpoints, written through
-  :class:`AtomicCheckpointIO` (temp file in the same folder + rename).
+* :func:`checkpoint_callback` — ``last.ckpt`` plus periodic step checkpoints, and both again at
+  the step where training stops, written through :class:`AtomicCheckpointIO` (temp file in the
+  same folder + rename).
 """
 
 from __future__ import annotations
@@ -210,8 +211,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, tmp)
 
 
+class StepCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that also saves at the step where training stops.
+
+    Lightning's own ``on_train_end`` writes ``last.ckpt`` only when none was written yet (Lightning
+    2.6, ``ModelCheckpoint.on_train_end``), so a run stopped by ``max_time``, or by a ``max_steps``
+    that is not a multiple of ``every_n_train_steps``, kept the last periodic state and lost up to
+    ``every_n_train_steps - 1`` steps.
+    """
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._should_skip_saving_checkpoint(trainer):  # no fit, or this step is already saved
+            return super().on_train_end(trainer, pl_module)
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+
+
 def checkpoint_callback(dirpath: str, every_n_steps: int, keep_periodic: bool = True) -> ModelCheckpoint:
-    """``last.ckpt`` refreshed every ``every_n_steps`` steps, plus ``step=<k>.ckpt`` snapshots."""
-    return ModelCheckpoint(dirpath=dirpath, filename="step={step}", auto_insert_metric_name=False,
+    """``last.ckpt`` refreshed every ``every_n_steps`` steps and when training stops, plus
+    ``step=<k>.ckpt`` snapshots."""
+    return StepCheckpoint(dirpath=dirpath, filename="step={step}", auto_insert_metric_name=False,
                            every_n_train_steps=int(every_n_steps), save_last=True,
                            save_top_k=-1 if keep_periodic else 0, enable_version_counter=False)

@@ -34,6 +34,11 @@ that two checkpoints are compared on exactly the same prompts and noise:
 * ``confusion`` — no generation: from scored ShapesEval folders, the shape the detector found
   against the shape asked for, over the prompts that ask for one object (single object, colours).
   Writes ``confusion.json``, ``confusion.md`` and ``confusion.png``.
+* ``paired`` — no generation: two or more scored ``table`` folders of the same prompts, seeds and
+  sampler, image by image: each later folder minus the first, ShapesEval (the mean of the category
+  differences) and every reward, each ± the standard error of the paired difference, much smaller
+  than that of either mean because the twins share prompt and noise. Writes ``paired.json`` and
+  ``paired.md``.
 * ``data`` — no model: how the training shards' rewards go together. Spearman's rho between every
   pair, and for each detector reward how often it is below perfect while the other detector
   rewards are perfect (the combinations a one-reward sweep with the others at 1.0 asks for). Writes
@@ -45,6 +50,7 @@ Every generation folder is resumable (GenEval layout), so a killed study continu
         --run miro=runs/train/miro/checkpoints/shapes_miro --run baseline=runs/train/miro/checkpoints/shapes_baseline
     python benchmarks/shapes_training_study.py controllability --model runs/train/.../last.ckpt --out runs/study
     python benchmarks/shapes_training_study.py table --model baseline=CKPT --model miro=CKPT --out runs/study
+    python benchmarks/shapes_training_study.py paired --folder old=runs/a/table/old --folder new=runs/b/table/new --out runs/study
     python benchmarks/shapes_training_study.py data --data shapes-data --out runs/study
 """
 
@@ -641,6 +647,73 @@ def cmd_confusion(args) -> int:
     return 0
 
 
+def paired_differences(base: tuple[list, list], other: tuple[list, list]) -> dict:
+    """``other - base`` over the images both folders hold (matched by file name). Each argument is
+    (``results.jsonl`` records, ``rewards.jsonl`` records) of a scored ``table`` folder. ShapesEval
+    is the mean of the category accuracies, so its difference is the mean of the category
+    differences, with standard error ``sqrt(sum_c var_c / n_c) / C``."""
+    import numpy as np
+
+    res_a, res_b = ({r["filename"]: r for r in recs[0]} for recs in (base, other))
+    rew_a, rew_b = ({r["filename"]: r for r in recs[1]} for recs in (base, other))
+    names = sorted(set(res_a) & set(res_b))
+    if not names:
+        raise ValueError("the two folders share no image (compare table runs of the same prompts and seeds)")
+    out = {"n": len(names), "categories": {}}
+    for tag in sorted({res_a[f]["tag"] for f in names}):
+        d = np.array([float(res_b[f]["correct"]) - float(res_a[f]["correct"]) for f in names if res_a[f]["tag"] == tag])
+        out["categories"][tag] = {"diff": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1
+                                  else float("nan"), "n": int(d.size)}
+    cats = out["categories"].values()
+    out["shapes_eval"] = {"diff": float(np.mean([c["diff"] for c in cats])),
+                          "se": float(np.sqrt(sum(c["se"] ** 2 for c in cats)) / len(cats))}
+    both = [f for f in names if f in rew_a and f in rew_b]
+    for key in SHAPES_KEYS:
+        d = np.array([rew_b[f][key] - rew_a[f][key] for f in both if key in rew_a[f] and key in rew_b[f]], float)
+        if d.size:
+            out[key] = {"diff": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")}
+    return out
+
+
+def paired_markdown(base: str, diffs: dict[str, dict]) -> str:
+    cols = ["shapes_eval", *SHAPES_KEYS]
+    lines = [f"paired differences against {base}", "",
+             "| model | images | " + " | ".join(c.removeprefix("shapes_") if c != "shapes_eval" else "ShapesEval"
+                                               for c in cols) + " | by category |",
+             "|" + "---|" * (len(cols) + 3)]
+    for name, d in diffs.items():
+        cells = [f"{d[c]['diff']:+.3f} ± {d[c]['se']:.3f}" if c in d else "–" for c in cols]
+        cats = ", ".join(f"{t} {c['diff']:+.3f} ± {c['se']:.3f}" for t, c in d["categories"].items())
+        lines.append(f"| {name} | {d['n']} | " + " | ".join(cells) + f" | {cats} |")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_paired(args) -> int:
+    """Image-by-image differences between scored table folders (no generation)."""
+    from miro.eval.folder import read_jsonl
+    from miro.io import atomic_write_text
+    from miro.shapes.eval import RESULTS_FILE
+
+    if len(args.folder) < 2:
+        raise ValueError(f"paired needs two --folder or more (the first is the base); got {len(args.folder)}")
+    recs = {}
+    for spec in args.folder:
+        name, _, d = spec.partition("=")
+        files = [Path(d) / RESULTS_FILE, Path(d) / "rewards.jsonl"]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise ValueError(f"--folder {spec!r}: missing {missing} (a scored `table` folder: OUT/table/<model>)")
+        recs[name or d] = tuple(read_jsonl(f) for f in files)
+    (base, base_recs), *others = recs.items()
+    diffs = {name: paired_differences(base_recs, r) for name, r in others}
+    out = Path(args.out) / "paired"
+    atomic_write_text(out / "paired.json", json.dumps({"base": base, "diffs": diffs}, indent=2))
+    md = paired_markdown(base, diffs)
+    atomic_write_text(out / "paired.md", md)
+    print(md, end="")
+    return 0
+
+
 def _plot_confusion(result: dict, path: Path) -> None:
     """One heat map per folder: asked shape (rows) by detected outcome (columns), row shares."""
     import numpy as np
@@ -875,6 +948,10 @@ def main(argv=None) -> int:
     f = sub.add_parser("confusion", help="asked vs detected shape on the one-object prompts of scored folders")
     f.add_argument("--folder", action="append", required=True, help="NAME=DIR, a scored ShapesEval folder")
     f.add_argument("--out", required=True, help="output folder")
+    pr = sub.add_parser("paired", help="image-by-image differences between scored table folders")
+    pr.add_argument("--folder", action="append", required=True,
+                    help="NAME=DIR, a scored table folder (OUT/table/<model>); the first is the base")
+    pr.add_argument("--out", required=True, help="output folder")
     d = sub.add_parser("data", help="how the training data's rewards go together (what a one-reward sweep asks for)")
     d.add_argument("--data", required=True, help="folder of Shapes shards (miro shapes make-dataset)")
     d.add_argument("--limit", type=int, default=0, help="read at most this many samples (0: all)")
@@ -892,7 +969,7 @@ def main(argv=None) -> int:
     try:
         return {"convergence": cmd_convergence, "controllability": cmd_controllability, "table": cmd_table,
                 "guidance": cmd_guidance,
-                "summarize": cmd_summarize, "confusion": cmd_confusion, "data": cmd_data}[args.cmd](args)
+                "summarize": cmd_summarize, "confusion": cmd_confusion, "paired": cmd_paired, "data": cmd_data}[args.cmd](args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -345,3 +345,32 @@ def test_summarize_pools_folders_of_one_setting_and_refuses_mixed_ones(tmp_path)
                        "--out", str(tmp_path / "f")]) == 0
     (row,) = json.loads((tmp_path / "f" / "settings.json").read_text())
     assert 0.0 not in row["missing"][key] and len(row["missing"][key]) == 7  # 9 filled targets, r1 has 0 and 1
+
+
+def test_paired_differences_match_the_closed_form(tmp_path):
+    import json
+
+    from shapes_training_study import main
+
+    # two categories, 2 and 3 images; model b fixes one image of each and gains 0.1 alignment on all
+    tags = ["a", "a", "b", "b", "b"]
+    ok_a, ok_b = [0, 1, 0, 0, 1], [1, 1, 1, 0, 1]
+    for name, ok, extra in (("a", ok_a, 0.0), ("b", ok_b, 0.1)):
+        d = tmp_path / name
+        d.mkdir()
+        names = [f"{i:05d}/samples/0000.png" for i in range(5)]
+        (d / "results.jsonl").write_text("".join(json.dumps({"filename": f, "tag": t, "correct": bool(c)}) + "\n"
+                                                 for f, t, c in zip(names, tags, ok)))
+        (d / "rewards.jsonl").write_text("".join(json.dumps({"filename": f, "shapes_alignment": 0.5 + extra + 0.01 * i})
+                                                 + "\n" for i, f in enumerate(names)))
+    assert main(["paired", "--folder", f"a={tmp_path / 'a'}", "--folder", f"b={tmp_path / 'b'}",
+                 "--out", str(tmp_path)]) == 0
+    d = json.loads((tmp_path / "paired" / "paired.json").read_text())["diffs"]["b"]
+    # category a: differences (1, 0), mean 1/2, se sqrt(1/2 / 2); b: (1, 0, 0), mean 1/3, se sqrt(1/3 / 3)
+    assert d["categories"]["a"]["diff"] == pytest.approx(0.5) and d["categories"]["b"]["diff"] == pytest.approx(1 / 3)
+    assert d["shapes_eval"]["diff"] == pytest.approx((0.5 + 1 / 3) / 2)
+    assert d["shapes_eval"]["se"] == pytest.approx(math.sqrt(0.5 / 2 + (1 / 3) / 3) / 2)
+    assert d["shapes_alignment"]["diff"] == pytest.approx(0.1) and d["shapes_alignment"]["se"] == pytest.approx(0, abs=1e-9)
+    assert main(["paired", "--folder", f"a={tmp_path / 'a'}", "--out", str(tmp_path)]) == 2
+    assert main(["paired", "--folder", f"a={tmp_path / 'a'}", "--folder", f"x={tmp_path / 'x'}",
+                 "--out", str(tmp_path)]) == 2

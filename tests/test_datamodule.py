@@ -228,7 +228,7 @@ def test_spread_ties_draw_per_sample_and_replace_the_files_rule(tmp_path):
     lo, hi = bin_span(spread.bins.edges["q"], raw[ok])
     assert np.all((lo <= q1[ok] * 7 + 1e-9) & (q1[ok] * 7 <= hi + 1e-9))
     assert len(np.unique(q1[ok])) > len(np.unique(qm[ok]))
-    with pytest.raises(ValueError, match=r"bin_ties must be one of \['midrank', 'spread'\] or a mapping reward -> rule; got 'mean'"):
+    with pytest.raises(ValueError, match=r"bin_ties: unknown tie rule 'mean'; choose from \['midrank', 'spread'\]"):
         MiroDataModule(_cfg(d, bin_ties="mean", **kw)).prepare()
     # the continuous reward r (distinct scores) keeps its values
     np.testing.assert_array_equal(b1["rewards"]["r"].numpy(), b_mid["rewards"]["r"].numpy())
@@ -238,5 +238,5 @@ def test_spread_ties_draw_per_sample_and_replace_the_files_rule(tmp_path):
     np.testing.assert_array_equal(b3["rewards"]["q"].numpy(), q1)
     np.testing.assert_array_equal(b3["rewards"]["r"].numpy(), b_mid["rewards"]["r"].numpy())
     assert json.loads(path.read_text())["ties"] == {"q": "spread"}
-    with pytest.raises(ValueError, match=r"tie rules name rewards \['zz'\] that are not binned"):
+    with pytest.raises(ValueError, match=r"bin_ties: tie rules name rewards \['zz'\] that are not binned"):
         MiroDataModule(_cfg(d, bin_ties={"zz": "spread"}, **kw)).prepare()

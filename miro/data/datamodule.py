@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from miro.data import schema
 from miro.data.indexed import IndexedTarDataset, ResumableDistributedSampler
 from miro.encoders.text import pad_token_rows
-from miro.rewards.binning import TIE_RULES, RewardBins, check_tie_rules
+from miro.rewards.binning import RewardBins, check_tie_rules
 
 try:  # Lightning is an optional extra ("train"); the dataset pieces work without it.
     from lightning.pytorch import LightningDataModule
@@ -297,10 +297,10 @@ class MiroDataModule(LightningDataModule):
         if cfg.text_source == "auto":  # precomputed when the shards carry this encoder's embeddings
             member = schema.text_embedding_name(cfg.text_encoder)
             cfg.text_source = "precomputed" if member in self.data.entry(0)["members"] else "on_the_fly"
-        if isinstance(cfg.bin_ties, str) and cfg.bin_ties not in TIE_RULES:
-            raise ValueError(f"bin_ties must be one of {list(TIE_RULES)} or a mapping reward -> rule; "
-                             f"got {cfg.bin_ties!r}")
-        cfg.bin_ties = check_tie_rules(cfg.bin_ties, cfg.reward_keys if not isinstance(cfg.bin_ties, str) else None)
+        try:
+            cfg.bin_ties = check_tie_rules(cfg.bin_ties, None if isinstance(cfg.bin_ties, str) else cfg.reward_keys)
+        except ValueError as e:
+            raise ValueError(f"bin_ties: {e}") from None
         if cfg.reward_keys and self.bins is None:
             path = Path(cfg.bins_path) if cfg.bins_path else None
             if path is not None and path.exists():

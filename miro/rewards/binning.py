@@ -40,7 +40,8 @@ On disk (``reward_bins.json`` beside a run and inside an exported pipeline folde
 
     {"num_bins": 64, "edges": {"clip_score": [65 floats], ...}, "ties": "midrank"}
 
-(``ties`` a rule, or an object of one rule per reward; ``ties`` absent: ``midrank``, the rule of every file written before it existed.)
+(``ties``: a rule, or an object of one rule per reward; absent: ``midrank``, the rule of every
+file written before it existed.)
 """
 
 from __future__ import annotations

@@ -34,11 +34,12 @@ that two checkpoints are compared on exactly the same prompts and noise:
 * ``confusion`` — no generation: from scored ShapesEval folders, the shape the detector found
   against the shape asked for, over the prompts that ask for one object (single object, colours).
   Writes ``confusion.json``, ``confusion.md`` and ``confusion.png``.
-* ``paired`` — no generation: two or more scored ``table`` folders of the same prompts, seeds and
-  sampler, image by image: each later folder minus the first, ShapesEval (the mean of the category
-  differences) and every reward, each ± the standard error of the paired difference, much smaller
-  than that of either mean because the twins share prompt and noise. Writes ``paired.json`` and
-  ``paired.md``.
+* ``paired`` — no generation: scored folders of the same prompts, seeds and sampler (``table``
+  folders, or a sweep's ``target_<t>`` folders), image by image: each later one minus the first,
+  every reward and, where both have it, ShapesEval (the mean of the category differences), each ±
+  the standard error of the paired difference, much smaller than that of either mean because the
+  twins share prompt and noise. Two targets of one sweep give a model's response to its target;
+  ``NAME=DIR,DIR`` pools seeds. Writes ``paired.json`` and ``paired.md``.
 * ``data`` — no model: how the training shards' rewards go together. Spearman's rho between every
   pair, and for each detector reward how often it is below perfect while the other detector
   rewards are perfect (the combinations a one-reward sweep with the others at 1.0 asks for). Writes
@@ -647,31 +648,54 @@ def cmd_confusion(args) -> int:
     return 0
 
 
-def paired_differences(base: tuple[list, list], other: tuple[list, list]) -> dict:
-    """``other - base`` over the images both folders hold (matched by file name). Each argument is
-    (``results.jsonl`` records, ``rewards.jsonl`` records) of a scored ``table`` folder. ShapesEval
-    is the mean of the category accuracies, so its difference is the mean of the category
-    differences, with standard error ``sqrt(sum_c var_c / n_c) / C``."""
+def load_scored(dirs: list[str]) -> tuple[dict | None, dict]:
+    """(ShapesEval records or None, reward records) of scored folders, keyed by (folder number, file
+    name): the folders of one model (e.g. one per seed) pair with the same-numbered folders of another."""
+    from miro.eval.folder import read_jsonl
+    from miro.shapes.eval import RESULTS_FILE
+
+    res, rew = {}, {}
+    for j, d in enumerate(dirs):
+        if not (Path(d) / "rewards.jsonl").is_file():
+            raise ValueError(f"{d}: no rewards.jsonl (a scored `table` folder, OUT/table/<model>, or a sweep's "
+                             f"target_<t> folder)")
+        rew.update({(j, r["filename"]): r for r in read_jsonl(Path(d) / "rewards.jsonl")})
+        if res is not None and (Path(d) / RESULTS_FILE).is_file():
+            res.update({(j, r["filename"]): r for r in read_jsonl(Path(d) / RESULTS_FILE)})
+        else:
+            res = None  # ShapesEval only where every folder has it
+    return res, rew
+
+
+def paired_differences(base: tuple[dict | None, dict], other: tuple[dict | None, dict]) -> dict:
+    """``other - base`` over the images both hold (``load_scored`` keys), for every Shapes reward
+    and, where both have ShapesEval results, ShapesEval. ShapesEval is the mean of the category
+    accuracies, so its difference is the mean of the category differences, with standard error
+    ``sqrt(sum_c var_c / n_c) / C``."""
     import numpy as np
 
-    res_a, res_b = ({r["filename"]: r for r in recs[0]} for recs in (base, other))
-    rew_a, rew_b = ({r["filename"]: r for r in recs[1]} for recs in (base, other))
-    names = sorted(set(res_a) & set(res_b))
+    def mean_se(d):
+        d = np.asarray(d, float)
+        return {"diff": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")}
+
+    (res_a, rew_a), (res_b, rew_b) = base, other
+    names = sorted(set(rew_a) & set(rew_b))
     if not names:
-        raise ValueError("the two folders share no image (compare table runs of the same prompts and seeds)")
+        raise ValueError("the folders share no image (compare runs of the same prompts and seeds)")
     out = {"n": len(names), "categories": {}}
-    for tag in sorted({res_a[f]["tag"] for f in names}):
-        d = np.array([float(res_b[f]["correct"]) - float(res_a[f]["correct"]) for f in names if res_a[f]["tag"] == tag])
-        out["categories"][tag] = {"diff": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1
-                                  else float("nan"), "n": int(d.size)}
-    cats = out["categories"].values()
-    out["shapes_eval"] = {"diff": float(np.mean([c["diff"] for c in cats])),
-                          "se": float(np.sqrt(sum(c["se"] ** 2 for c in cats)) / len(cats))}
-    both = [f for f in names if f in rew_a and f in rew_b]
+    if res_a is not None and res_b is not None:
+        both = [f for f in names if f in res_a and f in res_b]
+        for tag in sorted({res_a[f]["tag"] for f in both}):
+            d = [float(res_b[f]["correct"]) - float(res_a[f]["correct"]) for f in both if res_a[f]["tag"] == tag]
+            out["categories"][tag] = {**mean_se(d), "n": len(d)}
+        cats = out["categories"].values()
+        if cats:
+            out["shapes_eval"] = {"diff": float(np.mean([c["diff"] for c in cats])),
+                                  "se": float(np.sqrt(sum(c["se"] ** 2 for c in cats)) / len(cats))}
     for key in SHAPES_KEYS:
-        d = np.array([rew_b[f][key] - rew_a[f][key] for f in both if key in rew_a[f] and key in rew_b[f]], float)
-        if d.size:
-            out[key] = {"diff": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")}
+        d = [rew_b[f][key] - rew_a[f][key] for f in names if key in rew_a[f] and key in rew_b[f]]
+        if d:
+            out[key] = mean_se(d)
     return out
 
 
@@ -683,27 +707,21 @@ def paired_markdown(base: str, diffs: dict[str, dict]) -> str:
              "|" + "---|" * (len(cols) + 3)]
     for name, d in diffs.items():
         cells = [f"{d[c]['diff']:+.3f} ± {d[c]['se']:.3f}" if c in d else "–" for c in cols]
-        cats = ", ".join(f"{t} {c['diff']:+.3f} ± {c['se']:.3f}" for t, c in d["categories"].items())
+        cats = ", ".join(f"{t} {c['diff']:+.3f} ± {c['se']:.3f}" for t, c in d["categories"].items()) or "–"
         lines.append(f"| {name} | {d['n']} | " + " | ".join(cells) + f" | {cats} |")
     return "\n".join(lines) + "\n"
 
 
 def cmd_paired(args) -> int:
-    """Image-by-image differences between scored table folders (no generation)."""
-    from miro.eval.folder import read_jsonl
+    """Image-by-image differences between scored folders (no generation)."""
     from miro.io import atomic_write_text
-    from miro.shapes.eval import RESULTS_FILE
 
     if len(args.folder) < 2:
         raise ValueError(f"paired needs two --folder or more (the first is the base); got {len(args.folder)}")
     recs = {}
     for spec in args.folder:
-        name, _, d = spec.partition("=")
-        files = [Path(d) / RESULTS_FILE, Path(d) / "rewards.jsonl"]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise ValueError(f"--folder {spec!r}: missing {missing} (a scored `table` folder: OUT/table/<model>)")
-        recs[name or d] = tuple(read_jsonl(f) for f in files)
+        name, _, dirs = spec.partition("=")
+        recs[name or dirs] = load_scored(dirs.split(","))
     (base, base_recs), *others = recs.items()
     diffs = {name: paired_differences(base_recs, r) for name, r in others}
     out = Path(args.out) / "paired"
@@ -948,9 +966,10 @@ def main(argv=None) -> int:
     f = sub.add_parser("confusion", help="asked vs detected shape on the one-object prompts of scored folders")
     f.add_argument("--folder", action="append", required=True, help="NAME=DIR, a scored ShapesEval folder")
     f.add_argument("--out", required=True, help="output folder")
-    pr = sub.add_parser("paired", help="image-by-image differences between scored table folders")
+    pr = sub.add_parser("paired", help="image-by-image differences between scored folders")
     pr.add_argument("--folder", action="append", required=True,
-                    help="NAME=DIR, a scored table folder (OUT/table/<model>); the first is the base")
+                    help="NAME=DIR[,DIR...]: scored folders (a table's OUT/table/<model>, a sweep's target_<t>), "
+                         "several for one model's seeds; the first NAME is the base")
     pr.add_argument("--out", required=True, help="output folder")
     d = sub.add_parser("data", help="how the training data's rewards go together (what a one-reward sweep asks for)")
     d.add_argument("--data", required=True, help="folder of Shapes shards (miro shapes make-dataset)")

@@ -371,6 +371,14 @@ def test_paired_differences_match_the_closed_form(tmp_path):
     assert d["shapes_eval"]["diff"] == pytest.approx((0.5 + 1 / 3) / 2)
     assert d["shapes_eval"]["se"] == pytest.approx(math.sqrt(0.5 / 2 + (1 / 3) / 3) / 2)
     assert d["shapes_alignment"]["diff"] == pytest.approx(0.1) and d["shapes_alignment"]["se"] == pytest.approx(0, abs=1e-9)
+    # sweeps' target folders have rewards only; two folders per name pool seeds, pairing folder by folder
+    for name in "ab":
+        (tmp_path / f"{name}2").mkdir()
+        (tmp_path / f"{name}2" / "rewards.jsonl").write_text((tmp_path / name / "rewards.jsonl").read_text())
+    assert main(["paired", "--folder", f"a={tmp_path / 'a2'},{tmp_path / 'a'}", "--folder",
+                 f"b={tmp_path / 'b2'},{tmp_path / 'b'}", "--out", str(tmp_path)]) == 0
+    d = json.loads((tmp_path / "paired" / "paired.json").read_text())["diffs"]["b"]
+    assert d["n"] == 10 and "shapes_eval" not in d and d["shapes_alignment"]["diff"] == pytest.approx(0.1)
     assert main(["paired", "--folder", f"a={tmp_path / 'a'}", "--out", str(tmp_path)]) == 2
     assert main(["paired", "--folder", f"a={tmp_path / 'a'}", "--folder", f"x={tmp_path / 'x'}",
                  "--out", str(tmp_path)]) == 2

@@ -720,8 +720,12 @@ def cmd_paired(args) -> int:
         raise ValueError(f"paired needs two --folder or more (the first is the base); got {len(args.folder)}")
     recs = {}
     for spec in args.folder:
-        name, _, dirs = spec.partition("=")
-        recs[name or dirs] = load_scored(dirs.split(","))
+        name, sep, dirs = spec.partition("=")
+        if not sep:  # a bare folder names itself
+            name, dirs = spec, spec
+        if name in recs:
+            raise ValueError(f"--folder name {name!r} given twice; pool a model's seeds as NAME=DIR,DIR")
+        recs[name] = load_scored(dirs.split(","))
     (base, base_recs), *others = recs.items()
     diffs = {name: paired_differences(base_recs, r) for name, r in others}
     out = Path(args.out) / "paired"

@@ -380,5 +380,8 @@ def test_paired_differences_match_the_closed_form(tmp_path):
     d = json.loads((tmp_path / "paired" / "paired.json").read_text())["diffs"]["b"]
     assert d["n"] == 10 and "shapes_eval" not in d and d["shapes_alignment"]["diff"] == pytest.approx(0.1)
     assert main(["paired", "--folder", f"a={tmp_path / 'a'}", "--out", str(tmp_path)]) == 2
+    assert main(["paired", "--folder", f"a={tmp_path / 'a'}", "--folder", f"a={tmp_path / 'b'}",
+                 "--out", str(tmp_path)]) == 2
+    assert main(["paired", "--folder", str(tmp_path / "a"), "--folder", str(tmp_path / "b"), "--out", str(tmp_path)]) == 0
     assert main(["paired", "--folder", f"a={tmp_path / 'a'}", "--folder", f"x={tmp_path / 'x'}",
                  "--out", str(tmp_path)]) == 2

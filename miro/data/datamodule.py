@@ -298,7 +298,7 @@ class MiroDataModule(LightningDataModule):
             member = schema.text_embedding_name(cfg.text_encoder)
             cfg.text_source = "precomputed" if member in self.data.entry(0)["members"] else "on_the_fly"
         try:
-            cfg.bin_ties = check_tie_rules(cfg.bin_ties, None if isinstance(cfg.bin_ties, str) else cfg.reward_keys)
+            cfg.bin_ties = check_tie_rules(cfg.bin_ties, cfg.reward_keys)
         except ValueError as e:
             raise ValueError(f"bin_ties: {e}") from None
         if cfg.reward_keys and self.bins is None:

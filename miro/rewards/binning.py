@@ -81,7 +81,8 @@ def _check_ties(ties: str) -> str:
 
 def check_tie_rules(ties, keys: Iterable[str] | None = None) -> str | dict[str, str]:
     """``ties`` validated: a ``TIE_RULES`` entry, or a mapping reward key -> entry whose keys are
-    among ``keys`` (when given). Returns the rule, or a plain dict of the mapping."""
+    among ``keys`` (when given; a single rule needs none). Returns the rule, or a plain dict of the
+    mapping."""
     if isinstance(ties, str):
         return _check_ties(ties)
     if not isinstance(ties, Mapping):
@@ -168,7 +169,7 @@ class RewardBins:
 
     def __post_init__(self) -> None:
         self.num_bins = int(self.num_bins)
-        self.ties = check_tie_rules(self.ties, self.edges if isinstance(self.ties, Mapping) else None)
+        self.ties = check_tie_rules(self.ties, self.edges)
         for key, e in self.edges.items():
             if len(e) != self.num_bins + 1:
                 raise ValueError(f"reward {key!r}: expected {self.num_bins + 1} edges for {self.num_bins} bins, got {len(e)}")

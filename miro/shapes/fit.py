@@ -15,6 +15,7 @@ Gaussian-blurred templates are fitted on a wider ring (blur conserves area and c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -35,6 +36,35 @@ class ObjectFit:
     area: float  # coverage area in pixels
     blur: float  # Gaussian sigma of the template that fitted (0 = sharp)
     alpha: np.ndarray  # coverage on the window (rows, cols)
+
+
+@lru_cache(maxsize=256)
+def _gaussian_weights(sigma: float) -> np.ndarray:
+    """``scipy.ndimage.gaussian_filter``'s 1-D kernel for ``sigma`` (truncate 4), read off its
+    response to an impulse, so :func:`gaussian_blur` matches it bit for bit."""
+    from scipy import ndimage
+
+    radius = int(4.0 * float(sigma) + 0.5)
+    impulse = np.zeros(2 * radius + 1)
+    impulse[radius] = 1.0
+    return ndimage.gaussian_filter1d(impulse, sigma, mode="constant")
+
+
+def gaussian_blur(a: np.ndarray, sigma: float) -> np.ndarray:
+    """``ndimage.gaussian_filter(a, sigma, mode="constant")`` of a 2-D array, the same values at a
+    third of the cost on small windows (the kernel is built once per sigma)."""
+    correlate1d = _correlate1d()
+    w = _gaussian_weights(float(sigma))
+    out = correlate1d(a, w, axis=0, mode="constant")
+    return correlate1d(out, w, axis=1, mode="constant", output=out)
+
+
+@lru_cache(maxsize=1)
+def _correlate1d():
+    """scipy, imported once on first use (an import statement per blur costs as much as the blur)."""
+    from scipy.ndimage import correlate1d
+
+    return correlate1d
 
 
 def fit_color(pix: np.ndarray, bg: np.ndarray) -> tuple[int, np.ndarray]:
@@ -102,8 +132,6 @@ def fit_object(win: np.ndarray, bg: np.ndarray, core: np.ndarray, region: np.nda
     """Fit one object. ``win`` is the image window (rows r0.., cols c0..), ``core`` its segmented
     pixels, ``region`` the core plus a 1-pixel ring, ``wide`` a wider ring for blurred fits (all
     minus other objects). ``cut``: the core reaches the image border."""
-    from scipy import ndimage
-
     ci, a_core = fit_color(win[core], bg)
     dirv = PALETTE[ci] - bg
     raw = np.clip(((win - bg) @ dirv) / max(float(dirv @ dirv), 1e-9), 0.0, 1.0)
@@ -116,15 +144,27 @@ def fit_object(win: np.ndarray, bg: np.ndarray, core: np.ndarray, region: np.nda
     if area <= 0:
         return None
     hh, ww = core.shape
-    rows, cols = np.arange(r0, r0 + hh), np.arange(c0, c0 + ww)
+
+    # The searches below revisit points (a pattern-search step and its reverse) and change only
+    # sigma at a fixed box, so coverage maps and templates are memoised per object: same values,
+    # a quarter fewer coverage renders on generated images (docs/benchmarks.md, "Shapes world").
+    covs: dict = {}
+    templates: dict = {}
 
     def template(cls, box, ss=cfg.fit_supersample, blur=0.0):
+        key = (cls, *box, ss, blur)
+        hit = templates.get(key)
+        if hit is not None:
+            return hit
         x, y, s = box
-        if not blur:
-            return coverage(cls, x, y, s, rows, cols, ss)
         pad = int(np.ceil(3 * blur))  # blur the template on a padded window, then crop
-        cov = coverage(cls, x, y, s, np.arange(r0 - pad, r0 + hh + pad), np.arange(c0 - pad, c0 + ww + pad), ss)
-        return ndimage.gaussian_filter(cov, blur, mode="constant")[pad:-pad, pad:-pad]
+        ckey = (cls, x, y, s, ss, pad)
+        cov = covs.get(ckey)
+        if cov is None:
+            cov = covs[ckey] = coverage(cls, x, y, s, np.arange(r0 - pad, r0 + hh + pad),
+                                        np.arange(c0 - pad, c0 + ww + pad), ss)
+        out = templates[key] = gaussian_blur(cov, blur)[pad:-pad, pad:-pad] if blur else cov
+        return out
 
     def resid_of(cls, box, ss=cfg.fit_supersample):
         x, y, s = box

@@ -28,7 +28,18 @@ def coverage(cls: str, x: float, y: float, size: float, rows: np.ndarray, cols: 
     vs = ((rows[:, None] + off[None, :]).reshape(-1) - y) / size
     inside = W.shape_mask(cls, us[None, :], vs[:, None])
     h, w = len(rows), len(cols)
-    return inside.reshape(h, supersample, w, supersample).mean(axis=(1, 3))
+    if supersample > 11:  # counts up to 121 fit a byte; past that, the float mean
+        return inside.reshape(h, supersample, w, supersample).mean(axis=(1, 3))
+    # the same values as that mean (integer counts / ss²), several times faster on the detector's
+    # small windows: byte adds of sub-sample rows, then of sub-sample columns
+    sub = inside.view(np.uint8).reshape(h, supersample, w, supersample)
+    rows_sum = sub[:, 0].copy()
+    for k in range(1, supersample):
+        rows_sum += sub[:, k]
+    counts = rows_sum[..., 0].copy()
+    for k in range(1, supersample):
+        counts += rows_sum[..., k]
+    return counts / (supersample * supersample)
 
 
 def object_window(x: float, y: float, size: float, resolution: int, margin: int = 1) -> tuple[np.ndarray, np.ndarray]:

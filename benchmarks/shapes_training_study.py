@@ -39,7 +39,7 @@ that two checkpoints are compared on exactly the same prompts and noise:
   every reward and, where both have it, ShapesEval (the mean of the category differences), each ±
   the standard error of the paired difference, much smaller than that of either mean because the
   twins share prompt and noise. Two targets of one sweep give a model's response to its target;
-  ``NAME=DIR,DIR`` pools seeds. Writes ``paired.json`` and ``paired.md``.
+  ``NAME=DIR,DIR`` pools seeds. Writes ``paired.json``, ``paired.md`` and ``paired.png`` (±2 s.e.).
 * ``data`` — no model: how the training shards' rewards go together. Spearman's rho between every
   pair, and for each detector reward how often it is below perfect while the other detector
   rewards are perfect (the combinations a one-reward sweep with the others at 1.0 asks for). Writes
@@ -732,8 +732,34 @@ def cmd_paired(args) -> int:
     atomic_write_text(out / "paired.json", json.dumps({"base": base, "diffs": diffs}, indent=2))
     md = paired_markdown(base, diffs)
     atomic_write_text(out / "paired.md", md)
+    _plot_paired(base, diffs, out / "paired.png")
     print(md, end="")
     return 0
+
+
+def _plot_paired(base: str, diffs: dict[str, dict], path: Path) -> None:
+    """One panel per measure the folders share (ShapesEval, rewards): each compared folder's paired
+    difference against the base, ±2 s.e., beside the zero line."""
+    from miro.eval.plots import _plt, _save
+
+    plt = _plt()
+
+    cols = [c for c in ("shapes_eval", *SHAPES_KEYS) if any(c in d for d in diffs.values())]
+    names = list(diffs)
+    fig, axes = plt.subplots(1, len(cols), figsize=(2.6 * len(cols) + 1, 0.45 * len(names) + 1.4),
+                             squeeze=False, sharey=True)
+    for ax, c in zip(axes[0], cols):
+        ys = [i for i, n in enumerate(names) if c in diffs[n]]
+        ax.errorbar([diffs[names[i]][c]["diff"] for i in ys], ys, xerr=[2 * diffs[names[i]][c]["se"] for i in ys],
+                    fmt="o", capsize=3)
+        ax.axvline(0.0, color="k", lw=0.8)
+        ax.set_title("ShapesEval" if c == "shapes_eval" else c.removeprefix("shapes_"), fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(range(len(names)), names)
+    axes[0][0].invert_yaxis()
+    fig.supxlabel(f"paired difference against {base} (±2 s.e.)", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)  # atomic: a killed study never leaves half a PNG
 
 
 def _plot_confusion(result: dict, path: Path) -> None:

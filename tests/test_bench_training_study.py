@@ -366,6 +366,10 @@ def test_paired_differences_match_the_closed_form(tmp_path):
     assert main(["paired", "--folder", f"a={tmp_path / 'a'}", "--folder", f"b={tmp_path / 'b'}",
                  "--out", str(tmp_path)]) == 0
     d = json.loads((tmp_path / "paired" / "paired.json").read_text())["diffs"]["b"]
+    from PIL import Image
+
+    with Image.open(tmp_path / "paired" / "paired.png") as im:  # the plot beside the table
+        assert im.size[0] > 200 and im.size[1] > 50
     # category a: differences (1, 0), mean 1/2, se sqrt(1/2 / 2); b: (1, 0, 0), mean 1/3, se sqrt(1/3 / 3)
     assert d["categories"]["a"]["diff"] == pytest.approx(0.5) and d["categories"]["b"]["diff"] == pytest.approx(1 / 3)
     assert d["shapes_eval"]["diff"] == pytest.approx((0.5 + 1 / 3) / 2)

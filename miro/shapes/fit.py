@@ -147,7 +147,7 @@ def fit_object(win: np.ndarray, bg: np.ndarray, core: np.ndarray, region: np.nda
 
     # The searches below revisit points (a pattern-search step and its reverse) and change only
     # sigma at a fixed box, so coverage maps and templates are memoised per object: same values,
-    # a quarter fewer coverage renders on generated images (docs/benchmarks.md, "Shapes world").
+    # a quarter fewer coverage renders on generated images (docs/benchmarks.md, "A faster detector").
     covs: dict = {}
     templates: dict = {}
 

@@ -194,6 +194,14 @@ def test_detector_on_blurred_objects(sigma):
     assert [(d.cls, d.color) for d in dets] == [("circle", "blue")] * 2
 
 
+def _mean_coverage(cls, x, y, s, rows, cols, ss=8):
+    """``render.coverage`` as first written: the float mean of the sub-sample inside tests."""
+    off = (np.arange(ss) + 0.5) / ss
+    us = ((cols[:, None] + off).reshape(-1) - x) / s
+    vs = ((rows[:, None] + off).reshape(-1) - y) / s
+    return W.shape_mask(cls, us[None, :], vs[:, None]).reshape(len(rows), ss, len(cols), ss).mean(axis=(1, 3))
+
+
 def test_detector_fast_paths_equal_their_references(monkeypatch):
     """The detector's speed-ups change no value: the byte-count coverage equals the float mean of
     the sub-samples, ``gaussian_blur`` equals ``ndimage.gaussian_filter`` bit for bit, and with both
@@ -204,17 +212,14 @@ def test_detector_fast_paths_equal_their_references(monkeypatch):
     from PIL import Image
     from scipy import ndimage
 
+    import miro.shapes.detector as D
     import miro.shapes.fit as F
 
     rng = np.random.default_rng(0)
     rows, cols = np.arange(3, 17), np.arange(5, 22)
     for ss in (1, 2, 4, 8, 12):  # 12: past the byte counts, the float mean itself
         for cls in W.CLASSES:
-            off = (np.arange(ss) + 0.5) / ss
-            us = ((cols[:, None] + off).reshape(-1) - 6.3) / 9.7
-            vs = ((rows[:, None] + off).reshape(-1) - 4.1) / 9.7
-            ref = W.shape_mask(cls, us[None, :], vs[:, None]).reshape(len(rows), ss, len(cols), ss).mean(axis=(1, 3))
-            assert np.array_equal(coverage(cls, 6.3, 4.1, 9.7, rows, cols, ss), ref)
+            assert np.array_equal(coverage(cls, 6.3, 4.1, 9.7, rows, cols, ss), _mean_coverage(cls, 6.3, 4.1, 9.7, rows, cols, ss))
     for sigma in (0.3, 0.6, 0.85, 1.0, 1.25, 1.5, 2.75, 3.0, float(rng.uniform(0.3, 3))):
         a = rng.random((int(rng.integers(3, 30)), int(rng.integers(3, 30))))
         assert np.array_equal(F.gaussian_blur(a, sigma), ndimage.gaussian_filter(a, sigma, mode="constant"))
@@ -226,26 +231,20 @@ def test_detector_fast_paths_equal_their_references(monkeypatch):
         return [(d.cls, d.color, d.score, d.bbox, tuple(sorted(d.extra.items()))) for d in detect_array(im / 255.0)]
 
     fast = [fingerprint(im) for im in (img, blurred)]
-    import miro.shapes.detector as D
-
-    seen: list = []  # (object fit, coverage arguments)
+    fits, renders = [0], []  # object fits so far; (fit, coverage arguments) of every render
     fit_object = D.fit_object
 
     def counted_fit(*args, **kwargs):
-        seen.append(None)
+        fits[0] += 1
         return fit_object(*args, **kwargs)
 
-    def reference_coverage(cls, x, y, s, r, c, ss=8):
-        seen.append((seen.count(None), cls, x, y, s, int(r[0]), int(c[0]), len(r), len(c), ss))
-        off = (np.arange(ss) + 0.5) / ss
-        us = ((c[:, None] + off).reshape(-1) - x) / s
-        vs = ((r[:, None] + off).reshape(-1) - y) / s
-        return W.shape_mask(cls, us[None, :], vs[:, None]).reshape(len(r), ss, len(c), ss).mean(axis=(1, 3))
+    def recorded_coverage(cls, x, y, s, r, c, ss=8):
+        renders.append((fits[0], cls, x, y, s, int(r[0]), int(c[0]), len(r), len(c), ss))
+        return _mean_coverage(cls, x, y, s, r, c, ss)
 
     monkeypatch.setattr(D, "fit_object", counted_fit)
-    monkeypatch.setattr(F, "coverage", reference_coverage)
+    monkeypatch.setattr(F, "coverage", recorded_coverage)
     monkeypatch.setattr(F, "gaussian_blur", lambda a, sigma: ndimage.gaussian_filter(a, sigma, mode="constant"))
     assert [fingerprint(im) for im in (img, blurred)] == fast
     assert fast[1][0][:2] == ("cross", "green") and dict(fast[1][0][4])["blur"] > 0  # the blurred-template path ran
-    renders = [k for k in seen if k is not None]
     assert len(renders) == len(set(renders)) > 0  # within one object's fit, no map is rendered twice

@@ -40,6 +40,10 @@ that two checkpoints are compared on exactly the same prompts and noise:
   the standard error of the paired difference, much smaller than that of either mean because the
   twins share prompt and noise. Two targets of one sweep give a model's response to its target;
   ``NAME=DIR,DIR`` pools seeds. Writes ``paired.json``, ``paired.md`` and ``paired.png`` (±2 s.e.).
+* ``trade`` — no generation: several models, one point each, from ``paired`` outputs: a paired
+  difference on one axis (default: alignment's response to a low target, from a sweep's two target
+  folders) against one on the other (default: ShapesEval against a common base model). Shows
+  what a fine-tuning leg trades for what. Writes ``trade.json``, ``trade.md`` and ``trade.png`` (±2 s.e.).
 * ``data`` — no model: how the training shards' rewards go together. Spearman's rho between every
   pair, and for each detector reward how often it is below perfect while the other detector
   rewards are perfect (the combinations a one-reward sweep with the others at 1.0 asks for). Writes
@@ -52,6 +56,8 @@ Every generation folder is resumable (GenEval layout), so a killed study continu
     python benchmarks/shapes_training_study.py controllability --model runs/train/.../last.ckpt --out runs/study
     python benchmarks/shapes_training_study.py table --model baseline=CKPT --model miro=CKPT --out runs/study
     python benchmarks/shapes_training_study.py paired --folder old=runs/a/table/old --folder new=runs/b/table/new --out runs/study
+    python benchmarks/shapes_training_study.py trade --point shipped=runs/low_shipped,base \
+        --point leg=runs/low_leg,runs/paired_leg --out runs/study
     python benchmarks/shapes_training_study.py data --data shapes-data --out runs/study
 """
 
@@ -737,6 +743,77 @@ def cmd_paired(args) -> int:
     return 0
 
 
+def paired_value(spec: str, measure: str) -> dict:
+    """``{"diff", "se"}`` of ``measure`` read from a ``paired`` output: ``PATH[#NAME]``, PATH its
+    paired.json or the --out it was written under, NAME the compared folder (default: the only
+    one). ``base`` is the base model of a comparison itself: 0 ± 0."""
+    if spec == "base":
+        return {"diff": 0.0, "se": 0.0}
+    path, _, name = spec.partition("#")
+    f = Path(path)
+    for cand in (f, f / "paired.json", f / "paired" / "paired.json"):
+        if cand.is_file():
+            f = cand
+            break
+    else:
+        raise ValueError(f"{path}: no paired.json (give a `paired` run's --out or its paired.json)")
+    diffs = json.loads(f.read_text())["diffs"]
+    if not name:
+        if len(diffs) != 1:
+            raise ValueError(f"{f} compares {sorted(diffs)}: pick one as {path}#NAME")
+        (name,) = diffs
+    if name not in diffs:
+        raise ValueError(f"{f}: no compared folder {name!r}; it has {sorted(diffs)}")
+    if measure not in diffs[name]:
+        raise ValueError(f"{f}#{name}: no measure {measure!r}; it has "
+                         f"{sorted(k for k in diffs[name] if k not in ('n', 'categories'))}")
+    return {k: float(diffs[name][measure][k]) for k in ("diff", "se")}
+
+
+def cmd_trade(args) -> int:
+    """One point per model: a paired difference on x against one on y (no generation)."""
+    from miro.io import atomic_write_text
+
+    points = {}
+    for spec in args.point:
+        label, sep, xy = spec.partition("=")
+        x, comma, y = xy.partition(",")
+        if not sep or not comma or not label or not x or not y:
+            raise ValueError(f"--point {spec!r}: expected LABEL=X,Y (each a paired output PATH[#NAME] or base)")
+        if label in points:
+            raise ValueError(f"--point label {label!r} given twice")
+        points[label] = {"x": paired_value(x, args.x), "y": paired_value(y, args.y)}
+    out = Path(args.out) / "trade"
+    atomic_write_json(out / "trade.json", {"x": args.x, "y": args.y, "points": points})
+    lines = [f"| model | {args.x} (x) | {args.y} (y) |", "|---|---|---|"]
+    lines += [f"| {k} | {p['x']['diff']:+.3f} ± {p['x']['se']:.3f} | {p['y']['diff']:+.3f} ± {p['y']['se']:.3f} |"
+              for k, p in points.items()]
+    md = "\n".join(lines) + "\n"
+    atomic_write_text(out / "trade.md", md)
+    _plot_trade(points, args.x_label or f"{args.x} (paired difference)",
+                args.y_label or f"{args.y} (paired difference)", out / "trade.png")
+    print(md, end="")
+    return 0
+
+
+def _plot_trade(points: dict, xlabel: str, ylabel: str, path: Path) -> None:
+    from miro.eval.plots import _plt, _save
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for i, (label, p) in enumerate(points.items()):
+        ax.errorbar(p["x"]["diff"], p["y"]["diff"], xerr=2 * p["x"]["se"], yerr=2 * p["y"]["se"], fmt="o",
+                    capsize=3, color=f"C{i % 10}", label=label)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.set_title("one point per model (±2 s.e.)", fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def _plot_paired(base: str, diffs: dict[str, dict], path: Path) -> None:
     """One panel per measure the folders share (ShapesEval, rewards): each compared folder's paired
     difference against the base, ±2 s.e., beside the zero line."""
@@ -1001,6 +1078,15 @@ def main(argv=None) -> int:
                     help="NAME=DIR[,DIR...]: scored folders (a table's OUT/table/<model>, a sweep's target_<t>), "
                          "several for one model's seeds; the first NAME is the base")
     pr.add_argument("--out", required=True, help="output folder")
+    tr = sub.add_parser("trade", help="no generation: one point per model, a paired difference against another")
+    tr.add_argument("--point", action="append", required=True,
+                    help="LABEL=X,Y: X and Y each a `paired` output (its --out or paired.json) as PATH[#NAME], NAME "
+                         "the compared folder when it has several, or `base` (0 ± 0, the model compared against)")
+    tr.add_argument("--x", default="shapes_alignment", help="measure on x (default: shapes_alignment)")
+    tr.add_argument("--y", default="shapes_eval", help="measure on y (default: shapes_eval)")
+    tr.add_argument("--x-label", default="", help="x axis label")
+    tr.add_argument("--y-label", default="", help="y axis label")
+    tr.add_argument("--out", required=True, help="output folder (trade.json, trade.md, trade.png)")
     d = sub.add_parser("data", help="how the training data's rewards go together (what a one-reward sweep asks for)")
     d.add_argument("--data", required=True, help="folder of Shapes shards (miro shapes make-dataset)")
     d.add_argument("--limit", type=int, default=0, help="read at most this many samples (0: all)")
@@ -1018,7 +1104,8 @@ def main(argv=None) -> int:
     try:
         return {"convergence": cmd_convergence, "controllability": cmd_controllability, "table": cmd_table,
                 "guidance": cmd_guidance,
-                "summarize": cmd_summarize, "confusion": cmd_confusion, "paired": cmd_paired, "data": cmd_data}[args.cmd](args)
+                "summarize": cmd_summarize, "confusion": cmd_confusion, "paired": cmd_paired, "data": cmd_data,
+                "trade": cmd_trade}[args.cmd](args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -389,3 +389,44 @@ def test_paired_differences_match_the_closed_form(tmp_path):
     assert main(["paired", "--folder", str(tmp_path / "a"), "--folder", str(tmp_path / "b"), "--out", str(tmp_path)]) == 0
     assert main(["paired", "--folder", f"a={tmp_path / 'a'}", "--folder", f"x={tmp_path / 'x'}",
                  "--out", str(tmp_path)]) == 2
+
+
+def test_trade_reads_one_point_per_model_from_paired_outputs(tmp_path):
+    import json
+
+    from PIL import Image
+    from shapes_training_study import main
+
+    def scored(d, values):  # a sweep's target folder: rewards only
+        d.mkdir(parents=True)
+        d.joinpath("rewards.jsonl").write_text("".join(
+            json.dumps({"filename": f"{i:05d}/samples/0000.png", "shapes_alignment": v}) + "\n"
+            for i, v in enumerate(values)))
+        return str(d)
+
+    # x: each model's alignment at a low target minus at 0; y: model b against model a
+    t0, lo = [0.2, 0.4, 0.6], [0.3, 0.5, 0.7]  # a: +0.1 on every image
+    b0, blo = [0.2, 0.4, 0.6], [0.2, 0.4, 0.9]  # b: 0, 0, +0.3
+    assert main(["paired", "--folder", f"t0={scored(tmp_path / 'a0', t0)}", "--folder",
+                 f"lo={scored(tmp_path / 'alo', lo)}", "--out", str(tmp_path / 'xa')]) == 0
+    assert main(["paired", "--folder", f"t0={scored(tmp_path / 'b0', b0)}", "--folder",
+                 f"lo={scored(tmp_path / 'blo', blo)}", "--out", str(tmp_path / 'xb')]) == 0
+    assert main(["paired", "--folder", f"a={tmp_path / 'alo'}", "--folder", f"b={tmp_path / 'blo'}",
+                 "--folder", f"c={tmp_path / 'a0'}", "--out", str(tmp_path / 'y')]) == 0
+    argv = ["trade", "--point", f"a={tmp_path / 'xa'},base", "--y", "shapes_alignment",
+            "--point", f"b={tmp_path / 'xb' / 'paired' / 'paired.json'},{tmp_path / 'y'}#b", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    got = json.loads((tmp_path / "trade" / "trade.json").read_text())["points"]
+    assert got["a"]["x"]["diff"] == pytest.approx(0.1) and got["a"]["x"]["se"] == pytest.approx(0, abs=1e-9)
+    assert got["a"]["y"] == {"diff": 0.0, "se": 0.0}
+    # b's x: differences (0, 0, 0.3), mean 0.1, se = sd / sqrt(3) = sqrt(0.03) / sqrt(3) = 0.1
+    assert got["b"]["x"]["diff"] == pytest.approx(0.1) and got["b"]["x"]["se"] == pytest.approx(0.1)
+    assert got["b"]["y"]["diff"] == pytest.approx((-0.1 - 0.1 + 0.2) / 3)  # blo - alo: -0.1, -0.1, +0.2
+    with Image.open(tmp_path / "trade" / "trade.png") as im:
+        assert im.size[0] > 200 and im.size[1] > 200
+    # bad input names the bad value: a paired output with several models needs #NAME, a missing measure
+    # or name is listed with what there is, a point needs LABEL=X,Y
+    for bad in ([f"b={tmp_path / 'xb'},{tmp_path / 'y'}"], [f"b={tmp_path / 'xb'},{tmp_path / 'y'}#z"],
+                [f"b={tmp_path / 'xb'}"], [f"b={tmp_path / 'nowhere'},base"], ["a=base,base", "a=base,base"]):
+        assert main(["trade", *sum((["--point", p] for p in bad), []), "--out", str(tmp_path)]) == 2
+    assert main(["trade", "--point", f"b={tmp_path / 'xb'},base", "--x", "shapes_eval", "--out", str(tmp_path)]) == 2

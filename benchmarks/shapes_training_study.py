@@ -1057,8 +1057,9 @@ def main(argv=None) -> int:
                         "positive targets with the swept reward at 0, the project page's per-reward isolation)")
     t = sub.add_parser("table", parents=[common], help="every Shapes reward per model")
     t.add_argument("--model", action="append", required=True, help="NAME=SOURCE (.ckpt, folder or built-in)")
-    t.add_argument("--reward", nargs="*", metavar="KEY=VALUE", help="positive reward targets (default 1.0 each)")
-    t.add_argument("--negative-reward", nargs="*", metavar="KEY=VALUE",
+    t.add_argument("--reward", nargs="+", action="extend", metavar="KEY=VALUE",
+                   help="positive reward targets (default 1.0 each; repeatable)")
+    t.add_argument("--negative-reward", nargs="+", action="extend", metavar="KEY=VALUE",
                    help="negative branch's reward targets (default 0 each); equal to the positive ones, the "
                         "guidance follows the text alone")
     g = sub.add_parser("guidance", parents=[common], help="ShapesEval and rewards over guidance scale x steps x shift")

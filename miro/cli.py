@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("miro.train.cli", "train a MIRO model (Hydra: experiment=<name> key=value ...)"),
     "convert": ("miro.train.convert", "convert a Lightning checkpoint into a pipeline folder"),
     "testbed": ("miro.train.testbed", "prompt testbed: precompute text embeddings"),
-    "eval": ("miro.eval.cli", "evaluation: generate, geneval, rewards, summary, best-of-n, sweep, report, all"),
+    "eval": ("miro.eval.cli", "evaluation: generate, geneval, rewards, summary, best-of-n, sweep, judge, report, all"),
     "align": ("miro.align.cli", "SRPO post-hoc alignment (Hydra: mode=online|offline ...)"),
     "download": ("miro.download", "download weights for one-time offline use"),
     "demo": ("miro.demo.server", "web demo: generate with reward sliders in the browser"),

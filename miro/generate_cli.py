@@ -93,8 +93,8 @@ def make_grid(images, min_tile: int = GRID_MIN_TILE):
 
 def load_pipeline(model: str, variant=None, device=None, dtype=None, text_encoder=None, vae=None):
     """Resolve ``--model``: a Lightning ``.ckpt`` goes through ``miro.train.convert``; the
-    default built-in ``shapes`` falls back to ``shapes-untrained`` (with a notice) until the
-    trained model ships."""
+    default built-in ``shapes`` falls back to ``shapes-untrained`` (with a notice) where the
+    trained model is not installed."""
     from miro.hub import builtin_pipelines
     from miro.pipeline import MiroPipeline
 

@@ -79,3 +79,10 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None =
     """``json.dumps(obj, ...)`` plus a trailing newline, written as UTF-8, atomically."""
     text = json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=ensure_ascii, default=default)
     atomic_write_text(path, text + "\n", fsync=fsync)
+
+
+def cache_root() -> Path:
+    """miro's download cache: ``$MIRO_CACHE_DIR`` (``$MIRO_CACHE``, its older name, also works),
+    else ``~/.cache/miro``. Read at call time, so a test or a script may set it late."""
+    root = os.environ.get("MIRO_CACHE_DIR") or os.environ.get("MIRO_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "miro"

@@ -29,13 +29,17 @@ def test_config_defaults_are_the_published_hyperparameters():
     assert ps["schedule"]["train_timestep"] == [5, 30] and ps["discount_inv"] == [0.6, 0.01] and ps["target"]["flux_rollout_guidance"] == 2.0
 
 
-def test_bad_overrides_fail_clearly(capsys):
+def test_bad_overrides_fail_clearly(capsys, tmp_path):
     assert main(["nonexistent_key=1", "data.prompts=x.txt", "--dry-run"]) == 2
     assert "nonexistent_key" in capsys.readouterr().err
     assert main(["--bogus"]) == 2
     assert main(["--dry-run"]) == 2  # data.prompts is required
-    with pytest.raises(ValueError, match="mode must be one of"):
-        main(["mode=sideways", "data.prompts=x.txt", "--dry-run"])
+    capsys.readouterr()
+    assert main(["mode=sideways", "data.prompts=x.txt", "--dry-run"]) == 2  # one line, no traceback
+    assert "mode must be one of" in capsys.readouterr().err
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    assert main(["experiment=shapes_proxy", f"data.prompts={tmp_path / 'p.txt'}", "--dry-run"]) == 2
+    assert "needs reward.path=" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

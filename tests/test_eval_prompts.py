@@ -102,6 +102,6 @@ def test_missing_public_file_downloads_into_cache_or_fails_clearly(tmp_path, mon
         raise P.urllib.error.URLError("no network")
 
     monkeypatch.setattr(P.urllib.request, "urlopen", offline)
-    with pytest.raises(RuntimeError, match="could not download .*--prompts PATH"):
+    with pytest.raises(ConnectionError, match="could not download .*--prompts PATH"):
         P.load_prompts("geneval")
     assert not list((tmp_path / "cache" / "prompts").glob("geneval/*"))

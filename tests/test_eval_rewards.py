@@ -154,3 +154,29 @@ def test_cure_mia_deltas_are_paired_by_item_and_sample(tmp_path):
     assert d["item+category"]["mean"] == pytest.approx(0.5) and d["item+category"]["std"] == pytest.approx(0.0)
     assert d["item+category+region"]["mean"] == pytest.approx(-1.0) and d["item+category+region"]["n"] == 4
     assert "mia_deltas" not in R.summarize([{**r, "item": None} for r in recs if r["tag"] != "item"])
+
+
+def test_a_shapes_model_is_known_by_its_reward_keys_not_its_name(tmp_path):
+    import shutil
+    from types import SimpleNamespace
+
+    from miro.eval.cli import _detector_name, _items
+    from miro.eval.generate import model_reward_keys
+    from miro.hub import BUILTIN_DIR
+
+    folder = tmp_path / "mymodel"  # a converted Shapes pipeline whose path does not say so
+    shutil.copytree(BUILTIN_DIR / "shapes", folder)
+    keys = model_reward_keys(str(folder))
+    assert keys and all(k.startswith("shapes_") for k in keys)
+    assert all(n.startswith("shapes_") for n in R.default_scorers(None, str(folder)))
+    args = SimpleNamespace(model=str(folder), variant=None, prompts=None, cure_dir=None, cure_variants="", limit=2,
+                           detector="auto")
+    assert _items(args)[0] == "shapes" and _detector_name(args, None) == "shapes"
+    run = tmp_path / "run3"  # a training run's checkpoint: the reward bins beside it say which world
+    run.mkdir()
+    (run / "reward_bins.json").write_text(json.dumps({"num_bins": 4, "edges": {"shapes_counting": [0, 1]}}))
+    assert model_reward_keys(str(run / "last.ckpt")) == ["shapes_counting"]
+    assert _items(SimpleNamespace(**{**vars(args), "model": str(run / "last.ckpt")}))[0] == "shapes"
+    # unknown keys (a hub id, no bins) fall back to the name; a bad path is left to the loader
+    assert model_reward_keys("owner/model") is None and model_reward_keys(str(tmp_path / "none.ckpt")) is None
+    assert _detector_name(SimpleNamespace(**{**vars(args), "model": "owner/model"}), None) != "shapes"

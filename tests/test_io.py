@@ -105,3 +105,17 @@ def test_hub_and_eval_reexports_keep_their_formats(tmp_path):
     assert (tmp_path / "e.json").read_text(encoding="utf-8") == '{\n  "prompt": "café"\n}\n'
     hub_bytes(tmp_path / "b", b"xyz")
     assert (tmp_path / "b").read_bytes() == b"xyz" and _mode(tmp_path / "b") == 0o644
+
+
+def test_cache_root_reads_the_environment_at_call_time(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from miro.io import cache_root
+
+    monkeypatch.delenv("MIRO_CACHE_DIR", raising=False)
+    monkeypatch.delenv("MIRO_CACHE", raising=False)
+    assert cache_root() == Path.home() / ".cache" / "miro"
+    monkeypatch.setenv("MIRO_CACHE", str(tmp_path / "old"))  # the older name still works
+    assert cache_root() == tmp_path / "old"
+    monkeypatch.setenv("MIRO_CACHE_DIR", str(tmp_path / "new"))  # and the documented one wins
+    assert cache_root() == tmp_path / "new"

@@ -118,6 +118,16 @@ def test_eval_generate_resumes_and_uses_seed_rule(tmp_path, capsys):
     assert rc == 0
     assert shapes_main(["eval-score", str(tmp_path / "cli"), "--no-progress"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("overall: 1.0")
+    # reward targets: the flag repeats, and several may follow one flag (contracts: --reward k=v)
+    import json
+
+    for i, flags in enumerate((["--reward", "shapes_counting=0.5", "--reward", "shapes_position=0.25"],
+                               ["--reward", "shapes_counting=0.5", "shapes_position=0.25"])):
+        out = tmp_path / f"cli_r{i}"
+        assert shapes_main(["eval-generate", "--model", "ground-truth", "--outdir", str(out), "--n-samples", "1",
+                            "--limit", "1", *flags]) == 0
+        cfg = json.loads((out / "generation.json").read_text())["config"]
+        assert cfg["reward_targets"] == {"shapes_counting": 0.5, "shapes_position": 0.25}
 
 
 def test_cli_render_detect_and_errors(tmp_path, capsys):

@@ -243,7 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # hydra's errors (unknown key, missing value) as one clear line
         print(f"miro align: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
-    run(cfg, dry_run="--dry-run" in flags)
+    try:
+        run(cfg, dry_run="--dry-run" in flags)
+    except (ValueError, FileNotFoundError) as e:  # a value the config cannot work with, named in one line
+        print(f"miro align: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

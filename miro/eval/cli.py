@@ -5,7 +5,7 @@
     miro eval rewards runs/shapes                 # reward models -> rewards.jsonl
     miro eval summary runs/shapes/rewards.jsonl   # -> rewards_summary.json
     miro eval best-of-n runs/bo16 --select-by image_reward_score --metrics hpsv2_score
-    miro eval sweep --model shapes --prompts shapes --reward-key shapes_aesthetic --outdir runs/sweep
+    miro eval sweep --model shapes --prompts shapes --reward-key shapes_counting --outdir runs/sweep
     miro eval judge runs/cure --base-url http://127.0.0.1:8000/v1 --judge-model M --rubric cure
     miro eval report runs/shapes
     miro eval all --model path/to/last.ckpt       # generate -> geneval -> rewards -> summary -> report
@@ -27,7 +27,8 @@ from miro.eval.prompts import CURE_VARIANTS
 def _add_generation(ap: argparse.ArgumentParser, outdir_required: bool = True) -> None:
     ap.add_argument("--model", default="shapes", help="built-in name, pipeline folder, hub id or Lightning .ckpt")
     ap.add_argument("--variant", default=None, help="variant subfolder (e.g. miro-only-aesthetic)")
-    ap.add_argument("--prompts", default=None, help="geneval | parti | shapes | cure | FILE (.jsonl, .tsv, .txt)")
+    ap.add_argument("--prompts", default=None, help="geneval | parti | shapes | cure | FILE (.jsonl, .tsv, .txt); default: shapes for a "
+                    "Shapes model, else geneval")
     ap.add_argument("--cure-dir", default=None, help="folder with CuRe's six CSVs (for --prompts cure)")
     ap.add_argument("--cure-variants", default=",".join(CURE_VARIANTS), help="comma-separated MIA variants")
     ap.add_argument("--limit", type=int, default=None, help="only the first N prompts")
@@ -67,7 +68,10 @@ def _scorers_arg(ap):
 def _items(args):
     from miro.eval.prompts import load_prompts
 
-    spec = args.prompts or ("shapes" if "shapes" in str(args.model) else "geneval")
+    from miro.eval.generate import is_shapes_run, model_reward_keys
+
+    spec = args.prompts or ("shapes" if is_shapes_run(model_reward_keys(args.model, args.variant), args.model)
+                            else "geneval")
     variants = tuple(v.strip() for v in args.cure_variants.split(",") if v.strip())
     return spec, load_prompts(spec, cure_dir=args.cure_dir, cure_variants=variants, limit=args.limit)
 
@@ -129,14 +133,15 @@ def _load_pipeline(args):
 
 
 def _detector_name(args, root, prompts: str | None = None) -> str:
+    from miro.eval.generate import is_shapes_run, model_reward_keys
+    from miro.eval.geneval import DEFAULT_DETECTOR
+
     if args.detector != "auto":
         return args.detector
     info = _run_info(root)
     model = info.get("config", {}).get("model", getattr(args, "model", ""))
-    shapes = "shapes" in str(model) or model == "ground-truth" or (info.get("prompts") or prompts) == "shapes"
-    from miro.eval.geneval import DEFAULT_DETECTOR
-
-    return "shapes" if shapes else DEFAULT_DETECTOR
+    keys = info.get("reward_keys") or (model_reward_keys(model, getattr(args, "variant", None)) if model else None)
+    return "shapes" if is_shapes_run(keys, model, info.get("prompts") or prompts) else DEFAULT_DETECTOR
 
 
 def _generate(args, outdir, cfg, spec, items) -> dict:

@@ -135,6 +135,35 @@ def load_pipeline(model: str, variant: str | None = None, device: str | None = N
     return _load(model, variant=variant, device=device)
 
 
+def model_reward_keys(model: str, variant: str | None = None) -> list[str] | None:
+    """``--model``'s reward keys where reading them is local and cheap: a built-in's or a folder's
+    ``config.json``, the ``reward_bins.json`` beside a Lightning ``.ckpt``; None otherwise (a hub id
+    is not fetched for this, a bad path is left to the loader to report)."""
+    from miro.hub import BUILTIN_DIR, resolve_pipeline_dir
+
+    name = str(model)
+    try:
+        if name.endswith(".ckpt"):
+            bins = Path(name).parent / "reward_bins.json"
+            return list(json.loads(bins.read_text(encoding="utf-8"))["edges"]) if bins.is_file() else None
+        if ("/" not in name and (BUILTIN_DIR / name).is_dir()) or Path(name).expanduser().is_dir():
+            config = json.loads(resolve_pipeline_dir(name, variant)["config.json"].read_text(encoding="utf-8"))
+            keys = config.get("coherence_keys") or config.get("network", {}).get("coherence_keys")
+            return list(keys) if keys else None
+    except (ValueError, KeyError, OSError):
+        return None
+    return None
+
+
+def is_shapes_run(reward_keys: list[str] | None, model: str | None = None, prompts: str | None = None) -> bool:
+    """Whether a model (or a folder it generated) belongs to the Shapes world: its reward keys are
+    all ``shapes_*``; without known keys (a hub id, older folders, the ground-truth renderer) a
+    Shapes name or the ShapesEval prompt set decides."""
+    if reward_keys:
+        return all(k.startswith("shapes_") for k in reward_keys)
+    return "shapes" in str(model or "") or model == "ground-truth" or prompts == "shapes"
+
+
 def _check_run_file(outdir: Path, cfg: GenerateConfig, n_prompts: int, prompts_spec: str | None,
                     reward_keys: list[str] | None = None) -> None:
     """Refuse to mix images made with different settings in one folder."""

@@ -48,8 +48,9 @@ class PromptItem:
 
 def cache_dir() -> Path:
     """Where downloaded prompt files live: ``$MIRO_CACHE_DIR/prompts`` or ``~/.cache/miro/prompts``."""
-    root = os.environ.get("MIRO_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "miro")
-    return Path(root) / "prompts"
+    from miro.io import cache_root
+
+    return cache_root() / "prompts"
 
 
 def fetch(url: str, dest: Path, timeout: float = 30.0) -> Path:
@@ -58,7 +59,7 @@ def fetch(url: str, dest: Path, timeout: float = 30.0) -> Path:
         with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - fixed https URLs
             data = r.read()
     except (urllib.error.URLError, OSError) as e:
-        raise RuntimeError(
+        raise ConnectionError(  # an OSError: the CLIs report it in one line
             f"could not download {url} ({e}); pass the file with --prompts PATH or put it under "
             f"$MIRO_DATA_DIR (see docs/evaluation.md)"
         ) from e

@@ -20,12 +20,13 @@ META_FIELDS = ("filename", "index", "sample", "tag", "prompt", "item")
 
 
 def default_scorers(root: str | Path | None = None, model: str | None = None) -> list[str]:
-    """The scorers ``--scorers auto`` uses: the ``shapes_*`` rewards for a Shapes model (its
-    reward keys recorded in ``generation.json`` are all ``shapes_*``; without recorded keys, a
-    Shapes name, the ground-truth renderer or the ShapesEval prompt set), else MIRO's seven."""
+    """The scorers ``--scorers auto`` uses: the ``shapes_*`` rewards for a Shapes model
+    (:func:`miro.eval.generate.is_shapes_run` on the reward keys recorded in ``generation.json``,
+    else on ``model``'s own), else MIRO's seven."""
     import json
 
     from miro import REWARD_KEYS
+    from miro.eval.generate import is_shapes_run, model_reward_keys
     from miro.rewards import available
 
     keys, prompts = None, None
@@ -33,12 +34,10 @@ def default_scorers(root: str | Path | None = None, model: str | None = None) ->
         run = json.loads((Path(root) / "generation.json").read_text(encoding="utf-8"))
         keys, prompts = run.get("reward_keys"), run.get("prompts")
         model = model or run.get("config", {}).get("model")
+    if not keys and model:
+        keys = model_reward_keys(model)
     names = available()
-    if keys:
-        shapes = all(k.startswith("shapes_") for k in keys)
-    else:  # no recorded keys (older folders, the ground-truth renderer): name and prompt set decide
-        shapes = "shapes" in str(model or "") or model == "ground-truth" or prompts == "shapes"
-    if shapes:
+    if is_shapes_run(keys, model, prompts):
         return [n for n in names if n.startswith("shapes_")]
     return [k for k in REWARD_KEYS if k in names]
 

@@ -17,10 +17,7 @@ from pathlib import Path
 
 import torch
 
-from miro.io import atomic_write_with
-
-_DEFAULT_CACHE = Path(os.environ.get("MIRO_CACHE", Path.home() / ".cache" / "miro")) / "rewards"
-
+from miro.io import atomic_write_with, cache_root
 
 def is_url(name: str) -> bool:
     return bool(re.match(r"^https?://", str(name)))
@@ -62,7 +59,7 @@ def resolve_file(
 def _download_url(url: str, *, cache_dir=None, local_files_only: bool = False) -> Path:
     from urllib.parse import unquote, urlparse
 
-    root = Path(cache_dir) if cache_dir else _DEFAULT_CACHE
+    root = Path(cache_dir) if cache_dir else cache_root() / "rewards"
     target = root / unquote(Path(urlparse(url).path).name)
     if target.is_file():
         return target

@@ -53,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     p.add_argument("--cfg", type=float, default=7.0, help="guidance scale (default 7.0)")
     p.add_argument("--seed", type=int, default=0, help="sample j of prompt i uses seed + 1000*i + j")
-    p.add_argument("--reward", nargs="*", default=[], metavar="KEY=TARGET", help="reward targets in [0, 1]")
+    p.add_argument("--reward", nargs="+", action="extend", default=[], metavar="KEY=TARGET",
+                   help="reward targets in [0, 1] (repeatable, or several after one flag)")
     p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (does not change images)")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts (smoke runs)")
 

@@ -180,3 +180,31 @@ def test_a_shapes_model_is_known_by_its_reward_keys_not_its_name(tmp_path):
     # unknown keys (a hub id, no bins) fall back to the name; a bad path is left to the loader
     assert model_reward_keys("owner/model") is None and model_reward_keys(str(tmp_path / "none.ckpt")) is None
     assert _detector_name(SimpleNamespace(**{**vars(args), "model": "owner/model"}), None) != "shapes"
+
+
+def test_scorer_kwargs_and_the_remote_code_opt_in(tmp_path, capsys):
+    from miro.eval.cli import main
+    from miro.rewards import scorer_kwargs_from_cli
+
+    names = ["clip_score", "shapes_counting"]
+    assert scorer_kwargs_from_cli("{}", names) == {}  # remote code stays off unless asked for
+    # the flag reaches only the factories that take it, beside what --scorer-kwargs says
+    got = scorer_kwargs_from_cli('{"clip_score": {"model": "/w/jina"}}', names, trust_remote_code=True)
+    assert got == {"clip_score": {"model": "/w/jina", "trust_remote_code": True}}
+    with pytest.raises(ValueError, match="not valid JSON"):
+        scorer_kwargs_from_cli("{clip", names)
+    with pytest.raises(ValueError, match=r"names \['hpsv2_score'\], which are not among"):
+        scorer_kwargs_from_cli('{"hpsv2_score": {}}', names)
+    with pytest.raises(ValueError, match="must map reward names to objects"):
+        scorer_kwargs_from_cli('{"clip_score": 1}', names)
+    # the CLI: without the flag, jina-clip-v2 is refused with the flag to use, before any download
+    root = make_folder(tmp_path / "imgs", [[120, 130]], prompt="a red circle")
+    assert main(["rewards", str(root), "--scorers", "clip_score"]) == 2
+    assert "--trust-remote-code" in capsys.readouterr().err
+    # a misspelt scorer is named, with the list, and `all` says so before generating anything
+    assert main(["rewards", str(root), "--scorers", "shapes_countin"]) == 2
+    assert "shapes_countin: not a registered reward" in capsys.readouterr().err
+    out = tmp_path / "all"
+    assert main(["all", "--model", "ground-truth", "--prompts", "shapes", "--limit", "1", "--n", "1",
+                 "--scorers", "nosuch", "--outdir", str(out)]) == 2
+    assert "nosuch" in capsys.readouterr().err and not any(out.rglob("*.png"))

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 from pathlib import Path
 
@@ -67,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="reward of stage vqa, or 'none' to have no vqa stage (default: %(default)s)")
     mod.add_argument("--scorer-kwargs", default="{}",
                      help='JSON {"reward": {kwarg: value}} passed to load_scorer, e.g. local weight folders')
+    mod.add_argument("--trust-remote-code", action="store_true",
+                     help="let rewards whose hub model runs its own code load it (clip_score's jina-clip-v2, "
+                          "MIRO's CLIP reward); off by default")
     mod.add_argument("--text-encoder", default=DEFAULT_TEXT_ENCODER,
                      help="name, folder or hub id (default: %(default)s; 'minilm' for the Shapes world)")
     mod.add_argument("--text-max-length", type=int, default=2048,
@@ -247,18 +249,10 @@ def _run(args) -> int:
         raise ValueError(f"--num-workers must be >= 0; got {args.num_workers}")
     if "vae" in stages and not args.dest:
         raise ValueError(f"--stage {args.stage} needs --dest (the folder for enriched tars)")
-    try:
-        scorer_kwargs = json.loads(args.scorer_kwargs)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--scorer-kwargs is not valid JSON ({e}): {args.scorer_kwargs!r}") from None
-    if not isinstance(scorer_kwargs, dict) or not all(isinstance(v, dict) for v in scorer_kwargs.values()):
-        raise ValueError(f'--scorer-kwargs must map reward names to objects, e.g. {{"clip_score": {{}}}}; '
-                         f"got {args.scorer_kwargs!r}")
+    from miro.rewards import scorer_kwargs_from_cli
+
     known = set(_csv_list(args.scorers)) | ({args.vqa_scorer.strip()} - {"none"})
-    unknown = sorted(set(scorer_kwargs) - known)
-    if unknown:
-        raise ValueError(f"--scorer-kwargs names {unknown}, which are not among --scorers / --vqa-scorer "
-                         f"({', '.join(sorted(known))})")
+    scorer_kwargs = scorer_kwargs_from_cli(args.scorer_kwargs, known, args.trust_remote_code)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     precision = args.precision or ("bf16" if torch.device(device).type == "cuda" else "fp32")
     src = Path(args.src)

@@ -63,6 +63,11 @@ def _add_geneval(ap: argparse.ArgumentParser) -> None:
 def _scorers_arg(ap):
     ap.add_argument("--scorers", default="auto", help="comma-separated reward names, or 'auto' (Shapes rewards for "
                     "Shapes models, else MIRO's seven)")
+    ap.add_argument("--scorer-kwargs", default="{}",
+                    help='JSON {"reward": {kwarg: value}} passed to the scorers, e.g. local weight folders')
+    ap.add_argument("--trust-remote-code", action="store_true",
+                    help="let rewards whose hub model runs its own code load it (clip_score's jina-clip-v2); off "
+                         "by default")
 
 
 def _items(args):
@@ -86,22 +91,29 @@ def _gen_config(args):
                           batch_size=args.batch_size)
 
 
-def _load_scorers(names: list[str], device: str | None):
-    from miro.rewards import load_scorer
+def _load_scorers(names: list[str], args) -> dict:
+    """The named scorers on ``--device``, with ``--scorer-kwargs`` / ``--trust-remote-code``."""
+    from miro.rewards import load_scorer, scorer_kwargs_from_cli
 
+    kwargs = scorer_kwargs_from_cli(args.scorer_kwargs, names, args.trust_remote_code)
     out = {}
     for n in names:
-        sc = load_scorer(n)
-        out[n] = sc.to(device) if device else sc
+        sc = load_scorer(n, **kwargs.get(n, {}))
+        out[n] = sc.to(args.device) if args.device else sc
     return out
 
 
 def _scorer_names(spec: str, root, model=None) -> list[str]:
     from miro.eval.rewards import default_scorers
 
+    from miro.rewards import available
+
     names = default_scorers(root, model) if spec == "auto" else [s.strip() for s in spec.split(",") if s.strip()]
     if not names:
-        raise ValueError("no scorers: pass --scorers NAME[,NAME...] (see `python -c 'import miro.rewards as r; print(r.available())'`)")
+        raise ValueError(f"no scorers: pass --scorers NAME[,NAME...], from {', '.join(available())}")
+    unknown = [n for n in names if n not in available()]
+    if unknown:
+        raise ValueError(f"--scorers {', '.join(unknown)}: not a registered reward; available: {', '.join(available())}")
     return names
 
 
@@ -193,7 +205,7 @@ def cmd_rewards(args) -> int:
 
     outfile = Path(args.outfile or Path(args.dir) / "rewards.jsonl")
     names = _scorer_names(args.scorers, args.dir)
-    counts = score_folder(args.dir, _load_scorers(names, args.device), outfile, batch_size=args.batch_size)
+    counts = score_folder(args.dir, _load_scorers(names, args), outfile, batch_size=args.batch_size)
     print(f"{counts['scored']} images scored, {counts['skipped']} already scored, {counts['corrupt']} unreadable")
     _print_reward_summary(summarize_file(outfile))
     return 0
@@ -248,7 +260,7 @@ def cmd_sweep(args) -> int:
         if not _has_geneval_metadata(items):
             raise ValueError("--geneval needs GenEval-format prompts (geneval, shapes or a .jsonl file)")
         evaluator = _evaluator(args, detector=_detector_name(args, None, spec))
-    res = run_sweep(pipe, items, args.reward_key, cfg, args.outdir, _load_scorers(names, args.device), targets,
+    res = run_sweep(pipe, items, args.reward_key, cfg, args.outdir, _load_scorers(names, args), targets,
                     geneval=evaluator)
     plots.plot_sweep(res, Path(args.outdir) / "sweep.png")
     for n, rho in res["spearman_means"].items():
@@ -295,6 +307,8 @@ def cmd_all(args) -> int:
     out = Path(args.outdir) if args.outdir else default_outdir(args.model, args.variant)
     cfg = _gen_config(args)
     spec, items = _items(args)
+    if not args.skip_rewards and args.scorers != "auto":
+        _scorer_names(args.scorers, None)  # a misspelt scorer fails now, not after the generation
     print(f"[1/5] generate {len(items)} prompts x {cfg.n_samples} into {out}")
     _generate(args, out, cfg, spec, items)
     geneval = None
@@ -306,7 +320,7 @@ def cmd_all(args) -> int:
     if not args.skip_rewards:
         names = _scorer_names(args.scorers, out, args.model)
         print(f"[3/5] rewards: {', '.join(names)}")
-        score_folder(out, _load_scorers(names, args.device), out / "rewards.jsonl", batch_size=args.batch_size)
+        score_folder(out, _load_scorers(names, args), out / "rewards.jsonl", batch_size=args.batch_size)
         print("[4/5] summary")
         print(format_summary(summarize_file(out / "rewards.jsonl")))
     print(f"[5/5] report: {build_report(out)}")

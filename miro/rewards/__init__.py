@@ -52,4 +52,29 @@ def load_scorer(name: str, **kwargs) -> Scorer:
     return REGISTRY[name](**kwargs)
 
 
-__all__ = ["REGISTRY", "Scorer", "available", "load_scorer", "register"]
+def scorer_kwargs_from_cli(text: str, names, trust_remote_code: bool = False) -> dict[str, dict]:
+    """The factory arguments the CLIs pass to :func:`load_scorer`: ``--scorer-kwargs`` JSON
+    (``{"reward": {kwarg: value}}``, only for rewards in ``names``) plus, with ``--trust-remote-code``,
+    ``trust_remote_code=True`` for every named reward whose factory takes it (jina-clip-v2's
+    ``clip_score``). Remote code is never enabled without that explicit flag."""
+    import inspect
+    import json
+
+    try:
+        kwargs = json.loads(text or "{}")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--scorer-kwargs is not valid JSON ({e}): {text!r}") from None
+    if not isinstance(kwargs, dict) or not all(isinstance(v, dict) for v in kwargs.values()):
+        raise ValueError(f'--scorer-kwargs must map reward names to objects, e.g. {{"clip_score": {{}}}}; got {text!r}')
+    unknown = sorted(set(kwargs) - set(names))
+    if unknown:
+        raise ValueError(f"--scorer-kwargs names {unknown}, which are not among the scorers in use ({', '.join(sorted(names))})")
+    if trust_remote_code:
+        _populate()
+        for n in names:
+            if n in REGISTRY and "trust_remote_code" in inspect.signature(REGISTRY[n]).parameters:
+                kwargs.setdefault(n, {}).setdefault("trust_remote_code", True)
+    return kwargs
+
+
+__all__ = ["REGISTRY", "Scorer", "available", "load_scorer", "register", "scorer_kwargs_from_cli"]

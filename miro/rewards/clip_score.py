@@ -71,7 +71,8 @@ def clip_score(
     if remote and not trust_remote_code:
         raise ValueError(
             f"model {model!r} runs its own modelling code from the hub; pass trust_remote_code=True to allow it "
-            f"(clip_score(model={model!r}, trust_remote_code=True)), or choose a transformers CLIPModel that needs "
+            f"(clip_score(model={model!r}, trust_remote_code=True); on the command line --trust-remote-code), "
+            f"or choose a transformers CLIPModel that needs "
             f"none, e.g. clip_score(model={OPENAI_CLIP_L14!r})"
         )
     if remote:

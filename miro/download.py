@@ -15,6 +15,11 @@ import argparse
 import os
 import sys
 
+# The subfolders of nicolas-dufour/miro-ablations (its model card): leave-one-out, specialists, no synthetic captions.
+_ABLATED = ("aesthetic", "clip", "hpsv2", "image-reward", "pickscore", "sciscore", "vqa")
+ABLATION_VARIANTS = ("miro-no-synthetic-captions", *(f"miro-no-{r}" for r in _ABLATED),
+                     *(f"miro-only-{r}" for r in _ABLATED))
+
 # name -> [(repo id, file patterns or None for the whole repo, why)]. Hub ids as published by
 # each model's authors (see docs/evaluation.md for licences and sizes).
 WEIGHTS: dict[str, list[tuple[str, list[str] | None, str]]] = {
@@ -104,6 +109,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"miro download: {e}", file=sys.stderr)
         return 2
     if args.variant:
+        if args.variant not in ABLATION_VARIANTS:
+            print(f"miro download: --variant {args.variant!r} is not a published ablation; one of "
+                  f"{', '.join(ABLATION_VARIANTS)}", file=sys.stderr)
+            return 2
+        if not any(r == "nicolas-dufour/miro-ablations" for r, _p, _w in todo):
+            print("miro download: --variant selects a subfolder of `ablations`; name it (`miro download ablations "
+                  f"--variant {args.variant}`)", file=sys.stderr)
+            return 2
         todo = [(r, [f"{args.variant}/*"] if r == "nicolas-dufour/miro-ablations" else p, w) for r, p, w in todo]
     if args.dry_run:
         for repo, pats, why in todo:

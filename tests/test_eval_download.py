@@ -16,6 +16,12 @@ def test_list_and_dry_run(capsys):
     assert [ln.split()[0] for ln in lines] == ["nicolas-dufour/miro", "google/flan-t5-xl", "stabilityai/sdxl-vae"]
     assert D.main(["ablations", "--variant", "miro-only-aesthetic", "--dry-run"]) == 0
     assert "miro-only-aesthetic/*" in capsys.readouterr().out
+    # the 15 published subfolders, named when a variant is not one of them or has no `ablations` to select from
+    assert len(D.ABLATION_VARIANTS) == 15 and len(set(D.ABLATION_VARIANTS)) == 15
+    assert D.main(["ablations", "--variant", "miro-no-nothing", "--dry-run"]) == 2
+    assert "miro-no-nothing" in (err := capsys.readouterr().err) and "miro-only-vqa" in err
+    assert D.main(["pipeline", "--variant", "miro-no-clip", "--dry-run"]) == 2
+    assert "miro download ablations --variant miro-no-clip" in capsys.readouterr().err
 
 
 def test_groups_deduplicate_shared_repositories():
@@ -33,3 +39,13 @@ def test_offline_is_a_clear_error(capsys):
     assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err
     assert D.main([]) == 2
     assert D.main(["nothing-like-this"]) == 2
+
+
+def test_ablation_variants_are_the_training_recipes_variant_names():
+    from pathlib import Path
+
+    import yaml
+
+    configs = Path(D.__file__).parent / "configs" / "experiment"
+    names = {yaml.safe_load(f.read_text()).get("variant_name") for f in configs.glob("*.yaml")}
+    assert names - {None, "miro"} == set(D.ABLATION_VARIANTS)

@@ -93,7 +93,8 @@ def test_judge_folder_against_stub(stub, tmp_path, monkeypatch):
     assert recs["a red cat"]["prompt_alignment"] == 5 and recs["a red cat"]["details"] == "fine"
     assert recs["a blue dog"]["prompt_alignment"] == 2  # out-of-range answer retried once
     assert "error" in recs["a cow"]  # server errors exhaust the retries
-    assert s == {"images": 3, "answered": 2, "errors": 1, "fields": {
+    assert s == {"images": 3, "answered": 2, "errors": 1,
+                 "first_error": "HTTPError: HTTP Error 500: Internal Server Error", "fields": {
         "prompt_alignment": {"mean": 3.5, "n": 2}, "visual_quality": {"mean": 2.0, "n": 2}}}
     # resume: only the failed image is asked again
     n = len(srv.requests)
@@ -131,3 +132,20 @@ def test_judge_command_prints_overall(stub, tmp_path, capsys):
     assert main(["judge", str(root), "--base-url", url, "--judge-model", "m", "--timeout", "5"]) == 0
     # ratings 4 and 2 -> mean 3 -> (3 - 1) / 4
     assert capsys.readouterr().out.strip().splitlines()[-1] == "overall: 0.50000"
+
+
+@pytest.mark.timeout(60)
+def test_judge_command_says_why_nothing_was_judged(tmp_path, capsys):
+    import socket
+
+    from miro.eval.cli import main
+
+    with socket.socket() as s:  # a port nothing listens on: every request is refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = _folder(tmp_path, [{"prompt": "a red cat", "tag": "t"}])
+    assert main(["judge", str(root), "--base-url", f"http://127.0.0.1:{port}/v1", "--judge-model", "m",
+                 "--timeout", "1"]) == 1
+    cap = capsys.readouterr()
+    assert "0 answered, 1 errors" in cap.out and "first error: URLError" in cap.err
+    assert json.loads((root / "judge_summary.json").read_text())["first_error"].startswith("URLError")

@@ -275,6 +275,10 @@ def cmd_judge(args) -> int:
                       timeout=args.timeout)
     s = judge_folder(args.dir, cfg, limit=args.limit)
     print(f"{s['answered']} answered, {s['errors']} errors")
+    if s["errors"]:  # say why, so that a refused connection or a bad key is not a silent zero
+        print(f"miro eval judge: {s['errors']} image(s) not judged; first error: {s['first_error']}", file=sys.stderr)
+        if not s["answered"]:
+            return 1
     for f, v in s["fields"].items():
         print(f"{f}: {v['mean']}")
     means = [v["mean"] for v in s["fields"].values() if v["mean"] is not None]

@@ -176,7 +176,9 @@ def summarize_judge(path: str | Path, fields: tuple[str, ...]) -> dict:
         if "error" not in r or r["filename"] not in latest:
             latest[r["filename"]] = r
     ok = [r for r in latest.values() if "error" not in r]
-    summ = {"images": len(latest), "answered": len(ok), "errors": len(latest) - len(ok),
+    failed = [r["error"] for r in latest.values() if "error" in r]
+    summ = {"images": len(latest), "answered": len(ok), "errors": len(failed),
+            "first_error": failed[0] if failed else None,
             "fields": {f: {"mean": float(np.mean([r[f] for r in ok])) if ok else None, "n": len(ok)} for f in fields}}
     atomic_write_json(Path(path).with_name("judge_summary.json"), summ)
     return summ

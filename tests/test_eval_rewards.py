@@ -208,3 +208,15 @@ def test_scorer_kwargs_and_the_remote_code_opt_in(tmp_path, capsys):
     assert main(["all", "--model", "ground-truth", "--prompts", "shapes", "--limit", "1", "--n", "1",
                  "--scorers", "nosuch", "--outdir", str(out)]) == 2
     assert "nosuch" in capsys.readouterr().err and not any(out.rglob("*.png"))
+
+
+def test_missing_folders_and_prompts_without_geneval_metadata_are_named(tmp_path, capsys):
+    from miro.eval.cli import main
+
+    for argv in (["geneval", str(tmp_path / "nowhere")], ["rewards", str(tmp_path / "nowhere")],
+                 ["summary", str(tmp_path / "nowhere.jsonl")]):
+        assert main(argv) == 2  # before any detector or reward model loads
+        assert "nowhere" in capsys.readouterr().err
+    root = make_folder(tmp_path / "parti", [[120]], prompt="a castle at dusk")  # PartiPrompts-like: no objects
+    assert main(["geneval", str(root), "--detector", "shapes"]) == 2
+    assert "GenEval-format prompts" in capsys.readouterr().err

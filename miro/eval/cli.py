@@ -185,10 +185,19 @@ def _evaluator(args, detector: str):
     return GenEvalLike(cfg)
 
 
+def _image_folder(root) -> Path:
+    """``root`` if it is a folder; else the error that says what was expected (before any model loads)."""
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"{root}: no such folder (give a folder of generated images, e.g. the --outdir of "
+                                f"`miro eval generate`)")
+    return Path(root)
+
+
 def run_geneval(root, args, outfile=None) -> dict:
     from miro.eval import geneval_rules as rules
     from miro.eval.geneval import evaluate_folder
 
+    _image_folder(root)
     summary = evaluate_folder(root, outfile or Path(root) / "results.jsonl", _evaluator(args, _detector_name(args, root)))
     print(f"[{summary['benchmark']}; detector {summary['backends']['detector']}]")
     print(rules.format_summary(summary))
@@ -203,7 +212,7 @@ def cmd_geneval(args) -> int:
 def cmd_rewards(args) -> int:
     from miro.eval.rewards import score_folder, summarize_file
 
-    outfile = Path(args.outfile or Path(args.dir) / "rewards.jsonl")
+    outfile = Path(args.outfile or _image_folder(args.dir) / "rewards.jsonl")
     names = _scorer_names(args.scorers, args.dir)
     counts = score_folder(args.dir, _load_scorers(names, args), outfile, batch_size=args.batch_size)
     print(f"{counts['scored']} images scored, {counts['skipped']} already scored, {counts['corrupt']} unreadable")
@@ -214,6 +223,8 @@ def cmd_rewards(args) -> int:
 def cmd_summary(args) -> int:
     from miro.eval.rewards import summarize_file
 
+    if not Path(args.file).is_file():
+        raise FileNotFoundError(f"{args.file}: no such file (a rewards.jsonl written by `miro eval rewards`)")
     _print_reward_summary(summarize_file(args.file, args.out))
     return 0
 

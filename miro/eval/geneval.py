@@ -331,8 +331,13 @@ def evaluate_folder(root: str | Path, outfile: str | Path, evaluator: GenEvalLik
     root, outfile = Path(root), Path(outfile)
     done = {r["filename"] for r in read_jsonl(outfile)}
     todo = [(e.metadata, p) for e in read_folder(root) for p in e.samples if image_id(root, p) not in done]
-    for meta, _ in todo:
-        rules.validate_metadata(meta)
+    for meta, p in todo:
+        try:
+            rules.validate_metadata(meta)
+        except ValueError as e:  # e.g. a PartiPrompts folder: no objects to detect
+            raise ValueError(f"{p.parent.parent.name}: {e}. GenEval-style scoring needs GenEval-format prompts "
+                             f"(geneval, shapes, or a .jsonl with GenEval's fields); score this folder's rewards "
+                             f"instead (miro eval rewards)") from None
     corrupt = []
     bar = tqdm(total=len(todo), desc="geneval-like", unit="img", disable=not progress)
     with JsonlAppender(outfile) as out:

@@ -25,7 +25,7 @@ from miro.eval.prompts import CURE_VARIANTS
 
 
 def _add_generation(ap: argparse.ArgumentParser, outdir_required: bool = True) -> None:
-    ap.add_argument("--model", default="shapes", help="built-in name, pipeline folder, hub id or Lightning .ckpt")
+    ap.add_argument("--model", default="shapes", help="built-in name, pipeline folder, hub id or Lightning .ckpt (default: shapes)")
     ap.add_argument("--variant", default=None, help="variant subfolder (e.g. miro-only-aesthetic)")
     ap.add_argument("--prompts", default=None, help="geneval | parti | shapes | cure | FILE (.jsonl, .tsv, .txt); default: shapes for a "
                     "Shapes model, else geneval")
@@ -33,9 +33,9 @@ def _add_generation(ap: argparse.ArgumentParser, outdir_required: bool = True) -
     ap.add_argument("--cure-variants", default=",".join(CURE_VARIANTS), help="comma-separated MIA variants")
     ap.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     ap.add_argument("--outdir", "--out", dest="outdir", required=outdir_required, default=None, help="output folder")
-    ap.add_argument("--n-samples", "--n", dest="n_samples", type=int, default=4, help="images per prompt")
-    ap.add_argument("--steps", type=int, default=50, help="sampling steps")
-    ap.add_argument("--cfg", type=float, default=7.0, help="guidance scale")
+    ap.add_argument("--n-samples", "--n", dest="n_samples", type=int, default=4, help="images per prompt (default 4)")
+    ap.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    ap.add_argument("--cfg", type=float, default=7.0, help="guidance scale (default 7.0)")
     ap.add_argument("--reward-cfg", type=parse_reward_cfg, default=None,
                     help="separate guidance scale of the reward direction (default: --cfg; 3 branches per step), "
                          "or one per reward: KEY=W,KEY=W (rewards left out: --cfg; README, per-reward scales)")
@@ -89,6 +89,18 @@ def _gen_config(args):
                           seed=args.seed, reward_targets=parse_reward_args(args.reward),
                           negative_reward_targets=parse_reward_args(args.negative_reward, "--negative-reward"),
                           batch_size=args.batch_size)
+
+
+def _parse_list(text: str, flag: str, convert, what: str, expected: str) -> list:
+    """``--ns`` / ``--targets``: comma-separated values; a bad one is named with its option
+    (int()/float() alone would say "invalid literal ..." without either)."""
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            out.append(convert(part))
+        except ValueError:
+            raise ValueError(f"{flag} {text!r}: {part!r} is not {what}; expected {expected}") from None
+    return out
 
 
 def _load_scorers(names: list[str], args) -> dict:
@@ -234,10 +246,10 @@ def cmd_best_of_n(args) -> int:
     from miro.eval.best_of_n import curve, write_best_folder
     from miro.eval.folder import atomic_write_json, read_jsonl
 
+    ns = _parse_list(args.ns, "--ns", int, "an integer", "comma-separated N values, e.g. 1,2,4,8") if args.ns else None
     rewards = Path(args.rewards or Path(args.dir) / "rewards.jsonl")
     records = read_jsonl(rewards)
     metrics = [m for m in (args.metrics or "").split(",") if m] or [args.select_by]
-    ns = [int(n) for n in args.ns.split(",")] if args.ns else None
     c = curve(records, args.select_by, metrics, ns, args.mode)
     atomic_write_json(Path(args.dir) / "best_of_n_curve.json", c)
     from miro.eval import paper_numbers as P
@@ -256,10 +268,13 @@ def cmd_best_of_n(args) -> int:
 
 def cmd_sweep(args) -> int:
     from miro.eval import plots
-    from miro.eval.sweep import BIN_TARGETS, run_sweep, targets_from_bins
+    from miro.eval.sweep import BIN_TARGETS, check_targets, run_sweep, targets_from_bins
 
     from_bins = args.targets in BIN_TARGETS
-    targets = None if from_bins else [float(t) for t in args.targets.split(",")]
+    # checked before the model and scorers load
+    targets = None if from_bins else check_targets(_parse_list(
+        args.targets, "--targets", float, "a number",
+        f"comma-separated targets in [0, 1] (e.g. 0,0.5,1) or one of {', '.join(BIN_TARGETS)}"))
     cfg = _gen_config(args)
     spec, items = _items(args)
     pipe = _load_pipeline(args)
@@ -355,20 +370,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("geneval", help="GenEval-like (or ShapesEval) scoring -> results.jsonl")
     p.add_argument("dir", help="folder of generated images")
     p.add_argument("--outfile", default=None, help="results file (default DIR/results.jsonl)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     _add_geneval(p)
     p.set_defaults(fn=cmd_geneval)
 
     p = sub.add_parser("rewards", help="score images with reward models -> rewards.jsonl")
-    p.add_argument("dir")
+    p.add_argument("dir", help="folder of generated images")
     p.add_argument("--outfile", default=None, help="default DIR/rewards.jsonl")
     _scorers_arg(p)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default=None)
+    p.add_argument("--batch-size", type=int, default=16, help="images per scorer call (default 16)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.set_defaults(fn=cmd_rewards)
 
     p = sub.add_parser("summary", help="per-reward mean/std of a rewards.jsonl -> rewards_summary.json")
-    p.add_argument("file")
+    p.add_argument("file", help="a rewards.jsonl (miro eval rewards)")
     p.add_argument("--out", default=None, help="default: rewards_summary.json beside FILE")
     p.set_defaults(fn=cmd_summary)
 
@@ -396,17 +411,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("judge", help="MLLM judge over an OpenAI-compatible endpoint -> judge.jsonl")
-    p.add_argument("dir")
+    p.add_argument("dir", help="folder of generated images")
     p.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--judge-model", required=True, help="the endpoint's model name")
-    p.add_argument("--rubric", choices=("alignment", "cure"), default="alignment")
+    p.add_argument("--rubric", choices=("alignment", "cure"), default="alignment",
+                   help="alignment (default): prompt faithfulness and visual quality; cure: CuRe's cultural questions")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable with the API key")
-    p.add_argument("--timeout", type=float, default=60.0)
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
+    p.add_argument("--limit", type=int, default=None, help="judge at most N images this run")
     p.set_defaults(fn=cmd_judge)
 
     p = sub.add_parser("report", help="Markdown + HTML report with grids, tables and plots")
-    p.add_argument("dir")
+    p.add_argument("dir", help="an evaluated folder (images, and any results/rewards files)")
     p.add_argument("--out", default=None, help="default DIR/report")
     p.set_defaults(fn=cmd_report)
 
@@ -414,8 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation(p, outdir_required=False)
     _add_geneval(p)
     _scorers_arg(p)
-    p.add_argument("--skip-geneval", action="store_true")
-    p.add_argument("--skip-rewards", action="store_true")
+    p.add_argument("--skip-geneval", action="store_true", help="no GenEval-like/ShapesEval scoring")
+    p.add_argument("--skip-rewards", action="store_true", help="no reward scoring")
     p.set_defaults(fn=cmd_all)
     return ap
 
@@ -423,6 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "device", None) is not None:  # a bad --device fails here, before any model loads
+            from miro.generate_cli import check_device
+
+            args.device = check_device(args.device)
         return int(args.fn(args) or 0)
     except (ValueError, FileNotFoundError) as e:
         print(f"miro eval {args.cmd}: {e}", file=sys.stderr)

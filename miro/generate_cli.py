@@ -7,22 +7,30 @@
 ``--model`` takes a built-in name (default ``shapes``), a pipeline folder, a hub repo id, or a
 Lightning ``.ckpt`` (converted in memory by ``miro.train.convert``). Sample ``j`` is written as
 ``{j:03d}.png``; ``grid.png`` tiles all samples, upscaled with nearest-neighbour when they are
-small so that a 32-pixel image is visible.
+small so that a 32-pixel image is visible. The folder ends up holding this run only: numbered
+images an earlier run with more samples left there are removed (with a notice).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import math
+import os
+import re
 import sys
 from pathlib import Path
 
-from miro.eval.generate import parse_reward_cfg
+from miro.eval.generate import parse_reward_cfg, reward_dict
 
 DEFAULT_MODEL = "shapes"
-# Until the trained Shapes model ships, the demo falls back to the honestly named untrained one.
+# Where the trained Shapes model is not installed, `shapes` falls back to the honestly named untrained one.
 FALLBACK_MODEL = "shapes-untrained"
 GRID_MIN_TILE = 256  # grid tiles are upscaled (nearest) to at least this many pixels
+# The device kinds a pipeline runs on. torch.device parses many more (xla, meta, hpu, ...), which
+# would only fail deep inside loading or sampling, with a traceback.
+DEVICE_KINDS = ("cpu", "cuda", "mps")
+SAMPLE_NAME = re.compile(r"\d{3,}\.png")  # sample j is written as f"{j:03d}.png"
 
 
 def _key_value(text: str) -> tuple[str, float]:
@@ -33,6 +41,74 @@ def _key_value(text: str) -> tuple[str, float]:
         return key, float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"value of {key!r} must be a number, got {value!r}") from None
+
+
+def check_device(name: str | None) -> str:
+    """``--device`` of ``miro generate``, ``miro eval`` and ``miro demo``, checked before any model
+    is loaded: None -> cuda when available, else cpu; cpu, cuda, cuda:N and mps are allowed where
+    their backend is. Raises ValueError naming the value and what is allowed."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    allowed = "cpu, cuda, cuda:N or mps"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device; use {allowed}") from None
+    if dev.type not in DEVICE_KINDS:
+        raise ValueError(f"--device {name!r} is not supported; use {allowed}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"--device {name!r}: CUDA is not available ({why}); use --device cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"--device {name!r}: only {count} CUDA device(s) here (cuda:0 to cuda:{count - 1})")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name!r}: MPS is not available here; use --device cpu")
+    return name
+
+
+def check_dtype(dtype: str | None, device: str) -> None:
+    """``--dtype`` against the (checked) ``--device``, in CLI words and before loading: half
+    precision samples under CUDA autocast only (the pipeline refuses it elsewhere, but only once
+    the model is loaded, and in Python-API words)."""
+    import torch
+
+    from miro.hub import parse_dtype
+
+    if dtype is None:
+        return
+    try:
+        dt = parse_dtype(dtype)
+    except ValueError:
+        raise ValueError(f"--dtype {dtype!r} is not supported; use float32, bfloat16 or float16") from None
+    kind = torch.device(device).type
+    if dt != torch.float32 and kind != "cuda":
+        raise ValueError(f"--dtype {dtype} needs --device cuda; on {kind} use --dtype float32")
+
+
+def prepare_out_dir(out: Path) -> None:
+    """Create the output folder before the model is loaded, so that a path that cannot be a
+    writable folder (an existing file, /proc/...) fails before any compute is spent (OSError)."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "it is a file, not a folder", str(out))
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "the folder is not writable", str(out))
+
+
+def remove_stale_samples(out: Path, n: int) -> list[str]:
+    """Remove the numbered images ``NNN.png`` with number >= ``n`` (an earlier run with more
+    samples left them), so the folder holds this run's samples only, as its grid.png shows;
+    returns their names. Other files are left alone."""
+    stale = sorted((p for p in out.iterdir()
+                    if SAMPLE_NAME.fullmatch(p.name) and p.name == f"{int(p.stem):03d}.png" and int(p.stem) >= n),
+                   key=lambda p: int(p.stem))
+    for p in stale:
+        p.unlink()
+    return [p.name for p in stale]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,9 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images to generate (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise generator (default: %(default)s)")
     p.add_argument("--outdir", "--out", dest="out", default="miro-out/generate",
-                   help="output folder (default: %(default)s)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+                   help="output folder, created if missing; it ends up holding this run only: 000.png ... and "
+                        "grid.png are replaced, and numbered images left by an earlier run with a larger --n are "
+                        "removed (with a notice); other files are kept (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32 (default), or bfloat16 / float16 with --device cuda")
     p.add_argument("--text-encoder", default=None, help="override the config's text encoder")
     p.add_argument("--vae", default=None, help="override the config's autoencoder")
     p.add_argument("--threads", type=int, default=None,
@@ -137,7 +215,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"miro generate: --threads must be >= 1, got {args.threads}", file=sys.stderr)
             return 2
         torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:  # bad flags are refused before anything is loaded or written
+        device = check_device(args.device)
+        check_dtype(args.dtype, device)
+        reward = reward_dict(args.reward)
+        negative = reward_dict(args.negative_reward, "--negative-reward")
+    except ValueError as e:
+        print(f"miro generate: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    if not args.list_rewards:
+        try:
+            prepare_out_dir(out)
+        except OSError as e:
+            print(f"miro generate: cannot write images to --out {str(out)!r}: {e.strerror or e}", file=sys.stderr)
+            return 1
     try:
         pipe = load_pipeline(args.model, args.variant, device, args.dtype, args.text_encoder, args.vae)
         if args.list_rewards:
@@ -146,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         generator = torch.Generator(device=device).manual_seed(args.seed)
         images = pipe(
             args.prompt,
-            reward_targets=dict(args.reward) or None,
-            negative_reward_targets=dict(args.negative_reward) or None,
+            reward_targets=reward or None,
+            negative_reward_targets=negative or None,
             num_inference_steps=args.steps,
             guidance_scale=args.cfg,
             reward_guidance_scale=args.reward_cfg,
@@ -162,11 +254,19 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # unreachable hub, missing cache, unreadable files
         print(f"miro generate: {e}", file=sys.stderr)
         return 1
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for j, im in enumerate(images):
-        im.save(out / f"{j:03d}.png")
-    make_grid(images).save(out / "grid.png")
+    from miro.eval.generate import atomic_save_image
+
+    try:  # each file is complete or absent (a full disk or a kill leaves no truncated PNG)
+        for j, im in enumerate(images):
+            atomic_save_image(im, out / f"{j:03d}.png")
+        atomic_save_image(make_grid(images), out / "grid.png")
+        stale = remove_stale_samples(out, len(images))
+    except OSError as e:
+        print(f"miro generate: cannot write images to --out {str(out)!r}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    if stale:
+        print(f"notice: removed {len(stale)} image(s) left in {out} by an earlier run with more samples "
+              f"({stale[0]}{' to ' + stale[-1] if len(stale) > 1 else ''})", file=sys.stderr)
     print(f"wrote {len(images)} images and grid.png to {out}")
     return 0
 

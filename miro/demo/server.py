@@ -157,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: %(default)s; 0.0.0.0 exposes it without a password)")
     p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s; 0 picks a free one)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16 (CUDA only)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32 (default), or bfloat16 / float16 with --device cuda")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is fastest on an oversubscribed machine)")
     p.add_argument("--max-steps", type=int, default=d.max_steps,
@@ -181,11 +181,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    from miro.generate_cli import DEFAULT_MODEL, FALLBACK_MODEL, load_pipeline
+    from miro.generate_cli import DEFAULT_MODEL, FALLBACK_MODEL, check_device, check_dtype, load_pipeline
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:  # refused at startup: otherwise the server would start and fail every request
+        device = check_device(args.device)
+        check_dtype(args.dtype, device)
+    except ValueError as e:
+        print(f"miro demo: {e}", file=sys.stderr)
+        return 2
     try:
         pipe = load_pipeline(args.model, args.variant, device, args.dtype)
     except ValueError as e:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,9 @@ class GenerateConfig:
             raise ValueError(f"n_samples must be in [1, {SEED_STRIDE}]; got {self.n_samples}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1; got {self.steps}")
+        # checked here, before a folder is touched or a model loaded (the pipeline would refuse it later)
+        if not (math.isfinite(self.cfg) and self.cfg >= 0):
+            raise ValueError(f"cfg must be a finite number >= 0; got {self.cfg}")
         for k, w in (self.reward_cfg.items() if isinstance(self.reward_cfg, dict) else [("", self.reward_cfg)]):
             if w is not None and not (math.isfinite(w) and w >= 0):
                 name = f"reward_cfg[{k!r}]" if k else "reward_cfg"
@@ -71,18 +75,29 @@ class GenerateConfig:
         return d
 
 
+def reward_dict(pairs: Iterable[tuple[str, float]], flag: str = "--reward") -> dict[str, float]:
+    """``[(key, value), ...]`` -> a dict; a key given twice is an error naming it (the last value
+    silently winning hides a typo such as ``--reward a=0.2 --reward a=0.8`` meant for two rewards)."""
+    out: dict[str, float] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"{flag} {key!r} is given twice ({out[key]:g} and {value:g}); give each reward once")
+        out[key] = value
+    return out
+
+
 def parse_reward_args(pairs: list[str] | None, flag: str = "--reward") -> dict[str, float]:
     """``["aesthetic_score=0.5", ...]`` -> ``{"aesthetic_score": 0.5}`` (a clear error, naming ``flag``, otherwise)."""
-    out: dict[str, float] = {}
+    parsed: list[tuple[str, float]] = []
     for p in pairs or []:
         key, sep, val = p.partition("=")
         if not sep or not key:
             raise ValueError(f"{flag} {p!r}: expected KEY=VALUE, e.g. aesthetic_score=0.8")
         try:
-            out[key.strip()] = float(val)
+            parsed.append((key.strip(), float(val)))
         except ValueError:
             raise ValueError(f"{flag} {p!r}: value {val!r} is not a number") from None
-    return out
+    return reward_dict(parsed, flag)
 
 
 def parse_reward_cfg(text: str) -> float | dict[str, float]:
@@ -164,13 +179,22 @@ def is_shapes_run(reward_keys: list[str] | None, model: str | None = None, promp
     return "shapes" in str(model or "") or model == "ground-truth" or prompts == "shapes"
 
 
+def has_samples(outdir: str | Path) -> bool:
+    """Whether ``outdir`` holds any sample PNG (``<00000>/samples/<0000>.png``)."""
+    return any(Path(outdir).glob("[0-9]*/samples/[0-9]*.png"))
+
+
 def _check_run_file(outdir: Path, cfg: GenerateConfig, n_prompts: int, prompts_spec: str | None,
                     reward_keys: list[str] | None = None) -> None:
-    """Refuse to mix images made with different settings in one folder."""
+    """Refuse to mix images made with different settings in one folder.
+
+    The record only protects images: one beside no image (left by a run that failed before its
+    first image, e.g. on a bad reward key) is replaced, so the corrected rerun is not blocked.
+    """
     path = outdir / RUN_FILE
     ident = cfg.identity()
     old = {}
-    if path.is_file():
+    if path.is_file() and has_samples(outdir):
         old = json.loads(path.read_text(encoding="utf-8"))
         before = old.get("config", {})
         keys = list(ident) + [k for k in before if k not in ident]  # a setting dropped counts as changed
@@ -186,6 +210,20 @@ def _check_run_file(outdir: Path, cfg: GenerateConfig, n_prompts: int, prompts_s
     atomic_write_text(path, json.dumps(run, indent=2))
 
 
+def _check_pipeline_inputs(pipe, cfg: GenerateConfig) -> None:
+    """Let a MIRO pipeline refuse bad targets and scales before the folder is written to (its
+    call would, after the run record and the prompts' metadata are on disk)."""
+    from miro.pipeline import MiroPipeline
+
+    if not isinstance(pipe, MiroPipeline):  # other pipelines: their call reports bad input
+        return
+    pipe.check_reward_targets(cfg.reward_targets or None)
+    pipe.check_reward_targets(cfg.negative_reward_targets or None, 0.0, "negative_reward_targets")
+    pipe.check_inputs("-", num_inference_steps=cfg.steps, guidance_scale=cfg.cfg, num_images_per_prompt=1,
+                      output_type="pil", generator=None, reward_guidance_scale=cfg.reward_cfg,
+                      reward_direction=cfg.reward_direction)
+
+
 def pending_samples(outdir: str | Path, items: list[PromptItem], n_samples: int) -> list[tuple[int, int]]:
     """(prompt index, sample index) pairs whose PNG is not on disk yet."""
     return [(i, j) for i in range(len(items)) for j in range(n_samples) if not sample_path(outdir, i, j).is_file()]
@@ -198,14 +236,17 @@ def generate_folder(pipe, items: list[PromptItem], outdir: str | Path, cfg: Gene
     from tqdm.auto import tqdm
 
     outdir = Path(outdir)
+    if pipe is not None:
+        _check_pipeline_inputs(pipe, cfg)
     outdir.mkdir(parents=True, exist_ok=True)
     keys = getattr(pipe, "coherence_keys", None) if pipe is not None else None
+    fresh = not has_samples(outdir)  # metadata beside no image (a failed run's) may be replaced
     _check_run_file(outdir, cfg, len(items), prompts_spec, list(keys) if isinstance(keys, (list, tuple)) else None)
     for i, item in enumerate(items):
         meta_path = prompt_dir(outdir, i) / "metadata.jsonl"
         line = json.dumps(item.metadata, ensure_ascii=False) + "\n"
         if not meta_path.is_file() or meta_path.read_text(encoding="utf-8") != line:
-            if meta_path.is_file():
+            if meta_path.is_file() and not fresh:
                 raise ValueError(f"{meta_path} holds another prompt than {item.prompt!r}; use another --outdir")
             atomic_write_text(meta_path, line)
     todo = pending_samples(outdir, items, cfg.n_samples)

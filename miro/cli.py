@@ -14,7 +14,7 @@ import sys
 # name -> (module, one-line help). The module's `main(argv)` parses the rest of the arguments.
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("miro.generate_cli", "generate images from a prompt with a MIRO pipeline"),
-    "shapes": ("miro.shapes.cli", "the Shapes world: make-dataset, render, eval-generate, eval-score"),
+    "shapes": ("miro.shapes.cli", "the Shapes world: make-dataset, render, detect, eval-generate, eval-score, eval-prompts"),
     "preprocess": ("miro.data.preprocess", "enrich webdataset shards: reward, vqa and vae stages"),
     "train": ("miro.train.cli", "train a MIRO model (Hydra: experiment=<name> key=value ...)"),
     "convert": ("miro.train.convert", "convert a Lightning checkpoint into a pipeline folder"),
@@ -30,12 +30,14 @@ def _usage() -> str:
     width = max(len(n) for n in COMMANDS)
     lines = ["usage: miro <command> [options]", "", "commands:"]
     lines += [f"  {n.ljust(width)}  {h}" for n, (_, h) in COMMANDS.items()]
-    lines += ["", "Run `miro <command> --help` for the options of a command."]
+    lines += ["", "Run `miro <command> --help` (or `miro help <command>`) for the options of a command."]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) > 1 and argv[0] == "help":  # `miro help CMD` is `miro CMD --help`, as in git
+        argv = [argv[1], "--help"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0

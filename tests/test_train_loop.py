@@ -250,7 +250,7 @@ def test_init_from_checkpoint_and_ema_warmup_steps(data_dir, tmp_path):
 
 
 def test_init_from_rejects_other_architectures(data_dir, tmp_path):
-    ov = tiny_overrides(data_dir, tmp_path, steps=1, every=100, extra=["init_from=shapes"])
+    ov = tiny_overrides(data_dir, tmp_path, steps=1, every=100, extra=["init_from=shapes", "scheduler.warmup_steps=0"])
     cfg = OmegaConf.to_container(cli.compose(ov), resolve=True)
     with pytest.raises(ValueError, match="init_from='shapes' does not fit"):
         cli.build(cfg)

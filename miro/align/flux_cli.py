@@ -30,7 +30,10 @@ def _items(spec: str, caption_column: str = "caption") -> list[dict]:
     from miro.align.datasets import normalize_item, read_items
 
     if spec.lstrip().startswith("["):
-        data = json.loads(spec)
+        try:
+            data = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"inline JSON {spec[:80]!r} does not parse ({e}); expected a list of captions or objects") from None
         return [normalize_item({"caption": d} if isinstance(d, str) else d) for d in data]
     return read_items(spec, caption_column=caption_column)
 
@@ -91,22 +94,36 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as e:  # missing or malformed prompt/item files, bad --dtype
+        print(f"miro align {args.cmd}: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a FLUX model neither cached nor reachable, unwritable --out
+        print(f"miro align {args.cmd}: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    # Every input file is read before a FLUX model (tens of GB) is loaded, so a typo fails in a second.
     from miro.align import flux_tools
 
     if args.cmd == "flux-embed":
+        items = _items(args.prompts, args.caption_column)
         from diffusers import FluxPipeline
 
-        items = _items(args.prompts, args.caption_column)
         pipe = FluxPipeline.from_pretrained(args.model, transformer=None, vae=None, torch_dtype=_dtype(args.dtype)).to(_device(args.device))
         path = flux_tools.precompute_embeddings(pipe, items, args.out, args.max_sequence_length, args.batch_size)
         print(f"wrote {len(items)} embeddings; dataset {path}")
         return 0
     if args.cmd == "flux-generate":
+        items = _items(args.items)
         pipe = flux_tools.load_flux_pipeline(args.model, args.transformer, args.lora, args.lora_scale, _dtype(args.dtype), _device(args.device))
-        stats = flux_tools.generate_items(pipe, _items(args.items), args.out, args.n, args.steps, args.guidance, args.height, args.width,
+        stats = flux_tools.generate_items(pipe, items, args.out, args.n, args.steps, args.guidance, args.height, args.width,
                                           args.seed, args.batch_size, args.max_sequence_length)
         print(f"written {stats['written']}, already present {stats['skipped']} -> {Path(args.out)}")
         return 0
+    items = _items(args.data, args.caption_column)
     from diffusers import FluxPipeline
 
     from miro.align.flux_lora_train import FluxLoraTrainConfig, finetune_flux_lora
@@ -120,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                               out_dir=args.out, lora=LoraSettings(rank=args.rank, alpha=args.alpha),
                               optim=OptimConfig(name=args.optimizer, lr=args.lr, weight_decay=1e-4, max_grad_norm=1.0))
     pipe = FluxPipeline.from_pretrained(args.model, torch_dtype=_dtype(args.dtype)).to(_device(None))
-    path = finetune_flux_lora(pipe, _items(args.data, args.caption_column), cfg)
+    path = finetune_flux_lora(pipe, items, cfg)
     print(f"saved {path}")
     return 0
 

@@ -210,9 +210,25 @@ def _spread(entries: list, k: int) -> list:
     return sorted(out, key=lambda e: e.index)
 
 
+# What the sections below read: a folder holding none of them (and no images) has nothing to report.
+_RESULT_FILES = ("generation.json", "geneval_summary.json", "rewards_summary.json", "best_of_n_curve.json",
+                 "judge_summary.json", "sweep/sweep.json")
+
+
 def build_report(run_dir: str | Path, outdir: str | Path | None = None, max_prompts: int = 8) -> Path:
     """Write ``report.md`` and ``report.html`` (+ PNGs) into ``outdir`` (default ``<run>/report``)."""
     run = Path(run_dir)
+    if not run.is_dir():
+        raise ValueError(f"run folder {str(run_dir)!r} does not exist")
+    try:
+        entries = [e for e in read_folder(run) if e.samples]
+    except ValueError:  # no <00000>/metadata.jsonl prompt folders
+        entries = []
+    # A run without images may still hold results to show (a copied summary, a sweep/ folder); a folder
+    # with neither is a wrong path, refused before report/ is created in it.
+    if not entries and not any((run / f).is_file() for f in _RESULT_FILES):
+        raise ValueError(f"{str(run_dir)!r} holds no generated images (<00000>/samples/*.png) and no results "
+                         f"({', '.join(_RESULT_FILES)}); pass the folder `miro eval generate` or `miro eval all` wrote")
     outdir = Path(outdir) if outdir else run / "report"
     outdir.mkdir(parents=True, exist_ok=True)
     gen = _load(run / "generation.json") or {}
@@ -225,10 +241,7 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, max_prom
     if cfg:
         doc.table(["setting", "value"], [[k, json.dumps(v) if isinstance(v, dict) else v] for k, v in cfg.items()]
                   + [["prompts", gen.get("prompts")], ["paper row", row or "n/a (not a published checkpoint)"]])
-    try:
-        entries = _spread([e for e in read_folder(run) if e.samples], max_prompts)
-    except ValueError:
-        entries = []
+    entries = _spread(entries, max_prompts)
     if entries:
         ncols = max(len(e.samples) for e in entries)
         paths = []

@@ -73,6 +73,8 @@ def _make_dataset(args) -> int:
     from miro.shapes.dataset import DatasetConfig, make_dataset
     from miro.shapes.imperfections import ImperfectionRates
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file; it names the dataset folder")
     cfg = DatasetConfig(num_samples=args.num_samples, shard_size=args.shard_size, seed=args.seed, resolution=args.resolution,
                         rates=ImperfectionRates.from_strings(args.imperfection_rates), varied_background=not args.plain_background)
     res = make_dataset(args.out, cfg, progress=not args.no_progress, workers=args.workers)
@@ -88,6 +90,10 @@ def _render(args) -> int:
     if args.n < 1:
         raise ValueError(f"--n must be >= 1; got {args.n}")
     out = Path(args.out)
+    if args.n > 1 and out.exists() and not out.is_dir():
+        raise ValueError(f"--out {args.out} is a file; with --n {args.n} it names a folder for {args.n} PNGs")
+    if args.n == 1 and out.is_dir():
+        raise ValueError(f"--out {args.out} is a folder; with --n 1 it names a PNG file")
     paths = [out] if args.n == 1 else [out / f"{k:04d}.png" for k in range(args.n)]
     for k, path in enumerate(paths):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -144,11 +150,20 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"make-dataset": _make_dataset, "render": _render, "detect": _detect, "eval-generate": _eval_generate,
                 "eval-score": _eval_score, "eval-prompts": _eval_prompts}
+    from PIL import UnidentifiedImageError
+
+    # Bad arguments exit 2: missing inputs, files that are not images, an --out that names a file
+    # where a folder is needed (or the reverse). Other OSErrors (permissions, full disk) exit 1.
+    bad_argument = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+                    UnidentifiedImageError)
     try:
         return handlers[args.cmd](args)
-    except ValueError as e:
+    except bad_argument as e:
         print(f"miro shapes {args.cmd}: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"miro shapes {args.cmd}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

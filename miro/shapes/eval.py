@@ -140,6 +140,8 @@ def eval_generate(model, outdir: str | os.PathLike, n_samples: int = 4, steps: i
     from miro.eval.generate import GenerateConfig, generate_folder, load_pipeline
     from miro.eval.prompts import PromptItem
 
+    if limit is not None and limit < 1:  # a slice would take "all but the last" (-1) or nothing (0)
+        raise ValueError(f"limit must be >= 1; got {limit}")
     name = model if isinstance(model, str) else type(model).__name__
     gcfg = GenerateConfig(model=name, n_samples=n_samples, steps=steps, cfg=cfg, seed=seed,
                           reward_targets=dict(reward_targets or {}), batch_size=batch_size)

@@ -120,6 +120,36 @@ def per_rank_batch(cfg: dict) -> int:
     return gbs // (world * accum)
 
 
+def _int_key(cfg: dict, key: str) -> int:
+    """The integer at dotted ``key`` (``trainer.max_steps``); a ValueError naming the key otherwise."""
+    value = cfg
+    for part in key.split("."):
+        value = value[part]
+    if isinstance(value, float) and value.is_integer():  # 1e5 on the command line is a float to Hydra
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value)
+    raise ValueError(f"{key}={value!r} is not an integer")
+
+
+def check_schedule(cfg: dict) -> None:
+    """Fail before any data or model work when the LR schedule cannot run (WarmupCosineDecayLR would
+    only raise inside ``trainer.fit``): warm-up must be shorter than the schedule, whose length
+    (``scheduler.total_steps``) is ``trainer.max_steps`` unless set on its own."""
+    max_steps = _int_key(cfg, "trainer.max_steps")
+    warmup, total = _int_key(cfg, "scheduler.warmup_steps"), _int_key(cfg, "scheduler.total_steps")
+    if max_steps < 1:
+        raise ValueError(f"trainer.max_steps={max_steps} must be >= 1")
+    if warmup < 0:
+        raise ValueError(f"scheduler.warmup_steps={warmup} must be >= 0")
+    if warmup >= total:
+        length = "trainer.max_steps" if total == max_steps else "scheduler.total_steps"
+        raise ValueError(f"scheduler.warmup_steps={warmup} must be below {length}={total} (the LR schedule's length); "
+                         f"set scheduler.warmup_steps=N with N < {total} (e.g. {total // 10}) or raise {length}")
+
+
 def build(cfg: dict):
     """(module, datamodule, trainer, ckpt_path) from a resolved config dict."""
     import torch
@@ -130,6 +160,7 @@ def build(cfg: dict):
                                       checkpoint_callback)
     from miro.train.module import MiroLightningModule
 
+    check_schedule(cfg)
     comp = cfg["computer"]
     if comp.get("threads"):
         torch.set_num_threads(int(comp["threads"]))

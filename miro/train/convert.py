@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -24,7 +25,16 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"checkpoint {str(path)!r} does not exist")
-    return torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except PermissionError:  # the environment, not the file's content: stays an OSError (exit 1)
+        raise
+    except Exception as e:  # noqa: BLE001 - on foreign bytes the unpickler raises anything (KeyError, EOFError, ...)
+        why = (str(e).strip().splitlines() or [""])[0][:200]  # the first line: the full text can be a page long
+        raise ValueError(f"{str(path)!r} is not a readable Lightning checkpoint ({type(e).__name__}: {why})") from e
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(f"{str(path)!r} is not a Lightning checkpoint (no state_dict); was it written by `miro train`?")
+    return ckpt
 
 
 def _ema_prefixes(state: dict) -> list[str]:
@@ -122,6 +132,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="storage dtype of the weights (float32 as published; float16 halves the file, "
                         "as the shipped shapes model; loading always gives float32)")
     args = p.parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as e:  # bad checkpoint, EMA index, encoder or autoencoder name
+        print(f"miro convert: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # unreadable files, an encoder neither local nor reachable, a full disk
+        print(f"miro convert: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     variant = args.variant_name
     out = convert(args.ckpt, args.out_dir, variant, None if args.raw else args.ema_index, args.push_to_hub,
                   args.text_encoder, args.autoencoder, args.dtype)

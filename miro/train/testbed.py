@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -84,8 +85,10 @@ def precompute(testbed: str, encoder, out_dir: str | os.PathLike, max_length: in
     """Encode every testbed prompt (and the empty prompt); skip files already written (resumable)."""
     from miro.encoders import load_text_encoder
 
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    rows = read_testbed(testbed)  # a bad testbed name fails before a (possibly large) encoder is loaded
     enc = load_text_encoder(encoder, max_length=max_length)
-    rows = read_testbed(testbed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     member = f"{enc.schema_name}_embeddings.npy"
@@ -116,12 +119,28 @@ def main(argv: list[str] | None = None) -> int:
     pc.add_argument("--max-length", type=int, default=None, help="tokens per prompt (default: the encoder's)")
     pc.add_argument("--batch-size", type=int, default=16)
     sub.add_parser("list", help="list the built-in testbeds")
+    # argparse names a missing sub-command by its metavar ("required: cmd" by default): list the choices
+    sub.metavar = "{" + ",".join(sub.choices) + "}"
     args = p.parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as e:  # bad testbed, batch size, max length
+        print(f"miro testbed {args.cmd}: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an encoder neither local nor reachable, an unwritable --out
+        print(f"miro testbed {args.cmd}: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.cmd == "list":
         for d in sorted(ASSETS.iterdir()):
             if (d / "prompts.txt").is_file():
                 print(f"{d.name}\t{len(read_testbed(d))} prompts")
         return 0
+    for flag, value in (("--batch-size", args.batch_size), ("--max-length", args.max_length)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1; got {value}")
     encoder = args.encoder or DEFAULT_ENCODER.get(str(args.testbed), "minilm")
     files = precompute(args.testbed, encoder, args.out, args.max_length, args.batch_size)
     print(f"wrote {len(files)} prompt embeddings + uncond to {args.out}")

@@ -1,0 +1,308 @@
+"""Bad input to the tool commands (convert, testbed, train, align flux-*, shapes, eval report, the
+dispatcher): one ``miro <command>: <message>`` line on stderr naming the bad value, exit 2 for bad
+input and 1 for the environment, never a traceback. Every case stops before any real work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from miro.encoders.tiny import tiny_pipeline
+
+
+def _one_line(capsys, prefix: str) -> str:
+    """stderr, asserted to be one line starting with ``prefix``; returned for further checks."""
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(prefix) and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+# ---------------------------------------------------------------------------- miro convert
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A checkpoint in the layout ``miro train`` writes: EMA weights under ``ema.ema_0_9999.``."""
+    root = tmp_path_factory.mktemp("convert")
+    pipe = tiny_pipeline(root / "enc", text="bert")
+    state = {f"ema.ema_0_9999.{k}": v for k, v in pipe.model.state_dict().items()}
+    state["uncond_embedding"] = pipe.uncond_embedding.clone()
+    path = root / "last.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": {"model_config": pipe.config, "ema_decays": [0.9999]}}, path)
+    return path
+
+
+@pytest.mark.parametrize("index", ["5", "-1"])
+def test_convert_ema_index_out_of_range(tiny_ckpt, tmp_path, capsys, index):
+    from miro.train.convert import main
+
+    assert main([str(tiny_ckpt), str(tmp_path / "out"), "--ema-index", index]) == 2
+    err = _one_line(capsys, "miro convert: ")
+    assert f"ema_index={index} out of range" in err and "[0.9999]" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_missing_checkpoint(tmp_path, capsys):
+    from miro.train.convert import main
+
+    assert main([str(tmp_path / "nosuch.ckpt"), str(tmp_path / "out")]) == 2
+    assert "nosuch.ckpt' does not exist" in _one_line(capsys, "miro convert: ")
+
+
+@pytest.mark.parametrize("content", [b"hello\n", b"", b"PK\x03\x04" + b"x" * 64])
+def test_convert_file_that_is_not_a_checkpoint(tmp_path, capsys, content):
+    from miro.train.convert import main
+
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(content)
+    assert main([str(bad), str(tmp_path / "out")]) == 2
+    assert "bad.ckpt' is not a readable Lightning checkpoint (" in _one_line(capsys, "miro convert: ")
+
+
+def test_load_checkpoint_refuses_a_pickle_without_state_dict(tmp_path):
+    from miro.train.convert import load_checkpoint
+
+    torch.save([1, 2], tmp_path / "list.ckpt")
+    with pytest.raises(ValueError, match=r"'.*list\.ckpt' is not a Lightning checkpoint \(no state_dict\)"):
+        load_checkpoint(tmp_path / "list.ckpt")
+
+
+def test_convert_unknown_autoencoder(tiny_ckpt, tmp_path, capsys):
+    from miro.train.convert import main
+
+    assert main([str(tiny_ckpt), str(tmp_path / "out"), "--autoencoder", "nosuch"]) == 2
+    assert "unknown autoencoder 'nosuch'" in _one_line(capsys, "miro convert: ")
+
+
+def test_convert_unknown_text_encoder_is_an_environment_error(tiny_ckpt, tmp_path, capsys):
+    from miro.train.convert import main
+
+    # not a built-in, not a folder, and the hub is off: the encoder loader's OSError -> exit 1
+    assert main([str(tiny_ckpt), str(tmp_path / "out"), "--text-encoder", "nosuch"]) == 1
+    assert "text encoder 'nosuch'" in _one_line(capsys, "miro convert: ")
+
+
+def test_generate_from_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
+    from miro import generate_cli
+
+    bad = tmp_path / "bad.ckpt"
+    bad.write_text("hello\n")
+    assert generate_cli.main(["p", "--model", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "bad.ckpt' is not a readable Lightning checkpoint" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- miro testbed
+
+def test_testbed_without_subcommand_lists_them(capsys):
+    from miro.train.testbed import main
+
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2
+    assert "the following arguments are required: {precompute,list}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--testbed", "nosuch"], "testbed 'nosuch' is neither a built-in (real, shapes)"),
+    (["--batch-size", "0"], "--batch-size must be >= 1; got 0"),
+    (["--max-length", "0"], "--max-length must be >= 1; got 0"),
+])
+def test_testbed_precompute_bad_arguments(tmp_path, capsys, argv, match):
+    from miro.train.testbed import main
+
+    assert main(["precompute", "--out", str(tmp_path / "tb"), *argv]) == 2
+    assert match in _one_line(capsys, "miro testbed precompute: ")
+    assert not (tmp_path / "tb").exists()
+
+
+def test_testbed_precompute_unknown_encoder(tmp_path, capsys):
+    from miro.train.testbed import main
+
+    assert main(["precompute", "--out", str(tmp_path / "tb"), "--encoder", "nosuch"]) == 1
+    assert "text encoder 'nosuch'" in _one_line(capsys, "miro testbed precompute: ")
+
+
+def test_precompute_api_refuses_batch_size_0(tmp_path):
+    from miro.train.testbed import precompute
+
+    with pytest.raises(ValueError, match="batch_size must be >= 1; got 0"):
+        precompute("shapes", "minilm", tmp_path, batch_size=0)
+
+
+# ---------------------------------------------------------------------------- miro train
+
+def test_train_warmup_longer_than_the_run_fails_before_training(tmp_path, capsys):
+    from miro.train import cli
+
+    # data_dir is empty: the schedule check comes before any data or model work
+    for extra in ([], ["--dry-run"]):
+        assert cli.main(["experiment=shapes_miro", f"data_dir={tmp_path}", f"root_dir={tmp_path}",
+                         "trainer.max_steps=2", *extra]) == 2
+        err = _one_line(capsys, "miro train: error: ")
+        assert "scheduler.warmup_steps=1000 must be below trainer.max_steps=2" in err
+        assert "set scheduler.warmup_steps=N with N < 2" in err
+
+
+def test_train_max_steps_not_an_integer(tmp_path, capsys):
+    from miro.train import cli
+
+    assert cli.main(["experiment=shapes_miro", f"data_dir={tmp_path}", "trainer.max_steps=abc", "--dry-run"]) == 2
+    assert "trainer.max_steps='abc' is not an integer" in _one_line(capsys, "miro train: error: ")
+
+
+def test_check_schedule_names_the_schedule_length_that_is_set():
+    from miro.train.cli import check_schedule
+
+    cfg = {"trainer": {"max_steps": 10}, "scheduler": {"warmup_steps": 5, "total_steps": 5}}
+    with pytest.raises(ValueError, match=r"warmup_steps=5 must be below scheduler.total_steps=5 .* raise scheduler"):
+        check_schedule(cfg)
+    cfg["scheduler"]["warmup_steps"] = -1
+    with pytest.raises(ValueError, match=r"scheduler.warmup_steps=-1 must be >= 0"):
+        check_schedule(cfg)
+    cfg["scheduler"] = {"warmup_steps": 0, "total_steps": 10}
+    cfg["trainer"]["max_steps"] = 0
+    with pytest.raises(ValueError, match=r"trainer.max_steps=0 must be >= 1"):
+        check_schedule(cfg)
+    cfg["trainer"]["max_steps"] = 1e1  # 1e1 on the command line is a float to Hydra
+    check_schedule(cfg)
+
+
+# ---------------------------------------------------------------------------- miro align flux-*
+
+@pytest.fixture
+def no_flux_model(monkeypatch):
+    """Any FLUX model load fails the test: the input file must be checked first."""
+    from miro.align import flux_tools
+
+    def boom(*a, **k):
+        raise AssertionError("a FLUX model was loaded before the input file was checked")
+
+    monkeypatch.setattr(flux_tools, "load_flux_pipeline", boom)
+    try:
+        import diffusers
+
+        monkeypatch.setattr(diffusers.FluxPipeline, "from_pretrained", boom)
+    except ImportError:  # without diffusers a load would fail anyway; the message check still holds
+        pass
+
+
+@pytest.mark.parametrize("cmd, flag", [("flux-embed", "--prompts"), ("flux-generate", "--items"),
+                                       ("flux-lora", "--data")])
+def test_flux_missing_input_file(tmp_path, capsys, no_flux_model, cmd, flag):
+    from miro.align.flux_cli import main
+
+    missing = tmp_path / "nosuch.jsonl"
+    assert main([cmd, flag, str(missing), "--out", str(tmp_path / "o")]) == 2
+    assert f"dataset path {missing} does not exist" in _one_line(capsys, f"miro align {cmd}: ")
+
+
+def test_flux_inline_json_that_does_not_parse(tmp_path, capsys, no_flux_model):
+    from miro.align.flux_cli import main
+
+    assert main(["flux-generate", "--items", "[bad", "--out", str(tmp_path / "o")]) == 2
+    assert "inline JSON '[bad' does not parse" in _one_line(capsys, "miro align flux-generate: ")
+
+
+# ---------------------------------------------------------------------------- miro shapes
+
+def test_shapes_detect_missing_file(tmp_path, capsys):
+    from miro.shapes.cli import main
+
+    assert main(["detect", str(tmp_path / "nosuch.png")]) == 2
+    assert "nosuch.png" in _one_line(capsys, "miro shapes detect: ")
+
+
+def test_shapes_detect_file_that_is_not_an_image(tmp_path, capsys):
+    from miro.shapes.cli import main
+
+    bad = tmp_path / "notanimage.ckpt"
+    bad.write_text("hello\n")
+    assert main(["detect", str(bad)]) == 2
+    assert "cannot identify image file" in _one_line(capsys, "miro shapes detect: ")
+
+
+def test_shapes_render_out_file_vs_folder(tmp_path, capsys):
+    from miro.shapes.cli import main
+
+    existing = tmp_path / "existing_file.png"
+    existing.write_bytes(b"")
+    assert main(["render", "two red circles", "--n", "2", "--out", str(existing)]) == 2
+    assert "existing_file.png is a file; with --n 2 it names a folder" in _one_line(capsys, "miro shapes render: ")
+    assert main(["render", "two red circles", "--out", str(tmp_path)]) == 2
+    assert "is a folder; with --n 1 it names a PNG file" in _one_line(capsys, "miro shapes render: ")
+
+
+def test_shapes_make_dataset_out_is_a_file(tmp_path, capsys):
+    from miro.shapes.cli import main
+
+    existing = tmp_path / "existing_file"
+    existing.write_bytes(b"")
+    assert main(["make-dataset", "--out", str(existing), "--num-samples", "2", "--no-progress"]) == 2
+    assert "existing_file is a file; it names the dataset folder" in _one_line(capsys, "miro shapes make-dataset: ")
+
+
+def test_shapes_eval_prompts_unwritable_out(tmp_path, capsys, monkeypatch):
+    from miro.shapes import eval as shapes_eval
+    from miro.shapes.cli import main
+
+    assert main(["eval-prompts", "--out", str(tmp_path)]) == 2  # a folder, not a .jsonl file
+    assert "Is a directory" in _one_line(capsys, "miro shapes eval-prompts: ")
+    assert main(["eval-prompts", "--out", str(tmp_path / "no" / "such" / "x.jsonl")]) == 2
+    assert "x.jsonl" in _one_line(capsys, "miro shapes eval-prompts: ")
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(shapes_eval, "write_prompt_set", denied)  # root ignores chmod: simulate it
+    assert main(["eval-prompts", "--out", str(tmp_path / "x.jsonl")]) == 1
+    assert "Permission denied" in _one_line(capsys, "miro shapes eval-prompts: ")
+
+
+@pytest.mark.parametrize("limit", ["-1", "0"])
+def test_shapes_eval_generate_limit_must_be_positive(tmp_path, capsys, limit):
+    from miro.shapes.cli import main
+
+    assert main(["eval-generate", "--model", "ground-truth", "--outdir", str(tmp_path / "o"), "--limit", limit]) == 2
+    assert f"limit must be >= 1; got {limit}" in _one_line(capsys, "miro shapes eval-generate: ")
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------- miro eval report
+
+def test_eval_report_refuses_a_missing_or_empty_folder(tmp_path, capsys):
+    from miro.eval.cli import main
+
+    missing = tmp_path / "nosuchdir"
+    assert main(["report", str(missing)]) == 2
+    assert "nosuchdir' does not exist" in _one_line(capsys, "miro eval report: ")
+    assert not missing.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["report", str(empty)]) == 2
+    assert "empty' holds no generated images" in _one_line(capsys, "miro eval report: ")
+    assert list(empty.iterdir()) == []  # no report/ folder left behind
+
+
+# ---------------------------------------------------------------------------- miro (dispatcher)
+
+def test_top_level_help_lists_every_shapes_subcommand(capsys):
+    import argparse
+
+    from miro.cli import main
+    from miro.shapes.cli import _parser
+
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert main(["--help"]) == 0
+    shapes_line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("shapes "))
+    for name in sub.choices:
+        assert name in shapes_line, (name, shapes_line)
+
+
+def test_help_command_prints_the_command_help(capsys):
+    from miro.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["help", "convert"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: miro convert")
+    assert main(["help", "nosuch"]) == 2
+    assert "unknown command 'nosuch'" in _one_line(capsys, "miro: ")

@@ -212,3 +212,12 @@ def test_duplicate_reward_key_is_refused(tmp_path, capsys, no_model_load):
     assert eval_cli.main(_eval_gen(tmp_path / "e", "--reward", "k=0.1", "--reward", "k=0.2")) == 2
     assert "--reward 'k' is given twice" in _err(capsys)
     assert not (tmp_path / "e").exists()
+
+
+def test_sweep_unknown_reward_key_is_named_before_the_scorers_load(tmp_path, capsys, monkeypatch):
+    from miro.eval import cli
+
+    monkeypatch.setattr(cli, "_load_scorers", lambda *a: pytest.fail("scorers loaded for a bad --reward-key"))
+    assert cli.main(["sweep", "--model", "shapes", "--prompts", "shapes", "--limit", "1", "--n", "1", "--steps", "1",
+                     "--reward-key", "shapes_aesthetic", "--outdir", str(tmp_path / "s")]) == 2
+    assert "--reward-key 'shapes_aesthetic' is not one of the model's rewards" in capsys.readouterr().err

@@ -306,3 +306,30 @@ def test_help_command_prints_the_command_help(capsys):
     assert capsys.readouterr().out.startswith("usage: miro convert")
     assert main(["help", "nosuch"]) == 2
     assert "unknown command 'nosuch'" in _one_line(capsys, "miro: ")
+
+
+def test_shapes_without_subcommand_lists_them(capsys):
+    from miro.shapes.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2 and "{make-dataset,render,detect," in capsys.readouterr().err
+
+
+def test_shapes_eval_refuses_prompts_the_detector_cannot_see(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from miro.eval.cli import main as eval_main
+    from miro.shapes.cli import main
+
+    d = tmp_path / "coco" / "00000"  # a GenEval prompt: a COCO class the Shapes detector cannot see
+    (d / "samples").mkdir(parents=True)
+    (d / "metadata.jsonl").write_text(json.dumps({"tag": "single_object", "include": [{"class": "bench", "count": 1}],
+                                                  "prompt": "a photo of a bench"}) + "\n")
+    Image.new("RGB", (32, 32)).save(d / "samples" / "0000.png")
+    assert main(["eval-score", str(tmp_path / "coco"), "--no-progress"]) == 2
+    assert "['bench']" in capsys.readouterr().err
+    assert eval_main(["geneval", str(tmp_path / "coco"), "--detector", "shapes"]) == 2
+    assert "cannot see" in capsys.readouterr().err

@@ -278,6 +278,9 @@ def cmd_sweep(args) -> int:
     cfg = _gen_config(args)
     spec, items = _items(args)
     pipe = _load_pipeline(args)
+    keys = getattr(pipe, "coherence_keys", None)
+    if keys is not None and args.reward_key not in keys:  # before the scorers load
+        raise ValueError(f"--reward-key {args.reward_key!r} is not one of the model's rewards: {', '.join(keys)}")
     if from_bins:  # chosen from the model's quantile bins (docs/evaluation.md, "Reward sweeps")
         targets = targets_from_bins(args.targets, pipe.reward_bins, args.reward_key)
     names = _scorer_names(args.scorers, None, args.model)

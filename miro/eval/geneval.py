@@ -338,6 +338,11 @@ def evaluate_folder(root: str | Path, outfile: str | Path, evaluator: GenEvalLik
             raise ValueError(f"{p.parent.parent.name}: {e}. GenEval-style scoring needs GenEval-format prompts "
                              f"(geneval, shapes, or a .jsonl with GenEval's fields); score this folder's rewards "
                              f"instead (miro eval rewards)") from None
+    if evaluator.benchmark == "ShapesEval":
+        from miro.shapes.eval import check_shapes_prompt
+
+        for meta, p in todo:
+            check_shapes_prompt(meta, p.parent.parent.name)
     corrupt = []
     bar = tqdm(total=len(todo), desc="geneval-like", unit="img", disable=not progress)
     with JsonlAppender(outfile) as out:

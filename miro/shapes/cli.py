@@ -22,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     from miro.shapes import world as W
 
     ap = argparse.ArgumentParser(prog="miro shapes", description="The Shapes world: data, ground truth, detection and ShapesEval.")
-    sub = ap.add_subparsers(dest="cmd", required=True, metavar="<command>")
+    sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("make-dataset", help="write webdataset shards of web-like samples with Shapes rewards")
     p.add_argument("--out", "--outdir", dest="out", required=True, help="output folder (resumable; a larger --num-samples grows it in place)")
@@ -66,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval-prompts", help="write the ShapesEval prompt set (GenEval metadata JSONL)")
     p.add_argument("--out", "--outdir", dest="out", required=True, help="output .jsonl file")
+    sub.metavar = "{" + ",".join(sub.choices) + "}"  # a missing sub-command is named by its choices
     return ap
 
 

@@ -153,6 +153,19 @@ def eval_generate(model, outdir: str | os.PathLike, n_samples: int = 4, steps: i
     return generate_folder(pipe, items, outdir, gcfg, prompts_spec="shapes", progress=progress)
 
 
+def check_shapes_prompt(md: dict, where: str) -> None:
+    """The Shapes detector sees the Shapes classes only: a prompt asking for anything else (a
+    GenEval prompt's COCO "bench") would score 0 without a word, so it is refused, named."""
+    from miro.shapes.world import CLASSES
+
+    asked = [o.get("class") for o in [*md.get("include", []), *md.get("exclude", [])]]
+    unknown = sorted({c for c in asked if c not in CLASSES}, key=str)
+    if unknown:
+        raise ValueError(f"{where}: asks for {unknown}, which the Shapes detector cannot see (it knows "
+                         f"{', '.join(CLASSES)}); score these prompts with a GenEval detector "
+                         f"(miro eval geneval DIR --detector <Mask2Former id>)")
+
+
 def score_folder(root: str | os.PathLike, options: GenEvalOptions | None = None, progress: bool = True) -> dict:
     """Score a GenEval-layout folder with the Shapes detector; writes ``results.jsonl`` and the
     summary (atomically) into ``root`` and returns the summary."""
@@ -172,6 +185,7 @@ def score_folder(root: str | os.PathLike, options: GenEvalOptions | None = None,
         if not meta_file.is_file():
             continue
         md = validate_metadata(json.loads(meta_file.read_text(encoding="utf-8").splitlines()[0]))
+        check_shapes_prompt(md, str(meta_file))
         for img in sorted((d / "samples").glob("*.png")):
             if img.stem.isdigit():
                 jobs.append((md, img))
@@ -195,5 +209,5 @@ def score_folder(root: str | os.PathLike, options: GenEvalOptions | None = None,
     return summary
 
 
-__all__ = ["SHAPES_EVAL_OPTIONS", "GroundTruthPipeline", "build_prompt_set", "eval_generate", "evaluation_metadata",
-           "format_summary", "render_prompt", "score_folder"]
+__all__ = ["SHAPES_EVAL_OPTIONS", "GroundTruthPipeline", "build_prompt_set", "check_shapes_prompt", "eval_generate",
+           "evaluation_metadata", "format_summary", "render_prompt", "score_folder"]

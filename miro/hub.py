@@ -9,6 +9,7 @@ the loaders turn it into ``local_files_only=True``.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -125,17 +126,24 @@ def resolve_pipeline_dir(
 ) -> dict[str, Path]:
     """Locate a pipeline's files: a built-in name, a local folder, or a hub repo id.
 
-    Built-in names are resolved first, before any hub lookup. A hub repo is fetched with
+    A local pipeline folder comes first, then a built-in name, both before any hub lookup. A hub repo is fetched with
     ``snapshot_download`` restricted to the chosen variant's files. Returns ``{filename: path}``.
     """
     name = os.fspath(name_or_path)
     if not isinstance(name, str) or not name:
         raise ValueError(f"pipeline name or path must be a non-empty string; got {name_or_path!r}")
-    if "/" not in name and (BUILTIN_DIR / name / "config.json").is_file():
-        return check_pipeline_files(_select_variant(BUILTIN_DIR / name, variant, f"built-in {name!r}"))
     path = Path(name).expanduser()
-    if path.is_dir():
+    builtin = "/" not in name and (BUILTIN_DIR / name / "config.json").is_file()
+    # A local pipeline folder comes first, as in diffusers: `save_pretrained("shapes")` then
+    # `from_pretrained("shapes")` loads what was saved. A folder that holds no pipeline (a dataset
+    # folder that happens to be called `shapes`) does not hide the built-in.
+    if path.is_dir() and (not builtin or (path / "config.json").is_file() or list_variants(path)):
+        if builtin:
+            warnings.warn(f"{name!r}: loading the local folder {str(path.resolve())!r}, not the built-in pipeline "
+                          f"of that name (pass {str(BUILTIN_DIR / name)!r} for the built-in)", stacklevel=3)
         return check_pipeline_files(_select_variant(path, variant, f"folder {name!r}"))
+    if builtin:
+        return check_pipeline_files(_select_variant(BUILTIN_DIR / name, variant, f"built-in {name!r}"))
     if path.suffix or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ValueError(
             f"{name!r} is not a built-in pipeline ({builtin_pipelines()}), an existing folder, "
@@ -241,7 +249,11 @@ def build_model(config: Mapping[str, Any], weights: Path):
                              "data_preprocessing, postprocessing)")
     # Half-precision files (a smaller download or transfer) load as float32, the pipeline's default
     # dtype, as diffusers does without torch_dtype; from_pretrained(dtype=...) casts afterwards.
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
+    # Always a copy: load_file's tensors sit at the file's byte offsets, not aligned as torch's own
+    # allocations are, and on CPU misaligned weights take other (non-bitwise-equal) GEMM kernels, so a
+    # float32 save -> load would not reproduce the saved pipeline's images exactly.
+    state = {k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True)
+             for k, v in load_file(str(weights)).items()}
     try:
         with torch.device("meta"):
             model = MiroModel.from_config(dict(config))

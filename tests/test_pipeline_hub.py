@@ -142,3 +142,30 @@ def test_half_precision_weights_load_as_float32(saved, tmp_path):
         assert loaded[k].dtype == v.dtype, k  # float32 (bool masks stay bool)
         torch.testing.assert_close(loaded[k], v.half().to(v.dtype) if v.is_floating_point() else v, rtol=0, atol=0)
     assert MiroPipeline.from_pretrained(str(half), dtype=torch.bfloat16).model.network.latents.dtype == torch.bfloat16
+
+
+def test_a_local_pipeline_folder_shadows_a_builtin_of_its_name(saved, tmp_path, monkeypatch):
+    builtin = tmp_path / "pipelines"
+    shutil.copytree(saved, builtin / "mini")
+    monkeypatch.setattr(hub, "BUILTIN_DIR", builtin)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mini").mkdir()  # a folder of that name without a pipeline: the built-in still loads
+    assert MiroPipeline.from_pretrained("mini").source == str(builtin / "mini")
+    shutil.rmtree(tmp_path / "mini")
+    shutil.copytree(saved, tmp_path / "mini")  # what save_pretrained("mini") wrote: that loads, with a warning
+    with pytest.warns(UserWarning, match="not the built-in"):
+        assert MiroPipeline.from_pretrained("mini").source == "mini"
+
+
+def test_save_then_load_reproduces_the_images_bit_for_bit(tmp_path):
+    from safetensors.torch import load_file
+
+    pipe = tiny_pipeline(tmp_path / "enc", text="t5", codec="vae")
+    again = MiroPipeline.from_pretrained(str(pipe.save_pretrained(tmp_path / "p")))
+    # load_file's tensors sit at the file's byte offsets; the loaded weights are aligned copies
+    assert any(v.data_ptr() % 64 for v in load_file(str(tmp_path / "p" / "model.safetensors")).values())
+    assert all(p.data_ptr() % 64 == 0 for p in again.model.parameters())
+    kw = dict(num_inference_steps=3, output_type="pt")
+    a = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw)
+    b = again("a red circle", generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(torch.as_tensor(np.asarray(a)), torch.as_tensor(np.asarray(b)))

@@ -1033,7 +1033,7 @@ def main(argv=None) -> int:
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--device", default=None, help="generate on this device (default: the pipeline's, CPU)")
     common.add_argument("--batch-size", type=int, default=32,
-                        help="images per pipeline call (does not change the images; a GPU wants hundreds)")
+                        help="images per pipeline call (same noise per image, pixels equal up to float rounding; a GPU wants hundreds)")
     common.add_argument("--weights", choices=("raw", "ema"), default="raw",
                         help="checkpoint weights (raw: no EMA lag, fair between runs of any length)")
     c = sub.add_parser("convergence", parents=[common], help="ShapesEval vs training samples; speed-up factor")

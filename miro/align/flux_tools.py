@@ -109,7 +109,7 @@ def generate_items(pipe, items: list[dict], out_dir: str | Path, n_per_item: int
     """Render ``n_per_item`` images per item into ``out_dir/<index>_<slug>/<j>.png``.
 
     Image j of item i uses ``torch.Generator().manual_seed(seed + 1000·i + j)`` (CPU noise), so
-    a resumed run equals an uninterrupted one. Returns counts ``{"written", "skipped"}``.
+    a resumed run draws the same noise as an uninterrupted one. Returns counts ``{"written", "skipped"}``.
     """
     out = Path(out_dir)
     jobs = []

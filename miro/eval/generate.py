@@ -8,7 +8,8 @@ Layout (djghosh13/geneval ``generation/diffusers_generate.py``)::
 
 Every file is written to a temporary name and renamed, so a killed run leaves only complete
 files; a rerun skips complete prompts and makes the missing samples with the same seeds, so a
-resumed run produces the same images as an uninterrupted one.
+resumed run draws the same noise as an uninterrupted one (its images equal up to float rounding:
+another batch shape may sum in another order).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class GenerateConfig:
     seed: int = 0  # base seed; sample j of prompt i uses seed + 1000*i + j
     reward_targets: dict[str, float] = field(default_factory=dict)  # positive reward targets
     negative_reward_targets: dict[str, float] = field(default_factory=dict)  # negative branch
-    batch_size: int = 8  # images per pipeline call (does not change the images)
+    batch_size: int = 8  # images per pipeline call (the noise is per image; pixels equal up to float rounding)
 
     def __post_init__(self):
         if not 1 <= self.n_samples <= SEED_STRIDE:

@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sample j of prompt i uses seed + 1000*i + j")
     p.add_argument("--reward", nargs="+", action="extend", default=[], metavar="KEY=TARGET",
                    help="reward targets in [0, 1] (repeatable, or several after one flag)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (does not change images)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (same noise per image; pixels equal up to float rounding)")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts (smoke runs)")
 
     p = sub.add_parser("eval-score", help="score a ShapesEval folder: results.jsonl + summary, 'overall: X'")

@@ -44,8 +44,15 @@ def images_to_tensor(images, size: int | None = None) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
-def check_prompts(prompts, n: int) -> list[str]:
-    """Validate prompts for a batch of n images (one prompt broadcast to all is allowed)."""
+def check_prompts(prompts, n: int, scorer: str | None = None) -> list[str]:
+    """Validate prompts for a batch of n images (one prompt broadcast to all is allowed).
+
+    ``prompts=None`` raises a ValueError naming ``scorer`` (the reward that needs them), so a
+    prompt-dependent scorer called without prompts says so instead of failing on ``list(None)``.
+    """
+    if prompts is None:
+        raise ValueError(f"{scorer or 'this scorer'} needs the prompts (one string per image, or one string for "
+                         f"all of them); got prompts=None")
     if isinstance(prompts, str):
         prompts = [prompts] * n
     prompts = list(prompts)
@@ -62,6 +69,14 @@ class Scorer:
 
     Subclasses set ``keys`` (the reward key(s) they produce, e.g. ``("aesthetic_score",)``),
     ``differentiable`` and implement :meth:`score`.
+
+    Prompts: a scorer whose score ignores the prompt (``aesthetic_score``, ``shapes_sharpness``,
+    ``shapes_contrast``) takes ``score(images, prompts=None)`` and checks prompts only when given;
+    a prompt-dependent one raises a ValueError naming itself on ``None`` (``check_prompts`` does).
+
+    Factories: every registered factory accepts ``device``, ``dtype``, ``revision``,
+    ``local_files_only`` and ``batch_size`` (docs/rewards.md), also where they do not apply, so
+    generic code can build any scorer with the same arguments.
     """
 
     keys: tuple[str, ...] = ()
@@ -73,15 +88,15 @@ class Scorer:
     def key(self) -> str:
         return self.keys[0]
 
-    def score(self, images, prompts) -> torch.Tensor:
-        """Raw scores, shape (B,), float32."""
+    def score(self, images, prompts=None) -> torch.Tensor:
+        """Raw scores, shape (B,), float32. ``prompts=None`` only for scorers that ignore them."""
         raise NotImplementedError
 
     def normalize(self, raw: torch.Tensor) -> torch.Tensor:
         """The value MIRO stores for training. Identity unless a reward documents otherwise."""
         return raw
 
-    def __call__(self, images, prompts) -> torch.Tensor:
+    def __call__(self, images, prompts=None) -> torch.Tensor:
         return self.score(images, prompts)
 
     # Embedding models override these three.

@@ -21,23 +21,29 @@ shapes_contrast     contrast and colour quality: 0.5·(object-background contras
                     ``exp(−(d/0.15)²)``).
 ==================  ==============================================================================
 
-Prompts are parsed with :func:`miro.shapes.captions.parse_caption` (the image-only rewards,
-sharpness and contrast, ignore them but still check there is one per image). Detection runs
-once per image and is cached, so scoring all five keys costs one detection.
+Prompts are parsed with :func:`miro.shapes.captions.parse_caption`. The image-only rewards,
+sharpness and contrast, ignore them: ``prompts`` may be None there, and prompts that are given are
+still checked to be one per image. Alignment, counting and position raise a ValueError naming
+themselves without prompts. Detection runs once per image and is cached, so scoring all five keys
+costs one detection.
 """
 
 from __future__ import annotations
+
+import numbers
 
 import numpy as np
 import torch
 
 from miro.eval.geneval_rules import Detection, relative_position
 from miro.rewards.base import Scorer, check_prompts, register
+from miro.rewards.weights import resolve_dtype
 from miro.shapes import world as W
 from miro.shapes.captions import parse_caption
 from miro.shapes.detector import ShapesDetector, estimate_background, to_float_image
 
 REWARD_KEYS: tuple[str, ...] = ("shapes_alignment", "shapes_counting", "shapes_position", "shapes_sharpness", "shapes_contrast")
+PROMPT_KEYS: tuple[str, ...] = ("shapes_alignment", "shapes_counting", "shapes_position")  # the rest ignore the prompt
 DET_THRESHOLD = 0.3  # detections at or below this confidence are ignored (GenEval's `threshold`)
 EXTRA_PENALTY = 0.5  # alignment lost when every detection is unexplained by the caption
 SHARP_REF = 0.7  # mean gradient/range ratio of a box-filtered step at a random sub-pixel phase is
@@ -161,15 +167,23 @@ def _arrays(images) -> list[np.ndarray]:
     return [to_float_image(im) for im in images]
 
 
-def score_all(images, prompts, keys=REWARD_KEYS, detector: ShapesDetector | None = None) -> dict[str, torch.Tensor]:
-    """Every requested Shapes reward for a batch, sharing one detection per image."""
+def score_all(images, prompts=None, keys=REWARD_KEYS, detector: ShapesDetector | None = None) -> dict[str, torch.Tensor]:
+    """Every requested Shapes reward for a batch, sharing one detection per image.
+
+    ``prompts`` may be None when only image-only keys (sharpness, contrast) are asked for.
+    """
     for k in keys:
         if k not in REWARD_KEYS:
             raise ValueError(f"unknown Shapes reward {k!r}; allowed: {', '.join(REWARD_KEYS)}")
     arrays = _arrays(images)
-    prompts = check_prompts(prompts, len(arrays))
+    text_keys = [k for k in keys if k in PROMPT_KEYS]
+    if prompts is None and not text_keys:
+        prompts = [None] * len(arrays)  # never read: the image-only rewards ignore the prompt
+    else:
+        who = text_keys[0] if len(text_keys) == 1 else f"each of {', '.join(text_keys)}"
+        prompts = check_prompts(prompts, len(arrays), scorer=who)
     detector = detector or _DETECTOR
-    needs_text = any(k in keys for k in ("shapes_alignment", "shapes_counting", "shapes_position"))
+    needs_text = bool(text_keys)
     out = {k: torch.zeros(len(arrays), dtype=torch.float32) for k in keys}
     for i, (img, prompt) in enumerate(zip(arrays, prompts)):
         needs_dets = needs_text or "shapes_contrast" in keys
@@ -193,19 +207,44 @@ class ShapesScorer(Scorer):
     differentiable = False
     score_range = (0.0, 1.0)
 
-    def __init__(self, key: str, detector: ShapesDetector | None = None):
+    def __init__(self, key: str, detector: ShapesDetector | None = None, *, device=None, dtype=None,
+                 revision: str | None = None, local_files_only: bool = False, batch_size: int = 32):
+        """``device``, ``dtype``, ``revision``, ``local_files_only`` and ``batch_size`` are the
+        arguments every reward factory takes (docs/rewards.md). They are checked and kept, but do
+        not change the scores: the rewards are exact numpy computations on the CPU (scores come
+        back as float32 on the CPU whatever ``device``/``dtype`` say), there are no weights to
+        download, and images are scored one at a time, so there is no batch to size."""
         if key not in REWARD_KEYS:
             raise ValueError(f"unknown Shapes reward {key!r}; allowed: {', '.join(REWARD_KEYS)}")
         self.keys = (key,)
         self.detector = detector
+        if device is not None:
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError):  # torch's own message does not say which argument
+                raise ValueError(f"device={device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:0')") from None
+        self.requested_device = device
+        self.requested_dtype = None if dtype is None else resolve_dtype(dtype)  # raises naming bad names
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+        self.batch_size = int(batch_size)
+        self.revision = revision
+        self.local_files_only = bool(local_files_only)
 
-    def score(self, images, prompts) -> torch.Tensor:
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")  # where the scores are computed and returned
+
+    def score(self, images, prompts=None) -> torch.Tensor:
+        """Scores, shape (B,). ``prompts`` may be None for sharpness and contrast only."""
         return score_all(images, prompts, self.keys, self.detector)[self.key]
 
 
 def _factory(key: str):
-    def make(**kwargs) -> ShapesScorer:
-        return ShapesScorer(key, **kwargs)
+    def make(*, detector: ShapesDetector | None = None, device=None, dtype=None, revision: str | None = None,
+             local_files_only: bool = False, batch_size: int = 32) -> ShapesScorer:
+        return ShapesScorer(key, detector, device=device, dtype=dtype, revision=revision,
+                            local_files_only=local_files_only, batch_size=batch_size)
 
     make.__name__ = f"make_{key}"
     return make

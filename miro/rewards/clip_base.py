@@ -190,7 +190,7 @@ class ClipLikeScorer(Scorer):
 
     def score(self, images, prompts) -> torch.Tensor:
         n = num_images(images)
-        prompts = check_prompts(prompts, n)
+        prompts = check_prompts(prompts, n, scorer=self.key)
         if n == 0:
             return torch.zeros(0, device=self.device)
         out = []

@@ -184,7 +184,7 @@ class ImageReward(Scorer):
     def mlp_output(self, images, prompts) -> torch.Tensor:
         """The head's output before standardisation, (B,) float32."""
         n = num_images(images)
-        prompts = check_prompts(prompts, n)
+        prompts = check_prompts(prompts, n, scorer=self.key)
         self._load()
         out = []
         for chunk, ps in paired_batches(images, prompts, self.batch_size):

@@ -246,7 +246,7 @@ class VQAScore(Scorer):
 
     def score(self, images, prompts) -> torch.Tensor:
         n = num_images(images)
-        prompts = check_prompts(prompts, n)
+        prompts = check_prompts(prompts, n, scorer=self.key)
         self._load()
         out = []
         for chunk, ps in paired_batches(images, prompts, self.batch_size):

@@ -26,9 +26,11 @@ Example::
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -49,10 +51,110 @@ from miro.hub import (
 )
 from miro.io import atomic_write_with
 
-OUTPUT_TYPES = ("pil", "np", "numpy", "pt")
+OUTPUT_TYPES = ("pil", "np", "numpy", "pt", "latent")
 DEFAULT_MAX_TEXT_LEN = 77  # published default of config["max_text_len"]
+# safetensors header dtype -> torch dtype, for from_pretrained(torch_dtype="auto").
+_STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def _as_scalar(v: Any) -> float | None:
+    """``v`` as a float if it is one real number (Python/numpy number, or a 0-d / 1-element
+    array or tensor, as ``score_to_target`` returns for one score); else None."""
+    if _is_number(v):
+        return float(v)
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and v.dtype != torch.bool and not v.is_complex():
+        return float(v.reshape(()).item())
+    if isinstance(v, np.ndarray) and v.size == 1 and v.dtype.kind in "iuf":
+        return float(v.reshape(()).item())
+    return None
+
+
+def _caller_stacklevel() -> int:
+    """``warnings.warn`` stacklevel (from the function calling this) of the first frame outside
+    this module and torch's ``no_grad`` wrapper: the user's ``pipe(...)`` or ``encode_prompt`` line."""
+    import sys
+
+    wrapper = os.path.join("torch", "utils", "_contextlib.py")
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename == __file__
+                                 or frame.f_code.co_filename.endswith(wrapper)):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _is_auto(dtype: Any) -> bool:
+    return isinstance(dtype, str) and dtype.lower() == "auto"
+
+
+class MiroPipelineOutput(list):
+    """``output_type="pil"``: the list of images itself (``images[0]``, ``len``, iteration work as
+    before) with diffusers' ``.images``. Unlike diffusers' ``ImagePipelineOutput``, ``out[0]`` is
+    the first image (a list's meaning), not the images field."""
+
+    @property
+    def images(self) -> "MiroPipelineOutput":
+        return self
+
+
+class _ImageArray(np.ndarray):
+    """``output_type="np"``: the uint8 array itself, plus ``.images`` (a plain ndarray view)."""
+
+    @property
+    def images(self) -> np.ndarray:
+        return self.view(np.ndarray)
+
+    def __reduce_ex__(self, protocol):  # pickles as a plain ndarray (no import of this class needed)
+        return self.view(np.ndarray).__reduce_ex__(protocol)
+
+    def __repr__(self) -> str:
+        return repr(self.images)
+
+
+class _ImageTensor(torch.Tensor):
+    """``output_type="pt"``/``"latent"``: the tensor itself, plus ``.images`` (a plain tensor)."""
+
+    # As nn.Parameter does: results of operations are plain tensors, so the subclass does not spread.
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @property
+    def images(self) -> torch.Tensor:
+        return self.as_subclass(torch.Tensor)
+
+    def __reduce_ex__(self, protocol):
+        # torch.save / pickle store a plain tensor, so torch.load(weights_only=True) reads it back.
+        return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)
+
+    def __deepcopy__(self, memo):  # torch's default needs new_empty() to keep the subclass
+        return self.images.clone().as_subclass(_ImageTensor)
+
+    def __repr__(self, *, tensor_contents=None) -> str:
+        return repr(self.images)
+
+
+def _with_images(images: Any) -> Any:
+    """The call's result with an ``.images`` attribute, its type otherwise unchanged."""
+    if isinstance(images, torch.Tensor):
+        return images.as_subclass(_ImageTensor)
+    if isinstance(images, np.ndarray):
+        return images.view(_ImageArray)
+    return MiroPipelineOutput(images)
+
+
+def _stored_float_dtype(files: Mapping[str, Path]) -> torch.dtype:
+    """The one floating dtype ``model.safetensors`` stores its weights in (read from the header
+    only), or float32 if there is no file, the dtypes are mixed or not a pipeline dtype."""
+    path = files.get("model.safetensors")
+    if path is None:
+        return torch.float32
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        stored = {f.get_slice(k).get_dtype() for k in f.keys()} - {"BOOL"}
+    return _STORED_DTYPES.get(stored.pop(), torch.float32) if len(stored) == 1 else torch.float32
 
 
 def _scales(w_r):
@@ -97,7 +199,7 @@ class MiroPipeline(nn.Module):
         self.register_buffer("uncond_embedding", uncond.contiguous(), persistent=False)
         self.reward_bins = reward_bins
         self.autocast: bool | None = None  # None: the sampler default (bf16 on CUDA, as published)
-        self._progress = True
+        self._progress_bar_config: dict[str, Any] = {}  # tqdm kwargs (set_progress_bar_config)
         self.source: str | None = None  # where the pipeline was loaded from
         self._device = torch.device("cpu")
         self._dtype = torch.float32
@@ -117,20 +219,36 @@ class MiroPipeline(nn.Module):
         text_encoder: Any = None,
         vae: Any = None,
         token: str | None = None,
+        use_safetensors: bool | None = None,
+        low_cpu_mem_usage: bool | None = None,
     ) -> "MiroPipeline":
         """Load a pipeline from a built-in name (``shapes``, ``shapes-untrained``), a folder in
         the published layout, or a hub repo id (``snapshot_download`` of the variant's files
         only; ``local_files_only`` and ``HF_HUB_OFFLINE`` are honoured).
 
-        ``variant`` selects a subfolder. ``dtype`` and ``torch_dtype`` are aliases. ``text_encoder``
-        and ``vae`` override the config's encoders (a name, a folder, a hub id or an object).
+        ``variant`` selects a subfolder. ``dtype`` and ``torch_dtype`` are aliases. ``"auto"`` is
+        the dtype the weights are stored in on a CUDA ``device`` and float32 otherwise (half
+        precision generates on CUDA only). ``text_encoder`` and ``vae`` override the config's
+        encoders (a name, a folder, a hub id or an object).
+
+        ``use_safetensors`` and ``low_cpu_mem_usage`` are accepted for diffusers compatibility:
+        weights are always ``model.safetensors`` (``use_safetensors=False`` is refused), and the
+        model is always built on the meta device before its weights are assigned.
         """
-        dt, tdt = parse_dtype(dtype), parse_dtype(torch_dtype)
+        if use_safetensors is False:
+            raise ValueError("use_safetensors=False: MIRO pipelines store their weights only as "
+                             "model.safetensors; pass use_safetensors=True or leave it out")
+        # "auto" is resolved once the folder is known (it reads the stored dtype); explicit wins.
+        dt = None if _is_auto(dtype) else parse_dtype(dtype)
+        tdt = None if _is_auto(torch_dtype) else parse_dtype(torch_dtype)
         if dt is not None and tdt is not None and dt != tdt:
             raise ValueError(f"dtype={dt} and torch_dtype={tdt} disagree; pass one of them")
         dt = dt or tdt
         files = resolve_pipeline_dir(repo_id_or_dir, variant, revision, cache_dir,
                                      local_files_only, token)
+        if dt is None and (_is_auto(dtype) or _is_auto(torch_dtype)):
+            on_cuda = device is not None and torch.device(device).type == "cuda"
+            dt = _stored_float_dtype(files) if on_cuda else torch.float32
         config = json.loads(files["config.json"].read_text())
         if "model.safetensors" in files:
             model = build_model(config, files["model.safetensors"])
@@ -216,6 +334,26 @@ class MiroPipeline(nn.Module):
             self.autoencoder.to(device=device, dtype=dtype)
         return self
 
+    # nn.Module's own versions cast the weights behind .to()'s back: the recorded device/dtype
+    # would go stale and the autoencoder would keep the old dtype. All of them go through .to().
+    def half(self) -> "MiroPipeline":  # type: ignore[override]
+        return self.to(dtype=torch.float16)
+
+    def bfloat16(self) -> "MiroPipeline":  # type: ignore[override]
+        return self.to(dtype=torch.bfloat16)
+
+    def float(self) -> "MiroPipeline":  # type: ignore[override]
+        return self.to(dtype=torch.float32)
+
+    def double(self) -> "MiroPipeline":  # type: ignore[override]
+        return self.to(dtype=torch.float64)  # refused by .to() with the allowed dtypes named
+
+    def cuda(self, device: int | str | torch.device | None = None) -> "MiroPipeline":  # type: ignore[override]
+        return self.to(torch.device("cuda", device) if isinstance(device, int) else device or "cuda")
+
+    def cpu(self) -> "MiroPipeline":  # type: ignore[override]
+        return self.to("cpu")
+
     @property
     def device(self) -> torch.device:
         return self._device
@@ -224,8 +362,18 @@ class MiroPipeline(nn.Module):
     def dtype(self) -> torch.dtype:
         return self._dtype
 
-    def set_progress_bar_config(self, disable: bool = False) -> None:
-        self._progress = not disable
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        """Keyword arguments for the sampling progress bar (``tqdm``), as in diffusers, e.g.
+        ``disable=True``, ``leave=True``, ``desc=...``, ``position=...``. Replaces earlier ones."""
+        from tqdm.std import tqdm
+
+        allowed = sorted(set(inspect.signature(tqdm.__init__).parameters)
+                         - {"self", "iterable", "total", "kwargs"})  # total: the step count
+        unknown = sorted(set(kwargs) - set(allowed))
+        if unknown:
+            raise ValueError(f"set_progress_bar_config got {unknown}, which tqdm does not take; "
+                             f"allowed: {allowed}")
+        self._progress_bar_config = dict(kwargs)
 
     # ------------------------------------------------------------------------------ rewards
     @property
@@ -236,19 +384,46 @@ class MiroPipeline(nn.Module):
 
     def score_to_target(self, key: str, score):
         """Map a raw reward score to its training value in [0, 1] with ``reward_bins.json``
-        (quantile bin index / (B - 1))."""
+        (quantile bin index / (B - 1)). The type is kept: a float gives a float, an array an
+        array, a tensor a float32 tensor on its device (each usable as a ``reward_targets`` value).
+        A NaN score has no target and raises."""
         if self.reward_bins is None:
             raise ValueError("this pipeline has no reward_bins.json; score_to_target needs bin edges")
         if key not in self.reward_bins.edges:
             raise ValueError(f"unknown reward key {key!r}; binned rewards: {sorted(self.reward_bins.edges)}")
-        return self.reward_bins.value(key, score)
+        raw = score.detach().cpu().double().numpy() if isinstance(score, torch.Tensor) else score
+        try:
+            nan = np.isnan(np.asarray(raw, dtype=np.float64))
+        except (TypeError, ValueError):
+            raise ValueError(f"score_to_target({key!r}, {score!r}): the score must be a number or an "
+                             "array/tensor of numbers") from None
+        if nan.any():
+            where = "" if nan.ndim == 0 else f" at index {np.argwhere(nan)[0].tolist()}"
+            raise ValueError(f"score_to_target({key!r}, ...): the score is NaN{where}; a missing score "
+                             "has no target (pass None as the target to drop the reward instead)")
+        value = self.reward_bins.value(key, raw)
+        if isinstance(score, torch.Tensor):
+            return torch.as_tensor(np.asarray(value), dtype=torch.float32).to(score.device)
+        return value
 
     def check_reward_targets(self, targets: Mapping[str, Any] | None, default: float = 1.0,
                              name: str = "reward_targets") -> dict[str, float]:
-        """Validate targets and fill every ``coherence_keys`` entry (missing -> ``default``)."""
-        return self._targets(targets, default, name)
+        """Validate targets and fill every ``coherence_keys`` entry (missing -> ``default``).
+        One number per key here; the pipeline call also takes None and per-image values."""
+        return self._targets(targets, default, name)  # type: ignore[return-value]
 
-    def _targets(self, targets: Mapping[str, Any] | None, default: float, name: str) -> dict[str, float]:
+    def _targets(self, targets: Mapping[str, Any] | None, default: float, name: str,
+                 num_prompts: int | None = None, num_images_per_prompt: int = 1,
+                 ) -> dict[str, float | torch.Tensor | None]:
+        """Every ``coherence_keys`` entry: a float (fp32-rounded) for one number -- a Python or
+        numpy number, or a 0-d / 1-element array or tensor.
+
+        With ``num_prompts`` (the pipeline call) a value may also be None, dropping that reward
+        (the sampler leaves the key out and the network embeds it as zeros, the way training
+        embeds a missing reward), or a 1-D list/array/tensor with one value per image (prompts
+        x num_images_per_prompt, copies of a prompt adjacent) or one per prompt, returned as a
+        float32 CPU tensor of one value per image.
+        """
         if targets is None:
             targets = {}
         if not isinstance(targets, Mapping):
@@ -259,16 +434,42 @@ class MiroPipeline(nn.Module):
                 f"{name} has keys this checkpoint was not trained on: {unknown}; valid keys: "
                 f"{list(self.coherence_keys)}"
             )
-        out = {}
+        out: dict[str, float | torch.Tensor | None] = {}
         for key in self.coherence_keys:
             v = targets.get(key, default)
-            if isinstance(v, torch.Tensor) and v.numel() == 1 and v.is_floating_point():
-                v = float(v)
-            if not _is_number(v) or not math.isfinite(float(v)) or not 0.0 <= float(v) <= 1.0:
-                raise ValueError(f"{name}[{key!r}] = {v!r}; targets must be finite numbers in [0, 1]")
-            # Read back as a Python float from fp32, as published (spec §5.1).
-            out[key] = float(torch.tensor(float(v), dtype=torch.float32))
+            x = _as_scalar(v)
+            if x is not None:
+                if not math.isfinite(x) or not 0.0 <= x <= 1.0:
+                    raise ValueError(f"{name}[{key!r}] = {v!r}; targets must be finite numbers in [0, 1]")
+                # Read back as a Python float from fp32, as published (spec §5.1).
+                out[key] = float(torch.tensor(x, dtype=torch.float32))
+            elif num_prompts is None:
+                raise ValueError(f"{name}[{key!r}] = {v!r}; targets must be finite numbers in [0, 1] "
+                                 "(None and per-image values are taken by the pipeline call only)")
+            elif v is None:
+                out[key] = None
+            else:
+                out[key] = self._per_image_target(v, f"{name}[{key!r}]", num_prompts, num_images_per_prompt)
         return out
+
+    @staticmethod
+    def _per_image_target(v: Any, where: str, num_prompts: int, per_prompt: int) -> torch.Tensor:
+        total = num_prompts * per_prompt
+        arr = v.detach().cpu().double().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+        if arr.ndim != 1 or arr.dtype.kind not in "iuf":
+            raise ValueError(f"{where} = {v!r}; a target is a number in [0, 1], None (drop the reward) "
+                             f"or a 1-D list/array/tensor of numbers, one per image ({total}) or per "
+                             f"prompt ({num_prompts})")
+        if len(arr) not in (total, num_prompts):
+            raise ValueError(f"{where} has {len(arr)} values; give one per image ({total} = "
+                             f"{num_prompts} prompts x {per_prompt}) or one per prompt ({num_prompts})")
+        bad = ~(np.isfinite(arr) & (arr >= 0.0) & (arr <= 1.0))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"{where}[{i}] = {float(arr[i])!r}; targets must be finite numbers in [0, 1]")
+        t = torch.tensor(arr, dtype=torch.float32)
+        # One per prompt -> one per image; when per_prompt == 1 the two readings coincide.
+        return t.repeat_interleave(per_prompt) if len(arr) != total else t
 
     # ---------------------------------------------------------------------------- inference
     def check_inputs(self, prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
@@ -311,8 +512,10 @@ class MiroPipeline(nn.Module):
         return list(prompts)
 
     def encode_prompt(self, prompts: Sequence[str], num_images_per_prompt: int = 1):
-        """Text embeddings (B·n, L, E) float32 and mask (B·n, L) bool, copies adjacent."""
+        """Text embeddings (B·n, L, E) float32 and mask (B·n, L) bool, copies adjacent. Prompts
+        longer than ``max_text_len`` tokens are truncated, as published; one warning says so."""
         emb, mask = self.text_encoder.encode(list(prompts))
+        self._warn_truncated(prompts)
         width = self.uncond_embedding.shape[1]
         if emb.shape[-1] != width:
             raise ValueError(f"text encoder {self.text_encoder!r} gives {emb.shape[-1]}-d embeddings; "
@@ -323,17 +526,53 @@ class MiroPipeline(nn.Module):
             mask = mask.repeat_interleave(num_images_per_prompt, dim=0)
         return emb, mask
 
-    def prepare_noise(self, batch_size: int, generator) -> torch.Tensor:
+    def _warn_truncated(self, prompts: Sequence[str]) -> None:
+        # Only Hugging Face encoders expose their tokenizer; re-tokenising without truncation is
+        # cheap next to the encoder's forward. Other encoders are not checked.
+        from miro.encoders.text import HFTextEncoder
+
+        enc = self.text_encoder
+        if not isinstance(enc, HFTextEncoder) or enc.tokenizer is None:
+            return
+        ids = enc.tokenizer(list(prompts), truncation=False, padding=False, verbose=False)["input_ids"]
+        over = [(i, len(t) - enc.max_length) for i, t in enumerate(ids) if len(t) > enc.max_length]
+        if not over:
+            return
+        shown = "; ".join(f"prompt {i} ({prompts[i][:40]!r}{'...' if len(prompts[i]) > 40 else ''}): "
+                          f"{n} token{'s' if n > 1 else ''} dropped" for i, n in over[:3])
+        more = f"; and {len(over) - 3} more" if len(over) > 3 else ""
+        warnings.warn(f"{len(over)} of {len(prompts)} prompts are longer than the text encoder's "
+                      f"{enc.max_length} tokens (max_text_len) and were truncated: {shown}{more}",
+                      UserWarning, stacklevel=_caller_stacklevel())
+
+    def _noise_shape(self, batch_size: int) -> tuple[int, int, int, int]:
+        """(B, C, res, res): the shape of the initial noise (``latents=``) and of ``output_type="latent"``."""
+        net = self.config["network"]
+        res = int(self.config.get("data_resolution", net["data_size"]))
+        return (batch_size, int(net["num_input_channels"]), res, res)
+
+    def prepare_noise(self, batch_size: int, generator, latents: torch.Tensor | None = None) -> torch.Tensor:
         """The single random draw of inference: fp32 (B, C, res, res) from ``generator``.
 
         With a list of generators (one per image), row k is drawn from ``generator[k]`` exactly
         as a batch of one, so an image depends on its own seed only (batching never changes it).
+        Given ``latents`` (the user's own noise, in the model's normalised latent space), they are
+        checked and used instead (moved to the pipeline's device as fp32); nothing is drawn.
         """
+        shape = self._noise_shape(batch_size)
+        if latents is not None:
+            if not isinstance(latents, torch.Tensor) or not latents.is_floating_point() \
+                    or tuple(latents.shape) != shape:
+                got = (f"{latents.dtype} tensor of shape {tuple(latents.shape)}"
+                       if isinstance(latents, torch.Tensor) else type(latents).__name__)
+                raise ValueError(f"latents must be a floating tensor of shape {shape} (prompts x "
+                                 f"num_images_per_prompt, channels, resolution, resolution); got {got}")
+            latents = latents.to(self._device, torch.float32)
+            if not torch.isfinite(latents).all():
+                raise ValueError("latents contain NaN or infinite values")
+            return latents
         if isinstance(generator, (list, tuple)):
             return torch.cat([self.prepare_noise(1, g) for g in generator])
-        net = self.config["network"]
-        res = int(self.config.get("data_resolution", net["data_size"]))
-        shape = (batch_size, int(net["num_input_channels"]), res, res)
         gen_device = generator.device if generator is not None else self._device
         # A CPU generator on a CUDA pipeline draws on the CPU and moves the noise (diffusers'
         # rule); a generator on the pipeline's device draws there, as published.
@@ -355,13 +594,19 @@ class MiroPipeline(nn.Module):
         batched_cfg: bool = True,
         reward_guidance_scale: float | Mapping[str, float] | None = None,
         reward_direction: str = "prompt",
+        latents: torch.Tensor | None = None,
+        return_dict: bool = True,
     ):
         """Generate images.
 
         Args:
             prompt: a prompt or a list of prompts (non-empty strings).
             reward_targets: reward key -> target in [0, 1] for the conditional branch; missing
-                keys default to 1.0 (published).
+                keys default to 1.0 (published). A value may be one number (also a 0-d or
+                1-element array/tensor, as ``score_to_target`` gives), a 1-D list/array/tensor
+                with one value per image or per prompt, or None: the reward is dropped (not
+                conditioned on; the network's zero embedding), in the negative branch too unless
+                ``negative_reward_targets`` names the key.
             negative_reward_targets: the same for the unconditional branch; default 0.0.
             num_inference_steps: Euler steps (>= 1). guidance_scale: w >= 0 in
                 ``(1 + w)·cond - w·uncond``; 0 disables guidance.
@@ -369,7 +614,9 @@ class MiroPipeline(nn.Module):
             generator: the only source of randomness (one noise draw); or a list with one
                 generator per image (row k of the noise drawn from generator k alone).
             output_type: ``"pil"`` (list of PIL images), ``"np"``/``"numpy"`` (uint8 NHWC, truncating
-                cast as published) or ``"pt"`` (float NCHW in [0, 1]).
+                cast as published), ``"pt"`` (float NCHW in [0, 1]) or ``"latent"`` (the sampler's
+                fp32 x0 (B, C, res, res) in the model's normalised latent space, before
+                ``decode_latents``).
             callback: ``callback(step, gamma_next, x)``, called by the sampler after every step.
             batched_cfg: one 2B forward per step (published) or two B forwards (less memory).
             reward_guidance_scale: w_r >= 0 for the reward direction alone, or None (default: w,
@@ -384,22 +631,37 @@ class MiroPipeline(nn.Module):
                 w): the rewards are turned to their negative targets one step at a time, in the
                 mapping's order, each step guided at its own scale (``euler_sample``); every
                 scale = w is the published call.
+            latents: the initial noise instead of a draw from ``generator`` (which is then not
+                used): a float tensor (prompts x num_images_per_prompt, C, res, res) in the
+                model's normalised latent space, as ``torch.randn`` gives.
+            return_dict: True (default): the images, with diffusers' ``.images`` attribute (for
+                ``"pil"`` a list subclass, ``MiroPipelineOutput``; else the array or tensor
+                itself). False: the 1-tuple ``(images,)`` of the plain list/array/tensor.
         """
         # 1. Check inputs.
         prompts = self.check_inputs(prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
                                     output_type, generator, reward_guidance_scale, reward_direction)
+        if not isinstance(return_dict, bool):
+            raise ValueError(f"return_dict must be True or False; got {return_dict!r}")
         if self._dtype != torch.float32 and self._device.type != "cuda":
             raise ValueError(
                 f"generation in {self._dtype} needs a CUDA device (autocast keeps the norms in "
                 f"float32 there); on {self._device.type} use dtype=torch.float32"
             )
-        pos = self._targets(reward_targets, 1.0, "reward_targets")
-        neg = self._targets(negative_reward_targets, 0.0, "negative_reward_targets")
+        n = int(num_images_per_prompt)
+        pos = self._targets(reward_targets, 1.0, "reward_targets", len(prompts), n)
+        neg = self._targets(negative_reward_targets, 0.0, "negative_reward_targets", len(prompts), n)
+        # A reward dropped from the positive targets is dropped from the negative ones as well
+        # (unless named there): "not conditioned on" then holds in both branches, which batched
+        # CFG needs anyway (it runs both branches with the same reward keys).
+        for key, value in pos.items():
+            if value is None and key not in (negative_reward_targets or {}):
+                neg[key] = None
         # 2. Encode text; copies of a prompt are adjacent (repeat_interleave).
-        emb, mask = self.encode_prompt(prompts, int(num_images_per_prompt))
+        emb, mask = self.encode_prompt(prompts, n)
         batch = emb.shape[0]
-        # 3. The one noise draw.
-        noise = self.prepare_noise(batch, generator)
+        # 3. The one noise draw (or the caller's latents).
+        noise = self.prepare_noise(batch, generator, latents)
         # 4. Unconditional text: the stored tokens, all valid.
         uncond = self.uncond_embedding.to(self._device)
         uncond_emb = uncond[None].expand(batch, -1, -1)
@@ -409,10 +671,27 @@ class MiroPipeline(nn.Module):
                           int(num_inference_steps), float(guidance_scale), bool(batched_cfg), callback,
                           _scales(reward_guidance_scale),
                           reward_direction)
-        # 6. Undo the latent normalisation and decode, in the pipeline dtype.
-        latents = self.model.postprocess(x0.to(self._dtype))
-        images = self.autoencoder.decode(latents)
-        # 7. Convert.
+        # 6.-7. Undo the latent normalisation, decode and convert (not for "latent").
+        images = x0 if output_type == "latent" else self._decode(x0, output_type)
+        return _with_images(images) if return_dict else (images,)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, output_type: str = "pil"):
+        """Images from ``output_type="latent"``'s x0: undo the latent normalisation, decode and
+        convert exactly as a call does (``output_type`` "pil", "np"/"numpy" or "pt"; the result
+        has ``.images`` as a call's does)."""
+        if output_type not in OUTPUT_TYPES or output_type == "latent":
+            raise ValueError(f"output_type must be one of {[t for t in OUTPUT_TYPES if t != 'latent']}; "
+                             f"got {output_type!r}")
+        want = self._noise_shape(1)[1:]
+        if not isinstance(latents, torch.Tensor) or latents.dim() != 4 or tuple(latents.shape[1:]) != want:
+            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"latents must be a (B, {', '.join(map(str, want))}) tensor; got {got}")
+        return _with_images(self._decode(latents.to(self._device), output_type))
+
+    def _decode(self, x0: torch.Tensor, output_type: str):
+        # Undo the latent normalisation and decode, in the pipeline dtype.
+        images = self.autoencoder.decode(self.model.postprocess(x0.to(self._dtype)))
         if output_type == "pt":
             return to_unit(images).float()
         arr = to_uint8(images)
@@ -427,12 +706,31 @@ class MiroPipeline(nn.Module):
         from miro.models.sampler import euler_sample
 
         shift = float(self.config.get("scheduler", {}).get("shift", 1.0))
-        return euler_sample(
-            self.model, noise, emb, mask, uncond_emb, uncond_mask,
-            reward_targets=pos, negative_reward_targets=neg, num_steps=steps,
-            guidance_scale=w, batched_cfg=batched, shift=shift, autocast=self._autocast(),
-            callback=callback, progress=self._progress, reward_guidance_scale=w_r, reward_direction=direction,
-        )
+        # The pipeline draws the bar itself (the sampler's own takes no tqdm settings): a step
+        # callback advances it, then calls the user's.
+        bar = None
+        if not self._progress_bar_config.get("disable", False):
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps, **{"desc": "sampling", "leave": False, **self._progress_bar_config})
+
+        def on_step(i: int, gamma_next: torch.Tensor, x: torch.Tensor) -> None:
+            if bar is not None:
+                bar.update(1)
+            if callback is not None:
+                callback(i, gamma_next, x)
+
+        try:
+            return euler_sample(
+                self.model, noise, emb, mask, uncond_emb, uncond_mask,
+                reward_targets=pos, negative_reward_targets=neg, num_steps=steps,
+                guidance_scale=w, batched_cfg=batched, shift=shift, autocast=self._autocast(),
+                callback=on_step if bar is not None or callback is not None else None,
+                reward_guidance_scale=w_r, reward_direction=direction,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
 
     def _autocast(self):
         # None lets the sampler decide: bf16 autocast on CUDA (published), fp32 on CPU. Weights

@@ -216,7 +216,7 @@ def test_variant_subfolders(pipe, tmp_path):
         (dict(reward_guidance_scale="3"), r"reward_guidance_scale.*got '3'"),
         (dict(reward_guidance_scale=3.0, reward_direction="text"), r"'prompt' or 'null'; got 'text'"),
         (dict(num_images_per_prompt=0), "num_images_per_prompt.*got 0"),
-        (dict(output_type="jpeg"), r"\['pil', 'np', 'numpy', 'pt'\]; got 'jpeg'"),
+        (dict(output_type="jpeg"), r"\['pil', 'np', 'numpy', 'pt', 'latent'\]; got 'jpeg'"),
         (dict(generator=0), "torch.Generator"),
     ],
 )

@@ -291,6 +291,14 @@ class MiroPipeline(nn.Module):
         config = copy.deepcopy(self.config)
         config["text_encoder"] = getattr(self.text_encoder, "spec", config.get("text_encoder", FLAN_T5_XL))
         config["autoencoder"] = getattr(self.autoencoder, "spec", config.get("autoencoder", SDXL_VAE))
+        # The encoders are referenced, not copied (published layout): a local folder is written as
+        # its path, which another machine (or the hub) will not have.
+        local = [f"{k}={v!r}" for k in ("text_encoder", "autoencoder")
+                 if isinstance(v := config[k], str) and os.path.isabs(os.path.expanduser(v))]
+        if local:
+            warnings.warn(f"{out}: config.json refers to local encoder folders ({', '.join(local)}); the folder "
+                          "loads only where those paths exist (pass text_encoder=/vae= when loading elsewhere)",
+                          UserWarning, stacklevel=2)
         state = {
             k: (v.detach().to(store) if v.is_floating_point() else v.detach()).cpu().contiguous()
             for k, v in self.model.state_dict().items()

@@ -169,3 +169,9 @@ def test_save_then_load_reproduces_the_images_bit_for_bit(tmp_path):
     a = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw)
     b = again("a red circle", generator=torch.Generator().manual_seed(0), **kw)
     assert torch.equal(torch.as_tensor(np.asarray(a)), torch.as_tensor(np.asarray(b)))
+
+
+def test_save_warns_when_the_config_points_at_local_encoder_folders(tmp_path):
+    pipe = tiny_pipeline(tmp_path / "enc", text="bert")  # its encoders are local folders
+    with pytest.warns(UserWarning, match="local encoder folders"):
+        pipe.save_pretrained(tmp_path / "p")

@@ -8,8 +8,9 @@ A batch (dict) holds:
   the longest in the batch (or to ``max_text_len``), or ``captions`` (list of str) for encoding
   on the fly by the module;
 * ``rewards`` {key: (B,) float32} — bin values in [0, 1], NaN where the score is missing;
-* ``synthetic`` (B,) bool — which caption was drawn; ``n_corrupt`` — samples replaced because
-  they could not be decoded; ``position`` — this rank's stream position after the batch.
+* ``synthetic`` (B,) bool — which caption was drawn; ``n_corrupt`` — samples that failed to
+  decode and were replaced (indexed) or skipped (resampled) for this batch; ``position`` — this
+  rank's stream position after the batch.
 
 Caption choice: with probability ``synthetic_caption_rate`` (0.5 in the release recipe) a sample
 uses its synthetic caption and then the rewards stored under ``synthetic_<key>`` (contracts,
@@ -19,12 +20,18 @@ uses its synthetic caption and then the rewards stored under ``synthetic_<key>``
 from __future__ import annotations
 
 import math
+import re
+import struct
+import tarfile
+import tokenize
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from miro.data import schema
@@ -66,16 +73,67 @@ class DataConfig:
     max_corrupt_retries: int = 32  # replacement attempts before a batch fails
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_config(cfg: DataConfig) -> None:
+    """One-line ``ValueError`` naming the first bad setting: a configuration error must surface
+    as an error before any sample is read, never as a stream of "corrupt" samples."""
+    if cfg.image_source not in ("latents", "pixels"):
+        raise ValueError(f"image_source must be 'latents' or 'pixels'; got {cfg.image_source!r}")
+    if cfg.text_source not in ("precomputed", "on_the_fly"):
+        raise ValueError(f"text_source must be 'precomputed' or 'on_the_fly'; got {cfg.text_source!r}")
+    if not isinstance(cfg.synthetic_caption_rate, (int, float)) or not 0.0 <= cfg.synthetic_caption_rate <= 1.0:
+        raise ValueError(f"synthetic_caption_rate must be in [0, 1]; got {cfg.synthetic_caption_rate!r}")
+    if cfg.image_size is not None and not (_is_int(cfg.image_size) and cfg.image_size > 0):
+        raise ValueError(f"image_size must be a positive integer or null; got {cfg.image_size!r}")
+    if not _is_int(cfg.latent_resolution) or cfg.latent_resolution <= 0:
+        raise ValueError(f"latent_resolution must be a positive integer; got {cfg.latent_resolution!r}")
+    if not _is_int(cfg.max_text_len) or cfg.max_text_len < 1:
+        raise ValueError(f"max_text_len must be a positive integer; got {cfg.max_text_len!r}")
+    if not _is_int(cfg.max_corrupt_retries) or cfg.max_corrupt_retries < 0:
+        raise ValueError(f"max_corrupt_retries must be an integer >= 0; got {cfg.max_corrupt_retries!r}")
+    if not _is_int(cfg.shuffle_buffer):
+        raise ValueError(f"shuffle_buffer must be an integer; got {cfg.shuffle_buffer!r}")
+    if not isinstance(cfg.text_encoder, str) or not cfg.text_encoder:
+        raise ValueError(f"text_encoder must be a schema name such as 'minilm'; got {cfg.text_encoder!r}")
+
+
+class CorruptSampleError(ValueError):
+    """The bytes of one sample cannot be decoded (damaged or missing member): the sample is
+    skipped and counted, never fatal."""
+
+
+# What reading and decoding a damaged sample raises (measured by fuzzing every member type:
+# truncation, bit flips, random and zeroed bytes): PIL's UnidentifiedImageError and "image file is
+# truncated" / "broken data stream" (OSError), "broken PNG file" (SyntaxError), "Truncated IHDR
+# chunk" (ValueError) and DecompressionBombError; json.JSONDecodeError and UnicodeDecodeError
+# (ValueError); np.load's "Cannot parse header" (ValueError), tokenize.TokenError, EOFError, and
+# MemoryError for a header claiming an absurd shape. These are caught only around the bytes ->
+# value step (:meth:`MiroSampleDecoder.decode`), so the same types raised by a bad setting later
+# (e.g. resizing to ``image_size``) still surface as errors.
+_DECODE_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, ValueError, SyntaxError, struct.error,
+                                                   tokenize.TokenError, MemoryError, Image.DecompressionBombError)
+# What the data path treats as a corrupt sample: decode failures (re-raised as CorruptSampleError)
+# and I/O errors reading the member bytes from the shard.
+CORRUPT_ERRORS: tuple[type[BaseException], ...] = (CorruptSampleError, OSError, EOFError, tarfile.TarError)
+
+
+def _one_line(e: BaseException) -> str:
+    text = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", " ".join(str(e).split()))  # PIL's buffer repr
+    return text if isinstance(e, CorruptSampleError) else f"{type(e).__name__}: {text}"
+
+
 class MiroSampleDecoder:
-    """Turns raw member bytes of one sample into training tensors (picklable, worker-safe)."""
+    """Turns raw member bytes of one sample into training tensors (picklable, worker-safe).
+
+    Damaged content raises :class:`CorruptSampleError`; anything else (a bad setting, a bug)
+    propagates unchanged.
+    """
 
     def __init__(self, cfg: DataConfig, bins: RewardBins | None):
-        if cfg.image_source not in ("latents", "pixels"):
-            raise ValueError(f"image_source must be 'latents' or 'pixels'; got {cfg.image_source!r}")
-        if cfg.text_source not in ("precomputed", "on_the_fly"):
-            raise ValueError(f"text_source must be 'precomputed' or 'on_the_fly'; got {cfg.text_source!r}")
-        if not 0.0 <= cfg.synthetic_caption_rate <= 1.0:
-            raise ValueError(f"synthetic_caption_rate must be in [0, 1]; got {cfg.synthetic_caption_rate}")
+        check_config(cfg)
         self.cfg, self.bins = cfg, bins
         res = cfg.latent_resolution
         self.lat = (schema.latent_name("mean", res), schema.latent_name("std", res))
@@ -89,42 +147,51 @@ class MiroSampleDecoder:
             exts += list(self.emb)
         return exts
 
+    @staticmethod
+    def decode(raw: dict, ext: str):
+        """Member ``ext`` of a raw sample as a value; damaged or missing: :class:`CorruptSampleError`."""
+        key = raw.get("__key__")
+        if ext not in raw:
+            raise CorruptSampleError(f"sample {key} lacks its {ext} member")
+        try:
+            return schema.decode_member(ext, raw[ext])
+        except _DECODE_ERRORS as e:
+            raise CorruptSampleError(f"{ext}: {_one_line(e)}") from e
+
     def __call__(self, raw: dict, rng: np.random.Generator) -> dict:
         cfg = self.cfg
-        meta = schema.decode_member("json", raw["json"]) if "json" in raw else {}
+        key = raw["__key__"]
+        meta = self.decode(raw, "json") if "json" in raw else {}
         if not isinstance(meta, dict):
-            raise ValueError(f"sample {raw['__key__']}: json is not an object")
+            raise CorruptSampleError(f"sample {key}: json is not an object")
         has_synth = (self.emb[1] in raw) if cfg.text_source == "precomputed" else bool(meta.get("synthetic_caption"))
         synthetic = bool(rng.random() < cfg.synthetic_caption_rate) and has_synth
-        out: dict = {"key": raw["__key__"], "synthetic": synthetic}
+        out: dict = {"key": key, "synthetic": synthetic}
         if cfg.image_source == "latents":
             for name, member in zip(("latent_mean", "latent_std"), self.lat):
-                if member not in raw:
-                    raise KeyError(f"sample {raw['__key__']} lacks {member}")
-                out[name] = torch.from_numpy(schema.load_npy(raw[member]).astype(np.float32))
+                lat = self.decode(raw, member)
+                if lat.ndim != 3:
+                    raise CorruptSampleError(f"sample {key}: {member} has shape {lat.shape}, expected (C, h, w)")
+                out[name] = torch.from_numpy(lat.astype(np.float32))
         else:
             ext = schema.image_member(raw)
             if ext is None:
-                raise KeyError(f"sample {raw['__key__']} has no image")
-            out["image"] = self._image(schema.decode_member(ext, raw[ext]), rng)
+                raise CorruptSampleError(f"sample {key} has no image member ({', '.join(schema.IMAGE_EXTS)})")
+            out["image"] = self._image(self.decode(raw, ext), rng)
         if cfg.text_source == "precomputed":
             member = self.emb[1] if synthetic else self.emb[0]
-            if member not in raw:
-                raise KeyError(f"sample {raw['__key__']} lacks {member}")
-            emb = schema.load_npy(raw[member])
+            emb = self.decode(raw, member)
             if emb.ndim != 2 or emb.shape[0] == 0:
-                raise ValueError(f"sample {raw['__key__']}: {member} has shape {emb.shape}, expected (L>0, E)")
+                raise CorruptSampleError(f"sample {key}: {member} has shape {emb.shape}, expected (L>0, E)")
             out["text_emb"] = torch.from_numpy(emb[: cfg.max_text_len].astype(np.float32))
         else:
-            out["caption"] = str(meta["synthetic_caption"]) if synthetic else schema.decode_member("txt", raw["txt"])
+            out["caption"] = str(meta["synthetic_caption"]) if synthetic else self.decode(raw, "txt")
         prefix = "synthetic_" if synthetic else ""
         scores = {k: meta.get(prefix + k) for k in cfg.reward_keys}
         out["rewards"] = self.bins.values(scores, cfg.reward_keys, rng) if self.bins is not None else {}
         return out
 
     def _image(self, im, rng: np.random.Generator) -> torch.Tensor:
-        from PIL import Image
-
         size = self.cfg.image_size
         w, h = im.size
         if w != h:  # centre crop to 1:1 first (CAD's preprocessing), so resizing never distorts
@@ -146,8 +213,13 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 class MiroTrainDataset(torch.utils.data.Dataset):
     """Map-style dataset over indexed shards; items are addressed by ``(position, index)``.
 
-    A sample that fails to decode is replaced by the next index that decodes (deterministically),
-    with a warning; the number of replacements travels in the sample as ``n_corrupt``.
+    A sample that fails to decode (:data:`CORRUPT_ERRORS`) is replaced, with a warning naming its
+    shard and key: first by its neighbour (same shard, usually an isolated bad sample), then by
+    indices drawn anywhere in the dataset from a generator seeded by (seed, epoch, index), so a
+    whole unreadable shard is escaped and a resumed run makes the same replacements. The number
+    of failures travels in the sample as ``n_corrupt``. After ``max_corrupt_retries``
+    replacements the item fails with one line naming the shards involved. Other errors (a bad
+    setting, a bug) propagate: they are not corruption.
     """
 
     def __init__(self, data: IndexedTarDataset, decoder: MiroSampleDecoder, per_rank: int | None = None):
@@ -157,22 +229,40 @@ class MiroTrainDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
+    def replacements(self, index: int, epoch: int):
+        """The indices tried after ``index`` fails: its neighbour, then seeded draws (endless)."""
+        n = len(self.data)
+        yield (index + 1) % n
+        rng = np.random.default_rng([int(self.decoder.cfg.seed), int(epoch), int(index), 1])
+        while True:
+            yield int(rng.integers(n))
+
     def __getitem__(self, item) -> dict:
         pos, index = item if isinstance(item, tuple) else (item, item)
         epoch = pos // self.per_rank
-        n_bad = 0
-        for attempt in range(self.decoder.cfg.max_corrupt_retries + 1):
-            i = (index + attempt) % len(self.data)
+        cfg = self.decoder.cfg
+        failed: list[int] = []
+        last: BaseException | None = None
+        candidates = self.replacements(index, epoch)
+        i = index
+        for _ in range(cfg.max_corrupt_retries + 1):
             try:
                 raw = self.data.read(i, self.decoder.members())
-                out = self.decoder(raw, sample_rng(self.decoder.cfg.seed, epoch, i))
-            except Exception as e:  # any damage in one sample is skipped, never fatal
-                n_bad += 1
-                warnings.warn(f"skipping corrupt sample #{i} ({type(e).__name__}: {e})")
+                out = self.decoder(raw, sample_rng(cfg.seed, epoch, i))
+            except CORRUPT_ERRORS as e:  # damage in one sample is skipped and counted, never fatal
+                failed.append(i)
+                last = e
+                shard, key = self.data.where(i)
+                warnings.warn(f"skipping corrupt sample #{i} (key {key} in {shard}): {_one_line(e)}")
+                i = next(candidates)
                 continue
-            out.update(position=pos, index=i, n_corrupt=n_bad)
+            out.update(position=pos, index=i, n_corrupt=len(failed))
             return out
-        raise RuntimeError(f"{n_bad} consecutive samples from index {index} failed to decode; is the data corrupt?")
+        shards = Counter(self.data.where(j)[0] for j in failed)
+        named = ", ".join(f"{s} ({k} failed)" for s, k in shards.most_common())
+        raise RuntimeError(f"{len(failed)} samples failed to decode in a row replacing sample #{index} "
+                           f"(data.max_corrupt_retries={cfg.max_corrupt_retries}), from {named}; last error "
+                           f"{_one_line(last)}; repair or remove these shards")
 
 
 def collate(samples: list[dict], max_text_len: int | None = None) -> dict:
@@ -220,20 +310,36 @@ class ResampledStreamDataset(IterableDataset):
         wanted = set(self.decoder.members())
         buf: list[dict] = []
         n = 0
+        pending = 0  # samples skipped since the last yield: carried by the next yielded sample
+        barren: list[str] = []  # consecutive shard draws without one decodable sample
         while True:
             shard = self.shards[int(rng.integers(len(self.shards)))]
+            good = 0
             for raw in schema.iter_raw_samples(shard):
                 raw = {k: v for k, v in raw.items() if k.startswith("__") or k in wanted}
                 try:
                     sample = self.decoder(raw, rng)
-                except Exception as e:
-                    warnings.warn(f"skipping corrupt sample {raw.get('__key__')} ({type(e).__name__}: {e})")
+                except CORRUPT_ERRORS as e:  # skipped and counted, never fatal
+                    pending += 1
+                    warnings.warn(f"skipping corrupt sample (key {raw.get('__key__')} in {shard}): {_one_line(e)}")
                     continue
+                good += 1
                 sample.update(position=n, index=-1, n_corrupt=0)
                 n += 1
                 buf.append(sample)
                 if len(buf) >= max(1, cfg.shuffle_buffer):
-                    yield buf.pop(int(rng.integers(len(buf))))
+                    out = buf.pop(int(rng.integers(len(buf))))
+                    out["n_corrupt"], pending = pending, 0
+                    yield out
+            if good:
+                barren.clear()
+                continue
+            barren.append(str(shard))
+            if len(barren) > cfg.max_corrupt_retries:
+                named = ", ".join(f"{s} ({k} draws)" for s, k in Counter(barren).most_common())
+                raise RuntimeError(f"{len(barren)} shard draws in a row gave no decodable sample "
+                                   f"(data.max_corrupt_retries={cfg.max_corrupt_retries}): {named}; "
+                                   "repair or remove these shards")
 
 
 def fit_reward_bins(data: IndexedTarDataset, keys: list[str], num_bins: int, sample_size: int,
@@ -242,11 +348,16 @@ def fit_reward_bins(data: IndexedTarDataset, keys: list[str], num_bins: int, sam
     n = len(data)
     idx = np.arange(n) if n <= sample_size else np.sort(np.random.default_rng(seed).choice(n, sample_size, replace=False))
     scores: dict[str, list[float]] = {k: [] for k in keys}
+    seen_keys: list[str] | None = None
     for i in idx:
         try:
-            meta = schema.decode_member("json", data.read(int(i), ["json"])["json"])
-        except Exception:
+            meta = MiroSampleDecoder.decode(data.read(int(i), ["json"]), "json")
+        except CORRUPT_ERRORS:  # damaged or missing JSON: this sample has no scores
             continue
+        if not isinstance(meta, dict):
+            continue
+        if seen_keys is None:
+            seen_keys = sorted(meta)
         for k in keys:
             for name in (k, schema.synthetic_reward_key(k)):
                 v = meta.get(name)
@@ -255,7 +366,7 @@ def fit_reward_bins(data: IndexedTarDataset, keys: list[str], num_bins: int, sam
     missing = [k for k, v in scores.items() if not v]
     if missing:
         raise ValueError(f"rewards {missing} have no finite value in the data's JSON; check `reward_keys` "
-                         f"(first sample's keys: {sorted(meta) if n else []})")
+                         f"(first readable sample's keys: {seen_keys or []})")
     return RewardBins.fit(scores, num_bins, ties)
 
 
@@ -297,6 +408,8 @@ class MiroDataModule(LightningDataModule):
         if cfg.text_source == "auto":  # precomputed when the shards carry this encoder's embeddings
             member = schema.text_embedding_name(cfg.text_encoder)
             cfg.text_source = "precomputed" if member in self.data.entry(0)["members"] else "on_the_fly"
+        check_config(cfg)
+        self._check_members()
         try:
             cfg.bin_ties = check_tie_rules(cfg.bin_ties, cfg.reward_keys)
         except ValueError as e:
@@ -318,6 +431,24 @@ class MiroDataModule(LightningDataModule):
             absent = [k for k in cfg.reward_keys if k not in self.bins.edges]
             if absent:
                 raise ValueError(f"reward bins lack {absent}; have {self.bins.keys}")
+
+    def _check_members(self) -> None:
+        """A member the settings need that no shard holds is a configuration error (e.g. the wrong
+        ``latent_resolution`` or ``text_encoder``), not thousands of corrupt samples."""
+        cfg, have = self.cfg, self.data.member_exts()
+        need = {"latent_resolution": MiroSampleDecoder(cfg, None).lat} if cfg.image_source == "latents" else {}
+        if cfg.text_source == "precomputed":
+            need["text_encoder"] = (schema.text_embedding_name(cfg.text_encoder),)
+        elif cfg.synthetic_caption_rate < 1.0:  # the original caption is drawn at times
+            need["text_source"] = ("txt",)
+        for setting, members in need.items():
+            absent = [m for m in members if m not in have]
+            if absent:
+                raise ValueError(f"data_dir {cfg.data_dir!r}: no sample has a {absent[0]} member, which "
+                                 f"{setting}={getattr(cfg, setting)!r} needs; members present: {sorted(have)}")
+        if cfg.image_source == "pixels" and not have & set(schema.IMAGE_EXTS):
+            raise ValueError(f"data_dir {cfg.data_dir!r}: image_source='pixels' but no sample has an image member "
+                             f"({', '.join(schema.IMAGE_EXTS)}); members present: {sorted(have)}")
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare()

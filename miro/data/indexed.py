@@ -180,6 +180,15 @@ class IndexedTarDataset:
         s, j = self.locate(i)
         return {"key": self.index[s].keys[j].decode(), "members": self.index[s].members(j)}
 
+    def where(self, i: int) -> tuple[str, str]:
+        """(shard path, sample key) of global sample ``i``, for messages."""
+        s, j = self.locate(i)
+        return self.shards[s], self.index[s].keys[j].decode()
+
+    def member_exts(self) -> set[str]:
+        """Every member extension present in at least one sample of any shard."""
+        return {e for idx in self.index for e in idx.exts}
+
     def _handle(self, s: int):
         if os.getpid() != self._pid:  # forked into a worker: never share file offsets with the parent
             self._handles, self._pid = {}, os.getpid()

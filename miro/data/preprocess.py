@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import re
 import sys
 from pathlib import Path
 
@@ -123,6 +124,77 @@ def _parse_resolutions(args, codec_is_identity: bool) -> tuple[int, ...]:
     return res
 
 
+def _hub_id_shaped(name: str) -> bool:
+    """``owner/name`` (one slash, word characters, dots and dashes): a hub id, checked by name only."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_]", name) is not None and ".." not in name
+
+
+def check_text_encoder_name(spec: str) -> None:
+    """A built-in name, a folder with ``config.json``, or an ``owner/name`` hub id (nothing is loaded
+    or downloaded); otherwise a one-line ``ValueError``."""
+    from miro.encoders.text import _MINILM_NAMES, _T5_NAMES
+
+    name = str(spec).strip()
+    builtin = _T5_NAMES + _MINILM_NAMES
+    if name.lower() in {n.lower() for n in builtin}:
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"--text-encoder folder {name!r} has no config.json")
+        return
+    if path.exists():
+        raise ValueError(f"--text-encoder {name!r} is a file; give a folder with config.json, a hub id or a "
+                         f"built-in name ({', '.join(builtin)})")
+    if not _hub_id_shaped(name):
+        raise ValueError(f"unknown --text-encoder {name!r}: not a built-in name ({', '.join(builtin)}), not an "
+                         "existing folder, not a hub id (owner/name)")
+
+
+def check_autoencoder_name(spec: str):
+    """Build (never load) the codec ``spec`` names: a built-in name, an ``AutoencoderKL`` folder or an
+    ``owner/name`` hub id; weights stay unloaded. Otherwise a one-line ``ValueError``."""
+    from miro.encoders.autoencoder import load_autoencoder
+
+    name = str(spec).strip()
+    if not Path(name).expanduser().is_dir() and "/" in name and not _hub_id_shaped(name):
+        raise ValueError(f"unknown --autoencoder {name!r}: not an existing folder, not a hub id (owner/name)")
+    try:
+        return load_autoencoder(name)  # lazy: reads a folder's config.json at most
+    except (ValueError, OSError) as e:
+        raise ValueError(" ".join(str(e).split())) from None
+
+
+def check_models(args, stages: tuple[str, ...], vqa: str | None) -> tuple[int, ...] | None:
+    """Resolve every model name the chosen stages use, before any stage runs, without loading
+    weights: rewards in the registry, the text encoder and autoencoder by name (a typo in
+    ``--autoencoder`` must not cost a whole rewards stage first). Returns the latent
+    resolutions of stage ``vae`` (None when it does not run)."""
+    from miro.rewards import available
+
+    wanted = []
+    if "rewards" in stages:
+        names = _csv_list(args.scorers)
+        if not names:
+            raise ValueError("--scorers is empty; name at least one reward")
+        wanted += [("--scorers", n) for n in names]
+    if "vqa" in stages and vqa is not None:
+        wanted.append(("--vqa-scorer", vqa))
+    if wanted:
+        known = available()
+        for flag, n in wanted:
+            if n not in known:
+                raise ValueError(f"{flag}: unknown reward {n!r}; available: {', '.join(known)}")
+    if "vae" not in stages:
+        return None
+    if args.text_max_length is not None and args.text_max_length < 1:
+        raise ValueError(f"--text-max-length must be >= 1; got {args.text_max_length}")
+    check_text_encoder_name(args.text_encoder)
+    from miro.encoders import IdentityCodec
+
+    return _parse_resolutions(args, isinstance(check_autoencoder_name(args.autoencoder), IdentityCodec))
+
+
 def load_scorers(names: list[str], kwargs: dict, device: str) -> dict:
     """Build the scorers (weights load lazily, see :func:`_load_now`)."""
     from miro.rewards import load_scorer
@@ -153,7 +225,8 @@ def _free_models() -> None:
 
 def run_stage(stage, shards: list[Path], overwrite: bool, models: list | None = None,
               dry_run: bool = False) -> tuple[int, int, int]:
-    """Run a stage over shards; returns (done, skipped as complete, failed).
+    """Run a stage over shards; returns (done, skipped as complete, failed); with ``dry_run``,
+    (shards to do, skipped as complete, 0) and nothing is run.
 
     ``models`` are loaded only when some shard still needs work (a rerun over finished shards
     never loads a multi-GB model)."""
@@ -171,7 +244,7 @@ def run_stage(stage, shards: list[Path], overwrite: bool, models: list | None = 
     if dry_run:
         for shard in pending:
             print(f"{stage.name} {shard.name}: to do")
-        return 0, skipped, 0
+        return len(pending), skipped, 0
     if pending:
         for m in models or []:
             _load_now(m)
@@ -228,6 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage != "all":
             print("miro preprocess: --isolate-stages only applies to --stage all", file=sys.stderr)
             return 2
+        try:  # every stage's model names, before the first child process runs a stage
+            check_models(args, STAGES, None if args.vqa_scorer.strip().lower() == "none" else args.vqa_scorer.strip())
+        except ValueError as e:
+            print(f"miro preprocess: {e}", file=sys.stderr)
+            return 2
         return _run_isolated(argv)
     try:
         return _run(args)
@@ -264,6 +342,7 @@ def _run(args) -> int:
         raise ValueError(f"--dest {args.dest} is the source folder: enriched shards would replace the raw ones; "
                          "choose another folder")
     vqa = None if args.vqa_scorer.strip().lower() == "none" else args.vqa_scorer.strip()
+    check_models(args, stages, vqa)  # every model name of every stage, before the first stage runs
 
     captions, captions_id = None, "json"
     if args.synthetic_captions and not args.no_synthetic:
@@ -306,7 +385,10 @@ def _run(args) -> int:
             models = [text_encoder] + ([codec] if resolutions else [])
         done, skipped, bad = run_stage(stage, shards, args.overwrite, models, dry_run=args.dry_run)
         failed += bad
-        print(f"stage {name}: {done} shard(s) processed, {skipped} already complete, {bad} failed")
+        if args.dry_run:
+            print(f"stage {name}: {done} to do, {skipped} already complete (dry run: nothing processed)")
+        else:
+            print(f"stage {name}: {done} shard(s) processed, {skipped} already complete, {bad} failed")
         stage = models = scorers = text_encoder = codec = None  # drop every reference before the next stage
         _free_models()
     return 1 if failed else 0

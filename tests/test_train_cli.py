@@ -57,7 +57,7 @@ def test_help_and_dotenv(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "multi_cad_synth  [miro]" in out and "[miro-only-vqa]" in out
     assert cli.main(["experiment=nope"]) == 2
-    assert "Could not find 'experiment/nope'" in capsys.readouterr().err
+    assert "experiment=nope: no such config; choose from " in capsys.readouterr().err
     assert cli.main(["experiment=shapes_miro", f"data_dir={tmp_path / 'missing'}"]) == 2
     assert "does not exist" in capsys.readouterr().err
     env = tmp_path / ".env"

@@ -272,7 +272,8 @@ class MiroLightningModule(LightningModule):
             diff = _config_diff(old, dict(self.hparams["model_config"]))
             if diff:
                 raise ValueError("the checkpoint was trained with a different model config ("
-                                 + "; ".join(diff[:5]) + "); resume with the original config or start fresh (resume=null)")
+                                 + "; ".join(diff[:5]) + "); resume with the original config, or start a fresh run "
+                                 "under a new experiment_name (or here with resume=null checkpoint.overwrite=true)")
         self.micro_step = int(state.get("micro_step", 0))
         self.samples_seen = int(state.get("samples_seen", 0))
         self.corrupt_seen = int(state.get("corrupt_seen", 0))

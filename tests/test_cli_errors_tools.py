@@ -150,7 +150,7 @@ def test_train_max_steps_not_an_integer(tmp_path, capsys):
 
 
 def test_check_schedule_names_the_schedule_length_that_is_set():
-    from miro.train.cli import check_schedule
+    from miro.train.preflight import check_schedule
 
     cfg = {"trainer": {"max_steps": 10}, "scheduler": {"warmup_steps": 5, "total_steps": 5}}
     with pytest.raises(ValueError, match=r"warmup_steps=5 must be below scheduler.total_steps=5 .* raise scheduler"):

@@ -6,6 +6,7 @@ import torch
 from omegaconf import OmegaConf
 
 from miro.train import cli
+from miro.train import preflight as pf
 from tests._train_helpers import tiny_overrides, write_tiny_shards
 
 PUBLISHED_VARIANTS = {"miro-no-synthetic-captions"} | {
@@ -21,9 +22,9 @@ def test_every_experiment_composes_and_maps_variants():
         cfg = OmegaConf.to_container(cli.compose([f"experiment={name}", "data_dir=/d"]), resolve=True)
         assert cfg["experiment_name"] == name
         assert cfg["checkpoint_dir"].endswith(f"/miro/checkpoints/{name}")
-        mc = cli.model_config(cfg)
+        mc = pf.model_config(cfg)
         assert mc["coherence_keys"] == cfg["rewards"]["keys"] == mc["network"]["coherence_keys"]
-        assert cli.per_rank_batch(cfg) * cfg["computer"]["devices"] * cfg["computer"]["num_nodes"] == \
+        assert pf.per_rank_batch(cfg) * cfg["computer"]["devices"] * cfg["computer"]["num_nodes"] == \
             cfg["data"]["global_batch_size"]
         if cfg["variant_name"]:
             variants[cfg["variant_name"]] = name
@@ -46,10 +47,10 @@ def test_seed_keys_override_and_batch_check():
         "experiment=multi_cad_synth", "computer=gpu8", "computer.devices=4", "computer.num_nodes=2",
         "computer.precision=bf16-mixed", "data_dir=/data", "experiment_name=x", "root_dir=/r"]), resolve=True)
     assert cfg["checkpoint_dir"] == "/r/miro/checkpoints/x" and cfg["data_dir"] == "/data"
-    assert cli.per_rank_batch(cfg) == 1024 // 8
+    assert pf.per_rank_batch(cfg) == 1024 // 8
     cfg["data"]["global_batch_size"] = 1001
     with pytest.raises(ValueError, match="not divisible"):
-        cli.per_rank_batch(cfg)
+        pf.per_rank_batch(cfg)
 
 
 def test_help_and_dotenv(tmp_path, capsys, monkeypatch):

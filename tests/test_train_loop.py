@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from miro.models.patch_resize import PATCH_KEYS
 from miro.train import cli
+from miro.train import preflight as pf
 from tests._train_helpers import tiny_overrides, write_tiny_shards
 
 
@@ -304,6 +305,6 @@ def test_max_time_stops_early_and_writes_last_ckpt(data_dir, tmp_path):
 @pytest.mark.parametrize("value", [0, -5, "5m", "00:30:00"])
 def test_max_time_rejects_bad_values(value):
     with pytest.raises(ValueError, match="max_time"):
-        cli._max_time(value)
-    assert cli._max_time(None) is None and cli._max_time("00:00:30:00") == "00:00:30:00"
-    assert cli._max_time(1.5).total_seconds() == 90
+        pf._max_time(value)
+    assert pf._max_time(None) is None and pf._max_time("00:00:30:00") == "00:00:30:00"
+    assert pf._max_time(1.5).total_seconds() == 90

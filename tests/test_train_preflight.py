@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from miro.train import cli
+from miro.train import preflight as pf
 from tests._train_helpers import tiny_overrides, write_tiny_shards
 
 
@@ -74,7 +75,7 @@ def test_good_values_pass_the_checks(data_dir, tmp_path):
     ov = tiny_overrides(data_dir, tmp_path, extra=["optimizer.name=AdamW", "optimizer.lr=0", "ema_decays=0.999",
                                                    "rewards.ties={shapes_counting:spread}", "data.mode=resampled"])
     cfg = OmegaConf.to_container(cli.compose(ov), resolve=True)
-    assert cli.preflight(cfg) == {"resume": None, "resume_step": None, "replace": []}
+    assert pf.preflight(cfg) == {"resume": None, "resume_step": None, "replace": []}
 
 
 def test_missing_data_dir_names_the_key(tmp_path, capsys):
@@ -157,7 +158,7 @@ def test_truncated_last_ckpt_is_one_line_with_the_snapshots(data_dir, tmp_path, 
     assert _snapshot(d) == before
     # the suggested override composes and passes the check
     ov = tiny_overrides(data_dir, tmp_path, extra=[f"resume='{d / 'step=6.ckpt'}'"])
-    plan = cli.check_checkpoint_dir(OmegaConf.to_container(cli.compose(ov), resolve=True))
+    plan = pf.check_checkpoint_dir(OmegaConf.to_container(cli.compose(ov), resolve=True))
     assert plan == {"resume": str(d / "step=6.ckpt"), "resume_step": 6, "replace": []}
 
 
@@ -173,7 +174,7 @@ def test_truncated_explicit_resume_without_snapshots(data_dir, tmp_path, capsys)
 def test_resume_plan_reads_the_step(data_dir, tmp_path):
     d = _finished_run(tmp_path)
     cfg = OmegaConf.to_container(cli.compose(tiny_overrides(data_dir, tmp_path)), resolve=True)
-    assert cli.check_checkpoint_dir(cfg) == {"resume": str(d / "last.ckpt"), "resume_step": 6, "replace": []}
+    assert pf.check_checkpoint_dir(cfg) == {"resume": str(d / "last.ckpt"), "resume_step": 6, "replace": []}
 
 
 def test_remove_stale_temps_only_removes_atomic_temp_names(tmp_path):
@@ -189,10 +190,10 @@ def test_remove_stale_temps_only_removes_atomic_temp_names(tmp_path):
     with atomic_path(d / "last.ckpt") as tmp:  # the real pattern, as atomic_path names it
         assert re.fullmatch(r"\.last\.ckpt\.[a-z0-9_]+\.tmp", tmp.name)
         tmp.write_bytes(b"y")
-        assert cli.remove_stale_temps(d) == len(stale) + 1
+        assert pf.remove_stale_temps(d) == len(stale) + 1
         tmp.write_bytes(b"y")  # recreated: a live writer (cannot happen before fit) must still finish
     assert sorted(p for p in d.rglob("*") if p.is_file()) == sorted(kept)
-    assert cli.remove_stale_temps(tmp_path / "absent") == 0
+    assert pf.remove_stale_temps(tmp_path / "absent") == 0
 
 
 def test_overwrite_replaces_old_checkpoints_and_start_line(data_dir, tmp_path, capsys, monkeypatch):

@@ -1,0 +1,413 @@
+"""The pre-flight of ``miro train``: every check that needs no data indexing, bin fitting or model
+building, so that a bad config value is a one-line error naming its key (exit 2) before any work,
+``--dry-run`` included; and the checkpoint folder's plan (resume, refuse, or replace).
+
+:func:`preflight` runs them in order: the LR schedule, the ``data`` section, the optimisation
+sections, the model config, ``data_dir``, then :func:`check_checkpoint_dir`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+from pathlib import Path
+
+
+def _deep_update(base: dict, upd: dict) -> dict:
+    for k, v in upd.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = copy.deepcopy(v)
+    return base
+
+
+def model_config(cfg: dict) -> dict:
+    """The pipeline config dict: named model config + overrides + the experiment's reward keys."""
+    from miro.models import get_config
+
+    mc = _deep_update(get_config(cfg["model"]["name"]), dict(cfg["model"].get("overrides") or {}))
+    keys = list(cfg["rewards"]["keys"])
+    if not keys:
+        raise ValueError("rewards.keys is empty: the network needs at least one reward token; for a baseline "
+                         "keep the keys and set rewards.uninformative=true")
+    mc["network"]["coherence_keys"] = keys
+    mc["coherence_keys"] = keys
+    if cfg["data"].get("max_text_len"):
+        mc["max_text_len"] = int(cfg["data"]["max_text_len"])
+    return mc
+
+
+def per_rank_batch(cfg: dict) -> int:
+    devices, nodes = _int_key(cfg, "computer.devices", 1), _int_key(cfg, "computer.num_nodes", 1)
+    accum = _int_key(cfg, "trainer.accumulate_grad_batches", 1) if "accumulate_grad_batches" in cfg["trainer"] else 1
+    gbs = _int_key(cfg, "data.global_batch_size", 1)
+    if gbs % (devices * nodes * accum):
+        raise ValueError(f"data.global_batch_size={gbs} is not divisible by devices x nodes x accumulation "
+                         f"= {devices} x {nodes} x {accum} = {devices * nodes * accum}")
+    return gbs // (devices * nodes * accum)
+
+
+def _lookup(cfg: dict, key: str):
+    value = cfg
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def _show(value) -> str:
+    """A value as it is written on the command line (``abc``, ``-1``, ``[0.9, x]``, ``null``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_show(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def _int_key(cfg: dict, key: str, minimum: int | None = None) -> int:
+    """The integer at dotted ``key`` (``trainer.max_steps``); a ValueError naming the key otherwise."""
+    value = _lookup(cfg, key)
+    if isinstance(value, float) and value.is_integer():  # 1e5 on the command line is a float to Hydra
+        out = int(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        out = value
+    elif isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        out = int(value)
+    else:
+        raise ValueError(f"{key}={value!r} is not an integer" + (f"; expected an integer >= {minimum}"
+                                                                 if minimum is not None else ""))
+    if minimum is not None and out < minimum:
+        raise ValueError(f"{key}={out} must be >= {minimum}")
+    return out
+
+
+def _float_key(cfg: dict, key: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+               hi_open: bool = False, example: str | None = None) -> float:
+    """The finite number at dotted ``key`` within [lo, hi] (open ends when asked); a ValueError naming
+    the key, the value and the allowed range otherwise."""
+    value = _lookup(cfg, key)
+    rng = ""
+    if lo is not None and hi is not None:
+        rng = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    elif lo is not None:
+        rng = f"{'>' if lo_open else '>='} {lo:g}"
+    elif hi is not None:
+        rng = f"{'<' if hi_open else '<='} {hi:g}"
+    hint = f" (e.g. {key}={example})" if example else ""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok:
+        raise ValueError(f"{key}={_show(value)} is not a number; expected a number {rng}{hint}".rstrip())
+    v = float(value)
+    if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and (v >= hi if hi_open else v > hi)):
+        raise ValueError(f"{key}={_show(value)} must be {rng}{hint}")
+    return v
+
+
+def _choice_key(cfg: dict, key: str, allowed) -> str:
+    value = _lookup(cfg, key)
+    if value not in allowed:
+        raise ValueError(f"{key}={_show(value)} is not one of {', '.join(map(str, allowed))}")
+    return value
+
+
+def check_schedule(cfg: dict) -> None:
+    """Fail before any data or model work when the LR schedule cannot run (WarmupCosineDecayLR would
+    only raise inside ``trainer.fit``): warm-up must be shorter than the schedule, whose length
+    (``scheduler.total_steps``) is ``trainer.max_steps`` unless set on its own."""
+    max_steps = _int_key(cfg, "trainer.max_steps")
+    warmup, total = _int_key(cfg, "scheduler.warmup_steps"), _int_key(cfg, "scheduler.total_steps")
+    if max_steps < 1:
+        raise ValueError(f"trainer.max_steps={max_steps} must be >= 1")
+    if warmup < 0:
+        raise ValueError(f"scheduler.warmup_steps={warmup} must be >= 0")
+    if warmup >= total:
+        length = "trainer.max_steps" if total == max_steps else "scheduler.total_steps"
+        raise ValueError(f"scheduler.warmup_steps={warmup} must be below {length}={total} (the LR schedule's length); "
+                         f"set scheduler.warmup_steps=N with N < {total} (e.g. {total // 10}) or raise {length}")
+
+
+# Values the datamodule checks with literals of its own (miro.data.datamodule exports no constant
+# for them): MiroDataModule.train_dataloader (mode), MiroSampleDecoder (image_source, text_source;
+# "auto" is resolved in MiroDataModule.prepare).
+DATA_CHOICES = {"mode": ("indexed", "resampled"), "image_source": ("latents", "pixels"),
+                "text_source": ("precomputed", "on_the_fly", "auto")}
+
+
+LOGGERS = ("csv", "tensorboard", "none")  # _logger
+
+
+# data keys filled in from other sections (rewards.*, data_dir, seed) or derived (batch_size)
+_DERIVED_DATA_KEYS = {"data_dir", "reward_keys", "num_bins", "bin_ties", "bins_sample_size", "bins_path", "batch_size",
+                      "seed"}
+
+
+_STEP_CKPT = re.compile(r"^step=(\d+)\.ckpt$")  # checkpoint_callback's file name
+
+
+def _bool_key(cfg: dict, key: str) -> bool:
+    value = _lookup(cfg, key)
+    if not isinstance(value, bool):
+        raise ValueError(f"{key}={_show(value)} is not a boolean; expected true or false")
+    return value
+
+
+def check_data(cfg: dict) -> None:
+    """The ``data`` section: known keys, types, ranges and choices."""
+    from dataclasses import fields
+
+    from miro.data.datamodule import DataConfig
+
+    d = dict(cfg["data"])
+    allowed = {f.name for f in fields(DataConfig)} - _DERIVED_DATA_KEYS
+    unknown = sorted(set(d) - allowed - {"global_batch_size"})
+    if unknown:
+        raise ValueError(f"unknown data keys {unknown}; allowed: {sorted(allowed | {'global_batch_size'})}")
+    per_rank_batch(cfg)  # data.global_batch_size >= 1 and divisible by devices x nodes x accumulation
+    for key, choices in DATA_CHOICES.items():
+        if key in d:
+            _choice_key(cfg, f"data.{key}", choices)
+    if d.get("image_size") is not None:
+        v = d["image_size"]
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            raise ValueError(f"data.image_size={_show(v)} must be an integer >= 1 (pixels) or null")
+    for key, minimum in (("num_workers", 0), ("max_text_len", 1), ("shuffle_buffer", 1), ("max_corrupt_retries", 0),
+                         ("latent_resolution", 1)):
+        if key in d:
+            _int_key(cfg, f"data.{key}", minimum)
+    if "synthetic_caption_rate" in d:
+        _float_key(cfg, "data.synthetic_caption_rate", 0.0, 1.0, example="0.5")
+    for key in ("hflip", "shuffle", "pad_to_max_text_len"):
+        if key in d:
+            _bool_key(cfg, f"data.{key}")
+
+
+def check_optimization(cfg: dict) -> None:
+    """``optimizer``, ``scheduler``, ``loss``, ``ema_decays``, ``rewards`` and the trainer's numbers."""
+    import torch
+
+    from miro.models import LossConfig
+    from miro.rewards.binning import TIE_RULES, check_tie_rules
+    from miro.train.module import _dataclass_from
+    from miro.train.optim import OptimizerConfig, SchedulerConfig, build_optimizer
+
+    for cls, section in ((OptimizerConfig, "optimizer"), (SchedulerConfig, "scheduler"), (LossConfig, "loss")):
+        _dataclass_from(cls, cfg.get(section), section)  # unknown keys, named
+    opt = cfg["optimizer"]
+    if "lr" in opt:
+        _float_key(cfg, "optimizer.lr", 0.0, example="5e-4")
+    for key in ("weight_decay", "eps"):
+        if key in opt:
+            _float_key(cfg, f"optimizer.{key}", 0.0)
+    if "betas" in opt:
+        b = opt["betas"]
+        if not (isinstance(b, (list, tuple)) and len(b) == 2 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and 0.0 <= x < 1.0 for x in b)):
+            raise ValueError(f"optimizer.betas={_show(b)} must be two numbers in [0, 1) "
+                             f"(e.g. optimizer.betas=[0.9,0.999])")
+    if "decouple" in opt:
+        _bool_key(cfg, "optimizer.decouple")
+    name = opt.get("name", OptimizerConfig.name)
+    try:  # the factory is the authority on optimizer names: ask it, with a one-parameter model
+        build_optimizer(torch.nn.Linear(1, 1), OptimizerConfig(name=str(name)))
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"optimizer.name={_show(name)}: {re.sub(r';? got .*$', '', str(e))}") from None
+    if "rate" in cfg["scheduler"]:
+        _float_key(cfg, "scheduler.rate", 0.0)
+    decays = cfg.get("ema_decays")
+    values = decays if isinstance(decays, (list, tuple)) else [decays]
+    if not values or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0.0 <= x < 1.0
+                             for x in values) or len(set(values)) != len(values):
+        raise ValueError(f"ema_decays={_show(decays)} must be a list of distinct decays in [0, 1), the first exported "
+                         f"(e.g. ema_decays=[0.999,0.9999])")
+    rw = cfg["rewards"]
+    keys = rw.get("keys")
+    if not isinstance(keys, (list, tuple)) or not all(isinstance(k, str) and k for k in keys):
+        raise ValueError(f"rewards.keys={_show(keys)} must be a list of reward names (e.g. rewards.keys=[clip_score])")
+    _int_key(cfg, "rewards.num_bins", 2)
+    _int_key(cfg, "rewards.bins_sample_size", 1)
+    if "uninformative" in rw:
+        _bool_key(cfg, "rewards.uninformative")
+    ties = rw.get("ties", "midrank")
+    if isinstance(ties, str) and ties not in TIE_RULES:
+        raise ValueError(f"rewards.ties={ties} is not one of {', '.join(TIE_RULES)} "
+                         f"(or one rule per reward: 'rewards.ties={{{keys[0] if keys else 'key'}:spread}}')")
+    try:
+        check_tie_rules(ties, [] if rw.get("uninformative") else list(keys))
+    except ValueError as e:
+        raise ValueError(f"rewards.ties={_show(ties)}: {e}") from None
+    tr = cfg["trainer"]
+    _int_key(cfg, "trainer.log_every_n_steps", 1)
+    if tr.get("gradient_clip_val") is not None:
+        _float_key(cfg, "trainer.gradient_clip_val", 0.0)
+    _max_time(tr.get("max_time"))
+    _int_key(cfg, "checkpoint.every_n_steps", 1)
+    for key in ("keep_periodic", "overwrite"):
+        if key in cfg["checkpoint"]:
+            _bool_key(cfg, f"checkpoint.{key}")
+    _int_key(cfg, "nonfinite.max_consecutive", 1)
+    _int_key(cfg, "seed")
+    if cfg["computer"].get("threads") is not None:
+        _int_key(cfg, "computer.threads", 1)
+    logger = cfg.get("logger")
+    if logger not in (None, False) and logger not in LOGGERS:
+        raise ValueError(f"logger={_show(logger)} is not one of {', '.join(LOGGERS)}")
+
+
+def step_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """``(k, path)`` of the ``step=<k>.ckpt`` files in ``ckpt_dir``, by step."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _STEP_CKPT.match(p.name)) and p.is_file()]
+    return sorted(found)
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The optimizer step a checkpoint was saved at. Read with ``mmap`` (tensors stay on disk, so
+    this costs milliseconds even for the release model); a file that does not load that way goes
+    through :func:`miro.train.convert.load_checkpoint`, whose ValueError names the file."""
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - truncated or foreign bytes; or a legacy (non-zip) file that loads without mmap
+        from miro.train.convert import load_checkpoint
+
+        try:
+            ckpt = load_checkpoint(path)
+        except ValueError as e:
+            cause = e.__cause__
+            if cause is None:
+                raise
+            first = re.split(r"(?<=\.)\s", (str(cause).strip().splitlines() or [""])[0])[0][:160]
+            raise ValueError(f"{path} is not a readable checkpoint (truncated or damaged: "
+                             f"{type(cause).__name__}: {first})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(f"{path} is not a Lightning checkpoint (no state_dict); was it written by `miro train`?")
+    return int(ckpt.get("global_step", 0))
+
+
+def _override(key: str, value) -> str:
+    """``key=value`` as typed in a shell: quoted for Hydra when the value holds '=' (step=<k>.ckpt)."""
+    text = str(value)
+    return f"\"{key}='{text}'\"" if re.search(r"[=\s,:\[\]{}()'\\]", text) else f"{key}={text}"
+
+
+def check_checkpoint_dir(cfg: dict) -> dict:
+    """What the run does with its checkpoint folder, refused when it would lose or cannot read a
+    checkpoint: ``{"resume": path | None, "resume_step": k | None, "replace": [old files]}``.
+
+    * resuming (``resume=auto`` finding ``last.ckpt``, or ``resume=PATH``): the file must load;
+    * starting fresh in a folder that already holds ``last.ckpt`` or ``step=<k>.ckpt`` files would
+      overwrite some of them and leave the others beside the new run: refused unless
+      ``checkpoint.overwrite=true``, which removes them first (``replace``)."""
+    ckpt_dir = Path(cfg["checkpoint_dir"])
+    resume = cfg.get("resume")
+    steps = step_checkpoints(ckpt_dir)
+    ckpt = _resume_path(resume, ckpt_dir)
+    if ckpt is not None:
+        try:
+            step = checkpoint_step(ckpt)
+        except ValueError as e:
+            others = [p for _, p in steps if p.resolve() != Path(ckpt).resolve()]
+            if others:
+                hint = (f"resume from a step checkpoint instead: {_override('resume', others[-1])} "
+                        f"(step checkpoints here: {', '.join(p.name for p in others)})")
+            else:
+                hint = (f"{ckpt_dir} holds no step=<k>.ckpt to fall back on: give the run a new experiment_name, "
+                        f"or start over in this folder with resume=null checkpoint.overwrite=true")
+            raise ValueError(f"resume={_show(resume)}: {e}; {hint}") from None
+        return {"resume": ckpt, "resume_step": step, "replace": []}
+    last = ckpt_dir / "last.ckpt"
+    old = ([last] if last.is_file() else []) + sorted(ckpt_dir.glob("hpc_ckpt_*.ckpt")) + [p for _, p in steps]
+    if old and not cfg["checkpoint"].get("overwrite", False):
+        found = []
+        if last.is_file():
+            try:
+                found.append(f"last.ckpt at step {checkpoint_step(last)}")
+            except ValueError:
+                found.append("an unreadable last.ckpt")
+        if steps:
+            found.append(f"step={'/'.join(str(k) for k, _ in steps)}.ckpt")
+        if resume in (None, "null", "none", False):
+            cont = "continue it with resume=auto (the default)"
+        else:  # resume=auto without last.ckpt
+            cont = f"continue it with {_override('resume', steps[-1][1])}" if steps else "continue it with resume=PATH"
+        raise ValueError(f"resume={_show(resume)} would start a fresh run in {ckpt_dir}, which already holds "
+                         f"{' and '.join(found) or 'checkpoints'}: {cont}, give this run its own experiment_name=NAME, "
+                         f"or replace the old checkpoints with checkpoint.overwrite=true")
+    return {"resume": None, "resume_step": None, "replace": old}
+
+
+def preflight(cfg: dict) -> dict:
+    """Every check that needs no data indexing, bin fitting or model building, in that order:
+    config values, ``data_dir``, then the checkpoint folder (:func:`check_checkpoint_dir`, whose
+    plan it returns). Raises ValueError with a one-line message naming the key."""
+    check_schedule(cfg)
+    check_data(cfg)
+    check_optimization(cfg)
+    model_config(cfg)  # the model name and rewards.keys
+    data_dir = cfg.get("data_dir")
+    if not data_dir or not Path(str(data_dir)).exists():
+        raise ValueError(f"data_dir={_show(data_dir)} does not exist (set data_dir= or MIRO_DATA_DIR)")
+    return check_checkpoint_dir(cfg)
+
+
+def remove_stale_temps(ckpt_dir: Path) -> int:
+    """Delete the temp files that a run killed inside an atomic save left in its checkpoint folder
+    (``.{name}.<random>.tmp``, :func:`miro.io.atomic_path`): checkpoints, reward bins, image grids."""
+    from miro.data.shard_files import remove_stale_temps as remove
+
+    if not ckpt_dir.is_dir():
+        return 0
+    n = remove(ckpt_dir, "*.ckpt") + remove(ckpt_dir, "reward_bins.json")
+    if (ckpt_dir / "images").is_dir():
+        n += remove(ckpt_dir / "images", "*.png")
+    return n
+
+
+def replace_old_checkpoints(plan: dict) -> int:
+    """``checkpoint.overwrite=true``: remove the previous run's checkpoints before the fresh one starts."""
+    n = 0
+    for p in plan.get("replace") or []:
+        try:
+            p.unlink()
+            n += 1
+        except FileNotFoundError:
+            pass
+    return n
+
+
+def _max_time(value):
+    """``trainer.max_time``: null, minutes (a number) or Lightning's "DD:HH:MM:SS" string."""
+    if value in (None, "null", "none"):
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError(f"trainer.max_time={value!r}: minutes must be > 0")
+        from datetime import timedelta
+
+        return timedelta(minutes=float(value))
+    parts = str(value).split(":")
+    if len(parts) != 4 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"trainer.max_time={value!r}: expected minutes or \"DD:HH:MM:SS\" (e.g. 00:00:30:00)")
+    return str(value)
+
+
+def _resume_path(resume, ckpt_dir: Path) -> str | None:
+    if resume in (None, "null", "none", False):
+        return None
+    if resume == "auto":
+        # last.ckpt, or a newer SLURM pre-emption checkpoint (Lightning writes hpc_ckpt_<n>.ckpt into
+        # default_root_dir on SIGUSR1 before requeueing).
+        cands = [p for p in [ckpt_dir / "last.ckpt", *ckpt_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+        return str(max(cands, key=lambda p: p.stat().st_mtime)) if cands else None
+    p = Path(str(resume))
+    if not p.is_file():
+        raise ValueError(f"resume={resume!r}: no such checkpoint file")
+    return str(p)

@@ -190,8 +190,8 @@ def test_resume_refuses_a_different_model_config(data_dir, tmp_path):
     _run(tiny_overrides(data_dir, tmp_path, steps=2, every=2, extra=["scheduler.total_steps=4"]))
     other = tiny_overrides(data_dir, tmp_path, steps=4, every=2,
                            extra=["scheduler.total_steps=4", "++model.overrides={network: {num_blocks: 2, num_text_registers: 2}}"])
-    with pytest.raises(ValueError, match="network.num_blocks: checkpoint 1 vs now 2"):
-        _run(other)
+    with pytest.raises(ValueError, match="network.num_blocks: checkpoint 1 vs now 2"):  # in the pre-flight:
+        cli.build(OmegaConf.to_container(cli.compose(other), resolve=True))  # before any data or model work
 
 
 def test_training_runs_through_corrupt_data(tmp_path):

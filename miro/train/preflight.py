@@ -268,9 +268,14 @@ def step_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
 
 
 def checkpoint_step(path: str | os.PathLike) -> int:
-    """The optimizer step a checkpoint was saved at. Read with ``mmap`` (tensors stay on disk, so
-    this costs milliseconds even for the release model); a file that does not load that way goes
-    through :func:`miro.train.convert.load_checkpoint`, whose ValueError names the file."""
+    """The optimizer step a checkpoint was saved at (:func:`open_checkpoint`)."""
+    return int(open_checkpoint(path).get("global_step", 0))
+
+
+def open_checkpoint(path: str | os.PathLike) -> dict:
+    """A Lightning checkpoint read with ``mmap`` (tensors stay on disk, so this costs milliseconds
+    even for the release model); a file that does not load that way goes through
+    :func:`miro.train.convert.load_checkpoint`, whose ValueError names the file."""
     import torch
 
     try:
@@ -289,7 +294,7 @@ def checkpoint_step(path: str | os.PathLike) -> int:
                              f"{type(cause).__name__}: {first})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not a Lightning checkpoint (no state_dict); was it written by `miro train`?")
-    return int(ckpt.get("global_step", 0))
+    return ckpt
 
 
 def _override(key: str, value) -> str:
@@ -312,7 +317,7 @@ def check_checkpoint_dir(cfg: dict) -> dict:
     ckpt = _resume_path(resume, ckpt_dir)
     if ckpt is not None:
         try:
-            step = checkpoint_step(ckpt)
+            head = open_checkpoint(ckpt)
         except ValueError as e:
             others = [p for _, p in steps if p.resolve() != Path(ckpt).resolve()]
             if others:
@@ -322,7 +327,17 @@ def check_checkpoint_dir(cfg: dict) -> dict:
                 hint = (f"{ckpt_dir} holds no step=<k>.ckpt to fall back on: give the run a new experiment_name, "
                         f"or start over in this folder with resume=null checkpoint.overwrite=true")
             raise ValueError(f"resume={_show(resume)}: {e}; {hint}") from None
-        return {"resume": ckpt, "resume_step": step, "replace": []}
+        # The module refuses another architecture too, but only inside trainer.fit, after the data
+        # is indexed and the bins fitted: the checkpoint records its model config, so compare now.
+        from miro.train.module import _config_diff
+
+        saved = (head.get("miro") or {}).get("model_config")
+        diff = _config_diff(saved, model_config(cfg)) if saved is not None else []
+        if diff:
+            raise ValueError(f"resume={_show(resume)}: {ckpt} was trained with another model config ("
+                             + "; ".join(diff[:3]) + "); resume with the original config, give this run its own "
+                             "experiment_name, or start over here with resume=null checkpoint.overwrite=true")
+        return {"resume": ckpt, "resume_step": int(head.get("global_step", 0)), "replace": []}
     last = ckpt_dir / "last.ckpt"
     old = ([last] if last.is_file() else []) + sorted(ckpt_dir.glob("hpc_ckpt_*.ckpt")) + [p for _, p in steps]
     if old and not cfg["checkpoint"].get("overwrite", False):

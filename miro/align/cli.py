@@ -80,11 +80,41 @@ def load_items(cfg: dict) -> list[dict]:
         items = [{"caption": p.prompt} for p in load_prompts("shapes")]
     else:
         items = read_items(spec, caption_column=cfg["data"]["caption_column"])
-    if cfg["data"].get("limit"):
-        items = items[: int(cfg["data"]["limit"])]
+    limit = cfg["data"].get("limit")
+    if limit is not None:
+        from miro.align.checks import pos_int
+
+        items = items[: pos_int("data.limit", limit)]
     if not items:
         raise ValueError(f"data.prompts={spec!r} gave no items")
     return items
+
+
+TARGET_KINDS = ("miro", "flux")
+DTYPES = ("float32", "bfloat16")
+
+
+def check_target(cfg: dict) -> None:
+    """The target and reward keys that must be right before any model loads."""
+    from miro.align import checks as C
+
+    t = cfg["target"]
+    C.choice("target.kind", t["kind"], TARGET_KINDS)
+    if t.get("dtype") is not None:
+        C.choice("target.dtype", t["dtype"], DTYPES + ("null",))
+    if not isinstance(t.get("model"), str) or not t["model"].strip():
+        raise ValueError(f"target.model must be a name, folder or hub id; got {t.get('model')!r}")
+    if cfg["reward"]["name"] == "shapes_proxy" and not cfg["reward"].get("path"):
+        raise ValueError("reward.name=shapes_proxy needs reward.path=<trained proxy folder>")
+
+
+def check_reward_prompts(items: list[dict], prompts) -> None:
+    """Resolve every item's reward prompts as the run does (step 0), so a dataset the reward
+    prompts cannot be built for fails before any model loads."""
+    from miro.align.prompts import build_reward_prompts
+
+    for it in items:
+        build_reward_prompts(it, prompts, 0)
 
 
 def build_reward(cfg: dict, device):
@@ -116,7 +146,8 @@ def build_target(cfg: dict, device, items: list[dict] | None = None):
     import torch
 
     t = cfg["target"]
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, None: None}[t.get("dtype")]
+    check_target(cfg)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(t.get("dtype"))
     if t["kind"] == "miro":
         from miro.align.miro_target import MiroTarget, MiroTargetConfig
         from miro.generate_cli import load_pipeline
@@ -189,30 +220,56 @@ def _fresh_model(pipe, state):
     return m
 
 
+def validate(cfg: dict):
+    """Every config check that needs no model: (step, optim, train, items). ``ValueError`` names the key."""
+    from miro.align.checks import from_section
+    from miro.align.step import StepConfig
+    from miro.align.trainer import OptimConfig, TrainConfig
+
+    step = StepConfig(mode=cfg["mode"], denoise=cfg["denoise"], inversion=cfg["inversion"], discount_inv=cfg["discount_inv"],
+                      discount_denoise=cfg["discount_denoise"], loss=cfg["loss"], hinge_margin=cfg["hinge_margin"],
+                      rollout_steps=cfg["rollout_steps"], rollout_shift=cfg["rollout_shift"],
+                      reuse_rollout_noise=cfg["reuse_rollout_noise"], schedule=dict(cfg["schedule"]), prompts=dict(cfg["prompts"]))
+    optim = from_section(OptimConfig, cfg["optim"], "optim")
+    train = from_section(TrainConfig, cfg["train"], "train")
+    check_target(cfg)
+    items = load_items(cfg)
+    check_reward_prompts(items, step.prompts)
+    return step, optim, train, items
+
+
+def _remove_if_empty(path: Path) -> None:
+    """Remove ``path`` (made by this run) when it holds no file, only (nested) empty folders."""
+    if not path.is_dir() or any(p.is_file() or p.is_symlink() for p in path.rglob("*")):
+        return
+    for d in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        d.rmdir()
+    path.rmdir()
+
+
 def run(cfg: dict, dry_run: bool = False) -> Path | None:
     import torch
 
-    from miro.align.step import StepConfig
-    from miro.align.trainer import OptimConfig, SRPOTrainer, TrainConfig
+    from miro.align.trainer import SRPOTrainer
 
+    step, optim, train, items = validate(cfg)  # before any model loads, in a dry run too
     device = torch.device(cfg["target"].get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
-    step = StepConfig(mode=cfg["mode"], denoise=cfg["denoise"], inversion=cfg["inversion"], discount_inv=cfg["discount_inv"],
-                      discount_denoise=cfg["discount_denoise"], loss=cfg["loss"], hinge_margin=cfg["hinge_margin"],
-                      rollout_steps=int(cfg["rollout_steps"]), rollout_shift=cfg["rollout_shift"],
-                      reuse_rollout_noise=cfg["reuse_rollout_noise"], schedule=dict(cfg["schedule"]), prompts=dict(cfg["prompts"]))
-    items = load_items(cfg)
     target = build_target(cfg, device, items)
     reward = build_reward(cfg, device)
-    o = dict(cfg["optim"])
-    optim = OptimConfig(**{**o, "betas": tuple(o["betas"])})
-    train = TrainConfig(**cfg["train"])
     if dry_run:
         print(f"dry run: {len(items)} items, target {cfg['target']['kind']}:{cfg['target']['model']}, reward {cfg['reward']['name']}")
         return None
+    out = Path(train.out_dir)
+    existed = out.exists()
     trainer = SRPOTrainer(target, reward, items, step, optim, train)
-    trainer.fit()
+    try:
+        trainer.fit()
+    except BaseException:
+        if not existed and trainer.fabric.global_rank == 0:
+            _remove_if_empty(out)  # leave nothing behind when the run failed before writing anything
+        raise
     if trainer.fabric.global_rank == 0:
-        path = export(cfg, target, Path(train.out_dir))
+        path = export(cfg, target, out)
         print(f"saved {path}")
         return path
     return None

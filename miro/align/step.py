@@ -17,9 +17,10 @@ from typing import Callable
 
 import torch
 
+from miro.align import checks as C
 from miro.align.direct_align import DirectAlignSchedule, direct_align_branch, discount_schedule
 from miro.align.prompts import PromptConfig, build_reward_prompts
-from miro.align.relative_reward import SemanticRelativeReward, srpo_loss
+from miro.align.relative_reward import LOSSES, SemanticRelativeReward, srpo_loss
 
 MODES = ("online", "offline")
 
@@ -42,14 +43,21 @@ class StepConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}; got {self.mode!r}")
+        C.boolean("denoise", self.denoise)
+        C.boolean("inversion", self.inversion)
+        C.boolean("reuse_rollout_noise", self.reuse_rollout_noise)
         if not (self.denoise or self.inversion):
             raise ValueError("at least one of denoise / inversion must be enabled")
+        C.choice("loss", self.loss, LOSSES)
+        self.hinge_margin = C.number("hinge_margin", self.hinge_margin)
+        C.pos_int("rollout_steps", self.rollout_steps)
+        self.rollout_shift = C.number("rollout_shift", self.rollout_shift, 0.0, strict=True, allow_none=True)
         if isinstance(self.schedule, dict):
-            self.schedule = DirectAlignSchedule(**self.schedule)
+            self.schedule = C.from_section(DirectAlignSchedule, self.schedule, "schedule")
         if isinstance(self.prompts, dict):
-            self.prompts = PromptConfig(**self.prompts)
-        self.discount_inv = tuple(float(v) for v in self.discount_inv)  # type: ignore[assignment]
-        self.discount_denoise = tuple(float(v) for v in self.discount_denoise)  # type: ignore[assignment]
+            self.prompts = C.from_section(PromptConfig, self.prompts, "prompts")
+        self.discount_inv = C.pair("discount_inv", self.discount_inv)  # type: ignore[assignment]
+        self.discount_denoise = C.pair("discount_denoise", self.discount_denoise)  # type: ignore[assignment]
 
 
 def clean_latents(target, cfg: StepConfig, cond, batch, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

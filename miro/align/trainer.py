@@ -24,12 +24,16 @@ from typing import Callable
 
 import torch
 
+from miro.align import checks as C
 from miro.align.datasets import OfflineImageDataset
 from miro.align.relative_reward import SemanticRelativeReward
 from miro.align.step import StepConfig, srpo_step
 from miro.io import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
+
+
+OPTIMIZERS = ("adamw", "prodigy")
 
 
 @dataclass
@@ -41,6 +45,17 @@ class OptimConfig:
     weight_decay: float = 1e-4  # upstream SRPO AdamW
     max_grad_norm: float = 0.1  # upstream clip_grad_norm
     warmup_steps: int = 0  # linear warm-up, then constant (upstream constant_with_warmup, 0 warm-up)
+
+    def __post_init__(self) -> None:
+        C.choice("optim.name", self.name, OPTIMIZERS)
+        self.lr = C.number("optim.lr", self.lr, 0.0, strict=True)
+        self.betas = C.pair("optim.betas", self.betas)
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas must lie in [0, 1); got {list(self.betas)}")
+        self.eps = C.number("optim.eps", self.eps, 0.0, strict=True)
+        self.weight_decay = C.number("optim.weight_decay", self.weight_decay, 0.0)
+        self.max_grad_norm = C.number("optim.max_grad_norm", self.max_grad_norm, 0.0, allow_none=True)
+        C.pos_int("optim.warmup_steps", self.warmup_steps, 0)
 
 
 @dataclass
@@ -60,6 +75,21 @@ class TrainConfig:
     strategy: str = "auto"  # "ddp" across GPUs; FSDP is not wired here (use LoRA for 12B models)
     precision: str = "auto"  # "auto": bf16-mixed on CUDA, 32-true on CPU
     progress: bool = True  # tqdm bar on rank 0
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "num_nodes"):
+            C.pos_int(f"train.{key}", getattr(self, key))
+        C.pos_int("train.seed", self.seed, 0)
+        for key in ("shared_noise", "resume", "progress"):
+            C.boolean(f"train.{key}", getattr(self, key))
+        if not isinstance(self.out_dir, str) or not self.out_dir.strip():
+            raise ValueError(f"train.out_dir must be a non-empty path; got {self.out_dir!r}")
+        d = self.devices
+        if isinstance(d, bool) or not (isinstance(d, str) and d.strip() or isinstance(d, int) and (d >= 1 or d == -1)):
+            raise ValueError(f"train.devices must be an integer >= 1, -1 (all) or a string such as auto; got {d!r}")
+        for key in ("accelerator", "strategy", "precision"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                raise ValueError(f"train.{key} must be a non-empty string; got {getattr(self, key)!r}")
 
 
 def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:

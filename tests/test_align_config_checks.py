@@ -1,0 +1,82 @@
+"""`miro align` config checks: one-line errors naming the key, found by --dry-run before any model loads."""
+
+from __future__ import annotations
+
+import pytest
+
+from miro.align import cli
+from miro.align.step import StepConfig
+from miro.align.trainer import OptimConfig, TrainConfig
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    """Fail the test if anything tries to load a model."""
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(cli, "build_target", boom)
+    monkeypatch.setattr(cli, "build_reward", boom)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("target.dtype=float16", "target.dtype"),
+    ("target.kind=bogus", "target.kind"),
+    ("train.max_steps=abc", "train.max_steps"),
+    ("train.checkpoint_every=0", "train.checkpoint_every"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("+train.foo=1", "train.foo"),
+    ("+optim.foo=1", "optim.foo"),
+    ("+schedule.foo=1", "schedule.foo"),
+    ("loss=bogus", "hinge, maximize"),
+    ("optim.name=sgd", "adamw, prodigy"),
+    ("optim.lr=abc", "optim.lr"),
+    ("discount_inv=[0.3]", "discount_inv"),
+    ("schedule.train_timestep=[25,5]", "train_timestep"),
+    ("inversion=maybe", "inversion must be true or false"),
+    ("rollout_steps=0", "rollout_steps"),
+    ("data.limit=0", "data.limit"),
+])
+def test_dry_run_rejects_bad_values_in_one_line(override, needle, no_models, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    out = tmp_path / "out"
+    assert cli.main([f"data.prompts={tmp_path / 'p.txt'}", f"train.out_dir={out}", override, "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("miro align: ") and needle in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_shapes_proxy_with_plain_captions_fails_in_dry_run(no_models, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    out = tmp_path / "out"
+    argv = ["experiment=shapes_proxy", f"reward.path={tmp_path}", f"data.prompts={tmp_path / 'p.txt'}", f"train.out_dir={out}"]
+    assert cli.main([*argv, "--dry-run"]) == 2
+    assert "no reward prompts for item 'a red circle'" in capsys.readouterr().err
+    assert cli.main(argv) == 2  # the real run fails the same way, before loading anything
+    assert not out.exists()
+
+
+def test_dataclasses_validate_directly():
+    with pytest.raises(ValueError, match="train.grad_accum"):
+        TrainConfig(grad_accum=0)
+    with pytest.raises(ValueError, match="train.resume must be true or false"):
+        TrainConfig(resume="yes")
+    with pytest.raises(ValueError, match="optim.betas"):
+        OptimConfig(betas=(0.9,))
+    with pytest.raises(ValueError, match="optim.warmup_steps"):
+        OptimConfig(warmup_steps=-1)
+    with pytest.raises(ValueError, match="loss="):
+        StepConfig(loss="bogus")
+    with pytest.raises(ValueError, match="unknown key prompts.bogus"):
+        StepConfig(prompts={"bogus": 1})
+    assert OptimConfig(lr=1, betas=[0.9, 0.99]).betas == (0.9, 0.99)
+    assert TrainConfig(devices="auto").devices == "auto"
+
+
+def test_remove_if_empty(tmp_path):
+    (tmp_path / "a" / "checkpoints").mkdir(parents=True)
+    cli._remove_if_empty(tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "f").write_text("x")
+    cli._remove_if_empty(tmp_path / "b")
+    assert (tmp_path / "b" / "f").is_file()

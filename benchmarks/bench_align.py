@@ -56,8 +56,10 @@ def bench(batch: int, steps: int, rollout_steps: int, inversion: bool, lora: boo
 
 
 def main(argv=None) -> int:
+    from shapes_training_study import positive_int  # beside this script
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 4], help="batch sizes (integers >= 1)")
     p.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step)")
     p.add_argument("--rollout-steps", type=int, default=20)
     p.add_argument("--model", default="shapes", help="Shapes pipeline (default falls back to shapes-untrained)")
@@ -72,4 +74,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from shapes_training_study import run_main  # beside this script
+
+    run_main(main)

@@ -334,4 +334,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from shapes_training_study import run_main  # beside this script
+
+    run_main(main)

@@ -23,7 +23,7 @@ import numpy as np
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="shapes")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--n", type=int, default=4)
@@ -93,4 +93,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from shapes_training_study import run_main  # beside this script
+
+    run_main(main)

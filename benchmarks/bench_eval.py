@@ -17,14 +17,17 @@ import time
 from pathlib import Path
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    from shapes_training_study import positive_int_list  # beside this script
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="shapes", help="pipeline (falls back to shapes-untrained, same architecture)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--images", type=int, default=16, help="images generated per batch size")
-    ap.add_argument("--batch-sizes", default="1,4,16")
+    ap.add_argument("--batch-sizes", type=positive_int_list, default=[1, 4, 16],
+                    help="comma-separated batch sizes (integers >= 1; default 1,4,16)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     import torch
 
@@ -40,7 +43,7 @@ def main() -> None:
     print(f"{'batch':>6} {'images/s':>10} {'s/image':>9}")
     with tempfile.TemporaryDirectory() as tmp:
         last = None
-        for bs in [int(b) for b in args.batch_sizes.split(",")]:
+        for bs in args.batch_sizes:
             out = Path(tmp) / f"bs{bs}"
             cfg = GenerateConfig(model=args.model, n_samples=4, steps=args.steps, batch_size=bs)
             generate_folder(pipe, items[:1], Path(tmp) / f"warm{bs}", GenerateConfig(n_samples=1, steps=2, batch_size=bs),
@@ -71,4 +74,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from shapes_training_study import run_main  # beside this script
+
+    run_main(main)

@@ -200,7 +200,7 @@ def measure_peer(config: str, batch: int, precision: str, device: torch.device, 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="release", help="model config name (release, shapes, tiny)")
     ap.add_argument("--batch", type=int, nargs="+", default=[64], help="per-device batch sizes")
     ap.add_argument("--optimizer", default=None, help="lamb or adamw (default: lamb for release, else adamw)")
@@ -220,6 +220,10 @@ def main(argv=None) -> int:
     ap.add_argument("--scratch", type=Path, default=Path("/tmp/miro_scratch"))
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
+    if args.peer:  # checked now, not after the other measurements: one line, exit 2, when it is missing
+        from make_parity_fixture import check_peer
+
+        check_peer(args.peer)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -262,4 +266,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from shapes_training_study import run_main  # beside this script
+
+    run_main(main)

@@ -78,6 +78,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
+    sys.path.insert(0, str(HERE))
+    from make_parity_fixture import check_peer
+
+    check_peer(args.peer)  # before loading anything: one line, exit 2, when it is missing
     torch.set_num_threads(args.threads)
     import warnings
 
@@ -101,4 +105,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from shapes_training_study import run_main  # beside this script
+
+    run_main(main)

@@ -198,4 +198,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from shapes_training_study import run_main  # beside this script
+
+    run_main(main)

@@ -26,7 +26,7 @@ import torch
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None, help="Shapes dataset folder (default: make 1,000 samples)")
     ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
@@ -104,4 +104,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from shapes_training_study import run_main  # beside this script
+
+    run_main(main)

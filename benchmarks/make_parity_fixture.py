@@ -55,7 +55,20 @@ NETWORKS = {
 }
 
 
+class PeerNotFoundError(FileNotFoundError):
+    """The unpacked published package is not where ``--peer`` points."""
+
+
+def check_peer(peer: Path) -> Path:
+    """``peer`` if it holds the unpacked published package (its ``models`` package), else PeerNotFoundError."""
+    peer = Path(peer)
+    if not (peer / "models").is_dir():
+        raise PeerNotFoundError(f"published package not found at {peer}; pass --peer DIR (see make_parity_fixture.py)")
+    return peer
+
+
 def load_peer(peer: Path, scratch: Path):
+    peer = check_peer(peer)
     dst = scratch / "miro_peer"
     if dst.exists():
         shutil.rmtree(dst)
@@ -232,4 +245,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from shapes_training_study import run_main  # beside this script
+
+    run_main(main)

@@ -55,7 +55,7 @@ def build(out: Path, seed: int = 0):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="pipeline folder to write")
     ap.add_argument("--seed", type=int, default=0, help="initialisation seed")
     ap.add_argument("--no-time", action="store_true", help="skip the generation timing")

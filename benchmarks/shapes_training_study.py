@@ -79,6 +79,46 @@ DETECTOR_KEYS = ("shapes_alignment", "shapes_counting", "shapes_position")  # re
 PERFECT = 1.0 - 1e-6  # a reward at or above this counts as 1 (scores are stored as float32)
 
 
+# Shared by the scripts of benchmarks/ (the module most of them already import; each puts its own folder
+# on sys.path when run as ``python benchmarks/<script>.py``).
+def run_main(main, *args):
+    """``sys.exit(main(*args))``, with a ValueError or FileNotFoundError (a bad --model, --config, --data,
+    --folder, a missing published package) shown as one line ``error: <message>`` and exit status 2."""
+    try:
+        rc = main(*args)
+    except FileNotFoundError as e:
+        msg = f"{e.strerror}: {e.filename}" if e.strerror and e.filename and len(e.args) == 2 else str(e)
+        print(f"error: {msg}", file=sys.stderr)
+        rc = 2
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        rc = 2
+    sys.exit(rc)
+
+
+def positive_int_list(text: str) -> list[int]:
+    """argparse type: ``1,4,16`` -> ``[1, 4, 16]``, every value an integer >= 1."""
+    parts = [t.strip() for t in str(text).split(",")]
+    try:
+        values = [int(t) for t in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1; got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1; got {text!r}")
+    return values
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {text!r}")
+    return value
+
+
 def eval_items(stride: int):
     """Every ``stride``-th ShapesEval prompt: the categories keep their proportions."""
     from miro.eval.prompts import load_shapes
@@ -472,7 +512,13 @@ def cmd_table(args) -> int:
     scorers, out, rows = _scorers(), Path(args.out) / "table", []
     counts = tag_counts(items, args.n_samples)
     for spec in args.model:
-        name, _, src = spec.partition("=")
+        name, sep, src = spec.partition("=")
+        if not sep:  # no NAME=: the source names the row (its last path part, a .ckpt without suffix)
+            src = spec
+            name = Path(spec.rstrip("/\\")).name if ("/" in spec or "\\" in spec) else spec
+            name = name[: -len(".ckpt")] if name.endswith(".ckpt") else name
+        if not name or not src:
+            raise ValueError(f"--model must be NAME=SOURCE or SOURCE; got {spec!r}")
         pipe = load(src, args.weights, args.device)
         rows.append({"model": name, **eval_row(pipe, items, out / name, replace(gcfg, model=name), scorers, counts)})
         print(json.dumps(rows[-1]), flush=True)
@@ -1056,7 +1102,9 @@ def main(argv=None) -> int:
                    help="negative branch's reward targets: zeros (the pipeline's default) or isolate (the "
                         "positive targets with the swept reward at 0, the project page's per-reward isolation)")
     t = sub.add_parser("table", parents=[common], help="every Shapes reward per model")
-    t.add_argument("--model", action="append", required=True, help="NAME=SOURCE (.ckpt, folder or built-in)")
+    t.add_argument("--model", action="append", required=True,
+                   help="NAME=SOURCE (.ckpt, folder or built-in; repeatable), or SOURCE alone, named by itself "
+                        "(a path by its last part, a .ckpt without its suffix)")
     t.add_argument("--reward", nargs="+", action="extend", metavar="KEY=VALUE",
                    help="positive reward targets (default 1.0 each; repeatable)")
     t.add_argument("--negative-reward", nargs="+", action="extend", metavar="KEY=VALUE",
@@ -1113,4 +1161,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -174,7 +174,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-prompts", type=int, default=16)
     p.add_argument("--eval-seeds", type=int, default=2)
     p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--arms", nargs="+", default=["with_inversion", "without_inversion"])
+    p.add_argument("--arms", nargs="+", choices=["with_inversion", "without_inversion"],
+                   default=["with_inversion", "without_inversion"], help="arms to run (only with_inversion inverts)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--redraw", action="store_true", help="only redraw table.md, plot.png and samples.png from "
                    "OUT/results.json and the finished arms")
@@ -207,4 +208,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from shapes_training_study import run_main  # beside this script
+
+    run_main(main)

@@ -292,6 +292,14 @@ def test_real_server_round_trip(pipe):
         assert status == 415
         assert _call(base + "api/generate")[0] == 405
         assert _call(base + "nope")[0] == 404
+        # bodies json.loads refuses beyond JSONDecodeError: a 400, not a dropped connection
+        for body in (b"[" * 3000, b'{"seed": ' + b"9" * 5000 + b"}"):
+            server.limits = DemoLimits(max_body_bytes=1 << 16)
+            status, _, raw = _call(base + "api/generate", body)
+            assert status == 400 and "not valid UTF-8 JSON" in json.loads(raw)["error"]
+        # a POST to another path is refused without its body being read as the next request
+        status, _, _ = _call(base + "api/info", b'{"prompt": "x"}')
+        assert status == 405 and _call(base + "api/info")[0] == 200
     finally:
         server.shutdown()
         server.server_close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -52,6 +53,8 @@ class DemoHandler(BaseHTTPRequestHandler):
     server: DemoServer
     server_version = "miro-demo"
     protocol_version = "HTTP/1.1"
+    # A client that stops sending mid-request must not hold its connection (and thread) forever.
+    timeout = 30
 
     # ------------------------------------------------------------------------------ routes
     def do_GET(self) -> None:  # noqa: N802 (http.server naming)
@@ -68,6 +71,7 @@ class DemoHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         path = self.path.split("?", 1)[0]
         if path != "/api/generate":
+            self.close_connection = True  # the body is not read: it must not be parsed as the next request
             self._send_json(404 if path not in ("/", "/api/info") else 405,
                             {"error": f"POST is only for /api/generate, not {path!r}", "field": None})
             return
@@ -106,8 +110,10 @@ class DemoHandler(BaseHTTPRequestHandler):
         self.close_connection = closing_before
         try:
             return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            self._send_json(400, {"error": f"the request body is not valid UTF-8 JSON: {e}", "field": None})
+        # ValueError covers JSONDecodeError, bad UTF-8 and integers of over 4,300 digits; RecursionError
+        # deeply nested arrays (both fit under the body-size cap).
+        except (ValueError, RecursionError) as e:
+            self._send_json(400, {"error": f"the request body is not valid UTF-8 JSON: {str(e)[:200]}", "field": None})
             return _ERROR
 
     def _send_json(self, status: int, body: dict, allow: str | None = None) -> None:
@@ -115,15 +121,19 @@ class DemoHandler(BaseHTTPRequestHandler):
         self._send(status, data, "application/json", allow=allow)
 
     def _send(self, status: int, data: bytes, ctype: str, allow: str | None = None) -> None:
-        self.send_response(int(status))
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        if allow:
-            self.send_header("Allow", allow)
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.send_response(int(status))
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            if allow:
+                self.send_header("Allow", allow)
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client left before its answer: one log line
+            self.close_connection = True
+            self.log_error("client closed the connection before the reply to %s", self.path)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (base-class name)
         if not self.server.quiet:
@@ -221,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
         print("\nmiro demo: stopping", flush=True)
     finally:
         server.server_close()
+        if server.lock.locked():
+            # A generation is running in a request thread: letting the interpreter shut down under
+            # it aborts inside torch ("terminate called without an active exception"), so leave now.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
     return 0
 
 

@@ -345,3 +345,47 @@ def test_cli_serves_a_saved_pipeline_and_stops_on_ctrl_c(pipe, tmp_path):
             proc.wait(timeout=10)
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_queue_is_first_come_first_served_and_capped(pipe):
+    from miro.demo.handlers import GenerationQueue
+
+    q, order, started = GenerationQueue(), [], []
+    assert q.acquire(timeout=1) and q.locked()  # a generation is running
+
+    def wait(i):
+        started.append(i)
+        if q.acquire(timeout=10):
+            order.append(i)
+            q.release()
+
+    threads = []
+    for i in range(4):  # arrive one after another
+        threads.append(threading.Thread(target=wait, args=(i,)))
+        threads[-1].start()
+        while q.waiting() < i + 1:
+            time.sleep(0.005)
+    # the cap: with 4 waiting and max_waiting=4 a fifth request is refused at once
+    status, body = handle_generate(pipe, _req(), DemoLimits(max_waiting=4), q)
+    assert status == 503 and "4 requests are already waiting" in body["error"]
+    assert not q.acquire(timeout=0.01)  # a ticket that times out gives its turn up without blocking others
+    q.release()
+    for t in threads:
+        t.join(timeout=10)
+    assert order == [0, 1, 2, 3] and not q.locked() and q.waiting() == 0
+
+
+def test_a_request_whose_client_left_is_not_generated(pipe):
+    calls = []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(pipe, name)
+
+        def __call__(self, *a, **kw):
+            calls.append(1)
+            return pipe(*a, **kw)
+
+    status, body = handle_generate(Counting(), _req(), still_wanted=lambda: False)
+    assert status == 499 and "closed the connection" in body["error"] and not calls
+    assert handle_generate(Counting(), _req(), still_wanted=lambda: True)[0] == 200 and calls == [1]

@@ -26,7 +26,7 @@ import secrets
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 # Published demo defaults (HF Space `nicolas-dufour/miro`, miro-t2i 0.1.4 `app.py`): 50 steps,
 # CFG 7.0, seed 3407, four images; positive targets 1.0 and negative targets 0.0.
@@ -68,9 +68,63 @@ PHOTO_EXAMPLES = (
     "an isometric cutaway of a tiny bookshop, 3d render",
 )
 
+class GenerationQueue:
+    """One generation at a time, the waiting requests served first come, first served (a bare
+    ``threading.Lock`` wakes waiters in no particular order), with at most ``max_waiting`` of them:
+    beyond that a request is refused at once instead of holding a thread for minutes. Has the
+    ``acquire(timeout)`` / ``release()`` / ``locked()`` of a lock."""
+
+    def __init__(self, max_waiting: int | None = None):
+        self.max_waiting = max_waiting
+        self._cond = threading.Condition()
+        self._next_ticket = 0  # the ticket the next arrival draws
+        self._serving = 0  # the ticket whose turn it is
+        self._busy = False
+        self._abandoned: set[int] = set()  # tickets that timed out before their turn
+
+    def waiting(self) -> int:
+        with self._cond:
+            return self._next_ticket - self._serving - (1 if self._busy else 0) - len(self._abandoned)
+
+    def locked(self) -> bool:
+        return self._busy
+
+    def acquire(self, timeout: float | None = None) -> bool:
+        """True once it is this caller's turn; False after ``timeout`` seconds (its place is given up)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            while self._busy or self._serving != ticket:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    self._give_up(ticket)
+                    return False
+                self._cond.wait(left)
+            self._busy = True
+            return True
+
+    def _give_up(self, ticket: int) -> None:
+        # A ticket that leaves the line is served as an empty turn, so later ones still come up in order.
+        self._abandoned.add(ticket)
+        self._skip_abandoned()
+
+    def _skip_abandoned(self) -> None:
+        while not self._busy and self._serving in self._abandoned:
+            self._abandoned.discard(self._serving)
+            self._serving += 1
+        self._cond.notify_all()
+
+    def release(self) -> None:
+        with self._cond:
+            self._busy = False
+            self._serving += 1
+            self._skip_abandoned()
+
+
 # One model per process, one generation at a time (the pipeline is not re-entrant and a second
 # concurrent run would only halve the speed of both).
-GENERATE_LOCK = threading.Lock()
+GENERATE_LOCK = GenerationQueue()
 
 
 @dataclass(frozen=True)
@@ -82,9 +136,10 @@ class DemoLimits:
     max_prompt_chars: int = 2000  # longer prompts are refused (the encoder truncates anyway)
     max_body_bytes: int = 64 * 1024  # request body size bound (checked by the server)
     queue_timeout_s: float = 600.0  # wait for the running generation at most this long, then 503
+    max_waiting: int = 8  # requests that may wait behind the running one; more get 503 at once
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "max_images", "max_prompt_chars", "max_body_bytes"):
+        for name in ("max_steps", "max_images", "max_prompt_chars", "max_body_bytes", "max_waiting"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"DemoLimits.{name} must be an integer >= 1; got {v!r}")
@@ -241,19 +296,27 @@ def run_generation(pipe, req: GenerateRequest) -> tuple[list, float]:
 
 
 def handle_generate(pipe, payload: Any, limits: DemoLimits | None = None,
-                    lock: threading.Lock | None = None) -> tuple[int, dict[str, Any]]:
-    """``POST /api/generate``: 200 with the images, 400 for a bad field, 503 when the running
-    generation did not finish within ``limits.queue_timeout_s``."""
+                    lock: GenerationQueue | threading.Lock | None = None,
+                    still_wanted: Callable[[], bool] | None = None) -> tuple[int, dict[str, Any]]:
+    """``POST /api/generate``: 200 with the images, 400 for a bad field, 503 when
+    ``limits.max_waiting`` requests already wait or the running generation did not finish within
+    ``limits.queue_timeout_s``. ``still_wanted`` (the server: is the client still connected?) is
+    asked when the request's turn comes; a request nobody waits for any more is not run (499)."""
     limits = limits or DemoLimits()
     try:
         req = parse_generate_request(pipe, payload, limits)
     except RequestError as e:
         return 400, e.body()
     lock = GENERATE_LOCK if lock is None else lock
+    if isinstance(lock, GenerationQueue) and lock.waiting() >= limits.max_waiting:
+        return 503, {"error": f"busy: {limits.max_waiting} requests are already waiting; try again later",
+                     "field": None}
     if not lock.acquire(timeout=limits.queue_timeout_s):
         return 503, {"error": f"busy: another generation is still running after "
                               f"{limits.queue_timeout_s:g} s; try again", "field": None}
     try:
+        if still_wanted is not None and not still_wanted():
+            return 499, {"error": "the client closed the connection before its turn", "field": None}
         images, seconds = run_generation(pipe, req)
     finally:
         lock.release()

@@ -13,16 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import signal
+import socket
 import sys
-import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from miro.demo.handlers import DemoLimits, handle_generate, handle_info
+from miro.demo.handlers import DemoLimits, GenerationQueue, handle_generate, handle_info
 
 PAGE = "page.html"
 
@@ -37,7 +38,7 @@ class DemoServer(ThreadingHTTPServer):
         self.model_name = model_name
         self.limits = limits
         self.quiet = quiet
-        self.lock = threading.Lock()
+        self.lock = GenerationQueue()
         self.page = resources.files("miro.demo").joinpath(PAGE).read_bytes()
         super().__init__(address, DemoHandler)
 
@@ -79,13 +80,23 @@ class DemoHandler(BaseHTTPRequestHandler):
         if payload is _ERROR:
             return
         try:
-            status, body = handle_generate(self.server.pipe, payload, self.server.limits, self.server.lock)
+            status, body = handle_generate(self.server.pipe, payload, self.server.limits, self.server.lock,
+                                           still_wanted=self._client_connected)
         except Exception as e:  # a failing model must not kill the server; the page shows why
             self.log_error("generation failed: %r", e)
             status, body = 500, {"error": f"generation failed: {type(e).__name__}: {e}", "field": None}
         self._send_json(status, body)
 
     # ----------------------------------------------------------------------------- helpers
+    def _client_connected(self) -> bool:
+        """False once the client has closed its end (its socket reads as end-of-file), so that a
+        request nobody waits for any more is not generated."""
+        try:
+            ready, _, _ = select.select([self.connection], [], [], 0)
+            return not ready or self.connection.recv(1, socket.MSG_PEEK) != b""
+        except OSError:
+            return False
+
     def _read_json(self) -> Any:
         # Until the body is read, an error reply must close the connection: the unread body
         # would otherwise be parsed as the next request.

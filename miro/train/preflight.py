@@ -132,11 +132,9 @@ def check_schedule(cfg: dict) -> None:
                          f"set scheduler.warmup_steps=N with N < {total} (e.g. {total // 10}) or raise {length}")
 
 
-# Values the datamodule checks with literals of its own (miro.data.datamodule exports no constant
-# for them): MiroDataModule.train_dataloader (mode), MiroSampleDecoder (image_source, text_source;
-# "auto" is resolved in MiroDataModule.prepare).
-DATA_CHOICES = {"mode": ("indexed", "resampled"), "image_source": ("latents", "pixels"),
-                "text_source": ("precomputed", "on_the_fly", "auto")}
+# Choices check_config does not cover: the loader's mode (MiroDataModule.train_dataloader), and
+# text_source's "auto", which MiroDataModule.prepare resolves before check_config sees it.
+DATA_CHOICES = {"mode": ("indexed", "resampled"), "text_source": ("precomputed", "on_the_fly", "auto")}
 
 
 LOGGERS = ("csv", "tensorboard", "none")  # _logger
@@ -161,7 +159,7 @@ def check_data(cfg: dict) -> None:
     """The ``data`` section: known keys, types, ranges and choices."""
     from dataclasses import fields
 
-    from miro.data.datamodule import DataConfig
+    from miro.data.datamodule import DataConfig, check_config
 
     d = dict(cfg["data"])
     allowed = {f.name for f in fields(DataConfig)} - _DERIVED_DATA_KEYS
@@ -172,16 +170,17 @@ def check_data(cfg: dict) -> None:
     for key, choices in DATA_CHOICES.items():
         if key in d:
             _choice_key(cfg, f"data.{key}", choices)
-    if d.get("image_size") is not None:
-        v = d["image_size"]
-        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-            raise ValueError(f"data.image_size={_show(v)} must be an integer >= 1 (pixels) or null")
-    for key, minimum in (("num_workers", 0), ("max_text_len", 1), ("shuffle_buffer", 1), ("max_corrupt_retries", 0),
-                         ("latent_resolution", 1)):
-        if key in d:
-            _int_key(cfg, f"data.{key}", minimum)
-    if "synthetic_caption_rate" in d:
-        _float_key(cfg, "data.synthetic_caption_rate", 0.0, 1.0, example="0.5")
+    # The value rules of DataConfig are the datamodule's own (one rule set for the CLI and the
+    # Python API); "auto" text is resolved once the shards are read, so any valid source stands in.
+    probe = {k: v for k, v in d.items() if k in allowed}
+    if probe.get("text_source") == "auto":
+        probe["text_source"] = "precomputed"
+    try:
+        check_config(DataConfig(**probe))
+    except ValueError as e:
+        raise ValueError(f"data.{e}") from None
+    if "num_workers" in d:
+        _int_key(cfg, "data.num_workers", 0)
     for key in ("hflip", "shuffle", "pad_to_max_text_len"):
         if key in d:
             _bool_key(cfg, f"data.{key}")

@@ -77,13 +77,17 @@ def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+IMAGE_SOURCES = ("latents", "pixels")
+TEXT_SOURCES = ("precomputed", "on_the_fly", "auto")  # "auto" is resolved by MiroDataModule.prepare
+LOADER_MODES = ("indexed", "resampled")
+
+
 def check_config(cfg: DataConfig) -> None:
     """One-line ``ValueError`` naming the first bad setting: a configuration error must surface
     as an error before any sample is read, never as a stream of "corrupt" samples."""
-    if cfg.image_source not in ("latents", "pixels"):
-        raise ValueError(f"image_source must be 'latents' or 'pixels'; got {cfg.image_source!r}")
-    if cfg.text_source not in ("precomputed", "on_the_fly"):
-        raise ValueError(f"text_source must be 'precomputed' or 'on_the_fly'; got {cfg.text_source!r}")
+    for key, allowed in (("image_source", IMAGE_SOURCES), ("text_source", TEXT_SOURCES), ("mode", LOADER_MODES)):
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {getattr(cfg, key)!r}")
     if not isinstance(cfg.synthetic_caption_rate, (int, float)) or not 0.0 <= cfg.synthetic_caption_rate <= 1.0:
         raise ValueError(f"synthetic_caption_rate must be in [0, 1]; got {cfg.synthetic_caption_rate!r}")
     if cfg.image_size is not None and not (_is_int(cfg.image_size) and cfg.image_size > 0):

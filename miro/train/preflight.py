@@ -109,13 +109,6 @@ def _float_key(cfg: dict, key: str, lo: float | None = None, hi: float | None = 
     return v
 
 
-def _choice_key(cfg: dict, key: str, allowed) -> str:
-    value = _lookup(cfg, key)
-    if value not in allowed:
-        raise ValueError(f"{key}={_show(value)} is not one of {', '.join(map(str, allowed))}")
-    return value
-
-
 def check_schedule(cfg: dict) -> None:
     """Fail before any data or model work when the LR schedule cannot run (WarmupCosineDecayLR would
     only raise inside ``trainer.fit``): warm-up must be shorter than the schedule, whose length
@@ -132,9 +125,6 @@ def check_schedule(cfg: dict) -> None:
                          f"set scheduler.warmup_steps=N with N < {total} (e.g. {total // 10}) or raise {length}")
 
 
-# Choices check_config does not cover: the loader's mode (MiroDataModule.train_dataloader), and
-# text_source's "auto", which MiroDataModule.prepare resolves before check_config sees it.
-DATA_CHOICES = {"mode": ("indexed", "resampled"), "text_source": ("precomputed", "on_the_fly", "auto")}
 
 
 LOGGERS = ("csv", "tensorboard", "none")  # _logger
@@ -167,16 +157,9 @@ def check_data(cfg: dict) -> None:
     if unknown:
         raise ValueError(f"unknown data keys {unknown}; allowed: {sorted(allowed | {'global_batch_size'})}")
     per_rank_batch(cfg)  # data.global_batch_size >= 1 and divisible by devices x nodes x accumulation
-    for key, choices in DATA_CHOICES.items():
-        if key in d:
-            _choice_key(cfg, f"data.{key}", choices)
-    # The value rules of DataConfig are the datamodule's own (one rule set for the CLI and the
-    # Python API); "auto" text is resolved once the shards are read, so any valid source stands in.
-    probe = {k: v for k, v in d.items() if k in allowed}
-    if probe.get("text_source") == "auto":
-        probe["text_source"] = "precomputed"
+    # The value rules of DataConfig are the datamodule's own: one rule set for the CLI and the Python API.
     try:
-        check_config(DataConfig(**probe))
+        check_config(DataConfig(**{k: v for k, v in d.items() if k in allowed}))
     except ValueError as e:
         raise ValueError(f"data.{e}") from None
     if "num_workers" in d:

@@ -44,7 +44,7 @@ def _eval_gen(outdir, *extra):
 # ------------------------------------------------------------------ 1. a failed run's record
 
 def test_failed_run_writes_no_record_and_the_rerun_works(tmp_path, capsys):
-    """The audit's case: a key the model was not trained on is refused before generation.json."""
+    """A key the model was not trained on is refused before generation.json."""
     out = tmp_path / "se3"
     argv = ["eval-generate", "--model", "shapes", "--outdir", str(out), "--limit", "1", "--n-samples", "1",
             "--steps", "1"]

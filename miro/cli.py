@@ -34,6 +34,20 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def report_errors(prog: str, run, *args) -> int:
+    """``run(*args)`` for a sub-command's ``main``, its failures as one line ``prog: message``:
+    bad input (``ValueError``, a missing file) exits 2, the environment (any other ``OSError``:
+    an unreachable hub, an unwritable folder) exits 1."""
+    try:
+        return int(run(*args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) > 1 and argv[0] == "help":  # `miro help CMD` is `miro CMD --help`, as in git

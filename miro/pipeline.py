@@ -50,6 +50,7 @@ from miro.hub import (
     resolve_pipeline_dir,
 )
 from miro.io import atomic_write_with
+from miro.models.sampler import is_real
 
 OUTPUT_TYPES = ("pil", "np", "numpy", "pt", "latent")
 DEFAULT_MAX_TEXT_LEN = 77  # published default of config["max_text_len"]
@@ -57,14 +58,10 @@ DEFAULT_MAX_TEXT_LEN = 77  # published default of config["max_text_len"]
 _STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
-
-
 def _as_scalar(v: Any) -> float | None:
     """``v`` as a float if it is one real number (Python/numpy number, or a 0-d / 1-element
     array or tensor, as ``score_to_target`` returns for one score); else None."""
-    if _is_number(v):
+    if is_real(v):
         return float(v)
     if isinstance(v, torch.Tensor) and v.numel() == 1 and v.dtype != torch.bool and not v.is_complex():
         return float(v.reshape(()).item())
@@ -491,13 +488,13 @@ class MiroPipeline(nn.Module):
         if not isinstance(num_inference_steps, (int, np.integer)) or isinstance(num_inference_steps, bool) \
                 or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be an integer >= 1; got {num_inference_steps!r}")
-        if not _is_number(guidance_scale) or not math.isfinite(guidance_scale) or guidance_scale < 0:
+        if not is_real(guidance_scale) or not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance_scale must be a finite number >= 0; got {guidance_scale!r}")
         if isinstance(reward_guidance_scale, Mapping):
             from miro.models.sampler import reward_scale_groups
 
             reward_scale_groups(tuple(self.coherence_keys), reward_guidance_scale, 0.0)  # raises naming the value
-        elif reward_guidance_scale is not None and (not _is_number(reward_guidance_scale)
+        elif reward_guidance_scale is not None and (not is_real(reward_guidance_scale)
                                                     or not math.isfinite(reward_guidance_scale)
                                                     or reward_guidance_scale < 0):
             raise ValueError(f"reward_guidance_scale must be None or a finite number >= 0 (or a mapping "

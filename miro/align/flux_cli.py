@@ -94,14 +94,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return _run(args)
-    except (ValueError, FileNotFoundError) as e:  # missing or malformed prompt/item files, bad --dtype
-        print(f"miro align {args.cmd}: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a FLUX model neither cached nor reachable, unwritable --out
-        print(f"miro align {args.cmd}: {e}", file=sys.stderr)
-        return 1
+    from miro.cli import report_errors
+
+    # 2: missing or malformed prompt/item files, a bad --dtype; 1: a FLUX model neither cached nor
+    # reachable, an unwritable --out
+    return report_errors(f"miro align {args.cmd}", _run, args)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -440,19 +440,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if getattr(args, "device", None) is not None:  # a bad --device fails here, before any model loads
-            from miro.generate_cli import check_device
+    from miro.cli import report_errors
 
-            args.device = check_device(args.device)
-        return int(args.fn(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"miro eval {args.cmd}: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # model files missing offline, unreadable folders
-        print(f"miro eval {args.cmd}: {e}", file=sys.stderr)
-        return 1
+    args = build_parser().parse_args(argv)
+    return report_errors(f"miro eval {args.cmd}", _checked_run, args)  # 1: model files missing offline
+
+
+def _checked_run(args) -> int:
+    if getattr(args, "device", None) is not None:  # a bad --device fails here, before any model loads
+        from miro.generate_cli import check_device
+
+        args.device = check_device(args.device)
+    return args.fn(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -28,9 +28,9 @@ from miro.models.flow import Scheduler, cfg_combine, time_grid
 __all__ = ["euler_sample", "build_cfg_text", "reward_values", "reward_scale_groups"]
 
 
-def _is_real(x: object) -> bool:
+def is_real(x: object) -> bool:
     """A real number: Python or numpy int/float (numpy registers them as ``numbers.Real``), not a
-    bool (``True`` is an int; as in ``miro.pipeline._is_number``)."""
+    bool (``True`` is an int). The one number rule of the sampler and the pipeline."""
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
@@ -80,7 +80,7 @@ def reward_scale_groups(
     groups: list[tuple[tuple[str, ...], float]] = []
     for k in [*scales, *(k for k in keys if k not in scales)]:
         w = scales.get(k, default)
-        if not _is_real(w) or not math.isfinite(w) or w < 0:
+        if not is_real(w) or not math.isfinite(w) or w < 0:
             raise ValueError(f"reward_guidance_scale[{k!r}] = {w!r}; a reward's scale must be a finite number >= 0")
         if groups and groups[-1][1] == float(w):
             groups[-1] = (groups[-1][0] + (k,), groups[-1][1])
@@ -187,11 +187,11 @@ def euler_sample(
     """
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-    if not (_is_real(guidance_scale) and math.isfinite(guidance_scale)):
+    if not (is_real(guidance_scale) and math.isfinite(guidance_scale)):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
     guidance_scale = float(guidance_scale)  # numpy scalars in, Python floats in the arithmetic
     if reward_guidance_scale is not None and not isinstance(reward_guidance_scale, Mapping) and not (
-            _is_real(reward_guidance_scale) and math.isfinite(reward_guidance_scale)):
+            is_real(reward_guidance_scale) and math.isfinite(reward_guidance_scale)):
         raise ValueError(f"reward_guidance_scale must be a finite number or a mapping, got {reward_guidance_scale!r}")
     device = noise.device
     b = noise.shape[0]

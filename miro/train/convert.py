@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -132,14 +131,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="storage dtype of the weights (float32 as published; float16 halves the file, "
                         "as the shipped shapes model; loading always gives float32)")
     args = p.parse_args(argv)
-    try:
-        return _run(args)
-    except (ValueError, FileNotFoundError) as e:  # bad checkpoint, EMA index, encoder or autoencoder name
-        print(f"miro convert: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # unreadable files, an encoder neither local nor reachable, a full disk
-        print(f"miro convert: {e}", file=sys.stderr)
-        return 1
+    from miro.cli import report_errors
+
+    # 2: a bad checkpoint, EMA index, encoder or autoencoder name; 1: unreadable files, an encoder
+    # neither local nor reachable, a full disk
+    return report_errors("miro convert", _run, args)
 
 
 def _run(args: argparse.Namespace) -> int:

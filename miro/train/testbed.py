@@ -24,7 +24,6 @@ import csv
 import hashlib
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -246,14 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     # argparse names a missing sub-command by its metavar ("required: cmd" by default): list the choices
     sub.metavar = "{" + ",".join(sub.choices) + "}"
     args = p.parse_args(argv)
-    try:
-        return _run(args)
-    except (ValueError, FileNotFoundError) as e:  # bad testbed, batch size, max length
-        print(f"miro testbed {args.cmd}: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # an encoder neither local nor reachable, an unwritable --out
-        print(f"miro testbed {args.cmd}: {e}", file=sys.stderr)
-        return 1
+    from miro.cli import report_errors
+
+    # 2: a bad testbed, batch size, max length; 1: an encoder neither local nor reachable, an unwritable --out
+    return report_errors(f"miro testbed {args.cmd}", _run, args)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -50,7 +50,7 @@ def _nothing_written(root, data_dir):
 @pytest.mark.parametrize("override, message", [
     ("optimizer.lr=-1", "optimizer.lr=-1 must be >= 0"),
     ("optimizer.lr=abc", "optimizer.lr=abc is not a number; expected a number >= 0"),
-    ("optimizer.name=sgdx", "optimizer.name=sgdx: optimizer name must be 'lamb' or 'adamw'"),
+    ("optimizer.name=sgdx", "optimizer.name=sgdx must be one of ['lamb', 'adamw']"),
     ("data.global_batch_size=0", "data.global_batch_size=0 must be >= 1"),
     ("data.num_workers=-1", "data.num_workers=-1 must be >= 0"),
     ("data.synthetic_caption_rate=2", "data.synthetic_caption_rate must be in [0, 1]; got 2"),

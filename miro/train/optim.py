@@ -211,20 +211,28 @@ class SchedulerConfig:
     rate: float = 0.8  # CAD WarmupCosineDecayLR rate
 
 
+OPTIMIZERS = ("lamb", "adamw")  # the names ``OptimizerConfig.name`` takes (case-insensitive)
+
+
+def check_optimizer_name(name) -> str:
+    """``name`` lower-cased if it is one of :data:`OPTIMIZERS`; a ValueError naming it otherwise."""
+    if not isinstance(name, str) or name.lower() not in OPTIMIZERS:
+        raise ValueError(f"optimizer name must be one of {list(OPTIMIZERS)}; got {name!r}")
+    return name.lower()
+
+
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
     """Optimizer over ``model``'s trainable parameters per ``cfg``."""
+    name = check_optimizer_name(cfg.name)
     if cfg.exclude_norms_and_biases:
         groups = param_groups(model, cfg.weight_decay)
     else:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay,
                    "layer_adaptation": True}]
     groups = [g for g in groups if g["params"]]
-    name = cfg.name.lower()
     if name == "lamb":
         return Lamb(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
                     decouple=cfg.decouple)
-    if name == "adamw":
-        for g in groups:
-            g.pop("layer_adaptation", None)
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
-    raise ValueError(f"optimizer name must be 'lamb' or 'adamw'; got {cfg.name!r}")
+    for g in groups:  # adamw: no layer adaptation
+        g.pop("layer_adaptation", None)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)

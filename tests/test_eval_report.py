@@ -79,6 +79,25 @@ def test_best_of_n_reference_in_our_units():
     assert set(ref) == {"pick_a_score_score", "image_reward_score"}  # no best-of-N curve for CLIP in the paper
     assert ref["pick_a_score_score"]["MIRO"][128] == np.float64(.2286 * 100)
     assert ref["image_reward_score"]["Baseline"] == {1: 0.522, 128: 1.405}
+    # the paper's HPS numbers are v2.0: a v2.1 (or unrecorded) curve gets no paper points
+    hps = ["hpsv2_score"]
+    assert set(P.best_of_n_reference(hps, {"hpsv2_score": "v2.0"})) == {"hpsv2_score"}
+    assert P.best_of_n_reference(hps, {"hpsv2_score": "v2.1"}) == {} == P.best_of_n_reference(hps)
+
+
+def test_hps_v21_is_not_set_beside_the_papers_v20(tmp_path):
+    from miro.eval.rewards import summarize as rsum
+
+    run = _run(tmp_path / "run", model="nicolas-dufour/miro")
+    rew = [json.loads(line) for line in (run / "rewards.jsonl").read_text().splitlines()]
+    for version, shown in (("v2.1", False), ("v2.0", True)):
+        for r in rew:
+            r.update(hpsv2_score=0.3, hpsv2_score_normalized=0.3, hpsv2_score_version=version)
+        (run / "rewards_summary.json").write_text(json.dumps(rsum(rew)))
+        text = R.build_report(run).read_text()
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"| hpsv2_score ({version})"))
+        assert ("0.2935" in line) == shown, line  # the paper's Synthetic-caption MIRO HPSv2
+        assert ("the paper's numbers use v2.0" in text) != shown
 
 
 def test_sweep_section_with_geneval_and_the_papers_aesthetic_sweep(tmp_path):

@@ -220,3 +220,46 @@ def test_missing_folders_and_prompts_without_geneval_metadata_are_named(tmp_path
     root = make_folder(tmp_path / "parti", [[120]], prompt="a castle at dusk")  # PartiPrompts-like: no objects
     assert main(["geneval", str(root), "--detector", "shapes"]) == 2
     assert "GenEval-format prompts" in capsys.readouterr().err
+
+
+class VersionedScorer(MeanScorer):
+    """A scorer that comes in versions (as HPS v2.0 / v2.1): the version scales the score."""
+
+    def __init__(self, version):
+        super().__init__()
+        self.version = version
+
+    def score(self, images, prompts):
+        return super().score(images, prompts) * (2.0 if self.version == "v2.0" else 1.0)
+
+
+def test_scorer_versions_are_recorded_and_another_version_rescores(tmp_path):
+    root = make_folder(tmp_path / "imgs", [[0, 255]])
+    out = root / "rewards.jsonl"
+    R.score_folder(root, {"hps": VersionedScorer("v2.1"), "mean": MeanScorer()}, out, progress=False)
+    assert {r["hps_version"] for r in read_jsonl(out)} == {"v2.1"}
+    assert "mean_version" not in read_jsonl(out)[0]
+    s = R.summarize(read_jsonl(out))
+    assert s["rewards"]["hps"]["version"] == "v2.1" and "version" not in s["rewards"]["mean"]
+    assert s["rewards"]["hps"]["mean"] == pytest.approx(5.0)
+    # the same version resumes (nothing to do); another version rescores that scorer only
+    v20 = VersionedScorer("v2.0")
+    assert R.score_folder(root, {"hps": VersionedScorer("v2.1")}, out, progress=False)["scored"] == 0
+    counts = R.score_folder(root, {"hps": v20, "mean": MeanScorer()}, out, progress=False)
+    assert counts["scored"] == 2 and v20.calls == 1
+    s = R.summarize(read_jsonl(out))
+    assert s["rewards"]["hps"]["version"] == "v2.0" and s["rewards"]["hps"]["mean"] == pytest.approx(10.0)
+    assert "hps (v2.0)" in R.format_summary(s)
+
+
+def test_a_reward_without_finite_values_summarises_as_a_dash(tmp_path, capsys):
+    from miro.eval.cli import main
+
+    recs = [{"filename": f"{i}.png", "index": i, "sample": 0, "tag": "t", "prompt": "p",
+             "aesthetic_score": float("nan"), "aesthetic_score_normalized": float("nan")} for i in range(3)]
+    path = tmp_path / "rewards.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert main(["summary", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split() == ["aesthetic_score", "0", "-", "-", "-"]
+    assert out[-1].startswith("overall: - ")

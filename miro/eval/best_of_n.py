@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from miro.eval.folder import atomic_write_json, read_folder
-from miro.eval.rewards import merge_records
+from miro.eval.rewards import merge_records, recorded_versions
 from miro.io import atomic_path
 
 
@@ -95,7 +95,7 @@ def curve(records: list[dict], select_key: str, value_keys: list[str] | None = N
         raise ValueError(f"n up to {max(ns)} requested but some prompts have only {N} scored candidates")
     fn = expected_best if mode == "expected" else prefix_best
     out = {"select_by": select_key, "mode": mode, "n": ns, "n_prompts": len(groups), "candidates": N,
-           "candidates_per_prompt": uneven, "values": {}}
+           "candidates_per_prompt": uneven, "values": {}, "versions": recorded_versions(records, value_keys)}
     for vk in value_keys:
         means = []
         for n in ns:

@@ -143,7 +143,8 @@ def _print_reward_summary(summary: dict) -> None:
     from miro.eval.rewards import format_summary
 
     print(format_summary(summary))
-    print(f"overall: {summary['overall']:.5f}")
+    overall = summary["overall"]
+    print(f"overall: {overall:.5f}" if overall is not None else "overall: - (no reward has a finite normalised mean)")
 
 
 def _load_pipeline(args):
@@ -255,8 +256,12 @@ def cmd_best_of_n(args) -> int:
     from miro.eval import paper_numbers as P
 
     cfg = _run_info(args.dir).get("config", {})
-    paper = P.best_of_n_reference(metrics) if P.paper_row(cfg.get("model"), cfg.get("variant")) else None
+    paper = P.best_of_n_reference(metrics, c["versions"]) if P.paper_row(cfg.get("model"), cfg.get("variant")) else None
     plots.plot_best_of_n(c, Path(args.dir) / "best_of_n.png", paper=paper)
+    if paper is not None:
+        for key, version in c["versions"].items():
+            if not P.comparable(key, version):
+                print(P.version_note(key, version))
     print(f"best-of-N selected by {args.select_by} ({c['mode']}, {c['n_prompts']} prompts, {c['candidates']} candidates)")
     for i, n in enumerate(c["n"]):
         print(f"N={n:<5} " + "  ".join(f"{k}={c['values'][k][i]:.4f}" for k in metrics))

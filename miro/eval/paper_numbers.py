@@ -99,11 +99,31 @@ def to_paper_unit(column: str, raw: float) -> float:
     return raw / 100.0 if unit == "raw/100" else raw
 
 
-def best_of_n_reference(reward_keys) -> dict[str, dict[str, dict[int, float]]]:
-    """The paper's best-of-N endpoints for our reward keys, converted to our raw-score units."""
+# The scorer version behind the paper's numbers, for rewards that come in versions whose scores
+# are not comparable: MIRO's evaluation (eval/rewards/reward_models.py) scores HPS v2.0, while
+# training, and our scorer by default, use v2.1 (rewards_and_geneval_facts.md, HPSv2).
+PAPER_VERSIONS = {"hpsv2_score": "v2.0"}
+
+
+def comparable(key: str, version: str | None) -> bool:
+    """Whether our ``key`` scores, made with scorer ``version``, sit on the paper's scale."""
+    need = PAPER_VERSIONS.get(key)
+    return need is None or version == need
+
+
+def version_note(key: str, version: str | None) -> str:
+    """Why ``key`` is left out of a paper comparison, and how to score it comparably."""
+    return (f"{key} was scored with version {version or '(not recorded)'}; the paper's numbers use "
+            f"{PAPER_VERSIONS[key]}, on another scale, so they are not shown beside it (score with "
+            f"--scorer-kwargs '{{\"{key}\": {{\"version\": \"{PAPER_VERSIONS[key]}\"}}}}' to compare).")
+
+
+def best_of_n_reference(reward_keys, versions: dict[str, str] | None = None) -> dict[str, dict[str, dict[int, float]]]:
+    """The paper's best-of-N endpoints for our reward keys, converted to our raw-score units;
+    keys scored with another scorer version than the paper's (``versions``) are left out."""
     out = {}
     for col, (key, unit) in REWARD_COLUMNS.items():
-        if key in reward_keys and col in BEST_OF_N:
+        if key in reward_keys and col in BEST_OF_N and comparable(key, (versions or {}).get(key)):
             scale = 100.0 if unit == "raw/100" else 1.0
             out[key] = {row: {n: v * scale for n, v in pts.items()} for row, pts in BEST_OF_N[col].items()}
     return out

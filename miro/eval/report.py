@@ -122,17 +122,23 @@ def _rewards_section(doc: _Doc, run: Path, outdir: Path, row: str | None):
     header = ["reward", "n", "mean", "std", "normalised mean"]
     if with_paper:
         header += ["ours in paper unit", f"paper: {row}", "paper: Baseline"]
-    rows = []
+    rows, notes = [], []
     for name, st in summ["rewards"].items():
-        r = [name, st["n"], st["mean"], st["std"], st["normalized_mean"]]
+        r = [f"{name} ({st['version']})" if st.get("version") else name, st["n"], st["mean"], st["std"],
+             st["normalized_mean"]]
         if with_paper:
             col = paper_cols.get(name)
-            r += [P.to_paper_unit(col, st["mean"]) if col else None, P.REWARDS[row].get(col) if col else None,
-                  P.REWARDS["Baseline"].get(col) if col else None]
+            if col and not P.comparable(name, st.get("version")):
+                notes.append(P.version_note(name, st.get("version")))
+                col = None
+            r += [P.to_paper_unit(col, st["mean"]) if col and st["mean"] is not None else None,
+                  P.REWARDS[row].get(col) if col else None, P.REWARDS["Baseline"].get(col) if col else None]
         rows.append(r)
     doc.table(header, rows)
     if with_paper:
         doc.p("Paper numbers: PartiPrompts, 256 px (MIRO project page). They apply when this run used PartiPrompts.")
+        for note in notes:
+            doc.p(note)
     names = list(summ["rewards"])
     tags = sorted({t for st in summ["rewards"].values() for t in st.get("by_tag", {})})
     if 1 < len(tags) <= 24:  # per category (GenEval tag, Parti category, CuRe MIA variant)
@@ -159,7 +165,7 @@ def _best_of_n_section(doc: _Doc, run: Path, outdir: Path, row: str | None):
     doc.h(2, f"Best-of-N (selected by {curve['select_by']}, {curve['mode']})")
     keys = list(curve["values"])
     doc.table(["N"] + keys, [[n] + [curve["values"][k][i] for k in keys] for i, n in enumerate(curve["n"])])
-    paper = P.best_of_n_reference(keys) if row else None
+    paper = P.best_of_n_reference(keys, curve.get("versions")) if row else None
     plots.plot_best_of_n(curve, outdir / "best_of_n.png", paper=paper)
     if paper:
         doc.p("Paper points (dashed): the MIRO project page's best-of-N endpoints, in our raw-score units.")

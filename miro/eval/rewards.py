@@ -2,9 +2,11 @@
 
 ``rewards.jsonl`` holds one line per (image, batch of scorers): ``filename`` (relative to the
 image folder), ``index``, ``sample``, ``tag``, ``prompt``, then for every scorer ``<name>`` (the
-raw score) and ``<name>_normalized`` (the value MIRO conditions on, ``Scorer.normalize``). Lines
-for the same image merge, so adding a scorer later appends only its columns, and a killed run
-resumes where it stopped. Unreadable images are skipped and counted, never scored.
+raw score) and ``<name>_normalized`` (the value MIRO conditions on, ``Scorer.normalize``), and
+``<name>_version`` for a scorer that comes in versions (HPS v2.0 / v2.1, whose scores are not
+comparable). Lines for the same image merge, so adding a scorer later appends only its columns,
+scoring again with another version of a scorer replaces its columns, and a killed run resumes
+where it stopped. Unreadable images are skipped and counted, never scored.
 """
 
 from __future__ import annotations
@@ -42,6 +44,24 @@ def default_scorers(root: str | Path | None = None, model: str | None = None) ->
     return [k for k in REWARD_KEYS if k in names]
 
 
+def scorer_version(scorer) -> str | None:
+    """The version a scorer records beside its scores (HPS: ``"v2.0"``/``"v2.1"``), or None."""
+    v = getattr(scorer, "version", None)
+    return str(v) if v is not None else None
+
+
+def recorded_versions(records: list[dict], names) -> dict[str, str]:
+    """name -> the scorer version recorded beside its scores (``"mixed"`` if they differ), for
+    the ``names`` that record one."""
+    merged = merge_records(records).values()
+    out = {}
+    for name in names:
+        versions = {r[f"{name}_version"] for r in merged if f"{name}_version" in r}
+        if versions:
+            out[name] = versions.pop() if len(versions) == 1 else "mixed"
+    return out
+
+
 def merge_records(records: list[dict]) -> dict[str, dict]:
     """filename -> the union of its lines (later lines win)."""
     merged: dict[str, dict] = {}
@@ -73,7 +93,9 @@ def score_folder(root: str | Path, scorers: dict, outfile: str | Path, batch_siz
         for path in entry.samples:
             n_images += 1
             fid = image_id(root, path)
-            missing = [n for n in scorers if n not in done.get(fid, {})]
+            rec = done.get(fid, {})
+            missing = [n for n in scorers
+                       if n not in rec or rec.get(f"{n}_version") != scorer_version(scorers[n])]
             if missing:
                 meta = {"filename": fid, "index": entry.index, "sample": int(path.stem), "tag": entry.tag,
                         "prompt": entry.prompt}
@@ -101,15 +123,17 @@ def score_folder(root: str | Path, scorers: dict, outfile: str | Path, batch_siz
                         counts["corrupt_files"].append(meta["filename"])
                 if images:
                     prompts = [m["prompt"] for m in metas]
-                    cols = {}
+                    cols, versions = {}, {}
                     with torch.no_grad():
                         for name in names:
                             sc = scorers[name]
                             raw = sc.score(images, prompts).detach().float().cpu()
                             cols[name] = raw.tolist()
                             cols[f"{name}_normalized"] = sc.normalize(raw).float().tolist()
+                            if scorer_version(sc) is not None:
+                                versions[f"{name}_version"] = scorer_version(sc)
                     for k, meta in enumerate(metas):
-                        out.write({**meta, **{c: float(v[k]) for c, v in cols.items()}})
+                        out.write({**meta, **{c: float(v[k]) for c, v in cols.items()}, **versions})
                         counts["scored"] += 1
                 bar.update(len(batch))
     bar.close()
@@ -149,6 +173,9 @@ def summarize(records: list[dict]) -> dict:
         tags = sorted({r.get("tag", "prompt") for r in rows})
         st["by_tag"] = {t: _stats([r[name] for r in rows if r.get("tag", "prompt") == t]) for t in tags}
         st["normalized_mean"] = nst["mean"]
+        version = recorded_versions(rows, [name]).get(name)
+        if version:
+            st["version"] = version
         out["rewards"][name] = st
         if nst["mean"] is not None:
             norms.append(min(1.0, max(0.0, nst["mean"])))
@@ -178,12 +205,16 @@ def mia_deltas(merged: dict[str, dict], base: str = "item") -> dict:
     return out
 
 
+def _fmt(x) -> str:
+    return f"{x:.4f}" if x is not None else "-"  # None: no finite value to average
+
+
 def format_summary(summary: dict) -> str:
     lines = [f"{'reward':<28} {'n':>6} {'mean':>10} {'std':>10} {'norm.mean':>10}"]
     for name, st in summary["rewards"].items():
-        nm = st["normalized_mean"]
-        lines.append(f"{name:<28} {st['n']:>6} {st['mean']:>10.4f} {st['std']:>10.4f} "
-                     f"{(f'{nm:.4f}' if nm is not None else '-'):>10}")
+        label = f"{name} ({st['version']})" if st.get("version") else name
+        lines.append(f"{label:<28} {st['n']:>6} {_fmt(st['mean']):>10} {_fmt(st['std']):>10} "
+                     f"{_fmt(st['normalized_mean']):>10}")
     return "\n".join(lines)
 
 

@@ -111,6 +111,18 @@ def test_bfloat16_returns_float32_close_to_float32(clip_dir, images):
     assert (bf16 - f32).abs().max() < 0.25
 
 
+def test_the_logit_scale_stays_float32_in_bfloat16(tmp_path):
+    # exp(ln 100) from a bf16-rounded parameter is 98.86: a 1 % bias on every PickScore.
+    from miro.rewards import load_scorer
+
+    d = save_tiny_clip(tmp_path / "pick", seed=2, logit_scale=math.log(100.0))
+    s = load_scorer("pick_a_score_score", model=str(d), tokenizer=str(d), image_size=32, device="cpu",
+                    dtype="bfloat16")
+    assert s.backbone.logit_scale().dtype == torch.float32
+    assert s.backbone.logit_scale().item() == pytest.approx(100.0, rel=1e-6)
+    assert s.backbone.model.logit_scale.dtype == torch.bfloat16  # the model itself is cast
+
+
 def test_jina_needs_explicit_remote_code_opt_in(tmp_path):
     from miro.rewards import load_scorer
 

@@ -134,9 +134,20 @@ def test_vqascore_is_probability_of_yes(vqa_repos, vqa):
     full_dir, lean_dir, tok_dir, tower_dir, sd, config = vqa_repos
     s = vqa
     imgs = _images()
+    from miro.rewards.vqascore import jpeg_roundtrip
+
     score = s.score(imgs, PROMPTS)
-    ref, labels = _reference(sd, config, tok_dir, tower_dir, s.transform(imgs), PROMPTS)
+    # as MIRO hands t2v_metrics JPEG files: PIL images are scored after a quality-75 round trip
+    ref, labels = _reference(sd, config, tok_dir, tower_dir, s.transform(jpeg_roundtrip(imgs, 75)), PROMPTS)
     torch.testing.assert_close(score, ref, rtol=1e-4, atol=1e-6)
+    s.jpeg_quality = None
+    try:
+        plain = s.score(imgs, PROMPTS)
+    finally:
+        s.jpeg_quality = 75
+    torch.testing.assert_close(plain, _reference(sd, config, tok_dir, tower_dir, s.transform(imgs), PROMPTS)[0],
+                               rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(plain, score)
     assert ((score > 0) & (score < 1)).all() and score.std() > 0
     assert labels[0].tolist() == [s.tokenizer.convert_tokens_to_ids("▁Yes"), 1]  # [▁Yes, </s>]
     torch.testing.assert_close(s.normalize(score), score)
@@ -149,10 +160,12 @@ def test_checkpoint_without_vision_tower_loads_it_from_config(vqa_repos, vqa):
 
 
 def test_score_is_geometric_mean_of_label_token_probabilities(vqa):
+    from miro.rewards.vqascore import jpeg_roundtrip
+
     s = vqa
     imgs = _images()
     chunks, labels = s.encode_text(PROMPTS)
-    logp = s.model.answer_log_probs(s.transform(imgs), chunks, labels, vocab_size=len(s.tokenizer))
+    logp = s.model.answer_log_probs(s.transform(jpeg_roundtrip(imgs, 75)), chunks, labels, vocab_size=len(s.tokenizer))
     yes = s.score(imgs, PROMPTS)
     torch.testing.assert_close(yes, logp.mean(-1).exp())
     # the answer template changes the label and therefore the score
@@ -180,7 +193,11 @@ def test_tensor_path_pads_to_square_and_keeps_gradients(vqa):
     pil = _images()[1:2]  # 40 x 28: expand2square pads with the CLIP mean colour
     x = torch.from_numpy(np.asarray(pil[0], dtype=np.float32) / 255).permute(2, 0, 1)[None].requires_grad_(True)
     r = s.score(x, PROMPTS[:1])
-    torch.testing.assert_close(r, s.score(pil, PROMPTS[:1]), rtol=2e-3, atol=1e-4)
+    s.jpeg_quality = None  # the tensor path never goes through JPEG
+    try:
+        torch.testing.assert_close(r, s.score(pil, PROMPTS[:1]), rtol=2e-3, atol=1e-4)
+    finally:
+        s.jpeg_quality = 75
     r.sum().backward()
     assert x.grad.abs().sum() > 0
 
@@ -188,9 +205,18 @@ def test_tensor_path_pads_to_square_and_keeps_gradients(vqa):
 def test_text_cleaning_as_miro():
     from miro.rewards.vqascore import clean_text
 
-    assert clean_text("```json\n<caption>a red dog</caption>\n```") == "a red dog"
+    # MIRO's utils/rewards/vqa_scores.py: fenced blocks go with their content, an unclosed fence
+    # takes the rest, tags become spaces, stray backticks go, 2+ whitespace runs become one space
+    assert clean_text("```json\n<caption>a red dog</caption>\n```") == ""
+    assert clean_text("a cat ```python\nprint(1)\n``` on a mat") == "a cat on a mat"
+    assert clean_text("a dog ```json\n{") == "a dog"
+    assert clean_text("a `red` dog") == "a red dog"
     assert clean_text("two  cats <PERSON> on a mat") == "two cats on a mat"
+    assert clean_text("a\nb") == "a\nb"  # a single newline is not a run
     with pytest.raises(ValueError, match="question_template"):
         from miro.rewards.vqascore import VQAScore
 
         VQAScore(question_template="no placeholder")
+    for bad in (0, 96, 7.5, True):
+        with pytest.raises(ValueError, match=rf"jpeg_quality must be None .*; got {bad!r}"):
+            VQAScore(jpeg_quality=bad)

@@ -19,11 +19,14 @@ square with the CLIP mean colour (``expand2square``), then resized (336, bicubic
 Checkpoint names follow ``CLIPT5ForConditionalGeneration`` (see tests/fixtures/rewards): T5 names,
 ``mm_projector.{0,2}.*``, and, when saved, ``vision_tower.vision_tower[.vision_model].*``; when the
 vision tower is not in the checkpoint it is loaded from ``config.mm_vision_tower``, as the
-reference loader does. MIRO cleans the text first (code fences and ``<…>`` tags removed).
+reference loader does. MIRO cleans the text first (fenced code blocks with their content, ``<…>``
+tags and backticks removed) and scores PIL images after a round trip through JPEG files (PIL's
+default quality, 75), as its ``utils/rewards/vqa_scores.py`` hands t2v_metrics file paths.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
@@ -54,10 +57,27 @@ def format_question(question: str) -> str:
 
 
 def clean_text(text: str) -> str:
-    """MIRO's cleaning before VQAScore: drop code-fence markers and ``<…>`` tags, squeeze spaces."""
-    text = re.sub(r"```[A-Za-z0-9_-]*", " ", text)
-    text = re.sub(r"<[^<>]*>", " ", text)
-    return re.sub(r"\s+", " ", text).strip()
+    """MIRO's cleaning before VQAScore (``utils/rewards/vqa_scores.py``): fenced code blocks are
+    dropped with their content (an unclosed fence drops the rest of the text), ``<…>`` tags become
+    spaces, remaining backticks go, runs of two or more whitespace characters become one space."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    text = re.sub(r"```.*", "", text, flags=re.S)
+    text = re.sub(r"<[^>]+>", " ", text).replace("`", "")
+    return re.sub(r"\s{2,}", " ", text).strip()
+
+
+def jpeg_roundtrip(images, quality: int) -> list:
+    """PIL images saved as JPEG at ``quality`` and read back, as MIRO's scorer does through files."""
+    from PIL import Image
+
+    out = []
+    for im in images:
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, format="JPEG", quality=quality)
+        buf.seek(0)
+        with Image.open(buf) as j:
+            out.append(j.convert("RGB"))
+    return out
 
 
 class ClipFlanT5(nn.Module):
@@ -197,10 +217,15 @@ class VQAScore(Scorer):
 
     def __init__(self, model: str = CLIP_FLANT5_XXL, *, tokenizer: str = FLAN_T5_XXL, vision_tower: str | None = None,
                  question_template: str = QUESTION_TEMPLATE, answer_template: str = ANSWER_TEMPLATE,
-                 clean_prompts: bool = True, device=None, dtype=None, revision=None, local_files_only=False,
-                 batch_size: int = 8):
+                 clean_prompts: bool = True, jpeg_quality: int | None = 75, device=None, dtype=None, revision=None,
+                 local_files_only=False, batch_size: int = 8):
         if int(batch_size) <= 0:
             raise ValueError(f"batch_size must be positive; got {batch_size!r}")
+        if jpeg_quality is not None and (isinstance(jpeg_quality, bool) or not isinstance(jpeg_quality, int)
+                                         or not 1 <= jpeg_quality <= 95):
+            raise ValueError(f"jpeg_quality must be None (no JPEG round trip) or an integer in [1, 95]; "
+                             f"got {jpeg_quality!r}")
+        self.jpeg_quality = jpeg_quality
         if "{}" not in question_template:
             raise ValueError(f"question_template must contain '{{}}' for the prompt; got {question_template!r}")
         self.model_name, self.tokenizer_name, self.vision_tower = str(model), tokenizer, vision_tower
@@ -252,6 +277,8 @@ class VQAScore(Scorer):
         for chunk, ps in paired_batches(images, prompts, self.batch_size):
             chunks, labels = self.encode_text(ps)
             labels = labels.to(self.device)
+            if self.jpeg_quality is not None and not isinstance(chunk, torch.Tensor):
+                chunk = jpeg_roundtrip(chunk, self.jpeg_quality)  # a tensor keeps its gradients instead
             px = self.transform(chunk, device=self.device, dtype=self.dtype)
             logp = self.model.answer_log_probs(px, chunks, labels, vocab_size=len(self.tokenizer))
             valid = labels != -100

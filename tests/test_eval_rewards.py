@@ -263,3 +263,17 @@ def test_a_reward_without_finite_values_summarises_as_a_dash(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[1].split() == ["aesthetic_score", "0", "-", "-", "-"]
     assert out[-1].startswith("overall: - ")
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "a", ', "line 1 is not JSON"),
+    ('["a"]', "line 1 must be a JSON object"),
+])
+def test_a_malformed_metadata_line_names_its_file(tmp_path, capsys, line, message):
+    from miro.eval.cli import main
+
+    root = make_folder(tmp_path / "imgs", [[0]])
+    (root / "00000" / "metadata.jsonl").write_text(line + "\n")
+    assert main(["rewards", str(root), "--scorers", "shapes_sharpness"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and str(root / "00000" / "metadata.jsonl") in err and message in err, err

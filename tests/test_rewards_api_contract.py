@@ -134,3 +134,13 @@ def test_sampler_takes_numpy_scales():
     for bad in (dict(guidance_scale=True), dict(reward_guidance_scale=np.float32("nan"))):
         with pytest.raises(ValueError, match="must be a finite number"):
             run(bad.get("guidance_scale", 3.0), bad.get("reward_guidance_scale", 7.0))
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.5])
+def test_every_published_scorer_rejects_a_bad_batch_size_before_loading(bad):
+    from miro import REWARD_KEYS
+
+    for key in REWARD_KEYS:
+        extra = {"trust_remote_code": True} if key == "clip_score" else {}  # jina-clip-v2's opt-in
+        with pytest.raises(ValueError, match=rf"^batch_size must be a positive integer; got {bad!r}$"):
+            load_scorer(key, batch_size=bad, **extra)

@@ -114,6 +114,11 @@ def test_bad_inputs_raise_clear_errors():
         t(torch.rand(3, 8, 8))
     with pytest.raises(ValueError, match="floating point"):
         t(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+    for lo, hi in ((-1.0, 1.0), (0.0, 255.0)):  # [-1, 1] or 0-255 floats would be scored silently wrong
+        x = torch.linspace(lo, hi, 3 * 64).view(1, 3, 8, 8)
+        with pytest.raises(ValueError, match=rf"values must be in \[0, 1\]; got \[{lo:.4g}, {hi:.4g}\]"):
+            t(x)
+    t(torch.linspace(-0.005, 1.005, 3 * 64).view(1, 3, 8, 8))  # rounding slack is accepted
     with pytest.raises(ValueError, match="PIL image"):
         t(["not an image"])
     with pytest.raises(ValueError, match="resize="):

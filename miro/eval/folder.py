@@ -45,7 +45,13 @@ def read_folder(root: str | Path) -> list[FolderEntry]:
         lines = [ln for ln in meta_path.read_text(encoding="utf-8").splitlines() if ln.strip()]
         if not lines:
             continue
-        meta = json.loads(lines[0])
+        try:
+            meta = json.loads(lines[0])
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{meta_path}: line 1 is not JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{meta_path}: line 1 must be a JSON object (with a \"prompt\"); "
+                             f"got {type(meta).__name__}")
         samples = sorted((d / "samples").glob("*.png"), key=lambda p: (len(p.stem), p.stem))
         samples = [p for p in samples if p.stem.isdigit()]
         entries.append(FolderEntry(int(d.name), meta, samples))

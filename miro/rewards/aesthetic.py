@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from miro.rewards.base import Scorer, check_prompts, register
+from miro.rewards.base import Scorer, check_batch_size, check_prompts, register
 from miro.rewards.clip_base import ClipBackbone
 from miro.rewards.preprocess import batches, num_images
 from miro.rewards.weights import is_url, load_state_dict, load_strict, resolve_file, snapshot_dir
@@ -83,6 +83,7 @@ class AestheticScorer(Scorer):
 
     def __init__(self, backbone: ClipBackbone, mlp_weights: str | None = None, *, mlp_filename: str | None = None,
                  local_files_only: bool = False, batch_size: int = 32):
+        batch_size = check_batch_size(batch_size)
         self.backbone = backbone
         self.mlp_weights = None if mlp_weights is None else str(mlp_weights)
         self.mlp_filename = mlp_filename

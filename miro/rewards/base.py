@@ -44,6 +44,15 @@ def images_to_tensor(images, size: int | None = None) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
+def check_batch_size(batch_size) -> int:
+    """``batch_size`` as an int if it is a positive integer (not a bool or a float); else a ValueError."""
+    import numbers
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+    return int(batch_size)
+
+
 def check_prompts(prompts, n: int, scorer: str | None = None) -> list[str]:
     """Validate prompts for a batch of n images (one prompt broadcast to all is allowed).
 

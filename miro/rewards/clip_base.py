@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from miro.rewards.base import Scorer, check_prompts
+from miro.rewards.base import Scorer, check_batch_size, check_prompts
 from miro.rewards.preprocess import ImageTransform, batches, num_images, paired_batches
 from miro.rewards.weights import resolve_device, resolve_dtype
 
@@ -160,8 +160,7 @@ class ClipLikeScorer(Scorer):
     divisor: float = 1.0  # normalize(raw) = raw / divisor
 
     def __init__(self, backbone: ClipBackbone, *, batch_size: int = 32):
-        if int(batch_size) <= 0:
-            raise ValueError(f"batch_size must be positive; got {batch_size!r}")
+        batch_size = check_batch_size(batch_size)
         self.backbone = backbone
         self.batch_size = int(batch_size)
 

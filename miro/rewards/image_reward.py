@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from miro.rewards.aesthetic import AestheticMLP
-from miro.rewards.base import Scorer, check_prompts, register
+from miro.rewards.base import Scorer, check_batch_size, check_prompts, register
 from miro.rewards.preprocess import ImageTransform, num_images, paired_batches
 from miro.rewards.weights import build_and_load, load_state_dict, resolve_device, resolve_dtype, resolve_file
 
@@ -150,8 +150,7 @@ class ImageReward(Scorer):
     def __init__(self, model: str = IMAGE_REWARD_REPO, *, med_config=None, tokenizer: str = BERT_BASE_UNCASED,
                  vision: dict | None = None, device=None, dtype=None, revision=None, local_files_only=False,
                  batch_size: int = 32):
-        if int(batch_size) <= 0:
-            raise ValueError(f"batch_size must be positive; got {batch_size!r}")
+        batch_size = check_batch_size(batch_size)
         self.model_name, self.med_config, self.tokenizer_name, self.vision = str(model), med_config, tokenizer, vision
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
         self.revision, self.local_files_only, self.batch_size = revision, local_files_only, int(batch_size)

@@ -159,6 +159,12 @@ class ImageTransform:
             raise ValueError(f"image tensor must have shape (B, 3, H, W); got {shape}")
         if not x.is_floating_point():
             raise ValueError(f"image tensor must be floating point with values in [0, 1]; got dtype {x.dtype}")
+        if x.numel():
+            lo, hi = (float(v) for v in torch.aminmax(x.detach()))
+            # 1 % slack for rounding; a [-1, 1] or 0-255 batch would otherwise be scored silently wrong
+            if not (lo >= -0.01 and hi <= 1.01):
+                raise ValueError(f"image tensor values must be in [0, 1]; got [{lo:.4g}, {hi:.4g}] "
+                                 "(map [-1, 1] images with x / 2 + 0.5, 0-255 ones with x / 255)")
         x = x.to(device=device if device is not None else x.device, dtype=torch.float32)
         s = self.size
         if self.pad_to_square is not None:

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from miro.rewards.base import Scorer, check_prompts, register
+from miro.rewards.base import Scorer, check_batch_size, check_prompts, register
 from miro.rewards.preprocess import OPENAI_CLIP_MEAN, ImageTransform, num_images, paired_batches
 from miro.rewards.weights import build_and_load, load_state_dict, resolve_device, resolve_dtype, snapshot_dir
 
@@ -219,8 +219,7 @@ class VQAScore(Scorer):
                  question_template: str = QUESTION_TEMPLATE, answer_template: str = ANSWER_TEMPLATE,
                  clean_prompts: bool = True, jpeg_quality: int | None = 75, device=None, dtype=None, revision=None,
                  local_files_only=False, batch_size: int = 8):
-        if int(batch_size) <= 0:
-            raise ValueError(f"batch_size must be positive; got {batch_size!r}")
+        batch_size = check_batch_size(batch_size)
         if jpeg_quality is not None and (isinstance(jpeg_quality, bool) or not isinstance(jpeg_quality, int)
                                          or not 1 <= jpeg_quality <= 95):
             raise ValueError(f"jpeg_quality must be None (no JPEG round trip) or an integer in [1, 95]; "

@@ -30,13 +30,12 @@ costs one detection.
 
 from __future__ import annotations
 
-import numbers
 
 import numpy as np
 import torch
 
 from miro.eval.geneval_rules import Detection, relative_position
-from miro.rewards.base import Scorer, check_prompts, register
+from miro.rewards.base import Scorer, check_batch_size, check_prompts, register
 from miro.rewards.weights import resolve_dtype
 from miro.shapes import world as W
 from miro.shapes.captions import parse_caption
@@ -225,9 +224,7 @@ class ShapesScorer(Scorer):
                 raise ValueError(f"device={device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:0')") from None
         self.requested_device = device
         self.requested_dtype = None if dtype is None else resolve_dtype(dtype)  # raises naming bad names
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
-        self.batch_size = int(batch_size)
+        self.batch_size = check_batch_size(batch_size)
         self.revision = revision
         self.local_files_only = bool(local_files_only)
 

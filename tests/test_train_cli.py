@@ -40,6 +40,41 @@ def test_every_experiment_composes_and_maps_variants():
     no_clip = OmegaConf.to_container(cli.compose(["experiment=no_clip"]), resolve=True)
     assert "clip_score" not in no_clip["rewards"]["keys"] and len(no_clip["rewards"]["keys"]) == 6
     assert OmegaConf.to_container(cli.compose(["experiment=multi_cad"]))["data"]["synthetic_caption_rate"] == 0.0
+    # the paper's original-caption rows: the specialists and its "Baseline"
+    for name in ("only_clip", "only_vqa", "baseline_cad"):
+        c = OmegaConf.to_container(cli.compose([f"experiment={name}"]), resolve=True)
+        assert c["data"]["synthetic_caption_rate"] == 0.0 and c["data"]["global_batch_size"] == 1024, name
+    base = OmegaConf.to_container(cli.compose(["experiment=baseline_cad"]), resolve=True)
+    assert base["rewards"]["uninformative"] is True and base["variant_name"] is None
+
+
+@pytest.mark.parametrize("exp, computer, accum, per_rank", [
+    ("multi_cad_synth", "slurm_2x8", 1, 64),   # the release: 16 GPUs x 64
+    ("multi_cad_synth", "gpu8", 2, 64),        # the published fallback: 8 GPUs, accumulation 2
+    ("multi_cad_synth", "gpu1", 16, 64),
+    ("only_clip", "gpu8", 2, 64),
+    ("shapes_miro", "gpu1", 1, 64),            # no micro-batch: the whole share in one forward
+    ("shapes_miro", "gpu8", 1, 8),
+])
+def test_accumulation_follows_the_micro_batch(exp, computer, accum, per_rank):
+    cfg = OmegaConf.to_container(cli.compose([f"experiment={exp}", f"computer={computer}"]), resolve=True)
+    assert (pf.accumulation(cfg), pf.per_rank_batch(cfg)) == (accum, per_rank)
+    ranks = cfg["computer"]["devices"] * cfg["computer"]["num_nodes"]
+    assert accum * per_rank * ranks == cfg["data"]["global_batch_size"]
+
+
+def test_explicit_accumulation_wins_and_a_bad_micro_batch_is_named():
+    cfg = OmegaConf.to_container(cli.compose(["experiment=multi_cad_synth", "computer=gpu1",
+                                              "trainer.accumulate_grad_batches=4"]), resolve=True)
+    assert (pf.accumulation(cfg), pf.per_rank_batch(cfg)) == (4, 256)
+    cfg = OmegaConf.to_container(cli.compose(["experiment=multi_cad_synth", "computer=gpu1",
+                                              "trainer.micro_batch_size=48"]), resolve=True)
+    with pytest.raises(ValueError, match=r"global_batch_size=1024 over 1 device\(s\) does not split into "
+                                         r"micro-batches of trainer.micro_batch_size=48"):
+        pf.accumulation(cfg)
+    cfg["trainer"]["micro_batch_size"] = 0
+    with pytest.raises(ValueError, match="trainer.micro_batch_size=0"):
+        pf.accumulation(cfg)
 
 
 def test_seed_keys_override_and_batch_check():
@@ -47,7 +82,7 @@ def test_seed_keys_override_and_batch_check():
         "experiment=multi_cad_synth", "computer=gpu8", "computer.devices=4", "computer.num_nodes=2",
         "computer.precision=bf16-mixed", "data_dir=/data", "experiment_name=x", "root_dir=/r"]), resolve=True)
     assert cfg["checkpoint_dir"] == "/r/miro/checkpoints/x" and cfg["data_dir"] == "/data"
-    assert pf.per_rank_batch(cfg) == 1024 // 8
+    assert pf.accumulation(cfg) == 2 and pf.per_rank_batch(cfg) == 1024 // 8 // 2  # micro-batches of 64
     cfg["data"]["global_batch_size"] = 1001
     with pytest.raises(ValueError, match="not divisible"):
         pf.per_rank_batch(cfg)

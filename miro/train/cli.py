@@ -25,7 +25,7 @@ import re
 import sys
 from pathlib import Path
 
-from miro.train.preflight import (_max_time, model_config, per_rank_batch, preflight, remove_stale_temps,
+from miro.train.preflight import (_max_time, accumulation, model_config, per_rank_batch, preflight, remove_stale_temps,
                                   replace_old_checkpoints)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -166,7 +166,7 @@ def build(cfg: dict, plan: dict | None = None):
                                             None if il.get("weights", "ema") == "raw" else 0))
     logger = _logger(cfg["logger"], ckpt_dir)
     strategy = comp["strategy"]
-    accum = int(cfg["trainer"].get("accumulate_grad_batches", 1))
+    accum = accumulation(cfg)
     if strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
@@ -183,7 +183,7 @@ def build(cfg: dict, plan: dict | None = None):
     trainer = Trainer(accelerator=comp["accelerator"], devices=comp["devices"], num_nodes=comp["num_nodes"],
                       max_time=_max_time(tr.get("max_time")),
                       precision=comp["precision"], strategy=strategy, max_steps=int(tr["max_steps"]),
-                      accumulate_grad_batches=int(tr.get("accumulate_grad_batches", 1)),
+                      accumulate_grad_batches=accum,
                       gradient_clip_val=tr.get("gradient_clip_val"), log_every_n_steps=int(tr["log_every_n_steps"]),
                       callbacks=callbacks, logger=logger, use_distributed_sampler=False, default_root_dir=str(ckpt_dir),
                       enable_progress_bar=bool(tr.get("progress_bar", True)), limit_val_batches=0,

@@ -40,9 +40,33 @@ def model_config(cfg: dict) -> dict:
     return mc
 
 
-def per_rank_batch(cfg: dict) -> int:
+def accumulation(cfg: dict) -> int:
+    """Gradient-accumulation steps: ``trainer.accumulate_grad_batches`` when set, else derived from
+    ``trainer.micro_batch_size`` (the most samples one device takes per forward, a property of the
+    model's memory): the per-device share of ``data.global_batch_size`` over it, which must divide
+    the share; 1 without either."""
+    tr = cfg["trainer"]
+    if tr.get("accumulate_grad_batches") is not None:
+        return _int_key(cfg, "trainer.accumulate_grad_batches", 1)
+    if tr.get("micro_batch_size") is None:
+        return 1
+    micro = _int_key(cfg, "trainer.micro_batch_size", 1)
     devices, nodes = _int_key(cfg, "computer.devices", 1), _int_key(cfg, "computer.num_nodes", 1)
-    accum = _int_key(cfg, "trainer.accumulate_grad_batches", 1) if "accumulate_grad_batches" in cfg["trainer"] else 1
+    gbs = _int_key(cfg, "data.global_batch_size", 1)
+    ranks = devices * nodes
+    if gbs % ranks or gbs // ranks <= micro:  # (an uneven split is per_rank_batch's error)
+        return 1
+    if (gbs // ranks) % micro:
+        raise ValueError(f"data.global_batch_size={gbs} over {ranks} device(s) does not split into micro-batches "
+                         f"of trainer.micro_batch_size={micro}; pick a micro-batch that divides {gbs // ranks}, "
+                         f"or set trainer.accumulate_grad_batches")
+    return gbs // ranks // micro
+
+
+def per_rank_batch(cfg: dict) -> int:
+    """Samples per device per forward: ``data.global_batch_size`` / (devices x nodes x accumulation)."""
+    devices, nodes = _int_key(cfg, "computer.devices", 1), _int_key(cfg, "computer.num_nodes", 1)
+    accum = accumulation(cfg)
     gbs = _int_key(cfg, "data.global_batch_size", 1)
     if gbs % (devices * nodes * accum):
         raise ValueError(f"data.global_batch_size={gbs} is not divisible by devices x nodes x accumulation "

@@ -251,3 +251,34 @@ def test_release_recipe_path_with_latents_and_t5(tmp_path):
     assert pipe.coherence_keys == tuple(REWARD_KEYS) and set(pipe.reward_bins.edges) == set(REWARD_KEYS)
     img = pipe("a red circle", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
     assert img.shape == (1, 8, 8, 3)  # 4x4 latents decoded by the x2 tiny VAE
+
+
+def test_the_empty_prompt_embedding_comes_from_a_file_without_loading_the_encoder(tmp_path):
+    """At full scale the training job should not hold FLAN-T5-XL: with precomputed text, the
+    empty prompt's embedding is read from ``text_uncond`` (or the testbed's uncond file)."""
+    data = write_tiny_shards(tmp_path / "data")
+    uncond = np.random.default_rng(0).standard_normal((2, 384)).astype(np.float16)
+    np.save(tmp_path / "uncond.npy", uncond)
+    ov = tiny_overrides(data, tmp_path / "run", extra=["data.text_source=precomputed",
+                                                       f"text_uncond={tmp_path / 'uncond.npy'}"])
+    module, dm, trainer, _ = cli.build(OmegaConf.to_container(cli.compose(ov), resolve=True))
+    torch.testing.assert_close(module.uncond_embedding, torch.from_numpy(uncond).float(), rtol=0, atol=0)
+    assert module._text_encoder.model is None  # built lazily, never loaded
+    # the testbed's precomputed folder is the fallback source
+    from miro.train.testbed import main as testbed_main
+
+    (tmp_path / "tb").mkdir()
+    (tmp_path / "tb" / "prompts.txt").write_text("a photo of a red circle\n")
+    assert testbed_main(["precompute", "--testbed", str(tmp_path / "tb"), "--encoder", "minilm",
+                         "--out", str(tmp_path / "emb")]) == 0
+    cfg = OmegaConf.to_container(cli.compose(tiny_overrides(data, tmp_path / "run2", extra=[
+        f"image_logger.embeddings_dir={tmp_path / 'emb'}"])), resolve=True)
+    assert pf.uncond_source(cfg) == tmp_path / "emb" / "uncond.minilm_embeddings.npy"
+    # a missing file, or one of another text width, is named
+    with pytest.raises(ValueError, match=r"text_uncond=.*missing.npy is not a file"):
+        pf.preflight(OmegaConf.to_container(cli.compose(tiny_overrides(data, tmp_path / "run3", extra=[
+            f"text_uncond={tmp_path / 'missing.npy'}"])), resolve=True))
+    np.save(tmp_path / "wide.npy", np.zeros((2, 512), np.float16))
+    with pytest.raises(ValueError, match=r"wide.npy holds an array of shape \(2, 512\); .* \(tokens, 384\)"):
+        pf.preflight(OmegaConf.to_container(cli.compose(tiny_overrides(data, tmp_path / "run4", extra=[
+            f"text_uncond={tmp_path / 'wide.npy'}"])), resolve=True))

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from miro.train.preflight import (_max_time, accumulation, model_config, per_rank_batch, preflight, remove_stale_temps,
-                                  replace_old_checkpoints)
+                                  replace_old_checkpoints, uncond_source)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -128,8 +128,10 @@ def build(cfg: dict, plan: dict | None = None):
         raise ValueError(str(e).replace("`reward_keys`", "`rewards.keys`")) from None
     from miro.encoders import load_text_encoder
 
-    # Needed for the null-text embedding (text dropout, CFG) and for on-the-fly captions.
+    # Built lazily: its weights load only for on-the-fly captions, a testbed without precomputed
+    # embeddings, or the empty prompt's embedding when no file holds it (uncond_source).
     text_encoder = load_text_encoder(mc.get("text_encoder", "minilm"), max_length=int(mc.get("max_text_len", 77)))
+    uncond = _uncond_embedding(cfg, text_encoder)
     hparams = {
         "model_config": mc,
         "loss": dict(cfg["loss"]),
@@ -146,7 +148,7 @@ def build(cfg: dict, plan: dict | None = None):
         "variant_name": cfg.get("variant_name"),
         "data": {k: v for k, v in dcfg.__dict__.items()},
     }
-    module = MiroLightningModule(hparams, uncond_embedding=text_encoder.uncond_embedding().cpu())
+    module = MiroLightningModule(hparams, uncond_embedding=uncond)
     ckpt = plan["resume"]
     if cfg.get("init_from") and ckpt is None:  # a resumed run already holds its own weights
         module.init_source = module.load_initial_weights(str(cfg["init_from"]), str(cfg.get("init_weights", "ema")),
@@ -189,6 +191,18 @@ def build(cfg: dict, plan: dict | None = None):
                       enable_progress_bar=bool(tr.get("progress_bar", True)), limit_val_batches=0,
                       num_sanity_val_steps=0, plugins=[AtomicCheckpointIO()])
     return module, dm, trainer, ckpt
+
+
+def _uncond_embedding(cfg: dict, text_encoder):
+    """The empty prompt's embedding (L, E) float32: from :func:`uncond_source`'s file, else encoded."""
+    import numpy as np
+    import torch
+
+    path = uncond_source(cfg)  # shape checked there, in the pre-flight
+    if path is None:
+        return text_encoder.uncond_embedding().float().cpu()
+    arr = np.load(path, allow_pickle=False)
+    return torch.from_numpy(arr.reshape(arr.shape[-2:]).astype(np.float32))
 
 
 def _logger(name, ckpt_dir: Path):

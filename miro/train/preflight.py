@@ -361,6 +361,41 @@ def check_checkpoint_dir(cfg: dict) -> dict:
     return {"resume": None, "resume_step": None, "replace": old}
 
 
+def uncond_source(cfg: dict) -> Path | None:
+    """The file holding the empty prompt's embedding for a fresh run: ``text_uncond`` when set, else
+    the testbed's ``uncond.<schema>_embeddings.npy`` in ``image_logger.embeddings_dir`` (written by
+    ``miro testbed precompute``) when there is one; None: the text encoder computes it, which loads
+    the encoder (FLAN-T5-XL at full scale) into the training job."""
+    import numpy as np
+
+    from miro.data.schema import text_embedding_name
+
+    mc = model_config(cfg)
+    if cfg.get("text_uncond"):
+        path = Path(str(cfg["text_uncond"]))
+        if not path.is_file():
+            raise ValueError(f"text_uncond={_show(cfg['text_uncond'])} is not a file; give the .npy of the empty "
+                             "prompt's embedding (e.g. the uncond file of `miro testbed precompute`) or null")
+    else:
+        il = cfg.get("image_logger") or {}
+        if not il.get("embeddings_dir"):
+            return None
+        path = Path(str(il["embeddings_dir"])) / f"uncond.{text_embedding_name(mc.get('text_encoder', 'minilm'))}"
+        if not path.is_file():
+            return None
+    try:
+        shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable .npy file ({e})") from None
+    width = int(mc["network"]["label_dim"])
+    if len(shape) == 3 and shape[0] == 1:
+        shape = shape[1:]
+    if len(shape) != 2 or shape[1] != width or shape[0] < 1:
+        raise ValueError(f"{path} holds an array of shape {tuple(shape)}; the empty prompt's embedding must be "
+                         f"(tokens, {width}) for this model's text width (label_dim)")
+    return path
+
+
 def preflight(cfg: dict) -> dict:
     """Every check that needs no data indexing, bin fitting or model building, in that order:
     config values, ``data_dir``, then the checkpoint folder (:func:`check_checkpoint_dir`, whose
@@ -369,6 +404,7 @@ def preflight(cfg: dict) -> dict:
     check_data(cfg)
     check_optimization(cfg)
     model_config(cfg)  # the model name and rewards.keys
+    uncond_source(cfg)
     data_dir = cfg.get("data_dir")
     if not data_dir or not Path(str(data_dir)).exists():
         raise ValueError(f"data_dir={_show(data_dir)} does not exist (set data_dir= or MIRO_DATA_DIR)")

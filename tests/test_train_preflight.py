@@ -228,3 +228,17 @@ def test_resume_start_line_names_the_step(data_dir, tmp_path, capsys):
     torch.set_num_threads(n)
     out = capsys.readouterr().out
     assert f"resuming from {d / 'last.ckpt'} at step 6" in out and "(step 6)" in out
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without CUDA")
+def test_a_gpu_config_is_refused_before_any_work_but_dry_runs_with_a_note(tmp_path, capsys):
+    data_dir = write_tiny_shards(tmp_path / "data", n_shards=1, per=16)  # unindexed: nothing may touch it
+    ov = tiny_overrides(data_dir, tmp_path / "run", extra=["computer=gpu1", "computer.threads=1"])
+    assert cli.main(ov) == 2
+    assert _err_line(capsys) == ("computer.accelerator=gpu (1 GPU(s) x 1 node(s)) but this machine has no CUDA "
+                                 "device; use computer=cpu here")
+    _nothing_written(tmp_path / "run", data_dir)
+    # a login node may still check the config: no trainer is built, the problem is a note
+    assert cli.main(ov + ["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "dry run: note: computer.accelerator=gpu" in out and "Traceback" not in out

@@ -25,8 +25,8 @@ import re
 import sys
 from pathlib import Path
 
-from miro.train.preflight import (_max_time, accumulation, model_config, per_rank_batch, preflight, remove_stale_temps,
-                                  replace_old_checkpoints, uncond_source)
+from miro.train.preflight import (_max_time, accelerator_problem, accumulation, model_config, per_rank_batch,
+                                  preflight, remove_stale_temps, replace_old_checkpoints, uncond_source)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -94,9 +94,10 @@ def compose(overrides: list[str]):
         return h_compose(config_name="config", overrides=list(overrides))
 
 
-def build(cfg: dict, plan: dict | None = None):
+def build(cfg: dict, plan: dict | None = None, with_trainer: bool = True):
     """(module, datamodule, trainer, ckpt_path) from a resolved config dict. ``plan``: what
-    :func:`preflight` returned for ``cfg`` (run here when not given)."""
+    :func:`preflight` returned for ``cfg`` (run here when not given). ``with_trainer=False`` (a dry
+    run) leaves the trainer None, so a GPU config can be checked on a machine without GPUs."""
     import torch
     from lightning.pytorch import Trainer
 
@@ -166,6 +167,8 @@ def build(cfg: dict, plan: dict | None = None):
                                             il["guidance_scale"], int(cfg["seed"]), il["max_prompts"], embs,
                                             list(il.get("score_rewards") or []),
                                             None if il.get("weights", "ema") == "raw" else 0))
+    if not with_trainer:
+        return module, dm, None, plan["resume"]
     logger = _logger(cfg["logger"], ckpt_dir)
     strategy = comp["strategy"]
     accum = accumulation(cfg)
@@ -268,11 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     # Expected here: the EMA copies are in eval mode, and a resumed run reuses its checkpoint folder.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     try:
-        plan = preflight(cfg)
-        module, dm, trainer, ckpt = build(cfg, plan)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"miro train: error: {e}", file=sys.stderr)
+        plan = preflight(cfg, dry_run=args.dry_run)
+        module, dm, trainer, ckpt = build(cfg, plan, with_trainer=not args.dry_run)
+    except (ValueError, FileNotFoundError, MisconfigurationException) as e:  # Lightning's: e.g. a precision
+        print(f"miro train: error: {e}", file=sys.stderr)                     # this hardware lacks
         return 2
     if ckpt:
         start = f"resuming from {ckpt} at step {plan['resume_step']}"
@@ -287,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(f"dry run: {len(dm.data)} samples, {sum(p.numel() for p in module.model.parameters()):,} parameters, "
               f"resume from {ckpt}" + (f" (step {plan['resume_step']})" if ckpt else ""))
+        problem = accelerator_problem(cfg)
+        if problem:
+            print(f"dry run: note: {problem}")
         return 0
     ckpt_dir = Path(cfg["checkpoint_dir"])
     removed = remove_stale_temps(ckpt_dir)

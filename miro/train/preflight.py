@@ -396,10 +396,23 @@ def uncond_source(cfg: dict) -> Path | None:
     return path
 
 
-def preflight(cfg: dict) -> dict:
+def accelerator_problem(cfg: dict) -> str | None:
+    """Why this machine cannot run ``computer``'s accelerator (no CUDA device for ``gpu``), or None."""
+    comp = cfg["computer"]
+    if str(comp.get("accelerator")) in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return (f"computer.accelerator={comp['accelerator']} ({comp['devices']} GPU(s) x {comp['num_nodes']} "
+                    f"node(s)) but this machine has no CUDA device; use computer=cpu here")
+    return None
+
+
+def preflight(cfg: dict, dry_run: bool = False) -> dict:
     """Every check that needs no data indexing, bin fitting or model building, in that order:
-    config values, ``data_dir``, then the checkpoint folder (:func:`check_checkpoint_dir`, whose
-    plan it returns). Raises ValueError with a one-line message naming the key."""
+    config values, ``data_dir``, the accelerator (not under ``dry_run``: a login node may check a
+    GPU config), then the checkpoint folder (:func:`check_checkpoint_dir`, whose plan it
+    returns). Raises ValueError with a one-line message naming the key."""
     check_schedule(cfg)
     check_data(cfg)
     check_optimization(cfg)
@@ -408,6 +421,9 @@ def preflight(cfg: dict) -> dict:
     data_dir = cfg.get("data_dir")
     if not data_dir or not Path(str(data_dir)).exists():
         raise ValueError(f"data_dir={_show(data_dir)} does not exist (set data_dir= or MIRO_DATA_DIR)")
+    problem = None if dry_run else accelerator_problem(cfg)
+    if problem:
+        raise ValueError(problem)
     return check_checkpoint_dir(cfg)
 
 

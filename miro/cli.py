@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"miro: unknown command {name!r}; choose from: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module_name, _ = COMMANDS[name]
+    from miro.io import load_dotenv
+
+    load_dotenv()  # site values (MIRO_DATA_DIR, MIRO_CACHE_DIR, ...) for every command
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:

@@ -86,3 +86,22 @@ def cache_root() -> Path:
     else ``~/.cache/miro``. Read at call time, so a test or a script may set it late."""
     root = os.environ.get("MIRO_CACHE_DIR") or os.environ.get("MIRO_CACHE")
     return Path(root) if root else Path.home() / ".cache" / "miro"
+
+
+def load_dotenv(path: str | os.PathLike = ".env") -> dict[str, str]:
+    """Read ``KEY=VALUE`` lines of ``path`` (``.env.example`` documents them) into ``os.environ``;
+    variables already set win. Returns what was set. Every ``miro`` command reads ``./.env``."""
+    p = Path(path)
+    if not p.is_file():
+        return {}
+    set_ = {}
+    for line in p.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        key, value = key.strip().removeprefix("export ").strip(), value.strip().strip("'\"")
+        if key and key not in os.environ:
+            os.environ[key] = value
+            set_[key] = value
+    return set_

@@ -282,3 +282,33 @@ def test_the_empty_prompt_embedding_comes_from_a_file_without_loading_the_encode
     with pytest.raises(ValueError, match=r"wide.npy holds an array of shape \(2, 512\); .* \(tokens, 384\)"):
         pf.preflight(OmegaConf.to_container(cli.compose(tiny_overrides(data, tmp_path / "run4", extra=[
             f"text_uncond={tmp_path / 'wide.npy'}"])), resolve=True))
+
+
+def test_write_sbatch_asks_slurm_for_the_computer_and_reruns_the_command(tmp_path, capsys, monkeypatch):
+    import shlex
+    import subprocess
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MIRO_SLURM_PARTITION", "gpu")
+    monkeypatch.setenv("MIRO_SLURM_TIME", "20:00:00")
+    monkeypatch.delenv("MIRO_SLURM_ACCOUNT", raising=False)
+    ov = ["experiment=multi_cad_synth", f"root_dir={tmp_path / 'runs'}", f"data_dir={tmp_path}",
+          "experiment_name=my run", "optimizer.lr=2e-4"]
+    assert cli.main(ov + ["--write-sbatch", "train.sbatch"]) == 0
+    assert "submit with: sbatch train.sbatch" in capsys.readouterr().out
+    text = (tmp_path / "train.sbatch").read_text()
+    lines = text.splitlines()
+    for want in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=gpu", "#SBATCH --time=20:00:00", "#SBATCH --job-name=miro-my_run",
+                 f"#SBATCH --output={tmp_path / 'runs'}/miro/logs/%x-%j.out"):
+        assert want in lines, want
+    assert not any(ln.startswith("#SBATCH --account") for ln in lines)
+    assert (tmp_path / "runs" / "miro" / "logs").is_dir()  # Slurm does not create it
+    srun = shlex.split(lines[-1])
+    assert srun[0] == "srun" and srun[2] == "train" and srun[3:] == ov + ["trainer.progress_bar=false"]
+    assert subprocess.run(["bash", "-n", str(tmp_path / "train.sbatch")]).returncode == 0
+    # a value that would break out of its #SBATCH line is refused, and nothing is written
+    monkeypatch.setenv("MIRO_SLURM_ACCOUNT", "acct\nrm -rf /")
+    assert cli.main(ov + ["--write-sbatch", "bad.sbatch"]) == 2
+    assert "MIRO_SLURM_ACCOUNT='acct\\nrm -rf /' is not a plain Slurm value" in capsys.readouterr().err
+    assert not (tmp_path / "bad.sbatch").exists()

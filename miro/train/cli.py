@@ -20,17 +20,18 @@ naming the key (exit 2).
 from __future__ import annotations
 
 import argparse
-import os
 import re
+import shlex
 import sys
 from pathlib import Path
 
+from miro.io import load_dotenv  # noqa: F401  (miro train reads .env; kept importable here)
 from miro.train.preflight import (_max_time, accelerator_problem, accumulation, model_config, per_rank_batch,
                                   preflight, remove_stale_temps, replace_old_checkpoints, uncond_source)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
-HELP = """usage: miro train experiment=<name> [key=value ...] [--print-config] [--dry-run]
+HELP = """usage: miro train experiment=<name> [key=value ...] [--print-config] [--dry-run] [--write-sbatch FILE]
 
 Train a MIRO model. Configuration is Hydra's: pick an experiment and override any key.
 
@@ -56,27 +57,12 @@ common overrides:
 
 options:
   --print-config             print the composed config and exit
-  --dry-run                  build data, model and trainer, then exit without training
+  --dry-run                  build data and model, then exit without training
+  --write-sbatch FILE        write an sbatch script that runs this command with srun on
+                             computer.num_nodes x computer.devices GPUs (partition, account and time
+                             from MIRO_SLURM_PARTITION/ACCOUNT/TIME), then exit; submit it with sbatch
   -h, --help                 show this help
 """
-
-
-def load_dotenv(path: str | os.PathLike = ".env") -> dict[str, str]:
-    """Read ``KEY=VALUE`` lines into ``os.environ`` (existing variables win). Returns what was set."""
-    p = Path(path)
-    if not p.is_file():
-        return {}
-    set_ = {}
-    for line in p.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, value = line.split("=", 1)
-        key, value = key.strip().removeprefix("export ").strip(), value.strip().strip("'\"")
-        if key and key not in os.environ:
-            os.environ[key] = value
-            set_[key] = value
-    return set_
 
 
 def experiments() -> list[str]:
@@ -238,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="miro train", add_help=False)
     p.add_argument("--print-config", action="store_true")
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--write-sbatch", metavar="FILE")
     args, overrides = p.parse_known_args(argv)
     bad = [o for o in overrides if o.startswith("--")]
     if bad:
@@ -262,6 +249,19 @@ def main(argv: list[str] | None = None) -> int:
     except OmegaConfBaseException as e:  # an interpolation that does not resolve
         print(f"miro train: error: {hydra_message(e)}", file=sys.stderr)
         return 2
+    if args.write_sbatch:
+        from miro.train.slurm import write_sbatch
+
+        try:
+            model_config(cfg)  # the model name and rewards.keys, before a script is written
+            per_rank_batch(cfg)
+            path = write_sbatch(args.write_sbatch, cfg, overrides)
+        except (ValueError, OSError) as e:
+            print(f"miro train: error: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {path}: {cfg['computer']['num_nodes']} node(s) x {cfg['computer']['devices']} task(s); "
+              f"submit with: sbatch {shlex.quote(str(path))}")
+        return 0
     if not _names_experiment(overrides):
         print(f"miro train: no experiment= given: using the root config (the release recipe, experiment_name="
               f"{cfg['experiment_name']}, {len(cfg['rewards']['keys'])} rewards); choose one with experiment=NAME "

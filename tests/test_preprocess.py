@@ -431,3 +431,22 @@ def test_vqa_stage_with_the_real_vqascore_code(tmp_path, vqa_repos):
         assert 0 < rows[k]["vqa_score"] < 1
         assert rows[k]["vqa_score"] == pytest.approx(ref[i].item(), rel=1e-4)
         assert rows[k]["synthetic_vqa_score"] == pytest.approx(ref_long[i].item(), rel=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:shard .* is truncated or unreadable:UserWarning")
+def test_a_source_that_is_not_a_readable_tar_fails_its_shard(tmp_path, capsys):
+    src, csv = tmp_path / "raw", tmp_path / "csv"
+    make_raw_shards(src, n_shards=1, per_shard=2)
+    (src / "c.tar").write_bytes(b"garbage, not a tar " * 50)
+    (src / "d.tar").write_bytes(b"")
+    for _ in range(2):  # and not 'complete' on a rerun either
+        assert main(_args(src, csv, "rewards")) == 1
+        err = capsys.readouterr().err
+        assert "rewards c.tar failed: UnreadableShardError:" in err and "c.tar is not a readable tar" in err
+        assert "rewards d.tar failed: UnreadableShardError:" in err
+    assert json.loads((csv / "logs" / "00000.rewards.json").read_text())["status"] == "complete"
+    assert not (csv / "c_scores.csv").exists() and not (csv / "d_scores.csv").exists()
+    afile = tmp_path / "afile"
+    afile.write_text("just some text\n")
+    assert main(_args(afile, csv, "rewards")) == 1
+    assert "afile is not a readable tar" in capsys.readouterr().err

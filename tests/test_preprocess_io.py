@@ -185,3 +185,14 @@ def test_sorted_writer_resumes_from_checkpoint(tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["x.tar"]
     with pytest.raises(ValueError, match="spool is missing"):
         pio.SortedShardWriter(out, resume=state)
+
+
+@pytest.mark.filterwarnings("ignore:shard .* is truncated or unreadable:UserWarning")
+@pytest.mark.parametrize("content", [b"", b"this is not a tar file" * 40])
+def test_iter_decoded_refuses_a_source_that_is_not_a_readable_tar(tmp_path, content):
+    (tmp_path / "bad.tar").write_bytes(content)
+    report = pio.ShardReport("t", "bad.tar")
+    with pytest.raises(pio.UnreadableShardError, match="bad.tar is not a readable tar"):
+        list(pio.iter_decoded(tmp_path / "bad.tar", report))
+    write_shard(tmp_path / "empty.tar", [])  # a whole tar with no sample is not damage
+    assert list(pio.iter_decoded(tmp_path / "empty.tar", pio.ShardReport("t", "empty.tar"))) == []

@@ -96,3 +96,58 @@ def test_isolate_stages_runs_each_stage_as_a_child_command(shapes_raw, tmp_path,
     monkeypatch.undo()
     done = subprocess.run([sys.executable, "-m", "miro.cli", "preprocess", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "--isolate-stages" in done.stdout
+
+
+def _png(im) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _shapes_plus_tiny(shapes_raw, folder):
+    """Shard 0 of the Shapes fixture (3 samples) followed by one 1x1 image that the Shapes
+    detector cannot read."""
+    from PIL import Image
+
+    from miro.data.schema import write_shard
+
+    raws = list(iter_raw_samples(sorted(shapes_raw.glob("*.tar"))[0]))
+    samples = [{k: v for k, v in r.items() if k != "__url__"} for r in raws]
+    samples.append({"__key__": "zz_tiny", "png": _png(Image.new("RGB", (1, 1))), "txt": b"one red circle"})
+    folder.mkdir()
+    write_shard(folder / "00000.tar", samples)
+    return [r["__key__"] for r in raws]
+
+
+@pytest.mark.parametrize("batch_size", ["3", "1"])
+def test_one_bad_sample_alone_in_a_batch_is_skipped_not_the_shard(shapes_raw, tmp_path, batch_size):
+    """The 1x1 sample is a final batch of one (--batch-size 3) or every batch is one sample
+    (--batch-size 1): it is skipped as 'scoring failed' and the shard completes."""
+    import json
+
+    src, csv = tmp_path / "raw", tmp_path / "csv"
+    good = _shapes_plus_tiny(shapes_raw, src)
+    assert main(["--stage", "rewards", "--src", str(src), "--csv_dir", str(csv), "--scorers", "shapes_alignment",
+                 "--vqa-scorer", "none", "--no-progress", "--batch-size", batch_size]) == 0
+    log = json.loads((csv / "logs" / "00000.rewards.json").read_text())
+    assert (log["status"], log["samples_ok"], log["skipped"]) == ("complete", 3, {"scoring failed": 1})
+    assert any(e.startswith("zz_tiny: scoring failed (ValueError: image too small") for e in log["errors"])
+    assert sorted(pio.read_scores_csv(csv / "00000_scores.csv")) == sorted(good)
+
+
+def test_a_scorer_failing_on_every_sample_fails_the_shard_with_batches_of_one(tmp_path, capsys):
+    """Nothing of the shard scored: systematic, even when no batch held two samples."""
+    from PIL import Image
+
+    from miro.data.schema import write_shard
+
+    src, csv = tmp_path / "raw", tmp_path / "csv"
+    src.mkdir()
+    write_shard(src / "00000.tar", [{"__key__": f"k{i}", "png": _png(Image.new("RGB", (1, 1))), "txt": "a circle"}
+                                    for i in range(2)])
+    assert main(["--stage", "rewards", "--src", str(src), "--csv_dir", str(csv), "--scorers", "shapes_alignment",
+                 "--vqa-scorer", "none", "--no-progress", "--batch-size", "1"]) == 1
+    assert "rewards 00000.tar failed: ValueError: image too small" in capsys.readouterr().err
+    assert not (csv / "00000_scores.csv").exists()

@@ -165,12 +165,18 @@ def shard_keys(path: str | os.PathLike) -> list[str]:
     return keys
 
 
-def iter_decoded(path: str | os.PathLike, report: ShardReport, transform=None,
-                 workers: int = 0, chunk: int = 32, done: set[str] | None = None) -> Iterator[tuple[RawSample, object]]:
+class UnreadableShardError(ValueError):
+    """A source shard from which not one sample could be read: not a tar, empty, or cut before
+    its first sample. The shard fails (it must not look complete with nothing in it)."""
+
+
+def iter_decoded(path: str | os.PathLike, report: ShardReport, transform=None, workers: int = 0, chunk: int = 32,
+                 done: Iterable[str] | None = None) -> Iterator[tuple[RawSample, object]]:
     """Yield ``(sample, transform(sample))`` for every usable sample of a shard, in tar order.
 
     Damaged samples (bad key, image, caption or JSON, or an exception in ``transform``) are
-    skipped and counted in ``report``; a truncated tar keeps the samples before the damage.
+    skipped and counted in ``report``. A truncated tar keeps the samples before the damage; one
+    that yields nothing at all raises :class:`UnreadableShardError` at the end.
     ``workers > 0`` decodes in a thread pool (PIL releases the GIL while decoding) while the
     caller runs the models. Keys in ``done`` (handled by an earlier, interrupted run) are passed
     over without decoding or counting.
@@ -227,6 +233,11 @@ def iter_decoded(path: str | os.PathLike, report: ShardReport, transform=None,
     for err in stats.errors:
         if len(report.errors) < MAX_LOGGED_ERRORS:
             report.errors.append(f"(shard) {err}")
+    if report.truncated and report.samples_read == 0:
+        why = stats.errors[0].split(": ", 1)[-1] if stats.errors else "unreadable"
+        # tarfile lists every compression it tried, on several lines: keep the plain tar's reason
+        why = " ".join(why.rsplit("- method tar: ", 1)[-1].split())
+        raise UnreadableShardError(f"{path} is not a readable tar, or holds no sample before its damage ({why})")
 
 
 def batched(it: Iterable, n: int) -> Iterator[list]:

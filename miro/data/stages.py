@@ -203,24 +203,34 @@ class ScoreStage(_Stage):
                         row[synthetic_reward_key(name)] = syn[i]
         return rows
 
-    def _score_robust(self, samples, caps, report: pio.ShardReport) -> list[tuple[pio.RawSample, tuple, dict]]:
-        """Score a batch; if it fails, score sample by sample and skip the ones that fail.
+    def _score_robust(self, samples, caps, report: pio.ShardReport, shard_ok: bool,
+                      failures: list[Exception]) -> list[tuple[pio.RawSample, tuple, dict]]:
+        """Score a batch; if it fails, score sample by sample and skip the ones that fail
+        (counted as ``scoring failed``, their errors appended to ``failures``).
 
-        A batch in which every sample fails on its own is a systematic error and re-raises.
+        A failure is systematic (re-raised: the shard fails, the job goes on) only while nothing of
+        the shard has been scored (``shard_ok`` False): a batch of two or more samples that all fail
+        on their own. One failing sample alone (a last batch of one, ``--batch-size 1``) cannot tell
+        a bad sample from a broken model: it is skipped, and :meth:`run_shard` fails the shard at
+        its end when no sample at all was scored.
         """
         try:
             return list(zip(samples, caps, self._score(samples, caps)))
         except Exception as batch_error:
-            if len(samples) == 1:
-                raise
-            out = []
-            for s, c in zip(samples, caps):
-                try:
-                    out.append((s, c, self._score([s], [c])[0]))
-                except Exception as e:
-                    report.skip(s.key, "scoring failed", f"{type(e).__name__}: {e}")
-            if not out:
-                raise batch_error
+            out, failed = [], []
+            if len(samples) == 1:  # it has just failed on its own
+                failed.append((samples[0], batch_error))
+            else:
+                for s, c in zip(samples, caps):
+                    try:
+                        out.append((s, c, self._score([s], [c])[0]))
+                    except Exception as e:
+                        failed.append((s, e))
+                if not out and not shard_ok:
+                    raise batch_error
+            for s, e in failed:
+                report.skip(s.key, "scoring failed", f"{type(e).__name__}: {e}")
+                failures.append(e)
             return out
 
     def run_shard(self, shard: Path) -> pio.ShardReport:
@@ -230,6 +240,7 @@ class ScoreStage(_Stage):
         saved = self._load_checkpoint(shard, report)
         rows: dict[str, dict] = saved["rows"] if saved else {}
         done = set(rows) | set(report.skipped_keys)
+        failures: list[Exception] = []
         last_save = time.monotonic()
         with self._progress(shard) as bar:
             bar.update(report.samples_read)
@@ -237,7 +248,7 @@ class ScoreStage(_Stage):
                                      self.opts.batch_size):
                 samples = [s for s, _ in batch]
                 caps = [pio.resolve_captions(s, self.opts.captions)[:2] for s in samples]
-                for s, (long, short), vals in self._score_robust(samples, caps, report):
+                for s, (long, short), vals in self._score_robust(samples, caps, report, bool(rows), failures):
                     if self.opts.synthetic:
                         vals["synthetic_caption"], vals["short_synthetic_caption"] = long, short
                     rows[s.key] = vals
@@ -245,6 +256,8 @@ class ScoreStage(_Stage):
                 if time.monotonic() - last_save >= self.opts.checkpoint_seconds:
                     self._save_checkpoint(shard, report, rows=rows)
                     last_save = time.monotonic()
+        if failures and not rows:  # every sample the scorers saw failed: the model, not the data
+            raise failures[0]
         report.samples_ok = len(rows)
         csv_path = pio.scores_csv_path(self.opts.csv_dir, shard)
         cols = self.columns() + (list(pio.CAPTION_COLUMNS) if self.opts.synthetic else [])

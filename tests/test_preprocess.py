@@ -433,6 +433,38 @@ def test_vqa_stage_with_the_real_vqascore_code(tmp_path, vqa_repos):
         assert rows[k]["synthetic_vqa_score"] == pytest.approx(ref_long[i].item(), rel=1e-4)
 
 
+def test_a_bare_carriage_return_in_a_caption_and_an_unreadable_csv(tmp_path, tiny_models, capsys):
+    """A caption holding a lone '\\r' round-trips through the CSV and every stage; a CSV the old
+    writer broke fails each shard in one line naming the file and --overwrite, which rebuilds it
+    (and stage vae then asks for the score stage whose columns were lost)."""
+    src, csv, dest = tmp_path / "raw", tmp_path / "csv", tmp_path / "out"
+    make_raw_shards(src, n_shards=1, per_shard=2, json_captions=False)
+    shard = src / "00000.tar"
+    samples = [decode_sample(r) for r in iter_raw_samples(shard)]
+    samples[1]["json"]["synthetic_caption"] = "a red circle\rmore words"
+    write_shard(shard, samples)
+    for stage in ("rewards", "vqa"):
+        assert main(_args(src, csv, stage)) == 0
+    assert pio.read_scores_csv(csv / "00000_scores.csv")["s0k1"]["synthetic_caption"] == "a red circle\rmore words"
+    assert main(_vae_args(src, csv, dest, tiny_models, res="16")) == 0
+    assert _read(dest / "00000.tar")["s0k1"]["json"]["synthetic_caption"] == "a red circle\rmore words"
+
+    path = csv / "00000_scores.csv"
+    path.write_bytes(b"key,ptest_red\ns0k0,0.5\rbroken\ns0k1,0.1\n")  # what the old writer left
+    capsys.readouterr()
+    assert main(_args(src, csv, "vqa")) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err and "rerun stage 'vqa' with --overwrite" in err
+    assert CALLS.get("ptest_vqa", 0) == 2  # the first run's 2 calls: no scoring was spent on the shard
+    assert main(_args(src, csv, "rewards", "--overwrite")) == 0
+    assert (csv / "00000_scores.csv.unreadable").is_file()
+    assert "ptest_vqa" not in pio.read_scores_csv(path)["s0k0"]  # lost with the broken file...
+    assert main(_vae_args(src, csv, dest, tiny_models, "--overwrite", res="16")) == 1
+    assert "the scores of stage 'vqa' are no longer all in" in capsys.readouterr().err
+    assert main(_args(src, csv, "vqa")) == 0  # ... and redone: its log no longer matches the CSV
+    assert main(_vae_args(src, csv, dest, tiny_models, res="16")) == 0
+
+
 @pytest.mark.filterwarnings("ignore:shard .* is truncated or unreadable:UserWarning")
 def test_a_source_that_is_not_a_readable_tar_fails_its_shard(tmp_path, capsys):
     src, csv = tmp_path / "raw", tmp_path / "csv"

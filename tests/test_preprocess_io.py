@@ -187,6 +187,37 @@ def test_sorted_writer_resumes_from_checkpoint(tmp_path):
         pio.SortedShardWriter(out, resume=state)
 
 
+def test_scores_csv_round_trips_a_lone_carriage_return(tmp_path):
+    """csv.writer leaves a lone '\\r' unquoted and readers end the row there: such rows are quoted."""
+    path = tmp_path / "x_scores.csv"
+    rows = {"a": {"r1": 0.5, "synthetic_caption": "a photo\rof a circle", "short_synthetic_caption": "x\r"},
+            "b\rkey": {"r1": 1.0, "synthetic_caption": "line\r\nbreak \"quoted\", comma", "short_synthetic_caption": ""},
+            "c": {"r1": 0.25, "synthetic_caption": "plain", "short_synthetic_caption": "plain"}}
+    pio.write_scores_csv(path, rows)
+    assert pio.read_scores_csv(path) == rows
+    text = path.read_bytes().decode("utf-8")
+    assert text.startswith("key,r1,short_synthetic_caption,synthetic_caption\n")
+    assert "\nc,0.25,plain,plain\n" in text  # rows without a '\r' look as before
+
+
+def test_an_unreadable_scores_csv_is_named_and_rebuilt_only_on_request(tmp_path):
+    path = tmp_path / "x_scores.csv"
+    path.write_bytes(b"key,r1,synthetic_caption\na,0.5,a photo\rof a circle\nb,1.0,ok\n")  # the old writer's output
+    with pytest.raises(ValueError, match=r"x_scores.csv: row 'of a circle' has fewer cells than the header; "
+                                         r"rerun stage 'rewards' with --overwrite to rebuild it"):
+        pio.check_scores_csv(path, "rewards")
+    with pytest.raises(ValueError, match="x_scores.csv: row 'of a circle' has fewer cells"):
+        pio.merge_scores_csv(path, {"a": {"r1": 0.1}}, ["r1"])
+    pio.merge_scores_csv(path, {"a": {"r1": 0.1}}, ["r1"], rebuild=True)
+    assert pio.read_scores_csv(path) == {"a": {"r1": 0.1}}
+    assert (tmp_path / "x_scores.csv.unreadable").read_bytes().startswith(b"key,r1,")  # kept, not deleted
+    assert pio.check_scores_csv(tmp_path / "none.csv", "rewards") == {}
+    # a stray quote makes the rest of the file one field: csv.Error (no ValueError) becomes one
+    path.write_text('key,r1\na,"' + "x" * 200_000 + "\n")
+    with pytest.raises(ValueError, match="x_scores.csv is not a readable score CSV: field larger than field limit"):
+        pio.read_scores_csv(path)
+
+
 @pytest.mark.filterwarnings("ignore:shard .* is truncated or unreadable:UserWarning")
 @pytest.mark.parametrize("content", [b"", b"this is not a tar file" * 40])
 def test_iter_decoded_refuses_a_source_that_is_not_a_readable_tar(tmp_path, content):

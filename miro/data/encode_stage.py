@@ -110,6 +110,7 @@ class EncodeStage(_Stage):
         if not csv_path.is_file():
             raise MissingStageError(f"shard {shard.name}: no scores at {csv_path}; stage 'vae' merges the "
                                     f"scores of stage 'rewards': " + hint.format("rewards"))
+        rows = pio.check_scores_csv(csv_path, "rewards")
         required: list[str] = []
         for stage in self.spec.required_stages:
             log = pio.read_log(pio.log_path(self.opts.csv_dir, shard, stage))
@@ -117,8 +118,13 @@ class EncodeStage(_Stage):
                 raise MissingStageError(f"shard {shard.name}: stage {stage!r} has not completed for this shard "
                                         f"(no complete log at {pio.log_path(self.opts.csv_dir, shard, stage)}); "
                                         + hint.format(stage))
-            required += [c for c in log.get("columns", []) if c not in required]
-        return pio.read_scores_csv(csv_path), required
+            cols = log.get("columns", [])
+            done = [k for k, r in rows.items() if all(r.get(c) is not None for c in cols)]
+            if pio.keys_digest(done) != log.get("keys_digest"):  # e.g. the other stage rebuilt the CSV
+                raise MissingStageError(f"shard {shard.name}: the scores of stage {stage!r} are no longer all in "
+                                        f"{csv_path}; " + hint.format(stage))
+            required += [c for c in cols if c not in required]
+        return rows, required
 
     def _transform(self, sample: pio.RawSample) -> dict[int, np.ndarray]:
         return {r: pio.to_model_input(sample.image, r, self.spec.resize_filter) for r in self.spec.resolutions}

@@ -22,6 +22,7 @@ from miro.data.shard_files import (
     CAPTION_COLUMNS,
     SortedShardWriter,
     atomic_write_bytes,
+    check_scores_csv,
     file_lock,
     fingerprint,
     keys_digest,
@@ -38,10 +39,11 @@ from miro.data.shard_files import (
 
 __all__ = [
     "CAPTION_COLUMNS", "CAPTION_PLACEHOLDERS", "RESIZE_FILTERS", "RawSample", "ShardReport", "SortedShardWriter",
-    "atomic_write_bytes", "batched", "center_crop_square", "clean_caption", "decode_raw", "file_lock",
-    "fingerprint", "finite", "iter_decoded", "keys_digest", "load_synthetic_captions", "log_path",
-    "merge_scores_csv", "read_log", "read_scores_csv", "remove_stale_temps", "resolve_captions",
-    "scores_csv_path", "shard_keys", "tar_sample_count", "to_model_input", "write_log", "write_scores_csv",
+    "UnreadableShardError", "atomic_write_bytes", "batched", "center_crop_square", "check_scores_csv",
+    "clean_caption", "decode_raw", "file_lock", "fingerprint", "finite", "iter_decoded", "keys_digest",
+    "load_synthetic_captions", "log_path", "merge_scores_csv", "read_log", "read_scores_csv", "remove_stale_temps",
+    "resolve_captions", "scores_csv_path", "shard_keys", "tar_sample_count", "to_model_input", "write_log",
+    "write_scores_csv",
 ]
 
 # Upstream MIRO strips this anonymisation tag from every caption before scoring and encoding

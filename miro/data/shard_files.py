@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -54,17 +55,36 @@ def read_scores_csv(path: str | os.PathLike) -> dict[str, dict]:
     rows: dict[str, dict] = {}
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        if not reader.fieldnames or reader.fieldnames[0] != "key":
-            raise ValueError(f"{path} is not a score CSV: first column must be 'key'; got {reader.fieldnames}")
-        for row in reader:
-            key = row.pop("key")
-            if None in row:
-                raise ValueError(f"{path}: row {key!r} has more cells than the header")
-            try:
-                rows[key] = {c: _parse_cell(c, v if v is not None else "") for c, v in row.items()}
-            except ValueError as e:
-                raise ValueError(f"{path}: row {key!r}: {e}") from None
+        try:
+            if not reader.fieldnames or reader.fieldnames[0] != "key":
+                raise ValueError(f"{path} is not a score CSV: first column must be 'key'; got {reader.fieldnames}")
+            for row in reader:
+                key = row.pop("key")
+                if None in row:
+                    raise ValueError(f"{path}: row {key!r} has more cells than the header")
+                if None in row.values():  # the writer writes whole rows: a short one is a broken row
+                    raise ValueError(f"{path}: row {key!r} has fewer cells than the header")
+                try:
+                    rows[key] = {c: _parse_cell(c, v) for c, v in row.items()}
+                except ValueError as e:
+                    raise ValueError(f"{path}: row {key!r}: {e}") from None
+        except (csv.Error, UnicodeDecodeError) as e:  # csv.Error is no ValueError: callers catch one type
+            raise ValueError(f"{path} is not a readable score CSV: {e}") from None
     return rows
+
+
+def check_scores_csv(path: str | os.PathLike, stage: str) -> dict[str, dict]:
+    """The rows of a score CSV ({} when there is none yet), or a one-line ``ValueError`` naming the
+    file and the way out when it cannot be read: a stage checks this before spending its time on
+    a shard whose scores it could not merge."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        return read_scores_csv(path)
+    except ValueError as e:
+        raise ValueError(f"{e}; rerun stage {stage!r} with --overwrite to rebuild it (the other score "
+                         "stage's columns are then redone by its next run)") from None
 
 
 def _format_cell(v) -> str:
@@ -81,9 +101,13 @@ def write_scores_csv(path: str | os.PathLike, rows: dict[str, dict]) -> None:
     cols = sorted({c for r in rows.values() for c in r})
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
+    # csv.writer quotes a '\n' but not a lone '\r' (it is not in the line terminator), and every
+    # reader ends the row there: a row holding one is written with every cell quoted.
+    quoted = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL)
     w.writerow(["key", *cols])
     for key in sorted(rows):
-        w.writerow([key, *(_format_cell(rows[key].get(c)) for c in cols)])
+        cells = [key, *(_format_cell(rows[key].get(c)) for c in cols)]
+        (quoted if any("\r" in c for c in cells) else w).writerow(cells)
     atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
 
 
@@ -103,16 +127,26 @@ def file_lock(path: str | os.PathLike):
 
 
 def merge_scores_csv(path: str | os.PathLike, new_rows: dict[str, dict], columns: Iterable[str],
-                     keys: set[str] | None = None) -> None:
+                     keys: set[str] | None = None, rebuild: bool = False) -> None:
     """Replace ``columns`` of the CSV by ``new_rows`` (other stages' columns are kept).
 
     ``keys``: the sample keys the shard holds now; rows of other keys (a rewritten source shard)
-    are dropped.
+    are dropped. An existing CSV that cannot be read is a ``ValueError``; with ``rebuild``
+    (``--overwrite``) it is moved aside to ``{name}.unreadable`` and the CSV starts afresh.
     """
     path = Path(path)
     columns = set(columns)
     with file_lock(path.with_name(path.name + ".lock")):
-        rows = read_scores_csv(path) if path.exists() else {}
+        rows = {}
+        if path.exists():
+            try:
+                rows = read_scores_csv(path)
+            except ValueError as e:
+                if not rebuild:
+                    raise
+                aside = path.with_name(path.name + ".unreadable")
+                os.replace(path, aside)  # kept for inspection, never silently deleted
+                print(f"miro preprocess: {e}; rebuilding it (the old file is kept as {aside})", file=sys.stderr)
         if keys is not None:
             rows = {k: v for k, v in rows.items() if k in keys}
         for r in rows.values():

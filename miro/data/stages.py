@@ -235,6 +235,9 @@ class ScoreStage(_Stage):
 
     def run_shard(self, shard: Path) -> pio.ShardReport:
         t0 = time.perf_counter()
+        csv_path = pio.scores_csv_path(self.opts.csv_dir, shard)
+        if not self.opts.overwrite:  # an unreadable CSV fails now, not after the whole shard is scored
+            pio.check_scores_csv(csv_path, self.name)
         report = pio.ShardReport(self.name, shard.name)
         self._mark_running(shard, report)
         saved = self._load_checkpoint(shard, report)
@@ -259,9 +262,8 @@ class ScoreStage(_Stage):
         if failures and not rows:  # every sample the scorers saw failed: the model, not the data
             raise failures[0]
         report.samples_ok = len(rows)
-        csv_path = pio.scores_csv_path(self.opts.csv_dir, shard)
         cols = self.columns() + (list(pio.CAPTION_COLUMNS) if self.opts.synthetic else [])
-        pio.merge_scores_csv(csv_path, rows, cols, keys=set(pio.shard_keys(shard)))
+        pio.merge_scores_csv(csv_path, rows, cols, keys=set(pio.shard_keys(shard)), rebuild=self.opts.overwrite)
         report.seconds = time.perf_counter() - t0
         pio.write_log(self.log_path(shard), report, "complete", source=pio.fingerprint(shard),
                       config=self.config(), keys_digest=pio.keys_digest(rows), output=str(csv_path),

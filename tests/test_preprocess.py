@@ -433,6 +433,19 @@ def test_vqa_stage_with_the_real_vqascore_code(tmp_path, vqa_repos):
         assert rows[k]["synthetic_vqa_score"] == pytest.approx(ref_long[i].item(), rel=1e-4)
 
 
+def _write_tar(path, members):
+    """A hand-built tar of ``(name, bytes)`` members in the given order (duplicates allowed)."""
+    import io
+    import tarfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
 def test_a_bare_carriage_return_in_a_caption_and_an_unreadable_csv(tmp_path, tiny_models, capsys):
     """A caption holding a lone '\\r' round-trips through the CSV and every stage; a CSV the old
     writer broke fails each shard in one line naming the file and --overwrite, which rebuilds it
@@ -463,6 +476,47 @@ def test_a_bare_carriage_return_in_a_caption_and_an_unreadable_csv(tmp_path, tin
     assert "the scores of stage 'vqa' are no longer all in" in capsys.readouterr().err
     assert main(_args(src, csv, "vqa")) == 0  # ... and redone: its log no longer matches the CSV
     assert main(_vae_args(src, csv, dest, tiny_models, res="16")) == 0
+
+
+def test_long_and_repeated_sample_keys(tmp_path, tiny_models):
+    """A key too long for a ustar name is written (pax), not a failed shard; a repeated key is
+    skipped as 'duplicate key' by every stage, the first sample kept."""
+    src, csv, dest = tmp_path / "raw", tmp_path / "csv", tmp_path / "out"
+    long_key = "k" * 90
+    members = []
+    for key, caption, seed in ((long_key, b"two red circles", 1), ("dup", b"one red star", 2),
+                               ("other", b"a blue square", 3), ("dup", b"a second dup sample", 4)):
+        members += [(f"{key}.jpg", jpeg_bytes(image(seed))), (f"{key}.txt", caption)]
+    _write_tar(src / "00000.tar", members)
+    for stage in ("rewards", "vqa"):
+        assert main(_args(src, csv, stage)) == 0
+        log = json.loads((csv / "logs" / f"00000.{stage}.json").read_text())
+        assert (log["samples_read"], log["samples_ok"], log["skipped"]) == (4, 3, {"duplicate key": 1})
+    rows = pio.read_scores_csv(csv / "00000_scores.csv")
+    assert rows["dup"]["ptest_words"] == pytest.approx(3 / 100)  # the first 'dup', not overwritten
+    assert main(_vae_args(src, csv, dest, tiny_models, res="16")) == 0
+    got = _read(dest / "00000.tar")
+    assert sorted(got) == sorted([long_key, "dup", "other"]) and got["dup"]["txt"] == "one red star"
+    assert json.loads((csv / "logs" / "00000.vae.json").read_text())["skipped"] == {"duplicate key": 1}
+    first = (dest / "00000.tar").read_bytes()
+    assert main(_vae_args(src, csv, dest, tiny_models, "--overwrite", res="16")) == 0
+    assert (dest / "00000.tar").read_bytes() == first  # reproducible, long names included
+    assert sorted(p.name for p in dest.iterdir()) == ["00000.tar"]
+
+
+def test_a_failed_vae_shard_without_saved_progress_leaves_no_spool(tmp_path, tiny_models, monkeypatch, capsys):
+    src, csv, dest = tmp_path / "raw", tmp_path / "csv", tmp_path / "out"
+    make_raw_shards(src, n_shards=1, per_shard=2)
+    for stage in ("rewards", "vqa"):
+        assert main(_args(src, csv, stage)) == 0
+
+    def broken_commit(self):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pio.SortedShardWriter, "commit", broken_commit)
+    assert main(_vae_args(src, csv, dest, tiny_models, res="16")) == 1
+    assert "vae 00000.tar failed: OSError: disk full" in capsys.readouterr().err
+    assert list(dest.iterdir()) == []
 
 
 @pytest.mark.filterwarnings("ignore:shard .* is truncated or unreadable:UserWarning")

@@ -218,6 +218,58 @@ def test_an_unreadable_scores_csv_is_named_and_rebuilt_only_on_request(tmp_path)
         pio.read_scores_csv(path)
 
 
+def test_long_sample_keys_fit_the_tar_and_stay_reproducible(tmp_path):
+    """ustar holds 100-byte member names; a long key gets a pax record instead of failing the
+    shard, the bytes stay the same run after run, and short keys are written exactly as ustar."""
+    long_key = "k" * 150
+    samples = [{"__key__": k, "txt": f"caption {k[:4]}", "synthetic_minilm_embeddings.npy": np.zeros((2, 3), np.float16)}
+               for k in (long_key, "short")]
+    for name in ("a", "b"):
+        w = pio.SortedShardWriter(tmp_path / name / "out.tar")
+        for s in samples:
+            w.write(s)
+        assert w.commit() == 2
+    data = (tmp_path / "a" / "out.tar").read_bytes()
+    assert data == (tmp_path / "b" / "out.tar").read_bytes()
+    write_shard(tmp_path / "ref.tar", samples)
+    assert (tmp_path / "ref.tar").read_bytes() == data
+    assert [r["__key__"] for r in iter_raw_samples(tmp_path / "a" / "out.tar")] == [long_key, "short"]
+    assert pio.tar_sample_count(tmp_path / "a" / "out.tar") == 2
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["out.tar"]  # no spool left
+    short = [{"__key__": "k1", "txt": "x"}]
+    write_shard(tmp_path / "short.tar", short)
+    ustar = io.BytesIO()
+    with tarfile.open(fileobj=ustar, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        from miro.data.schema import member_info
+        tar.addfile(member_info("k1.txt", 1), io.BytesIO(b"x"))
+    assert (tmp_path / "short.tar").read_bytes() == ustar.getvalue()
+
+
+def test_iter_decoded_skips_a_repeated_key_and_resumes_exactly(tmp_path):
+    good = jpeg_bytes(image(1))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for key, cap in (("a", b"first a"), ("b", b"b"), ("a", b"second a"), ("c", b"c")):
+            for ext, data in (("jpg", good), ("txt", cap)):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "s.tar").write_bytes(buf.getvalue())
+    for workers in (0, 2):
+        report = pio.ShardReport("t", "s.tar")
+        got = [(s.key, s.caption) for s, _ in pio.iter_decoded(tmp_path / "s.tar", report, workers=workers)]
+        assert got == [("a", "first a"), ("b", "b"), ("c", "c")]
+        assert report.samples_read == 4 and report.skipped == {"duplicate key": 1}
+        assert report.errors[0].startswith("a: duplicate key")
+    # resumed after 'a' and 'b' (done counts each handled occurrence): the repeat is still counted once
+    report = pio.ShardReport("t", "s.tar")
+    got = [s.key for s, _ in pio.iter_decoded(tmp_path / "s.tar", report, done=["a", "b"])]
+    assert got == ["c"] and report.skipped == {"duplicate key": 1}
+    report = pio.ShardReport("t", "s.tar")
+    assert [s.key for s, _ in pio.iter_decoded(tmp_path / "s.tar", report, done=["a", "b", "a"])] == ["c"]
+    assert report.skipped == {}
+
+
 @pytest.mark.filterwarnings("ignore:shard .* is truncated or unreadable:UserWarning")
 @pytest.mark.parametrize("content", [b"", b"this is not a tar file" * 40])
 def test_iter_decoded_refuses_a_source_that_is_not_a_readable_tar(tmp_path, content):

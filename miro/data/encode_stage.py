@@ -197,13 +197,15 @@ class EncodeStage(_Stage):
         out_path = self.dest_path(shard)
         pio.remove_stale_temps(out_path.parent, out_path.name)
         saved = self._load_checkpoint(shard, report, scores=scores_fp)
+        resumable = saved is not None  # saved progress refers to the spool
         try:
             writer = pio.SortedShardWriter(out_path, resume=saved["writer"] if saved else None)
         except ValueError:  # the spool of the saved progress is gone: start over
             report = pio.ShardReport(self.name, shard.name)
             writer = pio.SortedShardWriter(out_path)
+            resumable = False
         report.samples_ok = writer.n_samples
-        done = writer.keys | set(report.skipped_keys)
+        done = [*writer.keys, *report.skipped_keys]
         last_save = time.monotonic()
         try:
             transform = self._transform if self.codec is not None else None
@@ -217,10 +219,13 @@ class EncodeStage(_Stage):
                     bar.update(report.samples_read - bar.n)
                     if time.monotonic() - last_save >= self.opts.checkpoint_seconds:
                         self._save_checkpoint(shard, report, scores=scores_fp, writer=writer.checkpoint())
-                        last_save = time.monotonic()
+                        resumable, last_save = True, time.monotonic()
             writer.commit()
         except BaseException:
-            writer.close()  # keep the spool: the saved progress resumes from it
+            if resumable:
+                writer.close()  # keep the spool: the saved progress resumes from it
+            else:
+                writer.abort()  # no saved progress refers to it: leave no spool behind
             raise
         report.seconds = time.perf_counter() - t0
         pio.write_log(self.log_path(shard), report, "complete", source=pio.fingerprint(shard), config=self.config(),

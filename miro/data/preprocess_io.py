@@ -12,6 +12,7 @@ import json
 import math
 import os
 import tarfile
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -177,15 +178,19 @@ def iter_decoded(path: str | os.PathLike, report: ShardReport, transform=None, w
     """Yield ``(sample, transform(sample))`` for every usable sample of a shard, in tar order.
 
     Damaged samples (bad key, image, caption or JSON, or an exception in ``transform``) are
-    skipped and counted in ``report``. A truncated tar keeps the samples before the damage; one
-    that yields nothing at all raises :class:`UnreadableShardError` at the end.
+    skipped and counted in ``report``; so is a repeat of an earlier sample's key (the first is
+    kept: outputs hold one row and one sample per key). A truncated tar keeps the samples before
+    the damage; one that yields nothing at all raises :class:`UnreadableShardError` at the end.
     ``workers > 0`` decodes in a thread pool (PIL releases the GIL while decoding) while the
-    caller runs the models. Keys in ``done`` (handled by an earlier, interrupted run) are passed
-    over without decoding or counting.
+    caller runs the models. Keys in ``done`` (handled by an earlier, interrupted run, once per
+    occurrence handled) are passed over without decoding or counting.
     """
     stats = ReadStats()
+    handled = Counter(done or ())
 
     def work(raw: dict):
+        if raw.get("__duplicate__"):
+            return None, None, ("duplicate key", "an earlier sample of the shard has it; the first is kept")
         try:
             s = decode_raw(raw)
         except ValueError as e:
@@ -198,9 +203,16 @@ def iter_decoded(path: str | os.PathLike, report: ShardReport, transform=None, w
 
     def chunks() -> Iterator[list[dict]]:
         buf: list[dict] = []
+        seen: set[str] = set()
         for raw in iter_raw_samples(path, stats):
-            if done and raw["__key__"] in done:
+            key = raw["__key__"]
+            if handled[key] > 0:
+                handled[key] -= 1
+                seen.add(key)
                 continue
+            if key in seen:  # decided here, in tar order, not in the decoding threads
+                raw = {"__key__": key, "__duplicate__": True}
+            seen.add(key)
             buf.append(raw)
             if len(buf) == chunk:
                 yield buf

@@ -40,6 +40,10 @@ TEXT_ENCODERS = ("flan_t5_xl", "minilm")
 LATENT_RESOLUTIONS = (256, 512)
 # Fixed tar header fields so that identical content gives identical bytes.
 TAR_MTIME = 0
+# POSIX pax: a member whose header fits ustar (ASCII names up to 100 bytes, as every short key's)
+# is written byte for byte as ustar; a longer or non-ASCII name gets a pax record (deterministic:
+# no times in it) instead of failing the whole shard on ustar's 100-byte name field.
+TAR_FORMAT = tarfile.PAX_FORMAT
 
 
 def text_embedding_name(encoder: str, synthetic: bool = False) -> str:
@@ -154,7 +158,7 @@ def write_shard(path: str | os.PathLike, samples: Iterable[dict]) -> int:
         n += 1
     members.sort(key=lambda m: m[0])
     with atomic_path(path) as tmp, open(tmp, "wb") as f, \
-            tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            tarfile.open(fileobj=f, mode="w", format=TAR_FORMAT) as tar:
         for name, data in members:
             tar.addfile(member_info(name, len(data)), io.BytesIO(data))
     return n

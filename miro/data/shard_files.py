@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-from miro.data.schema import check_key, encode_member, member_info, split_member
+from miro.data.schema import TAR_FORMAT, check_key, encode_member, member_info, split_member
 from miro.io import atomic_path, atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -274,7 +274,7 @@ class SortedShardWriter:
         self._index.sort(key=lambda m: m[0])
         self._spool.flush()
         with atomic_path(self.path) as tmp, open(tmp, "wb") as f, \
-                tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                tarfile.open(fileobj=f, mode="w", format=TAR_FORMAT) as tar:
             for name, offset, size in self._index:
                 self._spool.seek(offset)
                 tar.addfile(member_info(name, size), _Window(self._spool, size))

@@ -242,7 +242,7 @@ class ScoreStage(_Stage):
         self._mark_running(shard, report)
         saved = self._load_checkpoint(shard, report)
         rows: dict[str, dict] = saved["rows"] if saved else {}
-        done = set(rows) | set(report.skipped_keys)
+        done = [*rows, *report.skipped_keys]
         failures: list[Exception] = []
         last_save = time.monotonic()
         with self._progress(shard) as bar:

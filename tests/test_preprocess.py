@@ -536,3 +536,33 @@ def test_a_source_that_is_not_a_readable_tar_fails_its_shard(tmp_path, capsys):
     afile.write_text("just some text\n")
     assert main(_args(afile, csv, "rewards")) == 1
     assert "afile is not a readable tar" in capsys.readouterr().err
+
+
+def test_device_and_scorer_kwargs_errors_are_one_line(tmp_path, capsys):
+    from miro.rewards import load_scorer
+
+    src, csv = tmp_path / "raw", tmp_path / "csv"
+    make_raw_shards(src, n_shards=1, per_shard=1)
+    cases = [(["--device", "nonsense"], "--device 'nonsense' is not a device; use cpu, cuda, cuda:N or mps"),
+             (["--scorer-kwargs", '{"ptest_red": {"bogus": 1}}'], "reward 'ptest_red' takes no argument 'bogus'")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "--device 'cuda': CUDA is not available"))
+    for extra, message in cases:
+        assert main(_args(src, csv, "rewards", *extra)) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+    assert CALLS == {}
+    with pytest.raises(ValueError, match=r"reward 'shapes_alignment' takes no argument 'bogus'; it takes: detector, "):
+        load_scorer("shapes_alignment", bogus=1)
+
+
+def test_shard_ids_empty_or_repeated(tmp_path, capsys):
+    from miro.data.schema import select_shards
+
+    src, csv = tmp_path / "raw", tmp_path / "csv"
+    shards = make_raw_shards(src, n_shards=3, per_shard=1)
+    assert select_shards(shards, shard_ids="1,1,0,1") == [shards[1], shards[0]]
+    assert main(_args(src, csv, "rewards", "--shard_ids", "1,1")) == 0
+    assert capsys.readouterr().out.count("00001.tar") == 1  # processed once, not then 'complete, skipped'
+    assert main(_args(src, csv, "rewards", "--shard_ids", ",")) == 2
+    assert "--shard_ids ',' selects no shard" in capsys.readouterr().err

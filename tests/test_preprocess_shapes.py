@@ -90,12 +90,51 @@ def test_isolate_stages_runs_each_stage_as_a_child_command(shapes_raw, tmp_path,
             "--scorers", "shapes_sharpness", "--vqa-scorer", "none", "--text-encoder", "minilm",
             "--autoencoder", "identity", "--no-progress"]
     assert main(["--stage", "all", "--isolate-stages", *base]) == 0
-    assert ran == [["--stage", s, *base] for s in ("rewards", "vqa", "vae")]
+    # --vqa-scorer none: no vqa child (`--stage vqa --vqa-scorer none` has nothing to do)
+    assert ran == [["--stage", s, *base] for s in ("rewards", "vae")]
     assert len(list((tmp_path / "out").glob("*.tar"))) == 2
     assert main(["--stage", "vae", "--isolate-stages", *base]) == 2
     monkeypatch.undo()
     done = subprocess.run([sys.executable, "-m", "miro.cli", "preprocess", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "--isolate-stages" in done.stdout
+
+
+@pytest.mark.parametrize("drop, extra, message", [
+    ("--dest", [], "needs --dest"),
+    (None, ["--batch-size", "0"], "--batch-size must be >= 1"),
+    (None, ["--num-workers", "-1"], "--num-workers must be >= 0"),
+    (None, ["--checkpoint-seconds", "-5"], "--checkpoint-seconds must be >= 0"),
+    (None, ["--shard_id", "9"], "shard index 9 out of range"),
+    (None, ["--shard_ids", ","], "selects no shard"),
+    (None, ["--device", "nonsense"], "--device 'nonsense' is not a device"),
+    ("--src", ["--src", "/nonexistent/raw"], "does not exist"),
+])
+def test_isolate_stages_checks_every_argument_before_the_first_child(shapes_raw, tmp_path, monkeypatch, capsys,
+                                                                     drop, extra, message):
+    """A bad argument of any stage exits 2 in one line before the first child runs (not after the
+    rewards and vqa stages have run in full)."""
+    import subprocess
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("a child process was started"))
+    argv = ["--stage", "all", "--isolate-stages", "--src", str(shapes_raw), "--csv_dir", str(tmp_path / "csv"),
+            "--dest", str(tmp_path / "out"), "--scorers", "shapes_sharpness", "--vqa-scorer", "none",
+            "--text-encoder", "minilm", "--autoencoder", "identity", "--no-progress"]
+    if drop:
+        i = argv.index(drop)
+        del argv[i:i + 2]
+    assert main(argv + extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_vqa_stage_without_a_vqa_reward_and_abbreviations_are_refused(shapes_raw, tmp_path, capsys):
+    base = ["--src", str(shapes_raw), "--csv_dir", str(tmp_path / "csv"), "--no-progress"]
+    assert main(["--stage", "vqa", "--vqa-scorer", "none", *base]) == 2
+    assert "--stage vqa with --vqa-scorer none has nothing to do" in capsys.readouterr().err
+    # an abbreviation (--isolate) would pass through to the children of --isolate-stages
+    with pytest.raises(SystemExit) as e:
+        main(["--stage", "all", "--isolate", *base])
+    assert e.value.code == 2 and "unrecognized arguments: --isolate" in capsys.readouterr().err
 
 
 def _png(im) -> bytes:

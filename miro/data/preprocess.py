@@ -29,6 +29,7 @@ import argparse
 import gc
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from miro.data import preprocess_io as pio
@@ -45,7 +46,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="miro preprocess", description=__doc__,
+    # allow_abbrev=False: --isolate-stages re-runs the same arguments minus its own flags, which it
+    # finds by their full names (an abbreviation such as --isolate would reach the children)
+    p = argparse.ArgumentParser(prog="miro preprocess", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", required=True, choices=(*STAGES, "all"), help="which stage to run")
     p.add_argument("--src", required=True, help="folder of raw *.tar shards (or one .tar)")
@@ -270,7 +273,7 @@ def run_stage(stage, shards: list[Path], overwrite: bool, models: list | None = 
     return done, skipped, failed
 
 
-def _run_isolated(argv: list[str]) -> int:
+def _run_isolated(argv: list[str], stages: tuple[str, ...]) -> int:
     """``--stage all --isolate-stages``: each stage as a child ``miro preprocess`` process."""
     import subprocess
 
@@ -283,7 +286,7 @@ def _run_isolated(argv: list[str]) -> int:
         elif not (a.startswith("--stage=") or a == "--isolate-stages"):
             rest.append(a)
     worst = 0
-    for name in STAGES:
+    for name in stages:
         cmd = [sys.executable, "-m", "miro.cli", "preprocess", "--stage", name, *rest]
         print(f"miro preprocess: stage {name} in a child process")
         rc = subprocess.run(cmd, check=False).returncode  # an argument list: no shell involved
@@ -297,41 +300,57 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    if args.isolate_stages:
-        if args.stage != "all":
-            print("miro preprocess: --isolate-stages only applies to --stage all", file=sys.stderr)
-            return 2
-        try:  # every stage's model names, before the first child process runs a stage
-            check_models(args, STAGES, None if args.vqa_scorer.strip().lower() == "none" else args.vqa_scorer.strip())
-        except ValueError as e:
-            print(f"miro preprocess: {e}", file=sys.stderr)
-            return 2
-        return _run_isolated(argv)
     try:
-        return _run(args)
+        if args.isolate_stages and args.stage != "all":
+            raise ValueError("--isolate-stages only applies to --stage all")
+        plan = check_args(args)  # every argument of every stage, before the first stage (or child) runs
+        if args.isolate_stages:
+            return _run_isolated(argv, plan.stages)
+        return _run(args, plan)
     except (ValueError, OSError) as e:  # bad arguments, missing inputs, weights that cannot be loaded
         print(f"miro preprocess: {e}", file=sys.stderr)
         return 2
 
 
-def _run(args) -> int:
-    import torch  # heavy imports here, so that `miro preprocess --help` is instant
+@dataclass
+class Plan:
+    """What the checked arguments resolve to."""
 
-    from miro.data.encode_stage import EncodeSpec, EncodeStage
-    from miro.data.stages import ScoreStage, StageOptions
+    stages: tuple[str, ...]  # the stages to run, in order (no vqa with --vqa-scorer none)
+    vqa: str | None  # the reward of stage vqa
+    device: str
+    precision: str
+    shards: list[Path]
+    csv_dir: Path
+    scorer_kwargs: dict[str, dict]
+
+
+def check_args(args) -> Plan:
+    """Check every argument the chosen stages use, loading no model: numbers, --dest, --device,
+    --scorer-kwargs, the shard selection and every model name. ``ValueError`` (one line) otherwise."""
+    import torch
+
+    from miro.generate_cli import check_device
+    from miro.rewards import scorer_kwargs_from_cli
 
     stages = STAGES if args.stage == "all" else (args.stage,)
+    vqa = None if args.vqa_scorer.strip().lower() == "none" else args.vqa_scorer.strip()
+    if vqa is None:
+        if stages == ("vqa",):
+            raise ValueError("--stage vqa with --vqa-scorer none has nothing to do; name the VQA reward "
+                             f"(default: {DEFAULT_VQA_SCORER}) or choose another --stage")
+        stages = tuple(s for s in stages if s != "vqa")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
     if args.num_workers < 0:
         raise ValueError(f"--num-workers must be >= 0; got {args.num_workers}")
+    if not args.checkpoint_seconds >= 0:  # NaN too
+        raise ValueError(f"--checkpoint-seconds must be >= 0 (0: after every batch); got {args.checkpoint_seconds}")
     if "vae" in stages and not args.dest:
         raise ValueError(f"--stage {args.stage} needs --dest (the folder for enriched tars)")
-    from miro.rewards import scorer_kwargs_from_cli
-
-    known = set(_csv_list(args.scorers)) | ({args.vqa_scorer.strip()} - {"none"})
+    known = set(_csv_list(args.scorers)) | ({vqa} - {None})
     scorer_kwargs = scorer_kwargs_from_cli(args.scorer_kwargs, known, args.trust_remote_code)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(args.device)
     precision = args.precision or ("bf16" if torch.device(device).type == "cuda" else "fp32")
     src = Path(args.src)
     shards = select_shards(list_shards(src), args.shard_id, args.shard_ids, args.shard_range)
@@ -341,8 +360,15 @@ def _run(args) -> int:
     if args.dest and Path(args.dest).resolve() == (src.parent if src.is_file() else src).resolve():
         raise ValueError(f"--dest {args.dest} is the source folder: enriched shards would replace the raw ones; "
                          "choose another folder")
-    vqa = None if args.vqa_scorer.strip().lower() == "none" else args.vqa_scorer.strip()
     check_models(args, stages, vqa)  # every model name of every stage, before the first stage runs
+    return Plan(stages, vqa, device, precision, shards, csv_dir, scorer_kwargs)
+
+
+def _run(args, plan: Plan) -> int:
+    from miro.data.encode_stage import EncodeSpec, EncodeStage
+    from miro.data.stages import ScoreStage, StageOptions
+
+    shards, vqa, device, precision, csv_dir = plan.shards, plan.vqa, plan.device, plan.precision, plan.csv_dir
 
     captions, captions_id = None, "json"
     if args.synthetic_captions and not args.no_synthetic:
@@ -360,14 +386,10 @@ def _run(args) -> int:
 
     failed = 0
     scorers = text_encoder = codec = None
-    for name in stages:
-        if name == "vqa" and vqa is None:
-            continue
+    for name in plan.stages:
         if name in ("rewards", "vqa"):
             names = _csv_list(args.scorers) if name == "rewards" else [vqa]
-            if not names:
-                raise ValueError("--scorers is empty; name at least one reward")
-            scorers = load_scorers(names, scorer_kwargs, device)
+            scorers = load_scorers(names, plan.scorer_kwargs, device)
             stage, models = ScoreStage(name, scorers, opts), list(scorers.values())
         else:
             from miro.encoders import IdentityCodec, load_autoencoder, load_text_encoder

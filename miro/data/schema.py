@@ -269,7 +269,9 @@ def select_shards(shards: list[Path], shard_id: int | None = None, shard_ids: st
             idx = [int(s) for s in str(shard_ids).split(",") if s.strip()]
         except ValueError:
             raise ValueError(f"--shard_ids must be comma-separated integers; got {shard_ids!r}") from None
-        return [pick(i) for i in idx]
+        if not idx:
+            raise ValueError(f"--shard_ids {shard_ids!r} selects no shard; give comma-separated indices, e.g. 0,5,9")
+        return [pick(i) for i in dict.fromkeys(idx)]  # a repeated index is one shard, processed once
     if shard_range is not None:
         try:
             a, b = (int(s) for s in str(shard_range).split("-"))

@@ -44,11 +44,36 @@ def available() -> list[str]:
     return sorted(REGISTRY)
 
 
+def check_scorer_kwargs(name: str, kwargs: dict) -> None:
+    """A one-line ``ValueError`` naming the reward and the argument its factory does not take
+    (instead of the factory's ``TypeError``), checked before anything is built."""
+    import inspect
+
+    _populate()
+    try:
+        sig = inspect.signature(REGISTRY[name])
+    except (TypeError, ValueError):  # no signature to read (a builtin): the factory decides
+        return
+    params = sig.parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    takes = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [k for k in kwargs if k not in takes]
+    if unknown:
+        raise ValueError(f"reward {name!r} takes no argument {', '.join(map(repr, unknown))}; "
+                         f"it takes: {', '.join(takes) or 'none'}")
+    try:
+        sig.bind(**kwargs)
+    except TypeError as e:  # e.g. a required argument left out
+        raise ValueError(f"reward {name!r}: {e}") from None
+
+
 def load_scorer(name: str, **kwargs) -> Scorer:
     """Build the scorer registered under ``name``."""
     _populate()
     if name not in REGISTRY:
         raise ValueError(f"unknown reward {name!r}; available: {', '.join(sorted(REGISTRY))}")
+    check_scorer_kwargs(name, kwargs)
     return REGISTRY[name](**kwargs)
 
 
@@ -69,12 +94,19 @@ def scorer_kwargs_from_cli(text: str, names, trust_remote_code: bool = False) ->
     unknown = sorted(set(kwargs) - set(names))
     if unknown:
         raise ValueError(f"--scorer-kwargs names {unknown}, which are not among the scorers in use ({', '.join(sorted(names))})")
+    _populate()
+    for n, kw in kwargs.items():  # a misspelt argument fails here, before any model is loaded
+        if n in REGISTRY:
+            try:
+                check_scorer_kwargs(n, kw)
+            except ValueError as e:
+                raise ValueError(f"--scorer-kwargs: {e}") from None
     if trust_remote_code:
-        _populate()
         for n in names:
             if n in REGISTRY and "trust_remote_code" in inspect.signature(REGISTRY[n]).parameters:
                 kwargs.setdefault(n, {}).setdefault("trust_remote_code", True)
     return kwargs
 
 
-__all__ = ["REGISTRY", "Scorer", "available", "load_scorer", "register", "scorer_kwargs_from_cli"]
+__all__ = ["REGISTRY", "Scorer", "available", "check_scorer_kwargs", "load_scorer", "register",
+           "scorer_kwargs_from_cli"]

@@ -190,3 +190,53 @@ def test_a_scorer_failing_on_every_sample_fails_the_shard_with_batches_of_one(tm
                  "--vqa-scorer", "none", "--no-progress", "--batch-size", "1"]) == 1
     assert "rewards 00000.tar failed: ValueError: image too small" in capsys.readouterr().err
     assert not (csv / "00000_scores.csv").exists()
+
+
+def test_changed_scorer_kwargs_or_precision_redo_the_shard(shapes_raw, tmp_path, capsys):
+    """--scorer-kwargs and --precision change scores: a rerun with other values is not 'complete'
+    (like any other config change); arguments that only permit a download do not count."""
+    import json
+
+    base = ["--stage", "rewards", "--src", str(shapes_raw), "--csv_dir", str(tmp_path / "csv"), "--shard_id", "0",
+            "--scorers", "shapes_sharpness", "--vqa-scorer", "none", "--no-progress"]
+
+    def processed(*extra) -> bool:
+        capsys.readouterr()
+        assert main([*base, *extra]) == 0
+        return "1 shard(s) processed" in capsys.readouterr().out
+
+    assert processed()
+    assert not processed()
+    kw = {"shapes_sharpness": {"batch_size": 8}}
+    assert processed("--scorer-kwargs", json.dumps(kw))
+    assert not processed("--scorer-kwargs", json.dumps(kw))
+    kw["shapes_sharpness"]["local_files_only"] = True  # where weights come from, not what is scored
+    assert not processed("--scorer-kwargs", json.dumps(kw))
+    assert processed("--scorer-kwargs", json.dumps(kw), "--precision", "bf16")
+    assert processed()  # back to the defaults: redone again
+
+
+def test_no_synthetic_drops_every_synthetic_key_from_the_json(shapes_raw, tmp_path):
+    """The source JSON's synthetic captions and synthetic_* rewards, and the synthetic_* columns a
+    synthetic rewards run left in the CSV, stay out of the enriched JSON under --no-synthetic."""
+    csv, dest = tmp_path / "csv", tmp_path / "out"
+    base = ["--src", str(shapes_raw), "--csv_dir", str(csv), "--shard_id", "0", "--no-progress",
+            "--scorers", "shapes_sharpness", "--vqa-scorer", "none"]
+    assert main(["--stage", "rewards", *base]) == 0  # with synthetic columns
+    shard = sorted(shapes_raw.glob("*.tar"))[0]
+    rows = pio.read_scores_csv(csv / f"{shard.stem}_scores.csv")
+    assert all("synthetic_shapes_sharpness" in r for r in rows.values())
+    src = _read(shard)
+    assert all("synthetic_caption" in s["json"] for s in src.values())  # the fixture has them
+    assert main(["--stage", "vae", *base, "--no-synthetic", "--dest", str(dest), "--text-encoder", "minilm",
+                 "--autoencoder", "identity"]) == 0
+    for key, s in _read(dest / shard.name).items():
+        meta = s["json"]
+        assert not [k for k in meta if k.startswith("synthetic_") or k == "short_synthetic_caption"], key
+        assert meta["shapes_sharpness"] == pytest.approx(rows[key]["shapes_sharpness"])
+        assert meta["metadata"] == src[key]["json"]["metadata"]  # everything else of the source JSON kept
+        assert "synthetic_minilm_embeddings.npy" not in s
+    # a --no-synthetic rewards rerun also drops its own stale synthetic columns from the CSV
+    assert main(["--stage", "rewards", *base, "--no-synthetic"]) == 0
+    rows = pio.read_scores_csv(csv / f"{shard.stem}_scores.csv")
+    assert all("synthetic_shapes_sharpness" not in r for r in rows.values())

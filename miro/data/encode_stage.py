@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from miro.data import preprocess_io as pio
-from miro.data.schema import latent_name, text_embedding_name
+from miro.data.schema import latent_name, synthetic_reward_key, text_embedding_name
 from miro.data.stages import StageOptions, _Stage, autocast
 
 
@@ -65,6 +65,11 @@ class EncodeSpec:
     extra: dict = field(default_factory=dict)  # encoder / codec specs for the config signature
 
 
+def _is_synthetic(key: str) -> bool:
+    """A JSON key or CSV column of the synthetic captions: the captions and ``synthetic_<reward>``."""
+    return key in pio.CAPTION_COLUMNS or key.startswith(synthetic_reward_key(""))
+
+
 class MissingStageError(ValueError):
     """Stage ``vae`` found no (complete) scores for a shard; the message names the stage to run."""
 
@@ -86,7 +91,7 @@ class EncodeStage(_Stage):
         return {"resolutions": list(self.spec.resolutions), "resize_filter": self.spec.resize_filter,
                 "text_max_length": self.spec.text_max_length, "synthetic": self.opts.synthetic,
                 "captions": self.opts.captions_id, "text_encoder": getattr(self.text_encoder, "schema_name", "?"),
-                **self.spec.extra}
+                "precision": self.opts.precision, **self.spec.extra}
 
     def dest_path(self, shard: Path) -> Path:
         return Path(self.opts.dest) / shard.name
@@ -146,6 +151,9 @@ class EncodeStage(_Stage):
         for s, _ in kept:
             row = scores[s.key]
             meta = dict(s.meta)
+            if not self.opts.synthetic:  # --no-synthetic drops everything synthetic, the source JSON's too
+                row = {c: v for c, v in row.items() if not _is_synthetic(c)}
+                meta = {k: v for k, v in meta.items() if not _is_synthetic(k)}
             if self.opts.synthetic:
                 long, short, _ = pio.resolve_captions(s, self.opts.captions)
                 long = row.get("synthetic_caption") or long  # the captions the rewards were computed on

@@ -390,7 +390,7 @@ def _run(args, plan: Plan) -> int:
         if name in ("rewards", "vqa"):
             names = _csv_list(args.scorers) if name == "rewards" else [vqa]
             scorers = load_scorers(names, plan.scorer_kwargs, device)
-            stage, models = ScoreStage(name, scorers, opts), list(scorers.values())
+            stage, models = ScoreStage(name, scorers, opts, plan.scorer_kwargs), list(scorers.values())
         else:
             from miro.encoders import IdentityCodec, load_autoencoder, load_text_encoder
 

@@ -46,6 +46,9 @@ SYNTHETIC_CAPTION = {
     "shapes_contrast": "copy",
 }
 CAPTION_KINDS = ("long", "short", "copy")
+# Scorer factory arguments that permit or locate a download but do not change a score: left out
+# of the stage config, so that adding them does not redo finished shards.
+_NOT_SCORE_KWARGS = ("trust_remote_code", "local_files_only")
 
 
 @dataclass
@@ -149,13 +152,15 @@ class _Stage:
 class ScoreStage(_Stage):
     """Stage ``rewards`` (or ``vqa``): rewards of both captions into the shard's score CSV."""
 
-    def __init__(self, name: str, scorers: dict[str, Any], opts: StageOptions):
+    def __init__(self, name: str, scorers: dict[str, Any], opts: StageOptions,
+                 scorer_kwargs: dict[str, dict] | None = None):
         super().__init__(opts)
         if not scorers:
             raise ValueError(f"stage {name!r} needs at least one scorer")
         self.name = name
         self.scorers = scorers
         self.kinds = {n: synthetic_caption_kind(n, s) for n, s in scorers.items()}
+        self.scorer_kwargs = scorer_kwargs or {}  # the factory arguments the scorers were built with
 
     def columns(self) -> list[str]:
         cols = list(self.scorers)
@@ -164,7 +169,13 @@ class ScoreStage(_Stage):
         return cols
 
     def config(self) -> dict:
-        return {"scorers": sorted(self.scorers), "synthetic": self.opts.synthetic, "captions": self.opts.captions_id}
+        # Factory arguments (a model folder, HPS version=...) and the autocast precision change the
+        # scores, so a change redoes the shard like any other config change. Arguments that only
+        # permit or locate a download do not.
+        kwargs = {n: {k: v for k, v in sorted(self.scorer_kwargs.get(n, {}).items()) if k not in _NOT_SCORE_KWARGS}
+                  for n in sorted(self.scorers)}
+        return {"scorers": sorted(self.scorers), "synthetic": self.opts.synthetic, "captions": self.opts.captions_id,
+                "precision": self.opts.precision, "scorer_kwargs": {n: kw for n, kw in kwargs.items() if kw}}
 
     def is_complete(self, shard: Path) -> bool:
         log = self._log_ok(shard)
@@ -262,7 +273,11 @@ class ScoreStage(_Stage):
         if failures and not rows:  # every sample the scorers saw failed: the model, not the data
             raise failures[0]
         report.samples_ok = len(rows)
-        cols = self.columns() + (list(pio.CAPTION_COLUMNS) if self.opts.synthetic else [])
+        cols = self.columns()
+        if self.opts.synthetic:
+            cols += list(pio.CAPTION_COLUMNS)
+        else:  # a --no-synthetic rerun also drops this stage's stale synthetic values
+            cols += [synthetic_reward_key(n) for n in self.scorers]
         pio.merge_scores_csv(csv_path, rows, cols, keys=set(pio.shard_keys(shard)), rebuild=self.opts.overwrite)
         report.seconds = time.perf_counter() - t0
         pio.write_log(self.log_path(shard), report, "complete", source=pio.fingerprint(shard),

@@ -566,3 +566,44 @@ def test_shard_ids_empty_or_repeated(tmp_path, capsys):
     assert capsys.readouterr().out.count("00001.tar") == 1  # processed once, not then 'complete, skipped'
     assert main(_args(src, csv, "rewards", "--shard_ids", ",")) == 2
     assert "--shard_ids ',' selects no shard" in capsys.readouterr().err
+
+
+def _documented_commands(text: str) -> list[str]:
+    """The ``miro preprocess`` command lines of the markdown's bash blocks, continuations joined."""
+    import re
+
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].strip()
+            if line.startswith("miro preprocess"):
+                lines.append(line)
+    return lines
+
+
+def test_documented_commands_run_with_the_default_rewards():
+    """Every documented `miro preprocess` command builds the rewards its stages use (no weights
+    are loaded): clip_score's jina-clip-v2 needs the explicit --trust-remote-code."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from miro.data.preprocess import _csv_list, build_parser
+    from miro.rewards import load_scorer, scorer_kwargs_from_cli
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs" / "preprocessing.md").read_text()
+    commands = _documented_commands(text) + _documented_commands((root / "README.md").read_text())
+    assert len(commands) >= 8
+    for line in commands:
+        for stage in ("rewards", "vqa", "vae"):
+            argv = shlex.split(line.replace("$STAGE", stage).replace("$START-$END", "0-1"))[2:]
+            args = build_parser().parse_args(argv)
+            if args.stage not in ("all", "rewards"):
+                continue
+            names = _csv_list(args.scorers)
+            kwargs = scorer_kwargs_from_cli(args.scorer_kwargs, names, args.trust_remote_code)
+            for name in names:
+                load_scorer(name, **kwargs.get(name, {}))  # clip_score: ValueError without the flag
+    launcher = re.search(r"```python\n(# launch_preprocess.py.*?)```", text, flags=re.S).group(1)
+    assert '"--trust-remote-code"' in launcher

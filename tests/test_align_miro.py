@@ -141,3 +141,18 @@ def test_miro_lora_roundtrip_and_merge(bert_dir, tmp_path):
     merged = make_pipe(bert_dir)
     merged.model.load_state_dict_checked(merge_lora_state_dict(pipe.model))  # published tensor names only
     torch.testing.assert_close(MiroTarget(merged).velocity(x, s, cond), tuned, rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_weights_train_float32_masters(bert_dir, tmp_path):
+    # target.dtype=bfloat16: the rollout (euler_sample) and the training forward autocast to bf16,
+    # so float32 latents meet bf16 weights ("mat1 and mat2 must have the same dtype" before), and
+    # the trained weights are float32 masters (miro.align.precision).
+    pipe = make_pipe(bert_dir).to(dtype=torch.bfloat16)
+    tg = MiroTarget(pipe, MiroTargetConfig(guidance_scale=2.0))
+    assert tg.compute_dtype == torch.bfloat16
+    before = {n: p.detach().float().clone() for n, p in pipe.model.named_parameters() if p.requires_grad}
+    hist = _trainer(tg, tmp_path, 1, rollout_steps=2).fit()
+    assert all(v == v for v in hist[0].values()) and hist[0]["grad_norm"] > 0
+    params = dict(pipe.model.named_parameters())
+    assert {params[n].dtype for n in before} == {torch.float32}
+    assert any(not torch.equal(params[n].detach(), before[n]) for n in before)

@@ -18,6 +18,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from miro.align.direct_align import euler_step, rollout_sigmas
+from miro.align.precision import autocast, weight_dtype
 
 
 def pack_latents(z: torch.Tensor) -> torch.Tensor:
@@ -75,6 +76,9 @@ class FluxTarget:
         # Full fine-tune unless LoRA adapters were added (then only they train).
         if not any("lora_" in n for n, _ in transformer.named_parameters()):
             transformer.requires_grad_(True)
+        # The dtype the weights were loaded in (bf16 for FLUX.1-dev on CUDA): the forward runs under
+        # autocast to it, since the trainer keeps the trained weights in float32 (miro.align.precision).
+        self.compute_dtype = weight_dtype(transformer)
         if c.vae_tiling and hasattr(vae, "enable_tiling"):
             vae.enable_tiling()
 
@@ -129,20 +133,22 @@ class FluxTarget:
         """``v = ε − x0`` predicted by the transformer at noise level ``sigma`` (B,)."""
         t = torch.floor(sigma * 1000) / 1000 if self.config.quantize_timestep else sigma
         g = self.config.train_guidance if guidance is None else guidance
-        dtype = self.transformer.dtype
+        # Not self.transformer.dtype: Fabric's wrapper reports float32 whatever the weights are.
+        dtype = self.compute_dtype
         kw = {}
         if self.transformer.config.guidance_embeds:
             kw["guidance"] = torch.full((x.shape[0],), float(g), device=x.device, dtype=torch.float32)
-        out = self.transformer(
-            hidden_states=x.to(dtype),
-            timestep=t.to(device=x.device, dtype=dtype),
-            pooled_projections=cond["pooled_prompt_embeds"].to(dtype),
-            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
-            txt_ids=cond["text_ids"],
-            img_ids=latent_image_ids(self.lh, self.lw, x.device, dtype),
-            return_dict=False,
-            **kw,
-        )[0]
+        with autocast(x.device, dtype):
+            out = self.transformer(
+                hidden_states=x.to(dtype),
+                timestep=t.to(device=x.device, dtype=dtype),
+                pooled_projections=cond["pooled_prompt_embeds"].to(dtype),
+                encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+                txt_ids=cond["text_ids"],
+                img_ids=latent_image_ids(self.lh, self.lw, x.device, dtype),
+                return_dict=False,
+                **kw,
+            )[0]
         return out.float()
 
     @torch.no_grad()

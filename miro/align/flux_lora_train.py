@@ -21,6 +21,7 @@ import torch
 from miro.align.datasets import OfflineImageDataset
 from miro.align.flux import FluxTarget, FluxTargetConfig
 from miro.align.lora import LoraSettings, add_flux_lora, save_flux_lora
+from miro.align.precision import cast_trainable_params
 from miro.align.trainer import OptimConfig, _seed, _truncate_metrics, atomic_torch_save, build_optimizer
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ def finetune_flux_lora(pipe, items: list[dict], cfg: FluxLoraTrainConfig, fabric
     for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
         m.requires_grad_(False)
     add_flux_lora(pipe.transformer, cfg.lora)
+    cast_trainable_params(pipe.transformer)  # float32 adapters over bf16 weights (diffusers' cast_training_params)
     opt = build_optimizer(pipe.transformer.parameters(), cfg.optim)
     wrapped, opt = fabric.setup(pipe.transformer, opt)
     target.set_trainable_module(wrapped)

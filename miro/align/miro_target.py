@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from miro.align.precision import autocast, weight_dtype
 from miro.models.flow import cfg_combine, flux_shift_to_gamma_shift, sigma_to_gamma
 
 
@@ -54,6 +55,9 @@ class MiroTarget:
             logvar = getattr(self.model.preconditioning, "logvar_proj", None)
             if logvar is not None:
                 logvar.requires_grad_(False)
+        # The dtype the weights were loaded in (`target.dtype`): forwards and rollouts run under
+        # autocast to it, since the trainer keeps the trained weights in float32 (miro.align.precision).
+        self.compute_dtype = weight_dtype(self.model)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -94,11 +98,13 @@ class MiroTarget:
         b = x.shape[0]
         gamma = sigma_to_gamma(sigma.to(x.device, torch.float32))
         if w <= 0:
-            v, _ = self.model(x, gamma, cond["emb"], cond["mask"], self._rewards(self.pos, b, x.device), None)
+            with autocast(x.device, self.compute_dtype):
+                v, _ = self.model(x, gamma, cond["emb"], cond["mask"], self._rewards(self.pos, b, x.device), None)
             return v.float()
         ce, cm, ue, um = cond["cfg"]
         coh = {k: torch.cat([torch.full((b,), self.pos[k]), torch.full((b,), self.neg[k])]).to(x.device) for k in self.keys}
-        v2, _ = self.model(torch.cat([x, x]), torch.cat([gamma, gamma]), torch.cat([ce, ue]), torch.cat([cm, um]), coh, None)
+        with autocast(x.device, self.compute_dtype):
+            v2, _ = self.model(torch.cat([x, x]), torch.cat([gamma, gamma]), torch.cat([ce, ue]), torch.cat([cm, um]), coh, None)
         v_c, v_u = v2.float().chunk(2)
         return cfg_combine(v_c, v_u, w)
 
@@ -113,7 +119,7 @@ class MiroTarget:
         module = getattr(self.model, "module", self.model)  # the sampler needs the bare MiroModel API
         return euler_sample(module, noise, cond["emb"], cond["mask"], ue, um, reward_targets=self.pos,
                             negative_reward_targets=self.neg, num_steps=num_steps, guidance_scale=self.config.guidance_scale,
-                            shift=gshift, autocast=False, progress=progress)
+                            shift=gshift, autocast=self.compute_dtype != torch.float32, progress=progress)
 
     def _decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         codec = self.pipe.autoencoder

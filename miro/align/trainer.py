@@ -26,6 +26,7 @@ import torch
 
 from miro.align import checks as C
 from miro.align.datasets import OfflineImageDataset
+from miro.align.precision import cast_trainable_params
 from miro.align.relative_reward import SemanticRelativeReward
 from miro.align.step import StepConfig, srpo_step
 from miro.io import atomic_path, atomic_write_text
@@ -207,6 +208,9 @@ class SRPOTrainer:
         """Train to ``max_steps``; returns the metrics of the steps run in this call."""
         fabric, cfg = self.fabric, self.cfg
         module = self.target.trainable_module
+        # float32 master weights (full fine-tune or LoRA adapters) whatever dtype the model was loaded
+        # in; the target's forward autocasts to that dtype (miro.align.precision, facts §5).
+        cast_trainable_params(module)
         self.optimizer = build_optimizer(module.parameters(), self.optim_cfg)
         wrapped, self.optimizer = fabric.setup(module, self.optimizer)
         self._module = module

@@ -92,6 +92,28 @@ def test_both_branches_recover_at_the_same_sigma_for_every_index():
         assert 1 <= j < sel
 
 
+@pytest.mark.parametrize("window", [{"sigma_range": (1.0, 0.7)}, {"train_timestep": (0, 25)}], ids=["sigma_range", "train_timestep"])
+def test_a_window_reaching_sigma_one_works_for_every_index(window):
+    # σ_from = 1 is x_1 = ε, where every rollout starts; only the recovery divides, by 1 − σ_to,
+    # and σ_to < 1 for every index. The noisiest indices (sel >= 900 here) give σ_hi = 1.
+    sched = DirectAlignSchedule(**window)
+    x0, eps = _pair(3)
+
+    def true_v(x, s):
+        return eps - x0
+
+    his = set()
+    for sel in range(sched.sel_margin, sched.timestep_length - sched.sel_margin + 1):
+        s_hi, s_m = sched.denoise_sigmas(sel)
+        s_lo, _, _ = sched.inversion_sigmas(sel)
+        his.add(s_hi)
+        for a, b in ((s_hi, s_m), (s_lo, s_m)):
+            torch.testing.assert_close(direct_align_branch(true_v, x0, eps, a, b), x0, rtol=0, atol=1e-9)
+    assert 1.0 in his
+    with pytest.raises(ValueError, match="sigma_to < 1"):
+        direct_align_branch(true_v, x0, eps, 0.9, 1.0)
+
+
 def test_sample_index_range_and_reproducibility():
     sched = DirectAlignSchedule()
     draws = [sched.sample_index(torch.Generator().manual_seed(i)) for i in range(200)]
@@ -164,30 +186,31 @@ def test_relative_reward_rejects_non_differentiable_scorer():
         SemanticRelativeReward(_Plain())
 
 
+class _Target:
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.lin = torch.nn.Linear(4, 4)
+
+    def latent_shape(self, b):
+        return (b, 4)
+
+    def encode_condition(self, captions):
+        return None
+
+    def velocity(self, x, s, cond):
+        return self.lin(x)
+
+    def rollout(self, noise, cond, num_steps, shift):
+        return noise * 0.5
+
+    def decode(self, x0):
+        return x0.sigmoid()[:, None, :, None].expand(-1, 3, 4, 4)
+
+
 def test_step_swaps_prompts_and_discounts_in_the_inversion_branch():
     from miro.align.prompts import PromptConfig
     from miro.align.step import StepConfig, srpo_step
-
-    class _Target:
-        device = torch.device("cpu")
-
-        def __init__(self):
-            self.lin = torch.nn.Linear(4, 4)
-
-        def latent_shape(self, b):
-            return (b, 4)
-
-        def encode_condition(self, captions):
-            return None
-
-        def velocity(self, x, s, cond):
-            return self.lin(x)
-
-        def rollout(self, noise, cond, num_steps, shift):
-            return noise * 0.5
-
-        def decode(self, x0):
-            return x0.sigmoid()[:, None, :, None].expand(-1, 3, 4, 4)
 
     calls = []
 
@@ -209,3 +232,21 @@ def test_step_swaps_prompts_and_discounts_in_the_inversion_branch():
     calls.clear()
     srpo_step(_Target(), _Reward(), StepConfig(inversion=False, rollout_steps=2), {"items": [{"caption": "c"}]}, g, 0)
     assert len(calls) == 1
+
+
+def test_metrics_s_pos_is_the_positive_prompt_in_both_branches():
+    # The inversion branch scores with p+ and p− swapped; its logged s_pos must still be the
+    # similarity to the item's p+ (docs/alignment.md), not to whichever prompt came first.
+    from miro.align.prompts import PromptConfig
+    from miro.align.step import StepConfig, srpo_step
+
+    sim = {"P": 0.25, "N": -0.5}
+
+    def reward(images, pos, neg, k):
+        s_pos, s_neg = torch.full((1,), sim[pos[0]]), torch.full((1,), sim[neg[0]])
+        return {"reward": images.mean((1, 2, 3)) + (1 + k) * s_pos - s_neg, "s_pos": s_pos, "s_neg": s_neg}
+
+    cfg = StepConfig(prompts=PromptConfig(pos_prompt="P", neg_prompt="N"), rollout_steps=2)
+    m = srpo_step(_Target(), reward, cfg, {"items": [{"caption": "c"}]}, torch.Generator().manual_seed(0), step=0)
+    assert m["denoise/s_pos"] == m["inversion/s_pos"] == 0.25
+    assert m["denoise/s_neg"] == m["inversion/s_neg"] == -0.5

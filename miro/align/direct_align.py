@@ -67,9 +67,13 @@ def direct_align_branch(
     ``velocity_fn(x_σ, σ)`` returns ``v`` with the model's gradients. ``sigma_from > sigma_to``
     is the denoise branch, ``sigma_from < sigma_to`` the inversion branch.
     Returns x̂0 with the shape of ``x0``; gradients reach only what ``velocity_fn`` uses.
+
+    ``sigma_from = 1`` is valid: ``x_1 = ε`` is where every rollout starts, and only the recovery
+    divides, by ``1 − sigma_to``; so a window reaching σ = 1 (``sigma_range=[1, b]``,
+    ``train_timestep=[0, b]``) gives ``σ_hi = 1`` for the noisiest indices and works.
     """
-    if not (0.0 <= sigma_from < 1.0 and 0.0 <= sigma_to < 1.0):
-        raise ValueError(f"sigmas must lie in [0, 1); got sigma_from={sigma_from}, sigma_to={sigma_to}")
+    if not (0.0 <= sigma_from <= 1.0 and 0.0 <= sigma_to < 1.0):
+        raise ValueError(f"need 0 <= sigma_from <= 1 and 0 <= sigma_to < 1; got sigma_from={sigma_from}, sigma_to={sigma_to}")
     if x0.shape != noise.shape:
         raise ValueError(f"x0 {tuple(x0.shape)} and noise {tuple(noise.shape)} must have the same shape")
     with torch.no_grad():

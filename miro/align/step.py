@@ -116,16 +116,19 @@ def srpo_step(
     vel = lambda x, s: target.velocity(x, s, cond)  # noqa: E731
     metrics: dict = {"sel": float(sel)}
 
-    def run(name, sigma_from, sigma_to, p, q, k):
+    def run(name, sigma_from, sigma_to, swapped, k):
         x0_hat = direct_align_branch(vel, x0, noise, sigma_from, sigma_to)
         images = target.decode(x0_hat)
-        out = reward(images, p, q, k)
+        out = reward(images, *((neg, pos) if swapped else (pos, neg)), k)
         loss = srpo_loss(out["reward"], cfg.loss, cfg.hinge_margin).mean() / n_branches * loss_scale
         backward(loss)
+        # s_pos / s_neg: the similarity to the item's p+ / p− in both branches, whichever one the
+        # (swapped) inversion reward puts first.
+        s_pos, s_neg = (out["s_neg"], out["s_pos"]) if swapped else (out["s_pos"], out["s_neg"])
         metrics.update({
             f"{name}/reward": float(out["reward"].detach().mean()),
-            f"{name}/s_pos": float(out["s_pos"].detach().mean()),
-            f"{name}/s_neg": float(out["s_neg"].detach().mean()),
+            f"{name}/s_pos": float(s_pos.detach().mean()),
+            f"{name}/s_neg": float(s_neg.detach().mean()),
             f"{name}/loss": float(loss.detach()) / loss_scale,
             f"{name}/sigma_from": sigma_from,
             f"{name}/sigma_to": sigma_to,
@@ -135,9 +138,9 @@ def srpo_step(
     n = sched.timestep_length
     if cfg.denoise:
         s_hi, s_m = sched.denoise_sigmas(sel)
-        run("denoise", s_hi, s_m, pos, neg, discount_schedule(cfg.discount_denoise, n)[sel])
+        run("denoise", s_hi, s_m, False, discount_schedule(cfg.discount_denoise, n)[sel])
     if cfg.inversion:
         s_lo, s_m, j = sched.inversion_sigmas(sel)
         # Swapped prompts: the inversion step's gradient w.r.t. v has the opposite sign (SRPO #20).
-        run("inversion", s_lo, s_m, neg, pos, discount_schedule(cfg.discount_inv, n)[j])
+        run("inversion", s_lo, s_m, True, discount_schedule(cfg.discount_inv, n)[j])
     return metrics

@@ -14,8 +14,18 @@ from miro.align.proxy_reward import ProxyConfig, ProxyRewardModel, ProxyTrainCon
 def test_help_lists_the_alignment_keys(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for key in ("mode=online|offline", "inversion=", "discount_inv=", "discount_denoise=", "flux-generate", "shapes_proxy"):
+    for key in ("mode=online|offline", "inversion=", "discount_inv=", "discount_denoise=", "flux-generate", "shapes_proxy",
+                "+reward.kwargs.KEY=VALUE"):
         assert key in out
+
+
+def test_reward_kwargs_take_new_and_existing_keys_with_or_without_plus():
+    # Hydra's struct mode refuses a new key without '+' and an existing one with it; both forms work.
+    cfg = compose(["data.prompts=x.txt", "reward.kwargs.model=M", "+reward.kwargs.tokenizer=T", "++reward.kwargs.image_size=32"])
+    assert cfg["reward"]["kwargs"] == {"model": "M", "tokenizer": "T", "image_size": 32}
+    for form in ("reward.kwargs.version=v2.0", "+reward.kwargs.version=v2.0"):  # flux_hps sets version: v2.1
+        assert compose(["experiment=flux_hps", "data.prompts=x.txt", form])["reward"]["kwargs"] == {"version": "v2.0"}
+    assert main(["data.prompts=x.txt", "reward.kwargs.version=v2.0", "--print-config"]) == 0
 
 
 def test_config_defaults_are_the_published_hyperparameters():
@@ -132,6 +142,21 @@ def test_end_to_end_with_the_shapes_proxy_and_lora(tiny_world, tmp_path):
     coh = {k: torch.ones(1) for k in base.coherence_keys}
     g = torch.tensor([0.5])
     torch.testing.assert_close(merged.model(x, g, emb, mask, coh)[0], base.model(x, g, emb, mask, coh)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_target_with_lora_end_to_end(tiny_world, tmp_path):
+    # target.dtype=bfloat16 (documented) crashed every MIRO run: fp32 latents met bf16 weights in
+    # the rollout. Now the forwards autocast, the adapters train in float32 and the export works.
+    from miro.pipeline import MiroPipeline
+
+    root, bert = tiny_world
+    ProxyRewardModel(ProxyConfig(width=8, dim=16, text_encoder=str(bert), text_dim=24, max_text_len=16)).save(tmp_path / "proxy")
+    out = tmp_path / "run"
+    assert _run(root, out, "target.dtype=bfloat16", "reward.name=shapes_proxy", f"reward.path={tmp_path / 'proxy'}",
+                "lora.enabled=true", "lora.rank=2") == 0
+    metrics = json.loads((out / "metrics.jsonl").read_text())
+    assert metrics["grad_norm"] > 0 and all(v == v for v in metrics.values())
+    assert MiroPipeline.from_pretrained(out / "pipeline").model is not None
 
 
 @pytest.mark.slow  # three `miro align` processes (~15 s of imports each on 2 cores)

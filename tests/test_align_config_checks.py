@@ -35,6 +35,10 @@ def no_models(monkeypatch):
     ("inversion=maybe", "inversion must be true or false"),
     ("rollout_steps=0", "rollout_steps"),
     ("data.limit=0", "data.limit"),
+    ("reward.logit_divisor=0", "reward.logit_divisor"),
+    ("reward.logit_divisor=inf", "reward.logit_divisor"),
+    ("reward.logit_divisor=nan", "reward.logit_divisor"),
+    ("reward.similarity=dot", "reward.similarity"),
 ])
 def test_dry_run_rejects_bad_values_in_one_line(override, needle, no_models, tmp_path, capsys):
     (tmp_path / "p.txt").write_text("a red circle\n")
@@ -52,6 +56,66 @@ def test_shapes_proxy_with_plain_captions_fails_in_dry_run(no_models, tmp_path, 
     assert cli.main([*argv, "--dry-run"]) == 2
     assert "no reward prompts for item 'a red circle'" in capsys.readouterr().err
     assert cli.main(argv) == 2  # the real run fails the same way, before loading anything
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["image_reward_score", "aesthetic_score", "vqa_score", "shapes_alignment"])
+def test_non_embedding_rewards_fail_in_dry_run(name, no_models, tmp_path, capsys):
+    # The base Scorer defines raising embed_text/embed_image stubs: these scorers passed a
+    # callable() check and crashed at their first SRPO step.
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    out = tmp_path / "out"
+    assert cli.main([f"data.prompts={tmp_path / 'p.txt'}", f"train.out_dir={out}", f"reward.name={name}", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"miro align: reward '{name}'") and "hpsv2_score, pick_a_score_score" in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_embedding_rewards_are_exactly_the_usable_scorers():
+    from miro.align.proxy_reward import ProxyRewardModel
+    from miro.align.relative_reward import EMBEDDING_REWARDS, SemanticRelativeReward, check_embedding_scorer
+    from miro.rewards import available, load_scorer
+
+    kwargs = {"clip_score": {"model": "openai/clip-vit-large-patch14"}}  # built lazily: nothing is downloaded
+    usable = {"shapes_proxy"}
+    check_embedding_scorer(ProxyRewardModel.__new__(ProxyRewardModel), "shapes_proxy")  # a class check, no weights
+    for name in available():
+        scorer = load_scorer(name, **kwargs.get(name, {}))
+        try:
+            check_embedding_scorer(scorer, name)
+            usable.add(name)
+        except ValueError as e:
+            assert name in str(e)
+    assert usable == set(EMBEDDING_REWARDS)
+    with pytest.raises(ValueError, match="'aesthetic_score' .*no embed_text"):
+        SemanticRelativeReward(load_scorer("aesthetic_score"))
+
+
+def test_offline_mode_without_images_fails_in_dry_run(no_models, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    out = tmp_path / "out"
+    assert cli.main([f"data.prompts={tmp_path / 'p.txt'}", f"train.out_dir={out}", "mode=offline", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("miro align: mode=offline") and "image_path" in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_cure_without_network_is_one_line_naming_where_the_files_go(no_models, tmp_path, monkeypatch, capsys):
+    import urllib.error
+    import urllib.request
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setenv("MIRO_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("MIRO_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    assert cli.main(["data.prompts=cure", f"train.out_dir={out}", "--dry-run"]) == 1  # the environment, not a bad value
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("miro align: data.prompts=cure: architecture.csv") and "\n" not in err
+    assert "https://raw.githubusercontent.com/aniketrege/cure-bench" in err and "$MIRO_DATA_DIR/cure/" in err
+    assert "data.prompts=<folder of CuRe CSVs>" in err
     assert not out.exists()
 
 

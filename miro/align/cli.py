@@ -11,6 +11,7 @@ working directory, no per-rank run folders); training runs on Lightning Fabric.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -34,7 +35,7 @@ main keys:
   loss=hinge|maximize           relu(0.7 - r) as published, or -r
   data.prompts=PATH|cure        .json (SRPO list), .jsonl, .txt, .csv, CuRe folder
   target.kind=miro|flux  target.model=NAME|DIR|HUB_ID   lora.enabled=true lora.rank=16
-  reward.name=hpsv2_score|pick_a_score_score|clip_score|shapes_proxy  reward.kwargs.KEY=VALUE
+  reward.name=hpsv2_score|pick_a_score_score|clip_score|sciscore_score|shapes_proxy  +reward.kwargs.KEY=VALUE
   schedule.train_timestep=[5,25] | schedule.sigma_range=[0.95,0.7]   schedule.groundtruth_ratio=0.9
   prompts.pos_prompt=... prompts.neg_prompt=... prompts.control_words=false prompts.use_mia=true
   optim.name=adamw|prodigy optim.lr=5e-6   train.max_steps=20 train.out_dir=DIR train.devices=N
@@ -50,6 +51,14 @@ def experiments() -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 
 
+def _open_kwargs(overrides: list[str]) -> list[str]:
+    """``reward.kwargs`` holds load_scorer's arguments, whose keys the config cannot list, and
+    Hydra refuses a new key without ``+`` (and an existing one, such as an experiment's
+    ``version``, with it). ``++`` adds or replaces, so ``reward.kwargs.KEY=V`` and
+    ``+reward.kwargs.KEY=V`` both work."""
+    return [re.sub(r"^\+{0,2}(?=reward\.kwargs\.[^=]+=)", "++", o) for o in overrides]
+
+
 def compose(overrides: list[str], as_dict: bool = True):
     """The composed config for ``overrides``: a plain dict (every ``???`` must be filled) or, with
     ``as_dict=False``, the OmegaConf object."""
@@ -60,7 +69,7 @@ def compose(overrides: list[str], as_dict: bool = True):
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = h_compose(config_name="config", overrides=list(overrides))
+        cfg = h_compose(config_name="config", overrides=_open_kwargs(list(overrides)))
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True) if as_dict else cfg
 
 
@@ -73,7 +82,15 @@ def load_items(cfg: dict) -> list[dict]:
 
         items = []
         for name in CURE_FILES:
-            items += read_cure(_locate("cure", f"{name}.csv", CURE_URL.format(name=name)))
+            url = CURE_URL.format(name=name)
+            try:
+                path = _locate("cure", f"{name}.csv", url)
+            except OSError as e:  # offline: say where the files go instead of a traceback
+                raise ConnectionError(
+                    f"data.prompts=cure: {name}.csv is not in $MIRO_DATA_DIR/cure/ or the cache and could not be "
+                    f"downloaded from {url} ({e.__cause__ or e}); put the CuRe CSVs ({', '.join(CURE_FILES)}) in "
+                    f"$MIRO_DATA_DIR/cure/ or pass data.prompts=<folder of CuRe CSVs>") from e
+            items += read_cure(path)
     elif spec == "shapes":
         from miro.eval.prompts import load_prompts
 
@@ -104,8 +121,28 @@ def check_target(cfg: dict) -> None:
         C.choice("target.dtype", t["dtype"], DTYPES + ("null",))
     if not isinstance(t.get("model"), str) or not t["model"].strip():
         raise ValueError(f"target.model must be a name, folder or hub id; got {t.get('model')!r}")
-    if cfg["reward"]["name"] == "shapes_proxy" and not cfg["reward"].get("path"):
-        raise ValueError("reward.name=shapes_proxy needs reward.path=<trained proxy folder>")
+
+
+def check_reward(cfg: dict) -> None:
+    """The reward keys, before any model loads: a reward SRPO cannot use (not a differentiable
+    embedding model) is refused here, not at its first call mid-run."""
+    import math
+
+    from miro.align import checks as C
+    from miro.align.relative_reward import SIMILARITIES, check_embedding_scorer
+
+    r = cfg["reward"]
+    C.choice("reward.similarity", r["similarity"], SIMILARITIES)
+    if not math.isfinite(C.number("reward.logit_divisor", r["logit_divisor"], 0.0, strict=True)):
+        raise ValueError(f"reward.logit_divisor must be a finite number > 0; got {r['logit_divisor']!r}")
+    if r["name"] == "shapes_proxy":
+        if not r.get("path"):
+            raise ValueError("reward.name=shapes_proxy needs reward.path=<trained proxy folder>")
+        return
+    from miro.rewards import load_scorer
+
+    # load_scorer builds the scorer without its weights (they load on first use), so this is cheap.
+    check_embedding_scorer(load_scorer(r["name"], **dict(r.get("kwargs") or {})), r["name"])
 
 
 def check_reward_prompts(items: list[dict], prompts) -> None:
@@ -207,7 +244,7 @@ def export(cfg: dict, target, out: Path) -> Path:
         from miro.pipeline import MiroPipeline
 
         merged = MiroPipeline(_fresh_model(pipe, L.merge_lora_state_dict(pipe.model)), pipe.text_encoder, pipe.autoencoder,
-                              pipe.config, pipe.uncond_embedding.detach().cpu().numpy(), reward_bins=pipe.reward_bins)
+                              pipe.config, pipe.uncond_embedding.detach().float().cpu().numpy(), reward_bins=pipe.reward_bins)
         return merged.save_pretrained(out / "pipeline")
     return pipe.save_pretrained(out / "pipeline")
 
@@ -233,8 +270,16 @@ def validate(cfg: dict):
     optim = from_section(OptimConfig, cfg["optim"], "optim")
     train = from_section(TrainConfig, cfg["train"], "train")
     check_target(cfg)
+    check_reward(cfg)
     items = load_items(cfg)
     check_reward_prompts(items, step.prompts)
+    if step.mode == "offline":
+        from miro.align.datasets import OfflineImageDataset
+
+        try:  # the trainer's own filter (files not opened): at least one item with an image file
+            OfflineImageDataset(items, 1, check=False)
+        except ValueError as e:
+            raise ValueError(f"mode=offline, data.prompts={cfg['data']['prompts']}: {e}") from None
     return step, optim, train, items
 
 
@@ -300,12 +345,15 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # hydra's errors (unknown key, missing value) as one clear line
         print(f"miro align: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
-    try:
+    from miro.cli import report_errors
+
+    def _run() -> int:
         run(cfg, dry_run="--dry-run" in flags)
-    except (ValueError, FileNotFoundError) as e:  # a value the config cannot work with, named in one line
-        print(f"miro align: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    # One line each: a value the config cannot work with exits 2; the environment (no network for
+    # data.prompts=cure, a model neither cached nor reachable, an unwritable out_dir) exits 1.
+    return report_errors("miro align", _run)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -29,6 +29,30 @@ import torch.nn.functional as F
 
 SIMILARITIES = ("auto", "cosine", "logit", "scorer")
 LOSSES = ("hinge", "maximize")
+# The rewards SRPO can use: the differentiable embedding scorers of miro.rewards and the Shapes proxy.
+EMBEDDING_REWARDS = ("hpsv2_score", "pick_a_score_score", "clip_score", "sciscore_score", "shapes_proxy")
+
+
+def _implements(scorer, method: str) -> bool:
+    # The base Scorer defines raising stubs of the embedding methods, so callable() is always true
+    # for a Scorer: the method must be overridden.
+    from miro.rewards.base import Scorer
+
+    if isinstance(scorer, Scorer):
+        return getattr(type(scorer), method, None) is not getattr(Scorer, method)
+    return callable(getattr(scorer, method, None))
+
+
+def check_embedding_scorer(scorer, name: str | None = None) -> None:
+    """``ValueError`` unless ``scorer`` is a differentiable embedding model (``embed_image`` and
+    ``embed_text``), naming the reward and the ones allowed. Needs no weights: scorers load lazily."""
+    name = name or (getattr(scorer, "keys", None) or (type(scorer).__name__,))[0]
+    allowed = f"SRPO's relative reward needs one of: {', '.join(EMBEDDING_REWARDS)}"
+    if not getattr(scorer, "differentiable", False):
+        raise ValueError(f"reward {name!r} ({type(scorer).__name__}) is not differentiable; {allowed}")
+    for method in ("embed_image", "embed_text"):
+        if not _implements(scorer, method):
+            raise ValueError(f"reward {name!r} ({type(scorer).__name__}) is not an embedding model (no {method}()); {allowed}")
 
 
 def relative_reward(s_pos: torch.Tensor, s_neg: torch.Tensor, k: torch.Tensor | float) -> torch.Tensor:
@@ -68,11 +92,7 @@ class SemanticRelativeReward:
         self.config = config or RelativeRewardConfig()
         if self.config.similarity not in SIMILARITIES:
             raise ValueError(f"unknown similarity {self.config.similarity!r}; choose from {SIMILARITIES}")
-        if not getattr(scorer, "differentiable", False):
-            raise ValueError(f"scorer {type(scorer).__name__} is not differentiable; SRPO back-propagates through the reward")
-        for name in ("embed_image", "embed_text"):
-            if not callable(getattr(scorer, name, None)):
-                raise ValueError(f"scorer {type(scorer).__name__} has no {name}(); SRPO needs an embedding reward model")
+        check_embedding_scorer(scorer)  # SRPO back-propagates through the reward's embeddings
         self.mode = self.config.similarity
         if self.mode == "auto":
             self.mode = getattr(scorer, "relative_similarity", None) or ("logit" if getattr(scorer, "use_logit_scale", False) else "cosine")

@@ -9,6 +9,7 @@ the loaders turn it into ``local_files_only=True``.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -144,12 +145,17 @@ def resolve_pipeline_dir(
         return check_pipeline_files(_select_variant(path, variant, f"folder {name!r}"))
     if builtin:
         return check_pipeline_files(_select_variant(BUILTIN_DIR / name, variant, f"built-in {name!r}"))
-    if path.suffix or name.startswith((".", "/", "~")) or name.count("/") != 1:
+    # A dot is common in hub names ("owner/model-v1.5"); only a file suffix marks a missing local file.
+    if (path.suffix.lower() in _FILE_SUFFIXES or name.startswith((".", "/", "~"))
+            or not re.fullmatch(r"[\w.-]+/[\w.-]+", name)):
         raise ValueError(
             f"{name!r} is not a built-in pipeline ({builtin_pipelines()}), an existing folder, "
             "or a hub repo id of the form 'owner/name'"
         )
     return _download(name, variant, revision, cache_dir, local_files_only, token)
+
+
+_FILE_SUFFIXES = {".ckpt", ".safetensors", ".json", ".pt", ".pth", ".bin", ".npy", ".yaml"}
 
 
 def _download(repo_id, variant, revision, cache_dir, local_files_only, token) -> dict[str, Path]:

@@ -194,6 +194,9 @@ class MiroPipeline(nn.Module):
                 f"uncond_embedding must be (L_u, {label_dim}); got {tuple(uncond.shape)}"
             )
         self.register_buffer("uncond_embedding", uncond.contiguous(), persistent=False)
+        from miro.models.flow import Scheduler
+
+        Scheduler.from_config(self.config.get("scheduler"))  # a bad section fails at load, not at the first call
         self.reward_bins = reward_bins
         self.autocast: bool | None = None  # None: the sampler default (bf16 on CUDA, as published)
         self._progress_bar_config: dict[str, Any] = {}  # tqdm kwargs (set_progress_bar_config)
@@ -264,6 +267,11 @@ class MiroPipeline(nn.Module):
             max_length=max_len, **hub,
         )
         codec = load_autoencoder(vae if vae is not None else config.get("autoencoder", SDXL_VAE), **hub)
+        chunk = (config.get("postprocessing") or {}).get("max_batch_size")
+        if chunk is not None and hasattr(codec, "max_batch_size"):  # published VAEDecoderPostProcessing's
+            if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+                raise ValueError(f"config.json postprocessing.max_batch_size must be an integer >= 1; got {chunk!r}")
+            codec.max_batch_size = chunk
         pipe = cls(model, text, codec, config, uncond, reward_bins=bins)
         pipe.source = str(files["config.json"].parent)
         if device is not None or dt is not None:
@@ -708,9 +716,10 @@ class MiroPipeline(nn.Module):
 
     def _sample(self, noise, emb, mask, uncond_emb, uncond_mask, pos, neg, steps, w, batched, callback, w_r=None,
                 direction="prompt"):
+        from miro.models.flow import Scheduler
         from miro.models.sampler import euler_sample
 
-        shift = float(self.config.get("scheduler", {}).get("shift", 1.0))
+        scheduler = Scheduler.from_config(self.config.get("scheduler"))  # every key, as published
         # The pipeline draws the bar itself (the sampler's own takes no tqdm settings): a step
         # callback advances it, then calls the user's.
         bar = None
@@ -729,7 +738,7 @@ class MiroPipeline(nn.Module):
             return euler_sample(
                 self.model, noise, emb, mask, uncond_emb, uncond_mask,
                 reward_targets=pos, negative_reward_targets=neg, num_steps=steps,
-                guidance_scale=w, batched_cfg=batched, shift=shift, autocast=self._autocast(),
+                guidance_scale=w, batched_cfg=batched, scheduler=scheduler, autocast=self._autocast(),
                 callback=on_step if bar is not None or callback is not None else None,
                 reward_guidance_scale=w_r, reward_direction=direction,
             )

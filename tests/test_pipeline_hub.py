@@ -31,6 +31,21 @@ def test_offline_unknown_repo_fails_fast_with_clear_error():
 def test_not_a_name_folder_or_repo():
     with pytest.raises(ValueError, match=r"'no/such/thing' is not a built-in pipeline \(\["):
         MiroPipeline.from_pretrained("no/such/thing")
+    for missing_file in ("runs/last.ckpt", "out/model.safetensors"):  # a typo'd path is not sent to the hub
+        with pytest.raises(ValueError, match="is not a built-in pipeline"):
+            MiroPipeline.from_pretrained(missing_file)
+
+
+def test_a_dot_in_a_hub_name_goes_to_the_hub(saved, tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_snapshot(repo_id, allow_patterns=None, **kw):
+        seen["repo_id"] = repo_id
+        return str(saved)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot)
+    MiroPipeline.from_pretrained("someone/miro-v1.5")
+    assert seen["repo_id"] == "someone/miro-v1.5"
 
 
 def test_builtin_names_resolve_before_the_hub(saved, tmp_path, monkeypatch):
@@ -175,3 +190,27 @@ def test_save_warns_when_the_config_points_at_local_encoder_folders(tmp_path):
     pipe = tiny_pipeline(tmp_path / "enc", text="bert")  # its encoders are local folders
     with pytest.warns(UserWarning, match="local encoder folders"):
         pipe.save_pretrained(tmp_path / "p")
+
+
+def test_the_config_scheduler_and_decode_chunk_are_used_as_published(saved, tmp_path):
+    import json
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(saved, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["scheduler"] = {"start": 0.9, "end": 0.1, "shift": 0.5, "clip_min": 0.3}
+    cfg.setdefault("postprocessing", {})["max_batch_size"] = 3  # VAEDecoderPostProcessing's argument
+    (folder / "config.json").write_text(json.dumps(cfg))
+    pipe = MiroPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    pipe("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="latent",
+         callback=lambda i, g, x: seen.append(float(g)))
+    # gammas after each step: max(0.1 + 0.8 i/N, 0.3), the shift of 0.5 ignored as published
+    np.testing.assert_allclose(seen, [max(0.1 + 0.8 * i / 4, 0.3) for i in range(1, 5)], rtol=1e-6)
+    lazy_vae = MiroPipeline.from_pretrained(folder, vae="stabilityai/sdxl-vae").autoencoder  # weights load on use
+    assert lazy_vae.max_batch_size == 3
+    cfg["postprocessing"]["max_batch_size"] = 0
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="postprocessing.max_batch_size must be an integer >= 1; got 0"):
+        MiroPipeline.from_pretrained(folder, vae="stabilityai/sdxl-vae")

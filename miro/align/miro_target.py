@@ -111,15 +111,20 @@ class MiroTarget:
     @torch.no_grad()
     def rollout(self, noise: torch.Tensor, cond: dict, num_steps: int = 25, shift: float | None = None, progress: bool = False) -> torch.Tensor:
         """The model's own Euler CFG sampler (``euler_sample``) from ``noise``. ``shift`` is a σ-shift
-        (FLUX convention, converted to our γ-shift); None uses the pipeline's configured shift."""
+        (FLUX convention, converted to our γ-shift); None samples on the pipeline's own grid
+        (its config's ``scheduler``, read as published)."""
+        from miro.models.flow import Scheduler
         from miro.models.sampler import euler_sample
 
-        gshift = float(self.pipe.config.get("scheduler", {}).get("shift", 1.0)) if shift is None else flux_shift_to_gamma_shift(shift)
+        if shift is None:
+            grid = dict(scheduler=Scheduler.from_config(self.pipe.config.get("scheduler")))
+        else:
+            grid = dict(shift=flux_shift_to_gamma_shift(shift))
         ce, cm, ue, um = cond["cfg"]
         module = getattr(self.model, "module", self.model)  # the sampler needs the bare MiroModel API
         return euler_sample(module, noise, cond["emb"], cond["mask"], ue, um, reward_targets=self.pos,
                             negative_reward_targets=self.neg, num_steps=num_steps, guidance_scale=self.config.guidance_scale,
-                            shift=gshift, autocast=self.compute_dtype != torch.float32, progress=progress)
+                            autocast=self.compute_dtype != torch.float32, progress=progress, **grid)
 
     def _decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         codec = self.pipe.autoencoder

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -150,6 +151,26 @@ class Scheduler:
 
     def __post_init__(self) -> None:
         _check_shift(self.shift)
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any] | None) -> "Scheduler":
+        """A pipeline ``config.json``'s ``scheduler`` section, read as the published pipeline reads it
+        (``LinearScheduler(**config["scheduler"])``, spec §4.2): every key used, and a shift applied
+        only when > 1 (a shift <= 1 there is ignored, not an error). Unknown keys are named."""
+        section = dict(section or {})
+        unknown = sorted(set(section) - {"start", "end", "shift", "clip_min"})
+        if unknown:
+            raise ValueError(f"config.json scheduler has unknown keys {unknown}; allowed: start, end, shift, clip_min")
+        vals = {}
+        for key in ("start", "end", "shift", "clip_min"):
+            if key in section:
+                v = section[key]
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise ValueError(f"config.json scheduler.{key} must be a finite number; got {v!r}")
+                vals[key] = float(v)
+        if vals.get("shift", 1.0) <= 1.0:
+            vals["shift"] = 1.0
+        return cls(**vals)
 
     def __call__(self, t: Tensor) -> Tensor:
         g = (self.end - self.start) * t + self.start

@@ -48,11 +48,16 @@ def _per_channel(value, channels: int, name: str) -> Tensor:
     return t.clone()
 
 
+# Published ``VAEDecoderPostProcessing`` also takes these; they set how to decode, not the
+# constants: the pipeline applies ``max_batch_size`` to its VAE, and places the VAE with ``.to()``.
+_DECODE_KEYS = {"max_batch_size", "device"}
+
+
 def normalization_constants(cfg: Mapping, channels: int) -> tuple[Tensor, Tensor]:
     """(scale, bias), each (1, C, 1, 1) fp32, from a data_preprocessing/postprocessing dict."""
-    unknown = set(cfg) - _PRE_KEYS
+    unknown = set(cfg) - _PRE_KEYS - _DECODE_KEYS
     if unknown:
-        raise ValueError(f"unknown normalisation keys {sorted(unknown)}; allowed: {sorted(_PRE_KEYS)}")
+        raise ValueError(f"unknown normalisation keys {sorted(unknown)}; allowed: {sorted(_PRE_KEYS | _DECODE_KEYS)}")
     model_type = cfg.get("model_type", "sdxl")
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type={model_type!r}; allowed: {', '.join(MODEL_TYPES)}")

@@ -100,8 +100,17 @@ def test_refuses_to_mix_settings_or_prompts(tmp_path):
     with pytest.raises(ValueError, match="cfg: 7.0 -> 3.0"):
         G.generate_folder(StandInPipeline(), _items(2), tmp_path, G.GenerateConfig(n_samples=1, cfg=3.0), progress=False)
     other = [PromptItem("something else", {"tag": "u"}), *_items(2)[1:]]
+    record = (tmp_path / "generation.json").read_bytes()
     with pytest.raises(ValueError, match="holds another prompt"):
-        G.generate_folder(StandInPipeline(), other, tmp_path, G.GenerateConfig(n_samples=1), progress=False)
+        G.generate_folder(StandInPipeline(), other, tmp_path, G.GenerateConfig(n_samples=1), progress=False,
+                          prompts_spec="other.txt")
+    # a refused run leaves the run record as it was (it describes the images there, not the refused run)
+    assert (tmp_path / "generation.json").read_bytes() == record
+    more = [*_items(2), PromptItem("a third prompt", {"tag": "u"}), PromptItem("something else", {"tag": "u"})]
+    more[1] = PromptItem("changed", {"tag": "t"})
+    with pytest.raises(ValueError, match="holds another prompt"):
+        G.generate_folder(StandInPipeline(), more, tmp_path, G.GenerateConfig(n_samples=1), progress=False)
+    assert (tmp_path / "generation.json").read_bytes() == record and not (tmp_path / "00002").exists()
 
 
 def test_reward_cfg_reaches_only_pipelines_that_are_asked(tmp_path):

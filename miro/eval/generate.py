@@ -186,8 +186,9 @@ def has_samples(outdir: str | Path) -> bool:
 
 
 def _check_run_file(outdir: Path, cfg: GenerateConfig, n_prompts: int, prompts_spec: str | None,
-                    reward_keys: list[str] | None = None) -> None:
-    """Refuse to mix images made with different settings in one folder.
+                    reward_keys: list[str] | None = None) -> dict:
+    """Refuse to mix images made with different settings in one folder; returns the run record
+    to write once every other check has passed (a refused run leaves the folder as it was).
 
     The record only protects images: one beside no image (left by a run that failed before its
     first image, e.g. on a bad reward key) is replaced, so the corrected rerun is not blocked.
@@ -205,10 +206,9 @@ def _check_run_file(outdir: Path, cfg: GenerateConfig, n_prompts: int, prompts_s
                 f"{outdir} holds images made with other settings ({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diff.items())}); "
                 "use another --outdir"
             )
-    run = {"config": ident, "prompts": prompts_spec, "n_prompts": n_prompts,
-           # the model's reward keys: lets `--scorers auto` pick Shapes or full-scale rewards
-           "reward_keys": reward_keys if reward_keys is not None else old.get("reward_keys")}
-    atomic_write_text(path, json.dumps(run, indent=2))
+    return {"config": ident, "prompts": prompts_spec, "n_prompts": n_prompts,
+            # the model's reward keys: lets `--scorers auto` pick Shapes or full-scale rewards
+            "reward_keys": reward_keys if reward_keys is not None else old.get("reward_keys")}
 
 
 def _check_pipeline_inputs(pipe, cfg: GenerateConfig) -> None:
@@ -242,14 +242,18 @@ def generate_folder(pipe, items: list[PromptItem], outdir: str | Path, cfg: Gene
     outdir.mkdir(parents=True, exist_ok=True)
     keys = getattr(pipe, "coherence_keys", None) if pipe is not None else None
     fresh = not has_samples(outdir)  # metadata beside no image (a failed run's) may be replaced
-    _check_run_file(outdir, cfg, len(items), prompts_spec, list(keys) if isinstance(keys, (list, tuple)) else None)
+    run = _check_run_file(outdir, cfg, len(items), prompts_spec, list(keys) if isinstance(keys, (list, tuple)) else None)
+    metadata = []  # (path, line) still to write, once every prompt has been checked
     for i, item in enumerate(items):
         meta_path = prompt_dir(outdir, i) / "metadata.jsonl"
         line = json.dumps(item.metadata, ensure_ascii=False) + "\n"
         if not meta_path.is_file() or meta_path.read_text(encoding="utf-8") != line:
             if meta_path.is_file() and not fresh:
                 raise ValueError(f"{meta_path} holds another prompt than {item.prompt!r}; use another --outdir")
-            atomic_write_text(meta_path, line)
+            metadata.append((meta_path, line))
+    atomic_write_text(outdir / RUN_FILE, json.dumps(run, indent=2))
+    for meta_path, line in metadata:
+        atomic_write_text(meta_path, line)
     todo = pending_samples(outdir, items, cfg.n_samples)
     total = len(items) * cfg.n_samples
     bar = tqdm(total=len(todo), desc="generate", unit="img", disable=not progress)

@@ -113,7 +113,10 @@ def test_real_scoring_path_with_tiny_models(tiny_backends, tmp_path, capsys):
         img.save(root / f"{i:05d}" / "samples" / "0000.png")
     summary = GE.evaluate_folder(root, root / "results.jsonl", ev, batch_size=4, progress=False)
     recs = {r["prompt"]: r for r in read_jsonl(root / "results.jsonl")}
-    assert set(recs[metas[0]["prompt"]]) == {"filename", "tag", "prompt", "correct", "reason", "metadata", "details"}
+    assert set(recs[metas[0]["prompt"]]) == {"filename", "tag", "prompt", "correct", "reason", "metadata", "details",
+                                             "settings"}
+    assert recs[metas[0]["prompt"]]["settings"] == {"detector": str(m2f), "clip_model": str(clip), "bgcolor": "#999",
+                                                    "crop": True, "options": json.loads(json.dumps(vars(ZERO)))}
     assert recs[metas[0]["prompt"]]["correct"] is True
     assert recs["right colour"]["correct"] is True
     assert recs["wrong colour"]["correct"] is False and f"expected {wrong_color} {top_cls}>=1" in recs["wrong colour"]["reason"]
@@ -177,6 +180,39 @@ def test_rules_integration_on_synthetic_detections(tmp_path):
     assert s["tags"]["position"] == {"accuracy": 0.5, "correct": 1, "total": 2}
     assert s["overall"] == pytest.approx(np.mean([0.5, 0.0, 1.0, 1.0, 0.0]))
     assert s["backends"]["detector"] == "scripted"
+
+
+def test_another_detector_colour_model_or_canvas_rescores(tmp_path, capsys):
+    """Verdicts depend on the detector, --options, --clip-model and --bgcolor: a change of any of them
+    rescores every image; the same settings resume."""
+    D = rules.Detection
+    metas = [{"tag": "colors", "include": [{"class": "dog", "count": 1, "color": "red"}], "prompt": "a red dog"}]
+    root = _folder(tmp_path / "imgs", metas, n=2)
+    red, blue = [D("dog", 0.95, (0, 0, 9, 9), color="red")], [D("dog", 0.95, (0, 0, 9, 9), color="blue")]
+
+    def score(dets, name="scripted", **cfg):
+        det = ScriptedDetector(dets)
+        det.name = name
+        return GE.evaluate_folder(root, root / "results.jsonl", GE.GenEvalLike(GE.GenEvalLikeConfig(**cfg), detector=det),
+                                  progress=False)
+
+    assert score(red)["overall"] == 1.0
+    s = score(blue)  # the same settings: resumed, the old verdicts stand
+    assert (s["scored"], s["skipped"], s["overall"]) == (0, 2, 1.0)
+    for change in ({"name": "other"}, {"bgcolor": "original"}, {"clip_model": "my/clip"}):
+        s = score(red if s["overall"] == 0.0 else blue, **change)
+        assert s["scored"] == 2 and s["skipped"] == 0 and len(read_jsonl(root / "results.jsonl")) == 2, change
+        assert s["settings"] == read_jsonl(root / "results.jsonl")[0]["settings"]
+    assert s["settings"]["clip_model"] == "my/clip" and s["settings"]["bgcolor"] == "#999"
+    with pytest.raises(ValueError, match="bgcolor 'nope' is not a colour"):
+        GE.GenEvalLikeConfig(bgcolor="nope")
+    # the CLI refuses a bad canvas before any model loads or image is generated
+    from miro.eval.cli import main
+
+    for argv in (["geneval", str(root)], ["all", "--model", "ground-truth", "--outdir", str(tmp_path / "new")]):
+        assert main([*argv, "--bgcolor", "nope"]) == 2
+        assert "--bgcolor 'nope' is not a colour; use 'original'" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 def test_owlv2_backend_queries_the_80_names(tmp_path):

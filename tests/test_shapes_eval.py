@@ -81,7 +81,9 @@ def test_ground_truth_scores_one_and_mismatches_fail_where_expected(tmp_path, ca
     s = score_folder(gt, progress=False)
     assert s["overall"] == 1.0 and s["images"] == 36
     results = [json.loads(ln) for ln in (gt / "results.jsonl").read_text().splitlines()]
-    assert len(results) == 36 and set(results[0]) == {"filename", "tag", "prompt", "correct", "reason", "metadata", "details"}
+    assert len(results) == 36 and set(results[0]) == {"filename", "tag", "prompt", "correct", "reason", "metadata", "details",
+                                                      "settings"}
+    assert results[0]["settings"]["detector"] == "shapes" and results[0]["settings"]["options"]["threshold"] == 0.5
     assert results[0]["filename"] == "00000/samples/0000.png"
 
     col = score_folder(_subset(tmp_path, ColorSwapPipeline(), "col"), progress=False)["tags"]
@@ -159,3 +161,56 @@ def test_eval_generate_passes_settings_to_the_pipeline(tmp_path):
     assert sorted(s for c in calls for s in c["seeds"]) == [10, 11, 1010, 1011]  # seed + 1000 i + j
     with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
         eval_generate(Recording(), tmp_path / "x", reward_targets={"shapes_alignment": 2.0}, limit=1, progress=False)
+
+
+def _overall_and_counts(capsys) -> tuple[str, str]:
+    lines = capsys.readouterr().out.strip().splitlines()
+    return lines[-1], next(ln for ln in lines if " already scored, " in ln)
+
+
+def test_other_settings_rescore_and_both_scoring_commands_share_the_record(tmp_path, capsys):
+    """A rerun with other --options (or detector, colour model, canvas) rescores instead of reusing
+    verdicts made another way, and the summary holds only the current settings' verdicts."""
+    from miro.eval.cli import main as eval_main
+
+    out = tmp_path / "gt"
+    assert shapes_main(["eval-generate", "--model", "ground-truth", "--outdir", str(out), "--n-samples", "1",
+                        "--limit", "12"]) == 0
+    strict = ["--options", "threshold=0.99", "counting_threshold=0.99"]
+    assert eval_main(["geneval", str(out)]) == 0
+    assert _overall_and_counts(capsys) == ("overall: 1.00000", "12 images scored, 0 already scored, 0 unreadable "
+                                           "(skipped, retried on the next run)")
+    assert eval_main(["geneval", str(out), *strict]) == 0
+    last, counts = _overall_and_counts(capsys)
+    assert counts.startswith("12 images scored, 0 already scored") and float(last.split()[1]) < 0.5
+    res = [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines()]
+    assert len(res) == 12 and all(r["settings"]["options"]["threshold"] == 0.99 for r in res)  # one line per image
+    # `miro shapes eval-score` goes through the same record: the same options resume, others rescore
+    assert shapes_main(["eval-score", str(out), "--no-progress", *strict]) == 0
+    assert _overall_and_counts(capsys) == (last, "0 images scored, 12 already scored, 0 unreadable "
+                                           "(skipped, retried on the next run)")
+    assert shapes_main(["eval-score", str(out), "--no-progress"]) == 0
+    assert _overall_and_counts(capsys)[0] == "overall: 1.00000"
+    assert json.loads((out / "geneval_summary.json").read_text())["settings"]["options"]["threshold"] == 0.5
+    # lines written before settings were recorded are rescored, not trusted
+    (out / "results.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "settings"}) + "\n"
+                                               for r in res))
+    assert eval_main(["geneval", str(out)]) == 0
+    assert _overall_and_counts(capsys) == ("overall: 1.00000", "12 images scored, 0 already scored, 0 unreadable "
+                                           "(skipped, retried on the next run)")
+
+
+def test_unreadable_images_are_counted_on_screen_by_both_scoring_commands(tmp_path, capsys):
+    from miro.eval.cli import main as eval_main
+
+    out = tmp_path / "gt"
+    eval_generate(GroundTruthPipeline(), out, n_samples=2, limit=2, progress=False)
+    (out / "00001" / "samples" / "0001.png").write_bytes(b"\x89PNG truncated")
+    runs = [(lambda: shapes_main(["eval-score", str(out), "--no-progress"]), "3 images scored, 0 already scored"),
+            (lambda: eval_main(["geneval", str(out)]), "0 images scored, 3 already scored")]  # resumed; retried
+    for run, scored in runs:
+        assert run() == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert lines[-1] == "overall: 1.00000"
+        assert f"{scored}, 1 unreadable (skipped, retried on the next run)" in lines
+    assert json.loads((out / "shapes_eval_summary.json").read_text())["corrupt_images"] == 1

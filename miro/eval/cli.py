@@ -208,11 +208,12 @@ def _image_folder(root) -> Path:
 
 def run_geneval(root, args, outfile=None) -> dict:
     from miro.eval import geneval_rules as rules
-    from miro.eval.geneval import evaluate_folder
+    from miro.eval.geneval import evaluate_folder, format_counts
 
     _image_folder(root)
     summary = evaluate_folder(root, outfile or Path(root) / "results.jsonl", _evaluator(args, _detector_name(args, root)))
     print(f"[{summary['benchmark']}; detector {summary['backends']['detector']}]")
+    print(format_counts(summary))
     print(rules.format_summary(summary))
     return summary
 
@@ -456,6 +457,12 @@ def _checked_run(args) -> int:
         from miro.generate_cli import check_device
 
         args.device = check_device(args.device)
+    if hasattr(args, "bgcolor"):  # GenEval-style settings: refused before generation or any model loads
+        from miro.eval.geneval import check_bgcolor
+        from miro.eval.geneval_rules import GenEvalOptions
+
+        check_bgcolor(args.bgcolor, "--bgcolor")
+        GenEvalOptions.from_strings(args.options)
     return args.fn(args)
 
 

@@ -65,6 +65,19 @@ def image_id(root: str | Path, path: Path) -> str:
     return os.path.relpath(path, root).replace(os.sep, "/")
 
 
+def load_rgb(path: str | Path):
+    """The image at ``path`` as an RGB PIL image, or None when it cannot be read (a truncated or
+    corrupt PNG). Every reader of a folder skips and counts such an image instead of failing the
+    whole run on it; it is tried again on the next run."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")  # convert() loads the pixels, so a truncated file fails here
+    except Exception:  # PIL raises OSError, SyntaxError or ValueError depending on the damage
+        return None
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """Complete lines of a JSONL file; a torn last line (killed writer) is ignored."""
     path = Path(path)

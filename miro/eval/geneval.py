@@ -16,14 +16,16 @@ argmax of ``100 · image_emb @ W``.
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from miro.eval import geneval_rules as rules
-from miro.eval.folder import JsonlAppender, atomic_write_json, image_id, read_folder, read_jsonl
+from miro.eval.folder import JsonlAppender, atomic_write_json, image_id, load_rgb, read_folder, read_jsonl
+from miro.io import atomic_write_text
 
 DEFAULT_DETECTOR = "facebook/mask2former-swin-small-coco-instance"
 DEFAULT_OWL = "google/owlv2-base-patch16-ensemble"  # open-vocabulary alternative (boxes only)
@@ -64,6 +66,22 @@ class GenEvalLikeConfig:
     crop: bool = True  # crop the colour input to the object's box (GenEval crop=1)
     device: str | None = None  # "cuda", "cpu" or None (cuda when available)
     local_files_only: bool = False  # never touch the hub (HF_HUB_OFFLINE also applies)
+
+    def __post_init__(self):
+        check_bgcolor(self.bgcolor)  # a bad canvas would fail only at the first colour clause
+
+
+def check_bgcolor(value: str, name: str = "bgcolor") -> str:
+    """``value`` if it is ``"original"`` or a colour PIL can paint (``#999``, ``gray``, ``rgb(1,2,3)``)."""
+    from PIL import ImageColor
+
+    if value != "original":
+        try:
+            ImageColor.getrgb(value)
+        except (ValueError, AttributeError):
+            raise ValueError(f"{name} {value!r} is not a colour; use 'original', a colour name (e.g. gray) or "
+                             f"#rgb / #rrggbb") from None
+    return value
 
 
 def _device(name: str | None) -> str:
@@ -299,6 +317,19 @@ class GenEvalLike:
         return {"detector": det, "clip_model": None if det == "shapes" else self.config.clip_model}
 
     @property
+    def settings(self) -> dict:
+        """Everything besides the image that decides a verdict, as JSON values. Every results.jsonl
+        line records it, so a rerun with another detector, --options, --clip-model or --bgcolor
+        rescores instead of keeping verdicts made another way. The Shapes detector names colours
+        itself, so the colour model, canvas and crop do not apply to it (None)."""
+        det = self.backends["detector"]
+        colour = det != "shapes"
+        return json.loads(json.dumps({  # as read back from the file, so that equal settings compare equal
+            "detector": det, "options": asdict(self.config.options),
+            "clip_model": self.config.clip_model if colour else None,
+            "bgcolor": self.config.bgcolor if colour else None, "crop": self.config.crop if colour else None}))
+
+    @property
     def color_classifier(self) -> CLIPColorClassifier:
         if self._color is None:  # loaded on first colour clause only
             try:
@@ -324,13 +355,22 @@ class GenEvalLike:
 
 def evaluate_folder(root: str | Path, outfile: str | Path, evaluator: GenEvalLike, batch_size: int = 8,
                     progress: bool = True) -> dict:
-    """Score every image under ``root`` into GenEval's ``results.jsonl`` (resumable); summarise."""
-    from PIL import Image
+    """Score every image under ``root`` into GenEval's ``results.jsonl`` (resumable); summarise.
+
+    An image counts as done only when its line records the evaluator's current
+    :attr:`GenEvalLike.settings`. Lines made with other settings (or older lines without any) are
+    dropped from the file before scoring, so the file keeps one line per image, as GenEval's
+    format expects, and it and the summary describe one evaluator only.
+    """
     from tqdm.auto import tqdm
 
     root, outfile = Path(root), Path(outfile)
-    done = {r["filename"] for r in read_jsonl(outfile)}
-    todo = [(e.metadata, p) for e in read_folder(root) for p in e.samples if image_id(root, p) not in done]
+    settings = evaluator.settings
+    records = read_jsonl(outfile)
+    kept = [r for r in records if r.get("settings") == settings]
+    done = {r["filename"] for r in kept}
+    samples = [(e.metadata, p) for e in read_folder(root) for p in e.samples]
+    todo = [(meta, p) for meta, p in samples if image_id(root, p) not in done]
     for meta, p in todo:
         try:
             rules.validate_metadata(meta)
@@ -343,26 +383,41 @@ def evaluate_folder(root: str | Path, outfile: str | Path, evaluator: GenEvalLik
 
         for meta, p in todo:
             check_shapes_prompt(meta, p.parent.parent.name)
+    if len(kept) != len(records):  # after the checks above: a refused run leaves the file as it was
+        atomic_write_text(outfile, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
     corrupt = []
-    bar = tqdm(total=len(todo), desc="geneval-like", unit="img", disable=not progress)
+    bar = tqdm(total=len(todo), desc=evaluator.benchmark, unit="img", disable=not progress)
     with JsonlAppender(outfile) as out:
         for start in range(0, len(todo), batch_size):
             batch, images = [], []
             for meta, p in todo[start : start + batch_size]:
-                try:
-                    with Image.open(p) as im:
-                        images.append(im.convert("RGB"))
-                    batch.append((meta, p))
-                except Exception:  # unreadable PNG: skip and count, retried on the next run
+                im = load_rgb(p)
+                if im is None:  # unreadable PNG: skip and count, retried on the next run
                     corrupt.append(image_id(root, p))
+                else:
+                    images.append(im)
+                    batch.append((meta, p))
             if images:
-                for (meta, p), (verdict, kept) in zip(batch, evaluator.evaluate_images(images, [m for m, _ in batch])):
-                    out.write(rules.result_record(image_id(root, p), meta, verdict, kept))
+                for (meta, p), (verdict, found) in zip(batch, evaluator.evaluate_images(images, [m for m, _ in batch])):
+                    out.write({**rules.result_record(image_id(root, p), meta, verdict, found), "settings": settings})
             bar.update(len(todo[start : start + batch_size]))
     bar.close()
-    summary = rules.summarize(read_jsonl(outfile))
+    results = [r for r in read_jsonl(outfile) if r.get("settings") == settings]
+    if not results:
+        raise ValueError(f"{root}: no image could be scored ({len(corrupt)} unreadable)")
+    summary = rules.summarize(results)
     summary["benchmark"] = evaluator.benchmark
+    summary["scored"] = len(todo) - len(corrupt)  # this run's new verdicts
+    summary["skipped"] = len(samples) - len(todo)  # verdicts kept from an earlier run with the same settings
     summary["corrupt"] = corrupt
     summary["backends"] = evaluator.backends
+    summary["settings"] = settings
     atomic_write_json(outfile.with_name("geneval_summary.json"), summary)
     return summary
+
+
+def format_counts(summary: dict) -> str:
+    """The line both scoring commands print before the table, as ``miro eval rewards`` does: an
+    unreadable image is left out of the score, so the score alone would hide it."""
+    return (f"{summary['scored']} images scored, {summary['skipped']} already scored, "
+            f"{len(summary['corrupt'])} unreadable (skipped, retried on the next run)")

@@ -129,12 +129,14 @@ def _eval_generate(args) -> int:
 
 
 def _eval_score(args) -> int:
+    from miro.eval.geneval import format_counts
     from miro.eval.geneval_rules import GenEvalOptions, format_summary
     from miro.shapes.eval import RESULTS_FILE, SHAPES_EVAL_OPTIONS, score_folder
 
     opts = GenEvalOptions.from_strings(args.options, base=SHAPES_EVAL_OPTIONS)
     summary = score_folder(args.dir, opts, progress=not args.no_progress)
     print(f"results: {Path(args.dir) / RESULTS_FILE}")
+    print(format_counts(summary))
     print(format_summary(summary))  # ends with "overall: <score>"
     return 0
 

@@ -23,7 +23,7 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from miro.eval.geneval_rules import GenEvalOptions, evaluate_detections, format_summary, result_record, summarize, validate_metadata
+from miro.eval.geneval_rules import GenEvalOptions, format_summary, validate_metadata
 from miro.io import atomic_write_text
 from miro.shapes import world as W
 from miro.shapes.captions import canonical, caption_from_metadata, parse_caption
@@ -167,44 +167,23 @@ def check_shapes_prompt(md: dict, where: str) -> None:
 
 
 def score_folder(root: str | os.PathLike, options: GenEvalOptions | None = None, progress: bool = True) -> dict:
-    """Score a GenEval-layout folder with the Shapes detector; writes ``results.jsonl`` and the
-    summary (atomically) into ``root`` and returns the summary."""
-    from PIL import Image
-    from tqdm.auto import tqdm
+    """Score a GenEval-layout folder with the Shapes detector; returns the summary.
 
-    from miro.shapes.detector import detect
+    The same scoring as ``miro eval geneval DIR --detector shapes`` (:func:`miro.eval.geneval.evaluate_folder`):
+    ``results.jsonl`` records the settings with each verdict, so either command resumes the other's
+    run and rescores what was scored with other options. Besides ``geneval_summary.json`` it writes
+    ``shapes_eval_summary.json`` (atomically).
+    """
+    from miro.eval.geneval import GenEvalLike, GenEvalLikeConfig, ShapesWorldDetector, evaluate_folder
 
     root = Path(root)
     options = options or SHAPES_EVAL_OPTIONS
     if not root.is_dir():
         raise ValueError(f"{root} is not a folder of generated images")
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and p.name.isdigit())
-    jobs = []
-    for d in folders:
-        meta_file = d / "metadata.jsonl"
-        if not meta_file.is_file():
-            continue
-        md = validate_metadata(json.loads(meta_file.read_text(encoding="utf-8").splitlines()[0]))
-        check_shapes_prompt(md, str(meta_file))
-        for img in sorted((d / "samples").glob("*.png")):
-            if img.stem.isdigit():
-                jobs.append((md, img))
-    if not jobs:
-        raise ValueError(f"{root} holds no <00000>/metadata.jsonl + samples/<0000>.png images")
-    records, corrupt = [], 0
-    for md, img in tqdm(jobs, desc="shapes-eval", unit="img", disable=not progress):
-        try:
-            with Image.open(img) as im:
-                rgb = im.convert("RGB")
-        except Exception:  # unreadable image: skipped and counted
-            corrupt += 1
-            continue
-        verdict, kept = evaluate_detections(md, detect(rgb), options)
-        records.append(result_record(os.path.relpath(img, root).replace(os.sep, "/"), md, verdict, kept))
-    summary = summarize(records)
-    summary["corrupt_images"] = corrupt
+    evaluator = GenEvalLike(GenEvalLikeConfig(detector="shapes", options=options), detector=ShapesWorldDetector())
+    summary = evaluate_folder(root, root / RESULTS_FILE, evaluator, progress=progress)
+    summary["corrupt_images"] = len(summary["corrupt"])
     summary["options"] = vars(options).copy()
-    atomic_write_text(root / RESULTS_FILE, "".join(json.dumps(r) + "\n" for r in records))
     atomic_write_text(root / SUMMARY_FILE, json.dumps(summary, indent=2))
     return summary
 

@@ -110,6 +110,17 @@ def test_summary_command_prints_overall_last(tmp_path, capsys):
     assert main(["summary", str(tmp_path / "missing.jsonl")]) == 2
 
 
+def test_a_jsonl_without_filenames_is_one_line_naming_the_file_and_field(tmp_path, capsys):
+    from miro.eval.cli import main
+
+    bad = tmp_path / "scores.jsonl"
+    bad.write_text('{"mean": 0.5}\n')
+    for argv in (["summary", str(bad)], ["best-of-n", str(tmp_path), "--rewards", str(bad), "--select-by", "mean"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{bad}: JSON line 1 has no 'filename' field" in err, err
+
+
 def test_real_shapes_scorers_through_the_cli(tmp_path, capsys):
     from miro.eval.cli import main
     from miro.rewards import available

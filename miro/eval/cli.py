@@ -246,11 +246,12 @@ def cmd_summary(args) -> int:
 def cmd_best_of_n(args) -> int:
     from miro.eval import plots
     from miro.eval.best_of_n import curve, write_best_folder
-    from miro.eval.folder import atomic_write_json, read_jsonl
+    from miro.eval.folder import atomic_write_json
+    from miro.eval.rewards import read_records
 
     ns = _parse_list(args.ns, "--ns", int, "an integer", "comma-separated N values, e.g. 1,2,4,8") if args.ns else None
     rewards = Path(args.rewards or Path(args.dir) / "rewards.jsonl")
-    records = read_jsonl(rewards)
+    records = read_records(rewards)
     metrics = [m for m in (args.metrics or "").split(",") if m] or [args.select_by]
     c = curve(records, args.select_by, metrics, ns, args.mode)
     atomic_write_json(Path(args.dir) / "best_of_n_curve.json", c)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from miro.eval.folder import JsonlAppender, atomic_write_json, image_id, read_folder, read_jsonl
+from miro.eval.folder import JsonlAppender, atomic_write_json, image_id, load_rgb, read_folder, read_jsonl
 
 META_FIELDS = ("filename", "index", "sample", "tag", "prompt", "item")
 
@@ -62,6 +62,17 @@ def recorded_versions(records: list[dict], names) -> dict[str, str]:
     return out
 
 
+def read_records(path: str | Path) -> list[dict]:
+    """The lines of a rewards.jsonl, each an object with a ``filename`` (the key lines merge on);
+    any other file is a one-line error naming it and the missing field."""
+    records = read_jsonl(path)
+    for n, r in enumerate(records, 1):
+        if not isinstance(r, dict) or "filename" not in r:
+            raise ValueError(f"{path}: JSON line {n} has no 'filename' field; expected a rewards.jsonl written by "
+                             f"`miro eval rewards`")
+    return records
+
+
 def merge_records(records: list[dict]) -> dict[str, dict]:
     """filename -> the union of its lines (later lines win)."""
     merged: dict[str, dict] = {}
@@ -78,7 +89,6 @@ def score_folder(root: str | Path, scorers: dict, outfile: str | Path, batch_siz
     (already scored), ``corrupt`` (unreadable images).
     """
     import torch
-    from PIL import Image
     from tqdm.auto import tqdm
 
     if batch_size < 1:
@@ -86,7 +96,7 @@ def score_folder(root: str | Path, scorers: dict, outfile: str | Path, batch_siz
     if not scorers:
         raise ValueError("no scorers given")
     root = Path(root)
-    done = merge_records(read_jsonl(outfile))
+    done = merge_records(read_records(outfile))
     todo = []  # (filename, meta, path, names still missing)
     n_images = 0
     for entry in read_folder(root):
@@ -114,13 +124,13 @@ def score_folder(root: str | Path, scorers: dict, outfile: str | Path, batch_siz
                 batch = group[start : start + batch_size]
                 images, metas = [], []
                 for meta, path, _ in batch:
-                    try:
-                        with Image.open(path) as im:
-                            images.append(im.convert("RGB"))
-                        metas.append(meta)
-                    except Exception:  # unreadable or truncated PNG: skip and count
+                    im = load_rgb(path)
+                    if im is None:  # unreadable or truncated PNG: skip and count
                         counts["corrupt"] += 1
                         counts["corrupt_files"].append(meta["filename"])
+                    else:
+                        images.append(im)
+                        metas.append(meta)
                 if images:
                     prompts = [m["prompt"] for m in metas]
                     cols, versions = {}, {}
@@ -221,7 +231,7 @@ def format_summary(summary: dict) -> str:
 def summarize_file(path: str | Path, outfile: str | Path | None = None) -> dict:
     """Summarise ``rewards.jsonl`` into ``rewards_summary.json`` beside it (or ``outfile``)."""
     path = Path(path)
-    records = read_jsonl(path)
+    records = read_records(path)
     if not records:
         raise ValueError(f"{path} holds no reward lines")
     summary = summarize(records)

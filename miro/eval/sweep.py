@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from miro.eval.folder import atomic_write_json, read_jsonl
+from miro.eval.folder import atomic_write_json
 from miro.eval.generate import GenerateConfig, generate_folder
-from miro.eval.rewards import merge_records, score_folder
+from miro.eval.rewards import merge_records, read_records, score_folder
 
 # Nine evenly spaced targets, the paper's aesthetic sweep grid (miro_facts.md §5.7).
 DEFAULT_TARGETS = tuple(i / 8 for i in range(9))
@@ -157,7 +157,7 @@ def summarize_sweep(outdir: str | Path, key: str, targets=DEFAULT_TARGETS) -> di
     per_target = []
     img_t, img_s = {}, {}
     for t in targets:
-        recs = merge_records(read_jsonl(target_dir(outdir, t) / "rewards.jsonl"))
+        recs = merge_records(read_records(target_dir(outdir, t) / "rewards.jsonl"))
         if not recs:
             raise ValueError(f"{target_dir(outdir, t)} has no rewards.jsonl; run the sweep first")
         names = sorted({k for r in recs.values() for k, v in r.items()

@@ -83,6 +83,73 @@ def test_write_best_folder_copies_the_argmax(tmp_path):
         B.write_best_folder(src, recs, "r", src)
 
 
+def _ground_truth_candidates(root, capsys):
+    """Ground-truth ShapesEval renders, 3 prompts x 2 candidates, scored with two Shapes rewards."""
+    from miro.eval.cli import main
+
+    assert main(["generate", "--model", "ground-truth", "--prompts", "shapes", "--limit", "3", "--n", "2",
+                 "--outdir", str(root)]) == 0
+    assert main(["rewards", str(root), "--scorers", "shapes_contrast,shapes_sharpness"]) == 0
+    capsys.readouterr()
+    return main
+
+
+def test_best_of_n_refuses_a_non_empty_outdir_and_overwrite_leaves_no_stale_scores(tmp_path, capsys):
+    main = _ground_truth_candidates(tmp_path / "cands", capsys)
+    best = tmp_path / "best"
+    select = ["best-of-n", str(tmp_path / "cands"), "--outdir", str(best), "--select-by"]
+    assert main([*select, "shapes_contrast"]) == 0
+    assert main(["geneval", str(best)]) == 0 and main(["rewards", str(best)]) == 0
+    extra = best / "00007"  # a prompt folder the new selection does not have
+    (extra / "samples").mkdir(parents=True)
+    (extra / "metadata.jsonl").write_text((best / "00000" / "metadata.jsonl").read_text())
+    (extra / "samples" / "0000.png").write_bytes((best / "00000" / "samples" / "0000.png").read_bytes())
+    (best / "notes.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in best.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    # another selection into the same folder: refused, nothing touched
+    assert main([*select, "shapes_sharpness"]) == 2
+    assert f"--outdir {best} is not empty; pass --overwrite" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in best.rglob("*") if p.is_file()} == before
+    # --overwrite: the old images and every score made from them go, the user's own file stays
+    assert main([*select, "shapes_sharpness", "--overwrite"]) == 0
+    left = sorted(str(p.relative_to(best)) for p in best.rglob("*") if p.is_file())
+    assert left == ["00000/metadata.jsonl", "00000/samples/0000.png", "00001/metadata.jsonl", "00001/samples/0000.png",
+                    "00002/metadata.jsonl", "00002/samples/0000.png", "best_of_n.json", "generation.json", "notes.txt"]
+    assert json.loads((best / "best_of_n.json").read_text())["select_by"] == "shapes_sharpness"
+    # --overwrite replaces only a best-of-N folder, never another run's images
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.png").write_bytes(b"x")
+    assert main(["best-of-n", str(tmp_path / "cands"), "--outdir", str(other), "--select-by", "shapes_contrast",
+                 "--overwrite"]) == 2
+    assert "holds no best_of_n.json" in capsys.readouterr().err and (other / "keep.png").is_file()
+
+
+def test_best_folder_records_its_run_so_auto_detection_works(tmp_path, capsys):
+    from miro.eval import cli
+    from miro.eval.rewards import default_scorers
+
+    main = _ground_truth_candidates(tmp_path / "cands", capsys)
+    best = tmp_path / "best"
+    assert main(["best-of-n", str(tmp_path / "cands"), "--select-by", "shapes_contrast", "--outdir", str(best)]) == 0
+    run = json.loads((best / "generation.json").read_text())
+    src = json.loads((tmp_path / "cands" / "generation.json").read_text())
+    assert run["config"] == {**src["config"], "n_samples": 1,
+                             "best_of_n": {"select_by": "shapes_contrast", "source": str(tmp_path / "cands")}}
+    assert run["prompts"] == "shapes" and run["n_prompts"] == 3
+    # --detector auto and --scorers auto pick the Shapes world's, as for the candidates
+    assert cli._detector_name(cli.build_parser().parse_args(["geneval", str(best)]), best) == "shapes"
+    assert default_scorers(best) == default_scorers(tmp_path / "cands") and all(
+        n.startswith("shapes_") for n in default_scorers(best))
+    assert main(["geneval", str(best)]) == 0
+    assert json.loads((best / "geneval_summary.json").read_text())["benchmark"] == "ShapesEval"
+    # the record also keeps `miro eval generate` from adding candidates to the best-of-N folder
+    assert main(["generate", "--model", "ground-truth", "--prompts", "shapes", "--limit", "3", "--n", "2",
+                 "--outdir", str(best)]) == 2
+    assert "best_of_n" in capsys.readouterr().err
+
+
 def test_spearman_matches_scipy_with_ties():
     from scipy.stats import spearmanr
 

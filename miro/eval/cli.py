@@ -245,11 +245,13 @@ def cmd_summary(args) -> int:
 
 def cmd_best_of_n(args) -> int:
     from miro.eval import plots
-    from miro.eval.best_of_n import curve, write_best_folder
+    from miro.eval.best_of_n import check_best_destination, curve, write_best_folder
     from miro.eval.folder import atomic_write_json
     from miro.eval.rewards import read_records
 
     ns = _parse_list(args.ns, "--ns", int, "an integer", "comma-separated N values, e.g. 1,2,4,8") if args.ns else None
+    if args.outdir:  # before anything is written
+        check_best_destination(args.dir, args.outdir, args.overwrite)
     rewards = Path(args.rewards or Path(args.dir) / "rewards.jsonl")
     records = read_records(rewards)
     metrics = [m for m in (args.metrics or "").split(",") if m] or [args.select_by]
@@ -268,7 +270,7 @@ def cmd_best_of_n(args) -> int:
     for i, n in enumerate(c["n"]):
         print(f"N={n:<5} " + "  ".join(f"{k}={c['values'][k][i]:.4f}" for k in metrics))
     if args.outdir:
-        chosen = write_best_folder(args.dir, records, args.select_by, args.outdir)
+        chosen = write_best_folder(args.dir, records, args.select_by, args.outdir, overwrite=args.overwrite)
         print(f"{len(chosen)} best images written to {args.outdir}")
     return 0
 
@@ -405,7 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ns", default=None, help="comma-separated N values (default 1,2,4,...,N)")
     p.add_argument("--mode", choices=("expected", "prefix"), default="expected",
                    help="expected: mean over all n-subsets (exact); prefix: first n candidates")
-    p.add_argument("--outdir", "--out", dest="outdir", default=None, help="write the best candidates here")
+    p.add_argument("--outdir", "--out", dest="outdir", default=None,
+                   help="write the best candidates here (a new or empty folder), with a generation.json for auto-detection")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier best-of-N folder at --outdir: its images, results, rewards and report")
     p.set_defaults(fn=cmd_best_of_n)
 
     p = sub.add_parser("sweep", help="images and scores vs one reward's target; Spearman rho")

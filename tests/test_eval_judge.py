@@ -93,7 +93,7 @@ def test_judge_folder_against_stub(stub, tmp_path, monkeypatch):
     assert recs["a red cat"]["prompt_alignment"] == 5 and recs["a red cat"]["details"] == "fine"
     assert recs["a blue dog"]["prompt_alignment"] == 2  # out-of-range answer retried once
     assert "error" in recs["a cow"]  # server errors exhaust the retries
-    assert s == {"images": 3, "answered": 2, "errors": 1,
+    assert s == {"rubric": "alignment", "images": 3, "answered": 2, "errors": 1, "unreadable": 0,
                  "first_error": "HTTPError: HTTP Error 500: Internal Server Error", "fields": {
         "prompt_alignment": {"mean": 3.5, "n": 2}, "visual_quality": {"mean": 2.0, "n": 2}}}
     # resume: only the failed image is asked again
@@ -147,5 +147,52 @@ def test_judge_command_says_why_nothing_was_judged(tmp_path, capsys):
     assert main(["judge", str(root), "--base-url", f"http://127.0.0.1:{port}/v1", "--judge-model", "m",
                  "--timeout", "1"]) == 1
     cap = capsys.readouterr()
-    assert "0 answered, 1 errors" in cap.out and "first error: URLError" in cap.err
+    assert "0 answered, 1 errors, 0 unreadable" in cap.out and "first error: URLError" in cap.err
     assert json.loads((root / "judge_summary.json").read_text())["first_error"].startswith("URLError")
+
+
+CURE_ANSWER = '{"country_likelihood": 5, "item_accuracy": 1, "details": "x"}'
+
+
+@pytest.mark.timeout(60)
+def test_answers_are_kept_per_rubric(stub, tmp_path):
+    """Judging a folder again with another rubric asks its questions about every image; each
+    summary holds one rubric's answers."""
+    srv, url = stub
+    root = _folder(tmp_path, [{"prompt": "a red cat", "tag": "t"}, {"prompt": "a cow", "tag": "t"}])
+    cfg = {"base_url": url, "model": "m", "timeout": 5, "max_retries": 0}
+    s = J.judge_folder(root, J.JudgeConfig(**cfg), progress=False)
+    assert s["answered"] == 2 and s["fields"]["prompt_alignment"]["mean"] == 4.0
+    # an answer written before the rubric was recorded counts for the rubric whose fields it holds
+    lines = read_jsonl(root / "judge.jsonl")
+    (root / "judge.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "rubric"}) + "\n"
+                                              for r in lines))
+    srv.default = CURE_ANSWER
+    s = J.judge_folder(root, J.JudgeConfig(rubric="cure", **cfg), progress=False)
+    assert len(srv.requests) == 4 and "country_likelihood" in srv.requests[-1]["body"]["messages"][0]["content"][0]["text"]
+    assert s["rubric"] == "cure" and s["answered"] == 2 and s["images"] == 2
+    assert s["fields"] == {"country_likelihood": {"mean": 5.0, "n": 2}, "item_accuracy": {"mean": 1.0, "n": 2}}
+    assert [r.get("rubric") for r in read_jsonl(root / "judge.jsonl")] == [None, None, "cure", "cure"]
+    # each rubric resumes on its own answers
+    s = J.judge_folder(root, J.JudgeConfig(**cfg), progress=False)
+    assert len(srv.requests) == 4 and s["rubric"] == "alignment" and s["fields"]["prompt_alignment"]["mean"] == 4.0
+    assert json.loads((root / "judge_summary.json").read_text())["rubric"] == "alignment"
+
+
+@pytest.mark.timeout(60)
+def test_an_unreadable_image_is_skipped_and_counted(stub, tmp_path, capsys):
+    from miro.eval.cli import main
+
+    srv, url = stub
+    root = _folder(tmp_path, [{"prompt": "a red cat", "tag": "t"}, {"prompt": "a cow", "tag": "t"}])
+    (root / "00001" / "samples" / "0000.png").write_bytes(b"\x89PNG truncated")
+    argv = ["judge", str(root), "--base-url", url, "--judge-model", "m", "--timeout", "5"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert "1 answered, 0 errors, 1 unreadable (skipped, retried on the next run)" in out
+    assert out[-1] == "overall: 0.50000" and len(srv.requests) == 1
+    assert [r["filename"] for r in read_jsonl(root / "judge.jsonl")] == ["00000/samples/0000.png"]
+    # the run can finish: once the image is readable again it alone is judged
+    Image.new("RGB", (8, 8)).save(root / "00001" / "samples" / "0000.png")
+    assert main(argv) == 0 and len(srv.requests) == 2
+    assert json.loads((root / "judge_summary.json").read_text())["answered"] == 2

@@ -312,7 +312,7 @@ def cmd_judge(args) -> int:
     cfg = JudgeConfig(base_url=args.base_url, model=args.judge_model, rubric=args.rubric, api_key_env=args.api_key_env,
                       timeout=args.timeout)
     s = judge_folder(args.dir, cfg, limit=args.limit)
-    print(f"{s['answered']} answered, {s['errors']} errors")
+    print(f"{s['answered']} answered, {s['errors']} errors, {s['unreadable']} unreadable (skipped, retried on the next run)")
     if s["errors"]:  # say why, so that a refused connection or a bad key is not a silent zero
         print(f"miro eval judge: {s['errors']} image(s) not judged; first error: {s['first_error']}", file=sys.stderr)
         if not s["answered"]:

@@ -8,8 +8,9 @@ PNG ``image_url`` data URI); the model must answer with a JSON object of integer
   the depiction of the named item is), for ``--prompts cure`` folders;
 * ``alignment``: prompt faithfulness and visual quality, for any folder.
 
-Answers go to ``judge.jsonl`` (resumable, one line per image; unusable answers are recorded with
-an ``error`` and retried on the next run) and means to ``judge_summary.json``. The API key is
+Answers go to ``judge.jsonl`` (resumable, one line per image and rubric, which each line records;
+unusable answers are recorded with an ``error`` and retried on the next run, unreadable images
+are skipped and counted) and the means of one rubric to ``judge_summary.json``. The API key is
 read from an environment variable and never written anywhere.
 """
 
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from miro.eval.folder import JsonlAppender, atomic_write_json, image_id, read_folder, read_jsonl
+from miro.eval.folder import JsonlAppender, atomic_write_json, image_id, load_rgb, read_folder, read_jsonl
 
 RUBRICS = {
     "cure": {
@@ -150,35 +151,57 @@ def judge_image(config: JudgeConfig, image, metadata: dict) -> dict:
     return {"error": f"{type(last).__name__}: {last}"}
 
 
+def line_rubric(record: dict) -> str | None:
+    """The rubric a judge.jsonl line answers: its ``rubric``, or for lines written before it was
+    recorded the rubric whose fields the answer holds (None for such an error line)."""
+    if "rubric" in record:
+        return record["rubric"]
+    return next((name for name, r in RUBRICS.items() if all(f in record for f in r["fields"])), None)
+
+
 def judge_folder(root: str | Path, config: JudgeConfig, outfile: str | Path | None = None,
                  limit: int | None = None, progress: bool = True) -> dict:
-    """Judge every image under ``root``; returns the summary (also ``judge_summary.json``)."""
-    from PIL import Image
+    """Judge every image under ``root`` with ``config.rubric``; returns the summary of that rubric
+    (also ``judge_summary.json``).
+
+    An image is done when judge.jsonl holds an answer for (image, rubric): each rubric asks other
+    questions, so judging a folder again with another rubric asks them all. Unreadable images are
+    skipped and counted (``unreadable``), and retried on the next run.
+    """
     from tqdm.auto import tqdm
 
     root = Path(root)
     outfile = Path(outfile) if outfile else root / "judge.jsonl"
-    done = {r["filename"] for r in read_jsonl(outfile) if "error" not in r}
+    done = {r["filename"] for r in read_jsonl(outfile) if "error" not in r and line_rubric(r) == config.rubric}
     todo = [(e, p) for e in read_folder(root) for p in e.samples if image_id(root, p) not in done]
     if limit is not None:
         todo = todo[:limit]
+    unreadable = []
     with JsonlAppender(outfile) as out:
         for e, p in tqdm(todo, desc="judge", unit="img", disable=not progress):
-            with Image.open(p) as im:
-                ans = judge_image(config, im, e.metadata)
-            out.write({"filename": image_id(root, p), "tag": e.tag, "prompt": e.prompt, **ans})
-    return summarize_judge(outfile, RUBRICS[config.rubric]["fields"])
+            im = load_rgb(p)
+            if im is None:  # a truncated PNG: not sent, and not recorded, so the next run tries it again
+                unreadable.append(image_id(root, p))
+                continue
+            ans = judge_image(config, im, e.metadata)
+            out.write({"filename": image_id(root, p), "tag": e.tag, "prompt": e.prompt, "rubric": config.rubric, **ans})
+    return summarize_judge(outfile, config.rubric, unreadable)
 
 
-def summarize_judge(path: str | Path, fields: tuple[str, ...]) -> dict:
+def summarize_judge(path: str | Path, rubric: str, unreadable: list[str] | None = None) -> dict:
+    """Means of ``rubric``'s fields over its latest answer per image (lines of other rubrics are
+    left out); written to ``judge_summary.json`` beside ``path``."""
     latest: dict[str, dict] = {}
     for r in read_jsonl(path):
+        if line_rubric(r) != rubric:  # another rubric's (or an old error line, whose rubric is unknown)
+            continue
         if "error" not in r or r["filename"] not in latest:
             latest[r["filename"]] = r
+    fields = RUBRICS[rubric]["fields"]
     ok = [r for r in latest.values() if "error" not in r]
     failed = [r["error"] for r in latest.values() if "error" in r]
-    summ = {"images": len(latest), "answered": len(ok), "errors": len(failed),
-            "first_error": failed[0] if failed else None,
+    summ = {"rubric": rubric, "images": len(latest), "answered": len(ok), "errors": len(failed),
+            "first_error": failed[0] if failed else None, "unreadable": len(unreadable or []),
             "fields": {f: {"mean": float(np.mean([r[f] for r in ok])) if ok else None, "n": len(ok)} for f in fields}}
     atomic_write_json(Path(path).with_name("judge_summary.json"), summ)
     return summ

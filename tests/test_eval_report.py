@@ -113,3 +113,42 @@ def test_sweep_section_with_geneval_and_the_papers_aesthetic_sweep(tmp_path):
     assert "| target | aesthetic_score | GenEval-style overall (%) | paper: GenEval (%) | paper: Aesthetic |" in text
     assert "| 0.6250 | 5.0000 | 75.0000 | 74.8700 | 5.2400 |" in text and "| 0.0000 | 4.0000 | 70.0000 | 71.3000 | 3.6900 |" in text
     assert "GenEval-style overall 0.500" in text and (run / "report" / "sweep.png").is_file()
+
+
+def test_an_unreadable_image_is_a_placeholder_cell_not_a_failed_report(tmp_path):
+    run = _run(tmp_path / "run")
+    (run / "00001" / "samples" / "0000.png").write_bytes(b"\x89PNG truncated")
+    text = R.build_report(run).read_text()
+    assert "1 unreadable image(s) shown as crossed grey cells (first: " in text
+    grid = Image.open(run / "report" / "samples.png")
+    assert grid.size == (2 * 128 + 2, 2 * 128 + 2)
+    assert grid.getpixel((64, 130 + 10)) == (0xDD, 0xDD, 0xDD)  # row 1, column 0: the placeholder grey, off its cross
+
+
+def _sweep_folder(root, targets=(0.0, 1.0)):
+    """What `miro eval sweep --outdir root` leaves: sweep.json beside the target_<t>/ folders."""
+    from miro.eval.sweep import target_dir
+
+    per = []
+    for k, t in enumerate(targets):
+        for i in range(2):
+            d = target_dir(root, t) / f"{i:05d}" / "samples"
+            d.mkdir(parents=True)
+            Image.fromarray(np.full((8, 8, 3), 100 * k + 50 * i, np.uint8)).save(d / "0000.png")
+        per.append({"target": t, "n": 2, "shapes_contrast": {"mean": 0.5 + 0.4 * k, "std": 0.1}})
+    (root / "sweep.json").write_text(json.dumps({
+        "swept": "shapes_contrast", "targets": list(targets), "per_target": per,
+        "spearman_means": {"shapes_contrast": 1.0}, "spearman_images": {"shapes_contrast": 0.9}}))
+    return root
+
+
+def test_a_sweeps_own_folder_is_reported(tmp_path):
+    from miro.eval.cli import main
+
+    sweep = _sweep_folder(tmp_path / "sweep")
+    (sweep / "target_1.0000" / "00001" / "samples" / "0000.png").write_bytes(b"\x89PNG truncated")
+    assert main(["report", str(sweep)]) == 0
+    text = (sweep / "report" / "report.md").read_text()
+    assert "## Reward sweep: shapes_contrast" in text and "(sweep_grid.png)" in text
+    assert "1 unreadable image(s) shown as crossed grey cells" in text
+    assert Image.open(sweep / "report" / "sweep_grid.png").size == (2 * 96, 2 * 96)

@@ -94,9 +94,37 @@ def plot_reward_hist(summary_records: dict[str, list[float]], path) -> Path:
     return _save(fig, path)
 
 
-def image_grid(paths: list[Path], ncols: int, cell: int = 128, gap: int = 2):
-    """A PIL grid of images, each resized to ``cell`` (nearest: small images stay crisp), ``gap``
-    white pixels apart."""
+def placeholder_cell(cell: int):
+    """The grid cell standing for an unreadable image: light grey with a dark cross, so it reads as
+    missing rather than as a generated grey picture."""
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (cell, cell), "#dddddd")
+    draw = ImageDraw.Draw(im)
+    draw.line((0, 0, cell - 1, cell - 1), fill="#888888", width=max(1, cell // 32))
+    draw.line((0, cell - 1, cell - 1, 0), fill="#888888", width=max(1, cell // 32))
+    return im
+
+
+def grid_cell(path: Path, cell: int, skipped: list | None = None):
+    """``path`` resized to ``cell`` (nearest when enlarging: small images stay crisp), or the
+    placeholder when it cannot be read (appended to ``skipped``): one truncated PNG must not stop a
+    report, as it stops no scoring step."""
+    from PIL import Image
+
+    from miro.eval.folder import load_rgb
+
+    im = load_rgb(path)
+    if im is None:
+        if skipped is not None:
+            skipped.append(path)
+        return placeholder_cell(cell)
+    return im.resize((cell, cell), Image.NEAREST if im.width <= cell else Image.BICUBIC)
+
+
+def image_grid(paths: list[Path], ncols: int, cell: int = 128, gap: int = 2, skipped: list | None = None):
+    """A PIL grid of images, each resized to ``cell``, ``gap`` white pixels apart; an unreadable
+    image is a placeholder cell and its path is appended to ``skipped``."""
     from PIL import Image
 
     if not paths:
@@ -105,8 +133,5 @@ def image_grid(paths: list[Path], ncols: int, cell: int = 128, gap: int = 2):
     step = cell + gap
     grid = Image.new("RGB", (ncols * step - gap, rows * step - gap), "white")
     for k, p in enumerate(paths):
-        with Image.open(p) as im:
-            im = im.convert("RGB")
-            resample = Image.NEAREST if im.width <= cell else Image.BICUBIC
-            grid.paste(im.resize((cell, cell), resample), ((k % ncols) * step, (k // ncols) * step))
+        grid.paste(grid_cell(p, cell, skipped), ((k % ncols) * step, (k // ncols) * step))
     return grid

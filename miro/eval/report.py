@@ -3,8 +3,10 @@
 A run folder (what ``miro eval all`` writes) may hold ``generation.json``, the images,
 ``results.jsonl`` / ``geneval_summary.json`` (GenEval-like or ShapesEval), ``rewards.jsonl`` /
 ``rewards_summary.json``, ``best_of_n_curve.json``, ``judge_summary.json`` and a ``sweep/``
-folder with ``sweep.json``. The report shows whatever is present. The paper's published numbers
-appear beside ours only for published MIRO checkpoints (:func:`paper_numbers.paper_row`).
+folder with ``sweep.json`` (or be a sweep's own folder, ``sweep.json`` beside its ``target_<t>/``
+folders). The report shows whatever is present; an unreadable image is a placeholder in the
+grids. The paper's published numbers appear beside ours only for published MIRO checkpoints
+(:func:`paper_numbers.paper_row`).
 """
 
 from __future__ import annotations
@@ -172,10 +174,25 @@ def _best_of_n_section(doc: _Doc, run: Path, outdir: Path, row: str | None):
     doc.img("best_of_n.png", "best-of-N curves")
 
 
+def _sweep_dir(run: Path) -> Path | None:
+    """Where a sweep's ``sweep.json`` and ``target_<t>/`` folders are: ``<run>/sweep/`` (beside an
+    evaluation run) or ``<run>`` itself (the ``--outdir`` of ``miro eval sweep``)."""
+    for d in (run / "sweep", run):
+        if (d / "sweep.json").is_file():
+            return d
+    return None
+
+
+def _unreadable_note(doc: _Doc, skipped: list) -> None:
+    if skipped:
+        doc.p(f"{len(skipped)} unreadable image(s) shown as crossed grey cells (first: {skipped[0]}).")
+
+
 def _sweep_section(doc: _Doc, run: Path, outdir: Path, row: str | None):
-    sweep = _load(run / "sweep" / "sweep.json")
-    if sweep is None:
+    sweep_dir = _sweep_dir(run)
+    if sweep_dir is None:
         return
+    sweep = _load(sweep_dir / "sweep.json")
     from miro.eval.sweep import sweep_grid
 
     names = sorted(sweep["spearman_means"])
@@ -196,9 +213,11 @@ def _sweep_section(doc: _Doc, run: Path, outdir: Path, row: str | None):
         doc.p("Paper: synthetic-caption MIRO's aesthetic-target sweep (MIRO project page).")
     plots.plot_sweep(sweep, outdir / "sweep.png")
     doc.img("sweep.png", "reward sweep")
+    skipped: list = []
     try:
-        sweep_grid(run / "sweep", sweep["targets"]).save(outdir / "sweep_grid.png")
+        sweep_grid(sweep_dir, sweep["targets"], skipped=skipped).save(outdir / "sweep_grid.png")
         doc.img("sweep_grid.png", "sweep grid: rows = prompts, columns = targets")
+        _unreadable_note(doc, skipped)
     except ValueError:
         pass
 
@@ -218,7 +237,7 @@ def _spread(entries: list, k: int) -> list:
 
 # What the sections below read: a folder holding none of them (and no images) has nothing to report.
 _RESULT_FILES = ("generation.json", "geneval_summary.json", "rewards_summary.json", "best_of_n_curve.json",
-                 "judge_summary.json", "sweep/sweep.json")
+                 "judge_summary.json", "sweep/sweep.json", "sweep.json")
 
 
 def build_report(run_dir: str | Path, outdir: str | Path | None = None, max_prompts: int = 8) -> Path:
@@ -253,9 +272,11 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, max_prom
         paths = []
         for e in entries:
             paths += e.samples + [e.samples[-1]] * (ncols - len(e.samples))
-        plots.image_grid(paths, ncols).save(outdir / "samples.png")
+        skipped: list = []
+        plots.image_grid(paths, ncols, skipped=skipped).save(outdir / "samples.png")
         doc.h(2, "Samples")
         doc.img("samples.png", "samples: one row per prompt")
+        _unreadable_note(doc, skipped)
         doc.table(["row", "tag", "prompt"], [[k, e.tag, e.prompt] for k, e in enumerate(entries)])
     _geneval_section(doc, run, outdir, row)
     _rewards_section(doc, run, outdir, row)
@@ -263,7 +284,7 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, max_prom
     _sweep_section(doc, run, outdir, row)
     judge = _load(run / "judge_summary.json")
     if judge:
-        doc.h(2, "MLLM judge")
+        doc.h(2, "MLLM judge" + (f" ({judge['rubric']} rubric)" if judge.get("rubric") else ""))
         doc.table(["field", "mean", "n"], [[k, v["mean"], v["n"]] for k, v in judge.get("fields", {}).items()])
     (outdir / "report.md").write_text(doc.markdown(), encoding="utf-8")
     (outdir / "report.html").write_text(doc.html(title), encoding="utf-8")

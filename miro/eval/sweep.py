@@ -186,9 +186,13 @@ def summarize_sweep(outdir: str | Path, key: str, targets=DEFAULT_TARGETS) -> di
     return out
 
 
-def sweep_grid(outdir: str | Path, targets=DEFAULT_TARGETS, max_prompts: int = 6, sample: int = 0, cell: int = 96):
-    """A PIL image: one row per prompt, one column per target (same seed along a row)."""
+def sweep_grid(outdir: str | Path, targets=DEFAULT_TARGETS, max_prompts: int = 6, sample: int = 0, cell: int = 96,
+               skipped: list | None = None):
+    """A PIL image: one row per prompt, one column per target (same seed along a row). An
+    unreadable image is a placeholder cell and its path is appended to ``skipped``."""
     from PIL import Image
+
+    from miro.eval.plots import grid_cell
 
     targets = check_targets(targets)
     rows = []
@@ -201,6 +205,5 @@ def sweep_grid(outdir: str | Path, targets=DEFAULT_TARGETS, max_prompts: int = 6
     grid = Image.new("RGB", (cell * len(targets), cell * len(rows)), "white")
     for r, row in enumerate(rows):
         for c, p in enumerate(row):
-            with Image.open(p) as im:
-                grid.paste(im.convert("RGB").resize((cell, cell), Image.NEAREST), (c * cell, r * cell))
+            grid.paste(grid_cell(p, cell, skipped), (c * cell, r * cell))
     return grid

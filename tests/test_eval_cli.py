@@ -174,3 +174,25 @@ def test_all_on_geneval_prompts_with_tiny_detector_and_clip(shapes_pipeline_dir,
     assert summ["benchmark"] == "GenEval-like" and summ["backends"]["detector"] == str(m2f)
     assert summ["images"] == 4 and _last(capsys) == f"overall: {summ['overall']:.5f}"
     assert "GenEval-like" in (out / "report" / "report.md").read_text()
+
+
+def test_all_ends_with_overall_without_geneval_scoring_and_survives_an_unreadable_image(tmp_path, capsys):
+    """Prompts without GenEval metadata (a .txt file) or --skip-geneval: the last line is the rewards'
+    overall. An unreadable image is skipped and counted by every step, the report included."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\ntwo blue squares\n")
+    for name, extra in (("txt", ["--prompts", str(prompts)]), ("skip", ["--prompts", "shapes", "--limit", "2",
+                                                                        "--skip-geneval"])):
+        out = tmp_path / name
+        argv = ["all", "--model", "ground-truth", "--n", "2", "--outdir", str(out), *extra]
+        assert cli.main(argv) == 0
+        text = capsys.readouterr().out
+        assert ("--skip-geneval" in text) == (name == "skip") and not (out / "results.jsonl").exists()
+        overall = json.loads((out / "rewards_summary.json").read_text())["overall"]
+        assert 0.0 <= overall <= 1.0 and text.strip().splitlines()[-1] == f"overall: {overall:.5f}"
+    (out / "00001" / "samples" / "0001.png").write_bytes(b"\x89PNG truncated")
+    (out / "rewards.jsonl").unlink()
+    assert cli.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "3 images scored, 0 already scored, 1 unreadable" in lines and lines[-1].startswith("overall: ")
+    assert "1 unreadable image(s) shown as crossed grey cells" in (out / "report" / "report.md").read_text()

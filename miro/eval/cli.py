@@ -143,6 +143,11 @@ def _print_reward_summary(summary: dict) -> None:
     from miro.eval.rewards import format_summary
 
     print(format_summary(summary))
+    _print_overall(summary)
+
+
+def _print_overall(summary: dict) -> None:
+    """A reward summary's ``overall:`` line."""
     overall = summary["overall"]
     print(f"overall: {overall:.5f}" if overall is not None else "overall: - (no reward has a finite normalised mean)")
 
@@ -353,8 +358,10 @@ def cmd_all(args) -> int:
         _scorer_names(args.scorers, None)  # a misspelt scorer fails now, not after the generation
     print(f"[1/5] generate {len(items)} prompts x {cfg.n_samples} into {out}")
     _generate(args, out, cfg, spec, items)
-    geneval = None
-    if _has_geneval_metadata(items) and not args.skip_geneval:
+    geneval, rewards = None, None
+    if args.skip_geneval:
+        print("[2/5] GenEval-style scoring skipped (--skip-geneval)")
+    elif _has_geneval_metadata(items):
         print("[2/5] GenEval-style scoring")
         geneval = run_geneval(out, args)
     else:
@@ -362,12 +369,18 @@ def cmd_all(args) -> int:
     if not args.skip_rewards:
         names = _scorer_names(args.scorers, out, args.model)
         print(f"[3/5] rewards: {', '.join(names)}")
-        score_folder(out, _load_scorers(names, args), out / "rewards.jsonl", batch_size=args.batch_size)
+        counts = score_folder(out, _load_scorers(names, args), out / "rewards.jsonl", batch_size=args.batch_size)
+        print(f"{counts['scored']} images scored, {counts['skipped']} already scored, {counts['corrupt']} unreadable")
         print("[4/5] summary")
-        print(format_summary(summarize_file(out / "rewards.jsonl")))
+        rewards = summarize_file(out / "rewards.jsonl")
+        print(format_summary(rewards))
     print(f"[5/5] report: {build_report(out)}")
+    # the contract's last line: the GenEval-style score, else (no GenEval metadata, --skip-geneval)
+    # the rewards' overall, their mean normalised value in [0, 1]
     if geneval is not None:
         print(f"overall: {geneval['overall']:.5f}")
+    elif rewards is not None:
+        _print_overall(rewards)
     return 0
 
 

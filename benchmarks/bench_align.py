@@ -19,6 +19,8 @@ import tempfile
 
 import torch
 
+from _args import ArgumentParser, positive_int, run_main  # beside this script
+
 
 def _rss_mb() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -56,16 +58,14 @@ def bench(batch: int, steps: int, rollout_steps: int, inversion: bool, lora: boo
 
 
 def main(argv=None) -> int:
-    from shapes_training_study import positive_int  # beside this script
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 4], help="batch sizes (integers >= 1)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step)")
-    p.add_argument("--rollout-steps", type=int, default=20)
+    p.add_argument("--steps", type=positive_int, default=5, help="timed steps (after one warm-up step)")
+    p.add_argument("--rollout-steps", type=positive_int, default=20)
     p.add_argument("--model", default="shapes", help="Shapes pipeline (default falls back to shapes-untrained)")
     p.add_argument("--no-inversion", action="store_true")
     p.add_argument("--lora", action="store_true")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive_int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     for b in args.batch_sizes:
@@ -74,6 +74,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from shapes_training_study import run_main  # beside this script
-
     run_main(main)

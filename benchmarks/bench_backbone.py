@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _args import ArgumentParser, comma_choices, positive_int, run_main  # noqa: E402
 from make_parity_fixture import load_peer  # noqa: E402
 
 from miro.models import LossConfig, MiroModel, euler_sample, flow_loss, get_config  # noqa: E402
@@ -56,6 +57,7 @@ DEFAULT_PLAN = {  # config -> list of (batch, measurements)
     "shapes": [(64, ("fwd", "fwd+bwd", "step", "vs_ref", "bf16")), (16, ("sample",))],
     "release": [(1, ("fwd", "fwd+bwd")), (2, ("fwd+bwd", "step"))],
 }
+MEASUREMENTS = ("fwd", "fwd+bwd", "step", "vs_ref", "bf16", "sample", "fwd+bwd_compiled")  # what --only picks from
 # The published measurement the Shapes config is compared with: a ~5M-parameter RIN at patch 2
 # with 32 latents x 192 (docs/architecture.md); this is such a model in the published code.
 REFERENCE_SHAPES = dict(patch_size=2, data_dim=128, num_blocks=3, num_processing_layers=2, latent_mlp_multiplier=2,
@@ -249,16 +251,18 @@ def check_parity(pair: Pair, i: dict) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default="tiny,shapes,release", help="comma-separated config names")
-    ap.add_argument("--iters", type=int, default=5, help="timed iterations per measurement")
-    ap.add_argument("--release-iters", type=int, default=1, help="timed iterations for the release config")
-    ap.add_argument("--threads", type=int, default=1,
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", type=comma_choices(DEFAULT_PLAN), default="tiny,shapes,release",
+                    help="comma-separated config names")
+    ap.add_argument("--iters", type=positive_int, default=5, help="timed iterations per measurement")
+    ap.add_argument("--release-iters", type=positive_int, default=1, help="timed iterations for the release config")
+    ap.add_argument("--threads", type=positive_int, default=1,
                     help="torch intra-op threads (1: CPU time then measures work, not OpenMP spin-waits)")
     ap.add_argument("--full-text", action="store_true", help="every text token valid (no padding)")
     ap.add_argument("--peer", type=Path, default=Path("/tmp/peer/unpacked/miro"), help="unpacked published package")
     ap.add_argument("--scratch", type=Path, default=Path("/tmp/miro_scratch"), help="scratch dir (peer copy, einops)")
-    ap.add_argument("--only", default="", help="comma-separated measurements to run (default: all of the plan)")
+    ap.add_argument("--only", type=comma_choices(MEASUREMENTS), default=None,
+                    help="comma-separated measurements to run (default: all of the plan)")
     ap.add_argument("--compile", action="store_true",
                     help="also time fwd+bwd with both models under torch.compile (minutes of compilation)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -334,6 +338,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from shapes_training_study import run_main  # beside this script
-
     run_main(main)

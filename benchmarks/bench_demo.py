@@ -21,15 +21,17 @@ import urllib.request
 
 import numpy as np
 
+from _args import ArgumentParser, positive_int, run_main  # beside this script
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def main(argv=None) -> None:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="shapes")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--n", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args()
+    p.add_argument("--steps", type=positive_int, default=10)
+    p.add_argument("--n", type=positive_int, default=4)
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--threads", type=positive_int, default=1)
+    args = p.parse_args(argv)
 
     import torch
     from PIL import Image
@@ -93,6 +95,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from shapes_training_study import run_main  # beside this script
-
     run_main(main)

@@ -16,17 +16,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from _args import ArgumentParser, positive_int, positive_int_list, run_main  # beside this script
+
 
 def main(argv=None) -> None:
-    from shapes_training_study import positive_int_list  # beside this script
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="shapes", help="pipeline (falls back to shapes-untrained, same architecture)")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--images", type=int, default=16, help="images generated per batch size")
+    ap.add_argument("--steps", type=positive_int, default=20)
+    ap.add_argument("--images", type=positive_int, default=16, help="images generated per batch size")
     ap.add_argument("--batch-sizes", type=positive_int_list, default=[1, 4, 16],
                     help="comma-separated batch sizes (integers >= 1; default 1,4,16)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
+    ap.add_argument("--threads", type=positive_int, default=1, help="torch threads (1 is fastest on a shared machine)")
     args = ap.parse_args(argv)
 
     import torch
@@ -74,6 +74,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from shapes_training_study import run_main  # beside this script
-
     run_main(main)

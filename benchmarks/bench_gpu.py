@@ -39,9 +39,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _args import (  # noqa: E402
+    ArgumentParser, device as device_arg, nonneg_float, nonneg_int, positive_float, positive_int, run_main)
 from bench_backbone import synthetic_inputs  # noqa: E402
 
-from miro.models import LossConfig, MiroModel, flow_loss, get_config  # noqa: E402
+from miro.models import CONFIG_NAMES, LossConfig, MiroModel, flow_loss, get_config  # noqa: E402
 from miro.io import atomic_write_text  # noqa: E402
 from miro.models.sampler import euler_sample  # noqa: E402
 from miro.train.ema import EMA  # noqa: E402
@@ -200,22 +202,24 @@ def measure_peer(config: str, batch: int, precision: str, device: torch.device, 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="release", help="model config name (release, shapes, tiny)")
-    ap.add_argument("--batch", type=int, nargs="+", default=[64], help="per-device batch sizes")
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", choices=CONFIG_NAMES, default="release",
+                    help="model config name (release, shapes, tiny)")
+    ap.add_argument("--batch", type=positive_int, nargs="+", default=[64], help="per-device batch sizes")
     ap.add_argument("--optimizer", default=None, help="lamb or adamw (default: lamb for release, else adamw)")
     ap.add_argument("--loop-optimizer", action="store_true",
                     help="the optimizer one tensor at a time (default: multi-tensor on CUDA, as torch.optim)")
     ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
-    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--peak-tflops", type=float, default=None, help="dense peak for MFU (default: known GPUs)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--sample-batch", type=int, nargs="*", default=[], help="also time sampling at these batches")
-    ap.add_argument("--sample-steps", type=int, default=50, help="Euler steps per sample")
-    ap.add_argument("--sample-iters", type=int, default=3, help="timed samples per batch size")
-    ap.add_argument("--cfg", type=float, default=7.0, help="guidance scale of the sampling rows")
+    ap.add_argument("--device", type=device_arg, default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--iters", type=positive_int, default=20)
+    ap.add_argument("--warmup", type=nonneg_int, default=3)
+    ap.add_argument("--peak-tflops", type=positive_float, default=None, help="dense peak for MFU (default: known GPUs)")
+    ap.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    ap.add_argument("--sample-batch", type=positive_int, nargs="*", default=[],
+                    help="also time sampling at these batches")
+    ap.add_argument("--sample-steps", type=positive_int, default=50, help="Euler steps per sample")
+    ap.add_argument("--sample-iters", type=positive_int, default=3, help="timed samples per batch size")
+    ap.add_argument("--cfg", type=nonneg_float, default=7.0, help="guidance scale of the sampling rows")
     ap.add_argument("--peer", type=Path, default=None, help="unpacked published package: also fwd+bwd against it")
     ap.add_argument("--scratch", type=Path, default=Path("/tmp/miro_scratch"))
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -266,6 +270,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from shapes_training_study import run_main  # beside this script
-
     run_main(main)

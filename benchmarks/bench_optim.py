@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _args import ArgumentParser, device as device_arg, positive_int, run_main  # noqa: E402
 from bench_gpu import time_calls  # noqa: E402
 
-from miro.models import MiroModel, get_config  # noqa: E402
+from miro.models import CONFIG_NAMES, MiroModel, get_config  # noqa: E402
 from miro.train.optim import OptimizerConfig, build_optimizer  # noqa: E402
 
 
@@ -40,11 +41,12 @@ def measure(config: str, device: torch.device, iters: int) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="release", help="model config name (release, shapes, tiny)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--iters", type=int, default=5)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", choices=CONFIG_NAMES, default="release",
+                    help="model config name (release, shapes, tiny)")
+    ap.add_argument("--device", type=device_arg, default="cpu")
+    ap.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    ap.add_argument("--iters", type=positive_int, default=5)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -56,6 +58,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from shapes_training_study import run_main  # beside this script
-
     run_main(main)

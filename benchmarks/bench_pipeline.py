@@ -25,6 +25,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 FIX = HERE.parent / "tests" / "fixtures" / "pipeline"
+sys.path.insert(0, str(HERE))
+from _args import ArgumentParser, positive_int, run_main  # noqa: E402
 
 
 def build_peer(peer: Path, scratch: Path):
@@ -70,13 +72,13 @@ def timed(fn, repeats: int):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peer", type=Path, default=Path("/tmp/peer/unpacked/miro"))
     ap.add_argument("--scratch", type=Path, default=Path("/tmp/miro_scratch"))
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--n", type=int, default=8, help="images per prompt (2 prompts)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=positive_int, default=20)
+    ap.add_argument("--n", type=positive_int, default=8, help="images per prompt (2 prompts)")
+    ap.add_argument("--threads", type=positive_int, default=1)
+    ap.add_argument("--repeats", type=positive_int, default=3)
     args = ap.parse_args(argv)
     sys.path.insert(0, str(HERE))
     from make_parity_fixture import check_peer
@@ -105,6 +107,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from shapes_training_study import run_main  # beside this script
-
     run_main(main)

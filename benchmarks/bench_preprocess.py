@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _args import ArgumentParser, positive_int, run_main  # beside this script
+
 WORDS = ("a photo of red blue green yellow circle square star triangle above below left right two three "
          "small large bright dark wooden table street dog cat car tree house sky water near the on with").split()
 
@@ -156,13 +158,13 @@ def suite_shapes(root: Path, n: int, batch: int) -> list[dict]:
     ], csv)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> None:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=("tiny", "shapes", "all"), default="all")
-    p.add_argument("--samples", type=int, default=128, help="samples per suite (two shards)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: small ops on a shared 2-core machine stall less)")
-    args = p.parse_args()
+    p.add_argument("--samples", type=positive_int, default=128, help="samples per suite (two shards)")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads (1: small ops on a shared 2-core machine stall less)")
+    args = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -178,4 +180,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

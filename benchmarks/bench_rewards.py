@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _args import ArgumentParser, positive_int, run_main  # beside this script
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -179,15 +181,15 @@ def suite_shapes(n: int, folder: str = "") -> None:
         print(f"{key:<22}{_fmt(_rate(run, n)):>19}")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> None:
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", choices=("tiny", "preprocess", "shapes", "all"), default="all")
-    ap.add_argument("--n", type=int, default=64, help="images per measurement")
-    ap.add_argument("--batch", type=int, default=16, help="scorer batch size (tiny suite)")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--n", type=positive_int, default=64, help="images per measurement")
+    ap.add_argument("--batch", type=positive_int, default=16, help="scorer batch size (tiny suite)")
+    ap.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     ap.add_argument("--folder", default="", help="shapes suite: score these generated images (GenEval layout) "
                     "instead of rendered samples")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.suite in ("tiny", "all"):
         suite_tiny(args.n, args.batch)
@@ -198,6 +200,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from shapes_training_study import run_main  # beside this script
-
     run_main(main)

@@ -21,6 +21,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from _args import ArgumentParser, int_in, positive_int, run_main  # beside this script
+
 
 def visible_box(o, resolution: int) -> tuple[float, ...]:
     """An object's box clipped to the frame (what a detector can see)."""
@@ -92,11 +94,14 @@ def degraded_ground_truth(n_prompts: int, resolution: int) -> list[tuple[str, di
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=300, help="samples per measurement")
-    ap.add_argument("--resolution", type=int, default=32)
-    args = ap.parse_args()
+def main(argv=None) -> None:
+    from miro.shapes.world import MAX_RESOLUTION, MIN_RESOLUTION
+
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=positive_int, default=300, help="samples per measurement")
+    ap.add_argument("--resolution", type=int_in(MIN_RESOLUTION, MAX_RESOLUTION), default=32,
+                    help=f"image side in pixels, {MIN_RESOLUTION} to {MAX_RESOLUTION}")
+    args = ap.parse_args(argv)
     from miro.shapes.dataset import DatasetConfig, make_dataset
     from miro.shapes.detector import ShapesDetector
     from miro.shapes.eval import GroundTruthPipeline, eval_generate, score_folder
@@ -143,4 +148,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -24,18 +24,20 @@ import time
 
 import torch
 
+from _args import ArgumentParser, device as device_arg, nonneg_int, positive_int, run_main  # beside this script
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def main(argv=None) -> None:
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None, help="Shapes dataset folder (default: make 1,000 samples)")
-    ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--load-batches", type=int, default=60)
-    ap.add_argument("--device", default="cpu", help="where the step runs (cuda: bf16 autocast)")
+    ap.add_argument("--steps", type=positive_int, default=20, help="timed optimizer steps")
+    ap.add_argument("--warmup", type=nonneg_int, default=3, help="untimed steps first")
+    ap.add_argument("--threads", type=positive_int, default=2)
+    ap.add_argument("--load-batches", type=positive_int, default=60)
+    ap.add_argument("--device", type=device_arg, default="cpu", help="where the step runs (cuda: bf16 autocast)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides of the recipe, e.g. "
                     "+model.overrides.network.patch_size=2")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory()
     data = args.data
@@ -104,6 +106,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from shapes_training_study import run_main  # beside this script
-
     run_main(main)

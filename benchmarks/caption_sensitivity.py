@@ -25,6 +25,9 @@ import argparse
 import numpy as np
 import torch
 
+from _args import (  # beside this script
+    ArgumentParser, name_eq_source, nonneg_int, open_unit_float, positive_int, run_main)
+
 
 def scenes(n: int, seed: int):
     """n clean one-object scenes, classes in turn, random colour: (true, shape-swapped,
@@ -89,18 +92,16 @@ def sensitivity(pipe, x0_px, caps, eps, gammas, batch_size: int = 100) -> list[d
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", action="append", required=True, metavar="NAME=SRC",
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", action="append", type=name_eq_source, required=True, metavar="NAME=SRC",
                     help=".ckpt (EMA weights unless --weights raw) or anything MiroPipeline loads; repeatable")
-    ap.add_argument("--gammas", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5])
-    ap.add_argument("--num-images", type=int, default=200)
+    ap.add_argument("--gammas", type=open_unit_float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5],
+                    help="noise levels, each in (0, 1)")
+    ap.add_argument("--num-images", type=positive_int, default=200)
     ap.add_argument("--weights", choices=("raw", "ema"), default="ema")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seed", type=nonneg_int, default=0)
+    ap.add_argument("--threads", type=positive_int, default=None)
     args = ap.parse_args(argv)
-    for g in args.gammas:
-        if not 0.0 < g < 1.0:
-            ap.error(f"--gammas {g}: a noise level must be in (0, 1)")
     if args.num_images < 2:
         ap.error(f"--num-images {args.num_images}: need at least 2 for a standard error")
     if args.threads:
@@ -117,9 +118,7 @@ def main(argv=None) -> int:
           f"colour {stake['colour']:.2f}")
     print("model".ljust(22) + "gamma  true MSE    shape gap        colour gap")
     for spec in args.model:
-        name, sep, src = spec.partition("=")
-        if not sep:
-            raise SystemExit(f"--model must be NAME=SRC; got {spec!r}")
+        name, _, src = spec.partition("=")  # NAME=SRC: checked by argparse (name_eq_source)
         for row in sensitivity(load(src, args.weights), x0_px, caps, eps, args.gammas):
             (s, se_s), (c, se_c) = row["shape"], row["colour"]
             print(f"{name[:21]:<22}{row['gamma']:5.2f}  {1e3 * row['mse']:8.2f}  {1e3 * s:7.2f} ± {1e3 * se_s:4.2f}"
@@ -128,6 +127,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from shapes_training_study import run_main  # beside this script
-
     run_main(main)

@@ -39,6 +39,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 STUDY = HERE / "shapes_training_study.py"
 sys.path.insert(0, str(HERE))
+from _args import ArgumentParser, device as device_arg, nonneg_float, nonneg_int, positive_int, run_main  # noqa: E402
 import shapes_training_study as study  # noqa: E402
 KEYS = ("shapes_alignment", "shapes_counting", "shapes_position", "shapes_sharpness", "shapes_contrast")
 AC = "shapes_alignment={w},shapes_counting={w}"
@@ -109,7 +110,7 @@ def pack(out: Path, work: Path, names: list[str], log) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="where settings.md, settings.json, grid.tar.gz and log.txt go")
     p.add_argument("--work", default="", help="image folders (resumable; default OUT/work)")
     p.add_argument("--model", default="shapes", help=".ckpt, pipeline folder or built-in name")
@@ -118,15 +119,17 @@ def main(argv=None) -> int:
     p.add_argument("--keys", nargs="+", default=list(KEYS), choices=KEYS, help="rewards to sweep")
     p.add_argument("--targets", default="filled", choices=("grid", "trained", "score", "filled"),
                    help="target grid of every sweep (filled: the score-spaced targets topped up to 9)")
-    p.add_argument("--stride", type=int, default=1, help="every k-th ShapesEval prompt (1: all 300)")
-    p.add_argument("--n-samples", type=int, default=2, help="images per prompt and target")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--cfg", type=float, default=5.0)
-    p.add_argument("--batch-size", type=int, default=300, help="images per pipeline call")
-    p.add_argument("--device", default="", help="generate on this device (default: CPU)")
-    p.add_argument("--jobs", type=int, default=1, help="processes at once")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per process (default: cores / jobs)")
-    p.add_argument("--budget-minutes", type=float, default=0, help="stop starting and kill jobs after this (0: none)")
+    p.add_argument("--stride", type=positive_int, default=1, help="every k-th ShapesEval prompt (1: all 300)")
+    p.add_argument("--n-samples", type=positive_int, default=2, help="images per prompt and target")
+    p.add_argument("--steps", type=positive_int, default=25)
+    p.add_argument("--cfg", type=nonneg_float, default=5.0)
+    p.add_argument("--batch-size", type=positive_int, default=300, help="images per pipeline call")
+    p.add_argument("--device", type=device_arg, default=None, help="generate on this device (default: CPU)")
+    p.add_argument("--jobs", type=positive_int, default=1, help="processes at once")
+    p.add_argument("--threads", type=nonneg_int, default=0,
+                   help="torch threads per process (default, 0: cores / jobs)")
+    p.add_argument("--budget-minutes", type=nonneg_float, default=0,
+                   help="stop starting and kill jobs after this (0: none)")
     p.add_argument("--no-table", action="store_true", help="skip ShapesEval per setting")
     args = p.parse_args(argv)
     try:
@@ -134,9 +137,6 @@ def main(argv=None) -> int:
             k: shlex.split(v) for k, v in DEFAULT_SETTINGS.items()}
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.jobs < 1:
-        print(f"error: --jobs must be >= 1; got {args.jobs}", file=sys.stderr)
         return 2
     out = Path(args.out)
     work = Path(args.work) if args.work else out / "work"
@@ -192,4 +192,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

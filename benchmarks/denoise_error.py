@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _args import ArgumentParser, name_eq_source, nonneg_int, positive_int, run_main, unit_float  # beside this script
+
 
 def load_images(folder: str, limit: int):
     """The first ``limit`` (image, caption) pairs of the folder's shards, through the shard reader
@@ -43,31 +45,30 @@ def load_images(folder: str, limit: int):
         if len(imgs) == limit:
             break
     if not imgs:
-        raise SystemExit(f"no samples in the .tar shards of {folder!r}")
+        raise ValueError(f"--data {folder!r}: no samples in its .tar shards (a `miro shapes make-dataset` folder)")
     x0 = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
     return x0, caps
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="Shapes dataset folder (tar shards)")
-    ap.add_argument("--model", action="append", required=True, metavar="NAME=SRC",
+    ap.add_argument("--model", action="append", type=name_eq_source, required=True, metavar="NAME=SRC",
                     help=".ckpt (raw weights unless --weights ema) or anything MiroPipeline loads; repeatable")
-    ap.add_argument("--gammas", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3, 0.5, 0.8])
-    ap.add_argument("--ode-from", type=float, nargs="*", default=[], metavar="G0",
+    ap.add_argument("--gammas", type=unit_float, nargs="+", default=[0.05, 0.1, 0.2, 0.3, 0.5, 0.8],
+                    help="noise levels, each in [0, 1]")
+    ap.add_argument("--ode-from", type=unit_float, nargs="*", default=[], metavar="G0",
                     help="also integrate the ODE from these gammas to 1 and report the end point's MSE")
-    ap.add_argument("--ode-steps", type=int, default=25, help="Euler steps from G0 to 1 (default 25)")
-    ap.add_argument("--num-images", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--ode-steps", type=positive_int, default=25, help="Euler steps from G0 to 1 (default 25)")
+    ap.add_argument("--num-images", type=positive_int, default=256)
+    ap.add_argument("--batch-size", type=positive_int, default=64)
     ap.add_argument("--weights", choices=("raw", "ema"), default="raw")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seed", type=nonneg_int, default=0)
+    ap.add_argument("--threads", type=positive_int, default=None)
     args = ap.parse_args(argv)
     for g0 in args.ode_from:
         if not 0.0 <= g0 < 1.0:
             ap.error(f"--ode-from {g0}: a start gamma must be in [0, 1)")
-    if args.ode_steps < 1:
-        ap.error(f"--ode-steps {args.ode_steps}: must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     from caption_sensitivity import encode_batches, per_image_mse  # beside this script
@@ -86,9 +87,7 @@ def main(argv=None) -> int:
     print("gamma".ljust(24) + "".join(f"{g:>9.2f}" for g in args.gammas))
     print("linear (Wiener)".ljust(24) + "".join(f"{wiener[g]:>9.4f}" for g in args.gammas))
     for spec in args.model:
-        name, sep, src = spec.partition("=")
-        if not sep:
-            raise SystemExit(f"--model must be NAME=SRC; got {spec!r}")
+        name, _, src = spec.partition("=")  # NAME=SRC: checked by argparse (name_eq_source)
         pipe = load(src, args.weights)
         model = pipe.model.eval()
         x0 = model.preprocess(x0_px)
@@ -120,4 +119,4 @@ def ode_error(model, x0, x0_px, eps, texts, g0: float, steps: int) -> float:
     return tot / x0_px.numel()
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from _args import ArgumentParser, run_main  # beside this script
+
 from miro import REWARD_KEYS
 
 # The published coherence_keys order (the fixture covers every reward path).
@@ -232,7 +234,7 @@ def make(name: str, net_kwargs: dict, peer_classes, out: Path) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peer", type=Path, default=Path("/tmp/peer/unpacked/miro"), help="unpacked published package")
     ap.add_argument("--scratch", type=Path, default=Path("/tmp/miro_scratch"), help="scratch dir (peer copy, deps)")
     ap.add_argument("--out", type=Path, default=Path("tests/fixtures/parity"), help="fixture output folder")
@@ -245,6 +247,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from shapes_training_study import run_main  # beside this script
-
     run_main(main)

@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _args import ArgumentParser, run_main  # beside this script
+
 HERE = Path(__file__).resolve().parent
 KEYS = ["clip_score", "aesthetic_score", "image_reward_score", "pick_a_score_score", "hpsv2_score",
         "vqa_score", "sciscore_score"]
@@ -56,7 +58,7 @@ CASES = {
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peer", type=Path, default=Path("/tmp/peer/unpacked/miro"))
     ap.add_argument("--scratch", type=Path, default=Path("/tmp/miro_scratch"))
     ap.add_argument("--out", type=Path, default=Path("tests/fixtures/pipeline"))
@@ -142,6 +144,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from shapes_training_study import run_main  # beside this script
-
     run_main(main)

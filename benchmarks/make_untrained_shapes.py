@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from _args import ArgumentParser, nonneg_int, positive_int, run_main  # beside this script
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "miro" / "assets" / "pipelines" / "shapes-untrained"
 
@@ -55,13 +57,13 @@ def build(out: Path, seed: int = 0):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="pipeline folder to write")
-    ap.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    ap.add_argument("--seed", type=nonneg_int, default=0, help="initialisation seed")
     ap.add_argument("--no-time", action="store_true", help="skip the generation timing")
-    ap.add_argument("--n", type=int, default=8, help="images in the timed generation")
-    ap.add_argument("--steps", type=int, default=50, help="Euler steps in the timed generation")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    ap.add_argument("--n", type=positive_int, default=8, help="images in the timed generation")
+    ap.add_argument("--steps", type=positive_int, default=50, help="Euler steps in the timed generation")
+    ap.add_argument("--threads", type=positive_int, default=2, help="torch threads (default: %(default)s)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -96,4 +98,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

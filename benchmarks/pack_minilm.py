@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from _args import ArgumentParser, nonneg_int, run_main  # beside this script
+
 WORD_EMB = "embeddings.word_embeddings.weight"
 PACK_FILE = "pack.safetensors"
 TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
@@ -141,11 +143,11 @@ def unpack(pack_dir: Path, out: Path, check_data: list[Path] = ()) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("pack", help="write a packed copy of the embedded MiniLM")
     p.add_argument("out", type=Path)
-    p.add_argument("--samples", type=int, default=20000, help="generated Shapes samples whose captions are kept")
+    p.add_argument("--samples", type=nonneg_int, default=20000, help="generated Shapes samples whose captions are kept")
     p.add_argument("--data", type=Path, nargs="*", default=[], help="shard folders whose captions are kept too")
     u = sub.add_parser("unpack", help="rebuild a MiniLM folder for MIRO_MINILM_DIR")
     u.add_argument("pack_dir", type=Path)
@@ -162,4 +164,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

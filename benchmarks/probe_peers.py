@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _args import ArgumentParser, positive_float, positive_int, run_main  # noqa: E402
 from single_object_probe import CaptionCache, read_samples, save_grid, single_object_batch  # noqa: E402
 
 from miro.models.flow import drop_text  # noqa: E402
@@ -109,16 +110,17 @@ class PeerUNet(nn.Module):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peer", choices=["dit", "unet"], required=True)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--dim", type=int, default=None, help="width (dit: 192, unet: 32)")
-    ap.add_argument("--depth", type=int, default=6, help="dit blocks")
-    ap.add_argument("--patch", type=int, default=4, help="dit patch")
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--eval-every", type=int, default=500)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--steps", type=positive_int, default=2000)
+    ap.add_argument("--dim", type=positive_int, default=None, help="width (dit: 192, unet: 32)")
+    ap.add_argument("--depth", type=positive_int, default=6, help="dit blocks")
+    ap.add_argument("--patch", type=positive_int, choices=(1, 2, 4, 8, 16, 32), default=4,
+                    help="dit patch (divides the 32-pixel side)")
+    ap.add_argument("--lr", type=positive_float, default=5e-4)
+    ap.add_argument("--eval-every", type=positive_int, default=500)
+    ap.add_argument("--threads", type=positive_int, default=None)
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -180,4 +182,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

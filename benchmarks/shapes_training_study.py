@@ -71,52 +71,16 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from miro.eval.generate import parse_reward_cfg
+from _args import (  # beside this script
+    ArgumentParser, device as device_arg, int_in, nonneg_float, nonneg_float_list, nonneg_int, positive_float_list,
+    positive_int, positive_int_list, run_main, unit_float)
+
+from miro.eval.generate import SEED_STRIDE, parse_reward_cfg
 from miro.io import atomic_write_json
 
 SHAPES_KEYS = ("shapes_alignment", "shapes_counting", "shapes_position", "shapes_sharpness", "shapes_contrast")
 DETECTOR_KEYS = ("shapes_alignment", "shapes_counting", "shapes_position")  # read from detections of the prompt's objects
 PERFECT = 1.0 - 1e-6  # a reward at or above this counts as 1 (scores are stored as float32)
-
-
-# Shared by the scripts of benchmarks/ (the module most of them already import; each puts its own folder
-# on sys.path when run as ``python benchmarks/<script>.py``).
-def run_main(main, *args):
-    """``sys.exit(main(*args))``, with a ValueError or FileNotFoundError (a bad --model, --config, --data,
-    --folder, a missing published package) shown as one line ``error: <message>`` and exit status 2."""
-    try:
-        rc = main(*args)
-    except FileNotFoundError as e:
-        msg = f"{e.strerror}: {e.filename}" if e.strerror and e.filename and len(e.args) == 2 else str(e)
-        print(f"error: {msg}", file=sys.stderr)
-        rc = 2
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        rc = 2
-    sys.exit(rc)
-
-
-def positive_int_list(text: str) -> list[int]:
-    """argparse type: ``1,4,16`` -> ``[1, 4, 16]``, every value an integer >= 1."""
-    parts = [t.strip() for t in str(text).split(",")]
-    try:
-        values = [int(t) for t in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1; got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1; got {text!r}")
-    return values
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {text!r}")
-    return value
 
 
 def eval_items(stride: int):
@@ -246,7 +210,7 @@ def cmd_convergence(args) -> int:
         for r in csv.DictReader(open(csv_path)):
             done[(r["run"], int(r["step"]))] = r
     rows = list(done.values())
-    at = {int(k) for k in args.at_steps.split(",")} if args.at_steps else None
+    at = set(args.at_steps) if args.at_steps else None
     for spec in args.run:
         name, _, run_dir = spec.partition("=")
         for step, ckpt in checkpoints(Path(run_dir), args.every, at):
@@ -562,15 +526,15 @@ def cmd_guidance(args) -> int:
     if isinstance(args.reward_cfg, dict):
         raise ValueError(f"guidance sweeps one reward scale (--reward-cfg, --reward-cfgs); got per-reward scales "
                          f"{args.reward_cfg}: use table or controllability for those")
-    cfgs, shifts = _floats(args.cfgs, "--cfgs"), _floats(args.shifts, "--shifts")
-    reward_cfgs = _floats(args.reward_cfgs, "--reward-cfgs") if args.reward_cfgs.strip() else [args.reward_cfg]
+    cfgs, shifts = args.cfgs, args.shifts  # lists, checked by argparse
+    reward_cfgs = args.reward_cfgs or [args.reward_cfg]
     directions = [d.strip() for d in (args.reward_directions or args.reward_direction).split(",") if d.strip()]
     if not directions or set(directions) - {"prompt", "null"}:
         raise ValueError(f"--reward-directions must be a comma-separated subset of prompt,null; got "
                          f"{args.reward_directions!r}")
     # w_r = None (one scale) has no direction: run it once
     settings = [(wr, d) for wr in reward_cfgs for d in (directions if wr is not None else directions[:1])]
-    steps = [int(v) for v in _floats(args.steps_list, "--steps-list")]
+    steps = args.steps_list
     items, scorers = eval_items(args.stride), _scorers()
     counts, out, rows = tag_counts(items, args.n_samples), Path(args.out) / "guidance", []
     pipe = load(args.model, args.weights, args.device)
@@ -1063,35 +1027,37 @@ def table_markdown(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    common = argparse.ArgumentParser(add_help=False)
+    common = ArgumentParser(add_help=False)
     common.add_argument("--out", required=True, help="output folder (resumable)")
-    common.add_argument("--stride", type=int, default=3, help="every k-th ShapesEval prompt (3: 100 prompts)")
-    common.add_argument("--n-samples", type=int, default=2, help="images per prompt")
-    common.add_argument("--steps", type=int, default=25, help="Euler steps")
-    common.add_argument("--cfg", type=float, default=5.0, help="guidance scale")
+    common.add_argument("--stride", type=positive_int, default=3, help="every k-th ShapesEval prompt (3: 100 prompts)")
+    common.add_argument("--n-samples", type=int_in(1, SEED_STRIDE), default=2, help="images per prompt")
+    common.add_argument("--steps", type=positive_int, default=25, help="Euler steps")
+    common.add_argument("--cfg", type=nonneg_float, default=5.0, help="guidance scale")
     common.add_argument("--reward-cfg", type=parse_reward_cfg, default=None,
                         help="separate guidance scale of the reward direction (default: --cfg, one scale), "
                              "or one per reward: KEY=W,KEY=W (rewards left out: --cfg)")
     common.add_argument("--reward-direction", choices=("prompt", "null"), default="prompt",
                         help="with a reward scale: the reward direction taken with the prompt or the null text")
-    common.add_argument("--seed", type=int, default=0)
-    common.add_argument("--device", default=None, help="generate on this device (default: the pipeline's, CPU)")
-    common.add_argument("--batch-size", type=int, default=32,
+    common.add_argument("--seed", type=nonneg_int, default=0)
+    common.add_argument("--device", type=device_arg, default=None,
+                        help="generate on this device (default: the pipeline's, CPU)")
+    common.add_argument("--batch-size", type=positive_int, default=32,
                         help="images per pipeline call (same noise per image, pixels equal up to float rounding; a GPU wants hundreds)")
     common.add_argument("--weights", choices=("raw", "ema"), default="raw",
                         help="checkpoint weights (raw: no EMA lag, fair between runs of any length)")
     c = sub.add_parser("convergence", parents=[common], help="ShapesEval vs training samples; speed-up factor")
     c.add_argument("--run", action="append", required=True, help="NAME=CHECKPOINT_DIR (names miro and baseline "
                    "give the speed-up)")
-    c.add_argument("--every", type=int, default=500, help="use step=<k>.ckpt with k a multiple of this")
-    c.add_argument("--at-steps", default="", help="comma-separated checkpoint steps to use instead of --every")
-    c.add_argument("--max-step", type=int, default=0, help="ignore checkpoints after this step (0: none)")
+    c.add_argument("--every", type=positive_int, default=500, help="use step=<k>.ckpt with k a multiple of this")
+    c.add_argument("--at-steps", type=positive_int_list, default=None,
+                   help="comma-separated checkpoint steps to use instead of --every")
+    c.add_argument("--max-step", type=nonneg_int, default=0, help="ignore checkpoints after this step (0: none)")
     k = sub.add_parser("controllability", parents=[common], help="Spearman of target vs measured reward")
     k.add_argument("--model", required=True, help=".ckpt, pipeline folder or built-in name")
     k.add_argument("--keys", nargs="*", help="rewards to sweep (default: all the model's)")
-    k.add_argument("--others", type=float, default=1.0, help="target of the rewards not swept")
+    k.add_argument("--others", type=unit_float, default=1.0, help="target of the rewards not swept (in [0, 1])")
     k.add_argument("--targets", choices=("grid", "trained", "score", "filled"), default="grid",
                    help="grid: 0, 0.125, ..., 1; trained: the values each reward took in training (<= 9); "
                         "score: the values of 9 raw scores evenly spaced over the reward's range; filled: "
@@ -1112,10 +1078,11 @@ def main(argv=None) -> int:
                         "guidance follows the text alone")
     g = sub.add_parser("guidance", parents=[common], help="ShapesEval and rewards over guidance scale x steps x shift")
     g.add_argument("--model", default="shapes", help=".ckpt, pipeline folder or built-in name")
-    g.add_argument("--cfgs", default="1,2,3,5,7,10", help="comma-separated guidance scales")
-    g.add_argument("--steps-list", default="25,50", help="comma-separated Euler step counts")
-    g.add_argument("--shifts", default="1", help="comma-separated time shifts (scheduler.shift)")
-    g.add_argument("--reward-cfgs", default="", help="comma-separated reward guidance scales w_r (default: "
+    g.add_argument("--cfgs", type=nonneg_float_list, default="1,2,3,5,7,10", help="comma-separated guidance scales")
+    g.add_argument("--steps-list", type=positive_int_list, default="25,50", help="comma-separated Euler step counts")
+    g.add_argument("--shifts", type=positive_float_list, default="1",
+                   help="comma-separated time shifts (scheduler.shift, > 0)")
+    g.add_argument("--reward-cfgs", type=nonneg_float_list, default=None, help="comma-separated reward guidance scales w_r (default: "
                    "--reward-cfg, i.e. w_r = w); each is crossed with every --cfgs value")
     g.add_argument("--reward-directions", default="", help="comma-separated subset of prompt,null, crossed with "
                    "--reward-cfgs (default: --reward-direction)")
@@ -1138,7 +1105,7 @@ def main(argv=None) -> int:
     tr.add_argument("--out", required=True, help="output folder (trade.json, trade.md, trade.png)")
     d = sub.add_parser("data", help="how the training data's rewards go together (what a one-reward sweep asks for)")
     d.add_argument("--data", required=True, help="folder of Shapes shards (miro shapes make-dataset)")
-    d.add_argument("--limit", type=int, default=0, help="read at most this many samples (0: all)")
+    d.add_argument("--limit", type=nonneg_int, default=0, help="read at most this many samples (0: all)")
     d.add_argument("--out", default="", help="also write data.json and data.md here")
     m = sub.add_parser("summarize", help="no generation: controllability (and ShapesEval) of several sampler settings")
     m.add_argument("--setting", action="append", required=True,

@@ -29,6 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _args import (  # beside this script
+    ArgumentParser, nonneg_float, nonneg_int, positive_float, positive_int, run_main)
+
 from miro.encoders.text import pad_token_rows
 from miro.io import atomic_write_json
 
@@ -110,21 +113,23 @@ def save_grid(images: np.ndarray, path: Path, cols: int = 10, scale: int = 3) ->
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from miro.models import CONFIG_NAMES
+
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--config", default="shapes")
+    ap.add_argument("--config", choices=CONFIG_NAMES, default="shapes")
     ap.add_argument("--override", action="append", default=[], metavar="SECTION.KEY=JSON")
     ap.add_argument("--init", default=None, help="warm start from a pipeline (name or folder)")
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--eval-every", type=int, default=500)
-    ap.add_argument("--eval-images", type=int, default=100)
+    ap.add_argument("--steps", type=positive_int, default=1500)
+    ap.add_argument("--batch", type=positive_int, default=64)
+    ap.add_argument("--lr", type=positive_float, default=5e-4)
+    ap.add_argument("--warmup", type=nonneg_int, default=100)
+    ap.add_argument("--eval-every", type=positive_int, default=500)
+    ap.add_argument("--eval-images", type=positive_int, default=100)
     ap.add_argument("--eval-only", action="store_true", help="evaluate the starting weights only")
-    ap.add_argument("--guidance", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--guidance", type=nonneg_float, default=1.0)
+    ap.add_argument("--seed", type=nonneg_int, default=0)
+    ap.add_argument("--threads", type=positive_int, default=None)
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -133,12 +138,16 @@ def main(argv=None) -> int:
     from miro.pipeline import MiroPipeline
 
     cfg = get_config(a.config)
-    for spec in a.override:
+    sections = sorted(k for k, v in cfg.items() if isinstance(v, dict))
+    for spec in a.override:  # one line and exit 2 (run_main) for a malformed one
         key, sep, value = spec.partition("=")
         section, _, name = key.partition(".")
-        if not sep or section not in cfg or not name:
-            raise SystemExit(f"--override {spec!r}: expected SECTION.KEY=JSON with SECTION in {sorted(cfg)}")
-        cfg[section][name] = json.loads(value)
+        if not sep or section not in sections or not name:
+            raise ValueError(f"--override {spec!r}: expected SECTION.KEY=JSON with SECTION in {sections}")
+        try:
+            cfg[section][name] = json.loads(value)
+        except ValueError:
+            raise ValueError(f"--override {spec!r}: {value!r} is not JSON (e.g. 4, 0.5, true, \"sincos\")") from None
     torch.manual_seed(a.seed)
     model = MiroModel.from_config(cfg)
     model.network.init_position_table("sincos")  # the Shapes recipe's position_init
@@ -191,6 +200,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from shapes_training_study import run_main  # beside this script
-
     run_main(main)

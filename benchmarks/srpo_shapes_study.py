@@ -26,6 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _args import (  # beside this script
+    ArgumentParser, finite_float, nonneg_float, nonneg_int, positive_float, positive_int, run_main)
+
 
 def shapes_items(n: int, seed: int = 0) -> list[dict]:
     """ShapesEval prompts as SRPO items; MIA analogue attributes from the metadata."""
@@ -154,29 +157,30 @@ def write_grid(out: Path, args, eval_items: list[dict], n: int = 8, cell: int = 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="srpo-shapes-study", help="output folder")
     p.add_argument("--base", default="shapes", help="Shapes pipeline to align (the study uses the shapes_baseline "
                    "checkpoint): built-in name, folder or .ckpt")
     p.add_argument("--proxy", default=None, help="trained proxy folder (else one is trained into OUT/proxy)")
-    p.add_argument("--proxy-samples", type=int, default=4000, help="web-like samples for the proxy (3 pairs each)")
-    p.add_argument("--proxy-epochs", type=int, default=30)
-    p.add_argument("--steps", type=int, default=60, help="SRPO steps per arm")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW lr (upstream 5e-6 is for 12B FLUX; a 5M model needs more)")
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--proxy-samples", type=positive_int, default=4000,
+                   help="web-like samples for the proxy (3 pairs each)")
+    p.add_argument("--proxy-epochs", type=positive_int, default=30)
+    p.add_argument("--steps", type=positive_int, default=60, help="SRPO steps per arm")
+    p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--lr", type=positive_float, default=1e-4, help="AdamW lr (upstream 5e-6 is for 12B FLUX; a 5M model needs more)")
+    p.add_argument("--max-grad-norm", type=positive_float, default=1.0)
     p.add_argument("--loss", default="maximize", choices=("hinge", "maximize"))
-    p.add_argument("--discount-denoise", type=float, nargs=2, default=(0.1, 0.25))
-    p.add_argument("--discount-inv", type=float, nargs=2, default=(0.3, 0.01))
-    p.add_argument("--guidance", type=float, default=3.0, help="MIRO CFG w of rollouts")
-    p.add_argument("--rollout-steps", type=int, default=20)
-    p.add_argument("--prompts", type=int, default=64, help="training prompts (ShapesEval subset)")
-    p.add_argument("--eval-prompts", type=int, default=16)
-    p.add_argument("--eval-seeds", type=int, default=2)
-    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--discount-denoise", type=finite_float, nargs=2, default=(0.1, 0.25))
+    p.add_argument("--discount-inv", type=finite_float, nargs=2, default=(0.3, 0.01))
+    p.add_argument("--guidance", type=nonneg_float, default=3.0, help="MIRO CFG w of rollouts")
+    p.add_argument("--rollout-steps", type=positive_int, default=20)
+    p.add_argument("--prompts", type=positive_int, default=64, help="training prompts (ShapesEval subset)")
+    p.add_argument("--eval-prompts", type=positive_int, default=16)
+    p.add_argument("--eval-seeds", type=positive_int, default=2)
+    p.add_argument("--eval-every", type=positive_int, default=10)
     p.add_argument("--arms", nargs="+", choices=["with_inversion", "without_inversion"],
                    default=["with_inversion", "without_inversion"], help="arms to run (only with_inversion inverts)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--redraw", action="store_true", help="only redraw table.md, plot.png and samples.png from "
                    "OUT/results.json and the finished arms")
     args = p.parse_args(argv)
@@ -208,6 +212,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from shapes_training_study import run_main  # beside this script
-
     run_main(main)

@@ -16,17 +16,17 @@ import argparse
 
 import torch
 
+from _args import ArgumentParser, nonneg_int, positive_int, run_main, unit_float  # beside this script
+
 PROMPTS = ("two red circles above a blue square", "a yellow triangle")
 
 
 def main(argv=None) -> int:
-    from shapes_training_study import positive_int  # beside this script
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help=".ckpt (raw weights) or anything MiroPipeline loads")
-    ap.add_argument("--gammas", type=float, nargs="+", default=[0.02, 0.1, 0.3])
+    ap.add_argument("--gammas", type=unit_float, nargs="+", default=[0.02, 0.1, 0.3], help="noise levels in [0, 1]")
     ap.add_argument("--per-prompt", type=positive_int, default=4, help="images per prompt (>= 1)")
-    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--seed", type=nonneg_int, default=1)
     ap.add_argument("--out", default=None, help="PNG of x̂0 (one row per gamma)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -63,6 +63,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from shapes_training_study import run_main  # beside this script
-
     run_main(main)

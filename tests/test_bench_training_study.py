@@ -172,7 +172,9 @@ def test_guidance_grid_sets_each_shift_then_restores_the_model_shift(tmp_path, m
     rows = json.loads((tmp_path / "guidance" / "guidance.json").read_text())
     assert [(r["steps"], r["shift"], r["cfg"]) for r in rows] == [s[:3] for s in seen]
     assert (tmp_path / "guidance" / "guidance.png").stat().st_size > 0
-    assert study.main(["guidance", "--out", str(tmp_path), "--cfgs", "2,x"]) == 2
+    with pytest.raises(SystemExit) as e:  # refused by argparse, before the model is loaded
+        study.main(["guidance", "--out", str(tmp_path), "--cfgs", "2,x"])
+    assert e.value.code == 2
 
 
 def test_guidance_grid_crosses_reward_scales_with_text_scales(tmp_path, monkeypatch):
@@ -203,7 +205,9 @@ def test_guidance_grid_crosses_reward_scales_with_text_scales(tmp_path, monkeypa
     assert (tmp_path / "d" / "guidance" / "guidance.png").stat().st_size > 0
     assert study.main(["guidance", "--out", str(tmp_path), "--cfgs", "3", "--reward-cfgs", "1",
                        "--reward-directions", "prompt,text"]) == 2
-    assert study.main(["guidance", "--out", str(tmp_path), "--cfgs", "3", "--reward-cfgs", "1,y"]) == 2
+    with pytest.raises(SystemExit) as e:  # refused by argparse
+        study.main(["guidance", "--out", str(tmp_path), "--cfgs", "3", "--reward-cfgs", "1,y"])
+    assert e.value.code == 2
     assert study.main(["guidance", "--out", str(tmp_path), "--cfgs", "3", "--reward-cfg", "shapes_counting=9"]) == 2
 
 

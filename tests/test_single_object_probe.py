@@ -35,9 +35,11 @@ def test_short_run_logs_evaluations(tmp_path):
     assert (out / "grid_2.png").is_file()
 
 
-def test_bad_override_is_named(tmp_path):
-    with pytest.raises(SystemExit, match="nosuchsection"):
+def test_bad_override_is_named(tmp_path):  # a ValueError: one line and exit 2 under run_main
+    with pytest.raises(ValueError, match="--override 'nosuchsection.x=1': expected SECTION.KEY=JSON"):
         probe.main(["--out", str(tmp_path), "--override", "nosuchsection.x=1", "--steps", "1"])
+    with pytest.raises(ValueError, match="--override 'network.patch_size=x': 'x' is not JSON"):
+        probe.main(["--out", str(tmp_path), "--override", "network.patch_size=x", "--steps", "1"])
 
 
 @pytest.mark.parametrize("peer,extra", [("unet", ["--dim", "8"]), ("dit", ["--dim", "16", "--depth", "1"])])

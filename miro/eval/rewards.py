@@ -176,16 +176,17 @@ def summarize(records: list[dict]) -> dict:
     merged = merge_records(records)
     out = {"n_images": len(merged), "rewards": {}}
     norms = []
-    for name in reward_names(merged):
+    names = reward_names(merged)
+    versions = recorded_versions(list(merged.values()), names)
+    for name in names:
         rows = [r for r in merged.values() if name in r]
         st = _stats([r[name] for r in rows])
         nst = _stats([r.get(f"{name}_normalized") for r in rows])
         tags = sorted({r.get("tag", "prompt") for r in rows})
         st["by_tag"] = {t: _stats([r[name] for r in rows if r.get("tag", "prompt") == t]) for t in tags}
         st["normalized_mean"] = nst["mean"]
-        version = recorded_versions(rows, [name]).get(name)
-        if version:
-            st["version"] = version
+        if name in versions:
+            st["version"] = versions[name]
         out["rewards"][name] = st
         if nst["mean"] is not None:
             norms.append(min(1.0, max(0.0, nst["mean"])))

@@ -4,7 +4,8 @@ forwards under autocast so the two meet.
 Upstream trains the FLUX transformer with float32 parameters and a bf16-autocast forward (FSDP
 MixedPrecision with fp32 params; facts §5). Updating bf16 weights in place loses most steps: an
 AdamW step moves a weight by about ``lr`` = 5e-6, far below bf16's relative spacing of 2^-8, so it
-rounds away (a tiny FLUX moved 1.7 % of its weights in 5 steps in bf16, 99.98 % in float32).
+rounds away (20 steps moved 7.8 % of bf16 weights, by 1/11 of the intended step on
+average; docs/benchmarks.md, "Why trained weights stay float32").
 diffusers' ``cast_training_params`` keeps LoRA adapters in float32 for the same reason.
 """
 

@@ -69,13 +69,15 @@ def main(argv: list[str] | None = None) -> int:
 
     load_dotenv()  # site values (MIRO_DATA_DIR, MIRO_CACHE_DIR, ...) for every command
     try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name and not e.name.startswith("miro"):
-            print(f"miro {name}: needs the optional package {e.name!r}; pip install 'miro[all]'", file=sys.stderr)
-            return 2
-        raise
-    return int(module.main(rest) or 0)
+        return int(importlib.import_module(module_name).main(rest) or 0)
+    except ModuleNotFoundError as e:  # an optional extra not installed: one line naming it (miro/extras.py)
+        from miro.extras import install_hint
+
+        hint = install_hint(e, f"miro {name}")
+        if hint is None:
+            raise
+        print(hint, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

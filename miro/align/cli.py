@@ -335,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"miro align: unknown option {bad[0]}; options are --print-config, --dry-run (config keys take key=value)", file=sys.stderr)
         return 2
     overrides = [a for a in argv if not a.startswith("--")]
+    from miro.extras import require
+
+    require("lightning", "hydra", "omegaconf", extra="align", what="miro align")
     try:
         if "--print-config" in flags:
             from omegaconf import OmegaConf
@@ -348,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     from miro.cli import report_errors
 
     def _run() -> int:
+        if cfg["lora"]["enabled"]:
+            require("peft", extra="align", what="miro align lora.enabled=true")
         run(cfg, dry_run="--dry-run" in flags)
         return 0
 

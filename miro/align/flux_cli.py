@@ -104,7 +104,12 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     # Every input file is read before a FLUX model (tens of GB) is loaded, so a typo fails in a second.
     from miro.align import flux_tools
+    from miro.extras import require
 
+    if args.cmd == "flux-lora":
+        require("lightning", "peft", extra="align", what="miro align flux-lora")
+    elif args.cmd == "flux-generate" and args.lora:  # diffusers loads LoRA folders through peft
+        require("peft", extra="align", what="miro align flux-generate --lora")
     if args.cmd == "flux-embed":
         items = _items(args.prompts, args.caption_column)
         from diffusers import FluxPipeline

@@ -471,7 +471,15 @@ def main(argv: list[str] | None = None) -> int:
     return report_errors(f"miro eval {args.cmd}", _checked_run, args)  # 1: model files missing offline
 
 
+# sub-commands that draw PNG plots (miro/eval/plots.py); checked before any generation or scoring
+PLOTTING = ("best-of-n", "sweep", "report", "all")
+
+
 def _checked_run(args) -> int:
+    if args.cmd in PLOTTING:
+        from miro.extras import require
+
+        require("matplotlib", extra="eval", what=f"miro eval {args.cmd}")
     if getattr(args, "device", None) is not None:  # a bad --device fails here, before any model loads
         from miro.generate_cli import check_device
 

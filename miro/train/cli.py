@@ -212,11 +212,11 @@ def _logger(name, ckpt_dir: Path):
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
+        import yaml  # not OmegaConf: --help works on a base install, without the train extra
+
         lines = []
         for name in experiments():
-            from omegaconf import OmegaConf
-
-            raw = OmegaConf.load(CONFIG_DIR / "experiment" / f"{name}.yaml")
+            raw = yaml.safe_load((CONFIG_DIR / "experiment" / f"{name}.yaml").read_text()) or {}
             v = raw.get("variant_name")
             lines.append(f"  {name}" + (f"  [{v}]" if v else ""))
         print(HELP.format(experiments="\n".join(lines)))
@@ -231,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"miro train: unknown option(s) {bad}; see --help", file=sys.stderr)
         return 2
     load_dotenv()
+    from miro.extras import require
+
+    require("lightning", "hydra", "omegaconf", extra="train", what="miro train")
     from omegaconf import OmegaConf
 
     from hydra.errors import HydraException

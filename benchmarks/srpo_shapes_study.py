@@ -191,7 +191,9 @@ def main(argv=None) -> int:
         print(write_grid(out, args, shapes_items(args.eval_prompts, args.seed + 1)))
         return 0
     from miro.align.proxy_reward import ProxyRewardModel, ProxyTrainConfig, make_pairs, train_proxy
+    from miro.generate_cli import load_pipeline
 
+    load_pipeline(args.base)  # a bad --base fails now, in one line, not after the proxy has trained
     if args.proxy:
         proxy, proxy_metrics = ProxyRewardModel.load(args.proxy), {"loaded": args.proxy}
     else:

@@ -102,6 +102,13 @@ def test_srpo_arms_typo_rejected(monkeypatch, capsys):
     assert "--arms" in err and "with_invresion" in err, err
 
 
+def test_srpo_bad_base_refused_before_the_proxy_trains(tmp_path):
+    proc = _run("srpo_shapes_study.py", "--base", str(tmp_path / "missing"), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2, proc.stderr
+    assert "missing" in _one_error_line(proc)
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
 def test_run_main_turns_errors_into_one_line(capsys):
     def bad_value():
         raise ValueError("--model must be a pipeline")

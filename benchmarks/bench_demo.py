@@ -32,6 +32,12 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--threads", type=positive_int, default=1)
     args = p.parse_args(argv)
+    from miro.demo.handlers import DemoLimits
+
+    limits = DemoLimits()  # the demo as `miro demo` serves it: larger requests get a 400 there
+    for flag, value, most in (("--steps", args.steps, limits.max_steps), ("--n", args.n, limits.max_images)):
+        if value > most:  # refused before the direct call spends minutes on a request the server refuses
+            p.error(f"{flag} {value} is above the demo's limit of {most}")
 
     import torch
     from PIL import Image

@@ -109,6 +109,17 @@ def test_srpo_bad_base_refused_before_the_proxy_trains(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing trained, nothing written
 
 
+@pytest.mark.parametrize("flag, value", [("--n", "9"), ("--steps", "201")])
+def test_demo_bench_refuses_what_the_demo_refuses(flag, value):
+    from miro.demo.handlers import DemoLimits
+
+    assert (DemoLimits().max_images, DemoLimits().max_steps) == (8, 200)
+    proc = _run("bench_demo.py", flag, value)  # before the fix: minutes of direct generation, then a 400
+    assert proc.returncode == 2, proc.stderr
+    err = _one_error_line(proc)
+    assert flag in err and value in err and "limit" in err, err
+
+
 def test_run_main_turns_errors_into_one_line(capsys):
     def bad_value():
         raise ValueError("--model must be a pipeline")

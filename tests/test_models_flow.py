@@ -13,6 +13,7 @@ from miro.models.flow import (
     Scheduler,
     cfg_combine,
     drop_text,
+    euler_step,
     flux_shift_to_gamma_shift,
     gamma_to_sigma,
     interpolate,
@@ -42,6 +43,16 @@ def test_interpolation_endpoints_and_velocity_roundtrip():
     h = 1e-3
     dx = (interpolate(x0, eps, gamma + h) - interpolate(x0, eps, gamma - h)) / (2 * h)
     torch.testing.assert_close(-dx, v, rtol=1e-3, atol=1e-3)
+
+
+def test_euler_step_is_exact_on_the_straight_path():
+    """x <- x - v (gamma' - gamma) moves x_gamma to x_gamma' exactly when v = eps - x0; a full step
+    from pure noise (gamma = 0) to gamma = 1 lands on x0."""
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    v = velocity_target(x0, eps)
+    torch.testing.assert_close(euler_step(interpolate(x0, eps, 0.2), v, 0.2, 0.7), interpolate(x0, eps, 0.7))
+    torch.testing.assert_close(euler_step(eps, v, torch.tensor(0.0), torch.tensor(1.0)), x0)
 
 
 def test_cfg_combine():
@@ -263,6 +274,57 @@ def test_flow_loss_closed_form_with_oracle_model():
     loss, logs = flow_loss(m, x0, torch.zeros(3, 1, 4), torch.ones(3, 1, dtype=torch.bool), None, None,
                            LossConfig(time_sampling="uniform"), torch.Generator().manual_seed(0))
     assert float(loss) < 1e-8
+
+
+@pytest.mark.parametrize("sampling", ["logit_normal", "uniform"])
+def test_flow_loss_time_draw_shift_and_interpolation(sampling):
+    """The loss draws t first (sigmoid(N(mu_t, std_t)) or U[0, 1)), then the noise; the model sees
+    gamma = shift(1 - t) and y = gamma x0 + (1 - gamma) noise, and a zero prediction costs the mean
+    of (noise - x0)^2."""
+    seen = {}
+
+    class Spy(torch.nn.Module):
+        def forward(self, y, gamma, emb, mask, coh, prev, return_logvar=False, generator=None, latents_only=False):
+            seen["y"], seen["gamma"] = y, gamma
+            return torch.zeros_like(y), torch.zeros(y.shape[0], 2, 2)
+
+    b, mu, std, s = 64, 1.5, 0.5, 3.0
+    x0 = torch.randn(b, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    cfg = LossConfig(self_cond_rate=0.0, time_sampling=sampling, mu_t=mu, std_t=std, shift=s)
+    loss, _ = flow_loss(Spy(), x0, torch.zeros(b, 1, 4), torch.ones(b, 1, dtype=torch.bool), None, None, cfg,
+                        torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    if sampling == "logit_normal":
+        t = torch.sigmoid(torch.normal(mu, std, (b,), generator=g))
+    else:
+        t = torch.rand(b, generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    gamma = s * (1 - t) / (1 + (s - 1) * (1 - t))
+    torch.testing.assert_close(seen["gamma"], gamma)
+    gb = gamma.reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(seen["y"], gb * x0 + (1 - gb) * noise)
+    torch.testing.assert_close(loss, ((noise - x0) ** 2).mean())
+
+
+def test_flow_loss_gradnorm_reweighting_closed_form():
+    """With log-variance reweighting the loss is mean(l / exp(u) + u) over all elements."""
+    u = torch.tensor([0.5, -1.0, 2.0]).reshape(3, 1, 1, 1)
+
+    class Const(torch.nn.Module):
+        def forward(self, y, gamma, emb, mask, coh, prev, return_logvar=False, generator=None, latents_only=False):
+            v, z = torch.zeros_like(y), torch.zeros(y.shape[0], 2, 2)
+            return (v, z, u) if return_logvar else (v, z)
+
+    x0 = torch.randn(3, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    cfg = LossConfig(self_cond_rate=0.0, time_sampling="uniform", do_gradnorm_reweighting=True)
+    loss, logs = flow_loss(Const(), x0, torch.zeros(3, 1, 4), torch.ones(3, 1, dtype=torch.bool), None, None, cfg,
+                           torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    torch.rand(3, generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    elem = (noise - x0) ** 2
+    torch.testing.assert_close(logs["raw_loss"], elem.mean())
+    torch.testing.assert_close(loss, (elem / u.exp() + u).mean())
 
 
 def test_tiny_model_fits_a_fixed_batch():

@@ -167,6 +167,30 @@ def test_per_reward_guidance_scales(pipe, monkeypatch):
         pipe(PROMPTS, generator=gen(0), **KW, reward_guidance_scale={keys[1]: -1.0})
 
 
+def test_reward_direction_reaches_the_sampler(pipe, monkeypatch):
+    """``reward_direction="null"`` steps the rewards on the null text (only the first branch carries
+    the prompt); ``"prompt"`` steps them on the prompt (only the last branch is the null text)."""
+    keys = pipe.coherence_keys
+    calls = _spy(pipe, monkeypatch)
+    for direction, prompt_rows in (("null", [True, False, False, False]), ("prompt", [True, True, True, False])):
+        calls.clear()
+        pipe(PROMPTS, generator=gen(0), num_inference_steps=1, output_type="pt",
+             reward_guidance_scale={keys[0]: 2.0}, reward_direction=direction)
+        emb = calls[0]["emb"].chunk(4)
+        assert [torch.equal(e, emb[0]) for e in emb] == prompt_rows, direction
+
+
+def test_reward_targets_are_fp32_rounded_and_filled(pipe):
+    """A target is read back as a Python float from fp32 (spec §5.1); keys not given get the
+    default (1.0 for the positive targets, the given default otherwise)."""
+    t = pipe.check_reward_targets({"clip_score": 0.3})
+    assert t["clip_score"] == float(np.float32(0.3)) and t["clip_score"] != 0.3
+    assert set(t) == set(pipe.coherence_keys)
+    assert all(t[k] == 1.0 for k in pipe.coherence_keys if k != "clip_score")
+    neg = pipe.check_reward_targets(None, default=0.0, name="negative_reward_targets")
+    assert neg == {k: 0.0 for k in pipe.coherence_keys}
+
+
 def test_output_types(pipe):
     arr = pipe(PROMPTS, generator=gen(4), **KW)
     assert arr.dtype == np.uint8 and arr.shape == (2, 8, 8, 3)

@@ -24,6 +24,8 @@ def test_uniform_scores_give_uniform_bins():
 def test_closed_form_four_bins():
     edges = quantile_edges([0.0, 1.0, 2.0, 3.0, 4.0], num_bins=4)
     assert edges == [0.0, 1.0, 2.0, 3.0, 4.0]
+    # non-finite scores take no part in the edges
+    assert quantile_edges([0.0, np.inf, 1.0, 2.0, -np.inf, np.nan, 3.0, 4.0], num_bins=4) == edges
     # bins: [0,1) -> 0, [1,2) -> 1, [2,3) -> 2, [3,..] -> 3; outside range clips
     got = bin_values(edges, [-5.0, 0.5, 1.0, 2.5, 3.0, 4.0, 99.0])
     np.testing.assert_allclose(got, [0, 0, 1 / 3, 2 / 3, 1, 1, 1])
@@ -46,6 +48,7 @@ def test_interior_ties_take_middle_bin_extremes_are_pinned_and_nan_is_kept():
     vals = b.values({"binary": None})
     assert math.isnan(vals["binary"])
     assert math.isnan(b.values({"binary": "oops"})["binary"])
+    assert math.isnan(b.values({"binary": float("inf")})["binary"])  # non-finite: no value
 
 
 def test_round_trip_json(tmp_path):

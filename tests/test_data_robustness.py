@@ -276,6 +276,32 @@ def test_testbed_manifest_refuses_another_testbed_and_overwrite_redoes(tmp_path,
     assert (out / MANIFEST).is_file()
 
 
+def test_killed_overwrite_then_plain_rerun_keeps_no_old_embedding(tmp_path, monkeypatch, fake_encoder):
+    from miro.train.testbed import load_testbed, precompute
+
+    a = _testbed(tmp_path, "a", ["a red dog", "a blue cat"])
+    b = _testbed(tmp_path, "b", ["a photo of a red circle", "a photo of two blue squares"])
+    out = tmp_path / "emb"
+    precompute(str(a), "minilm", out, batch_size=1, progress=False)
+
+    real_encode = _FakeEncoder.encode
+
+    def killed_after_one(self, prompts):  # the --overwrite run dies after its first prompt
+        if self.calls:
+            raise KeyboardInterrupt
+        return real_encode(self, prompts)
+
+    monkeypatch.setattr(_FakeEncoder, "encode", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        precompute(str(b), "minilm", out, batch_size=1, progress=False, overwrite=True)
+    monkeypatch.setattr(_FakeEncoder, "encode", real_encode)
+
+    res = precompute(str(b), "minilm", out, batch_size=1, progress=False)  # resumed without --overwrite
+    assert res.written == 1 and res.skipped == 1 and res.uncond_written
+    _, embs = load_testbed(b, out, "minilm")
+    assert [e[0, 0] for e in embs] == [len("a photo of a red circle"), len("a photo of two blue squares")]
+
+
 def test_testbed_folder_without_manifest_is_refused(tmp_path, capsys, fake_encoder):
     from miro.train.testbed import main
 

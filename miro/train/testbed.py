@@ -202,6 +202,11 @@ def precompute(testbed: str, encoder, out_dir: str | os.PathLike, max_length: in
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     manifest = out / MANIFEST
+    if overwrite:
+        # The new manifest goes in first, and a rerun keeps every file it finds under it: old
+        # embeddings not yet replaced when an --overwrite run is killed would pass as new ones.
+        for f in [*files, uncond]:
+            f.unlink(missing_ok=True)
     try:
         atomic_write_json(manifest, {**want, "prompts": prompts}, indent=1, sort_keys=True)
         it = range(0, len(todo), batch_size)

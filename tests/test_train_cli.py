@@ -34,6 +34,14 @@ def test_every_experiment_composes_and_maps_variants():
     assert rel["data"]["global_batch_size"] == 1024 and rel["trainer"]["max_steps"] == 500_000
     assert (rel["computer"]["num_nodes"], rel["computer"]["devices"]) == (2, 8)
     assert rel["position_init"] == "published" and rel["ema_warmup"] is False  # the release recipe as published
+    # the root config's recipe numbers (fact sheet: CAD cad_256 / lamb.yaml, FixNANinGrad; MIRO EMA and bins)
+    assert rel["ema_decays"] == [0.9999] and rel["rewards"]["num_bins"] == 64
+    assert rel["loss"]["self_cond_rate"] == 0.9 and rel["trainer"]["gradient_clip_val"] == 2.0
+    assert rel["nonfinite"]["max_consecutive"] == 5
+    assert (rel["optimizer"]["lr"], rel["optimizer"]["betas"], rel["optimizer"]["eps"]) == (1e-3, [0.9, 0.999], 1e-8)
+    assert (rel["optimizer"]["weight_decay"], rel["optimizer"]["decouple"]) == (0.01, False)
+    assert (rel["scheduler"]["warmup_steps"], rel["scheduler"]["total_steps"], rel["scheduler"]["rate"]) == \
+        (50_000, 500_000, 0.8)
     for name in ("shapes_miro", "shapes_baseline", "shapes_only_counting"):
         shp = OmegaConf.to_container(cli.compose([f"experiment={name}"]), resolve=True)
         assert shp["position_init"] == "sincos" and shp["ema_warmup"] is True

@@ -66,3 +66,17 @@ def test_ema_warmup_closed_form():
     assert ema.effective_decay(0.999, None) == 0.999
     with pytest.raises(ValueError, match="step"):
         ema.effective_decay(0.999, -1)
+
+
+def test_default_decay_is_the_release_value():
+    """Without decays the one copy is the release's 0.9999 EMA (spec §7): a step moves it 1e-4 of
+    the way to the weights."""
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = EMA(model)
+    assert ema.decays == [0.9999] and ema.names == ["ema_0_9999"]
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)
+    assert ema.model().weight.item() == pytest.approx(1e-4, rel=1e-4)

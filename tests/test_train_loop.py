@@ -178,6 +178,7 @@ def test_position_init_reaches_the_model_and_every_ema_copy():
     for i in range(2):
         assert torch.equal(m.ema_model(i).network.data_pos_embedding, table)
     published = MiroLightningModule({"model_config": cfg})
+    assert published.ema.decays == [0.9999]  # no ema_decays: the release's one 0.9999 copy
     assert published.model.network.data_pos_embedding.abs().max() <= 0.04
     # only the table differs from the published init of the same seed
     a, b = m.model.state_dict(), published.model.state_dict()

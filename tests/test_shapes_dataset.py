@@ -104,6 +104,18 @@ def test_shard_round_trip_determinism_and_resume(tmp_path):
     assert _md5s(tmp_path / "a") == _md5s(tmp_path / "c")
 
 
+def test_rerun_removes_the_temp_tar_a_killed_writer_left(tmp_path):
+    cfg = DatasetConfig(num_samples=6, shard_size=4, seed=3)
+    make_dataset(tmp_path, cfg, progress=False)
+    # what a SIGKILL during the tar write leaves (atomic_path's cleanup never runs): the temp, no shard
+    (tmp_path / "shapes-000001.tar").unlink()
+    stale = tmp_path / ".shapes-000001.tar.k1ll3d.tmp"
+    stale.write_bytes(b"half a tar")
+    res = make_dataset(tmp_path, cfg, progress=False)
+    assert res["written"] == 1 and not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shapes-000000.tar", "shapes-000001.tar", "shapes_dataset.json"]
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="num_samples"):
         DatasetConfig(num_samples=0)

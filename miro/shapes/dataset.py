@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from miro.data.schema import ReadStats, iter_raw_samples, synthetic_reward_key, write_shard
+from miro.data.shard_files import remove_stale_temps
 from miro.io import atomic_write_text
 from miro.shapes import world as W
 from miro.shapes.imperfections import ImperfectionRates, make_sample
@@ -133,6 +134,7 @@ def _write_shard(out: Path, shard: int, cfg: DatasetConfig, bar=None) -> bool:
     """Write one shard unless it is already complete; True when written."""
     lo, hi = shard * cfg.shard_size, min((shard + 1) * cfg.shard_size, cfg.num_samples)
     path = shard_path(out, shard)
+    remove_stale_temps(out, path.name)  # a run killed while writing this shard left its temp tar
     if shard_is_complete(path, [sample_key(i) for i in range(lo, hi)]):
         if bar is not None:
             bar.update(hi - lo)

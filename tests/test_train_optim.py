@@ -81,6 +81,21 @@ def test_lamb_first_step_by_hand():
     torch.testing.assert_close(p.detach(), torch.tensor([3.0, 4.0], dtype=torch.float64) - 0.5 * r * u)
 
 
+@pytest.mark.parametrize("foreach", [False, True])
+def test_lamb_group_without_adaptation_key_adapts_iff_it_decays(foreach):
+    """A group with no ``layer_adaptation`` key uses the trust ratio exactly when its weight decay is
+    > 0 (spec §8.2); ``adam=True`` turns the ratio off. First step, eps 0: u = sign(g)."""
+    g = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    p0 = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    u = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    r = 5.0 / math.sqrt(2.0)
+    for wd, adam, ratio in ((0.0, False, 1.0), (0.1, False, r), (0.1, True, 1.0)):
+        p = nn.Parameter(p0.clone())
+        p.grad = g.clone()
+        Lamb([p], lr=0.5, eps=0.0, weight_decay=wd, decouple=True, adam=adam, foreach=foreach).step()
+        torch.testing.assert_close(p.detach(), (p0 - 0.5 * ratio * u) * (1 - wd))
+
+
 def test_lamb_zero_weight_falls_back_to_ratio_one():
     p = nn.Parameter(torch.zeros(2, dtype=torch.float64))
     p.grad = torch.tensor([2.0, -1.0], dtype=torch.float64)

@@ -86,6 +86,22 @@ def test_resume_equals_uninterrupted_and_batch_size_is_irrelevant(tmp_path):
     assert pipe.calls == []
 
 
+def test_empty_or_cut_pngs_are_generated_again_with_their_seeds(tmp_path):
+    items = _items(2)
+    full, damaged = tmp_path / "full", tmp_path / "damaged"
+    for d in (full, damaged):
+        G.generate_folder(StandInPipeline(), items, d, G.GenerateConfig(n_samples=2), progress=False)
+    (damaged / "00000" / "samples" / "0001.png").write_bytes(b"")  # a copy that never started
+    cut = damaged / "00001" / "samples" / "0000.png"
+    cut.write_bytes(cut.read_bytes()[:-30])  # a copy stopped midway
+    pipe = StandInPipeline()
+    with pytest.warns(UserWarning, match="2 sample PNG\\(s\\) under .* are empty or cut"):
+        counts = G.generate_folder(pipe, items, damaged, G.GenerateConfig(n_samples=2), progress=False)
+    assert counts["generated"] == 2 and counts["skipped"] == 2 and sum(pipe.calls) == 2
+    for p in sorted(full.rglob("*.png")):
+        assert np.array_equal(_pixels(p), _pixels(damaged / p.relative_to(full))), p
+
+
 def test_targets_reach_the_pipeline(tmp_path):
     pipe = StandInPipeline()
     cfg = G.GenerateConfig(n_samples=1, reward_targets={"r": 0.0})

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -225,9 +226,34 @@ def _check_pipeline_inputs(pipe, cfg: GenerateConfig) -> None:
                       reward_direction=cfg.reward_direction)
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk every PNG ends with
+
+
+def png_is_whole(path: Path) -> bool:
+    """Whether ``path`` starts and ends like a PNG: a zero-byte or cut file does not (20 bytes read,
+    not the pixels, so a resume over thousands of images stays quick; scorers still skip and count
+    damage inside a file)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(PNG_SIGNATURE))
+            f.seek(0, 2)
+            if f.tell() < len(PNG_SIGNATURE) + len(PNG_END):
+                return False
+            f.seek(-len(PNG_END), 2)
+            return head == PNG_SIGNATURE and f.read() == PNG_END
+    except OSError:
+        return False
+
+
 def pending_samples(outdir: str | Path, items: list[PromptItem], n_samples: int) -> list[tuple[int, int]]:
-    """(prompt index, sample index) pairs whose PNG is not on disk yet."""
-    return [(i, j) for i in range(len(items)) for j in range(n_samples) if not sample_path(outdir, i, j).is_file()]
+    """(prompt index, sample index) pairs whose PNG is not on disk yet, or is not a whole PNG.
+
+    This command writes whole files only, so a cut or empty one was damaged afterwards (a copy
+    stopped midway, a full disk): it is made again from its seed (:func:`generate_folder` warns,
+    counting them) rather than kept and skipped by every scorer on every run.
+    """
+    return [(i, j) for i in range(len(items)) for j in range(n_samples) if not png_is_whole(sample_path(outdir, i, j))]
 
 
 def generate_folder(pipe, items: list[PromptItem], outdir: str | Path, cfg: GenerateConfig,
@@ -255,6 +281,10 @@ def generate_folder(pipe, items: list[PromptItem], outdir: str | Path, cfg: Gene
     for meta_path, line in metadata:
         atomic_write_text(meta_path, line)
     todo = pending_samples(outdir, items, cfg.n_samples)
+    damaged = [sample_path(outdir, i, j) for i, j in todo if sample_path(outdir, i, j).exists()]
+    if damaged:
+        warnings.warn(f"{len(damaged)} sample PNG(s) under {outdir} are empty or cut (e.g. {damaged[0]}); "
+                      "generating them again from their seeds")
     total = len(items) * cfg.n_samples
     bar = tqdm(total=len(todo), desc="generate", unit="img", disable=not progress)
     # only MIRO pipelines take a reward scale; left out, any diffusers-like pipeline works

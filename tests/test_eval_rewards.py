@@ -89,8 +89,9 @@ def test_corrupt_images_are_skipped_and_counted_and_torn_lines_dropped(tmp_path)
     # a killed writer leaves a torn last line: it is ignored and then overwritten cleanly
     with open(out, "a") as f:
         f.write('{"filename": "00001/samp')
-    assert len(read_jsonl(out)) == 2
-    with JsonlAppender(out) as w:
+    with pytest.warns(UserWarning, match=r"rewards.jsonl:3: the last line is cut .* scored again"):
+        assert len(read_jsonl(out)) == 2  # said, not silent: a summary read now lacks that image
+    with pytest.warns(UserWarning, match="the last line is cut"), JsonlAppender(out) as w:  # dropped from the file
         w.write({"filename": "x", "mean": 1.0})
     assert [r["filename"] for r in read_jsonl(out)][-1] == "x" and len(read_jsonl(out)) == 3
     # a corrupt line in the middle is an error, not silently skipped

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +94,9 @@ def read_jsonl(path: str | Path) -> list[dict]:
             out.append(json.loads(line))
         except json.JSONDecodeError:
             if n >= len(lines) - 2:  # only the last line may be torn
+                # said, not silent: a summary read now lacks that line's image
+                warnings.warn(f"{path}:{n + 1}: the last line is cut (a run killed while writing it); left out, "
+                              "and its image is scored again by the next scoring run")
                 break
             raise ValueError(f"{path}:{n + 1}: corrupt JSON line") from None
     return out

@@ -261,6 +261,19 @@ def test_release_recipe_path_with_latents_and_t5(tmp_path):
     assert img.shape == (1, 8, 8, 3)  # 4x4 latents decoded by the x2 tiny VAE
 
 
+def test_gradient_clipping_and_nonfinite_guard_reach_the_trainer(tmp_path):
+    """``trainer.gradient_clip_val`` (clipping by norm, the recipe's 2.0 by default) and
+    ``nonfinite.max_consecutive`` (5) are the ones the Lightning trainer runs with."""
+    from miro.train.callbacks import NonFiniteGuard
+
+    data = write_tiny_shards(tmp_path / "data")
+    for extra, clip, most in (((), 2.0, 5), (("trainer.gradient_clip_val=1.5", "nonfinite.max_consecutive=3"), 1.5, 3)):
+        ov = tiny_overrides(data, tmp_path / "run", extra=list(extra))
+        _, _, trainer, _ = cli.build(OmegaConf.to_container(cli.compose(ov), resolve=True))
+        assert trainer.gradient_clip_val == clip and trainer.gradient_clip_algorithm in (None, "norm")  # None: norm
+        assert [c.max_consecutive for c in trainer.callbacks if isinstance(c, NonFiniteGuard)] == [most]
+
+
 def test_the_empty_prompt_embedding_comes_from_a_file_without_loading_the_encoder(tmp_path):
     """At full scale the training job should not hold FLAN-T5-XL: with precomputed text, the
     empty prompt's embedding is read from ``text_uncond`` (or the testbed's uncond file)."""

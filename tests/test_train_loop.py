@@ -114,6 +114,30 @@ def test_nonfinite_guard_zeroes_grads_and_stops():
     assert trainer.should_stop
 
 
+def test_nonfinite_guard_catches_inf_alone_and_its_count_survives_a_resume():
+    """An Inf-only gradient is zeroed like a NaN one, finite gradients are left alone, and the
+    run of non-finite losses is saved and restored with the callback state."""
+    from miro.train.callbacks import NonFiniteGuard
+
+    lin = torch.nn.Linear(2, 2)
+    lin.weight.grad = torch.tensor([[1.0, float("inf")], [3.0, 2.0]])
+    lin.bias.grad = torch.tensor([0.5, -0.5])
+    mod = SimpleNamespace(parameters=lin.parameters, log=lambda *a, **k: None, print=lambda *a: None)
+    trainer = SimpleNamespace(should_stop=False, global_step=3)
+    g = NonFiniteGuard(max_consecutive=2)
+    g.on_before_optimizer_step(trainer, mod, None)
+    assert torch.equal(lin.weight.grad, torch.tensor([[1.0, 0.0], [3.0, 2.0]]))
+    assert torch.equal(lin.bias.grad, torch.tensor([0.5, -0.5])) and g.total_bad_grads == 1
+    g.on_before_optimizer_step(trainer, mod, None)  # all finite now: not counted
+    assert g.total_bad_grads == 1
+    g.on_train_batch_end(trainer, mod, {"loss": torch.tensor(float("nan"))}, None, 0)
+    resumed = NonFiniteGuard(max_consecutive=2)
+    resumed.load_state_dict(g.state_dict())
+    assert (resumed.consecutive, resumed.total_bad_grads) == (1, 1)
+    with pytest.raises(FloatingPointError, match="2 consecutive non-finite losses"):
+        resumed.on_train_batch_end(trainer, mod, {"loss": torch.tensor(float("nan"))}, None, 0)
+
+
 @pytest.mark.parametrize("uninformative", [False, True])
 def test_baseline_ignores_sample_rewards(data_dir, tmp_path, uninformative):
     ov = tiny_overrides(data_dir, tmp_path, extra=[f"rewards.uninformative={str(uninformative).lower()}"])

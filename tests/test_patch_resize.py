@@ -63,3 +63,14 @@ def test_same_patch_is_a_no_op_and_bad_sizes_are_refused():
         resize_patch_tensors(state, 8, 3)
     with pytest.raises(ValueError, match="not p\\*p\\*4"):
         patch_size_of(state, 4)
+
+
+def test_a_model_with_pixel_unet_is_refused_by_name():
+    # the U-Net has one level per factor 2 of the patch, so a finer patch is another network, not
+    # a resize (the shipped `shapes` model has one: init_from=shapes cannot change the patch)
+    cfg = get_config("tiny")
+    cfg["network"].update(patch_size=4, data_size=8, num_blocks=1, num_text_registers=2, pixel_unet=8)
+    state = MiroModel.from_config(cfg, generator=torch.Generator().manual_seed(0)).state_dict()
+    with pytest.raises(ValueError, match="cannot resize patch 4 to 2: the source has pixel_unet"):
+        resize_patch_tensors(state, 2, 3)
+    assert resize_patch_tensors(state, 4, 3).keys() == state.keys()  # the same patch is still a no-op

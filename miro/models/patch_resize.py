@@ -53,6 +53,10 @@ def resize_patch_tensors(state: Mapping[str, Tensor], patch_to: int, channels: i
     out = dict(state)
     if patch_to == patch_from:
         return out
+    if any(k.startswith("network.pixel_unet.") for k in state):  # its depth follows the patch: no tensor maps
+        raise ValueError(f"cannot resize patch {patch_from} to {patch_to}: the source has pixel_unet, whose "
+                         "encoder/decoder has one level per factor 2 of the patch; warm-start a finer patch from a "
+                         "model without pixel_unet")
     r, p, c = patch_from // patch_to, patch_to, channels
 
     w = state["network.patch_extractor.weight"].float()  # (D, P*P*C), features (p1, p2, c)

@@ -64,6 +64,16 @@ def test_sampler_partitions_epoch_across_ranks_and_workers(world, workers):
     assert a.epoch_indices(1) == ResumableDistributedSampler(n, 1, 0, seed=7).epoch_indices(1)
 
 
+def test_ranks_take_strided_slices_of_one_shared_epoch_order():
+    """Every rank reads the same (seed, epoch) permutation: rank r takes elements r, r + W, ...
+    of it, up to the tail that makes the ranks equal."""
+    n, w = 23, 3
+    for epoch in (0, 1):
+        perm = ResumableDistributedSampler(n, 1, 0, seed=5).epoch_indices(epoch)
+        for r in range(w):
+            assert ResumableDistributedSampler(n, w, r, seed=5).epoch_indices(epoch) == perm[r: (n // w) * w: w]
+
+
 def test_sampler_resume_is_exact():
     full = ResumableDistributedSampler(10, 2, 1, seed=3)
     it = iter(full)
@@ -182,6 +192,41 @@ def test_resampled_mode_streams(tmp_path):
     dm = MiroDataModule(_cfg(_shards(tmp_path), mode="resampled", shuffle_buffer=4))
     b = next(iter(dm.train_dataloader()))
     assert b["image"].shape == (4, 3, 8, 8)
+
+
+def test_resampled_streams_differ_across_ranks_and_workers(tmp_path, monkeypatch):
+    """Each (rank, worker) of the resampled mode draws its own stream, seeded by (seed, rank,
+    worker, restart): the same four reproduce it, another rank or worker gives another one."""
+    from types import SimpleNamespace
+
+    import miro.data.datamodule as dmod
+
+    dm = MiroDataModule(_cfg(_shards(tmp_path), mode="resampled", shuffle_buffer=4))
+    dm.prepare()
+    shards = [str(x) for x in dm.data.shards]
+
+    def keys(rank, worker=0, restart=0):
+        monkeypatch.setattr(dmod, "get_worker_info", lambda: SimpleNamespace(id=worker))
+        it = iter(dmod.ResampledStreamDataset(shards, dm.decoder(), rank, restart))
+        return [next(it)["key"] for _ in range(12)]
+
+    base = keys(0)
+    assert keys(0) == base
+    assert keys(1) != base and keys(0, worker=1) != base and keys(0, restart=5) != base
+    assert keys(1) != keys(0, worker=1)
+
+
+def test_the_sample_generator_follows_the_epoch(tmp_path):
+    """Item (position, index) is decoded with the generator of (seed, position // per_rank, index):
+    its first draw picks the caption, so the choice is new in every epoch."""
+    from miro.data.datamodule import MiroTrainDataset, sample_rng
+
+    dm = MiroDataModule(_cfg(_shards(tmp_path, 2, 10), synthetic_caption_rate=0.5))
+    dm.prepare()
+    ds = MiroTrainDataset(dm.data, dm.decoder(), per_rank=10)  # 20 samples over two ranks
+    for epoch in (0, 1, 2, 3):
+        got = [ds[(10 * epoch + k, 2 * k + 1)]["synthetic"] for k in range(10)]
+        assert got == [bool(sample_rng(1, epoch, 2 * k + 1).random() < 0.5) for k in range(10)], epoch
 
 
 def test_bad_config_values(tmp_path):

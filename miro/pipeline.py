@@ -308,12 +308,18 @@ class MiroPipeline(nn.Module):
             k: (v.detach().to(store) if v.is_floating_point() else v.detach()).cpu().contiguous()
             for k, v in self.model.state_dict().items()
         }
+        # config.json marks a complete folder and is written last, so over another pipeline's folder
+        # it goes first: a save killed midway then leaves a folder that refuses to load, not one
+        # that loads the new weights with the old config, uncond embedding and reward bins.
+        (out / "config.json").unlink(missing_ok=True)
         atomic_write_with(out / "model.safetensors",
                           lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
         uncond = self.uncond_embedding.detach().float().cpu().numpy()
         atomic_write_with(out / "uncond_embedding.npy", lambda tmp: np_save(tmp, uncond))
         if self.reward_bins is not None:
             atomic_write_json(out / "reward_bins.json", self.reward_bins.to_dict())
+        else:  # another model's bins would load beside these weights
+            (out / "reward_bins.json").unlink(missing_ok=True)
         atomic_write_json(out / "config.json", config)  # last: a folder with a config is complete
         return out
 

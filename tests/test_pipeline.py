@@ -261,6 +261,30 @@ def test_missing_file_is_named(saved, tmp_path):
     assert isinstance(e.value, FileNotFoundError)
 
 
+def test_a_save_killed_over_another_pipeline_does_not_load(tmp_path, monkeypatch):
+    import miro.pipeline as P
+    from miro.hub import MissingFileError
+
+    a = tiny_pipeline(tmp_path / "enc", seed=0, reward_bins=RewardBins(4, {"clip_score": [0.0, 0.1, 0.2, 0.3, 0.4]}))
+    b = tiny_pipeline(tmp_path / "enc", seed=1, reward_bins=RewardBins(4, {"clip_score": [0.0, 0.2, 0.4, 0.6, 0.8]}))
+    folder = a.save_pretrained(tmp_path / "p")
+
+    def killed(*args):  # the save dies once the new weights are in place
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(P, "np_save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        b.save_pretrained(folder)
+    monkeypatch.undo()
+    # new weights beside the old uncond embedding and bins: refused, not loaded as a mix
+    with pytest.raises(MissingFileError, match="missing 'config.json'"):
+        MiroPipeline.from_pretrained(folder)
+    # a pipeline without bins saved over one with bins leaves none of the old ones behind
+    b.reward_bins = None
+    b.save_pretrained(folder)
+    assert MiroPipeline.from_pretrained(folder).reward_bins is None
+
+
 @pytest.mark.parametrize("edit,match", [
     ("drop", "'network.latents'"),
     ("shape", r"'network.text_registers' has shape \(3, 32\)"),

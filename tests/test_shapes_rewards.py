@@ -140,3 +140,60 @@ def test_alignment_is_one_exactly_when_geneval_agrees_and_nothing_is_unexplained
             assert got == expect, (i, cap, verdict.reason)
             seen.add(got)
     assert seen == {True, False}
+
+
+def _det(cls, color, bbox, score=0.9, **extra):
+    from miro.eval.geneval_rules import Detection
+
+    return Detection(cls, score, bbox, color, extra=extra)
+
+
+def test_rules_on_hand_made_detections():
+    """Closed forms of the alignment, counting and position rules: only scores above 0.3 count
+    (GenEval's ``threshold``); a colour clause takes the right-coloured object before a more
+    confident one; an exclude clause fails at ``count`` objects (exactly N)."""
+    from miro.shapes.rewards import alignment, counting
+
+    red = {"include": [{"class": "circle", "count": 1, "color": "red"}]}
+    assert alignment(red, [_det("circle", "red", (0, 0, 10, 10), score=0.3)]) == 0.0  # at the threshold: unseen
+    assert alignment(red, [_det("circle", "red", (0, 0, 10, 10), score=0.31)]) == 1.0
+    # blue (0.9) and red (0.5): red is matched (presence 1, colour 1), blue unexplained: 1 - 0.5 * 1/2
+    mixed = [_det("circle", "blue", (0, 0, 10, 10), 0.9), _det("circle", "red", (20, 0, 30, 10), 0.5)]
+    assert alignment(red, mixed) == pytest.approx(0.75)
+    two = {"include": [{"class": "circle", "count": 2}], "exclude": [{"class": "circle", "count": 3}]}
+    circles = [_det("circle", "green", (20 * i, 0, 20 * i + 10, 10)) for i in range(3)]
+    assert alignment(two, circles[:2]) == 1.0
+    # three circles: presence 1, exclude 0 -> 1/2, one of three unexplained -> 1 - 0.5/3
+    assert alignment(two, circles) == pytest.approx(0.5 * (1 - 0.5 / 3))
+    assert counting(two, circles) == pytest.approx(2 / 3)
+
+
+def test_framing_reads_x_against_the_width_and_y_against_the_height():
+    """Framing on a 64 x 128 (H x W) image: a fitted box out to x = 100 is inside, down to y = 100
+    is cut; an image with no detection gets no framing credit."""
+    from miro.shapes.rewards import position
+
+    md = {"include": [{"class": "circle", "count": 1}]}
+    wide = _det("circle", "red", (80, 10, 100, 30), box=(80, 10, 100, 30))
+    tall = _det("circle", "red", (10, 40, 30, 64), box=(10, 40, 30, 100))
+    assert position(md, [wide], 64, 128) == 1.0
+    assert position(md, [tall], 64, 128) == 0.0
+    assert position(md, [wide, tall], 64, 128) == 0.5
+    assert position(md, [], 64, 128) == 0.0
+
+
+def test_contrast_is_capped_at_the_palette_contrast():
+    """An object further from the background than its palette colour scores contrast 1, not more:
+    pure black on the gray background gives 0.5 * 1 + 0.5 * mean(background fidelity 1, object
+    fidelity exp(-(|black - (0, 0, 0)| / 0.15)^2))."""
+    from miro.shapes import world as W
+    from miro.shapes.rewards import FIDELITY_SIGMA, contrast
+
+    img = np.tile(np.asarray(W.BACKGROUNDS["gray"]), (32, 32, 1))
+    mask = np.zeros((32, 32), dtype=bool)
+    mask[8:24, 8:24] = True
+    img[mask] = 0.0
+    d = _det("square", "black", (8, 8, 23, 23))
+    d.mask = mask
+    fid = np.exp(-(np.linalg.norm(np.asarray(W.COLOR_RGB["black"])) / FIDELITY_SIGMA) ** 2)
+    assert contrast(img, [d]) == pytest.approx(0.5 + 0.5 * (1 + fid) / 2)

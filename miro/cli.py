@@ -38,13 +38,15 @@ def report_errors(prog: str, run, *args) -> int:
     """``run(*args)`` for a sub-command's ``main``, its failures as one line ``prog: message``:
     bad input (``ValueError``, a missing file) exits 2, the environment (any other ``OSError``:
     an unreachable hub, an unwritable folder) exits 1."""
+    from miro.io import one_line  # library messages (transformers, the hub) hold line breaks
+
     try:
         return int(run(*args) or 0)
     except (ValueError, FileNotFoundError) as e:
-        print(f"{prog}: {e}", file=sys.stderr)
+        print(f"{prog}: {one_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"{prog}: {e}", file=sys.stderr)
+        print(f"{prog}: {one_line(e)}", file=sys.stderr)
         return 1
 
 

@@ -127,18 +127,25 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    from miro.io import one_line
 
     token = os.environ.get(args.token_env) or None
     failed = 0
-    for repo, pats, why in todo:
+    for i, (repo, pats, why) in enumerate(todo):
         print(f"fetching {repo} ({why}) ...", flush=True)
         try:
             path = snapshot_download(repo, allow_patterns=pats, cache_dir=args.cache_dir, token=token)
             print(f"  -> {path}")
-        except Exception as e:  # network down, gated repo, missing file: report and go on
+        except LocalEntryNotFoundError as e:  # the hub is unreachable: every other repository would fail alike
+            print(f"miro download: the hub could not be reached ({one_line(e)}); {len(todo) - i} of {len(todo)} "
+                  "repositories not fetched. Run it again where a network exists.", file=sys.stderr)
+            return 1
+        except Exception as e:  # gated repo, missing repo or file: report and go on
             failed += 1
-            print(f"  failed: {type(e).__name__}: {e}. Check the network (and {args.token_env} for gated models).",
-                  file=sys.stderr)
+            print(f"  failed: {type(e).__name__}: {one_line(e)}. Check the network (and {args.token_env} for gated "
+                  "models).", file=sys.stderr)
     if failed:
         print(f"miro download: {failed} of {len(todo)} repositories failed", file=sys.stderr)
         return 1

@@ -173,7 +173,7 @@ def _download(repo_id, variant, revision, cache_dir, local_files_only, token) ->
                "hub cache" if offline else "the hub could not be reached or the repo does not exist")
         raise OSError(
             f"could not fetch pipeline {repo_id!r}{f' variant {variant!r}' if variant else ''}: {how} "
-            f"({type(e).__name__}: {e}). Pass a local pipeline folder or a built-in name "
+            f"({type(e).__name__}: {_io.one_line(e)}). Pass a local pipeline folder or a built-in name "
             f"({builtin_pipelines()})."
         ) from e
     base = root / variant if variant else root

@@ -105,3 +105,10 @@ def load_dotenv(path: str | os.PathLike = ".env") -> dict[str, str]:
             os.environ[key] = value
             set_[key] = value
     return set_
+
+
+def one_line(e: BaseException | str) -> str:
+    """An error's text on one line. huggingface_hub and transformers put line breaks inside their
+    messages ("... cached files.\\nCheck your internet connection ..."); a command's error is one
+    ``miro <command>: ...`` line on stderr."""
+    return " ".join(str(e).split())

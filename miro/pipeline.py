@@ -331,12 +331,18 @@ class MiroPipeline(nn.Module):
 
         from huggingface_hub import HfApi
 
+        from miro.io import one_line
+
         api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp)
-            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, path_in_repo=variant or None,
-                                     commit_message=commit_message, revision=revision)
+            try:
+                api.create_repo(repo_id, private=private, exist_ok=True)
+                info = api.upload_folder(repo_id=repo_id, folder_path=tmp, path_in_repo=variant or None,
+                                         commit_message=commit_message, revision=revision)
+            except Exception as e:  # no network, no token, no write access: the hub client's own types
+                raise OSError(f"could not upload to the hub repo {repo_id!r} ({type(e).__name__}: {one_line(e)}); "
+                              "check the network and the token (HF_TOKEN or `hf auth login`)") from e
         return str(getattr(info, "commit_url", info))
 
     # ------------------------------------------------------------------------ device, dtype

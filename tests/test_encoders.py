@@ -215,3 +215,12 @@ def test_pad_token_rows_pads_cuts_and_masks():
     assert emb[0, :2].eq(1).all() and emb[1].eq(2).all() and emb[2, 0].eq(3).all() and emb[~mask].eq(0).all()
     emb, mask = pad_token_rows(rows, length=3)  # a fixed length cuts longer rows
     assert emb.shape == (3, 3, 3) and mask.sum(1).tolist() == [2, 3, 1]
+
+
+def test_a_missing_encoder_is_one_line():
+    # transformers' offline message holds a line break ("... cached files.\nCheck your internet ...")
+    for load, name in ((lambda: load_text_encoder("google/flan-t5-xl").load(), "text encoder 'google/flan-t5-xl'"),
+                       (lambda: load_autoencoder("stabilityai/sdxl-vae").load(), "autoencoder 'stabilityai/sdxl-vae'")):
+        with pytest.raises(OSError, match=f"could not load the {name}") as e:
+            load()
+        assert "\n" not in str(e.value), str(e.value)

@@ -49,3 +49,21 @@ def test_ablation_variants_are_the_training_recipes_variant_names():
     configs = Path(D.__file__).parent / "configs" / "experiment"
     names = {yaml.safe_load(f.read_text()).get("variant_name") for f in configs.glob("*.yaml")}
     assert names - {None, "miro"} == set(D.ABLATION_VARIANTS)
+
+
+def test_an_unreachable_hub_stops_at_the_first_repository(capsys, monkeypatch):
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    calls = []
+
+    def unreachable(repo, **kw):
+        calls.append(repo)
+        raise LocalEntryNotFoundError("Got: ConnectError: name not known\nAn error happened while trying to locate")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr("huggingface_hub.snapshot_download", unreachable)
+    assert D.main(["pipeline", "text-encoder", "vae"]) == 1
+    assert calls == ["nicolas-dufour/miro"]  # not once per repository, each failing alike
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("miro download: the hub could not be reached (Got: ConnectError")
+    assert "3 of 3 repositories not fetched" in err

@@ -214,3 +214,24 @@ def test_the_config_scheduler_and_decode_chunk_are_used_as_published(saved, tmp_
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="postprocessing.max_batch_size must be an integer >= 1; got 0"):
         MiroPipeline.from_pretrained(folder, vae="stabilityai/sdxl-vae")
+
+
+def test_hub_errors_are_one_line(saved, monkeypatch):
+    def unreachable(*a, **k):
+        raise OSError("Got: ConnectError: name not known\nAn error happened while trying to locate the files")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", unreachable)
+    with pytest.raises(OSError, match="could not fetch pipeline 'someone/repo'.*name not known An error happened") as e:
+        MiroPipeline.from_pretrained("someone/repo")
+    assert "\n" not in str(e.value)
+
+    class Offline:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, *a, **k):
+            raise RuntimeError("ConnectError: [Errno -2] Name or service not known")  # the hub client's own type
+
+    monkeypatch.setattr("huggingface_hub.HfApi", Offline)
+    with pytest.raises(OSError, match=r"could not upload to the hub repo 'me/my-miro' \(RuntimeError: ConnectError"):
+        MiroPipeline.from_pretrained(saved).push_to_hub("me/my-miro")

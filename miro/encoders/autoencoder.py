@@ -123,12 +123,13 @@ class SDXLVAECodec(Codec):
         from diffusers import AutoencoderKL
 
         from miro.hub import clean_hub_kwargs
+        from miro.io import one_line
 
         try:
             vae = AutoencoderKL.from_pretrained(self.name_or_path, **clean_hub_kwargs(**self.hub_kwargs))
         except (OSError, EnvironmentError) as e:
             raise OSError(
-                f"could not load the autoencoder {self.name_or_path!r} ({e}). Without network "
+                f"could not load the autoencoder {self.name_or_path!r} ({one_line(e)}). Without network "
                 "access, pass a local diffusers AutoencoderKL folder or a name already cached."
             ) from e
         vae.eval().requires_grad_(False)

@@ -125,6 +125,7 @@ class HFTextEncoder(TextEncoder):
         from transformers import AutoTokenizer
 
         from miro.hub import clean_hub_kwargs
+        from miro.io import one_line
 
         from transformers.utils import logging as hf_logging
 
@@ -138,7 +139,7 @@ class HFTextEncoder(TextEncoder):
             model = self._model_class().from_pretrained(self.name_or_path, **kw)
         except OSError as e:
             raise OSError(
-                f"could not load the text encoder {self.name_or_path!r} ({e}). Without network "
+                f"could not load the text encoder {self.name_or_path!r} ({one_line(e)}). Without network "
                 "access, pass a local folder (config.json, weights, tokenizer files) or a name "
                 "already in the hub cache."
             ) from e

@@ -25,7 +25,7 @@ import numpy as np
 
 from miro.eval import geneval_rules as rules
 from miro.eval.folder import JsonlAppender, atomic_write_json, image_id, load_rgb, read_folder, read_jsonl
-from miro.io import atomic_write_text
+from miro.io import atomic_write_text, one_line
 
 DEFAULT_DETECTOR = "facebook/mask2former-swin-small-coco-instance"
 DEFAULT_OWL = "google/owlv2-base-patch16-ensemble"  # open-vocabulary alternative (boxes only)
@@ -198,7 +198,7 @@ def make_detector(spec: str, device: str | None = None, local_files_only: bool =
     try:
         model_type = AutoConfig.from_pretrained(spec, local_files_only=local_files_only).model_type
     except OSError as e:
-        raise OSError(f"cannot load the detector {spec!r}: {e}\nFetch it once with `miro download geneval` "
+        raise OSError(f"cannot load the detector {spec!r} ({one_line(e)}); fetch it once with `miro download geneval` "
                       "(or `miro download owlv2`), or pass a local folder with --detector.") from e
     if model_type == "owlv2":
         return OWLv2Detector(spec, device, local_files_only)
@@ -335,7 +335,7 @@ class GenEvalLike:
             try:
                 self._color = CLIPColorClassifier(*self._color_spec)
             except OSError as e:
-                raise OSError(f"cannot load the colour model {self._color_spec[0]!r}: {e}\nFetch it once with "
+                raise OSError(f"cannot load the colour model {self._color_spec[0]!r} ({one_line(e)}); fetch it once with "
                               "`miro download geneval`, or pass a local folder with --clip-model.") from e
         return self._color
 

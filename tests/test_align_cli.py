@@ -78,6 +78,38 @@ def _run(root, out, *extra):
                  "optim.lr=1e-3", "optim.max_grad_norm=1.0", *extra])
 
 
+def test_a_reward_model_neither_cached_nor_reachable_is_one_line_naming_it(tiny_world, tmp_path, capsys, monkeypatch):
+    # HPSv2 neither cached nor reachable, as the hub reports it: the environment (exit 1), before training
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    import miro.rewards as R
+    from miro.rewards.base import Scorer
+
+    class Uncached(Scorer):
+        keys, differentiable = ("hpsv2_score",), True
+
+        def load(self):
+            raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub\nand we "
+                                          "cannot find the requested files in the local cache.")
+
+        def embed_image(self, images):
+            return self.load()
+
+        def embed_text(self, prompts):
+            return self.load()
+
+    R.available()  # the registry is filled before one entry is replaced
+    monkeypatch.setitem(R.REGISTRY, "hpsv2_score", lambda **kw: Uncached())
+    root, _ = tiny_world
+    out = tmp_path / "run"
+    assert _run(root, out, "reward.name=hpsv2_score") == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("miro align: could not load the model of reward 'hpsv2_score' (") and "\n" not in err, err
+    assert "`miro download hpsv2_score`" in err
+    assert not out.exists()
+    assert _run(root, out, "reward.name=hpsv2_score", "--dry-run") == 0  # a dry run loads no weights
+
+
 def test_end_to_end_with_a_clip_family_scorer(tiny_world, tmp_path):
     import sys
     from pathlib import Path

@@ -333,3 +333,67 @@ def test_shapes_eval_refuses_prompts_the_detector_cannot_see(tmp_path, capsys):
     assert "['bench']" in capsys.readouterr().err
     assert eval_main(["geneval", str(tmp_path / "coco"), "--detector", "shapes"]) == 2
     assert "cannot see" in capsys.readouterr().err
+
+
+def test_report_errors_puts_a_library_message_on_one_line(capsys):
+    from miro.cli import report_errors
+
+    def run():  # transformers' offline message, line break included
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your internet connection.")
+
+    assert report_errors("miro eval geneval", run) == 1
+    assert "load the files. Check your internet" in _one_line(capsys, "miro eval geneval: ")
+
+
+# ---------------------------------------------------------------------------- reward models not cached
+
+def _uncached_scorer():
+    """A scorer whose weights are neither cached nor reachable, failing as the hub reports it."""
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    from miro.rewards.base import Scorer
+
+    class Uncached(Scorer):
+        keys = ("hpsv2_score",)
+
+        def load(self):
+            raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub\nand we "
+                                          "cannot find the requested files in the local cache.")
+
+    return Uncached()
+
+
+def test_eval_rewards_names_a_missing_reward_model(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    import miro.rewards as R
+    from miro.eval.cli import main
+
+    (tmp_path / "00000" / "samples").mkdir(parents=True)
+    (tmp_path / "00000" / "metadata.jsonl").write_text('{"prompt": "a red circle", "tag": "single_object"}\n')
+    Image.new("RGB", (32, 32)).save(tmp_path / "00000" / "samples" / "0000.png")
+    R.available()  # the registry is filled before one entry is replaced
+    monkeypatch.setitem(R.REGISTRY, "hpsv2_score", lambda **kw: _uncached_scorer())
+    assert main(["rewards", str(tmp_path), "--scorers", "hpsv2_score"]) == 1  # the environment, not bad input
+    err = _one_line(capsys, "miro eval rewards: could not load the model of reward 'hpsv2_score' (LocalEntryNotFoundError")
+    assert "`miro download hpsv2_score`" in err
+    assert not (tmp_path / "rewards.jsonl").exists() or not (tmp_path / "rewards.jsonl").read_text().strip()
+
+
+def test_preprocess_names_a_missing_reward_model():
+    from miro.data.preprocess import _load_now
+
+    with pytest.raises(OSError, match="could not load the model of reward 'hpsv2_score'") as e:
+        _load_now(_uncached_scorer())
+    assert "\n" not in str(e.value) and not isinstance(e.value, FileNotFoundError)
+
+
+# ---------------------------------------------------------------------------- miro eval best-of-n
+
+def test_best_of_n_without_scores_names_the_missing_file(tmp_path, capsys):
+    from miro.eval.cli import main
+
+    assert main(["best-of-n", str(tmp_path / "bo16"), "--select-by", "image_reward_score", "--metrics", "hpsv2_score"]) == 2
+    err = _one_line(capsys, "miro eval best-of-n: ")
+    assert "rewards.jsonl: no such file" in err
+    assert "miro eval rewards" in err and "--scorers image_reward_score,hpsv2_score" in err

@@ -304,6 +304,10 @@ def run(cfg: dict, dry_run: bool = False) -> Path | None:
     if dry_run:
         print(f"dry run: {len(items)} items, target {cfg['target']['kind']}:{cfg['target']['model']}, reward {cfg['reward']['name']}")
         return None
+    if cfg["reward"]["name"] != "shapes_proxy":  # a reward model neither cached nor reachable: one line naming it
+        from miro.rewards.base import load_weights
+
+        load_weights(reward.scorer, cfg["reward"]["name"])
     out = Path(train.out_dir)
     existed = out.exists()
     trainer = SRPOTrainer(target, reward, items, step, optim, train)

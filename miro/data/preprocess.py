@@ -212,6 +212,11 @@ def load_scorers(names: list[str], kwargs: dict, device: str) -> dict:
 def _load_now(model) -> None:
     """Load lazily-loaded weights before the first shard, so that a missing model fails early
     and shard timings measure processing only."""
+    from miro.rewards.base import Scorer, load_weights
+
+    if isinstance(model, Scorer):  # a missing reward model is named (the hub's message does not)
+        load_weights(model)
+        return
     for obj in (model, getattr(model, "backbone", None)):
         if obj is not None and callable(getattr(obj, "load", None)):
             obj.load()
@@ -308,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
             return _run_isolated(argv, plan.stages)
         return _run(args, plan)
     except (ValueError, OSError) as e:  # bad arguments, missing inputs, weights that cannot be loaded
-        print(f"miro preprocess: {e}", file=sys.stderr)
+        from miro.io import one_line
+
+        print(f"miro preprocess: {one_line(e)}", file=sys.stderr)
         return 2
 
 

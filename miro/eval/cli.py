@@ -258,6 +258,10 @@ def cmd_best_of_n(args) -> int:
     if args.outdir:  # before anything is written
         check_best_destination(args.dir, args.outdir, args.overwrite)
     rewards = Path(args.rewards or Path(args.dir) / "rewards.jsonl")
+    if not rewards.is_file():  # else the curve reports "no prompt has candidates scored", hiding the cause
+        scorers = ",".join(dict.fromkeys([args.select_by, *(m for m in (args.metrics or "").split(",") if m)]))
+        raise FileNotFoundError(f"{rewards}: no such file; score the candidates first "
+                                f"(miro eval rewards {args.dir} --scorers {scorers})")
     records = read_records(rewards)
     metrics = [m for m in (args.metrics or "").split(",") if m] or [args.select_by]
     c = curve(records, args.select_by, metrics, ns, args.mode)

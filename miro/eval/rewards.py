@@ -117,6 +117,11 @@ def score_folder(root: str | Path, scorers: dict, outfile: str | Path, batch_siz
     groups: dict[tuple, list] = {}
     for t in todo:
         groups.setdefault(t[2], []).append(t)
+    from miro.rewards.base import Scorer, load_weights
+
+    for name in dict.fromkeys(n for t in todo for n in t[2]):  # a missing model fails here, named, before the bar
+        if isinstance(scorers[name], Scorer):
+            load_weights(scorers[name], name)
     bar = tqdm(total=len(todo), desc="rewards", unit="img", disable=not progress)
     with JsonlAppender(outfile) as out:
         for names, group in groups.items():

@@ -122,6 +122,30 @@ class Scorer:
         return self
 
 
+def load_weights(scorer: Scorer, name: str | None = None) -> Scorer:
+    """Load a scorer's lazily loaded weights now (``scorer.load()``, and its ``backbone``'s).
+
+    A model neither in the hub cache nor reachable is an ``OSError`` of one line naming the reward
+    (``name``, default its first key): the hub library's own message names neither the reward nor
+    the model, and its ``LocalEntryNotFoundError`` is also a ``FileNotFoundError``, which the
+    commands would report as bad input rather than as the environment."""
+    from miro.io import one_line
+
+    name = name or (scorer.keys[0] if getattr(scorer, "keys", ()) else type(scorer).__name__)
+    for obj in (scorer, getattr(scorer, "backbone", None)):
+        if obj is None or not callable(getattr(obj, "load", None)):
+            continue
+        try:
+            obj.load()
+        except OSError as e:
+            from miro.download import WEIGHTS
+
+            fetch = f"fetch it once with `miro download {name}` where a network exists, or " if name in WEIGHTS else ""
+            raise OSError(f"could not load the model of reward {name!r} ({type(e).__name__}: {one_line(e)}); "
+                          f"{fetch}pass a local folder as its model= argument") from e
+    return scorer
+
+
 # name -> factory(**kwargs) -> Scorer. Filled by the modules that define scorers.
 REGISTRY: dict[str, Callable[..., Scorer]] = {}
 

@@ -90,6 +90,19 @@ def test_colors_and_color_attr():
     assert not verdict(md2, [det("car", 0, 0, color="green"), det("cup", 30, 0, color="red")]).correct
 
 
+def test_color_clause_needs_every_found_object_in_colour_and_skips_position_when_it_fails():
+    """A colour clause of count N needs N found objects of that colour (one is not enough); when it
+    fails, the clause's position is not checked, so the colour is the only reason given."""
+    md = {"tag": "counting", "include": [{"class": "car", "count": 2, "color": "red"}]}
+    assert verdict(md, [det("car", 0, 0, color="red"), det("car", 30, 0, color="red")]).correct
+    v = verdict(md, [det("car", 0, 0, color="red"), det("car", 30, 0, color="blue")])
+    assert not v.correct and v.reason == "expected red car>=2, found 1 red; and 1 red, 1 blue"
+    md2 = {"tag": "position", "include": [{"class": "dog", "count": 1},
+                                          {"class": "cat", "count": 1, "color": "red", "position": ["right of", 0]}]}
+    v2 = verdict(md2, [det("dog", 40, 40), det("cat", 10, 40, color="blue")])
+    assert not v2.correct and v2.reasons == ["expected red cat>=1, found 0 red; and 1 blue"]
+
+
 def test_color_fn_is_used_when_detections_have_no_colour():
     md = {"tag": "colors", "include": [{"class": "car", "count": 2, "color": "red"}]}
     calls = []
@@ -128,6 +141,11 @@ def test_max_objects_and_nms():
     assert len(kept["cat"]) == 16 and kept["cat"][0].score == pytest.approx(0.69)
     # identical boxes collapse to one with NMS, survive without it
     assert len(filter_detections(dets, "x", GenEvalOptions(max_overlap=0.5))["cat"]) == 1
+    # NMS keeps a box only when its IoU with a kept one is below max_overlap (GenEval: `iou < NMS_THRESHOLD`)
+    pair = [Detection("cat", 0.9, (0, 0, 9, 9)), Detection("cat", 0.8, (0, 0, 9, 4))]  # IoU 50/100
+    assert box_iou(pair[0].bbox, pair[1].bbox) == 0.5
+    assert len(filter_detections(pair, "x", GenEvalOptions(max_overlap=0.5))["cat"]) == 1
+    assert len(filter_detections(pair, "x", GenEvalOptions(max_overlap=0.51))["cat"]) == 2
     assert verdict(md, dets).correct
     assert box_iou((0, 0, 9, 9), (0, 0, 9, 9)) == 1.0
     assert box_iou((0, 0, 9, 9), (10, 0, 19, 9)) == 0.0

@@ -214,3 +214,18 @@ def test_unreadable_images_are_counted_on_screen_by_both_scoring_commands(tmp_pa
         assert lines[-1] == "overall: 1.00000"
         assert f"{scored}, 1 unreadable (skipped, retried on the next run)" in lines
     assert json.loads((out / "shapes_eval_summary.json").read_text())["corrupt_images"] == 1
+
+
+def test_ground_truth_pipeline_keeps_copies_of_a_prompt_adjacent():
+    """Image k of a call renders prompt k // num_images_per_prompt (copies of a prompt adjacent, as
+    the pipeline's repeat_interleave) from the k-th seed drawn from the generator."""
+    import numpy as np
+    import torch
+
+    gt = GroundTruthPipeline(resolution=W.MIN_RESOLUTION)
+    prompts = ["a red circle", "two blue squares"]
+    imgs = gt(prompts, num_images_per_prompt=2, generator=torch.Generator().manual_seed(0))
+    seeds = gt.prepare_noise(4, torch.Generator().manual_seed(0)).tolist()
+    for k, (img, seed) in enumerate(zip(imgs, seeds)):
+        ref = render_prompt(prompts[k // 2], int(seed), W.MIN_RESOLUTION)
+        assert np.array_equal(np.asarray(img), np.asarray(ref)), k

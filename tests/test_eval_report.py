@@ -60,6 +60,31 @@ def test_report_renders_tables_grids_and_plots(tmp_path):
     assert Image.open(out / "samples.png").size == (2 * 128 + 2, 2 * 128 + 2)  # 2 prompts x 2 samples, 2 px gaps
 
 
+def test_a_report_killed_while_writing_leaves_whole_files(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import pytest
+
+    run = _run(tmp_path / "run")
+    out = R.build_report(run).parent
+    before = (out / "samples.png").read_bytes()
+    real_save = Image.Image.save
+
+    def killed(self, fp, format=None, **kw):  # half the PNG reaches the disk, then the process dies
+        real_save(self, fp, format=format, **kw)
+        Path(fp).write_bytes(Path(fp).read_bytes()[:100])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        R.build_report(run)
+    monkeypatch.undo()
+    assert (out / "samples.png").read_bytes() == before
+    (out / ".rewards_hist.png.k1ll3d.tmp").write_bytes(b"cut")  # a SIGKILL skips the temp's cleanup
+    R.build_report(run)
+    assert not list(out.glob(".*"))
+
+
 def test_published_checkpoint_gets_paper_columns(tmp_path):
     run = _run(tmp_path / "run", model="nicolas-dufour/miro")
     text = R.build_report(run).read_text()

@@ -20,6 +20,7 @@ from miro.eval import paper_numbers as P
 from miro.eval import plots
 from miro.eval.folder import read_folder, read_jsonl
 from miro.eval.geneval_rules import GENEVAL_TAGS
+from miro.io import atomic_path, atomic_write_text
 
 
 def _load(path: Path):
@@ -215,11 +216,17 @@ def _sweep_section(doc: _Doc, run: Path, outdir: Path, row: str | None):
     doc.img("sweep.png", "reward sweep")
     skipped: list = []
     try:
-        sweep_grid(sweep_dir, sweep["targets"], skipped=skipped).save(outdir / "sweep_grid.png")
+        _save_png(sweep_grid(sweep_dir, sweep["targets"], skipped=skipped), outdir / "sweep_grid.png")
         doc.img("sweep_grid.png", "sweep grid: rows = prompts, columns = targets")
         _unreadable_note(doc, skipped)
     except ValueError:
         pass
+
+
+def _save_png(image, path: Path) -> None:
+    """Atomically, as every other report file: a killed report leaves the previous grid, never a cut one."""
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def _spread(entries: list, k: int) -> list:
@@ -256,6 +263,8 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, max_prom
                          f"({', '.join(_RESULT_FILES)}); pass the folder `miro eval generate` or `miro eval all` wrote")
     outdir = Path(outdir) if outdir else run / "report"
     outdir.mkdir(parents=True, exist_ok=True)
+    for tmp in outdir.glob(".*.tmp"):  # what a report killed while writing left (miro.io.atomic_path's names)
+        tmp.unlink(missing_ok=True)
     gen = _load(run / "generation.json") or {}
     cfg = gen.get("config", {})
     row = P.paper_row(cfg.get("model"), cfg.get("variant"))
@@ -273,7 +282,7 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, max_prom
         for e in entries:
             paths += e.samples + [e.samples[-1]] * (ncols - len(e.samples))
         skipped: list = []
-        plots.image_grid(paths, ncols, skipped=skipped).save(outdir / "samples.png")
+        _save_png(plots.image_grid(paths, ncols, skipped=skipped), outdir / "samples.png")
         doc.h(2, "Samples")
         doc.img("samples.png", "samples: one row per prompt")
         _unreadable_note(doc, skipped)
@@ -286,6 +295,6 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, max_prom
     if judge:
         doc.h(2, "MLLM judge" + (f" ({judge['rubric']} rubric)" if judge.get("rubric") else ""))
         doc.table(["field", "mean", "n"], [[k, v["mean"], v["n"]] for k, v in judge.get("fields", {}).items()])
-    (outdir / "report.md").write_text(doc.markdown(), encoding="utf-8")
-    (outdir / "report.html").write_text(doc.html(title), encoding="utf-8")
+    atomic_write_text(outdir / "report.md", doc.markdown())
+    atomic_write_text(outdir / "report.html", doc.html(title))
     return outdir / "report.md"

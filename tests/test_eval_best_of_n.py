@@ -42,6 +42,8 @@ def test_expected_best_matches_enumeration(seed):
 def test_prefix_best_and_curve_arithmetic():
     assert B.prefix_best([3, 1, 5, 2], [30, 10, 50, 20], 2) == 30
     assert B.prefix_best([3, 1, 5, 2], [30, 10, 50, 20], 4) == 50
+    assert B.prefix_best([1, 3, 5, 2], [10, 30, 50, 20], 2) == 30  # the first n, scores and values alike
+    assert B.prefix_best([2, 2, 1], [10, 20, 30], 3) == 20  # a tie goes to the higher sample index
     assert B.default_ns(128) == [1, 2, 4, 8, 16, 32, 64, 128] and B.default_ns(6) == [1, 2, 4, 6]
     recs = []
     for i, (sel, val) in enumerate([([1, 3, 2, 0], [0.1, 0.3, 0.2, 0.0]), ([4, 4, 1, 2], [1.0, 2.0, 3.0, 4.0])]):
@@ -61,6 +63,21 @@ def test_prefix_best_and_curve_arithmetic():
         B.curve(recs, "sel", ns=[8])
     with pytest.raises(ValueError, match="mode"):
         B.curve(recs, "sel", mode="max")
+
+
+def test_curve_with_uneven_prompts_uses_the_smallest_candidate_count():
+    """When prompts have different numbers of scored candidates, every prompt's curve uses its first
+    N candidates, N the smallest count; larger n is refused."""
+    recs = []
+    for i, (sel, val) in enumerate([([1, 3, 2], [0.1, 0.3, 0.2]), ([2, 1, 0, 9], [2.0, 1.0, 0.0, 9.0])]):
+        for j in range(len(sel)):
+            recs.append({"filename": f"{i:05d}/samples/{j:04d}.png", "index": i, "sample": j, "tag": "t",
+                         "prompt": "p", "sel": float(sel[j]), "val": float(val[j])})
+    c = B.curve(recs, "sel", ["val"], ns=[1, 3], mode="expected")
+    assert c["candidates"] == 3 and c["candidates_per_prompt"] == [3, 4]
+    assert c["values"]["val"] == [pytest.approx((0.2 + 1.0) / 2), pytest.approx((0.3 + 2.0) / 2)]
+    with pytest.raises(ValueError, match="only 3 scored candidates"):
+        B.curve(recs, "sel", ns=[4])
 
 
 def test_write_best_folder_copies_the_argmax(tmp_path):

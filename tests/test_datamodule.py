@@ -1,5 +1,6 @@
 import json
 import math
+import re
 import warnings
 
 import numpy as np
@@ -285,3 +286,35 @@ def test_spread_ties_draw_per_sample_and_replace_the_files_rule(tmp_path):
     assert json.loads(path.read_text())["ties"] == {"q": "spread"}
     with pytest.raises(ValueError, match=r"bin_ties: tie rules name rewards \['zz'\] that are not binned"):
         MiroDataModule(_cfg(d, bin_ties={"zz": "spread"}, **kw)).prepare()
+
+
+def test_cached_bins_are_reused_only_when_they_are_the_runs(tmp_path):
+    """A reward_bins.json beside a run (a dry run's, an earlier run's) sets the training targets only
+    when it holds the run's rewards and num_bins; a resumed run refuses another; "refit" ignores it."""
+    from miro.rewards.binning import RewardBins
+
+    d = _shards(tmp_path, 2, 20)
+    path = tmp_path / "reward_bins.json"
+    fitted = MiroDataModule(_cfg(d, num_bins=4, bins_path=str(path)))
+    fitted.prepare()
+    mine = RewardBins(4, {"r": [0, 1, 2, 3, 100], "q": [0, 1, 2, 3, 100]})  # not the data's edges
+    assert mine.edges != fitted.bins.edges
+    mine.save(path)
+    reused = MiroDataModule(_cfg(d, num_bins=4, bins_path=str(path)))
+    reused.prepare()
+    assert reused.bins.edges == mine.edges  # the run's settings: the cache is used as it is
+    refit = MiroDataModule(_cfg(d, num_bins=4, bins_path=str(path), bins_cache="refit"))
+    refit.prepare()
+    assert refit.bins.edges == fitted.bins.edges and RewardBins.load(path).edges == fitted.bins.edges
+    for kw, what in ((dict(num_bins=8), "4 bins where the run asks num_bins=8"),
+                     (dict(reward_keys=["r"]), "rewards ['q', 'r'] where the run conditions on ['r']")):
+        fitted.bins.save(path)
+        with pytest.raises(ValueError, match=re.escape(what) + ".*a resumed run keeps the bins it was trained with"):
+            MiroDataModule(_cfg(d, bins_path=str(path), bins_cache="keep", **{"num_bins": 4, **kw})).prepare()
+        with pytest.warns(UserWarning, match=re.escape(what) + ": fitting the run's own bins"):
+            dm = MiroDataModule(_cfg(d, bins_path=str(path), **{"num_bins": 4, **kw}))
+            dm.prepare()
+        assert dm.bins.num_bins == kw.get("num_bins", 4) and dm.bins.keys == kw.get("reward_keys", ["r", "q"])
+        assert RewardBins.load(path).to_dict() == dm.bins.to_dict()  # the file is the run's now
+    with pytest.raises(ValueError, match="bins_cache must be one of reuse, keep, refit; got 'x'"):
+        MiroDataModule(_cfg(d, bins_cache="x")).prepare()

@@ -209,7 +209,9 @@ def test_overwrite_replaces_old_checkpoints_and_start_line(data_dir, tmp_path, c
     n = torch.get_num_threads()
     ov = tiny_overrides(data_dir, tmp_path, steps=2, every=2,
                         extra=["resume=null", "checkpoint.overwrite=true", "scheduler.warmup_steps=1"])
-    assert cli.main(ov + ["--dry-run"]) == 0  # a dry run deletes nothing
+    (d / "reward_bins.json").write_text('{"num_bins": 2, "edges": {}}')  # the old run's (other data, other bins)
+    assert cli.main(ov + ["--dry-run"]) == 0  # a dry run deletes nothing, and rewrites nothing
+    assert (d / "reward_bins.json").read_text() == '{"num_bins": 2, "edges": {}}'
     assert {"last.ckpt", "step=6.ckpt", ".last.ckpt.abcd1234.tmp"} <= set(os.listdir(d))
     capsys.readouterr()
     assert cli.main(ov) == 0
@@ -218,7 +220,29 @@ def test_overwrite_replaces_old_checkpoints_and_start_line(data_dir, tmp_path, c
     assert "starting fresh, replacing 4 checkpoint(s) of the previous run (checkpoint.overwrite=true)" in out
     assert f"removed 1 stale temp file(s) (.*.tmp) that an interrupted save left in {d}" in out
     assert calls == [None]
-    assert sorted(p.name for p in d.iterdir() if p.is_file()) == ["reward_bins.json"]  # fitted by the dry run, kept
+    assert sorted(p.name for p in d.iterdir() if p.is_file()) == ["reward_bins.json"]
+    assert '"num_bins": 64' in (d / "reward_bins.json").read_text()  # the new run's own, not the old run's
+
+
+def test_bins_of_other_settings_are_refit_for_a_fresh_run_and_refused_on_resume(data_dir, tmp_path, capsys):
+    """A dry run leaves reward_bins.json beside the run; a run with another rewards.num_bins fits its
+    own instead of training on the cached ones; a resumed run refuses bins of other settings."""
+    import json
+
+    n = torch.get_num_threads()
+    ov = tiny_overrides(data_dir, tmp_path)
+    bins = _ckpt_dir(tmp_path) / "reward_bins.json"
+    assert cli.main(ov + ["--dry-run"]) == 0
+    assert json.loads(bins.read_text())["num_bins"] == 64
+    with pytest.warns(UserWarning, match="64 bins where the run asks num_bins=4: fitting the run's own bins"):
+        assert cli.main(ov + ["rewards.num_bins=4", "--dry-run"]) == 0
+    assert json.loads(bins.read_text())["num_bins"] == 4
+    _finished_run(tmp_path)
+    capsys.readouterr()
+    assert cli.main(ov + ["--dry-run"]) == 2  # resumes from last.ckpt, trained on 4 bins
+    torch.set_num_threads(n)
+    assert "holds 4 bins where the run asks num_bins=64; a resumed run keeps the bins it was trained with" in _err_line(capsys)
+    assert json.loads(bins.read_text())["num_bins"] == 4  # left as it was
 
 
 def test_resume_start_line_names_the_step(data_dir, tmp_path, capsys):

@@ -54,6 +54,10 @@ class DataConfig:
     bin_ties: str | dict[str, str] = "midrank"
     bins_sample_size: int = 100_000  # samples used to fit bin edges (CAD: <= 100,001)
     bins_path: str | None = None  # reward_bins.json cache; None: inside data_dir's index cache
+    # What a cached bins file is worth (BINS_CACHE): "reuse" it when it has this run's rewards and
+    # num_bins, else fit anew (a fresh run); "keep" it, a mismatch being an error (a resumed run
+    # trained on it); "refit" regardless (a fresh run replacing an old run's checkpoints).
+    bins_cache: str = "reuse"
     image_source: str = "latents"  # "latents" (vae_embeddings_*.npy) or "pixels" (the image, in [-1, 1])
     latent_resolution: int = 256  # which latent moments to read (256 or 512)
     image_size: int | None = None  # pixels: centre-crop to 1:1, then resize (bicubic) to this size
@@ -80,12 +84,14 @@ def _is_int(value) -> bool:
 IMAGE_SOURCES = ("latents", "pixels")
 TEXT_SOURCES = ("precomputed", "on_the_fly", "auto")  # "auto" is resolved by MiroDataModule.prepare
 LOADER_MODES = ("indexed", "resampled")
+BINS_CACHE = ("reuse", "keep", "refit")
 
 
 def check_config(cfg: DataConfig) -> None:
     """One-line ``ValueError`` naming the first bad setting: a configuration error must surface
     as an error before any sample is read, never as a stream of "corrupt" samples."""
-    for key, allowed in (("image_source", IMAGE_SOURCES), ("text_source", TEXT_SOURCES), ("mode", LOADER_MODES)):
+    for key, allowed in (("image_source", IMAGE_SOURCES), ("text_source", TEXT_SOURCES), ("mode", LOADER_MODES),
+                         ("bins_cache", BINS_CACHE)):
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {getattr(cfg, key)!r}")
     if not isinstance(cfg.synthetic_caption_rate, (int, float)) or not 0.0 <= cfg.synthetic_caption_rate <= 1.0:
@@ -420,8 +426,9 @@ class MiroDataModule(LightningDataModule):
             raise ValueError(f"bin_ties: {e}") from None
         if cfg.reward_keys and self.bins is None:
             path = Path(cfg.bins_path) if cfg.bins_path else None
-            if path is not None and path.exists():
-                self.bins = RewardBins.load(path)
+            if path is not None and path.exists() and cfg.bins_cache != "refit":
+                self.bins = self._cached_bins(path)
+            if self.bins is not None:
                 if self.bins.ties != cfg.bin_ties:  # the edges are the data's; the tie rule is the run's
                     warnings.warn(f"{path}: tie rule {self.bins.ties!r} replaced by the run's {cfg.bin_ties!r}")
                     self.bins.ties = cfg.bin_ties
@@ -435,6 +442,24 @@ class MiroDataModule(LightningDataModule):
             absent = [k for k in cfg.reward_keys if k not in self.bins.edges]
             if absent:
                 raise ValueError(f"reward bins lack {absent}; have {self.bins.keys}")
+
+    def _cached_bins(self, path: Path) -> RewardBins | None:
+        """The bins in ``path`` when they are this run's (its rewards, its ``num_bins``); otherwise
+        None (fit anew) or, for a resumed run (``bins_cache="keep"``), an error: a cache left by a
+        dry run or an earlier run with other settings must not silently set this run's targets."""
+        cfg, bins = self.cfg, RewardBins.load(path)
+        diff = []
+        if bins.num_bins != cfg.num_bins:
+            diff.append(f"{bins.num_bins} bins where the run asks num_bins={cfg.num_bins}")
+        if sorted(bins.keys) != sorted(cfg.reward_keys):
+            diff.append(f"rewards {sorted(bins.keys)} where the run conditions on {sorted(cfg.reward_keys)}")
+        if not diff:
+            return bins
+        if cfg.bins_cache == "keep":
+            raise ValueError(f"{path} holds {' and '.join(diff)}; a resumed run keeps the bins it was trained "
+                             f"with: resume with their settings, or start a new run under another experiment_name")
+        warnings.warn(f"{path} holds {' and '.join(diff)}: fitting the run's own bins, which replace it")
+        return None
 
     def _check_members(self) -> None:
         """A member the settings need that no shard holds is a configuration error (e.g. the wrong

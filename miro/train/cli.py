@@ -105,7 +105,11 @@ def build(cfg: dict, plan: dict | None = None, with_trainer: bool = True):
     dcfg = DataConfig(data_dir=str(cfg["data_dir"]), reward_keys=[] if uninformative else list(cfg["rewards"]["keys"]),
                       num_bins=int(cfg["rewards"]["num_bins"]), bin_ties=cfg["rewards"].get("ties", "midrank"),
                       bins_sample_size=int(cfg["rewards"]["bins_sample_size"]),
-                      bins_path=str(ckpt_dir / "reward_bins.json"), batch_size=per_rank_batch(cfg),
+                      # A resumed run keeps its bins; checkpoint.overwrite=true fits the new run's own, and
+                      # its dry run leaves the old run's file alone (it deletes nothing).
+                      bins_path=None if plan["replace"] and not with_trainer else str(ckpt_dir / "reward_bins.json"),
+                      bins_cache="keep" if plan["resume"] else "refit" if plan["replace"] else "reuse",
+                      batch_size=per_rank_batch(cfg),
                       seed=int(cfg["seed"]), **d)
     dm = MiroDataModule(dcfg)
     try:

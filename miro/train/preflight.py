@@ -155,8 +155,8 @@ LOGGERS = ("csv", "tensorboard", "none")  # _logger
 
 
 # data keys filled in from other sections (rewards.*, data_dir, seed) or derived (batch_size)
-_DERIVED_DATA_KEYS = {"data_dir", "reward_keys", "num_bins", "bin_ties", "bins_sample_size", "bins_path", "batch_size",
-                      "seed"}
+_DERIVED_DATA_KEYS = {"data_dir", "reward_keys", "num_bins", "bin_ties", "bins_sample_size", "bins_path", "bins_cache",
+                      "batch_size", "seed"}
 
 
 _STEP_CKPT = re.compile(r"^step=(\d+)\.ckpt$")  # checkpoint_callback's file name

@@ -118,6 +118,27 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(bert_dir, tmp_path):
     assert steps == [1, 2, 3]
 
 
+def test_resume_refuses_other_settings_but_may_run_longer(bert_dir, tmp_path):
+    """A rerun into a run's out_dir continues it only with the settings it was trained with: another
+    lr or seed would splice two runs under one name. How long it runs may change."""
+    from miro.align.trainer import settings_changes
+
+    _trainer(MiroTarget(make_pipe(bert_dir)), tmp_path, 2, rollout_steps=2).fit()
+    other = _trainer(MiroTarget(make_pipe(bert_dir)), tmp_path, 3, rollout_steps=2, seed=7)
+    other.optim_cfg = OptimConfig(lr=1e-3, max_grad_norm=1.0)
+    before = (tmp_path / "checkpoints" / "last.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"last.pt was trained with other settings \(optim.lr: 0.002 -> 0.001; "
+                                         r"train.seed: 42 -> 7\): resume with them"):
+        other.fit()
+    assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == before
+    longer = _trainer(MiroTarget(make_pipe(bert_dir)), tmp_path, 3, rollout_steps=2, checkpoint_every=5)
+    assert len(longer.fit()) == 1  # steps 3 only: resumed at 2
+    saved = {"step": {"schedule": {"a": 1}, "discount_inv": (0.3, 0.01)}, "train": {"max_steps": 2}}
+    assert settings_changes(saved, {"step": {"schedule": {"a": 2}, "discount_inv": [0.3, 0.01]},
+                                    "train": {"max_steps": 9}}) == ["step.schedule.a: 1 -> 2"]
+    assert settings_changes(None, saved) == []
+
+
 def test_miro_lora_roundtrip_and_merge(bert_dir, tmp_path):
     from miro.align.lora import LoraSettings, add_miro_lora, load_miro_lora, merge_lora_state_dict, save_miro_lora
 

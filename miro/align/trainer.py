@@ -184,15 +184,23 @@ class SRPOTrainer:
     def _trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().cpu().clone() for n, p in self._module.named_parameters() if p.requires_grad}
 
+    def _settings(self) -> dict:
+        return {"step": asdict(self.step_cfg), "optim": asdict(self.optim_cfg), "train": asdict(self.cfg)}
+
     def save_checkpoint(self, step: int) -> None:
         if self.fabric.global_rank == 0:
             state = {"step": step, "trainable": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
-                     "config": {"step": asdict(self.step_cfg), "optim": asdict(self.optim_cfg), "train": asdict(self.cfg)}}
+                     "config": self._settings()}
             atomic_torch_save(state, self.ckpt_path)
         self.fabric.barrier()
 
     def load_checkpoint(self) -> int:
         state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+        changed = settings_changes(state.get("config"), self._settings())
+        if changed:  # exact resume replays the run's own steps; other settings would splice two runs
+            raise ValueError(f"{self.ckpt_path} was trained with other settings ({'; '.join(changed[:4])}"
+                             f"{'; ...' if len(changed) > 4 else ''}): resume with them, write this run to another "
+                             f"train.out_dir, or start over there with train.resume=false")
         params = dict(self._module.named_parameters())
         missing = [n for n in state["trainable"] if n not in params]
         if missing:
@@ -266,6 +274,29 @@ class SRPOTrainer:
             bar.close()
         self.target.set_trainable_module(module)
         return history
+
+
+# train.* keys a resumed run may change: how long it runs, how it reports and which launcher runs it,
+# not what each step computes (seed, batch, ranks, precision)
+RESUME_MAY_CHANGE = {"max_steps", "checkpoint_every", "log_every", "out_dir", "resume", "progress", "accelerator",
+                     "strategy"}
+
+
+def settings_changes(saved: dict | None, current: dict) -> list[str]:
+    """``section.key: saved -> current`` for every setting of ``current`` that a checkpoint written
+    with ``saved`` settings was not trained with (none for a checkpoint without settings)."""
+    if not saved:
+        return []
+
+    def flat(d: dict, prefix: str = "") -> dict:  # nested sections (step.schedule, step.prompts) as dotted keys
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    old, new = (flat(json.loads(json.dumps(d, default=str))) for d in (saved, current))  # tuples as lists
+    return [f"{key}: {old[key]!r} -> {value!r}" for key, value in new.items()
+            if key in old and old[key] != value and key.removeprefix("train.") not in RESUME_MAY_CHANGE]
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -163,17 +163,11 @@ def build(cfg: dict, plan: dict | None = None, with_trainer: bool = True):
     strategy = comp["strategy"]
     accum = accumulation(cfg)
     if strategy == "ddp":
-        from lightning.pytorch.strategies import DDPStrategy
+        from miro.train.ddp import StaticGraphDDPStrategy
 
-        if accum == 1:
-            # static_graph (published): flow_loss builds the same autograd graph every step (the
-            # self-conditioning pass runs under no_grad and is masked; dropout is torch.where), and
-            # unused parameters (logvar_proj without reweighting) are handled once.
-            strategy = DDPStrategy(static_graph=True, gradient_as_bucket_view=True, bucket_cap_mb=200)
-        else:
-            # static_graph trips an internal DDP assert under no_sync (Lightning's accumulation
-            # steps; verified on torch 2.13 gloo), so accumulation uses find_unused_parameters.
-            strategy = DDPStrategy(find_unused_parameters=True, gradient_as_bucket_view=True, bucket_cap_mb=200)
+        # static_graph (published), with or without gradient accumulation (miro/train/ddp.py: a
+        # plain static graph breaks under Lightning's no_sync accumulation steps).
+        strategy = StaticGraphDDPStrategy(gradient_as_bucket_view=True, bucket_cap_mb=200)
     tr = cfg["trainer"]
     trainer = Trainer(accelerator=comp["accelerator"], devices=comp["devices"], num_nodes=comp["num_nodes"],
                       max_time=_max_time(tr.get("max_time")),

@@ -165,7 +165,7 @@ def test_ddp_sigkill_then_resume_continues_the_data_and_the_weights(ddp_indexed,
         # The first step after a restart all-reduces every micro-batch (miro/train/ddp.py) where
         # the uninterrupted run accumulated locally: the sums differ in rounding only, which
         # Adam amplifies for the few parameters whose gradient is ~0 (key-norm biases).
-        torch.testing.assert_close(s[0]["state"][name], w, rtol=1e-4, atol=2e-4, msg=name)
+        torch.testing.assert_close(s[0]["state"][name], w, rtol=1e-4, atol=5e-5, msg=name)  # measured: 6e-6
 
 
 # -- one process, DataLoader workers -------------------------------------------------------------

@@ -318,3 +318,31 @@ def test_cached_bins_are_reused_only_when_they_are_the_runs(tmp_path):
         assert RewardBins.load(path).to_dict() == dm.bins.to_dict()  # the file is the run's now
     with pytest.raises(ValueError, match="bins_cache must be one of reuse, keep, refit; got 'x'"):
         MiroDataModule(_cfg(d, bins_cache="x")).prepare()
+
+
+def test_only_rank_zero_writes_the_bins(tmp_path, monkeypatch):
+    """Under srun or torchrun every rank prepares the data at once, before any process group exists:
+    each fits the same seeded bins, and only global rank 0 (from the launcher's variables) writes them."""
+    from miro.data.datamodule import launch_rank
+
+    d = _shards(tmp_path, 2, 20)
+    path = tmp_path / "reward_bins.json"
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    assert launch_rank() == 0
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    assert launch_rank() == 3
+    monkeypatch.setenv("RANK", "1")  # torchrun's global rank comes first, as for Lightning's rank_zero_only
+    assert launch_rank() == 1
+    other = MiroDataModule(_cfg(d, bins_path=str(path)))
+    other.prepare()
+    assert not path.exists()
+    monkeypatch.setenv("RANK", "0")
+    zero = MiroDataModule(_cfg(d, bins_path=str(path)))
+    zero.prepare()
+    assert path.exists() and zero.bins.to_dict() == other.bins.to_dict()
+    monkeypatch.setenv("RANK", "1")
+    before = path.read_bytes()
+    with pytest.warns(UserWarning, match="tie rule 'midrank' replaced"):
+        MiroDataModule(_cfg(d, bins_path=str(path), bin_ties="spread")).prepare()
+    assert path.read_bytes() == before  # rank 1 rewrites nothing either

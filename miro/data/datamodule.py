@@ -20,6 +20,7 @@ uses its synthetic caption and then the rewards stored under ``synthetic_<key>``
 from __future__ import annotations
 
 import math
+import os
 import re
 import struct
 import tarfile
@@ -85,6 +86,17 @@ IMAGE_SOURCES = ("latents", "pixels")
 TEXT_SOURCES = ("precomputed", "on_the_fly", "auto")  # "auto" is resolved by MiroDataModule.prepare
 LOADER_MODES = ("indexed", "resampled")
 BINS_CACHE = ("reuse", "keep", "refit")
+
+
+def launch_rank() -> int:
+    """This process's global rank as its launcher announces it, before any process group exists: the
+    variables Lightning's ``rank_zero_only`` reads (torchrun's RANK, Lightning's own LOCAL_RANK,
+    srun's SLURM_PROCID, jsrun's JSM_NAMESPACE_RANK), in its order; 0 for a single process."""
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        value = os.environ.get(key, "")
+        if value.isdigit():
+            return int(value)
+    return 0
 
 
 def check_config(cfg: DataConfig) -> None:
@@ -432,11 +444,13 @@ class MiroDataModule(LightningDataModule):
                 if self.bins.ties != cfg.bin_ties:  # the edges are the data's; the tie rule is the run's
                     warnings.warn(f"{path}: tie rule {self.bins.ties!r} replaced by the run's {cfg.bin_ties!r}")
                     self.bins.ties = cfg.bin_ties
-                    self.bins.save(path)
+                    if launch_rank() == 0:
+                        self.bins.save(path)
             else:
                 self.bins = fit_reward_bins(self.data, list(cfg.reward_keys), cfg.num_bins, cfg.bins_sample_size,
                                             cfg.seed, cfg.bin_ties)
-                if path is not None:
+                # every rank fits the same bins (seeded); one writes them, as one writes checkpoints
+                if path is not None and launch_rank() == 0:
                     self.bins.save(path)
         if self.bins is not None:
             absent = [k for k in cfg.reward_keys if k not in self.bins.edges]

@@ -389,3 +389,64 @@ def test_a_request_whose_client_left_is_not_generated(pipe):
     status, body = handle_generate(Counting(), _req(), still_wanted=lambda: False)
     assert status == 499 and "closed the connection" in body["error"] and not calls
     assert handle_generate(Counting(), _req(), still_wanted=lambda: True)[0] == 200 and calls == [1]
+
+
+def _raw(server, request: bytes) -> bytes:
+    import socket
+
+    host, port = server.server_address[:2]
+    with socket.create_connection((host, port), timeout=20) as s:
+        s.sendall(request)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+def test_loopback_server_refuses_foreign_host_headers_and_odd_lengths(pipe):
+    server = make_server(pipe, "127.0.0.1", 0, model_name="tiny", quiet=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        assert server.loopback
+        port = server.server_address[1]
+        # a page on a rebound DNS name sends its own name as Host: refused before anything runs
+        for host in (b"evil.example:%d" % port, b"127.0.0.1.evil.example", b"[::1"):
+            out = _raw(server, b"GET /api/info HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+            assert out.startswith(b"HTTP/1.1 403") and b"is not allowed" in out, out[:200]
+        body = json.dumps(_req()).encode()
+        out = _raw(server, b"POST /api/generate HTTP/1.1\r\nHost: evil.example\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        assert out.startswith(b"HTTP/1.1 403")
+        for host in (b"localhost:%d" % port, b"127.0.0.1:%d" % port, b"LOCALHOST", b"[::1]:%d" % port):
+            out = _raw(server, b"GET /api/info HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+            assert out.startswith(b"HTTP/1.1 200"), (host, out[:200])
+        # "\xb2" (superscript two) passes str.isdigit(), not int(): a 411, not a dropped connection
+        out = _raw(server, b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: \xb2\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 411"), out[:200]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_cli_warns_when_listening_beyond_loopback(pipe, monkeypatch, capsys):
+    import miro.demo.server as server_mod
+    import miro.generate_cli as gen
+
+    monkeypatch.setattr(gen, "load_pipeline", lambda *a, **k: pipe)
+
+    def stop(self, poll_interval=0.5):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(server_mod.DemoServer, "serve_forever", stop)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        assert demo_main(["--host", "127.0.0.1", "--port", "0", "--device", "cpu", "--quiet"]) == 0
+        assert "warning" not in capsys.readouterr().err
+        assert demo_main(["--host", "0.0.0.0", "--port", "0", "--device", "cpu", "--quiet"]) == 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    err = capsys.readouterr().err
+    assert "warning: listening on 0.0.0.0" in err and "no authentication" in err

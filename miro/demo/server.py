@@ -11,6 +11,7 @@ limits), ``POST /api/generate`` (JSON in and out, see :mod:`miro.demo.handlers`)
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import select
@@ -22,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from miro.demo.handlers import DemoLimits, GenerationQueue, handle_generate, handle_info
 
@@ -41,6 +43,7 @@ class DemoServer(ThreadingHTTPServer):
         self.lock = GenerationQueue()
         self.page = resources.files("miro.demo").joinpath(PAGE).read_bytes()
         super().__init__(address, DemoHandler)
+        self.loopback = _is_loopback(self.server_address[0])
 
     @property
     def url(self) -> str:
@@ -59,6 +62,8 @@ class DemoHandler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------------------------ routes
     def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+        if not self._host_allowed():
+            return
         path = self.path.split("?", 1)[0]
         if path in ("/", "/index.html"):
             self._send(HTTPStatus.OK, self.server.page, "text/html; charset=utf-8")
@@ -70,6 +75,8 @@ class DemoHandler(BaseHTTPRequestHandler):
             self._send_json(404, {"error": f"no such path {path!r}; try / or /api/info", "field": None})
 
     def do_POST(self) -> None:  # noqa: N802
+        if not self._host_allowed():
+            return
         path = self.path.split("?", 1)[0]
         if path != "/api/generate":
             self.close_connection = True  # the body is not read: it must not be parsed as the next request
@@ -88,6 +95,25 @@ class DemoHandler(BaseHTTPRequestHandler):
         self._send_json(status, body)
 
     # ----------------------------------------------------------------------------- helpers
+    def _host_allowed(self) -> bool:
+        """On a loopback address, only requests addressed to a loopback name (localhost,
+        127.0.0.1, [::1]; or no Host header) are served. A web site whose DNS name is re-pointed at
+        127.0.0.1 (DNS rebinding) is same-origin for the browser, so the JSON-only rule below would
+        not keep its page from starting generations; its requests carry its own name as Host."""
+        host = self.headers.get("Host")
+        if not self.server.loopback or host is None:
+            return True
+        try:
+            name = urlsplit(f"//{host}").hostname or ""
+        except ValueError:  # e.g. an unclosed "[" bracket
+            name = ""
+        if name == "localhost" or _is_loopback(name):
+            return True
+        self.close_connection = True  # a POST body is not read: it must not be parsed as the next request
+        self._send_json(403, {"error": f"Host {host[:100]!r} is not allowed; this server answers "
+                                       f"localhost, 127.0.0.1 and [::1] only", "field": None})
+        return False
+
     def _client_connected(self) -> bool:
         """False once the client has closed its end (its socket reads as end-of-file), so that a
         request nobody waits for any more is not generated."""
@@ -109,7 +135,8 @@ class DemoHandler(BaseHTTPRequestHandler):
                                   "field": None})
             return _ERROR
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        # ASCII digits only: str.isdigit() also accepts "²", on which int() raises
+        if length is None or not (length.isascii() and length.isdigit()):
             self._send_json(411, {"error": "a Content-Length header is required", "field": None})
             return _ERROR
         n, limit = int(length), self.server.limits.max_body_bytes
@@ -152,6 +179,13 @@ class DemoHandler(BaseHTTPRequestHandler):
 
 
 _ERROR = object()  # sentinel: an error response was already sent
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name, not an address
+        return False
 
 
 def _interrupt(signum, frame) -> None:
@@ -232,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # port in use, address not available
         print(f"miro demo: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1
+    if not server.loopback:
+        print(f"miro demo: warning: listening on {args.host}, reachable from other machines; anyone who can "
+              f"connect may generate (no authentication); use --host 127.0.0.1 to keep it local",
+              file=sys.stderr, flush=True)
     # SIGTERM stops as cleanly as Ctrl-C (serve_forever runs in this, the main, thread).
     signal.signal(signal.SIGTERM, _interrupt)
     print(f"miro demo: {name} ({', '.join(pipe.coherence_keys)}) on {device}", flush=True)

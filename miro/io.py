@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -88,9 +90,16 @@ def cache_root() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "miro"
 
 
+# Variables that decide which programs and libraries run (in this process's children: compilers,
+# torch.compile workers, srun); a .env in whatever folder miro runs from must not set them.
+_CODE_VARIABLES = re.compile(r"PATH|IFS|ENV|BASH_ENV|LD_.*|DYLD_.*|PYTHON.*")
+
+
 def load_dotenv(path: str | os.PathLike = ".env") -> dict[str, str]:
     """Read ``KEY=VALUE`` lines of ``path`` (``.env.example`` documents them) into ``os.environ``;
-    variables already set win. Returns what was set. Every ``miro`` command reads ``./.env``."""
+    variables already set win. Returns what was set. Every ``miro`` command reads ``./.env``.
+    ``PATH``, ``LD_*``, ``DYLD_*``, ``PYTHON*`` (and ``IFS``, ``ENV``, ``BASH_ENV``) are not set
+    from it, with one line on stderr: they belong in the shell."""
     p = Path(path)
     if not p.is_file():
         return {}
@@ -102,6 +111,10 @@ def load_dotenv(path: str | os.PathLike = ".env") -> dict[str, str]:
         key, value = line.split("=", 1)
         key, value = key.strip().removeprefix("export ").strip(), value.strip().strip("'\"")
         if key and key not in os.environ:
+            if _CODE_VARIABLES.fullmatch(key.upper()):
+                print(f"miro: {p}: ignoring {key}= (PATH, LD_*, DYLD_* and PYTHON* variables choose which "
+                      f"code runs; set them in the shell)", file=sys.stderr)
+                continue
             os.environ[key] = value
             set_[key] = value
     return set_

@@ -119,3 +119,18 @@ def test_cache_root_reads_the_environment_at_call_time(tmp_path, monkeypatch):
     assert cache_root() == tmp_path / "old"
     monkeypatch.setenv("MIRO_CACHE_DIR", str(tmp_path / "new"))  # and the documented one wins
     assert cache_root() == tmp_path / "new"
+
+
+def test_dotenv_does_not_set_variables_that_choose_the_code_run(tmp_path, monkeypatch, capsys):
+    from miro.io import load_dotenv
+
+    names = ("LD_PRELOAD", "LD_LIBRARY_PATH", "PYTHONPATH", "PYTHONSTARTUP", "DYLD_INSERT_LIBRARIES", "BASH_ENV")
+    for name in (*names, "MIRO_IO_TEST"):
+        monkeypatch.delenv(name, raising=False)
+    env = tmp_path / ".env"
+    env.write_text("".join(f"{n}={tmp_path}/x\n" for n in names) + "export PATH=/tmp/x\nMIRO_IO_TEST=1\n")
+    path = os.environ.get("PATH")
+    assert load_dotenv(env) == {"MIRO_IO_TEST": "1"}
+    assert os.environ.get("PATH") == path and not any(n in os.environ for n in names)
+    err = capsys.readouterr().err
+    assert "ignoring LD_PRELOAD=" in err and "ignoring PYTHONPATH=" in err and "ignoring PATH=" not in err

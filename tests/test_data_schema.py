@@ -58,3 +58,45 @@ def test_shard_selection(tmp_path):
         schema.select_shards(shards, shard_id=1, shard_range="1-2")
     with pytest.raises(ValueError, match="a-b"):
         schema.select_shards(shards, shard_range="3")
+
+
+def _tiny_tar_bytes(members):
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data, pax in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.pax_headers = len(data), pax
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_members_that_expand_beyond_the_file_are_not_read_into_memory(tmp_path, monkeypatch):
+    import gzip
+    import tarfile
+
+    from miro.data import preprocess_io, shard_files
+
+    reads = []
+    real = tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda self, m: reads.append(m) or real(self, m))
+    # a sparse member (pax GNU.sparse.*): one stored byte that reads back as 400 MB of zeros
+    sparse = tmp_path / "sparse.tar"
+    sparse.write_bytes(_tiny_tar_bytes([("a.png", b"x", {"GNU.sparse.map": "0,1", "GNU.sparse.size": str(400 << 20)}),
+                                        ("a.txt", b"y", {})]))
+    # a gzip stream named .tar: 1 MB of zeros in a member, a few kB on disk
+    packed = tmp_path / "packed.tar"
+    packed.write_bytes(gzip.compress(_tiny_tar_bytes([("b.png", bytes(1 << 20), {}), ("b.txt", b"z", {})])))
+    assert packed.stat().st_size < 10_000
+    for path in (sparse, packed):
+        stats = schema.ReadStats()
+        with pytest.warns(UserWarning, match="truncated or unreadable"):
+            assert list(schema.iter_raw_samples(path, stats)) == []
+        assert stats.truncated_shards == 1
+        if path == sparse:
+            assert "a.png is a sparse file of 419430400 bytes" in stats.errors[0]
+    assert reads == []
+    # the header-only readers take plain tars only, as the sample reader does
+    assert shard_files.tar_sample_count(packed) is None and preprocess_io.shard_keys(packed) == []

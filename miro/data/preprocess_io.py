@@ -155,7 +155,7 @@ def shard_keys(path: str | os.PathLike) -> list[str]:
     keys: list[str] = []
     seen: set[str] = set()
     try:
-        with tarfile.open(path, mode="r") as tar:
+        with tarfile.open(path, mode="r:") as tar:  # plain tars only, as the sample reader
             for info in tar:
                 if not info.isfile():
                     continue

@@ -182,6 +182,9 @@ def iter_sample_members(tar: tarfile.TarFile, size: int) -> Iterator[tuple[tarfi
     """
     end = 0
     for info in tar:
+        if info.issparse():  # its size is the expanded one: a few stored bytes may claim gigabytes
+            raise tarfile.TarError(f"member {info.name} is a sparse file of {info.size} bytes; "
+                                   "shards hold plain members only")
         end = info.offset_data + -(-info.size // 512) * 512
         if not info.isfile():
             continue
@@ -203,8 +206,12 @@ def iter_raw_samples(path: str | os.PathLike, stats: ReadStats | None = None) ->
     current: dict | None = None
     try:
         size = os.path.getsize(path)
-        with tarfile.open(path, mode="r") as tar:
+        # "r:": plain tars only. "r" would also gunzip, and a member of a compressed archive may
+        # expand a thousandfold when read into memory below.
+        with tarfile.open(path, mode="r:") as tar:
             for info, key, ext in iter_sample_members(tar, size):
+                if info.offset_data + info.size > size:  # checked before its bytes are read
+                    raise EOFError(f"member {info.name} runs past the end of the file")
                 data = tar.extractfile(info).read()
                 if len(data) != info.size:
                     raise EOFError(f"member {info.name} has {len(data)} of {info.size} bytes")

@@ -312,7 +312,7 @@ def tar_sample_count(path: str | os.PathLike) -> int | None:
         size = os.path.getsize(path)
         keys: set[str] = set()
         end = 0
-        with tarfile.open(path, mode="r") as tar:
+        with tarfile.open(path, mode="r:") as tar:  # plain tars only, as the sample reader
             for info in tar:
                 end = info.offset_data + -(-info.size // 512) * 512
                 key, ext = split_member(info.name)

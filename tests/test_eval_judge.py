@@ -196,3 +196,36 @@ def test_an_unreadable_image_is_skipped_and_counted(stub, tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(root / "00001" / "samples" / "0000.png")
     assert main(argv) == 0 and len(srv.requests) == 2
     assert json.loads((root / "judge_summary.json").read_text())["answered"] == 2
+
+
+class RedirectHandler(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(self.server.code)
+        self.send_header("Location", self.server.target)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("code", [302, 307])
+def test_a_redirect_is_not_followed_with_the_key(stub, monkeypatch, code):
+    srv, url = stub
+    hop = ThreadingHTTPServer(("127.0.0.1", 0), RedirectHandler)
+    hop.code, hop.target = code, url + "/chat/completions"
+    t = threading.Thread(target=hop.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    try:
+        monkeypatch.setenv("MIRO_TEST_JUDGE_KEY", "sk-secret")
+        cfg = J.JudgeConfig(base_url=f"http://127.0.0.1:{hop.server_address[1]}/v1", model="m",
+                            api_key_env="MIRO_TEST_JUDGE_KEY", max_retries=0)
+        ans = J.judge_image(cfg, Image.new("RGB", (8, 8)), {"prompt": "p"})
+    finally:
+        hop.shutdown()
+        hop.server_close()
+        t.join(timeout=5)
+    assert srv.requests == []  # the redirect's target never saw the request (nor the key)
+    assert "redirect to" in ans["error"] and "sk-secret" not in ans["error"]

@@ -122,14 +122,29 @@ def parse_answer(content: str, fields: tuple[str, ...]) -> dict:
     return out
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    # urllib re-sends a redirected request with its Authorization header to whatever host the
+    # Location names (and turns the POST into a GET): the key would leave for another server.
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise urllib.error.HTTPError(req.full_url, code, f"redirect to {newurl} not followed "
+                                     "(set --base-url to the endpoint itself)", headers, fp)
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+MAX_REPLY_BYTES = 16 << 20  # a chat-completions reply of a few ratings is a few kB
+
+
 def post_json(url: str, body: dict, api_key: str | None, timeout: float) -> dict:
     data = json.dumps(body).encode("utf-8")
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     req = urllib.request.Request(url, data=data, headers=headers, method="POST")
-    with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - user-chosen endpoint
-        return json.loads(r.read().decode("utf-8"))
+    with _OPENER.open(req, timeout=timeout) as r:  # noqa: S310 - user-chosen endpoint
+        raw = r.read(MAX_REPLY_BYTES + 1)
+    if len(raw) > MAX_REPLY_BYTES:
+        raise ValueError(f"the reply is over {MAX_REPLY_BYTES} bytes")
+    return json.loads(raw.decode("utf-8"))
 
 
 def judge_image(config: JudgeConfig, image, metadata: dict) -> dict:

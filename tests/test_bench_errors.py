@@ -201,6 +201,7 @@ THREADS = ["bench_align", "bench_backbone", "bench_demo", "bench_eval", "bench_g
 BAD = {
     "bench_align": [("--steps", "0"), ("--rollout-steps", "-1"), ("--batch-sizes", "x")],
     "bench_backbone": [("--iters", "-1"), ("--release-iters", "0"), ("--configs", "tiny,x"), ("--only", "x")],
+    "bench_data_scale": [("--samples", "0"), ("--shards", "-1"), ("--bins-sample", "x")],
     "bench_demo": [("--repeats", "0"), ("--n", "-1"), ("--steps", "x")],
     "bench_eval": [("--images", "-1"), ("--steps", "0"), ("--batch-sizes", "nan")],
     "bench_gpu": [("--batch", "-1"), ("--device", "x"), ("--device", "0"), ("--device", "-1"), ("--device", "nan"),

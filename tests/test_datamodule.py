@@ -171,6 +171,24 @@ def test_scan_tar_matches_reader(tmp_path):
     assert ds2.entry(5) == ds.entry(5) and ds2.read(2) == ds.read(2)
 
 
+def test_open_shard_files_are_bounded(tmp_path, monkeypatch):
+    # random access visits every shard: one handle per shard ran out of descriptors at scale
+    from miro.data import indexed
+
+    monkeypatch.setattr(indexed, "MAX_OPEN_SHARDS", 2)
+    d = _shards(tmp_path, 5, 3)
+    ds = IndexedTarDataset(sorted(d.glob("*.tar")))
+    raw = [r for s in sorted(d.glob("*.tar")) for r in schema.iter_raw_samples(s)]
+    seen = []
+    for i in np.random.default_rng(0).permutation(len(ds)).tolist() * 2:
+        assert ds.read(i)["__key__"] == raw[i]["__key__"] and ds.read(i)["json"] == raw[i]["json"]
+        assert len(ds._handles) <= 2
+        seen += [fh for fh in ds._handles.values() if fh not in seen]
+    assert len(seen) > 5 and sum(not fh.closed for fh in seen) == 2  # evicted handles are closed
+    ds.close()
+    assert all(fh.closed for fh in seen)
+
+
 def test_datamodule_resume_continues_stream(tmp_path):
     cfg = _cfg(_shards(tmp_path, 2, 10), batch_size=3)
     dm = MiroDataModule(cfg)

@@ -13,6 +13,7 @@ Damage is skipped, never fatal: a truncated tar keeps the samples whose members 
 from __future__ import annotations
 
 import bisect
+import collections
 import hashlib
 import json
 import os
@@ -29,6 +30,13 @@ from miro.data.schema import ReadStats, iter_sample_members
 from miro.io import atomic_path
 
 INDEX_VERSION = 2  # 2: numpy member tables (.npz)
+# Shard files a process keeps open at once (least recently used closed first). Random access
+# visits every shard, and one handle per shard ran out of descriptors: with `ulimit -n 128` and
+# 200 shards, 790 of 2000 random reads failed with EMFILE, which the loader counts as corrupt
+# samples and reward-bin fitting silently drops (a release-scale 10k shards exceeds the usual
+# 1024). Reopening costs little: 50k random reads over 200 shards took 7.3 us each with every
+# shard open and 11.1 us with 64 (docs/benchmarks.md, "Training data at scale").
+MAX_OPEN_SHARDS = 64
 
 
 def scan_tar(path: str | os.PathLike) -> tuple[list[dict], str | None]:
@@ -135,7 +143,8 @@ class IndexedTarDataset:
 
     ``read(i, exts)`` returns ``{"__key__", "__url__", ext: bytes}`` for the requested member
     extensions present in sample ``i`` (all members when ``exts`` is None). File handles are
-    opened lazily per process, so the object can be handed to DataLoader workers.
+    opened lazily per process, at most :data:`MAX_OPEN_SHARDS` at once, so the object can be
+    handed to DataLoader workers.
     """
 
     def __init__(self, shards: Sequence[str | os.PathLike], cache_dir: str | os.PathLike | None = None,
@@ -162,7 +171,7 @@ class IndexedTarDataset:
         for idx in self.index:
             self.offsets.append(self.offsets[-1] + len(idx))
         self.stats.samples = self.offsets[-1]
-        self._handles: dict[int, object] = {}
+        self._handles: collections.OrderedDict[int, object] = collections.OrderedDict()
         self._pid = os.getpid()
 
     def __len__(self) -> int:
@@ -191,10 +200,14 @@ class IndexedTarDataset:
 
     def _handle(self, s: int):
         if os.getpid() != self._pid:  # forked into a worker: never share file offsets with the parent
-            self._handles, self._pid = {}, os.getpid()
+            self._handles, self._pid = collections.OrderedDict(), os.getpid()
         fh = self._handles.get(s)
-        if fh is None:
-            fh = self._handles[s] = open(self.shards[s], "rb")
+        if fh is not None:
+            self._handles.move_to_end(s)
+            return fh
+        while len(self._handles) >= MAX_OPEN_SHARDS:  # bounded: see MAX_OPEN_SHARDS
+            self._handles.popitem(last=False)[1].close()
+        fh = self._handles[s] = open(self.shards[s], "rb")
         return fh
 
     def read(self, i: int, exts: Sequence[str] | None = None) -> dict:
@@ -215,11 +228,11 @@ class IndexedTarDataset:
     def close(self) -> None:
         for fh in self._handles.values():
             fh.close()
-        self._handles = {}
+        self._handles = collections.OrderedDict()
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_handles"] = {}
+        state["_handles"] = collections.OrderedDict()
         return state
 
 

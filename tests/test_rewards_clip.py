@@ -231,3 +231,31 @@ def test_aesthetic_head_from_a_folder_with_one_weight_file(clip_dir, images, tmp
     s = load_scorer("aesthetic_score", model=str(clip_dir), mlp_weights=str(tmp_path), device="cpu")
     w, b = mlp.affine()
     torch.testing.assert_close(s.score(images), (s.embed_image(images) @ w + b).squeeze(-1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["remote", "clip"])
+def test_a_pinned_revision_also_pins_the_models_own_tokenizer(monkeypatch, backend):
+    import transformers
+
+    from miro.rewards import load_scorer
+
+    calls = []
+
+    def record(kind):
+        def from_pretrained(name, **kw):
+            calls.append((kind, name, kw.get("revision"), kw.get("trust_remote_code", False)))
+            return object()
+        return from_pretrained
+
+    for cls in (transformers.AutoModel, transformers.CLIPModel, transformers.AutoTokenizer):
+        monkeypatch.setattr(cls, "from_pretrained", record(cls.__name__))
+    s = load_scorer("clip_score", model="org/clip", backend=backend, trust_remote_code=backend == "remote",
+                    revision="0123abc")
+    s.backbone._loader()
+    model_cls = "AutoModel" if backend == "remote" else "CLIPModel"
+    remote = backend == "remote"
+    assert calls == [(model_cls, "org/clip", "0123abc", remote), ("AutoTokenizer", "org/clip", "0123abc", remote)]
+    calls.clear()  # a tokenizer of another repo is not held to the model's revision
+    load_scorer("clip_score", model="org/clip", tokenizer="org/tok", backend=backend, trust_remote_code=remote,
+                revision="0123abc").backbone._loader()
+    assert calls[1] == ("AutoTokenizer", "org/tok", None, remote)

@@ -38,7 +38,9 @@ def load_clip_model(model: str, tokenizer: str | None, *, revision=None, local_f
     from transformers import AutoTokenizer, CLIPModel
 
     m = CLIPModel.from_pretrained(model, revision=revision, local_files_only=local_files_only)
-    tok = AutoTokenizer.from_pretrained(tokenizer or model, local_files_only=local_files_only)
+    # the model's own tokenizer from the same pinned revision (another repo's: its default)
+    tok = AutoTokenizer.from_pretrained(tokenizer or model, revision=None if tokenizer else revision,
+                                        local_files_only=local_files_only)
     return m, tok
 
 

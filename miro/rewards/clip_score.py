@@ -80,7 +80,9 @@ def clip_score(
             from transformers import AutoModel, AutoTokenizer
 
             m = AutoModel.from_pretrained(model, trust_remote_code=True, revision=revision, local_files_only=local_files_only)
-            tok = AutoTokenizer.from_pretrained(tokenizer or model, trust_remote_code=True, local_files_only=local_files_only)
+            # the tokenizer's own code comes from the model's repo too: from the same pinned revision
+            tok = AutoTokenizer.from_pretrained(tokenizer or model, trust_remote_code=True,
+                                                revision=None if tokenizer else revision, local_files_only=local_files_only)
             return m, tok
 
         # jina's processor follows open_clip's torchvision transforms (CenterCrop rounds its offset).

@@ -24,8 +24,11 @@ install: $(STAMP)
 # (docs/benchmarks.md, Generation); raise DEMO_THREADS on an idle one.
 DEMO_THREADS ?= 1
 
+# The prompt reaches the shell as an environment variable, never as command text: quotes, `...`,
+# ; or \ in it stay part of the prompt (make itself still reads $(...) in it, as in any variable).
+demo: export PROMPT := $(PROMPT)
 demo: $(STAMP)
-	$(BIN)/miro generate "$(PROMPT)" --n 8 --seed 0 --threads $(DEMO_THREADS) --out miro-out/demo
+	$(BIN)/miro generate "$$PROMPT" --n 8 --seed 0 --threads $(DEMO_THREADS) --out miro-out/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=20 -p no:cacheprovider

@@ -177,3 +177,15 @@ def test_a_sweeps_own_folder_is_reported(tmp_path):
     assert "## Reward sweep: shapes_contrast" in text and "(sweep_grid.png)" in text
     assert "1 unreadable image(s) shown as crossed grey cells" in text
     assert Image.open(sweep / "report" / "sweep_grid.png").size == (2 * 96, 2 * 96)
+
+
+def test_reward_histogram_counts_each_image_once(tmp_path, monkeypatch):
+    """A rescored image has two rewards.jsonl lines; the histogram, like the summary, holds its latest score once."""
+    run = _run(tmp_path / "run")
+    with open(run / "rewards.jsonl", "a") as f:  # image 0/0 rescored by another scorer version
+        f.write(json.dumps({"filename": "00000/samples/0000.png", "aesthetic_score": 9.5}) + "\n")
+    seen = {}
+    real = R.plots.plot_reward_hist
+    monkeypatch.setattr(R.plots, "plot_reward_hist", lambda vals, path: (seen.update(vals), real(vals, path))[1])
+    R.build_report(run)
+    assert sorted(seen["aesthetic_score"]) == [6.0, 6.0, 7.0, 9.5]

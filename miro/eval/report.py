@@ -18,8 +18,9 @@ from pathlib import Path
 
 from miro.eval import paper_numbers as P
 from miro.eval import plots
-from miro.eval.folder import read_folder, read_jsonl
+from miro.eval.folder import read_folder
 from miro.eval.geneval_rules import GENEVAL_TAGS
+from miro.eval.rewards import merge_records, read_records
 from miro.io import atomic_path, atomic_write_text
 
 
@@ -153,7 +154,9 @@ def _rewards_section(doc: _Doc, run: Path, outdir: Path, row: str | None):
         variants = sorted({v for d in summ["mia_deltas"].values() for v in d})
         doc.table(["reward"] + [f"{v} - item" for v in variants],
                   [[n] + [d.get(v, {}).get("mean") for v in variants] for n, d in summ["mia_deltas"].items()])
-    recs = read_jsonl(run / "rewards.jsonl")
+    # one value per image, as the summary counts them: a rescored image (another scorer version) has
+    # two lines, and the later one holds its score
+    recs = merge_records(read_records(run / "rewards.jsonl")).values()
     vals = {n: [r[n] for r in recs if isinstance(r.get(n), float)] for n in summ["rewards"]}
     vals = {n: v for n, v in vals.items() if v}
     if vals:

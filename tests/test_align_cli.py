@@ -50,6 +50,9 @@ def test_bad_overrides_fail_clearly(capsys, tmp_path):
     (tmp_path / "p.txt").write_text("a red circle\n")
     assert main(["experiment=shapes_proxy", f"data.prompts={tmp_path / 'p.txt'}", "--dry-run"]) == 2
     assert "needs reward.path=" in capsys.readouterr().err
+    for flag in ("-m", "--multirun"):  # a second job in one out_dir would resume the first: one command per value
+        assert main([flag, "optim.lr=1e-5,2e-5", "data.prompts=x.txt"]) == 2
+        assert "is not supported (a sweep is one command per value" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -333,3 +333,16 @@ def test_write_sbatch_asks_slurm_for_the_computer_and_reruns_the_command(tmp_pat
     assert cli.main(ov + ["--write-sbatch", "bad.sbatch"]) == 2
     assert "MIRO_SLURM_ACCOUNT='acct\\nrm -rf /' is not a plain Slurm value" in capsys.readouterr().err
     assert not (tmp_path / "bad.sbatch").exists()
+
+
+def test_sweeps_are_one_command_per_value(capsys):
+    """Hydra's comma sweep and -m/--multirun: refused in one line that says how to sweep, since every
+    job of a multirun would share one checkpoint folder (the second resuming the first)."""
+    for argv in (["-m", "experiment=shapes_miro"], ["--multirun", "experiment=shapes_miro"]):
+        assert cli.main(argv + ["--dry-run"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("miro train: error: -m/--multirun is not supported") and "experiment_name=NAME" in err
+    assert cli.main(["experiment=shapes_miro", "optimizer.lr=1e-4,2e-4", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Ambiguous value" in err and "--multirun" not in err
+    assert "one command per value, each with its own experiment_name=NAME" in err

@@ -333,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(HELP.format(experiments=", ".join(experiments())))
         return 0
+    if any(a in ("-m", "--multirun") for a in argv):  # a second job in the same out_dir would resume the first
+        print("miro align: -m/--multirun is not supported (a sweep is one command per value, each with its own "
+              "train.out_dir=DIR)", file=sys.stderr)
+        return 2
     flags = [a for a in argv if a.startswith("--")]
     bad = [f for f in flags if f not in ("--print-config", "--dry-run")]
     if bad:

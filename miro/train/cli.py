@@ -224,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--write-sbatch", metavar="FILE")
     args, overrides = p.parse_known_args(argv)
+    if any(o in ("-m", "--multirun") for o in argv):
+        print(f"miro train: error: -m/--multirun is not supported{MULTIRUN}", file=sys.stderr)
+        return 2
     bad = [o for o in overrides if o.startswith("--")]
     if bad:
         print(f"miro train: unknown option(s) {bad}; see --help", file=sys.stderr)
@@ -325,4 +328,12 @@ def hydra_message(e: Exception) -> str:
     text = " ".join(line.strip() for line in text.splitlines() if line.strip())
     if "mismatched input '='" in text:
         text += " (a value that holds '=' must be quoted: \"resume='path/step=4.ckpt'\")"
+    if "Ambiguous value for argument" in text:  # Hydra's hint names --multirun, which one run per command lacks
+        text = text.replace(" 3. To sweep over it, add --multirun to your command line", "") + MULTIRUN
     return text
+
+
+# Sweeps are one command per setting: Hydra's multirun would put every job in one checkpoint folder,
+# where the second would resume the first.
+MULTIRUN = (" (a sweep is one command per value, each with its own experiment_name=NAME, e.g. a shell loop "
+            "or a SLURM job array)")

@@ -431,6 +431,39 @@ def test_loopback_server_refuses_foreign_host_headers_and_odd_lengths(pipe):
         thread.join(timeout=5)
 
 
+def test_open_connections_are_capped(pipe):
+    """Idle clients hold a thread each: beyond max_connections a connection is answered 503 and closed
+    at once, and a slot frees when a client leaves."""
+    import socket
+
+    server = make_server(pipe, "127.0.0.1", 0, model_name="tiny", quiet=True, limits=DemoLimits(max_connections=2))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    idle = [socket.create_connection(server.server_address[:2], timeout=10) for _ in range(2)]
+    try:
+        time.sleep(0.3)  # both accepted, each handler waiting for its request line
+        out = _raw(server, b"GET /api/info HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 503") and b"too many open connections" in out, out[:200]
+        body = out.split(b"\r\n\r\n", 1)[1]
+        assert json.loads(body)["error"].startswith("too many open connections")
+        idle.pop().close()
+        deadline = time.time() + 5
+        while True:  # the handler sees the close and gives its slot back
+            out = _raw(server, b"GET /api/info HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            if out.startswith(b"HTTP/1.1 200") or time.time() > deadline:
+                break
+            time.sleep(0.05)
+        assert out.startswith(b"HTTP/1.1 200"), out[:200]
+    finally:
+        for s in idle:
+            s.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    with pytest.raises(ValueError, match="max_connections must be an integer >= 1; got 0"):
+        DemoLimits(max_connections=0)
+
+
 def test_cli_warns_when_listening_beyond_loopback(pipe, monkeypatch, capsys):
     import miro.demo.server as server_mod
     import miro.generate_cli as gen

@@ -137,9 +137,10 @@ class DemoLimits:
     max_body_bytes: int = 64 * 1024  # request body size bound (checked by the server)
     queue_timeout_s: float = 600.0  # wait for the running generation at most this long, then 503
     max_waiting: int = 8  # requests that may wait behind the running one; more get 503 at once
+    max_connections: int = 64  # open connections (one thread each); more are answered 503 and closed
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "max_images", "max_prompt_chars", "max_body_bytes", "max_waiting"):
+        for name in ("max_steps", "max_images", "max_prompt_chars", "max_body_bytes", "max_waiting", "max_connections"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"DemoLimits.{name} must be an integer >= 1; got {v!r}")

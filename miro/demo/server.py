@@ -18,6 +18,7 @@ import select
 import signal
 import socket
 import sys
+import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -28,6 +29,9 @@ from urllib.parse import urlsplit
 from miro.demo.handlers import DemoLimits, GenerationQueue, handle_generate, handle_info
 
 PAGE = "page.html"
+_BUSY = json.dumps({"error": "too many open connections to the demo; retry later", "field": None}).encode()
+_TOO_MANY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+             b"Connection: close\r\n\r\n" % len(_BUSY)) + _BUSY
 
 
 class DemoServer(ThreadingHTTPServer):
@@ -42,8 +46,31 @@ class DemoServer(ThreadingHTTPServer):
         self.quiet = quiet
         self.lock = GenerationQueue()
         self.page = resources.files("miro.demo").joinpath(PAGE).read_bytes()
+        # ThreadingHTTPServer starts a thread per connection without bound: clients that connect and
+        # stay (slow or idle ones, up to the handler's timeout each) must not pile up threads.
+        self.slots = threading.BoundedSemaphore(limits.max_connections)
         super().__init__(address, DemoHandler)
         self.loopback = _is_loopback(self.server_address[0])
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            try:  # answered without a thread, in the accept loop: a short write to a fresh socket
+                request.sendall(_TOO_MANY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
     @property
     def url(self) -> str:

@@ -229,3 +229,20 @@ def test_a_redirect_is_not_followed_with_the_key(stub, monkeypatch, code):
         t.join(timeout=5)
     assert srv.requests == []  # the redirect's target never saw the request (nor the key)
     assert "redirect to" in ans["error"] and "sk-secret" not in ans["error"]
+
+
+def test_a_key_over_plain_http_to_another_host_is_warned(tmp_path, monkeypatch):
+    import warnings
+
+    (tmp_path / "empty" / "00000" / "samples").mkdir(parents=True)  # one prompt, no image: nothing is sent
+    (tmp_path / "empty" / "00000" / "metadata.jsonl").write_text('{"prompt": "a red circle"}\n')
+    monkeypatch.setenv("MY_KEY", "sk-secret")
+    cfg = dict(model="m", api_key_env="MY_KEY")
+    with pytest.warns(UserWarning, match=r"MY_KEY is sent unencrypted to judge.example \(base_url 'http://judge"):
+        J.judge_folder(tmp_path / "empty", J.JudgeConfig(base_url="http://judge.example/v1", **cfg), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: https, a loopback host, or no key at all
+        for url in ("https://judge.example/v1", "http://127.0.0.1:8000/v1", "http://localhost/v1", "http://[::1]/v1"):
+            J.judge_folder(tmp_path / "empty", J.JudgeConfig(base_url=url, **cfg), progress=False)
+        monkeypatch.delenv("MY_KEY")
+        J.judge_folder(tmp_path / "empty", J.JudgeConfig(base_url="http://judge.example/v1", **cfg), progress=False)

@@ -174,6 +174,24 @@ def line_rubric(record: dict) -> str | None:
     return next((name for name, r in RUBRICS.items() if all(f in record for f in r["fields"])), None)
 
 
+def _warn_if_key_in_clear(config: JudgeConfig) -> None:
+    """An API key sent over plain http:// to another machine can be read on the way: said once."""
+    import ipaddress
+    import warnings
+    from urllib.parse import urlsplit
+
+    if not os.environ.get(config.api_key_env) or not config.base_url.startswith("http://"):
+        return
+    host = urlsplit(config.base_url).hostname or ""
+    try:
+        local = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = False
+    if not local:
+        warnings.warn(f"{config.api_key_env} is sent unencrypted to {host} (base_url {config.base_url!r} is http://); "
+                      "use https:// for a judge on another machine")
+
+
 def judge_folder(root: str | Path, config: JudgeConfig, outfile: str | Path | None = None,
                  limit: int | None = None, progress: bool = True) -> dict:
     """Judge every image under ``root`` with ``config.rubric``; returns the summary of that rubric
@@ -186,6 +204,7 @@ def judge_folder(root: str | Path, config: JudgeConfig, outfile: str | Path | No
     from tqdm.auto import tqdm
 
     root = Path(root)
+    _warn_if_key_in_clear(config)
     outfile = Path(outfile) if outfile else root / "judge.jsonl"
     done = {r["filename"] for r in read_jsonl(outfile) if "error" not in r and line_rubric(r) == config.rubric}
     todo = [(e, p) for e in read_folder(root) for p in e.samples if image_id(root, p) not in done]

@@ -171,6 +171,26 @@ def test_scan_tar_matches_reader(tmp_path):
     assert ds2.entry(5) == ds.entry(5) and ds2.read(2) == ds.read(2)
 
 
+def test_scan_tar_refuses_a_compressed_shard(tmp_path):
+    # a gzip stream named .tar: its members' offsets are not file offsets, so none is indexed
+    import gzip
+    import io
+    import os
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(8):
+            for ext, data in (("npy", os.urandom(20_000)), ("txt", b"caption %d" % i)):
+                info = tarfile.TarInfo(f"s{i:04d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    packed = tmp_path / "packed.tar"
+    packed.write_bytes(gzip.compress(buf.getvalue()))
+    entries, err = scan_tar(packed)
+    assert entries == [] and err is not None
+
+
 def test_open_shard_files_are_bounded(tmp_path, monkeypatch):
     # random access visits every shard: one handle per shard ran out of descriptors at scale
     from miro.data import indexed

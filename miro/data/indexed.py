@@ -51,7 +51,9 @@ def scan_tar(path: str | os.PathLike) -> tuple[list[dict], str | None]:
     current: dict | None = None
     error = None
     try:
-        with tarfile.open(path, mode="r") as tar:
+        # "r:": plain tars only, as the sample reader. "r" would gunzip a compressed shard and
+        # index offsets into its expanded stream, which random access then reads as garbage.
+        with tarfile.open(path, mode="r:") as tar:
             for info, key, ext in iter_sample_members(tar, size):
                 if info.offset_data + info.size > size:
                     raise EOFError(f"member {info.name} runs past the end of the file")

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
@@ -40,3 +47,21 @@ def tiny_overrides(data_dir, root_dir, steps=6, every=3, extra=()):
         "trainer.log_every_n_steps=1", "trainer.progress_bar=false", "logger=none", "computer.threads=1",
         "++model.overrides={network: {num_blocks: 1, num_text_registers: 2}}", *extra,
     ]
+
+
+def train_until_then_sigkill(overrides, checkpoint: Path, timeout: float = 120.0) -> None:
+    """Run ``miro train OVERRIDES`` in a process group of its own until ``checkpoint`` exists, then
+    SIGKILL the whole group (the trainer and its loader workers), as a node failure would."""
+    cmd = [sys.executable, "-m", "miro.cli", "train", *overrides]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while not checkpoint.exists():
+            assert proc.poll() is None, "training exited early"
+            assert time.time() < deadline, "no checkpoint written in time"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

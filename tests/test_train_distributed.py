@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from miro.train import cli
-from tests._train_helpers import tiny_overrides, write_tiny_shards
+from tests._train_helpers import tiny_overrides, train_until_then_sigkill, write_tiny_shards
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = REPO / "tests" / "_ddp_probe.py"
@@ -200,19 +199,7 @@ def test_sigkill_with_loader_workers_then_resume(shards, tmp_path):
     root = tmp_path / "k"
     ckdir = root / "miro" / "checkpoints" / "shapes_miro"
     extra = ["scheduler.total_steps=200", "data.num_workers=2"]
-    cmd = [sys.executable, "-m", "miro.cli", "train", *tiny_overrides(shards, root, steps=100, every=2, extra=extra)]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while not (ckdir / "step=4.ckpt").exists():
-            assert proc.poll() is None, "training exited early"
-            assert time.time() < deadline, "no checkpoint written in time"
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its loader workers
-        proc.wait()
+    train_until_then_sigkill(tiny_overrides(shards, root, steps=100, every=2, extra=extra), ckdir / "step=4.ckpt")
     ck = torch.load(ckdir / "last.ckpt", weights_only=True)
     k = int(ck["global_step"])
     assert k >= 2 and k % 2 == 0 and ck["MiroDataModule"]["position"] == 8 * k

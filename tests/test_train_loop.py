@@ -1,9 +1,3 @@
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +7,7 @@ from omegaconf import OmegaConf
 from miro.models.patch_resize import PATCH_KEYS
 from miro.train import cli
 from miro.train import preflight as pf
-from tests._train_helpers import tiny_overrides, write_tiny_shards
+from tests._train_helpers import tiny_overrides, train_until_then_sigkill, write_tiny_shards
 
 
 def _run(overrides):
@@ -72,20 +66,7 @@ def test_sigkill_then_resume(data_dir, tmp_path):
     root = tmp_path / "k"
     ckdir = root / "miro" / "checkpoints" / "shapes_miro"
     sched = ["scheduler.total_steps=200"]
-    cmd = [sys.executable, "-m", "miro.cli", "train", *tiny_overrides(data_dir, root, steps=100, every=2, extra=sched)]
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    try:
-        deadline = time.time() + 120
-        while not (ckdir / "step=4.ckpt").exists():
-            assert proc.poll() is None, "training exited early"
-            assert time.time() < deadline, "no checkpoint written in time"
-            time.sleep(0.2)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    train_until_then_sigkill(tiny_overrides(data_dir, root, steps=100, every=2, extra=sched), ckdir / "step=4.ckpt")
     ck = torch.load(ckdir / "last.ckpt", weights_only=True)  # never half-written
     k = int(ck["global_step"])
     assert k >= 2 and k % 2 == 0 and ck["MiroDataModule"]["position"] == 8 * k  # last.ckpt may lag step=4

@@ -8,12 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
-pytest.importorskip("peft")
-
-from miro.align.flux import FluxTarget, FluxTargetConfig, latent_image_ids, pack_latents, unpack_latents  # noqa: E402
-from miro.align.relative_reward import SemanticRelativeReward  # noqa: E402
-from miro.align.testing import HashEmbeddingScorer, save_tiny_flux_pipeline  # noqa: E402
+from miro.align.flux import FluxTarget, FluxTargetConfig, latent_image_ids, pack_latents, unpack_latents
+from miro.align.relative_reward import SemanticRelativeReward
+from miro.align.testing import HashEmbeddingScorer, save_tiny_flux_pipeline
 
 POS, NEG = "Real. a red circle", "Painting. a red circle"
 
@@ -190,12 +187,30 @@ def test_flux_lora_finetune_runs_and_saves(flux_dir, tmp_path):
     cfg = FluxLoraTrainConfig(caption_column="Item", resolution=16, max_train_steps=2, grad_accum=2, checkpoint_every=1,
                               max_sequence_length=8, out_dir=str(tmp_path / "lora"), lora=LoraSettings(rank=2, alpha=2),
                               optim=OptimConfig(name="adamw", lr=1e-3, max_grad_norm=1.0))
-    out = finetune_flux_lora(_pipe(flux_dir), items, cfg)
+    pipe = _pipe(flux_dir)
+    out = finetune_flux_lora(pipe, items, cfg)
     lines = [json.loads(s) for s in (tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines] == [1, 2] and all(np.isfinite(m["loss"]) for m in lines)
+    assert [m["step"] for m in lines] == [1, 2] and all(np.isfinite(m["loss"]) and m["loss"] > 0 for m in lines)
+    trained = {n: p.detach().clone() for n, p in pipe.transformer.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    # lora_B starts at zero: after two AdamW steps (lr 1e-3) every B entry with a gradient has moved
+    b = torch.cat([p.flatten() for n, p in trained.items() if "lora_B" in n])
+    assert (b != 0).float().mean() > 0.9
+    # the last checkpoint holds the final adapter weights, and the saved file loads back to the trained model
+    ckpt = torch.load(tmp_path / "lora" / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["step"] == 2 and set(ckpt["trainable"]) == set(trained)
+    for n, p in trained.items():
+        torch.testing.assert_close(ckpt["trainable"][n], p, rtol=0, atol=0)
+    tg = _target(pipe)
+    cond = tg.encode_condition(["red"])
+    x = torch.randn(tg.latent_shape(1), generator=torch.Generator().manual_seed(2))
+    s = torch.tensor([0.8])
+    tuned = tg.velocity(x, s, cond).detach()
     fresh = _pipe(flux_dir)
+    base = _target(fresh).velocity(x, s, cond).detach()
     fresh.load_lora_weights(str(out.parent))
-    assert any("lora" in n for n, _ in fresh.transformer.named_parameters())
+    assert not torch.allclose(base, tuned, atol=1e-5)
+    torch.testing.assert_close(_target(fresh).velocity(x, s, cond).detach(), tuned, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

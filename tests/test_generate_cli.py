@@ -103,7 +103,6 @@ def test_malformed_reward_flag_is_a_usage_error(capsys):
 def test_lightning_checkpoint_is_converted_in_memory(tmp_path, capsys):
     """A checkpoint in the layout ``miro train`` writes (EMA weights under ``ema.ema_<decay>.``,
     the pipeline config in the hyper-parameters) generates like the exported pipeline."""
-    pytest.importorskip("miro.train.convert")
     pipe = tiny_pipeline(tmp_path / "enc", text="bert", seed=3)
     state = {f"ema.ema_0_9999.{k}": v for k, v in pipe.model.state_dict().items()}
     state["uncond_embedding"] = pipe.uncond_embedding.clone()

@@ -73,11 +73,22 @@ def test_pil_and_tensor_paths_agree(h, w, size, mode):
     assert ((a - b) * STD).abs().mean().item() <= 0.5 / 255
 
 
-def test_tensor_path_keeps_gradients():
-    x = torch.rand(2, 3, 40, 30, requires_grad=True)
-    out = ImageTransform(size=16, pad_to_square=OPENAI_CLIP_MEAN)(x)
-    out.square().sum().backward()
-    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+@pytest.mark.parametrize("h,w,size", [(40, 30, 16), (10, 12, 16)], ids=["down", "up"])
+def test_tensor_path_keeps_gradients(h, w, size):
+    # On [0.3, 0.7] no clamp is reached (bicubic overshoot stays within [0, 1]), so the transform is
+    # affine there: <grad of <f(x), r>, x - y> = <f(x) - f(y), r> for any two such inputs.
+    g = torch.Generator().manual_seed(0)
+    x = (0.3 + 0.4 * torch.rand(2, 3, h, w, generator=g)).requires_grad_(True)
+    y = 0.3 + 0.4 * torch.rand(2, 3, h, w, generator=g)
+    t = ImageTransform(size=size, pad_to_square=OPENAI_CLIP_MEAN)
+    r = torch.randn(2, 3, size, size, generator=g)
+    fx = t(x)
+    (fx * r).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    lhs = (x.grad * (x.detach() - y)).sum()
+    rhs = ((fx.detach() - t(y)) * r).sum()
+    torch.testing.assert_close(lhs, rhs, rtol=1e-4, atol=1e-4)
+    assert rhs.abs() > 1.0  # not a comparison of two near-zero numbers
 
 
 def test_longest_pad_zero_pads_black_before_normalising():
@@ -104,8 +115,16 @@ def test_pad_to_square_uses_mean_colour():
 
 def test_mixed_sizes_and_modes_in_a_pil_batch():
     ims = [_noise(30, 40)[0], _noise(50, 20)[0].convert("L"), _noise(16, 16)[0].convert("RGBA")]
-    out = ImageTransform(size=16)(ims)
-    assert out.shape == (3, 3, 16, 16) and torch.isfinite(out).all()
+    t = ImageTransform(size=16)
+    out = t(ims)
+    assert out.shape == (3, 3, 16, 16)
+    # each row is that image alone, converted to RGB (RGBA drops alpha, L repeats its grey level)
+    for i, im in enumerate(ims):
+        torch.testing.assert_close(out[i : i + 1], t([im.convert("RGB")]), rtol=0, atol=0)
+    grey = _unnorm(out[1:2])
+    torch.testing.assert_close(grey[:, 0], grey[:, 1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(grey[:, 0], grey[:, 2], rtol=0, atol=1e-6)
+    assert len({tuple(out[i].flatten()[:8].tolist()) for i in range(3)}) == 3
 
 
 def test_bad_inputs_raise_clear_errors():

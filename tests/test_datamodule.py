@@ -100,9 +100,15 @@ def test_workers_do_not_duplicate(tmp_path):
 
 
 def test_batch_contents_and_padding(tmp_path):
-    dm = MiroDataModule(_cfg(_shards(tmp_path), synthetic_caption_rate=0.0, shuffle=False))
+    d = _shards(tmp_path)
+    dm = MiroDataModule(_cfg(d, synthetic_caption_rate=0.0, shuffle=False))
     b = next(iter(dm.train_dataloader()))
     assert b["image"].shape == (4, 3, 8, 8) and -1.0 <= b["image"].min() and b["image"].max() <= 1.0
+    # the stored pixels, mapped 0 -> -1 and 255 -> 1
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        png = np.asarray(_sample(i, rng)["png"])
+        assert torch.equal(b["image"][i], torch.from_numpy(png).permute(2, 0, 1).float() / 127.5 - 1.0)
     lengths = [2 + i % 4 for i in range(4)]
     assert b["text_emb"].shape == (4, max(lengths), 4)
     assert b["text_mask"].sum(1).tolist() == lengths
@@ -228,9 +234,25 @@ def test_datamodule_resume_continues_stream(tmp_path):
 
 
 def test_resampled_mode_streams(tmp_path):
-    dm = MiroDataModule(_cfg(_shards(tmp_path), mode="resampled", shuffle_buffer=4))
-    b = next(iter(dm.train_dataloader()))
-    assert b["image"].shape == (4, 3, 8, 8)
+    import io
+
+    d = _shards(tmp_path)
+    raw = {r["__key__"]: r for s in sorted(d.glob("*.tar")) for r in schema.iter_raw_samples(s)}
+    dm = MiroDataModule(_cfg(d, mode="resampled", shuffle_buffer=4, synthetic_caption_rate=0.0))
+    it = iter(dm.train_dataloader())
+    seen = set()
+    for _ in range(5):
+        b = next(it)
+        assert b["image"].shape == (4, 3, 8, 8) and b["n_corrupt"] == 0 and not b["synthetic"].any()
+        # each row is one stored sample, whole: its pixels (in [-1, 1]), its caption embedding and length
+        for row in range(4):
+            i = int(b["text_emb"][row, 0, 0])
+            n = 2 + i % 4
+            assert int(b["text_mask"][row].sum()) == n and torch.all(b["text_emb"][row, :n] == i)
+            png = np.asarray(Image.open(io.BytesIO(raw[f"s{i:04d}"]["png"])).convert("RGB"))
+            assert torch.equal(b["image"][row], torch.from_numpy(png).permute(2, 0, 1).float() / 127.5 - 1.0)
+            seen.add(i)
+    assert len(seen) > 4  # samples from more than one buffer fill
 
 
 def test_resampled_streams_differ_across_ranks_and_workers(tmp_path, monkeypatch):

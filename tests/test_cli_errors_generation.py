@@ -72,7 +72,7 @@ def test_record_beside_no_image_does_not_block(tmp_path, capsys):
             raise RuntimeError("out of memory")
 
     other = [PromptItem("a blue square", {"prompt": "a blue square"})]
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="out of memory"):
         G.generate_folder(Failing(), other, out, G.GenerateConfig(model="x", cfg=3.0, n_samples=1), progress=False)
     assert (out / G.RUN_FILE).is_file() and (out / "00000" / "metadata.jsonl").is_file()
     assert eval_cli.main(_eval_gen(out)) == 0

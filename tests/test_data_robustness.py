@@ -312,12 +312,13 @@ def test_testbed_folder_without_manifest_is_refused(tmp_path, capsys, fake_encod
     assert "no testbed.json" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("spec", ["broken", "crash"])
-def test_failed_precompute_leaves_no_folder(tmp_path, fake_encoder, spec):
+@pytest.mark.parametrize("spec,error,message", [("broken", OSError, "could not load the text encoder"),
+                                                  ("crash", RuntimeError, "encoder crashed")])
+def test_failed_precompute_leaves_no_folder(tmp_path, fake_encoder, spec, error, message):
     from miro.train.testbed import precompute
 
     out = tmp_path / "never"
-    with pytest.raises((OSError, RuntimeError)):
+    with pytest.raises(error, match=message):
         precompute("shapes", spec, out, progress=False)
     assert not out.exists()
 

@@ -354,8 +354,9 @@ def test_bad_arguments_give_clear_errors(tmp_path, capsys):
     assert main(_args(src, csv, "rewards", "--scorer-kwargs", "[1]")) == 2
     assert main(_args(src, csv, "rewards", "--scorer-kwargs", '{"ptest_nope": {}}')) == 2
     assert "--scorer-kwargs names ['ptest_nope']" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         main(_args(src, csv, "rewards", "--shard_id", "0", "--shard_range", "0-1"))
+    assert e.value.code == 2 and "argument --shard_range: not allowed with argument --shard_id" in capsys.readouterr().err
     bad = tmp_path / "bad.tsv"
     bad.write_text("a\tb\n")
     assert main(_args(src, csv, "rewards", "--synthetic_captions", str(bad))) == 2

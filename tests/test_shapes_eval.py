@@ -141,8 +141,11 @@ def test_cli_render_detect_and_errors(tmp_path, capsys):
     assert out.count("red circle") == 2 and out.count("blue square") == 1
     assert shapes_main(["render", "a photo of a cat", "--out", str(png)]) == 2
     assert shapes_main(["eval-score", str(tmp_path / "missing")]) == 2
-    with pytest.raises(SystemExit):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
         shapes_main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and all(c in out for c in ("render", "detect", "eval-generate", "eval-score"))
 
 
 def test_eval_generate_passes_settings_to_the_pipeline(tmp_path):

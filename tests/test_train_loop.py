@@ -209,9 +209,12 @@ def test_training_runs_through_corrupt_data(tmp_path):
     schema.write_shard(d / "shard-00000.tar", [dict(r) for r in raw])
     last = d / "shard-00001.tar"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning) as caught:
         module, dm, trainer = _run(tiny_overrides(d, tmp_path / "run", steps=4, every=1000,
                                                   extra=["scheduler.total_steps=10"]))
+    msgs = [str(w.message) for w in caught]
+    assert any("shard-00001.tar" in m and "is truncated or unreadable" in m for m in msgs), msgs
+    assert any(f"skipping corrupt sample #5 (key {raw[5]['__key__']} in " in m and "shard-00000.tar" in m for m in msgs), msgs
     assert trainer.global_step == 4
     assert dm.stats.truncated_shards == 1 and 16 < len(dm.data) < 32
     assert module.corrupt_seen >= 1  # the broken image was met, replaced and counted

@@ -242,3 +242,30 @@ def test_bf16_flux_trains_float32_weights_by_the_adamw_step(flux_dir, tmp_path, 
     # AdamW's step is lr·m̂/(√v̂ + eps) ≈ lr per weight with a gradient (LoRA's A gets none while B = 0)
     assert (moved > 0).float().mean() > 0.9
     assert moved.max() <= steps * 1.05 and moved.mean() > 0.25
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["flux-generate", "--items", '["a"]', "--out", "o", "--n", "0"], "--n must be >= 1; got 0"),
+    (["flux-generate", "--items", '["a"]', "--out", "o", "--seed", "-1"], "--seed must be >= 0; got -1"),
+    (["flux-generate", "--items", '["a"]', "--out", "o", "--lora-scale", "inf"], "--lora-scale must be a finite number >= 0; got inf"),
+    (["flux-embed", "--prompts", "p.txt", "--out", "o", "--batch-size", "-2"], "--batch-size must be >= 1; got -2"),
+    (["flux-lora", "--data", "d.jsonl", "--out", "o", "--lr", "nan"], "--lr must be a finite number > 0; got nan"),
+    (["flux-lora", "--data", "d.jsonl", "--out", "o", "--alpha", "0"], "--alpha must be a finite number > 0; got 0.0"),
+    (["flux-lora", "--data", "d.jsonl", "--out", "o", "--grad-accum", "0"], "--grad-accum must be >= 1; got 0"),
+])
+def test_flux_tools_refuse_bad_numbers_before_any_model_or_file(argv, message, capsys, monkeypatch, tmp_path):
+    from miro.align import flux_cli
+
+    monkeypatch.chdir(tmp_path)  # no prompt, item or data file exists: the numbers are checked first
+    assert flux_cli.main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"miro align {argv[0]}: {message}"
+
+
+def test_flux_tools_help_shows_defaults(capsys):
+    from miro.align import flux_cli
+
+    with pytest.raises(SystemExit):
+        flux_cli.main(["flux-lora", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "LoRA rank (default: 16)" in out and "optimiser steps (default: 1000)" in out
+    assert "(default: None)" not in out  # required options and unset ones show none

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -38,56 +39,66 @@ def _items(spec: str, caption_column: str = "caption") -> list[dict]:
     return read_items(spec, caption_column=caption_column)
 
 
+class _WithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default in --help, except where there is none (required options, None)."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="miro align", description="FLUX tools around SRPO alignment")
     sub = p.add_subparsers(dest="cmd", required=True)
+    fmt = {"formatter_class": _WithDefaults}
 
-    e = sub.add_parser("flux-embed", help="precompute FLUX text embeddings of a prompt dataset (SRPO JSON format)")
-    e.add_argument("--model", default=DEFAULT_FLUX, help="FLUX pipeline hub id or folder (default: %(default)s)")
+    e = sub.add_parser("flux-embed", help="precompute FLUX text embeddings of a prompt dataset (SRPO JSON format)", **fmt)
+    e.add_argument("--model", default=DEFAULT_FLUX, help="FLUX pipeline hub id or folder")
     e.add_argument("--prompts", required=True, help="prompt file (.txt/.jsonl/.json/.csv) or CuRe folder")
     e.add_argument("--caption-column", default="caption", help="CSV column holding the caption")
     e.add_argument("--out", "--outdir", dest="out", required=True, help="output folder")
-    e.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens (default: %(default)s)")
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--dtype", default="bfloat16")
-    e.add_argument("--device", default=None)
+    e.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens")
+    e.add_argument("--batch-size", type=int, default=8, help="prompts per encoder call")
+    e.add_argument("--dtype", default="bfloat16", help="weight dtype of the text encoders")
+    e.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
 
-    g = sub.add_parser("flux-generate", help="N images per item with a FLUX pipeline, an SRPO transformer or a LoRA")
-    g.add_argument("--model", default=DEFAULT_FLUX, help="FLUX pipeline hub id or folder (default: %(default)s)")
+    g = sub.add_parser("flux-generate", help="N images per item with a FLUX pipeline, an SRPO transformer or a LoRA", **fmt)
+    g.add_argument("--model", default=DEFAULT_FLUX, help="FLUX pipeline hub id or folder")
     g.add_argument("--items", required=True, help="item file / CuRe folder, or inline JSON list")
-    g.add_argument("--out", "--outdir", dest="out", required=True)
+    g.add_argument("--out", "--outdir", dest="out", required=True, help="output folder (resumable)")
     g.add_argument("--transformer", default=None, help="SRPO-tuned transformer state dict (.safetensors / .pt / folder)")
     g.add_argument("--lora", default=None, help="LoRA folder (diffusers format, pytorch_lora_weights.safetensors)")
-    g.add_argument("--lora-scale", type=float, default=1.0)
-    g.add_argument("--n-samples", "--n", dest="n", type=int, default=8, help="images per item (default: %(default)s)")
-    g.add_argument("--steps", type=int, default=28, help="sampling steps (default: %(default)s)")
-    g.add_argument("--cfg", "--guidance", dest="guidance", type=float, default=3.5, help="FLUX guidance (default: %(default)s)")
-    g.add_argument("--height", type=int, default=1024)
-    g.add_argument("--width", type=int, default=1024)
+    g.add_argument("--lora-scale", type=float, default=1.0, help="weight of the LoRA update")
+    g.add_argument("--n-samples", "--n", dest="n", type=int, default=8, help="images per item")
+    g.add_argument("--steps", type=int, default=28, help="sampling steps")
+    g.add_argument("--cfg", "--guidance", dest="guidance", type=float, default=3.5, help="FLUX guidance")
+    g.add_argument("--height", type=int, default=1024, help="image height in pixels")
+    g.add_argument("--width", type=int, default=1024, help="image width in pixels")
     g.add_argument("--seed", type=int, default=0, help="image j of item i uses seed + 1000*i + j")
-    g.add_argument("--batch-size", type=int, default=1)
-    g.add_argument("--max-sequence-length", type=int, default=512)
-    g.add_argument("--dtype", default="bfloat16")
-    g.add_argument("--device", default=None)
+    g.add_argument("--batch-size", type=int, default=1, help="images per pipeline call")
+    g.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens")
+    g.add_argument("--dtype", default="bfloat16", help="weight dtype")
+    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
 
-    lo = sub.add_parser("flux-lora", help="LoRA fine-tuning of FLUX on an image-caption dataset (flow matching)")
-    lo.add_argument("--model", default=DEFAULT_FLUX)
+    lo = sub.add_parser("flux-lora", help="LoRA fine-tuning of FLUX on an image-caption dataset (flow matching)", **fmt)
+    lo.add_argument("--model", default=DEFAULT_FLUX, help="FLUX pipeline hub id or folder")
     lo.add_argument("--data", required=True, help="items with image_path (.jsonl/.json/.csv)")
     lo.add_argument("--caption-column", default="caption", help="item field used as caption, e.g. Item or generated_caption")
     lo.add_argument("--instance-prompt", default="an image of", help="caption where the column is empty")
-    lo.add_argument("--out", "--outdir", dest="out", required=True)
-    lo.add_argument("--resolution", type=int, default=1024)
-    lo.add_argument("--rank", type=int, default=16)
-    lo.add_argument("--alpha", type=float, default=4.0, help="lora_alpha (diffusers FLUX DreamBooth default 4)")
-    lo.add_argument("--optimizer", default="prodigy", choices=("prodigy", "adamw"))
-    lo.add_argument("--lr", type=float, default=1.0, help="1.0 for Prodigy (default: %(default)s)")
-    lo.add_argument("--steps", type=int, default=1000, help="optimiser steps (default: %(default)s)")
+    lo.add_argument("--out", "--outdir", dest="out", required=True, help="output folder (checkpoints, the LoRA)")
+    lo.add_argument("--resolution", type=int, default=1024, help="training image side in pixels")
+    lo.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    lo.add_argument("--alpha", type=float, default=4.0, help="lora_alpha (the diffusers FLUX DreamBooth value)")
+    lo.add_argument("--optimizer", default="prodigy", choices=("prodigy", "adamw"), help="optimiser")
+    lo.add_argument("--lr", type=float, default=1.0, help="learning rate; 1.0 for Prodigy")
+    lo.add_argument("--steps", type=int, default=1000, help="optimiser steps")
     lo.add_argument("--batch-size", type=int, default=1, help="per device")
-    lo.add_argument("--grad-accum", type=int, default=4, help="4 GPUs x 1 x 4 = effective batch 16 (default: %(default)s)")
+    lo.add_argument("--grad-accum", type=int, default=4, help="micro-batches per step; 4 GPUs x 1 x 4 = effective batch 16")
     lo.add_argument("--precision", default="auto", help="Fabric precision; auto = 16-mixed on CUDA (fp16 as published)")
-    lo.add_argument("--devices", default="1")
-    lo.add_argument("--checkpoint-every", type=int, default=100)
-    lo.add_argument("--seed", type=int, default=42)
+    lo.add_argument("--devices", default="1", help="GPUs (Fabric devices)")
+    lo.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (resumable)")
+    lo.add_argument("--seed", type=int, default=42, help="seed of the data order and noise")
     lo.add_argument("--dtype", default="float32", help="weight dtype of the frozen parts")
     return p
 
@@ -101,8 +112,27 @@ def main(argv: list[str] | None = None) -> int:
     return report_errors(f"miro align {args.cmd}", _run, args)
 
 
+# integer options that must be >= 1 (checked before a FLUX model, tens of GB, is loaded)
+_POSITIVE = ("batch_size", "max_sequence_length", "n", "steps", "height", "width", "resolution", "rank", "grad_accum",
+             "checkpoint_every")
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    for key in _POSITIVE:
+        value = getattr(args, key, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 1; got {value}")
+    if getattr(args, "seed", 0) < 0:
+        raise ValueError(f"--seed must be >= 0; got {args.seed}")
+    for key, strict in (("alpha", True), ("lr", True), ("guidance", False), ("lora_scale", False)):
+        value = getattr(args, key, None)
+        if value is not None and not (math.isfinite(value) and (value > 0 if strict else value >= 0)):
+            raise ValueError(f"--{key.replace('_', '-')} must be a finite number {'>' if strict else '>='} 0; got {value}")
+
+
 def _run(args: argparse.Namespace) -> int:
     # Every input file is read before a FLUX model (tens of GB) is loaded, so a typo fails in a second.
+    _check_numbers(args)
     from miro.align import flux_tools
     from miro.extras import require
 

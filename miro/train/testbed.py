@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                          "minilm for shapes)")
     pc.add_argument("--out", "--outdir", dest="out", required=True, help="output folder")
     pc.add_argument("--max-length", type=int, default=None, help="tokens per prompt (default: the encoder's)")
-    pc.add_argument("--batch-size", type=int, default=16)
+    pc.add_argument("--batch-size", type=int, default=16, help="prompts per encoder call (default 16)")
     pc.add_argument("--overwrite", action="store_true",
                     help="recompute every embedding, even when --out holds another testbed's or encoder's")
     sub.add_parser("list", help="list the built-in testbeds")

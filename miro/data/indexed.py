@@ -34,8 +34,8 @@ INDEX_VERSION = 2  # 2: numpy member tables (.npz)
 # visits every shard, and one handle per shard ran out of descriptors: with `ulimit -n 128` and
 # 200 shards, 790 of 2000 random reads failed with EMFILE, which the loader counts as corrupt
 # samples and reward-bin fitting silently drops (a release-scale 10k shards exceeds the usual
-# 1024). Reopening costs little: 50k random reads over 200 shards took 7.3 us each with every
-# shard open and 11.1 us with 64 (docs/benchmarks.md, "Training data at scale").
+# 1024). Reopening costs little: 50k random reads over 200 shards took 6.7-7.5 us each with every
+# shard open and 11.7 us with 64 (docs/benchmarks.md, "Training data at scale").
 MAX_OPEN_SHARDS = 64
 
 

@@ -464,6 +464,32 @@ def test_open_connections_are_capped(pipe):
         DemoLimits(max_connections=0)
 
 
+def test_a_failing_generation_says_why_only_on_loopback(pipe):
+    class Failing:
+        def __getattr__(self, name):
+            return getattr(pipe, name)
+
+        def __call__(self, *a, **k):
+            raise RuntimeError("cannot read /home/someone/models/x.safetensors")
+
+    body = json.dumps(_req()).encode()
+    request = (b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+               b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    for loopback, shown in ((True, b"RuntimeError: cannot read /home/someone"), (False, b"see the server's log")):
+        server = make_server(Failing(), "127.0.0.1", 0, model_name="tiny", quiet=True)
+        server.loopback = loopback  # as if bound to a public address
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        try:
+            out = _raw(server, request)
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+        assert out.startswith(b"HTTP/1.1 500") and b"generation failed: " + shown in out, out[:300]
+        assert loopback or b"/home/someone" not in out
+
+
 def test_cli_warns_when_listening_beyond_loopback(pipe, monkeypatch, capsys):
     import miro.demo.server as server_mod
     import miro.generate_cli as gen

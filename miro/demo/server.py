@@ -118,7 +118,9 @@ class DemoHandler(BaseHTTPRequestHandler):
                                            still_wanted=self._client_connected)
         except Exception as e:  # a failing model must not kill the server; the page shows why
             self.log_error("generation failed: %r", e)
-            status, body = 500, {"error": f"generation failed: {type(e).__name__}: {e}", "field": None}
+            # the exception's text (paths, model details) only to the machine's own user
+            why = f"{type(e).__name__}: {e}" if self.server.loopback else "see the server's log"
+            status, body = 500, {"error": f"generation failed: {why}", "field": None}
         self._send_json(status, body)
 
     # ----------------------------------------------------------------------------- helpers

@@ -134,3 +134,18 @@ def test_dotenv_does_not_set_variables_that_choose_the_code_run(tmp_path, monkey
     assert os.environ.get("PATH") == path and not any(n in os.environ for n in names)
     err = capsys.readouterr().err
     assert "ignoring LD_PRELOAD=" in err and "ignoring PYTHONPATH=" in err and "ignoring PATH=" not in err
+
+
+def test_every_command_reads_dotenv_once(tmp_path, monkeypatch, capsys):
+    """`miro <command>` reads ./.env once (miro/cli.py): a skipped key is said once, and a value set
+    from it reaches the command."""
+    from miro.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("MIRO_IO_ONCE", raising=False)
+    (tmp_path / ".env").write_text("LD_PRELOAD=/x/evil.so\nMIRO_IO_ONCE=1\n")
+    assert main(["train", "experiment=nope"]) == 2
+    assert capsys.readouterr().err.count("ignoring LD_PRELOAD=") == 1
+    assert os.environ.get("MIRO_IO_ONCE") == "1"
+    monkeypatch.delenv("MIRO_IO_ONCE")

@@ -108,7 +108,9 @@ def test_help_and_dotenv(tmp_path, capsys, monkeypatch):
     env.write_text("# site\nMIRO_TEST_A=1\nexport MIRO_TEST_B='two'\n")
     monkeypatch.delenv("MIRO_TEST_A", raising=False)
     monkeypatch.setenv("MIRO_TEST_B", "kept")
-    assert cli.load_dotenv(env) == {"MIRO_TEST_A": "1"}
+    from miro.io import load_dotenv  # `miro` reads .env once for every command (miro/cli.py)
+
+    assert load_dotenv(env) == {"MIRO_TEST_A": "1"}
     import os
 
     assert os.environ["MIRO_TEST_B"] == "kept"

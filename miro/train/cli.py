@@ -25,7 +25,6 @@ import shlex
 import sys
 from pathlib import Path
 
-from miro.io import load_dotenv  # noqa: F401  (miro train reads .env; kept importable here)
 from miro.train.preflight import (_max_time, accelerator_problem, accumulation, model_config, per_rank_batch,
                                   preflight, remove_stale_temps, replace_old_checkpoints, uncond_source)
 
@@ -231,7 +230,6 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"miro train: unknown option(s) {bad}; see --help", file=sys.stderr)
         return 2
-    load_dotenv()
     from miro.extras import require
 
     require("lightning", "hydra", "omegaconf", extra="train", what="miro train")

@@ -125,3 +125,16 @@ def one_line(e: BaseException | str) -> str:
     messages ("... cached files.\\nCheck your internet connection ..."); a command's error is one
     ``miro <command>: ...`` line on stderr."""
     return " ".join(str(e).split())
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (a name or an address, IPv6 without brackets) is this machine: ``localhost``
+    or a loopback address. Names other than localhost are not resolved."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name, not an address
+        return False

@@ -11,7 +11,6 @@ limits), ``POST /api/generate`` (JSON in and out, see :mod:`miro.demo.handlers`)
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import os
 import select
@@ -27,6 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from miro.demo.handlers import DemoLimits, GenerationQueue, handle_generate, handle_info
+from miro.io import is_loopback_host
 
 PAGE = "page.html"
 _BUSY = json.dumps({"error": "too many open connections to the demo; retry later", "field": None}).encode()
@@ -50,7 +50,7 @@ class DemoServer(ThreadingHTTPServer):
         # stay (slow or idle ones, up to the handler's timeout each) must not pile up threads.
         self.slots = threading.BoundedSemaphore(limits.max_connections)
         super().__init__(address, DemoHandler)
-        self.loopback = _is_loopback(self.server_address[0])
+        self.loopback = is_loopback_host(self.server_address[0])
 
     def process_request(self, request, client_address):
         if not self.slots.acquire(blocking=False):
@@ -136,7 +136,7 @@ class DemoHandler(BaseHTTPRequestHandler):
             name = urlsplit(f"//{host}").hostname or ""
         except ValueError:  # e.g. an unclosed "[" bracket
             name = ""
-        if name == "localhost" or _is_loopback(name):
+        if is_loopback_host(name):
             return True
         self.close_connection = True  # a POST body is not read: it must not be parsed as the next request
         self._send_json(403, {"error": f"Host {host[:100]!r} is not allowed; this server answers "
@@ -208,13 +208,6 @@ class DemoHandler(BaseHTTPRequestHandler):
 
 
 _ERROR = object()  # sentinel: an error response was already sent
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a name, not an address
-        return False
 
 
 def _interrupt(signum, frame) -> None:

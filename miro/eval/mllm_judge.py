@@ -176,18 +176,15 @@ def line_rubric(record: dict) -> str | None:
 
 def _warn_if_key_in_clear(config: JudgeConfig) -> None:
     """An API key sent over plain http:// to another machine can be read on the way: said once."""
-    import ipaddress
     import warnings
     from urllib.parse import urlsplit
+
+    from miro.io import is_loopback_host
 
     if not os.environ.get(config.api_key_env) or not config.base_url.startswith("http://"):
         return
     host = urlsplit(config.base_url).hostname or ""
-    try:
-        local = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        local = False
-    if not local:
+    if not is_loopback_host(host):
         warnings.warn(f"{config.api_key_env} is sent unencrypted to {host} (base_url {config.base_url!r} is http://); "
                       "use https:// for a judge on another machine")
 

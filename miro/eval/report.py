@@ -266,8 +266,9 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, max_prom
                          f"({', '.join(_RESULT_FILES)}); pass the folder `miro eval generate` or `miro eval all` wrote")
     outdir = Path(outdir) if outdir else run / "report"
     outdir.mkdir(parents=True, exist_ok=True)
-    for tmp in outdir.glob(".*.tmp"):  # what a report killed while writing left (miro.io.atomic_path's names)
-        tmp.unlink(missing_ok=True)
+    from miro.data.shard_files import remove_stale_temps
+
+    remove_stale_temps(outdir, "*")  # what a report killed while writing left (miro.io.atomic_path's names)
     gen = _load(run / "generation.json") or {}
     cfg = gen.get("config", {})
     row = P.paper_row(cfg.get("model"), cfg.get("variant"))

@@ -212,14 +212,12 @@ def load_scorers(names: list[str], kwargs: dict, device: str) -> dict:
 def _load_now(model) -> None:
     """Load lazily-loaded weights before the first shard, so that a missing model fails early
     and shard timings measure processing only."""
-    from miro.rewards.base import Scorer, load_weights
+    from miro.rewards.base import Scorer, load_parts, load_weights
 
     if isinstance(model, Scorer):  # a missing reward model is named (the hub's message does not)
         load_weights(model)
-        return
-    for obj in (model, getattr(model, "backbone", None)):
-        if obj is not None and callable(getattr(obj, "load", None)):
-            obj.load()
+    else:  # the VAE and text encoders name themselves when they cannot load
+        load_parts(model)
 
 
 def _free_models() -> None:

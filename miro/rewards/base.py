@@ -132,18 +132,22 @@ def load_weights(scorer: Scorer, name: str | None = None) -> Scorer:
     from miro.io import one_line
 
     name = name or (scorer.keys[0] if getattr(scorer, "keys", ()) else type(scorer).__name__)
-    for obj in (scorer, getattr(scorer, "backbone", None)):
-        if obj is None or not callable(getattr(obj, "load", None)):
-            continue
-        try:
-            obj.load()
-        except OSError as e:
-            from miro.download import WEIGHTS
+    try:
+        load_parts(scorer)
+    except OSError as e:
+        from miro.download import WEIGHTS
 
-            fetch = f"fetch it once with `miro download {name}` where a network exists, or " if name in WEIGHTS else ""
-            raise OSError(f"could not load the model of reward {name!r} ({type(e).__name__}: {one_line(e)}); "
-                          f"{fetch}pass a local folder as its model= argument") from e
+        fetch = f"fetch it once with `miro download {name}` where a network exists, or " if name in WEIGHTS else ""
+        raise OSError(f"could not load the model of reward {name!r} ({type(e).__name__}: {one_line(e)}); "
+                      f"{fetch}pass a local folder as its model= argument") from e
     return scorer
+
+
+def load_parts(model) -> None:
+    """Call ``load()`` on ``model`` and on its ``backbone``, where they have one (lazily loaded weights)."""
+    for obj in (model, getattr(model, "backbone", None)):
+        if obj is not None and callable(getattr(obj, "load", None)):
+            obj.load()
 
 
 # name -> factory(**kwargs) -> Scorer. Filled by the modules that define scorers.

@@ -7,11 +7,14 @@ Writes ``--samples`` tiny samples (a JSON with three scores, a (2, 4) float16 em
 * the index in memory (RSS growth, and the bytes of its numpy tables) and on disk (the caches);
 * random member reads (50k, JSON + embedding), with every shard kept open and with
   :data:`miro.data.indexed.MAX_OPEN_SHARDS` open at once;
-* :func:`miro.data.datamodule.fit_reward_bins` over ``--bins-sample`` samples.
+* :func:`miro.data.datamodule.fit_reward_bins` over ``--bins-sample`` samples;
+* with ``--ranks N``: N processes indexing the fresh shards at once, as every rank of an srun job
+  does, sharing the work through lock files (:func:`miro.data.indexed.load_indexes`) against N
+  processes that each index everything (each its own cache folder: the behaviour before sharing).
 
 Run it at two sizes to see the growth order. Usage::
 
-    python benchmarks/bench_data_scale.py [--samples 200000] [--shards 200] [--bins-sample 100000] [--dir D]
+    python benchmarks/bench_data_scale.py [--samples 200000] [--shards 200] [--bins-sample 100000] [--ranks N] [--dir D]
 """
 
 from __future__ import annotations
@@ -92,12 +95,60 @@ def measure(d: Path, bins_sample: int) -> None:
         print("| " + " | ".join(r) + " |")
 
 
+def _rank(shards, cache_dir, barrier, q) -> None:
+    from miro.data import indexed
+
+    scan, scans = indexed.scan_tar, []
+
+    def counted(path):
+        scans.append(path)
+        return scan(path)
+
+    indexed.scan_tar = counted
+    barrier.wait()
+    t = time.perf_counter()
+    indexed.load_indexes(shards, cache_dir)
+    q.put((time.perf_counter() - t, len(scans)))
+
+
+def measure_ranks(d: Path, ranks: int) -> None:
+    """Wall time and shard scans of ``ranks`` processes indexing the fresh shards at once."""
+    import multiprocessing as mp
+
+    shards = sorted(d.glob("*.tar"))
+    ctx = mp.get_context("fork")
+    print(f"| {ranks} processes indexing at once | wall | scans of a shard, all processes | slowest process |\n|---|---|---|---|")
+    walls = {}
+    for label in ("each its own cache (before)", "one cache, shared work"):
+        shared = label.startswith("one")
+        caches = [d / ".idx-shared" if shared else d / f".idx-{k}" for k in range(ranks)]
+        for c in caches:
+            shutil.rmtree(c, ignore_errors=True)
+        barrier, q = ctx.Barrier(ranks + 1), ctx.Queue()
+        procs = [ctx.Process(target=_rank, args=(shards, c, barrier, q)) for c in caches]
+        for p in procs:
+            p.start()
+        barrier.wait()
+        t = time.perf_counter()
+        got = [q.get() for _ in procs]
+        walls[label] = time.perf_counter() - t
+        for p in procs:
+            p.join()
+        print(f"| {label} | {walls[label]:.2f} s | {sum(n for _, n in got)} | {max(s for s, _ in got):.2f} s |")
+        for c in set(caches):
+            shutil.rmtree(c, ignore_errors=True)
+    before, after = walls.values()
+    print(f"shared work: x{before / after:.2f} faster ({len(shards)} shards, {ranks} processes)")
+
+
 def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=positive_int, default=200_000, help="samples to write (default 200000)")
     p.add_argument("--shards", type=positive_int, default=200, help="tar shards to spread them over (default 200)")
     p.add_argument("--bins-sample", type=positive_int, default=100_000,
                    help="samples read to fit reward bins (data.bins_sample_size; default 100000)")
+    p.add_argument("--ranks", type=positive_int, default=None,
+                   help="also time this many processes indexing the fresh shards at once, shared vs each alone")
     p.add_argument("--dir", help="folder for the shards (kept); default: a temporary folder, deleted")
     args = p.parse_args(argv)
     if args.shards > args.samples:
@@ -110,6 +161,8 @@ def main(argv=None) -> int:
         if not any(d.glob("*.tar")):
             print(f"wrote the shards in {write_shards(d, args.samples, args.shards):.1f} s")
         measure(d, args.bins_sample)
+        if args.ranks:
+            measure_ranks(d, args.ranks)
     finally:
         if not args.dir:
             shutil.rmtree(d, ignore_errors=True)

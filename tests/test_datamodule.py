@@ -406,3 +406,105 @@ def test_only_rank_zero_writes_the_bins(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="tie rule 'midrank' replaced"):
         MiroDataModule(_cfg(d, bins_path=str(path), bin_ties="spread")).prepare()
     assert path.read_bytes() == before  # rank 1 rewrites nothing either
+
+
+def _index_in_child(shards, log, barrier, q):
+    import os
+
+    from miro.data import indexed
+
+    scan = indexed.scan_tar
+
+    def logged_scan(path):  # slow enough that the processes overlap, and logged by pid
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()} {path}\n")
+        import time
+
+        time.sleep(0.25)
+        return scan(path)
+
+    indexed.scan_tar = logged_scan
+    barrier.wait()
+    got = indexed.load_indexes(shards)
+    q.put([(idx.keys.tolist(), idx.offsets.tolist(), err) for idx, err in got])
+
+
+def test_processes_indexing_at_once_scan_each_shard_once(tmp_path):
+    # every rank of an srun/torchrun job indexes the same fresh shards at the same moment: the work is
+    # shared through lock files, every shard read once, and every process gets the whole index
+    import multiprocessing as mp
+
+    from miro.data.indexed import load_indexes
+
+    d = _shards(tmp_path, 6, 4)
+    shards = sorted(d.glob("*.tar"))
+    log = tmp_path / "scans.log"
+    ctx = mp.get_context("fork")
+    barrier, q = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_index_in_child, args=(shards, log, barrier, q)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    lines = [ln.split() for ln in log.read_text().splitlines()]
+    assert sorted(path for _, path in lines) == sorted(map(str, shards))  # each shard scanned exactly once
+    assert len({pid for pid, _ in lines}) >= 2  # by more than one process
+    expect = [(idx.keys.tolist(), idx.offsets.tolist(), err) for idx, err in load_indexes(shards)]
+    assert all(r == expect for r in results) and len(expect[0][0]) == 4
+    assert not list(d.glob(".*.lock"))  # lock files are removed once their cache is written
+
+
+def test_indexing_waits_for_a_holder_and_survives_its_death(tmp_path):
+    # a process that dies while holding a shard's lock leaves no cache: the kernel drops its lock and
+    # the waiting process scans the shard itself
+    import fcntl
+    import os
+    import time
+
+    from miro.data import indexed
+
+    d = _shards(tmp_path, 2, 3)
+    shards = sorted(d.glob("*.tar"))
+    lock_path = d / ".shard-000.tar.index.npz.lock"
+    pid = os.fork()
+    if pid == 0:  # the holder: takes the lock, then is killed before writing anything
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        time.sleep(0.6)
+        os._exit(9)
+    for _ in range(200):  # until the child holds the lock
+        if lock_path.exists():
+            probe = os.open(lock_path, os.O_RDWR)
+            try:
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(probe, fcntl.LOCK_UN)
+            except BlockingIOError:
+                break
+            finally:
+                os.close(probe)
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    got = indexed.load_indexes(shards)
+    waited = time.monotonic() - t0
+    os.waitpid(pid, 0)
+    assert waited > 0.2  # it waited for the holder instead of scanning beside it
+    assert [idx.keys.tolist() for idx, _ in got] == [[b"s0000", b"s0001", b"s0002"], [b"s0003", b"s0004", b"s0005"]]
+    assert (d / ".shard-000.tar.index.npz").exists() and not lock_path.exists()
+
+
+def test_indexing_without_flock_scans_alone(tmp_path, monkeypatch):
+    # file systems without flock (Lustre without -o flock: ENOSYS) index as a single process would
+    import errno
+    import fcntl
+
+    from miro.data.indexed import load_indexes
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    d = _shards(tmp_path, 2, 3)
+    got = load_indexes(sorted(d.glob("*.tar")))
+    assert [len(idx) for idx, _ in got] == [3, 3] and (d / ".shard-001.tar.index.npz").exists()

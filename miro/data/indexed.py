@@ -114,16 +114,13 @@ def _save_index_atomic(path: Path, idx: ShardIndex, stamp: dict, error: str | No
                  meta=np.array(json.dumps({"stamp": stamp, "error": error})))
 
 
-def load_index(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> tuple[ShardIndex, str | None]:
-    """:func:`scan_tar` as a :class:`ShardIndex`, cached on disk keyed on the tar's size and mtime.
-
-    The cache goes beside the shard (``.<name>.index.npz``), or into ``cache_dir`` when given
-    (use it when the shard folder is read-only).
-    """
-    path = Path(path)
+def _stamp(path: Path) -> dict:
     st = path.stat()
-    stamp = {"version": INDEX_VERSION, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    cache = _cache_file(path, Path(cache_dir) if cache_dir is not None else None)
+    return {"version": INDEX_VERSION, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _read_cached(cache: Path, stamp: dict) -> tuple[ShardIndex, str | None] | None:
+    """The index cached at ``cache`` when its stamp matches the shard's; otherwise None."""
     try:
         with np.load(cache, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
@@ -131,13 +128,116 @@ def load_index(path: str | os.PathLike, cache_dir: str | os.PathLike | None = No
                 return ShardIndex(z["keys"], [str(e) for e in z["exts"]], z["offsets"], z["sizes"]), meta.get("error")
     except (OSError, ValueError, KeyError):
         pass
+    return None
+
+
+def _build(path: Path, cache: Path, stamp: dict) -> tuple[tuple[ShardIndex, str | None], bool]:
+    """Scan ``path`` and cache its index; returns ((index, error), whether the cache was written)."""
     samples, error = scan_tar(path)
     idx = ShardIndex.from_samples(samples)
     try:
         _save_index_atomic(cache, idx, stamp, error)
     except OSError as e:
         warnings.warn(f"cannot cache the index of {path} at {cache} ({e}); set data.index_cache_dir")
-    return idx, error
+        return (idx, error), False
+    return (idx, error), True
+
+
+class _ShardLock:
+    """An exclusive ``flock`` on ``<cache>.lock``: the process that holds it scans the shard.
+
+    ``acquire`` returns True (held), False (another process holds it; only when not blocking) or
+    None (no lock here: no ``fcntl``, a read-only folder, or a file system without ``flock``, such
+    as Lustre mounted without ``-o flock``), in which case the caller scans the shard itself, as
+    every process did before. The kernel drops a lock when its process dies, so a killed rank
+    never blocks the others: the next one to take the lock finds no cache and scans.
+    """
+
+    def __init__(self, cache: Path):
+        self.path = cache.with_name(cache.name + ".lock")
+        self.fd: int | None = None
+
+    def acquire(self, blocking: bool) -> bool | None:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except OSError:
+            os.close(fd)
+            return None
+        self.fd = fd
+        return True
+
+    def release(self, remove: bool) -> None:
+        """Unlock; ``remove`` deletes the lock file first (only once the cache is written: a process
+        that then locks a stale inode or a new file finds the cache before it would scan)."""
+        if self.fd is None:
+            return
+        if remove:
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
+        os.close(self.fd)  # closing the descriptor drops the flock
+        self.fd = None
+
+
+def load_indexes(paths: Sequence[str | os.PathLike], cache_dir: str | os.PathLike | None = None,
+                 bar=None) -> list[tuple[ShardIndex, str | None]]:
+    """The index of every shard (:func:`scan_tar` as a :class:`ShardIndex`), in order, cached on disk.
+
+    A cache is keyed on its tar's size and mtime and lies beside the shard (``.<name>.index.npz``),
+    or in ``cache_dir`` when given (use it when the shard folder is read-only).
+
+    Processes that index the same shards at once share the work: under ``srun`` or ``torchrun``
+    every rank prepares the data at the same moment, and each used to scan every uncached shard
+    itself (about 8 minutes per process at 10M samples, and N times the reads). A process scans
+    only the shards whose lock (:class:`_ShardLock`) it takes first and skips those another process
+    is scanning; once through the list, it waits for those in turn and reads their caches. Each
+    shard is read once, by whichever process reached it first (docs/benchmarks.md, "Training data
+    at scale"). ``bar``: a tqdm-like object updated once per shard.
+    """
+    paths = [Path(p) for p in paths]
+    cdir = Path(cache_dir) if cache_dir is not None else None
+    out: list[tuple[ShardIndex, str | None] | None] = [None] * len(paths)
+    pending = list(range(len(paths)))
+    blocking = False  # first pass: take what is free; later passes: wait for the rest in turn
+    while pending:
+        busy = []
+        for i in pending:
+            path = paths[i]
+            stamp = _stamp(path)
+            cache = _cache_file(path, cdir)
+            hit = _read_cached(cache, stamp)
+            if hit is None:
+                lock = _ShardLock(cache)
+                held = lock.acquire(blocking)
+                if held is False:
+                    busy.append(i)
+                    continue
+                written = False
+                try:
+                    # the holder before us may have written it between our read and our lock
+                    hit = _read_cached(cache, stamp) if held else None
+                    if hit is None:
+                        hit, written = _build(path, cache, stamp)
+                finally:
+                    lock.release(remove=written)
+            out[i] = hit
+            if bar is not None:
+                bar.update(1)
+        pending, blocking = busy, True
+    return out  # type: ignore[return-value]
 
 
 class IndexedTarDataset:
@@ -156,13 +256,17 @@ class IndexedTarDataset:
         self.shards = [str(s) for s in shards]
         self.stats = stats if stats is not None else ReadStats()
         self.index: list[ShardIndex] = []
-        it = self.shards
+        bar = None
         if progress and len(self.shards) > 1:
             from tqdm.auto import tqdm
 
-            it = tqdm(self.shards, desc="indexing shards", unit="shard")
-        for s in it:
-            idx, error = load_index(s, cache_dir)
+            bar = tqdm(total=len(self.shards), desc="indexing shards", unit="shard")
+        try:
+            loaded = load_indexes(self.shards, cache_dir, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        for s, (idx, error) in zip(self.shards, loaded):
             if error is not None:
                 self.stats.truncated_shards += 1
                 self.stats.errors.append(f"{s}: {error}")

@@ -83,6 +83,21 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None =
     atomic_write_text(path, text + "\n", fsync=fsync)
 
 
+def open_append(path: str | os.PathLike):
+    """``open(path, "a", encoding="utf-8")`` that refuses a symbolic link: logs are appended in
+    place, so a link planted in a shared output folder would otherwise send every line to its
+    target (the atomic writers above replace a link instead of writing through it)."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), FILE_MODE)
+    except OSError as e:
+        if path.is_symlink():
+            raise OSError(f"{path} is a symbolic link (to {os.readlink(path)}); logs are not appended through "
+                          "links: remove it or choose another output folder") from None
+        raise e
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
 def cache_root() -> Path:
     """miro's download cache: ``$MIRO_CACHE_DIR`` (``$MIRO_CACHE``, its older name, also works),
     else ``~/.cache/miro``. Read at call time, so a test or a script may set it late."""

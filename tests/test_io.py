@@ -149,3 +149,24 @@ def test_every_command_reads_dotenv_once(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err.count("ignoring LD_PRELOAD=") == 1
     assert os.environ.get("MIRO_IO_ONCE") == "1"
     monkeypatch.delenv("MIRO_IO_ONCE")
+
+
+def test_logs_are_not_appended_through_a_symbolic_link(tmp_path):
+    # a link planted in a shared output folder must not send log lines to its target
+    from miro.eval.folder import JsonlAppender
+    from miro.io import open_append
+
+    with open_append(tmp_path / "log.jsonl") as f:
+        f.write("a\n")
+    with open_append(tmp_path / "log.jsonl") as f:
+        f.write("b\n")
+    assert (tmp_path / "log.jsonl").read_text() == "a\nb\n"
+    target = tmp_path / "victim.txt"
+    target.write_text("keep\n")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "judge.jsonl").symlink_to(target)
+    with pytest.raises(OSError, match=r"judge.jsonl is a symbolic link \(to .*victim.txt\)"):
+        open_append(tmp_path / "out" / "judge.jsonl")
+    with pytest.raises(OSError, match="symbolic link"):
+        JsonlAppender(tmp_path / "out" / "judge.jsonl")
+    assert target.read_text() == "keep\n"

@@ -23,6 +23,7 @@ from miro.align.flux import FluxTarget, FluxTargetConfig
 from miro.align.lora import LoraSettings, add_flux_lora, save_flux_lora
 from miro.align.precision import cast_trainable_params
 from miro.align.trainer import OptimConfig, _seed, _truncate_metrics, atomic_torch_save, build_optimizer
+from miro.io import open_append
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def finetune_flux_lora(pipe, items: list[dict], cfg: FluxLoraTrainConfig, fabric
         opt.step()
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-            with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            with open_append(out / "metrics.jsonl") as f:
                 f.write(json.dumps({"step": step + 1, "loss": total, "seconds": time.perf_counter() - t0}) + "\n")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.max_train_steps:
             if rank == 0:

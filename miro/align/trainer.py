@@ -29,7 +29,7 @@ from miro.align.datasets import OfflineImageDataset
 from miro.align.precision import cast_trainable_params
 from miro.align.relative_reward import SemanticRelativeReward
 from miro.align.step import StepConfig, srpo_step
-from miro.io import atomic_path, atomic_write_text
+from miro.io import atomic_path, atomic_write_text, open_append
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ class SRPOTrainer:
             agg.update(step=step + 1, lr=float(self.optimizer.param_groups[0]["lr"]), seconds=time.perf_counter() - t0)
             history.append(agg)
             if fabric.global_rank == 0:
-                with open(metrics_path, "a", encoding="utf-8") as f:
+                with open_append(metrics_path) as f:
                     f.write(json.dumps(agg) + "\n")
                 if bar is not None:
                     bar.update(1)

@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from miro.io import atomic_write_json as _atomic_write_json, atomic_write_text
+from miro.io import atomic_write_json as _atomic_write_json, atomic_write_text, open_append
 
 
 @dataclass
@@ -108,12 +108,13 @@ class JsonlAppender:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        open_append(self.path).close()  # refuses a symbolic link before anything reads through it
         good = read_jsonl(self.path)
         if self.path.is_file():
             text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in good)
             if text != self.path.read_text(encoding="utf-8"):
                 atomic_write_text(self.path, text)
-        self._f = open(self.path, "a", encoding="utf-8")
+        self._f = open_append(self.path)
 
     def write(self, record: dict) -> None:
         self._f.write(json.dumps(record, ensure_ascii=False) + "\n")

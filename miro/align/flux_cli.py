@@ -85,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     lo.add_argument("--model", default=DEFAULT_FLUX, help="FLUX pipeline hub id or folder")
     lo.add_argument("--data", required=True, help="items with image_path (.jsonl/.json/.csv)")
     lo.add_argument("--caption-column", default="caption", help="item field used as caption, e.g. Item or generated_caption")
-    lo.add_argument("--instance-prompt", default="an image of", help="caption where the column is empty")
+    lo.add_argument("--instance-prompt", default="an image of", help="caption for items without one in --caption-column (SRPO .json, inline JSON, CuRe items; .jsonl and .csv rows must carry their own)")
     lo.add_argument("--out", "--outdir", dest="out", required=True, help="output folder (checkpoints, the LoRA)")
     lo.add_argument("--resolution", type=int, default=1024, help="training image side in pixels")
     lo.add_argument("--rank", type=int, default=16, help="LoRA rank")

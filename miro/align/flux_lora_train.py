@@ -5,7 +5,8 @@ of SRPO used by the "SRPO + MIA" study (its ``flux_lora_train.py`` drove diffuse
 Loss (diffusers FLUX DreamBooth, ``weighting_scheme="none"``): ``u ~ U(0, 1)`` picks a training
 timestep index ``⌊u·T⌋`` of the shifted scheduler σ table, ``x_σ = (1−σ)·x0 + σ·ε`` and
 ``L = ‖v_θ(x_σ, σ) − (ε − x0)‖²``. Captions come from a chosen column (``caption_column``; e.g.
-``Item`` or ``generated_caption``), ``instance_prompt`` where that column is empty.
+``Item`` or ``generated_caption``), ``instance_prompt`` for items that lack that column (the readers
+refuse a .jsonl or .csv row with an empty caption).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class FluxLoraTrainConfig:
     caption_column: str = "caption"  # item field used as the training caption (fork: "Item" or "generated_caption")
-    instance_prompt: str = "an image of"  # fallback caption when the column is empty (diffusers semantics)
+    instance_prompt: str = "an image of"  # caption of items that lack caption_column (diffusers semantics)
     resolution: int = 1024
     max_train_steps: int = 1000  # the fork's run
     batch_size: int = 1  # per device

@@ -509,3 +509,27 @@ def test_cli_warns_when_listening_beyond_loopback(pipe, monkeypatch, capsys):
         signal.signal(signal.SIGTERM, previous)
     err = capsys.readouterr().err
     assert "warning: listening on 0.0.0.0" in err and "no authentication" in err
+
+
+def test_info_names_a_local_model_folder_without_its_path_beyond_loopback(pipe, tmp_path):
+    folder = tmp_path / "home" / "someone" / "export_run7"
+    folder.mkdir(parents=True)
+    for loopback, shown in ((True, str(folder)), (False, "export_run7")):
+        server = make_server(pipe, "127.0.0.1", 0, model_name=str(folder), quiet=True)
+        server.loopback = loopback  # as if bound to a public address
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        try:
+            out = _raw(server, b"GET /api/info HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+        info = json.loads(out.split(b"\r\n\r\n", 1)[1])
+        assert info["model"] == shown and (loopback or b"someone" not in out)
+    server = make_server(pipe, "127.0.0.1", 0, model_name="org/miro-model", quiet=True)
+    server.loopback = False
+    try:
+        assert server.shown_model_name() == "org/miro-model"  # a hub id is no local path
+    finally:
+        server.server_close()

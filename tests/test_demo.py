@@ -511,11 +511,18 @@ def test_cli_warns_when_listening_beyond_loopback(pipe, monkeypatch, capsys):
     assert "warning: listening on 0.0.0.0" in err and "no authentication" in err
 
 
-def test_info_names_a_local_model_folder_without_its_path_beyond_loopback(pipe, tmp_path):
+def test_info_names_local_folders_without_their_path_beyond_loopback(pipe, tmp_path):
     folder = tmp_path / "home" / "someone" / "export_run7"
     folder.mkdir(parents=True)
+
+    class AtFolder:  # the pipeline as loaded from that folder
+        source = str(folder)
+
+        def __getattr__(self, name):
+            return getattr(pipe, name)
+
     for loopback, shown in ((True, str(folder)), (False, "export_run7")):
-        server = make_server(pipe, "127.0.0.1", 0, model_name=str(folder), quiet=True)
+        server = make_server(AtFolder(), "127.0.0.1", 0, model_name=str(folder), quiet=True)
         server.loopback = loopback  # as if bound to a public address
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         thread.start()
@@ -526,10 +533,8 @@ def test_info_names_a_local_model_folder_without_its_path_beyond_loopback(pipe, 
             server.server_close()
             thread.join(timeout=5)
         info = json.loads(out.split(b"\r\n\r\n", 1)[1])
-        assert info["model"] == shown and (loopback or b"someone" not in out)
-    server = make_server(pipe, "127.0.0.1", 0, model_name="org/miro-model", quiet=True)
-    server.loopback = False
-    try:
-        assert server.shown_model_name() == "org/miro-model"  # a hub id is no local path
-    finally:
-        server.server_close()
+        assert info["model"] == shown and info["source"] == shown and (loopback or b"someone" not in out)
+    from miro.demo.handlers import handle_info
+
+    _, info = handle_info(pipe, "org/miro-model", show_paths=False)
+    assert info["model"] == "org/miro-model"  # a hub id is no local path

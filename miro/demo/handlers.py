@@ -26,6 +26,7 @@ import secrets
 import threading
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 # Published demo defaults (HF Space `nicolas-dufour/miro`, miro-t2i 0.1.4 `app.py`): 50 steps,
@@ -335,14 +336,27 @@ def output_resolution(pipe) -> int:
     return res * int(getattr(pipe.autoencoder, "downsample", 1))
 
 
-def handle_info(pipe, model_name: str, limits: DemoLimits | None = None) -> tuple[int, dict[str, Any]]:
-    """``GET /api/info``: what the page needs to build its controls."""
+def _folder_name(name):
+    """A local folder by its last component (its full path says who runs the server and how their
+    disk is laid out); anything else, a hub id or a built-in name, as given."""
+    if name and Path(str(name)).exists():
+        return Path(str(name)).resolve().name
+    return name
+
+
+def handle_info(pipe, model_name: str, limits: DemoLimits | None = None,
+                show_paths: bool = True) -> tuple[int, dict[str, Any]]:
+    """``GET /api/info``: what the page needs to build its controls. ``show_paths=False`` (a server
+    bound beyond loopback) names local folders without their path."""
     limits = limits or DemoLimits()
+    source = getattr(pipe, "source", None)
+    if not show_paths:
+        model_name, source = _folder_name(model_name), _folder_name(source)
     keys = list(pipe.coherence_keys)
     shapes = all(k.startswith("shapes_") for k in keys)
     return 200, {
         "model": model_name,
-        "source": getattr(pipe, "source", None),
+        "source": source,
         "device": str(pipe.device),
         "coherence_keys": keys,
         "labels": {k: LABELS.get(k, k.replace("_", " ")) for k in keys},

@@ -52,14 +52,6 @@ class DemoServer(ThreadingHTTPServer):
         super().__init__(address, DemoHandler)
         self.loopback = is_loopback_host(self.server_address[0])
 
-    def shown_model_name(self) -> str:
-        """The model as the page names it: beyond loopback a local folder by its last component
-        only (its full path says who runs it and how their disk is laid out); hub ids as given."""
-        name = self.model_name
-        if not self.loopback and name and Path(name).exists():
-            return Path(name).resolve().name
-        return name
-
     def process_request(self, request, client_address):
         if not self.slots.acquire(blocking=False):
             try:  # answered without a thread, in the accept loop: a short write to a fresh socket
@@ -103,7 +95,8 @@ class DemoHandler(BaseHTTPRequestHandler):
         if path in ("/", "/index.html"):
             self._send(HTTPStatus.OK, self.server.page, "text/html; charset=utf-8")
         elif path == "/api/info":
-            self._send_json(*handle_info(self.server.pipe, self.server.shown_model_name(), self.server.limits))
+            self._send_json(*handle_info(self.server.pipe, self.server.model_name, self.server.limits,
+                                         show_paths=self.server.loopback))
         elif path == "/api/generate":
             self._send_json(405, {"error": "use POST with a JSON body", "field": None}, allow="POST")
         else:

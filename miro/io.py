@@ -90,11 +90,11 @@ def open_append(path: str | os.PathLike):
     path = Path(path)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), FILE_MODE)
-    except OSError as e:
+    except OSError:
         if path.is_symlink():
             raise OSError(f"{path} is a symbolic link (to {os.readlink(path)}); logs are not appended through "
                           "links: remove it or choose another output folder") from None
-        raise e
+        raise
     return os.fdopen(fd, "a", encoding="utf-8")
 
 

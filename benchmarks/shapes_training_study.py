@@ -30,7 +30,8 @@ that two checkpoints are compared on exactly the same prompts and noise:
   Spearman's rho of every reward, how many reach 0.9, and ShapesEval where a ``table`` run sits in the
   same folder; runs of one setting (other seeds, other targets) are pooled target by target;
   ``--targets KIND --model M`` keeps only M's own targets (e.g. a spread-ties model's). Writes
-  ``settings.json``, ``settings.md`` and ``<setting>_controllability.png`` (the pooled curves).
+  ``settings.json``, ``settings.md``, ``<setting>_controllability.png`` (the pooled curves) and, for
+  two settings or more, ``settings_controllability.png`` (all of them in one figure).
 * ``confusion`` — no generation: from scored ShapesEval folders, the shape the detector found
   against the shape asked for, over the prompts that ask for one object (single object, colours).
   Writes ``confusion.json``, ``confusion.md`` and ``confusion.png``.
@@ -874,8 +875,9 @@ def _plot_confusion(result: dict, path: Path) -> None:
 CONTROL_TARGET = 0.9  # the issue's bar: Spearman rho >= 0.9 for every reward
 
 
-def _setting_label(gen: dict) -> str:
-    """A sampler setting in the words of the CLI flags, from a target folder's ``generation.json``."""
+def _setting_label(gen: dict, swept: str | None = None) -> str:
+    """A sampler setting in the words of the CLI flags, from a target folder's ``generation.json``
+    (``swept``: the reward that folder sweeps, whose target is not part of the setting)."""
     rc = gen.get("reward_cfg")
     if isinstance(rc, dict):
         rc = ",".join(f"{k.removeprefix('shapes_')}={v:g}" for k, v in sorted(rc.items()))
@@ -886,6 +888,11 @@ def _setting_label(gen: dict) -> str:
             parts.append(f"direction={gen['reward_direction']}")
     if gen.get("negative_reward_targets"):
         parts.append("s-=isolate")
+    others = {k: v for k, v in (gen.get("reward_targets") or {}).items() if k != swept}
+    if swept is not None and any(v != 1.0 for v in others.values()):  # --others other than the default 1.0
+        vals = set(others.values())
+        parts.append(f"others={vals.pop():g}" if len(vals) == 1 else
+                     "others=" + ",".join(f"{k.removeprefix('shapes_')}={v:g}" for k, v in sorted(others.items())))
     return " ".join(parts)
 
 
@@ -934,7 +941,7 @@ def summarize_settings(settings: dict[str, list[Path]], only: dict[str, list[flo
                 s = json.loads(sweep.read_text(encoding="utf-8"))
                 per_target += s["per_target"]
                 gen = d / "controllability" / key / f"target_{s['targets'][0]:.4f}" / "generation.json"
-                labels[str(d)] = _setting_label(json.loads(gen.read_text(encoding="utf-8"))["config"])
+                labels[str(d)] = _setting_label(json.loads(gen.read_text(encoding="utf-8"))["config"], key)
             if not per_target:
                 continue
             pooled = pool_targets(per_target, key)
@@ -976,11 +983,34 @@ def settings_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _plot_settings(rows: list[dict], path: Path) -> None:
+    """Every setting's pooled curve of each reward in one panel per reward (the settings' targets
+    may differ, so the x axis is the target itself), rho in the legend."""
+    from miro.eval.plots import _plt, _save
+
+    plt = _plt()
+    keys = [k for k in SHAPES_KEYS if any(k in r["curves"] for r in rows)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for r in rows:
+            c = r["curves"].get(key)
+            if c:
+                ax.errorbar([q["target"] for q in c], [q["mean"] for q in c], yerr=[q["std"] / q["n"] ** 0.5 for q in c],
+                            marker="o", capsize=3, label=f"{r['setting']}: rho {r['rho'][key]:.2f}")
+        ax.set_title(key.removeprefix("shapes_"), fontsize=9)
+        ax.set_xlabel("target")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("measured reward (mean ±1 s.e.)")
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def write_summary(settings: dict[str, list[Path]], out: Path, plots: Path | None = None,
                   only: dict[str, list[float]] | None = None) -> str:
     """``summarize_settings`` written to ``out`` (settings.json, settings.md) with each setting's
-    pooled curves as ``<setting>_controllability.png`` in ``plots`` (default: ``out``); returns the
-    markdown table."""
+    pooled curves as ``<setting>_controllability.png`` in ``plots`` (default: ``out``), all settings'
+    in ``settings_controllability.png`` when there are two or more; returns the markdown table."""
     from miro.io import atomic_write_text
 
     rows = summarize_settings(settings, only)
@@ -992,6 +1022,8 @@ def write_summary(settings: dict[str, list[Path]], out: Path, plots: Path | None
             _plot_controllability({k: {"targets": [p["target"] for p in c], "means": [p["mean"] for p in c],
                                        "se": [p["std"] / p["n"] ** 0.5 for p in c], "spearman_means": r["rho"][k]}
                                    for k, c in r["curves"].items()}, (plots or out) / f"{r['setting']}_controllability.png")
+    if sum(bool(r["curves"]) for r in rows) > 1:  # the settings against each other
+        _plot_settings([r for r in rows if r["curves"]], (plots or out) / "settings_controllability.png")
     return md
 
 

@@ -329,10 +329,24 @@ def test_summarize_pools_folders_of_one_setting_and_refuses_mixed_ones(tmp_path)
     assert study.summarize_settings({"x": [tmp_path / "r3"]})[0]["label"] == "w=5 steps=25 w_r=alignment=15 s-=isolate"
     with pytest.raises(ValueError, match="pools folders of different settings"):
         study.summarize_settings({"mixed": [tmp_path / "r1", tmp_path / "r3"]})
+    # the targets of the rewards not swept (--others) are part of the setting: never pooled across
+    others = {k: 0.5 for k in study.SHAPES_KEYS}
+    _fake_sweep(tmp_path / "r4", key, [(0.0, 10, 0.2, 0.1), (1.0, 10, 0.3, 0.1)], {**gen, "reward_targets": {**others, key: 0.0}})
+    _fake_sweep(tmp_path / "r5", key, [(0.5, 10, 0.2, 0.1)], {**gen, "reward_targets": {**others, key: 0.5}})
+    assert study.summarize_settings({"x": [tmp_path / "r4", tmp_path / "r5"]})[0]["label"] == "w=5 steps=25 others=0.5"
+    with pytest.raises(ValueError, match="pools folders of different settings"):
+        study.summarize_settings({"mixed": [tmp_path / "r2", tmp_path / "r4"]})
+    ones = {k: 1.0 for k in study.SHAPES_KEYS}
+    _fake_sweep(tmp_path / "r6", key, [(0.25, 10, 0.2, 0.1), (1.0, 10, 0.3, 0.1)], {**gen, "reward_targets": {**ones, key: 0.25}})
+    assert study.summarize_settings({"x": [tmp_path / "r6"]})[0]["label"] == "w=5 steps=25"  # the default
     assert study.main(["summarize", "--setting", f"p={tmp_path / 'r1'}", "--setting", f"p={tmp_path / 'r2'}",
                        "--out", str(tmp_path / "s")]) == 0
     assert json.loads((tmp_path / "s" / "settings.json").read_text())[0]["passed"] == 1
     assert (tmp_path / "s" / "p_controllability.png").stat().st_size > 0  # the pooled curves
+    assert not (tmp_path / "s" / "settings_controllability.png").exists()  # one setting: nothing to overlay
+    assert study.main(["summarize", "--setting", f"a={tmp_path / 'r1'}", "--setting", f"b={tmp_path / 'r2'}",
+                       "--out", str(tmp_path / "s2")]) == 0
+    assert (tmp_path / "s2" / "settings_controllability.png").stat().st_size > 0  # both settings in one figure
     assert study.main(["summarize", "--setting", "p", "--out", str(tmp_path / "s")]) == 2
     # A model's own targets: the others are dropped, the absent ones listed; rewards without a list keep all.
     (kept,) = study.summarize_settings({"p": [tmp_path / "r1", tmp_path / "r2"]}, only={key: [0.0, 0.75, 0.9]})

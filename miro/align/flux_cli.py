@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="bfloat16", help="weight dtype of the text encoders")
     e.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
 
-    g = sub.add_parser("flux-generate", help="N images per item with a FLUX pipeline, an SRPO transformer or a LoRA", **fmt)
+    g = sub.add_parser("flux-generate", help="N images per item with a FLUX pipeline, with SRPO transformer weights, a LoRA, or both", **fmt)
     g.add_argument("--model", default=DEFAULT_FLUX, help="FLUX pipeline hub id or folder")
     g.add_argument("--items", required=True, help="item file / CuRe folder, or inline JSON list")
     g.add_argument("--out", "--outdir", dest="out", required=True, help="output folder (resumable)")

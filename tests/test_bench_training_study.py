@@ -448,3 +448,71 @@ def test_trade_reads_one_point_per_model_from_paired_outputs(tmp_path):
                 [f"b={tmp_path / 'xb'}"], [f"b={tmp_path / 'nowhere'},base"], ["a=base,base", "a=base,base"]):
         assert main(["trade", *sum((["--point", p] for p in bad), []), "--out", str(tmp_path)]) == 2
     assert main(["trade", "--point", f"b={tmp_path / 'xb'},base", "--x", "shapes_eval", "--out", str(tmp_path)]) == 2
+
+
+def test_convergence_gives_a_speedup_per_reward_and_rescores_points_without_rewards(tmp_path, monkeypatch):
+    """Every Shapes reward gets its curve and the paper's speed-up beside ShapesEval's; a point in a
+    CSV written before rewards were recorded is scored again (its images kept), complete ones are not."""
+    import csv
+    import json
+
+    import torch
+
+    import shapes_training_study as study
+
+    items = [SimpleNamespace(metadata={"tag": "a"})] * 2
+    run_dirs = {}
+    for name in ("miro", "baseline"):
+        d = run_dirs[name] = tmp_path / name
+        d.mkdir()
+        for step in (1, 2, 3, 4):
+            torch.save({"miro": {"samples_seen": step * 100}}, d / f"step={step}.ckpt")
+    # MIRO's contrast climbs twice as fast as the baseline's (reaches its final 0.8 at 200 samples);
+    # its alignment never reaches the baseline's final.
+    def value(name, step, key):
+        if key == "shapes_contrast":
+            return min(0.8, 0.2 * step * (2 if name == "miro" else 1))
+        if key == "shapes_alignment":
+            return 0.1 * step * (0.5 if name == "miro" else 1)
+        return 0.5
+
+    evaluated = []
+
+    def fake_eval_row(pipe, its, d, gcfg, scorers, counts):
+        name, step = d.parent.name, int(d.name.removeprefix("step_"))
+        evaluated.append((name, step))
+        row = {"shapes_eval": 0.1 * step, "se_shapes_eval": 9.9, "cat_a": 0.1 * step}
+        for k in SHAPES_KEYS:
+            row[k], row[f"se_{k}"] = value(name, step, k), 0.0
+        return row
+
+    monkeypatch.setattr(study, "eval_items", lambda stride: items)
+    monkeypatch.setattr(study, "load", lambda src, weights, device=None: None)
+    monkeypatch.setattr(study, "_scorers", dict)
+    monkeypatch.setattr(study, "eval_row", fake_eval_row)
+    out = tmp_path / "study"
+    out.mkdir()
+    # an older CSV: baseline's step 1 scored without rewards
+    (out / "convergence.csv").write_text("run,step,samples,overall,cat_a\nbaseline,1,100,0.1,0.1\n")
+    args = ["convergence", "--out", str(out), "--every", "1", "--n-samples", "1",
+            "--run", f"miro={run_dirs['miro']}", "--run", f"baseline={run_dirs['baseline']}"]
+    assert study.main(args) == 0
+    assert sorted(evaluated) == sorted((n, s) for n in ("miro", "baseline") for s in (1, 2, 3, 4))
+    rows = list(csv.DictReader(open(out / "convergence.csv")))
+    assert len(rows) == 8 and all(r["shapes_contrast"] != "" for r in rows)
+    result = json.loads((out / "convergence.json").read_text())
+    assert result["speedup"]["speedup"] == pytest.approx(1.0)  # ShapesEval: the same curve for both
+    contrast = result["rewards"]["shapes_contrast"]["speedup"]
+    assert contrast["baseline_samples"] == pytest.approx(400) and contrast["miro_samples"] == pytest.approx(200)
+    assert contrast["speedup"] == pytest.approx(2.0) and contrast["interval"]["low"] == pytest.approx(2.0)
+    assert result["rewards"]["shapes_alignment"]["speedup"]["speedup"] is None
+    assert set(result["rewards"]) == set(SHAPES_KEYS)
+    md = (out / "convergence.md").read_text().splitlines()
+    assert len(md) == 2 + 1 + len(SHAPES_KEYS)
+    assert [c.strip() for c in md[2 + 1 + SHAPES_KEYS.index("shapes_contrast")].split("|")[1:6]] == [
+        "shapes_contrast", "0.800", "0.4k", "0.2k", "x2.00"]
+    assert "| - |" in md[2 + 1 + SHAPES_KEYS.index("shapes_alignment")]
+    assert (out / "convergence_rewards.png").stat().st_size > 0
+    evaluated.clear()
+    assert study.main(args) == 0  # complete points are not scored again
+    assert evaluated == []

@@ -17,8 +17,9 @@
 #   5. the warm start's EMA exported as a pipeline folder, written to $OUT/pipeline with fp16 weights
 #      (half the size; MiroPipeline loads it as is), and caption_sensitivity.py on INIT and on it
 #      (SENS_IMAGES=0 skips it);
-#   6. with PAIR=1: ShapesEval of every checkpoint of the pair on the device (shapes_training_study.py
-#      convergence, one process per checkpoint, then merged); with PAIR=1 or SPECIALISTS=1, every reward
+#   6. with PAIR=1: ShapesEval and every reward of every checkpoint of the pair on the device
+#      (shapes_training_study.py convergence, one process per checkpoint, then merged; a speed-up for
+#      each); with PAIR=1 or SPECIALISTS=1, every reward
 #      of the from-scratch runs' last checkpoints (`table`), packed with their metrics into $OUT/study.tar.gz.
 # What comes back in $OUT (at most eight files): log.txt, bench.json, metrics.csv, study.tar.gz (PAIR/SPECIALISTS),
 # pipeline/{config.json, model.safetensors, reward_bins.json, uncond_embedding.npy}. Needs the package

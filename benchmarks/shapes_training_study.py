@@ -219,11 +219,13 @@ def convergence_curves(rows: list[dict], counts: dict[str, int]) -> dict[str, tu
 
 
 def cmd_convergence(args) -> int:
-    from miro.eval.generate import GenerateConfig
+    from miro.eval.generate import GenerateConfig, parse_reward_args
 
     items = eval_items(args.stride)
     gcfg = GenerateConfig(n_samples=args.n_samples, steps=args.steps, cfg=args.cfg, reward_cfg=args.reward_cfg,
-                          reward_direction=args.reward_direction, seed=args.seed, batch_size=args.batch_size)
+                          reward_direction=args.reward_direction, seed=args.seed, batch_size=args.batch_size,
+                          reward_targets=parse_reward_args(args.reward),
+                          negative_reward_targets=parse_reward_args(args.negative_reward, "--negative-reward"))
     out = Path(args.out)
     done = {}
     csv_path = out / "convergence.csv"
@@ -258,6 +260,7 @@ def cmd_convergence(args) -> int:
     result = {"curves": curves, "standard_errors": errors, "items": len(items), "n_samples": args.n_samples,
               "steps": args.steps, "cfg": args.cfg, "reward_cfg": args.reward_cfg,
               "reward_direction": args.reward_direction, "weights": args.weights,
+              "reward_targets": gcfg.reward_targets, "negative_reward_targets": gcfg.negative_reward_targets,
               "rewards": {k: {"curves": c, "standard_errors": e} for k, (c, e) in metrics.items() if k != "overall"}}
     if "miro" in curves and "baseline" in curves:
         # The paper's speed-ups are measured on its rewards (miro_facts.md §5.1); ShapesEval is the
@@ -1130,6 +1133,15 @@ def table_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _target_args(p, who: str = "every model") -> None:
+    """``--reward`` / ``--negative-reward``: the two guidance branches' targets (parsed where used)."""
+    p.add_argument("--reward", nargs="+", action="extend", metavar="KEY=VALUE",
+                   help=f"positive reward targets of {who} (default 1.0 each; repeatable)")
+    p.add_argument("--negative-reward", nargs="+", action="extend", metavar="KEY=VALUE",
+                   help="negative branch's reward targets (default 0 each); equal to the positive ones, the "
+                        "guidance follows the text alone")
+
+
 def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -1159,6 +1171,7 @@ def main(argv=None) -> int:
     c.add_argument("--at-steps", type=positive_int_list, default=None,
                    help="comma-separated checkpoint steps to use instead of --every")
     c.add_argument("--max-step", type=nonneg_int, default=0, help="ignore checkpoints after this step (0: none)")
+    _target_args(c, "every checkpoint")
     k = sub.add_parser("controllability", parents=[common], help="Spearman of target vs measured reward")
     k.add_argument("--model", required=True, help=".ckpt, pipeline folder or built-in name")
     k.add_argument("--keys", nargs="*", help="rewards to sweep (default: all the model's)")
@@ -1176,11 +1189,7 @@ def main(argv=None) -> int:
     t.add_argument("--model", action="append", required=True,
                    help="NAME=SOURCE (.ckpt, folder or built-in; repeatable), or SOURCE alone, named by itself "
                         "(a path by its last part, a .ckpt without its suffix)")
-    t.add_argument("--reward", nargs="+", action="extend", metavar="KEY=VALUE",
-                   help="positive reward targets (default 1.0 each; repeatable)")
-    t.add_argument("--negative-reward", nargs="+", action="extend", metavar="KEY=VALUE",
-                   help="negative branch's reward targets (default 0 each); equal to the positive ones, the "
-                        "guidance follows the text alone")
+    _target_args(t)
     g = sub.add_parser("guidance", parents=[common], help="ShapesEval and rewards over guidance scale x steps x shift")
     g.add_argument("--model", default="shapes", help=".ckpt, pipeline folder or built-in name")
     g.add_argument("--cfgs", type=nonneg_float_list, default="1,2,3,5,7,10", help="comma-separated guidance scales")

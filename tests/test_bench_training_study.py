@@ -476,11 +476,12 @@ def test_convergence_gives_a_speedup_per_reward_and_rescores_points_without_rewa
             return 0.1 * step * (0.5 if name == "miro" else 1)
         return 0.5
 
-    evaluated = []
+    evaluated, seen_cfg = [], []
 
     def fake_eval_row(pipe, its, d, gcfg, scorers, counts):
         name, step = d.parent.name, int(d.name.removeprefix("step_"))
         evaluated.append((name, step))
+        seen_cfg.append(gcfg)
         row = {"shapes_eval": 0.1 * step, "se_shapes_eval": 9.9, "cat_a": 0.1 * step}
         for k in SHAPES_KEYS:
             row[k], row[f"se_{k}"] = value(name, step, k), 0.0
@@ -516,3 +517,9 @@ def test_convergence_gives_a_speedup_per_reward_and_rescores_points_without_rewa
     evaluated.clear()
     assert study.main(args) == 0  # complete points are not scored again
     assert evaluated == []
+    # text-only guidance (negative targets = positive ones) reaches every generation and the result
+    seen_cfg.clear()
+    assert study.main([*args[:2], str(tmp_path / "text"), *args[3:], "--negative-reward", "shapes_contrast=1"]) == 0
+    assert len(seen_cfg) == 8 and all(c.negative_reward_targets == {"shapes_contrast": 1.0} for c in seen_cfg)
+    assert json.loads((tmp_path / "text" / "convergence.json").read_text())["negative_reward_targets"] == {
+        "shapes_contrast": 1.0}

@@ -81,6 +81,8 @@ def test_gpu_checks_pair_and_specialists_on_cpu(tmp_path):
 
     points = list(csv.DictReader(conv))
     assert sorted(row["run"] for row in points) == ["baseline", "miro"]  # PAIR_POINTS=1: one checkpoint each
+    assert all(0.0 <= float(row["shapes_contrast"]) <= 1.0 for row in points)  # every reward, per checkpoint
+    assert {"./convergence/convergence.md", "./convergence/convergence_rewards.png"} <= members
     assert {"./metrics_spec_counting.csv", "./metrics_pair_miro.csv", "./metrics_pair_baseline.csv"} <= members
     rows = json.loads((out / "bench.json").read_text())
     assert len(rows) == 4 and {row["processes_sharing_the_device"] for row in rows} == {4}

@@ -171,8 +171,10 @@ def speedup(miro: list[tuple[int, float]], baseline: list[tuple[int, float]]) ->
     final = baseline[-1][1]
     need_b = samples_to_reach(baseline, final)
     need_m = samples_to_reach(miro, final)
+    # A baseline already at its final score at its first point never rose to it: both runs "reach"
+    # it at once and the ratio says nothing about speed (a falling or flat reward).
     return {"baseline_final_score": final, "baseline_samples": need_b, "miro_samples": need_m,
-            "speedup": (need_b / need_m) if need_m else None}
+            "speedup": (need_b / need_m) if need_m else None, "baseline_rises": need_b > baseline[0][0]}
 
 
 def speedup_interval(miro, baseline, miro_se, baseline_se, draws: int = 2000, level: float = 0.9,
@@ -288,8 +290,8 @@ def cmd_convergence(args) -> int:
 def speedup_markdown(result: dict) -> str:
     """One line per metric: the baseline's final value, the samples each run needs to reach it, the
     speed-up and its 90 % interval (``-`` where MIRO never reaches it)."""
-    lines = ["| metric | baseline final | baseline needs | MIRO needs | speed-up | 90 % interval | P(> 1) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| metric | baseline final | baseline needs | MIRO needs | speed-up | 90 % interval | P(> 1) | note |",
+             "|---|---|---|---|---|---|---|---|"]
     entries = [("ShapesEval", result["speedup"])] + [(k, v["speedup"]) for k, v in result["rewards"].items()]
 
     def k_(x):
@@ -299,7 +301,8 @@ def speedup_markdown(result: dict) -> str:
         ci, x = sp["interval"], sp["speedup"]
         lines.append(f"| {name} | {sp['baseline_final_score']:.3f} | {k_(sp['baseline_samples'])} | "
                      f"{k_(sp['miro_samples'])} | {'-' if x is None else f'x{x:.2f}'} | "
-                     f"{ci['low']:.2f}-{ci['high']:.2f} | {ci['p_above_1']:.2f} |")
+                     f"{ci['low']:.2f}-{ci['high']:.2f} | {ci['p_above_1']:.2f} | "
+                     + ("|" if sp.get("baseline_rises", True) else "no rise: the baseline starts at its final value |"))
     return "\n".join(lines) + "\n"
 
 
@@ -318,9 +321,7 @@ def _plot_convergence(curves: dict, errors: dict, path: Path, sp: dict | None) -
     plt = _plt()
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, c in curves.items():
-        ax.errorbar([s / 1000 for s, _ in c], [v for _, v in c], yerr=[e for _, e in errors[name]], marker="o",
-                    ms=3, capsize=2, label=name)
+    _errorbar_runs(ax, curves, errors)
     if sp and sp.get("speedup"):
         ax.axhline(sp["baseline_final_score"], color="grey", lw=0.8, ls="--")
         ci = sp.get("interval")
@@ -336,6 +337,13 @@ def _plot_convergence(curves: dict, errors: dict, path: Path, sp: dict | None) -
     _save(fig, path)  # atomic: a killed study never leaves half a PNG
 
 
+def _errorbar_runs(ax, curves: dict, errors: dict) -> None:
+    """One line per run: value against thousands of samples, ±1 s.e."""
+    for run, c in curves.items():
+        ax.errorbar([s / 1000 for s, _ in c], [v for _, v in c], yerr=[e for _, e in errors[run]], marker="o",
+                    ms=3, capsize=2, label=run)
+
+
 def _plot_reward_convergence(metrics: dict, path: Path) -> None:
     """ShapesEval and every reward against samples, one panel each, runs overlaid (±1 s.e.)."""
     from miro.eval.plots import _plt, _save
@@ -344,10 +352,7 @@ def _plot_reward_convergence(metrics: dict, path: Path) -> None:
     names = list(metrics)
     fig, axes = plt.subplots(2, (len(names) + 1) // 2, figsize=(3.2 * ((len(names) + 1) // 2), 5.6), squeeze=False)
     for ax, metric in zip(axes.flat, names):
-        curves, errors = metrics[metric]
-        for run, c in curves.items():
-            ax.errorbar([s / 1000 for s, _ in c], [v for _, v in c], yerr=[e for _, e in errors[run]], marker="o",
-                        ms=3, capsize=2, label=run)
+        _errorbar_runs(ax, *metrics[metric])
         ax.set_title("ShapesEval" if metric == "overall" else metric.removeprefix("shapes_"), fontsize=9)
         ax.set_xlabel("samples (thousands)", fontsize=8)
         ax.grid(alpha=0.3)

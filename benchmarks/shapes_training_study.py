@@ -79,7 +79,7 @@ from _args import (  # beside this script
     positive_int, positive_int_list, run_main, unit_float)
 
 from miro.eval.generate import SEED_STRIDE, parse_reward_cfg
-from miro.io import atomic_write_json
+from miro.io import atomic_write_json, atomic_write_text
 
 SHAPES_KEYS = ("shapes_alignment", "shapes_counting", "shapes_position", "shapes_sharpness", "shapes_contrast")
 DETECTOR_KEYS = ("shapes_alignment", "shapes_counting", "shapes_position")  # read from detections of the prompt's objects
@@ -276,8 +276,6 @@ def cmd_convergence(args) -> int:
                 result["rewards"][k]["speedup"] = sp
         print("speed-up:", json.dumps(result["speedup"]))
         md = speedup_markdown(result)
-        from miro.io import atomic_write_text
-
         atomic_write_text(out / "convergence.md", md)
         print(md, end="")
     atomic_write_json(out / "convergence.json", result)

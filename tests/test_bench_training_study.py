@@ -514,7 +514,8 @@ def test_convergence_gives_a_speedup_per_reward_and_rescores_points_without_rewa
         "shapes_contrast", "0.800", "0.4k", "0.2k", "x2.00"]
     assert "| - |" in md[2 + 1 + SHAPES_KEYS.index("shapes_alignment")]
     assert result["rewards"]["shapes_counting"]["speedup"]["baseline_rises"] is False  # flat: x1 means nothing
-    assert "no rise" in md[2 + 1 + SHAPES_KEYS.index("shapes_counting")] and "no rise" not in md[2 + 1 + SHAPES_KEYS.index("shapes_contrast")]
+    assert "no rise" in md[2 + 1 + SHAPES_KEYS.index("shapes_counting")]
+    assert "no rise" not in md[2 + 1 + SHAPES_KEYS.index("shapes_contrast")]
     assert (out / "convergence_rewards.png").stat().st_size > 0
     evaluated.clear()
     assert study.main(args) == 0  # complete points are not scored again

@@ -11,15 +11,16 @@
 #   4. `shapes_miro` trained on the device for TRAIN_MINUTES, warm-started from INIT (the shipped
 #      model by default), its schedule sized to end inside the budget (trainer.max_time stops it
 #      regardless); with PAIR=1, beside it on the same GPU, `shapes_miro` and `shapes_baseline` from
-#      scratch (same data, batch, schedule and reward bins), each keeping PAIR_POINTS checkpoints; with
+#      scratch (same data, batch, schedule and reward bins), each from PAIR_SEEDS training seeds (the
+#      study's >= 2, docs/training.md) and keeping PAIR_POINTS checkpoints; with
 #      SPECIALISTS=1, also the five single-reward specialists (`shapes_only_<reward>`) from scratch with
 #      the same settings (the study's third question, on the network that draws shapes);
 #   5. the warm start's EMA exported as a pipeline folder, written to $OUT/pipeline with fp16 weights
 #      (half the size; MiroPipeline loads it as is), and caption_sensitivity.py on INIT and on it
 #      (SENS_IMAGES=0 skips it);
 #   6. with PAIR=1: ShapesEval and every reward of every checkpoint of the pair on the device
-#      (shapes_training_study.py convergence, one process per checkpoint, then merged; a speed-up for
-#      each); with PAIR=1 or SPECIALISTS=1, every reward
+#      (shapes_training_study.py convergence, one process per checkpoint, then merged; each recipe's
+#      seeds pooled; a speed-up for each); with PAIR=1 or SPECIALISTS=1, every reward
 #      of the from-scratch runs' last checkpoints (`table`), packed with their metrics into $OUT/study.tar.gz.
 # What comes back in $OUT (at most eight files): log.txt, bench.json, metrics.csv, study.tar.gz (PAIR/SPECIALISTS),
 # pipeline/{config.json, model.safetensors, reward_bins.json, uncond_embedding.npy}. Needs the package
@@ -54,6 +55,7 @@ TRAIN_THREADS=${TRAIN_THREADS:-4}      # torch threads of each training process 
                                        # (computer=gpu1 leaves torch's default: every core, in each of the runs)
 PAIR=${PAIR:-0}                        # 1: also the from-scratch MIRO/baseline pair (steps 4 and 6)
 PAIR_POINTS=${PAIR_POINTS:-6}          # checkpoints per pair run, each scored on ShapesEval
+PAIR_SEEDS=${PAIR_SEEDS:-2}            # training seeds (1, 2, ...) of each of the pair's two recipes
 SPECIALISTS=${SPECIALISTS:-0}          # 1: also the single-reward specialists from scratch (steps 4 and 6)
 SPECIALIST_REWARDS=${SPECIALIST_REWARDS:-alignment counting position sharpness contrast}
 EVAL_STRIDE=${EVAL_STRIDE:-3}          # every k-th ShapesEval prompt (3: 100 prompts), 2 images each
@@ -105,7 +107,7 @@ fi
 # 3. the Shapes step, one process per run that will share the device; then, alone, the training
 # module's step on real batches (on-the-fly text encoding included) and the loader at the runs' workers
 read -ra REWARDS <<< "$SPECIALIST_REWARDS"
-RUNS=$(( 1 + (PAIR == 1 ? 2 : 0) + (SPECIALISTS == 1 ? ${#REWARDS[@]} : 0) ))
+RUNS=$(( 1 + (PAIR == 1 ? 2 * PAIR_SEEDS : 0) + (SPECIALISTS == 1 ? ${#REWARDS[@]} : 0) ))
 LOADERS=$(( WORKERS / RUNS > 12 ? 12 : WORKERS / RUNS ))
 LOADERS=$(( LOADERS < 1 ? 1 : LOADERS ))
 for i in $(seq "$RUNS"); do
@@ -149,7 +151,7 @@ if [ "$INIT" != none ]; then
 from miro.hub import resolve_pipeline_dir
 print(resolve_pipeline_dir('$INIT').get('reward_bins.json') or '')" 2>/dev/null)
 fi
-train() {  # NAME EXPERIMENT INIT CHECKPOINT_EVERY KEEP_PERIODIC LR: one run, in $WORK/run/miro/checkpoints/NAME
+train() {  # NAME EXPERIMENT INIT CHECKPOINT_EVERY KEEP_PERIODIC LR [OVERRIDE...]: one run, in $WORK/run/miro/checkpoints/NAME
     local dir="$WORK/run/miro/checkpoints/$1" init_args=()
     mkdir -p "$dir"
     [ -n "$BINS" ] && cp "$BINS" "$dir/reward_bins.json"
@@ -159,12 +161,15 @@ train() {  # NAME EXPERIMENT INIT CHECKPOINT_EVERY KEEP_PERIODIC LR: one run, in
         "data.global_batch_size=$BATCH" "data.num_workers=$LOADERS" "optimizer.lr=$6" \
         "scheduler.warmup_steps=$(( WARMUP < STEPS ? WARMUP : STEPS / 2 ))" \
         "checkpoint.every_n_steps=$4" "checkpoint.keep_periodic=$5" \
-        image_logger.enabled=false trainer.progress_bar=false "trainer.log_every_n_steps=$(( STEPS < 100 ? 1 : 25 ))"
+        image_logger.enabled=false trainer.progress_bar=false "trainer.log_every_n_steps=$(( STEPS < 100 ? 1 : 25 ))" \
+        "${@:7}"
 }
 EVERY=$(( STEPS / PAIR_POINTS > 1 ? STEPS / PAIR_POINTS : 1 ))
 if [ "$PAIR" = 1 ]; then
-    train pair_miro shapes_miro none "$EVERY" true "$LR" &
-    train pair_baseline shapes_baseline none "$EVERY" true "$LR" &
+    for s in $(seq "$PAIR_SEEDS"); do
+        train "pair_miro_s$s" shapes_miro none "$EVERY" true "$LR" "seed=$s" &
+        train "pair_baseline_s$s" shapes_baseline none "$EVERY" true "$LR" "seed=$s" &
+    done
 fi
 if [ "$SPECIALISTS" = 1 ]; then  # the table compares last checkpoints only: no periodic ones kept
     for r in "${REWARDS[@]}"; do
@@ -192,17 +197,21 @@ if [ "$SPECIALISTS" = 1 ]; then
         TABLE_MODELS+=("only_$r=$WORK/run/miro/checkpoints/spec_$r/last.ckpt")
     done
 fi
+PAIR_RUNS=()  # the final convergence pass's --run arguments: each recipe once per seed
 if [ "$PAIR" = 1 ]; then
     for name in miro baseline; do
-        dir="$WORK/run/miro/checkpoints/pair_$name"
-        for ck in "$dir"/step=*.ckpt; do
-            [ -f "$ck" ] || continue
-            k=${ck##*/step=}; k=${k%.ckpt}
-            step env "OMP_NUM_THREADS=$EVAL_THREADS" $PY benchmarks/shapes_training_study.py convergence "${EVAL_ARGS[@]}" --run "$name=$dir" \
-                --at-steps "$k" --out "$STUDY/points/${name}_$k" > /dev/null &
-            EVAL_PIDS+=($!)
+        for s in $(seq "$PAIR_SEEDS"); do
+            dir="$WORK/run/miro/checkpoints/pair_${name}_s$s"
+            PAIR_RUNS+=(--run "$name=$dir")
+            for ck in "$dir"/step=*.ckpt; do
+                [ -f "$ck" ] || continue
+                k=${ck##*/step=}; k=${k%.ckpt}
+                step env "OMP_NUM_THREADS=$EVAL_THREADS" $PY benchmarks/shapes_training_study.py convergence "${EVAL_ARGS[@]}" --run "$name=$dir" \
+                    --at-steps "$k" --out "$STUDY/points/${name}_s${s}_$k" > /dev/null &
+                EVAL_PIDS+=($!)
+            done
+            TABLE_MODELS+=("pair_${name}_s$s=$dir/last.ckpt")
         done
-        TABLE_MODELS+=("pair_$name=$dir/last.ckpt")
     done
 fi
 for spec in "${TABLE_MODELS[@]}"; do
@@ -253,8 +262,7 @@ table = [r for f in sorted(study.glob("tables/*/table/table.json")) for r in jso
 print(f"{len(rows)} checkpoints scored, {len(table)} models in the table")
 EOF
     if [ "$PAIR" = 1 ]; then
-        step $PY benchmarks/shapes_training_study.py convergence "${EVAL_ARGS[@]}" \
-            --run "miro=$WORK/run/miro/checkpoints/pair_miro" --run "baseline=$WORK/run/miro/checkpoints/pair_baseline" \
+        step $PY benchmarks/shapes_training_study.py convergence "${EVAL_ARGS[@]}" "${PAIR_RUNS[@]}" \
             --every "$EVERY" --out "$STUDY/convergence"
     fi
     cat "$STUDY/table.md" | tee -a "$LOG"

@@ -9,7 +9,9 @@ that two checkpoints are compared on exactly the same prompts and noise:
   paper's: the samples the baseline needs to reach its final score, divided by the samples MIRO
   needs to reach that score (linear interpolation between checkpoints), with a 90 % interval from
   redrawing every point within its standard error (:func:`speedup_interval`); once for ShapesEval
-  and once per reward, as the paper measures it on its rewards. Writes ``convergence.csv``,
+  and once per reward, as the paper measures it on its rewards. A recipe given more than once
+  (``--run miro=SEED1_DIR --run miro=SEED2_DIR``) is trained from several seeds: its curve is their
+  mean and the interval resamples the seeds as well (:func:`convergence_curves`). Writes ``convergence.csv``,
   ``convergence.json``, ``convergence.md`` (the speed-ups), ``convergence.png`` and
   ``convergence_rewards.png``.
 * ``controllability`` — for each reward, its target swept over 9 values in [0, 1] (``--targets
@@ -69,6 +71,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import re
 import sys
 from dataclasses import replace
@@ -186,38 +189,93 @@ def speedup_interval(miro, baseline, miro_se, baseline_se, draws: int = 2000, le
     draw in which MIRO never reaches the baseline's final score counts as speed-up 0, so a curve
     too short to tell pulls the interval down rather than dropping out. Returns the central
     ``level`` interval and how often the speed-up was above 1.
+
+    ``miro`` and ``baseline`` (and their errors) may each be a list of curves instead: runs of one
+    recipe from different training seeds, on one sample grid. Each draw then first resamples the
+    seeds with replacement (a hierarchical bootstrap: seed to seed spread, then scoring noise)
+    and averages the redrawn curves, as the pooled curve is their mean.
     """
     import numpy as np
 
     rng = np.random.default_rng(seed)
 
-    def redraw(curve, se):  # (draws, points): each point's score plus its own normal noise
-        return np.array([v for _, v in curve]) + rng.standard_normal((draws, len(curve))) * np.array([e for _, e in se])
+    def as_reps(curve, se):  # (replicates, points) arrays of values and errors, and the samples
+        reps = [curve] if curve and isinstance(curve[0], tuple) else list(curve)
+        errs = [se] if se and isinstance(se[0], tuple) else list(se)
+        xs = [s for s, _ in reps[0]]
+        if any([s for s, _ in r] != xs for r in reps):
+            raise ValueError("the seeds of one run must share their sample grid")
+        return xs, np.array([[v for _, v in r] for r in reps]), np.array([[e for _, e in r] for r in errs])
 
-    xs_m, xs_b = [s for s, _ in miro], [s for s, _ in baseline]
+    def redraw(vals, errs):  # (draws, points): the mean of resampled seeds, each plus its own noise
+        n = len(vals)
+        pick = rng.integers(0, n, (draws, n)) if n > 1 else np.zeros((draws, 1), dtype=int)
+        noise = rng.standard_normal((draws, n, vals.shape[1])) * errs[pick]
+        return (vals[pick] + noise).mean(axis=1)
+
+    xs_m, vals_m, errs_m = as_reps(miro, miro_se)
+    xs_b, vals_b, errs_b = as_reps(baseline, baseline_se)
     out = np.array([speedup(list(zip(xs_m, m.tolist())), list(zip(xs_b, b.tolist())))["speedup"] or 0.0
-                    for m, b in zip(redraw(miro, miro_se), redraw(baseline, baseline_se))])
+                    for m, b in zip(redraw(vals_m, errs_m), redraw(vals_b, errs_b))])
     tail = (1 - level) / 2
     return {"level": level, "low": float(np.quantile(out, tail)), "high": float(np.quantile(out, 1 - tail)),
             "p_above_1": float((out > 1).mean()), "draws": draws}
 
 
-def convergence_curves(rows: list[dict], counts: dict[str, int]) -> dict[str, tuple[dict, dict]]:
+def convergence_curves(rows: list[dict], counts: dict[str, int]) -> dict[str, tuple[dict, dict, dict]]:
     """Per metric (``overall`` = ShapesEval, then each Shapes reward the rows carry), per run: the
-    curve [(samples, value)] and its standard errors, sorted by samples. A reward enters only when
-    every row has it (rows scored before rewards were recorded are rescored, see ``cmd_convergence``)."""
+    curve [(samples, value)] and its standard errors, sorted by samples, and the run's seeds
+    ({replicate: (curve, errors)}). A reward enters only when every row has it (rows scored before
+    rewards were recorded are rescored, see ``cmd_convergence``).
+
+    A run trained from several seeds (rows with one ``run`` and different ``replicate``) is pooled:
+    its curve is the seeds' mean at the sample counts every seed has, and a point's error the larger
+    of the mean's scoring noise (sqrt of the summed variances / n) and the seeds' spread (s / sqrt n),
+    so that two seeds that happen to agree do not claim more than their images support."""
+    import statistics
+
     out = {}
     for metric in ("overall", *SHAPES_KEYS):
         if metric != "overall" and any(r.get(metric) in (None, "") for r in rows):
             continue
-        curves, errors = {}, {}
+        reps: dict[str, dict[str, dict[int, tuple[float, float]]]] = {}
         for r in rows:
-            s = int(r["samples"])
             se = overall_se(r, counts) if metric == "overall" else float(r[f"se_{metric}"])
-            curves.setdefault(r["run"], []).append((s, float(r[metric])))
-            errors.setdefault(r["run"], []).append((s, se))
-        out[metric] = ({k: sorted(v) for k, v in curves.items()}, {k: sorted(v) for k, v in errors.items()})
+            reps.setdefault(r["run"], {}).setdefault(r.get("replicate") or "", {})[int(r["samples"])] = (
+                float(r[metric]), se)
+        curves, errors, seeds = {}, {}, {}
+        for run, by_rep in reps.items():
+            grid = sorted(set.intersection(*(set(points) for points in by_rep.values())))
+            curves[run], errors[run] = [], []
+            for s in grid:
+                vals = [points[s][0] for points in by_rep.values()]
+                errs = [points[s][1] for points in by_rep.values()]
+                n = len(vals)
+                noise = math.sqrt(sum(e * e for e in errs)) / n
+                spread = statistics.stdev(vals) / math.sqrt(n) if n > 1 else 0.0
+                curves[run].append((s, sum(vals) / n))
+                errors[run].append((s, max(noise, spread)))
+            seeds[run] = {rep: ([(s, points[s][0]) for s in grid], [(s, points[s][1]) for s in grid])
+                          for rep, points in by_rep.items()}
+        out[metric] = (curves, errors, seeds)
     return out
+
+
+def run_specs(specs: list[str]) -> dict[str, list[tuple[str, Path]]]:
+    """``NAME=CHECKPOINT_DIR`` specs as {name: [(replicate, dir)]}: a name given more than once is one
+    recipe trained from several seeds, each replicate named by its folder (which must differ)."""
+    runs: dict[str, list[tuple[str, Path]]] = {}
+    for spec in specs:
+        name, sep, run_dir = spec.partition("=")
+        if not sep or not name or not run_dir:
+            raise ValueError(f"--run {spec!r}: expected NAME=CHECKPOINT_DIR")
+        d = Path(run_dir)
+        reps = runs.setdefault(name, [])
+        if any(rep == d.name for rep, _ in reps):
+            raise ValueError(f"--run {name}={run_dir}: another seed of {name!r} is in a folder also named "
+                             f"{d.name!r}; a run's seeds are told apart by their folder names")
+        reps.append((d.name, d))
+    return runs
 
 
 def cmd_convergence(args) -> int:
@@ -229,47 +287,57 @@ def cmd_convergence(args) -> int:
                           reward_targets=parse_reward_args(args.reward),
                           negative_reward_targets=parse_reward_args(args.negative_reward, "--negative-reward"))
     out = Path(args.out)
+    runs = run_specs(args.run)
     done = {}
     csv_path = out / "convergence.csv"
     if csv_path.is_file():  # resume: checkpoints already scored are kept and not generated again
         for r in csv.DictReader(open(csv_path)):
-            done[(r["run"], int(r["step"]))] = r
+            if not r.get("replicate") and len(runs.get(r["run"], ())) == 1:
+                r["replicate"] = runs[r["run"]][0][0]  # a row from before seeds were recorded: its run's only one
+            done[(r["run"], r.get("replicate") or "", int(r["step"]))] = r
     counts = tag_counts(items, args.n_samples)
     scorers = _scorers()
     at = set(args.at_steps) if args.at_steps else None
-    for spec in args.run:
-        name, _, run_dir = spec.partition("=")
-        for step, ckpt in checkpoints(Path(run_dir), args.every, at):
-            if args.max_step and step > args.max_step:
-                continue
-            # a point scored before the rewards were recorded is redone: its images are kept, only scored
-            if (name, step) in done and all(done[name, step].get(k) not in (None, "") for k in SHAPES_KEYS):
-                continue
-            import torch
+    for name, reps in runs.items():
+        for rep, run_dir in reps:
+            # one seed keeps the layout of older studies; several get a folder each
+            img_dir = out / "convergence" / name / (rep if len(reps) > 1 else "")
+            for step, ckpt in checkpoints(run_dir, args.every, at):
+                if args.max_step and step > args.max_step:
+                    continue
+                key = (name, rep, step)
+                # a point scored before the rewards were recorded is redone: its images are kept, only scored
+                if key in done and all(done[key].get(k) not in (None, "") for k in SHAPES_KEYS):
+                    continue
+                import torch
 
-            meta = torch.load(ckpt, map_location="cpu", weights_only=True).get("miro", {})
-            pipe = load(str(ckpt), args.weights, args.device)
-            ev = eval_row(pipe, items, out / "convergence" / name / f"step_{step:07d}", gcfg, scorers, counts)
-            ev["overall"] = ev.pop("shapes_eval")
-            ev.pop("se_shapes_eval")  # recomputed from the categories (overall_se), as for older rows
-            done[name, step] = {"run": name, "step": step, "samples": int(meta.get("samples_seen", step * 64)), **ev}
-            print(json.dumps(done[name, step]), flush=True)
-            _write_csv(csv_path, list(done.values()))
+                meta = torch.load(ckpt, map_location="cpu", weights_only=True).get("miro", {})
+                pipe = load(str(ckpt), args.weights, args.device)
+                ev = eval_row(pipe, items, img_dir / f"step_{step:07d}", gcfg, scorers, counts)
+                ev["overall"] = ev.pop("shapes_eval")
+                ev.pop("se_shapes_eval")  # recomputed from the categories (overall_se), as for older rows
+                done[key] = {"run": name, "replicate": rep, "step": step,
+                             "samples": int(meta.get("samples_seen", step * 64)), **ev}
+                print(json.dumps(done[key]), flush=True)
+                _write_csv(csv_path, list(done.values()))
     rows = list(done.values())
     _write_csv(csv_path, rows)
     metrics = convergence_curves(rows, counts)
-    curves, errors = metrics["overall"]
-    result = {"curves": curves, "standard_errors": errors, "items": len(items), "n_samples": args.n_samples,
+    curves, errors, seeds = metrics["overall"]
+    result = {"curves": curves, "standard_errors": errors, "seeds": {k: sorted(v) for k, v in seeds.items()},
+              "seed_curves": {k: {rep: c for rep, (c, _) in v.items()} for k, v in seeds.items() if len(v) > 1},
+              "items": len(items), "n_samples": args.n_samples,
               "steps": args.steps, "cfg": args.cfg, "reward_cfg": args.reward_cfg,
               "reward_direction": args.reward_direction, "weights": args.weights,
               "reward_targets": gcfg.reward_targets, "negative_reward_targets": gcfg.negative_reward_targets,
-              "rewards": {k: {"curves": c, "standard_errors": e} for k, (c, e) in metrics.items() if k != "overall"}}
+              "rewards": {k: {"curves": c, "standard_errors": e} for k, (c, e, _) in metrics.items() if k != "overall"}}
     if "miro" in curves and "baseline" in curves:
         # The paper's speed-ups are measured on its rewards (miro_facts.md §5.1); ShapesEval is the
         # issue's headline, every Shapes reward the like-for-like comparison.
-        for k, (c, e) in metrics.items():
+        for k, (c, e, reps) in metrics.items():
             sp = speedup(c["miro"], c["baseline"])
-            sp["interval"] = speedup_interval(c["miro"], c["baseline"], e["miro"], e["baseline"])
+            (mc, me), (bc, be) = ([list(x) for x in zip(*reps[r].values())] for r in ("miro", "baseline"))
+            sp["interval"] = speedup_interval(mc, bc, me, be)
             if k == "overall":
                 result["speedup"] = sp
             else:
@@ -279,7 +347,7 @@ def cmd_convergence(args) -> int:
         atomic_write_text(out / "convergence.md", md)
         print(md, end="")
     atomic_write_json(out / "convergence.json", result)
-    _plot_convergence(curves, errors, out / "convergence.png", result.get("speedup"))
+    _plot_convergence(curves, errors, seeds, out / "convergence.png", result.get("speedup"))
     if result["rewards"]:
         _plot_reward_convergence(metrics, out / "convergence_rewards.png")
     return 0
@@ -291,6 +359,10 @@ def speedup_markdown(result: dict) -> str:
     lines = ["| metric | baseline final | baseline needs | MIRO needs | speed-up | 90 % interval | P(> 1) | note |",
              "|---|---|---|---|---|---|---|---|"]
     entries = [("ShapesEval", result["speedup"])] + [(k, v["speedup"]) for k, v in result["rewards"].items()]
+    seeds = result.get("seeds", {})
+    if any(len(v) > 1 for v in seeds.values()):  # pooled runs: say over what
+        lines.insert(0, "Seeds (means over): " + "; ".join(f"{run}: {', '.join(v)}" for run, v in seeds.items())
+                     + "\n")
 
     def k_(x):
         return "-" if x is None else f"{x / 1000:.1f}k"
@@ -307,19 +379,20 @@ def speedup_markdown(result: dict) -> str:
 def _write_csv(path: Path, rows: list[dict]) -> None:
     from miro.io import atomic_write_text
 
-    keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("run", "step", "samples", "overall"), k))
+    first = ("run", "replicate", "step", "samples", "overall")
+    keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in first, first.index(k) if k in first else 0, k))
     lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in rows]
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def _plot_convergence(curves: dict, errors: dict, path: Path, sp: dict | None) -> None:
+def _plot_convergence(curves: dict, errors: dict, seeds: dict, path: Path, sp: dict | None) -> None:
     from miro.eval.plots import _plt, _save
 
     plt = _plt()
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    _errorbar_runs(ax, curves, errors)
+    _errorbar_runs(ax, curves, errors, seeds)
     if sp and sp.get("speedup"):
         ax.axhline(sp["baseline_final_score"], color="grey", lw=0.8, ls="--")
         ci = sp.get("interval")
@@ -335,11 +408,17 @@ def _plot_convergence(curves: dict, errors: dict, path: Path, sp: dict | None) -
     _save(fig, path)  # atomic: a killed study never leaves half a PNG
 
 
-def _errorbar_runs(ax, curves: dict, errors: dict) -> None:
-    """One line per run: value against thousands of samples, ±1 s.e."""
+def _errorbar_runs(ax, curves: dict, errors: dict, seeds: dict) -> None:
+    """One line per run: value against thousands of samples, ±1 s.e.; a run of several seeds is their
+    mean, each seed drawn thin beside it in the same colour."""
     for run, c in curves.items():
-        ax.errorbar([s / 1000 for s, _ in c], [v for _, v in c], yerr=[e for _, e in errors[run]], marker="o",
-                    ms=3, capsize=2, label=run)
+        n = len(seeds.get(run, ()))
+        line = ax.errorbar([s / 1000 for s, _ in c], [v for _, v in c], yerr=[e for _, e in errors[run]], marker="o",
+                           ms=3, capsize=2, label=run if n < 2 else f"{run} ({n} seeds)")
+        if n > 1:
+            for curve, _ in seeds[run].values():
+                ax.plot([s / 1000 for s, _ in curve], [v for _, v in curve], lw=0.7, alpha=0.5,
+                        color=line[0].get_color())
 
 
 def _plot_reward_convergence(metrics: dict, path: Path) -> None:
@@ -1169,7 +1248,7 @@ def main(argv=None) -> int:
     c = sub.add_parser("convergence", parents=[common],
                        help="ShapesEval and every Shapes reward vs training samples; speed-up factors")
     c.add_argument("--run", action="append", required=True, help="NAME=CHECKPOINT_DIR (names miro and baseline "
-                   "give the speed-up)")
+                   "give the speed-up); a name given again adds a training seed of that recipe, pooled")
     c.add_argument("--every", type=positive_int, default=500, help="use step=<k>.ckpt with k a multiple of this")
     c.add_argument("--at-steps", type=positive_int_list, default=None,
                    help="comma-separated checkpoint steps to use instead of --every")

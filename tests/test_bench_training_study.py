@@ -526,3 +526,91 @@ def test_convergence_gives_a_speedup_per_reward_and_rescores_points_without_rewa
     assert len(seen_cfg) == 8 and all(c.negative_reward_targets == {"shapes_contrast": 1.0} for c in seen_cfg)
     assert json.loads((tmp_path / "text" / "convergence.json").read_text())["negative_reward_targets"] == {
         "shapes_contrast": 1.0}
+
+
+def test_speedup_interval_resamples_seeds():
+    """Two MIRO seeds, one twice as fast as the baseline and one as fast: the pooled curve is x1.5, and
+    a hierarchical bootstrap without scoring noise gives x2, x1.5 or x1 (seeds AA, AB, BB)."""
+    base = [(100, 0.05), (200, 0.10), (300, 0.15), (400, 0.20)]
+    fast = [(s, v * 2) for s, v in base]
+    zero = [(s, 0.0) for s, _ in base]
+    pooled = [(s, (a + b) / 2) for (s, a), (_, b) in zip(fast, base)]
+    assert speedup(pooled, base)["speedup"] == pytest.approx(1.5)
+    got = speedup_interval([fast, base], [base], [zero, zero], [zero], draws=2000)
+    assert got["low"] == pytest.approx(1.0) and got["high"] == pytest.approx(2.0)
+    assert got["p_above_1"] == pytest.approx(0.75, abs=0.03)  # only BB is not above 1
+    # one seed given as a list of one is the single-curve case
+    assert speedup_interval([fast], [base], [zero], [zero], draws=20)["low"] == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="sample grid"):
+        speedup_interval([fast, fast[:3]], [base], [zero, zero[:3]], [zero], draws=5)
+
+
+def test_convergence_pools_training_seeds(tmp_path, monkeypatch, capsys):
+    """A recipe given twice (two seeds) is one pooled curve: the seeds' mean at the steps both have, each
+    point's error the larger of scoring noise and seed spread; each seed's images in its own folder."""
+    import csv
+    import json
+
+    import torch
+
+    import shapes_training_study as study
+
+    items = [SimpleNamespace(metadata={"tag": "a"})] * 2
+    dirs = {}
+    for name, seed, last in (("miro", "m1", 4), ("miro", "m2", 3), ("baseline", "b1", 4), ("baseline", "b2", 4)):
+        d = dirs[seed] = tmp_path / "runs" / seed
+        d.mkdir(parents=True)
+        for step in range(1, last + 1):
+            torch.save({"miro": {"samples_seen": step * 100}}, d / f"step={step}.ckpt")
+    # contrast: baseline seeds 0.05/step, MIRO seed m1 twice that, m2 the baseline's
+    rate = {"m1": 0.1, "m2": 0.05, "b1": 0.05, "b2": 0.05}
+    evaluated = []
+
+    def fake_eval_row(pipe, its, d, gcfg, scorers, counts):
+        seed, step = d.parent.name, int(d.name.removeprefix("step_"))
+        evaluated.append((d.parent.parent.name, seed, step))
+        row = {"shapes_eval": 0.0, "se_shapes_eval": 0.0, "cat_a": 0.1 * step}
+        for k in SHAPES_KEYS:
+            row[k], row[f"se_{k}"] = (rate[seed] * step, 0.01) if k == "shapes_contrast" else (0.5, 0.0)
+        return row
+
+    monkeypatch.setattr(study, "eval_items", lambda stride: items)
+    monkeypatch.setattr(study, "load", lambda src, weights, device=None: None)
+    monkeypatch.setattr(study, "_scorers", dict)
+    monkeypatch.setattr(study, "eval_row", fake_eval_row)
+    out = tmp_path / "study"
+    args = ["convergence", "--out", str(out), "--every", "1", "--n-samples", "1"]
+    for name, seed in (("miro", "m1"), ("miro", "m2"), ("baseline", "b1"), ("baseline", "b2")):
+        args += ["--run", f"{name}={dirs[seed]}"]
+    assert study.main(args) == 0
+    assert len(evaluated) == 15 and ("miro", "m2", 3) in evaluated  # one folder per seed under its recipe
+    rows = list(csv.DictReader(open(out / "convergence.csv")))
+    assert list(rows[0])[:3] == ["run", "replicate", "step"] and {r["replicate"] for r in rows} == set(rate)
+    result = json.loads((out / "convergence.json").read_text())
+    assert result["seeds"] == {"miro": ["m1", "m2"], "baseline": ["b1", "b2"]}
+    c = result["rewards"]["shapes_contrast"]
+    # MIRO pooled only where both seeds have a point (m2 stops at step 3): (0.1 + 0.05) / 2 * step
+    assert [s for s, _ in c["curves"]["miro"]] == [100, 200, 300]
+    assert [v for _, v in c["curves"]["miro"]] == pytest.approx([0.075, 0.15, 0.225])
+    # error: seed spread stdev(0.1 s, 0.05 s) / sqrt 2 = 0.025 s, above the noise sqrt(2 * 0.01^2) / 2
+    assert [e for _, e in c["standard_errors"]["miro"]] == pytest.approx([0.025, 0.05, 0.075])
+    assert [e for _, e in c["standard_errors"]["baseline"]] == pytest.approx([0.01 / math.sqrt(2)] * 4)
+    # the baseline reaches its final 0.2 at 400, the pooled MIRO at 200 + (0.05 / 0.075) * 100
+    assert c["speedup"]["miro_samples"] == pytest.approx(200 + 100 * 0.05 / 0.075)
+    assert (out / "convergence.md").read_text().startswith("Seeds (means over): miro: m1, m2; baseline: b1, b2")
+    # resuming scores nothing; an older row without a replicate belongs to its run's only seed
+    evaluated.clear()
+    assert study.main(args) == 0 and evaluated == []
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "convergence.csv").write_text(
+        "run,step,samples,overall,cat_a," + ",".join(f"{k},se_{k}" for k in SHAPES_KEYS) + "\n"
+        "miro,1,100,0.1,0.1," + ",".join("0.5,0.0" for _ in SHAPES_KEYS) + "\n")
+    assert study.main(["convergence", "--out", str(single), "--at-steps", "1", "--n-samples", "1",
+                       "--run", f"miro={dirs['m1']}"]) == 0
+    assert evaluated == []
+    # two seeds of one recipe must be told apart by their folders
+    other = tmp_path / "elsewhere" / "m1"
+    other.mkdir(parents=True)
+    assert study.main([*args, "--run", f"miro={other}"]) == 2
+    assert "also named 'm1'" in capsys.readouterr().err

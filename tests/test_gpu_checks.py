@@ -50,9 +50,10 @@ def test_gpu_checks_smoke_run_on_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_checks_pair_and_specialists_on_cpu(tmp_path):
-    # PAIR=1 SPECIALISTS=1: MIRO, the baseline and a specialist from scratch beside the warm run, the
-    # pair's checkpoints on ShapesEval and every model's rewards in one packed study (one specialist
-    # and tiny evaluations keep it short; the five are the same loop)
+    # PAIR=1 SPECIALISTS=1: MIRO and the baseline from scratch (two seeds each, the default) and a
+    # specialist beside the warm run, the pair's checkpoints on ShapesEval with each recipe's seeds
+    # pooled, and every model's rewards in one packed study (one specialist and tiny evaluations keep
+    # it short; the five are the same loop)
     import tarfile
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -61,7 +62,7 @@ def test_gpu_checks_pair_and_specialists_on_cpu(tmp_path):
     out = tmp_path / "out"
     pack_minilm.pack(tmp_path / "minilm_pack", samples=40, data=[])
     env = dict(os.environ, OUT=str(out), WORK=str(tmp_path / "work"), PY=sys.executable, TRAIN_MINUTES="3",
-               NUM_SAMPLES="48", BATCH="8", STEPS="2", PAIR="1", PAIR_POINTS="1", SPECIALISTS="1",
+               NUM_SAMPLES="48", BATCH="8", STEPS="2", PAIR="1", PAIR_POINTS="1", SPECIALISTS="1", BUDGET_MINUTES="30",
                SPECIALIST_REWARDS="counting", INIT="none", EVAL_STRIDE="300", EVAL_STEPS="2", EVAL_THREADS="1",
                RELEASE_BATCH="0", BENCH_ITERS="1", SENS_IMAGES="0", MODULE_STEPS="0", WORKERS="1",
                TEXT_PACK=str(tmp_path / "minilm_pack"))
@@ -75,14 +76,21 @@ def test_gpu_checks_pair_and_specialists_on_cpu(tmp_path):
         table = json.load(tar.extractfile("./table.json"))
         members = set(tar.getnames())
         conv = tar.extractfile("./convergence/convergence.csv").read().decode().splitlines()
-    assert sorted(row["model"] for row in table) == ["only_counting", "pair_baseline", "pair_miro", "warm"]
+    assert sorted(row["model"] for row in table) == ["only_counting", "pair_baseline_s1", "pair_baseline_s2",
+                                                     "pair_miro_s1", "pair_miro_s2", "warm"]
     assert all(0.0 <= row["shapes_counting"] <= 1.0 for row in table)
     import csv
 
     points = list(csv.DictReader(conv))
-    assert sorted(row["run"] for row in points) == ["baseline", "miro"]  # PAIR_POINTS=1: one checkpoint each
+    # PAIR_POINTS=1: one checkpoint per run, told apart by the seed's folder
+    assert sorted((row["run"], row["replicate"]) for row in points) == [
+        ("baseline", "pair_baseline_s1"), ("baseline", "pair_baseline_s2"), ("miro", "pair_miro_s1"),
+        ("miro", "pair_miro_s2")]
     assert all(0.0 <= float(row["shapes_contrast"]) <= 1.0 for row in points)  # every reward, per checkpoint
     assert {"./convergence/convergence.md", "./convergence/convergence_rewards.png"} <= members
-    assert {"./metrics_spec_counting.csv", "./metrics_pair_miro.csv", "./metrics_pair_baseline.csv"} <= members
+    assert {"./metrics_spec_counting.csv", "./metrics_pair_miro_s2.csv", "./metrics_pair_baseline_s1.csv"} <= members
+    with tarfile.open(out / "study.tar.gz") as tar:
+        md = tar.extractfile("./convergence/convergence.md").read().decode()
+    assert md.startswith("Seeds (means over): miro: pair_miro_s1, pair_miro_s2; baseline: pair_baseline_s1")
     rows = json.loads((out / "bench.json").read_text())
-    assert len(rows) == 4 and {row["processes_sharing_the_device"] for row in rows} == {4}
+    assert len(rows) == 6 and {row["processes_sharing_the_device"] for row in rows} == {6}

@@ -199,9 +199,12 @@ def speedup_interval(miro, baseline, miro_se, baseline_se, draws: int = 2000, le
 
     rng = np.random.default_rng(seed)
 
+    def one_curve(c):  # [(samples, value), ...] rather than a list of such curves
+        return bool(c) and isinstance(c[0][0], (int, float))
+
     def as_reps(curve, se):  # (replicates, points) arrays of values and errors, and the samples
-        reps = [curve] if curve and isinstance(curve[0], tuple) else list(curve)
-        errs = [se] if se and isinstance(se[0], tuple) else list(se)
+        reps = [curve] if one_curve(curve) else list(curve)
+        errs = [se] if one_curve(se) else list(se)
         xs = [s for s, _ in reps[0]]
         if any([s for s, _ in r] != xs for r in reps):
             raise ValueError("the seeds of one run must share their sample grid")

@@ -541,6 +541,8 @@ def test_speedup_interval_resamples_seeds():
     assert got["p_above_1"] == pytest.approx(0.75, abs=0.03)  # only BB is not above 1
     # one seed given as a list of one is the single-curve case
     assert speedup_interval([fast], [base], [zero], [zero], draws=20)["low"] == pytest.approx(2.0)
+    as_lists = [[s, v] for s, v in fast]  # a curve read back from JSON: pairs as lists
+    assert speedup_interval(as_lists, base, zero, zero, draws=20)["low"] == pytest.approx(2.0)
     with pytest.raises(ValueError, match="sample grid"):
         speedup_interval([fast, fast[:3]], [base], [zero, zero[:3]], [zero], draws=5)
 

@@ -323,7 +323,9 @@ def cmd_convergence(args) -> int:
                              "samples": int(meta.get("samples_seen", step * 64)), **ev}
                 print(json.dumps(done[key]), flush=True)
                 _write_csv(csv_path, list(done.values()))
-    rows = list(done.values())
+    order = {name: i for i, name in enumerate(runs)}  # runs and their seeds as given, then any others the CSV holds
+    rows = sorted(done.values(), key=lambda r: (order.get(r["run"], len(order)), r["run"], r.get("replicate") or "",
+                                                int(r["step"])))
     _write_csv(csv_path, rows)
     metrics = convergence_curves(rows, counts)
     curves, errors, seeds = metrics["overall"]

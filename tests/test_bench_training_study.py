@@ -450,6 +450,14 @@ def test_trade_reads_one_point_per_model_from_paired_outputs(tmp_path):
     assert main(["trade", "--point", f"b={tmp_path / 'xb'},base", "--x", "shapes_eval", "--out", str(tmp_path)]) == 2
 
 
+def _no_generation(monkeypatch, study, items, eval_row):
+    """The convergence command on ``items`` with no model loaded: ``eval_row`` gives every point's scores."""
+    monkeypatch.setattr(study, "eval_items", lambda stride: items)
+    monkeypatch.setattr(study, "load", lambda src, weights, device=None: None)
+    monkeypatch.setattr(study, "_scorers", dict)
+    monkeypatch.setattr(study, "eval_row", eval_row)
+
+
 def test_convergence_gives_a_speedup_per_reward_and_rescores_points_without_rewards(tmp_path, monkeypatch):
     """Every Shapes reward gets its curve and the paper's speed-up beside ShapesEval's; a point in a
     CSV written before rewards were recorded is scored again (its images kept), complete ones are not."""
@@ -487,10 +495,7 @@ def test_convergence_gives_a_speedup_per_reward_and_rescores_points_without_rewa
             row[k], row[f"se_{k}"] = value(name, step, k), 0.0
         return row
 
-    monkeypatch.setattr(study, "eval_items", lambda stride: items)
-    monkeypatch.setattr(study, "load", lambda src, weights, device=None: None)
-    monkeypatch.setattr(study, "_scorers", dict)
-    monkeypatch.setattr(study, "eval_row", fake_eval_row)
+    _no_generation(monkeypatch, study, items, fake_eval_row)
     out = tmp_path / "study"
     out.mkdir()
     # an older CSV: baseline's step 1 scored without rewards
@@ -576,10 +581,7 @@ def test_convergence_pools_training_seeds(tmp_path, monkeypatch, capsys):
             row[k], row[f"se_{k}"] = (rate[seed] * step, 0.01) if k == "shapes_contrast" else (0.5, 0.0)
         return row
 
-    monkeypatch.setattr(study, "eval_items", lambda stride: items)
-    monkeypatch.setattr(study, "load", lambda src, weights, device=None: None)
-    monkeypatch.setattr(study, "_scorers", dict)
-    monkeypatch.setattr(study, "eval_row", fake_eval_row)
+    _no_generation(monkeypatch, study, items, fake_eval_row)
     out = tmp_path / "study"
     args = ["convergence", "--out", str(out), "--every", "1", "--n-samples", "1"]
     for name, seed in (("miro", "m1"), ("miro", "m2"), ("baseline", "b1"), ("baseline", "b2")):

@@ -456,6 +456,27 @@ def test_processes_indexing_at_once_scan_each_shard_once(tmp_path):
     assert not list(d.glob(".*.lock"))  # lock files are removed once their cache is written
 
 
+def test_a_lock_taken_after_its_holder_finished_is_removed(tmp_path, monkeypatch):
+    # the race behind a stray lock file: a process misses the cache, its holder writes the cache and
+    # removes the lock file, the process then creates a fresh lock file, takes it and finds the cache;
+    # that file is removed too, not left beside the shard
+    from miro.data import indexed
+
+    d = _shards(tmp_path, 1, 3)
+    shards = sorted(d.glob("*.tar"))
+    expect = [(idx.keys.tolist(), err) for idx, err in indexed.load_indexes(shards)]  # writes the cache
+    real, calls = indexed._read_cached, []
+
+    def miss_first(cache, stamp):  # the first read comes before the holder's write
+        calls.append(cache)
+        return None if len(calls) == 1 else real(cache, stamp)
+
+    monkeypatch.setattr(indexed, "_read_cached", miss_first)
+    monkeypatch.setattr(indexed, "_build", lambda *a: pytest.fail("the shard was scanned again"))
+    assert [(idx.keys.tolist(), err) for idx, err in indexed.load_indexes(shards)] == expect
+    assert len(calls) == 2 and not list(d.glob(".*.lock"))
+
+
 def test_indexing_waits_for_a_holder_and_survives_its_death(tmp_path):
     # a process that dies while holding a shard's lock leaves no cache: the kernel drops its lock and
     # the waiting process scans the shard itself

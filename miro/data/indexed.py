@@ -225,14 +225,17 @@ def load_indexes(paths: Sequence[str | os.PathLike], cache_dir: str | os.PathLik
                 if held is False:
                     busy.append(i)
                     continue
-                written = False
+                written = found = False
                 try:
                     # the holder before us may have written it between our read and our lock
                     hit = _read_cached(cache, stamp) if held else None
+                    found = hit is not None
                     if hit is None:
                         hit, written = _build(path, cache, stamp)
                 finally:
-                    lock.release(remove=written)
+                    # with the cache on disk the lock file has done its work, whoever wrote the cache: a
+                    # process that opened the lock path after its holder removed it made a new file
+                    lock.release(remove=written or found)
             out[i] = hit
             if bar is not None:
                 bar.update(1)

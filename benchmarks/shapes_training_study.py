@@ -79,7 +79,7 @@ from pathlib import Path
 
 from _args import (  # beside this script
     ArgumentParser, device as device_arg, int_in, nonneg_float, nonneg_float_list, nonneg_int, positive_float_list,
-    positive_int, positive_int_list, run_main, unit_float)
+    name_eq_source, positive_int, positive_int_list, run_main, unit_float)
 
 from miro.eval.generate import SEED_STRIDE, parse_reward_cfg
 from miro.io import atomic_write_json, atomic_write_text
@@ -269,9 +269,7 @@ def run_specs(specs: list[str]) -> dict[str, list[tuple[str, Path]]]:
     recipe trained from several seeds, each replicate named by its folder (which must differ)."""
     runs: dict[str, list[tuple[str, Path]]] = {}
     for spec in specs:
-        name, sep, run_dir = spec.partition("=")
-        if not sep or not name or not run_dir:
-            raise ValueError(f"--run {spec!r}: expected NAME=CHECKPOINT_DIR")
+        name, _, run_dir = spec.partition("=")  # NAME=DIR checked by argparse (name_eq_source)
         d = Path(run_dir)
         reps = runs.setdefault(name, [])
         if any(rep == d.name for rep, _ in reps):
@@ -1252,7 +1250,7 @@ def main(argv=None) -> int:
                         help="checkpoint weights (raw: no EMA lag, fair between runs of any length)")
     c = sub.add_parser("convergence", parents=[common],
                        help="ShapesEval and every Shapes reward vs training samples; speed-up factors")
-    c.add_argument("--run", action="append", required=True, help="NAME=CHECKPOINT_DIR (names miro and baseline "
+    c.add_argument("--run", action="append", required=True, type=name_eq_source, help="NAME=CHECKPOINT_DIR (names miro and baseline "
                    "give the speed-up); a name given again adds a training seed of that recipe, pooled")
     c.add_argument("--every", type=positive_int, default=500, help="use step=<k>.ckpt with k a multiple of this")
     c.add_argument("--at-steps", type=positive_int_list, default=None,

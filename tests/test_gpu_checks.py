@@ -76,6 +76,7 @@ def test_gpu_checks_pair_and_specialists_on_cpu(tmp_path):
         table = json.load(tar.extractfile("./table.json"))
         members = set(tar.getnames())
         conv = tar.extractfile("./convergence/convergence.csv").read().decode().splitlines()
+        md = tar.extractfile("./convergence/convergence.md").read().decode()
     assert sorted(row["model"] for row in table) == ["only_counting", "pair_baseline_s1", "pair_baseline_s2",
                                                      "pair_miro_s1", "pair_miro_s2", "warm"]
     assert all(0.0 <= row["shapes_counting"] <= 1.0 for row in table)
@@ -89,8 +90,6 @@ def test_gpu_checks_pair_and_specialists_on_cpu(tmp_path):
     assert all(0.0 <= float(row["shapes_contrast"]) <= 1.0 for row in points)  # every reward, per checkpoint
     assert {"./convergence/convergence.md", "./convergence/convergence_rewards.png"} <= members
     assert {"./metrics_spec_counting.csv", "./metrics_pair_miro_s2.csv", "./metrics_pair_baseline_s1.csv"} <= members
-    with tarfile.open(out / "study.tar.gz") as tar:
-        md = tar.extractfile("./convergence/convergence.md").read().decode()
     assert md.startswith("Seeds (means over): miro: pair_miro_s1, pair_miro_s2; baseline: pair_baseline_s1")
     rows = json.loads((out / "bench.json").read_text())
     assert len(rows) == 6 and {row["processes_sharing_the_device"] for row in rows} == {6}

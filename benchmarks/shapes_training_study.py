@@ -310,15 +310,13 @@ def cmd_convergence(args) -> int:
                 # a point scored before the rewards were recorded is redone: its images are kept, only scored
                 if key in done and all(done[key].get(k) not in (None, "") for k in SHAPES_KEYS):
                     continue
-                import torch
-
-                meta = torch.load(ckpt, map_location="cpu", weights_only=True).get("miro", {})
                 pipe = load(str(ckpt), args.weights, args.device)
+                meta = pipe.checkpoint_meta
                 ev = eval_row(pipe, items, img_dir / f"step_{step:07d}", gcfg, scorers, counts)
                 ev["overall"] = ev.pop("shapes_eval")
                 ev.pop("se_shapes_eval")  # recomputed from the categories (overall_se), as for older rows
                 done[key] = {"run": name, "replicate": rep, "step": step,
-                             "samples": int(meta.get("samples_seen", step * 64)), **ev}
+                             "samples": int(meta.get("samples_seen_global", meta.get("samples_seen", step * 64))), **ev}
                 print(json.dumps(done[key]), flush=True)
                 _write_csv(csv_path, list(done.values()))
     order = {name: i for i, name in enumerate(runs)}  # runs and their seeds as given, then any others the CSV holds

@@ -451,9 +451,15 @@ def test_trade_reads_one_point_per_model_from_paired_outputs(tmp_path):
 
 
 def _no_generation(monkeypatch, study, items, eval_row):
-    """The convergence command on ``items`` with no model loaded: ``eval_row`` gives every point's scores."""
+    """The convergence command on ``items`` with no model loaded: ``eval_row`` gives every point's scores;
+    a "pipeline" carries only its checkpoint's metadata, as ``pipeline_from_checkpoint`` gives it."""
+    import torch
+
+    def load(src, weights, device=None):
+        return SimpleNamespace(checkpoint_meta=torch.load(src, weights_only=True)["miro"])
+
     monkeypatch.setattr(study, "eval_items", lambda stride: items)
-    monkeypatch.setattr(study, "load", lambda src, weights, device=None: None)
+    monkeypatch.setattr(study, "load", load)
     monkeypatch.setattr(study, "_scorers", dict)
     monkeypatch.setattr(study, "eval_row", eval_row)
 
@@ -568,7 +574,10 @@ def test_convergence_pools_training_seeds(tmp_path, monkeypatch, capsys):
         d = dirs[seed] = tmp_path / "runs" / seed
         d.mkdir(parents=True)
         for step in range(1, last + 1):
-            torch.save({"miro": {"samples_seen": step * 100}}, d / f"step={step}.ckpt")
+            # b2 trained on two ranks: rank 0's own count is half of what the curve counts
+            meta = {"samples_seen": step * 50, "samples_seen_global": step * 100} if seed == "b2" else \
+                {"samples_seen": step * 100}
+            torch.save({"miro": meta}, d / f"step={step}.ckpt")
     # contrast: baseline seeds 0.05/step, MIRO seed m1 twice that, m2 the baseline's
     rate = {"m1": 0.1, "m2": 0.05, "b1": 0.05, "b2": 0.05}
     evaluated = []

@@ -258,6 +258,7 @@ def test_release_recipe_path_with_latents_and_t5(tmp_path):
     assert trainer.global_step == 2
     ckpt = tmp_path / "run" / "miro" / "checkpoints" / "multi_cad_synth" / "last.ckpt"
     pipe = pipeline_from_checkpoint(ckpt, autoencoder=str(vae))
+    assert pipe.checkpoint_meta["samples_seen_global"] == 2 * 4  # the training's metadata, read with the weights
     assert pipe.coherence_keys == tuple(REWARD_KEYS) and set(pipe.reward_bins.edges) == set(REWARD_KEYS)
     img = pipe("a red circle", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
     assert img.shape == (1, 8, 8, 3)  # 4x4 latents decoded by the x2 tiny VAE

@@ -122,6 +122,8 @@ def test_only_rank_zero_writes(ddp_indexed):
     assert not (ckdir / "logs" / "version_1").exists()
     ck = torch.load(ckdir / "last.ckpt", weights_only=True)
     assert ck["global_step"] == N and ck["MiroDataModule"]["position"] == 2 * N * PER_RANK_BATCH
+    # rank 0's own count is what it resumes from; the curves' x axis counts both ranks' samples
+    assert ck["miro"]["samples_seen"] == N * 4 and ck["miro"]["samples_seen_global"] == N * 8
 
 
 @pytest.mark.slow

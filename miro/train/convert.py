@@ -97,6 +97,7 @@ def pipeline_from_checkpoint(path: str | os.PathLike, ema_index: int | None = 0,
                         autoencoder if autoencoder is not None else config.get("autoencoder", "identity"),
                         config, uncond, reward_bins=bins)
     pipe.source = str(path)
+    pipe.checkpoint_meta = dict(extra)  # samples_seen, reward bins...: callers need not read the file again
     return pipe.to(device)
 
 

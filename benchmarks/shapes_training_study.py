@@ -169,15 +169,22 @@ def samples_to_reach(curve: list[tuple[int, float]], score: float) -> float | No
     return None
 
 
-def speedup(miro: list[tuple[int, float]], baseline: list[tuple[int, float]]) -> dict:
-    """The paper's convergence speed-up against the baseline's final score."""
+def speedup(miro: list[tuple[int, float]], baseline: list[tuple[int, float]],
+            baseline_se: list[tuple[int, float]] | None = None) -> dict:
+    """The paper's convergence speed-up against the baseline's final score. With the baseline's
+    standard errors, also how far it rose from its first point to its final one, in combined
+    standard errors (``baseline_rise_z``; None where both errors are 0)."""
     final = baseline[-1][1]
     need_b = samples_to_reach(baseline, final)
     need_m = samples_to_reach(miro, final)
     # A baseline already at its final score at its first point never rose to it: both runs "reach"
     # it at once and the ratio says nothing about speed (a falling or flat reward).
-    return {"baseline_final_score": final, "baseline_samples": need_b, "miro_samples": need_m,
-            "speedup": (need_b / need_m) if need_m else None, "baseline_rises": need_b > baseline[0][0]}
+    out = {"baseline_final_score": final, "baseline_samples": need_b, "miro_samples": need_m,
+           "speedup": (need_b / need_m) if need_m else None, "baseline_rises": need_b > baseline[0][0]}
+    if baseline_se:
+        se = math.hypot(baseline_se[0][1], baseline_se[-1][1])
+        out["baseline_rise_z"] = (final - baseline[0][1]) / se if se > 0 else None
+    return out
 
 
 def speedup_interval(miro, baseline, miro_se, baseline_se, draws: int = 2000, level: float = 0.9,
@@ -336,7 +343,7 @@ def cmd_convergence(args) -> int:
         # The paper's speed-ups are measured on its rewards (miro_facts.md §5.1); ShapesEval is the
         # issue's headline, every Shapes reward the like-for-like comparison.
         for k, (c, e, reps) in metrics.items():
-            sp = speedup(c["miro"], c["baseline"])
+            sp = speedup(c["miro"], c["baseline"], e["baseline"])
             (mc, me), (bc, be) = ([list(x) for x in zip(*reps[r].values())] for r in ("miro", "baseline"))
             sp["interval"] = speedup_interval(mc, bc, me, be)
             if k == "overall":
@@ -372,9 +379,24 @@ def speedup_markdown(result: dict) -> str:
         ci, x = sp["interval"], sp["speedup"]
         lines.append(f"| {name} | {sp['baseline_final_score']:.3f} | {k_(sp['baseline_samples'])} | "
                      f"{k_(sp['miro_samples'])} | {'-' if x is None else f'x{x:.2f}'} | "
-                     f"{ci['low']:.2f}-{ci['high']:.2f} | {ci['p_above_1']:.2f} | "
-                     + ("|" if sp.get("baseline_rises", True) else "no rise: the baseline starts at its final value |"))
+                     f"{ci['low']:.2f}-{ci['high']:.2f} | {ci['p_above_1']:.2f} | {_speedup_note(sp)} |")
     return "\n".join(lines) + "\n"
+
+
+# A rise under two combined standard errors is not told apart from a flat curve (one-sided p ~ 0.02
+# at z = 2); the first crossing of a final value that noise put there times nothing.
+RISE_Z = 2.0
+
+
+def _speedup_note(sp: dict) -> str:
+    """Why a row's speed-up is not a measurement: a flat baseline, or one whose rise is noise."""
+    if not sp.get("baseline_rises", True):
+        return "no rise: the baseline starts at its final value"
+    z = sp.get("baseline_rise_z")
+    if z is not None and z < RISE_Z:
+        return (f"rise within noise: the baseline's final is {z:.1f} standard errors above its first point "
+                f"(< {RISE_Z:g})")
+    return ""
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -398,7 +420,9 @@ def _plot_convergence(curves: dict, errors: dict, seeds: dict, path: Path, sp: d
         ax.axhline(sp["baseline_final_score"], color="grey", lw=0.8, ls="--")
         ci = sp.get("interval")
         ci = f", 90% {ci['low']:.2f}-{ci['high']:.2f}" if ci else ""
-        ax.set_title(f"ShapesEval vs samples (speed-up x{sp['speedup']:.2f}{ci})")
+        note = _speedup_note(sp).split(":")[0]  # "no rise" / "rise within noise": the ratio times nothing
+        ax.set_title(f"ShapesEval vs samples (speed-up x{sp['speedup']:.2f}{ci}{'; ' + note if note else ''})",
+                     fontsize=9 if note else None)
     else:
         ax.set_title("ShapesEval vs samples")
     ax.set_xlabel("training samples (thousands)")

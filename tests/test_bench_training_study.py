@@ -16,6 +16,7 @@ from shapes_training_study import (  # noqa: E402
     samples_to_reach,
     speedup,
     speedup_interval,
+    speedup_markdown,
     table_markdown,
     tag_counts,
 )
@@ -40,6 +41,26 @@ def test_samples_to_reach_interpolates_and_speedup():
     assert s["baseline_samples"] == pytest.approx(400.0)
     assert s["miro_samples"] == pytest.approx(150.0)
     assert s["speedup"] == pytest.approx(400 / 150)
+
+
+def test_a_baseline_rise_within_its_noise_is_flagged():
+    """The first crossing of a final value that noise put above the first point times nothing: the
+    row says so, with the rise in combined standard errors; a rise well above the noise is not flagged."""
+    miro = [(100, 0.08), (200, 0.07)]
+    base = [(100, 0.05), (200, 0.065)]
+    noisy = speedup(miro, base, [(100, 0.01), (200, 0.02)])
+    assert noisy["speedup"] == pytest.approx(2.0)  # MIRO "reaches" 0.065 at once
+    assert noisy["baseline_rise_z"] == pytest.approx(0.015 / math.hypot(0.01, 0.02))
+    clear = speedup(miro, base, [(100, 0.002), (200, 0.002)])
+    assert clear["baseline_rise_z"] == pytest.approx(0.015 / math.hypot(0.002, 0.002))
+    assert "baseline_rise_z" not in speedup(miro, base)
+    assert speedup(miro, base, [(100, 0.0), (200, 0.0)])["baseline_rise_z"] is None  # no errors: no verdict
+    interval = {"low": 1.0, "high": 2.0, "p_above_1": 0.5}
+    md = speedup_markdown({"speedup": {**noisy, "interval": interval},
+                           "rewards": {"r": {"speedup": {**clear, "interval": interval}}}}).splitlines()
+    assert md[2].endswith("| rise within noise: the baseline's final is 0.7 standard errors above its first "
+                          "point (< 2) |")
+    assert md[3].endswith("| 0.50 |  |")
 
 
 def test_speedup_interval_collapses_without_noise_and_widens_with_it():
@@ -527,6 +548,9 @@ def test_convergence_gives_a_speedup_per_reward_and_rescores_points_without_rewa
     assert result["rewards"]["shapes_counting"]["speedup"]["baseline_rises"] is False  # flat: x1 means nothing
     assert "no rise" in md[2 + 1 + SHAPES_KEYS.index("shapes_counting")]
     assert "no rise" not in md[2 + 1 + SHAPES_KEYS.index("shapes_contrast")]
+    # ShapesEval rises 0.1 -> 0.4 on 2 images per category: within its binomial noise
+    assert md[2].endswith("| rise within noise: the baseline's final is 0.7 standard errors above its first "
+                          "point (< 2) |")
     assert (out / "convergence_rewards.png").stat().st_size > 0
     evaluated.clear()
     assert study.main(args) == 0  # complete points are not scored again

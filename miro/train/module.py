@@ -259,7 +259,8 @@ class MiroLightningModule(LightningModule):
             "micro_step": int(self.micro_step),
             "samples_seen": int(self.samples_seen),  # this rank's: restored per rank on resume
             # all ranks' (every rank trains on batches of one size), what a convergence curve's x axis counts
-            "samples_seen_global": int(self.samples_seen * (self.trainer.world_size if self._trainer is not None else 1)),
+            "samples_seen_global": int(self.samples_seen) * (self.trainer.world_size
+                                                             if self._trainer is not None else 1),
             "corrupt_seen": int(self.corrupt_seen),
             "reward_bins": self.reward_bins,
             "model_config": dict(self.hparams["model_config"]),

@@ -19,7 +19,7 @@
 #      (half the size; MiroPipeline loads it as is), and caption_sensitivity.py on INIT and on it
 #      (SENS_IMAGES=0 skips it);
 #   6. with PAIR=1: ShapesEval and every reward of every checkpoint of the pair on the device
-#      (shapes_training_study.py convergence, one process per checkpoint, then merged; each recipe's
+#      (shapes_training_study.py convergence, one process per checkpoint, then joined by --rows-from; each recipe's
 #      seeds pooled; a speed-up for each); with PAIR=1 or SPECIALISTS=1, every reward
 #      of the from-scratch runs' last checkpoints (`table`), packed with their metrics into $OUT/study.tar.gz.
 # What comes back in $OUT (at most eight files): log.txt, bench.json, metrics.csv, study.tar.gz (PAIR/SPECIALISTS),
@@ -243,27 +243,24 @@ EOF
     fi
 fi
 
-# 6 (end). Merge the points into one convergence.csv, then the curves, the speed-up and the plot from it
-# (every point is already scored, so nothing is generated again); pack the study
+# 6 (end). The table from every model's rewards; the pair's points joined into one convergence.csv (--rows-from),
+# then the curves, the speed-up and the plot from it (nothing generated again); pack the study
 if [ "$SCRATCH" = 1 ]; then
     [ ${#EVAL_PIDS[@]} -gt 0 ] && wait "${EVAL_PIDS[@]}"
     $PY - "$STUDY" <<'EOF'
-import csv, json, sys
+import json, sys
 from pathlib import Path
 sys.path.insert(0, "benchmarks")
-from shapes_training_study import _write_csv, table_markdown
+from shapes_training_study import table_markdown
 study = Path(sys.argv[1])
-rows = [r for f in sorted(study.glob("points/*/convergence.csv")) for r in csv.DictReader(open(f))]
-if rows:  # the pair's points (PAIR=1)
-    _write_csv(study / "convergence" / "convergence.csv", rows)
 table = [r for f in sorted(study.glob("tables/*/table/table.json")) for r in json.loads(f.read_text())]
 (study / "table.json").write_text(json.dumps(table, indent=2))
 (study / "table.md").write_text(table_markdown(table))
-print(f"{len(rows)} checkpoints scored, {len(table)} models in the table")
+print(f"{len(table)} models in the table")
 EOF
-    if [ "$PAIR" = 1 ]; then
+    if [ "$PAIR" = 1 ]; then  # every point is scored in points/: the pass joins them and generates nothing
         step $PY benchmarks/shapes_training_study.py convergence "${EVAL_ARGS[@]}" "${PAIR_RUNS[@]}" \
-            --every "$EVERY" --out "$STUDY/convergence"
+            --every "$EVERY" --out "$STUDY/convergence" --rows-from "$STUDY"/points/*
     fi
     cat "$STUDY/table.md" | tee -a "$LOG"
     for dir in "$WORK"/run/miro/checkpoints/pair_* "$WORK"/run/miro/checkpoints/spec_*; do

@@ -286,6 +286,47 @@ def run_specs(specs: list[str]) -> dict[str, list[tuple[str, Path]]]:
     return runs
 
 
+def _complete(row: dict) -> bool:
+    """A point scored on every Shapes reward (older studies recorded ShapesEval alone)."""
+    return all(row.get(k) not in (None, "") for k in SHAPES_KEYS)
+
+
+def study_rows(path: Path, runs: dict) -> list[dict]:
+    """The points of a ``convergence.csv``, each with its replicate (a row from before seeds were
+    recorded belongs to its run's only seed)."""
+    rows = []
+    for r in csv.DictReader(open(path)):
+        if not r.get("replicate") and len(runs.get(r["run"], ())) == 1:
+            r["replicate"] = runs[r["run"]][0][0]
+        r["replicate"] = r.get("replicate") or ""
+        rows.append(r)
+    return rows
+
+
+def merge_rows(done: dict, src: str | Path, runs: dict, settings: dict) -> None:
+    """Add the points another process scored (``src``: its ``convergence.csv`` or the folder holding
+    it) to ``done``. Refused: points scored with other settings (as that study's convergence.json
+    records them) and a point that two sources give different scores."""
+    src = Path(src)
+    path = src / "convergence.csv" if src.is_dir() else src
+    if not path.is_file():
+        raise ValueError(f"--rows-from {src}: no convergence.csv there")
+    meta = path.with_name("convergence.json")
+    theirs = json.loads(meta.read_text()) if meta.is_file() else {}
+    for k, v in settings.items():
+        if k in theirs and theirs[k] != v:
+            raise ValueError(f"--rows-from {src}: its points were scored with {k}={theirs[k]!r}; this study "
+                             f"uses {v!r}")
+    for r in study_rows(path, runs):
+        key = (r["run"], r["replicate"], int(r["step"]))
+        held = done.get(key)
+        if held is not None and (held.get("overall"), held.get("samples")) != (r.get("overall"), r.get("samples")):
+            raise ValueError(f"--rows-from {src}: {r['run']} {r['replicate']} step {r['step']} is held with "
+                             f"ShapesEval {held.get('overall')} and given as {r.get('overall')}")
+        if held is None or (_complete(r) and not _complete(held)):
+            done[key] = r
+
+
 def cmd_convergence(args) -> int:
     from miro.eval.generate import GenerateConfig, parse_reward_args
 
@@ -296,13 +337,19 @@ def cmd_convergence(args) -> int:
                           negative_reward_targets=parse_reward_args(args.negative_reward, "--negative-reward"))
     out = Path(args.out)
     runs = run_specs(args.run)
+    # what makes two points comparable; recorded in convergence.json, checked for --rows-from
+    settings = json.loads(json.dumps({
+        "items": len(items), "n_samples": args.n_samples, "steps": args.steps, "cfg": args.cfg,
+        "reward_cfg": args.reward_cfg, "reward_direction": args.reward_direction, "weights": args.weights,
+        "seed": args.seed, "reward_targets": gcfg.reward_targets,
+        "negative_reward_targets": gcfg.negative_reward_targets}))
     done = {}
     csv_path = out / "convergence.csv"
     if csv_path.is_file():  # resume: checkpoints already scored are kept and not generated again
-        for r in csv.DictReader(open(csv_path)):
-            if not r.get("replicate") and len(runs.get(r["run"], ())) == 1:
-                r["replicate"] = runs[r["run"]][0][0]  # a row from before seeds were recorded: its run's only one
-            done[(r["run"], r.get("replicate") or "", int(r["step"]))] = r
+        for r in study_rows(csv_path, runs):
+            done[(r["run"], r["replicate"], int(r["step"]))] = r
+    for src in args.rows_from or ():
+        merge_rows(done, src, runs, settings)
     counts = tag_counts(items, args.n_samples)
     scorers = _scorers()
     at = set(args.at_steps) if args.at_steps else None
@@ -315,7 +362,7 @@ def cmd_convergence(args) -> int:
                     continue
                 key = (name, rep, step)
                 # a point scored before the rewards were recorded is redone: its images are kept, only scored
-                if key in done and all(done[key].get(k) not in (None, "") for k in SHAPES_KEYS):
+                if key in done and _complete(done[key]):
                     continue
                 pipe = load(str(ckpt), args.weights, args.device)
                 meta = pipe.checkpoint_meta
@@ -329,16 +376,14 @@ def cmd_convergence(args) -> int:
     order = {name: i for i, name in enumerate(runs)}  # runs and their seeds as given, then any others the CSV holds
     rows = sorted(done.values(), key=lambda r: (order.get(r["run"], len(order)), r["run"], r.get("replicate") or "",
                                                 int(r["step"])))
-    _write_csv(csv_path, rows)
+    _write_csv(csv_path, rows)  # every point held, those past --max-step too: a later, longer study reuses them
+    if args.max_step:
+        rows = [r for r in rows if int(r["step"]) <= args.max_step]
     metrics = convergence_curves(rows, counts)
     curves, errors, seeds = metrics["overall"]
     result = {"curves": curves, "standard_errors": errors, "seeds": {k: sorted(v) for k, v in seeds.items()},
               "seed_curves": {k: {rep: c for rep, (c, _) in v.items()} for k, v in seeds.items() if len(v) > 1},
-              "items": len(items), "n_samples": args.n_samples,
-              "steps": args.steps, "cfg": args.cfg, "reward_cfg": args.reward_cfg,
-              "reward_direction": args.reward_direction, "weights": args.weights,
-              "reward_targets": gcfg.reward_targets, "negative_reward_targets": gcfg.negative_reward_targets,
-              "rewards": {k: {"curves": c, "standard_errors": e} for k, (c, e, _) in metrics.items() if k != "overall"}}
+              **settings, "rewards": {k: {"curves": c, "standard_errors": e} for k, (c, e, _) in metrics.items() if k != "overall"}}
     if "miro" in curves and "baseline" in curves:
         # The paper's speed-ups are measured on its rewards (miro_facts.md §5.1); ShapesEval is the
         # issue's headline, every Shapes reward the like-for-like comparison.
@@ -1277,7 +1322,11 @@ def main(argv=None) -> int:
     c.add_argument("--every", type=positive_int, default=500, help="use step=<k>.ckpt with k a multiple of this")
     c.add_argument("--at-steps", type=positive_int_list, default=None,
                    help="comma-separated checkpoint steps to use instead of --every")
-    c.add_argument("--max-step", type=nonneg_int, default=0, help="ignore checkpoints after this step (0: none)")
+    c.add_argument("--max-step", type=nonneg_int, default=0,
+                   help="ignore checkpoints after this step, and points past it that the CSV holds (0: none)")
+    c.add_argument("--rows-from", nargs="+", action="extend", metavar="STUDY",
+                   help="convergence.csv files (or their folders) scored by other processes, e.g. one per "
+                        "checkpoint or per run: their points join this study and are not scored again")
     _target_args(c, "every checkpoint")
     k = sub.add_parser("controllability", parents=[common], help="Spearman of target vs measured reward")
     k.add_argument("--model", required=True, help=".ckpt, pipeline folder or built-in name")

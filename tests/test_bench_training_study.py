@@ -651,3 +651,72 @@ def test_convergence_pools_training_seeds(tmp_path, monkeypatch, capsys):
     other.mkdir(parents=True)
     assert study.main([*args, "--run", f"miro={other}"]) == 2
     assert "also named 'm1'" in capsys.readouterr().err
+
+
+def test_convergence_joins_points_scored_by_other_processes(tmp_path, monkeypatch, capsys):
+    """``--rows-from``: points scored in other folders (one process per run) join a study that then
+    scores nothing and reads what scoring everything in one process reads; points scored with other
+    settings, or a point two sources score differently, are refused."""
+    import json
+
+    import torch
+
+    import shapes_training_study as study
+
+    items = [SimpleNamespace(metadata={"tag": "a"})] * 2
+    dirs = {}
+    for name in ("miro", "baseline"):
+        d = dirs[name] = tmp_path / "runs" / name
+        d.mkdir(parents=True)
+        for step in (1, 2, 3):
+            torch.save({"miro": {"samples_seen": step * 100}}, d / f"step={step}.ckpt")
+    evaluated = []
+
+    def fake_eval_row(pipe, its, d, gcfg, scorers, counts):
+        name, step = d.parent.name, int(d.name.removeprefix("step_"))
+        evaluated.append((name, step))
+        rate = 0.2 if name == "miro" else 0.1
+        row = {"shapes_eval": 0.0, "se_shapes_eval": 0.0, "cat_a": 0.1 * step}
+        for k in SHAPES_KEYS:
+            row[k], row[f"se_{k}"] = (rate * step, 0.01) if k == "shapes_contrast" else (0.5, 0.0)
+        return row
+
+    _no_generation(monkeypatch, study, items, fake_eval_row)
+    base = ["convergence", "--every", "1", "--n-samples", "1"]
+    runs = ["--run", f"miro={dirs['miro']}", "--run", f"baseline={dirs['baseline']}"]
+    assert study.main([*base, "--out", str(tmp_path / "whole"), *runs]) == 0
+    whole = json.loads((tmp_path / "whole" / "convergence.json").read_text())
+    parts = {}
+    for name in ("miro", "baseline"):
+        parts[name] = tmp_path / "parts" / name
+        assert study.main([*base, "--out", str(parts[name]), "--run", f"{name}={dirs[name]}"]) == 0
+    evaluated.clear()
+    merged = tmp_path / "merged"
+    assert study.main([*base, "--out", str(merged), *runs, "--rows-from", str(parts["miro"]),
+                       str(parts["baseline"] / "convergence.csv")]) == 0
+    assert evaluated == []
+    result = json.loads((merged / "convergence.json").read_text())
+    assert result["rewards"]["shapes_contrast"] == whole["rewards"]["shapes_contrast"]
+    assert result["speedup"] == whole["speedup"] and result["seed"] == 0 and result["steps"] == 25
+    assert len((merged / "convergence.csv").read_text().splitlines()) == 1 + 6  # kept: a resume needs no sources
+    # --max-step leaves the held points past it out of the curves, not out of the CSV
+    assert study.main([*base, "--out", str(merged), *runs, "--max-step", "2"]) == 0 and evaluated == []
+    short = json.loads((merged / "convergence.json").read_text())
+    assert [s for s, _ in short["curves"]["miro"]] == [100, 200]
+    assert len((merged / "convergence.csv").read_text().splitlines()) == 1 + 6
+    # other generation settings: refused, naming the setting
+    other = json.loads((parts["miro"] / "convergence.json").read_text())
+    (parts["miro"] / "convergence.json").write_text(json.dumps({**other, "steps": 10}))
+    assert study.main([*base, "--out", str(tmp_path / "m2"), *runs, "--rows-from", str(parts["miro"])]) == 2
+    assert "scored with steps=10; this study uses 25" in capsys.readouterr().err
+    # one point, two different scores
+    clash = tmp_path / "clash.csv"
+    text = (parts["baseline"] / "convergence.csv").read_text().splitlines()
+    head, row = text[0].split(","), text[1].split(",")
+    row[head.index("overall")] = "0.9"
+    clash.write_text("\n".join([text[0], ",".join(row)]) + "\n")
+    assert study.main([*base, "--out", str(tmp_path / "m3"), *runs, "--rows-from", str(parts["baseline"]),
+                       str(clash)]) == 2
+    assert "baseline baseline step 1 is held with ShapesEval" in capsys.readouterr().err
+    assert study.main([*base, "--out", str(tmp_path / "m4"), *runs, "--rows-from", str(tmp_path / "nowhere")]) == 2
+    assert "no convergence.csv there" in capsys.readouterr().err

@@ -89,6 +89,9 @@ def test_gpu_checks_pair_and_specialists_on_cpu(tmp_path):
         ("miro", "pair_miro_s2")]
     assert all(0.0 <= float(row["shapes_contrast"]) <= 1.0 for row in points)  # every reward, per checkpoint
     assert {"./convergence/convergence.md", "./convergence/convergence_rewards.png"} <= members
+    # the pooled pass joined the points scored per checkpoint (--rows-from) and generated nothing
+    assert not any(m.startswith("./convergence/convergence/") for m in members)
+    assert any(m.startswith("./points/miro_s2_") for m in members)
     assert {"./metrics_spec_counting.csv", "./metrics_pair_miro_s2.csv", "./metrics_pair_baseline_s1.csv"} <= members
     assert md.startswith("Seeds (means over): miro: pair_miro_s1, pair_miro_s2; baseline: pair_baseline_s1")
     rows = json.loads((out / "bench.json").read_text())

@@ -383,7 +383,8 @@ def cmd_convergence(args) -> int:
     curves, errors, seeds = metrics["overall"]
     result = {"curves": curves, "standard_errors": errors, "seeds": {k: sorted(v) for k, v in seeds.items()},
               "seed_curves": {k: {rep: c for rep, (c, _) in v.items()} for k, v in seeds.items() if len(v) > 1},
-              **settings, "rewards": {k: {"curves": c, "standard_errors": e} for k, (c, e, _) in metrics.items() if k != "overall"}}
+              **settings,
+              "rewards": {k: {"curves": c, "standard_errors": e} for k, (c, e, _) in metrics.items() if k != "overall"}}
     if "miro" in curves and "baseline" in curves:
         # The paper's speed-ups are measured on its rewards (miro_facts.md §5.1); ShapesEval is the
         # issue's headline, every Shapes reward the like-for-like comparison.

@@ -296,10 +296,10 @@ def study_rows(path: Path, runs: dict) -> list[dict]:
     recorded belongs to its run's only seed)."""
     rows = []
     for r in csv.DictReader(open(path)):
-        if not r.get("replicate") and len(runs.get(r["run"], ())) == 1:
-            r["replicate"] = runs[r["run"]][0][0]
-        r["replicate"] = r.get("replicate") or ""
-        rows.append(r)
+        rep = r.get("replicate") or ""
+        if not rep and len(runs.get(r["run"], ())) == 1:
+            rep = runs[r["run"]][0][0]
+        rows.append({**r, "replicate": rep})
     return rows
 
 
@@ -374,7 +374,7 @@ def cmd_convergence(args) -> int:
                 print(json.dumps(done[key]), flush=True)
                 _write_csv(csv_path, list(done.values()))
     order = {name: i for i, name in enumerate(runs)}  # runs and their seeds as given, then any others the CSV holds
-    rows = sorted(done.values(), key=lambda r: (order.get(r["run"], len(order)), r["run"], r.get("replicate") or "",
+    rows = sorted(done.values(), key=lambda r: (order.get(r["run"], len(order)), r["run"], r["replicate"],
                                                 int(r["step"])))
     _write_csv(csv_path, rows)  # every point held, those past --max-step too: a later, longer study reuses them
     if args.max_step:
@@ -1318,8 +1318,9 @@ def main(argv=None) -> int:
                         help="checkpoint weights (raw: no EMA lag, fair between runs of any length)")
     c = sub.add_parser("convergence", parents=[common],
                        help="ShapesEval and every Shapes reward vs training samples; speed-up factors")
-    c.add_argument("--run", action="append", required=True, type=name_eq_source, help="NAME=CHECKPOINT_DIR (names miro and baseline "
-                   "give the speed-up); a name given again adds a training seed of that recipe, pooled")
+    c.add_argument("--run", action="append", required=True, type=name_eq_source,
+                   help="NAME=CHECKPOINT_DIR (names miro and baseline give the speed-up); a name given again "
+                        "adds a training seed of that recipe, pooled")
     c.add_argument("--every", type=positive_int, default=500, help="use step=<k>.ckpt with k a multiple of this")
     c.add_argument("--at-steps", type=positive_int_list, default=None,
                    help="comma-separated checkpoint steps to use instead of --every")

@@ -303,6 +303,15 @@ def study_rows(path: Path, runs: dict) -> list[dict]:
     return rows
 
 
+def check_settings(meta: Path, settings: dict, who: str) -> None:
+    """Refuse points scored with other generation settings than ``settings``, as the study's
+    ``convergence.json`` (``meta``) records them; a setting it does not record is not checked."""
+    theirs = json.loads(meta.read_text()) if meta.is_file() else {}
+    for k, v in settings.items():
+        if k in theirs and theirs[k] != v:
+            raise ValueError(f"{who}: its points were scored with {k}={theirs[k]!r}; this study uses {v!r}")
+
+
 def merge_rows(done: dict, src: str | Path, runs: dict, settings: dict) -> None:
     """Add the points another process scored (``src``: its ``convergence.csv`` or the folder holding
     it) to ``done``. Refused: points scored with other settings (as that study's convergence.json
@@ -311,12 +320,7 @@ def merge_rows(done: dict, src: str | Path, runs: dict, settings: dict) -> None:
     path = src / "convergence.csv" if src.is_dir() else src
     if not path.is_file():
         raise ValueError(f"--rows-from {src}: no convergence.csv there")
-    meta = path.with_name("convergence.json")
-    theirs = json.loads(meta.read_text()) if meta.is_file() else {}
-    for k, v in settings.items():
-        if k in theirs and theirs[k] != v:
-            raise ValueError(f"--rows-from {src}: its points were scored with {k}={theirs[k]!r}; this study "
-                             f"uses {v!r}")
+    check_settings(path.with_name("convergence.json"), settings, f"--rows-from {src}")
     for r in study_rows(path, runs):
         key = (r["run"], r["replicate"], int(r["step"]))
         held = done.get(key)
@@ -346,6 +350,7 @@ def cmd_convergence(args) -> int:
     done = {}
     csv_path = out / "convergence.csv"
     if csv_path.is_file():  # resume: checkpoints already scored are kept and not generated again
+        check_settings(out / "convergence.json", settings, f"--out {out} (a new --out starts a study afresh)")
         for r in study_rows(csv_path, runs):
             done[(r["run"], r["replicate"], int(r["step"]))] = r
     for src in args.rows_from or ():

@@ -709,6 +709,9 @@ def test_convergence_joins_points_scored_by_other_processes(tmp_path, monkeypatc
     (parts["miro"] / "convergence.json").write_text(json.dumps({**other, "steps": 10}))
     assert study.main([*base, "--out", str(tmp_path / "m2"), *runs, "--rows-from", str(parts["miro"])]) == 2
     assert "scored with steps=10; this study uses 25" in capsys.readouterr().err
+    # the same for a study's own points on resume: other settings would mix into its curves
+    assert study.main([*base, "--out", str(merged), *runs, "--steps", "10"]) == 2
+    assert f"--out {merged}" in capsys.readouterr().err and evaluated == []
     # one point, two different scores
     clash = tmp_path / "clash.csv"
     text = (parts["baseline"] / "convergence.csv").read_text().splitlines()

@@ -136,6 +136,33 @@ def test_dataclasses_validate_directly():
     assert TrainConfig(devices="auto").devices == "auto"
 
 
+@pytest.mark.parametrize("prec", ["bf16-true", "16-true", "transformer-engine"])
+def test_precisions_that_cast_the_trained_weights_to_half_are_refused(prec):
+    # Fabric's "-true" half precisions cast the whole module in setup, after the trainer made its
+    # trained weights float32 masters: every AdamW step would then land on bf16 weights.
+    from miro.align.flux_lora_train import FluxLoraTrainConfig
+
+    with pytest.raises(ValueError, match=f"train.precision must be one of .*bf16-mixed.*; got '{prec}'"):
+        TrainConfig(precision=prec)
+    with pytest.raises(ValueError, match=f"precision must be one of .*; got '{prec}'"):
+        FluxLoraTrainConfig(precision=prec)
+    for ok in ("auto", "bf16-mixed", "16-mixed", "32-true"):
+        assert TrainConfig(precision=ok).precision == ok
+
+
+def test_bf16_true_would_cast_float32_masters():
+    # why the precisions above are refused: the cast happens in Fabric's setup, not in the trainer
+    import torch
+    from lightning.fabric import Fabric
+
+    from miro.align.precision import TRAINING_PRECISIONS
+
+    for prec, kept in (("bf16-true", False), ("bf16-mixed", True)):
+        m = torch.nn.Linear(2, 2)
+        Fabric(accelerator="cpu", devices=1, precision=prec).setup(m, torch.optim.AdamW(m.parameters()))
+        assert (m.weight.dtype == torch.float32) is kept and (prec in TRAINING_PRECISIONS) is kept
+
+
 def test_remove_if_empty(tmp_path):
     (tmp_path / "a" / "checkpoints").mkdir(parents=True)
     cli._remove_if_empty(tmp_path / "a")

@@ -22,7 +22,7 @@ import torch
 from miro.align.datasets import OfflineImageDataset
 from miro.align.flux import FluxTarget, FluxTargetConfig
 from miro.align.lora import LoraSettings, add_flux_lora, save_flux_lora
-from miro.align.precision import cast_trainable_params
+from miro.align.precision import cast_trainable_params, check_training_precision
 from miro.align.trainer import OptimConfig, _seed, _truncate_metrics, atomic_torch_save, build_optimizer
 from miro.io import open_append
 
@@ -47,6 +47,9 @@ class FluxLoraTrainConfig:
     out_dir: str = "flux-lora-out"
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(rank=16, alpha=4))  # diffusers defaults r16, alpha 4
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="prodigy", lr=1.0, weight_decay=1e-4, max_grad_norm=1.0))
+
+    def __post_init__(self) -> None:
+        check_training_precision("precision", self.precision)
 
 
 def _caption(item: dict, cfg: FluxLoraTrainConfig) -> str:

@@ -27,6 +27,22 @@ def cast_trainable_params(module: torch.nn.Module, dtype: torch.dtype = torch.fl
     return n
 
 
+# Fabric precisions that keep parameters as they are (float32 masters stay float32). The "-true"
+# half precisions, and transformer-engine, cast the whole module in ``fabric.setup``, after
+# :func:`cast_trainable_params` ran: every optimiser step would then land on bf16 weights.
+TRAINING_PRECISIONS = ("auto", "32-true", "32", "64-true", "64", "bf16-mixed", "bf16", "16-mixed", "16")
+
+
+def check_training_precision(key: str, precision: str) -> None:
+    """Refuse a Fabric precision that would store the trained weights below float32."""
+    if precision not in TRAINING_PRECISIONS:
+        half = "true" in str(precision) or "transformer" in str(precision)
+        hint = (" (it would cast the float32 trained weights to half precision, where small optimiser"
+                " steps round away; frozen weights keep the dtype they were loaded in, so bf16-mixed"
+                " saves the same memory)" if half else "")
+        raise ValueError(f"{key} must be one of {', '.join(TRAINING_PRECISIONS)}; got {precision!r}{hint}")
+
+
 def weight_dtype(module: torch.nn.Module) -> torch.dtype:
     """The narrowest floating dtype among the module's parameters: the compute dtype of a model
     loaded in bf16, whether or not its trained weights were since cast to float32."""

@@ -26,7 +26,7 @@ import torch
 
 from miro.align import checks as C
 from miro.align.datasets import OfflineImageDataset
-from miro.align.precision import cast_trainable_params
+from miro.align.precision import cast_trainable_params, check_training_precision
 from miro.align.relative_reward import SemanticRelativeReward
 from miro.align.step import StepConfig, srpo_step
 from miro.io import atomic_path, atomic_write_text, open_append
@@ -88,9 +88,10 @@ class TrainConfig:
         d = self.devices
         if isinstance(d, bool) or not (isinstance(d, str) and d.strip() or isinstance(d, int) and (d >= 1 or d == -1)):
             raise ValueError(f"train.devices must be an integer >= 1, -1 (all) or a string such as auto; got {d!r}")
-        for key in ("accelerator", "strategy", "precision"):
+        for key in ("accelerator", "strategy"):
             if not isinstance(getattr(self, key), str) or not getattr(self, key):
                 raise ValueError(f"train.{key} must be a non-empty string; got {getattr(self, key)!r}")
+        check_training_precision("train.precision", self.precision)
 
 
 def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:

@@ -42,6 +42,7 @@ from miro import REWARD_KEYS
 from miro.encoders.autoencoder import SDXL_VAE, load_autoencoder, to_uint8, to_unit
 from miro.encoders.text import FLAN_T5_XL, load_text_encoder
 from miro.hub import (
+    _DTYPES,
     atomic_write_json,
     build_model,
     init_model,
@@ -347,6 +348,12 @@ class MiroPipeline(nn.Module):
 
     # ------------------------------------------------------------------------ device, dtype
     def to(self, *args, **kwargs) -> "MiroPipeline":  # type: ignore[override]
+        # A dtype may also be named ("float16", "bf16", as from_pretrained's torch_dtype takes it):
+        # torch's parser reads a positional string as a device and refuses a string dtype=.
+        if isinstance(kwargs.get("dtype"), str):
+            kwargs["dtype"] = parse_dtype(kwargs["dtype"])
+        args = tuple(parse_dtype(a) if isinstance(a, str) and a.lower().removeprefix("torch.") in _DTYPES else a
+                     for a in args)
         device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
         dtype = parse_dtype(dtype)
         super().to(device=device, dtype=dtype)  # bool masks stay bool: nn.Module casts floats only

@@ -102,6 +102,22 @@ def test_judge_folder_against_stub(stub, tmp_path, monkeypatch):
     assert len(srv.requests) == n + 1 and s["errors"] == 0 and s["answered"] == 3
 
 
+@pytest.mark.parametrize("limit", [0, -1, 1.5])
+def test_a_limit_below_one_is_refused_before_any_request(tmp_path, limit, capsys):
+    # todo[:limit] would judge nothing (0) or all but the last images (-1), silently
+    from miro.eval import cli
+
+    root = _folder(tmp_path, [{"prompt": "a cow", "tag": "t"}, {"prompt": "a dog", "tag": "t"}])
+    cfg = J.JudgeConfig(base_url="http://127.0.0.1:9/v1", model="m", timeout=1, max_retries=0)
+    with pytest.raises(ValueError, match=f"limit must be an integer >= 1 .*; got {limit}"):
+        J.judge_folder(root, cfg, limit=limit, progress=False)
+    assert not (root / "judge.jsonl").exists()
+    if isinstance(limit, int):
+        assert cli.main(["judge", str(root), "--base-url", "http://127.0.0.1:9/v1", "--judge-model", "m",
+                         "--limit", str(limit)]) == 2
+        assert f"limit must be an integer >= 1" in capsys.readouterr().err
+
+
 @pytest.mark.timeout(60)
 def test_cure_rubric_and_validation(stub):
     srv, url = stub

@@ -115,6 +115,10 @@ def test_lightning_checkpoint_is_converted_in_memory(tmp_path, capsys):
                generator=torch.Generator().manual_seed(0), output_type="np")
     for j in range(2):
         assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / f"{j:03d}.png")), ref[j])
+    # --dtype reaches the in-memory pipeline by name (a TypeError from torch's parser before)
+    rc = generate_cli.main(["a red circle", "--model", str(ckpt), "--n", "1", "--steps", "2",
+                            "--out", str(tmp_path / "o32"), "--device", "cpu", "--dtype", "float32"])
+    assert rc == 0 and np.array_equal(np.asarray(Image.open(tmp_path / "o32" / "000.png")), ref[0])
 
 
 def test_unreachable_repo_exits_1_with_message(tmp_path, capsys):

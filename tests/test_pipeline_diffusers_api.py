@@ -198,6 +198,12 @@ def test_dtype_and_device_methods_go_through_to(saved, monkeypatch):
     ref.model.half().float()
     assert np.array_equal(p(PROMPTS, generator=gen(4), **KW), ref(PROMPTS, generator=gen(4), **KW))
     assert fresh(saved).bfloat16().dtype == torch.bfloat16
+    # a named dtype, as torch_dtype takes it (miro generate --dtype passes one for a .ckpt)
+    assert fresh(saved).to(dtype="bf16").dtype == torch.bfloat16
+    named = fresh(saved).to("cpu", "float16")
+    assert named.dtype == torch.float16 and named.device == torch.device("cpu")
+    with pytest.raises(ValueError, match="unsupported dtype 'int8'"):
+        fresh(saved).to(dtype="int8")
     with pytest.raises(ValueError, match="unsupported dtype torch.float64"):
         p.double()
     assert p.dtype == torch.float32 and p.model.network.latents.dtype == torch.float32

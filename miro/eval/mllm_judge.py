@@ -200,6 +200,8 @@ def judge_folder(root: str | Path, config: JudgeConfig, outfile: str | Path | No
     """
     from tqdm.auto import tqdm
 
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be an integer >= 1 (or None: every image); got {limit!r}")
     root = Path(root)
     _warn_if_key_in_clear(config)
     outfile = Path(outfile) if outfile else root / "judge.jsonl"

@@ -145,9 +145,7 @@ def resolve_pipeline_dir(
         return check_pipeline_files(_select_variant(path, variant, f"folder {name!r}"))
     if builtin:
         return check_pipeline_files(_select_variant(BUILTIN_DIR / name, variant, f"built-in {name!r}"))
-    # A dot is common in hub names ("owner/model-v1.5"); only a file suffix marks a missing local file.
-    if (path.suffix.lower() in _FILE_SUFFIXES or name.startswith((".", "/", "~"))
-            or not re.fullmatch(r"[\w.-]+/[\w.-]+", name)):
+    if not looks_like_hub_id(name):
         raise ValueError(
             f"{name!r} is not a built-in pipeline ({builtin_pipelines()}), an existing folder, "
             "or a hub repo id of the form 'owner/name'"
@@ -156,6 +154,14 @@ def resolve_pipeline_dir(
 
 
 _FILE_SUFFIXES = {".ckpt", ".safetensors", ".json", ".pt", ".pth", ".bin", ".npy", ".yaml"}
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """Whether ``name``, found neither as a folder nor as a built-in, is taken for a hub repo id
+    ('owner/name') rather than a missing local path."""
+    # A dot is common in hub names ("owner/model-v1.5"); only a file suffix marks a missing local file.
+    return (Path(name).suffix.lower() not in _FILE_SUFFIXES and not name.startswith((".", "/", "~"))
+            and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None)
 
 
 def _download(repo_id, variant, revision, cache_dir, local_files_only, token) -> dict[str, Path]:

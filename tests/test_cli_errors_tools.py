@@ -397,3 +397,26 @@ def test_best_of_n_without_scores_names_the_missing_file(tmp_path, capsys):
     err = _one_line(capsys, "miro eval best-of-n: ")
     assert "rewards.jsonl: no such file" in err
     assert "miro eval rewards" in err and "--scorers image_reward_score,hpsv2_score" in err
+
+
+@pytest.mark.parametrize("cmd", ["generate", "all"])
+def test_eval_names_a_missing_model_before_choosing_prompts(tmp_path, capsys, monkeypatch, cmd):
+    # Without --prompts the model decides the set; a path that does not exist used to fall back to
+    # GenEval and report its download (offline) or fetch it first (online).
+    import urllib.request
+
+    from miro.eval.cli import main
+
+    def no_network(*a, **k):
+        raise AssertionError("nothing is downloaded for a model that does not exist")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    out = ["--outdir", str(tmp_path / "o")]
+    assert main([cmd, "--model", str(tmp_path / "nosuch.ckpt"), *out]) == 2
+    assert "nosuch.ckpt' does not exist" in _one_line(capsys, f"miro eval {cmd}: ")
+    assert main([cmd, "--model", str(tmp_path / "nosuch"), *out]) == 2
+    assert "nosuch' is not a built-in pipeline" in _one_line(capsys, f"miro eval {cmd}: ")
+    (tmp_path / "empty").mkdir()
+    assert main([cmd, "--model", str(tmp_path / "empty"), *out]) == 2
+    assert "empty" in _one_line(capsys, f"miro eval {cmd}: ")
+    assert not (tmp_path / "o").exists()

@@ -102,6 +102,11 @@ def test_missing_public_file_downloads_into_cache_or_fails_clearly(tmp_path, mon
         raise P.urllib.error.URLError("no network")
 
     monkeypatch.setattr(P.urllib.request, "urlopen", offline)
-    with pytest.raises(ConnectionError, match="could not download .*--prompts PATH"):
+    with pytest.raises(ConnectionError, match=r"could not download .*; pass the file with --prompts PATH, "
+                                              r"or put it at \$MIRO_DATA_DIR/geneval/evaluation_metadata.jsonl"):
         P.load_prompts("geneval")
+    # CuRe's CSVs cannot be given with --prompts: the error names --cure-dir and the files
+    with pytest.raises(ConnectionError, match=r"pass --cure-dir DIR, a folder of CuRe's 6 CSVs \(architecture, .*\), "
+                                              r"or put it at \$MIRO_DATA_DIR/cure/architecture.csv"):
+        P.load_prompts("cure")
     assert not list((tmp_path / "cache" / "prompts").glob("geneval/*"))

@@ -73,8 +73,10 @@ def _scorers_arg(ap):
 def _items(args):
     from miro.eval.prompts import load_prompts
 
-    from miro.eval.generate import is_shapes_run, model_reward_keys
+    from miro.eval.generate import check_local_model, is_shapes_run, model_reward_keys
 
+    if args.prompts is None:  # the model decides the prompt set: a bad path is named, not the fallback's download
+        check_local_model(args.model, args.variant)
     spec = args.prompts or ("shapes" if is_shapes_run(model_reward_keys(args.model, args.variant), args.model)
                             else "geneval")
     variants = tuple(v.strip() for v in args.cure_variants.split(",") if v.strip())

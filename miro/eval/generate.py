@@ -172,6 +172,22 @@ def model_reward_keys(model: str, variant: str | None = None) -> list[str] | Non
     return None
 
 
+def check_local_model(model: str, variant: str | None = None) -> None:
+    """Refuse a local ``--model`` that cannot load (a missing ``.ckpt``, folder or built-in name)
+    with the loader's own message, before anything else runs; a hub id is left to the loader
+    (checking it would mean fetching it)."""
+    from miro.hub import looks_like_hub_id, resolve_pipeline_dir
+
+    name = str(model)
+    if name == "ground-truth":
+        return
+    if name.endswith(".ckpt"):
+        if not Path(name).is_file():
+            raise ValueError(f"checkpoint {name!r} does not exist")
+    elif Path(name).expanduser().is_dir() or not looks_like_hub_id(name):
+        resolve_pipeline_dir(name, variant)  # local: reads no weights
+
+
 def is_shapes_run(reward_keys: list[str] | None, model: str | None = None, prompts: str | None = None) -> bool:
     """Whether a model (or a folder it generated) belongs to the Shapes world: its reward keys are
     all ``shapes_*``; without known keys (a hub id, older folders, the ground-truth renderer) a

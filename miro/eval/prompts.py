@@ -53,22 +53,23 @@ def cache_dir() -> Path:
     return cache_root() / "prompts"
 
 
-def fetch(url: str, dest: Path, timeout: float = 30.0) -> Path:
-    """Download ``url`` to ``dest`` atomically (temp file + rename); a clear error when offline."""
+def fetch(url: str, dest: Path, timeout: float = 30.0, hint: str = "") -> Path:
+    """Download ``url`` to ``dest`` atomically (temp file + rename); offline, a clear error that
+    ends with ``hint`` (where else the file can come from)."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - fixed https URLs
             data = r.read()
     except (urllib.error.URLError, OSError) as e:
         raise ConnectionError(  # an OSError: the CLIs report it in one line
-            f"could not download {url} ({e}); pass the file with --prompts PATH or put it under "
-            f"$MIRO_DATA_DIR (see docs/evaluation.md)"
+            f"could not download {url} ({e}){'; ' + hint if hint else ''} (see docs/evaluation.md)"
         ) from e
     atomic_write_bytes(dest, data)
     return dest
 
 
-def _locate(subdir: str, filename: str, url: str | None) -> Path:
-    """Find a public data file in $MIRO_DATA_DIR, then the cache; download it if allowed."""
+def _locate(subdir: str, filename: str, url: str | None, instead: str = "pass the file with --prompts PATH") -> Path:
+    """Find a public data file in $MIRO_DATA_DIR, then the cache; download it if allowed.
+    ``instead``: how else a user can give the file, named in the offline error."""
     data_dir = os.environ.get("MIRO_DATA_DIR")
     if data_dir:
         p = Path(data_dir) / subdir / filename
@@ -79,7 +80,7 @@ def _locate(subdir: str, filename: str, url: str | None) -> Path:
         return p
     if url is None:
         raise FileNotFoundError(f"{subdir}/{filename} not found in $MIRO_DATA_DIR or {cache_dir()}")
-    return fetch(url, p)
+    return fetch(url, p, hint=f"{instead}, or put it at $MIRO_DATA_DIR/{subdir}/{filename}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,7 +158,9 @@ def load_cure(cure_dir: str | Path | None = None, variants: tuple[str, ...] = CU
         if missing:
             raise FileNotFoundError(f"CuRe CSV(s) not found: {', '.join(missing)}")
     else:
-        paths = [_locate("cure", f"{n}.csv", CURE_URL.format(name=n)) for n in CURE_FILES]
+        paths = [_locate("cure", f"{n}.csv", CURE_URL.format(name=n),
+                         instead=f"pass --cure-dir DIR, a folder of CuRe's {len(CURE_FILES)} CSVs ({', '.join(CURE_FILES)})")
+                 for n in CURE_FILES]
     items = []
     for path in paths:
         with open(path, encoding="utf-8", newline="") as f:

@@ -326,8 +326,9 @@ class MiroPipeline(nn.Module):
 
     def push_to_hub(self, repo_id: str, variant: str | None = None, private: bool | None = None,
                     token: str | None = None, commit_message: str = "Upload MIRO pipeline",
-                    revision: str | None = None) -> str:
-        """Save to a temporary folder and upload it to ``repo_id`` (into ``variant/`` if given)."""
+                    revision: str | None = None, dtype: str | torch.dtype = torch.float32) -> str:
+        """Save to a temporary folder and upload it to ``repo_id`` (into ``variant/`` if given);
+        ``dtype``: how the weights are stored, as in :meth:`save_pretrained`."""
         import tempfile
 
         from huggingface_hub import HfApi
@@ -336,7 +337,7 @@ class MiroPipeline(nn.Module):
 
         api = HfApi(token=token)
         with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp)
+            self.save_pretrained(tmp, dtype=dtype)
             try:
                 api.create_repo(repo_id, private=private, exist_ok=True)
                 info = api.upload_folder(repo_id=repo_id, folder_path=tmp, path_in_repo=variant or None,

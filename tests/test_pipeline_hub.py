@@ -126,6 +126,13 @@ def test_push_to_hub_uploads_the_saved_folder(saved, tmp_path, monkeypatch):
     kw = dict(num_inference_steps=2, output_type="np")
     assert np.array_equal(up("a red circle", generator=torch.Generator().manual_seed(0), **kw),
                           pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw))
+    # the stored dtype reaches the upload (miro convert --dtype float16 --push-to-hub)
+    shutil.rmtree(tmp_path / "uploaded")
+    pipe.push_to_hub("me/my-miro", dtype="float16")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "uploaded" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} - {torch.bool} == {torch.float16}
 
 
 def test_save_is_atomic_per_file(saved, tmp_path, monkeypatch):

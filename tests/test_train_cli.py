@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,20 +118,42 @@ def test_help_and_dotenv(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("MIRO_TEST_A")
 
 
+def _trained_overrides(data, root):
+    return tiny_overrides(data, root, steps=2, every=2, extra=[
+        "scheduler.warmup_steps=1", "image_logger.enabled=true", "image_logger.every_n_steps=2",
+        "image_logger.num_steps=2", "image_logger.max_prompts=4", "image_logger.score_rewards=[shapes_alignment]",
+        "logger=csv", "rewards.ties=spread"])
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     n = torch.get_num_threads()
     root = tmp_path_factory.mktemp("run")
     data = write_tiny_shards(root / "data")
-    ov = tiny_overrides(data, root, steps=2, every=2, extra=["scheduler.warmup_steps=1",
-        "image_logger.enabled=true", "image_logger.every_n_steps=2", "image_logger.num_steps=2",
-        "image_logger.max_prompts=4", "image_logger.score_rewards=[shapes_alignment]", "logger=csv",
-        "rewards.ties=spread"])
-    cfg = OmegaConf.to_container(cli.compose(ov), resolve=True)
+    cfg = OmegaConf.to_container(cli.compose(_trained_overrides(data, root)), resolve=True)
     module, dm, trainer, _ = cli.build(cfg)
     trainer.fit(module, datamodule=dm)
     torch.set_num_threads(n)
     return root / "miro" / "checkpoints" / "shapes_miro", module
+
+
+def test_a_resumed_run_takes_the_empty_prompt_embedding_from_its_checkpoint(trained, monkeypatch):
+    # computing it would load the text encoder (FLAN-T5-XL at full scale) only to be overwritten
+    ckpt_dir, module = trained
+    root = ckpt_dir.parents[2]
+    cfg = OmegaConf.to_container(cli.compose(_trained_overrides(root / "data", root)), resolve=True)
+
+    def no_encoding(self):
+        raise AssertionError("the text encoder was asked for the empty prompt on resume")
+
+    from miro.encoders.text import HFTextEncoder, TextEncoder
+
+    for cls in (TextEncoder, HFTextEncoder):
+        monkeypatch.setattr(cls, "uncond_embedding", no_encoding)
+    resumed, _, _, ckpt = cli.build(cfg, with_trainer=False)
+    assert Path(ckpt) == ckpt_dir / "last.ckpt"
+    torch.testing.assert_close(resumed.uncond_embedding, module.uncond_embedding, rtol=0, atol=0)
+    assert resumed._text_encoder.model is None
 
 
 def test_image_grid_written(trained):
@@ -147,7 +170,7 @@ def test_image_grid_written(trained):
     assert len(scored) == 1 and 0.0 <= float(scored[0]["testbed/shapes_alignment"]) <= 1.0
 
 
-def test_convert_load_generate(trained, tmp_path):
+def test_convert_load_generate(trained, tmp_path, monkeypatch):
     from miro import MiroPipeline
     from miro.train.convert import convert, load_checkpoint, main
 
@@ -190,6 +213,11 @@ def test_convert_load_generate(trained, tmp_path):
         torch.testing.assert_close(got, v.half().float() if v.is_floating_point() else v, rtol=0, atol=0, msg=k)
     with pytest.raises(ValueError, match="unsupported dtype 'int8'"):
         pipe.save_pretrained(tmp_path / "bad", dtype="int8")
+    # --push-to-hub uploads what --dtype stores (float32 was uploaded whatever --dtype said)
+    pushed = []
+    monkeypatch.setattr(MiroPipeline, "push_to_hub", lambda self, repo, **kw: pushed.append((repo, kw)) or "url")
+    assert main([str(ckdir / "last.ckpt"), str(tmp_path / "half2"), "--dtype", "float16", "--push-to-hub", "me/m"]) == 0
+    assert pushed == [("me/m", {"variant": None, "dtype": "float16"})]
 
 
 def test_testbeds_and_precompute(tmp_path):
@@ -331,6 +359,12 @@ def test_write_sbatch_asks_slurm_for_the_computer_and_reruns_the_command(tmp_pat
     srun = shlex.split(lines[-1])
     assert srun[0] == "srun" and srun[2] == "train" and srun[3:] == ov + ["trainer.progress_bar=false"]
     assert subprocess.run(["bash", "-n", str(tmp_path / "train.sbatch")]).returncode == 0
+    # a relative root_dir (the default '.') gives an absolute log path: Slurm resolves --output
+    # against the folder sbatch runs in, not the one the job cd's to
+    assert cli.main([ov[0], "root_dir=rel", *ov[2:], "--write-sbatch", "rel.sbatch"]) == 0
+    out = [ln for ln in (tmp_path / "rel.sbatch").read_text().splitlines() if ln.startswith("#SBATCH --output=")]
+    assert out == [f"#SBATCH --output={tmp_path.resolve() / 'rel'}/miro/logs/%x-%j.out"]
+    assert (tmp_path / "rel" / "miro" / "logs").is_dir()
     # a value that would break out of its #SBATCH line is refused, and nothing is written
     monkeypatch.setenv("MIRO_SLURM_ACCOUNT", "acct\nrm -rf /")
     assert cli.main(ov + ["--write-sbatch", "bad.sbatch"]) == 2

@@ -265,8 +265,10 @@ def test_init_from_rejects_other_architectures(data_dir, tmp_path):
     with pytest.raises(ValueError, match="init_from='shapes' does not fit"):
         cli.build(cfg)
     cfg["init_from"], cfg["init_weights"] = "shapes", "best"
-    with pytest.raises(ValueError, match="init_weights must be 'ema' or 'raw'; got 'best'"):
+    with pytest.raises(ValueError, match="init_weights=best is not one of ema, raw"):  # the pre-flight's
         cli.build(cfg)
+    with pytest.raises(ValueError, match="init_weights must be 'ema' or 'raw'; got 'best'"):  # the module's own
+        cli.build(dict(cfg, init_from=None, init_weights="ema"))[0].load_initial_weights("shapes", "best")
 
 
 def test_init_from_a_coarser_patch_resizes_the_patch_tensors(data_dir, tmp_path):

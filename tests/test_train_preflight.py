@@ -72,6 +72,57 @@ def test_bad_value_is_one_line_before_any_work(override, message, data_dir, tmp_
     _nothing_written(tmp_path, data_dir)
 
 
+@pytest.mark.parametrize("extra, message", [
+    # switches read with bool() turned "no" into True
+    (["ema_warmup=no"], "ema_warmup=no is not a boolean; expected true or false"),
+    (["compile=yes"], "compile=yes is not a boolean"),
+    (["init_strict=maybe"], "init_strict=maybe is not a boolean"),
+    (["image_logger.enabled=no"], "image_logger.enabled=no is not a boolean"),
+    # values that failed only after indexing and bin fitting, or inside the first step
+    (["position_init=foo"], "position_init=foo is not one of published, sincos"),
+    (["init_weights=x"], "init_weights=x is not one of ema, raw"),
+    (["init_from=nope.ckpt"], "init_from=nope.ckpt does not exist"),
+    (["init_from=./nope"], "init_from=./nope: './nope' is not a built-in pipeline"),
+    (["image_logger.enabled=true", "image_logger.every_n_steps=0"], "image_logger.every_n_steps=0 must be >= 1"),
+    (["image_logger.enabled=true", "image_logger.guidance_scale=abc"],
+     "image_logger.guidance_scale=abc is not a number; expected a number >= 0"),
+    (["image_logger.enabled=true", "image_logger.weights=rawx"], "image_logger.weights=rawx is not one of ema, raw"),
+    (["image_logger.enabled=true", "image_logger.testbed=nope"], "image_logger.testbed 'nope' is neither a built-in"),
+    (["image_logger.enabled=true", "image_logger.score_rewards=[shapes_countin]"],
+     "image_logger.score_rewards: [shapes_countin] not among the rewards"),
+    # keys config.yaml does not know: Hydra's own error suggests the '+' for any typo
+    (["+trainer.max_stepz=3"], "unknown trainer key(s) ['max_stepz']; allowed: ["),
+    (["+checkpoint.every_n_step=5"], "unknown checkpoint key(s) ['every_n_step']"),
+    (["+image_logger.every_n_step=5"], "unknown image_logger key(s) ['every_n_step']"),
+    (["+ema_warmupp=true"], "unknown config key(s) ['ema_warmupp']"),
+    (["optimizer.name=adamw", "optimizer.decouple=true"], "optimizer.decouple=true applies to lamb only"),
+])
+def test_run_options_are_checked_before_any_work(extra, message, data_dir, tmp_path, capsys):
+    assert cli.main(tiny_overrides(data_dir, tmp_path, extra=extra) + ["--dry-run"]) == 2
+    assert _err_line(capsys).startswith(message), extra
+    _nothing_written(tmp_path, data_dir)
+
+
+def test_tensorboard_logger_without_the_package_is_named(data_dir, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("tensorboard", "tensorboardX") else real(name, *a))
+    assert cli.main(tiny_overrides(data_dir, tmp_path, extra=["logger=tensorboard"]) + ["--dry-run"]) == 2
+    assert _err_line(capsys) == "logger=tensorboard needs the tensorboard package: pip install tensorboard (or use logger=csv)"
+
+
+def test_init_from_is_checked_only_for_a_fresh_run(data_dir, tmp_path):
+    # a resumed run keeps its own weights: a warm-start source since moved away does not block it
+    ov = tiny_overrides(data_dir, tmp_path, extra=["init_from=gone.ckpt"])
+    cfg = OmegaConf.to_container(cli.compose(ov), resolve=True)
+    with pytest.raises(ValueError, match="init_from=gone.ckpt does not exist"):
+        pf.preflight(cfg)
+    _fake_ckpt(_ckpt_dir(tmp_path) / "last.ckpt", 3)
+    assert pf.preflight(cfg)["resume_step"] == 3
+
+
 def test_good_values_pass_the_checks(data_dir, tmp_path):
     ov = tiny_overrides(data_dir, tmp_path, extra=["optimizer.name=AdamW", "optimizer.lr=0", "ema_decays=0.999",
                                                    "rewards.ties={shapes_counting:spread}", "data.mode=resampled"])
@@ -143,6 +194,10 @@ def test_auto_without_last_ckpt_refuses_and_names_the_newest_snapshot(data_dir, 
     line = _err_line(capsys)
     assert "which already holds step=2/4/6.ckpt" in line
     assert f"continue it with \"resume='{d / 'step=6.ckpt'}'\"" in line
+    # resume=null there names the same snapshot, not resume=auto (which the line above refuses)
+    assert cli.main(tiny_overrides(data_dir, tmp_path, extra=["resume=null"])) == 2
+    line = _err_line(capsys)
+    assert f"continue it with \"resume='{d / 'step=6.ckpt'}'\"" in line and "resume=auto" not in line
     assert _snapshot(d) == before
 
 

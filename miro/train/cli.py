@@ -25,8 +25,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from miro.train.preflight import (_max_time, accelerator_problem, accumulation, model_config, per_rank_batch,
-                                  preflight, remove_stale_temps, replace_old_checkpoints, uncond_source)
+from miro.train.preflight import (_max_time, accelerator_problem, accumulation, model_config, open_checkpoint,
+                                  per_rank_batch, preflight, remove_stale_temps, replace_old_checkpoints,
+                                  uncond_source)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -121,7 +122,7 @@ def build(cfg: dict, plan: dict | None = None, with_trainer: bool = True):
     # Built lazily: its weights load only for on-the-fly captions, a testbed without precomputed
     # embeddings, or the empty prompt's embedding when no file holds it (uncond_source).
     text_encoder = load_text_encoder(mc.get("text_encoder", "minilm"), max_length=int(mc.get("max_text_len", 77)))
-    uncond = _uncond_embedding(cfg, text_encoder)
+    uncond = _uncond_embedding(cfg, text_encoder, plan["resume"])
     hparams = {
         "model_config": mc,
         "loss": dict(cfg["loss"]),
@@ -179,11 +180,17 @@ def build(cfg: dict, plan: dict | None = None, with_trainer: bool = True):
     return module, dm, trainer, ckpt
 
 
-def _uncond_embedding(cfg: dict, text_encoder):
-    """The empty prompt's embedding (L, E) float32: from :func:`uncond_source`'s file, else encoded."""
+def _uncond_embedding(cfg: dict, text_encoder, resume=None):
+    """The empty prompt's embedding (L, E) float32: a resumed run's own (its checkpoint holds it,
+    and computing it would load the text encoder, FLAN-T5-XL at full scale, for nothing), else
+    :func:`uncond_source`'s file, else encoded."""
     import numpy as np
     import torch
 
+    if resume is not None:
+        saved = open_checkpoint(resume)["state_dict"].get("uncond_embedding")
+        if saved is not None:
+            return saved.detach().float().clone()
     path = uncond_source(cfg)  # shape checked there, in the pre-flight
     if path is None:
         return text_encoder.uncond_embedding().float().cpu()

@@ -109,7 +109,7 @@ def convert(ckpt: str | os.PathLike, out_dir: str | os.PathLike, variant_name: s
     pipe = pipeline_from_checkpoint(ckpt, ema_index, text_encoder, autoencoder)
     out = pipe.save_pretrained(out_dir, variant=variant_name, dtype=dtype)
     if push_to_hub:
-        url = pipe.push_to_hub(push_to_hub, variant=variant_name)
+        url = pipe.push_to_hub(push_to_hub, variant=variant_name, dtype=dtype)
         print(f"uploaded to {url}")
     return out
 

@@ -200,7 +200,7 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.999)  # Adam moments (CAD lamb.yaml)
     eps: float = 1e-8  # added outside the square root
     weight_decay: float = 0.01  # CAD lamb.yaml; coupled (L2 in the update) unless decouple
-    decouple: bool = False  # MIRO's LAMB default is True (p·(1−wd) per step, lr-free): only for tiny wd
+    decouple: bool = False  # lamb only; MIRO's LAMB default is True (p·(1−wd) per step, lr-free): only for tiny wd
     exclude_norms_and_biases: bool = True  # two groups as published; False puts everything in one
 
 

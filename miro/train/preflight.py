@@ -261,6 +261,91 @@ def check_optimization(cfg: dict) -> None:
         raise ValueError(f"logger={_show(logger)} is not one of {', '.join(LOGGERS)}")
 
 
+# Sections whose keys config.yaml lists in full: a key it lacks can only come from a `+key=`
+# override, which Hydra suggests for any typo (`+trainer.max_stepz=3`), and would be ignored.
+_CLOSED_SECTIONS = ("trainer", "checkpoint", "nonfinite", "image_logger")
+POSITION_INITS = ("published", "sincos")  # miro.models.RIN.init_position_table
+INIT_WEIGHTS = ("ema", "raw")  # MiroLightningModule.load_initial_weights
+LOGGER_WEIGHTS = ("ema", "raw")  # TestbedImageLogger: the first EMA copy or the training weights
+
+
+def _root_defaults() -> dict:
+    import yaml
+
+    from miro.train.cli import CONFIG_DIR
+
+    return yaml.safe_load((CONFIG_DIR / "config.yaml").read_text(encoding="utf-8"))
+
+
+def check_run_options(cfg: dict) -> None:
+    """The keys around the optimisation: switches, warm start, the image logger, and keys that
+    config.yaml does not know (a ``+`` typo), so that none fails only after the data is indexed
+    and the bins fitted, or is silently ignored."""
+    root = _root_defaults()
+    groups = {k for d in root["defaults"] if isinstance(d, dict) for k in d}  # model, data, computer, ...
+    known = (set(root) | groups) - {"defaults", "experiment"}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown}; allowed: {sorted(known)}")
+    for section in _CLOSED_SECTIONS:
+        extra = sorted(set(cfg.get(section) or {}) - set(root[section]))
+        if extra:
+            raise ValueError(f"unknown {section} key(s) {extra}; allowed: {sorted(root[section])}")
+    for key in ("ema_warmup", "compile", "init_strict"):
+        if key in cfg:
+            _bool_key(cfg, key)
+    for key, allowed in (("position_init", POSITION_INITS), ("init_weights", INIT_WEIGHTS)):
+        if cfg.get(key, allowed[0]) not in allowed:
+            raise ValueError(f"{key}={_show(cfg[key])} is not one of {', '.join(allowed)}")
+    if cfg.get("logger") == "tensorboard":
+        import importlib.util
+
+        if not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+            raise ValueError("logger=tensorboard needs the tensorboard package: pip install tensorboard "
+                             "(or use logger=csv)")
+    opt = cfg["optimizer"]
+    if str(opt.get("name", "")).lower() == "adamw" and opt.get("decouple") is True:
+        raise ValueError("optimizer.decouple=true applies to lamb only: AdamW's weight decay is always its own "
+                         "decoupled, lr-scaled one (leave optimizer.decouple=false)")
+    il = cfg.get("image_logger") or {}
+    if "enabled" in il:
+        _bool_key(cfg, "image_logger.enabled")
+    if not il.get("enabled"):
+        return
+    for key in ("every_n_steps", "num_steps", "max_prompts"):
+        _int_key(cfg, f"image_logger.{key}", 1)
+    _float_key(cfg, "image_logger.guidance_scale", 0.0)
+    if il.get("weights", "ema") not in LOGGER_WEIGHTS:
+        raise ValueError(f"image_logger.weights={_show(il['weights'])} is not one of {', '.join(LOGGER_WEIGHTS)}")
+    from miro.rewards import available
+    from miro.train.testbed import testbed_dir
+
+    names = il.get("score_rewards") or []
+    bad = [n for n in names if n not in available()] if isinstance(names, (list, tuple)) else [names]
+    if bad:
+        raise ValueError(f"image_logger.score_rewards: {_show(bad)} not among the rewards ({', '.join(available())})")
+    try:
+        testbed_dir(str(il.get("testbed")))
+    except ValueError as e:
+        raise ValueError(f"image_logger.{e}") from None
+
+
+def _check_init_source(source: str) -> None:
+    """``init_from`` of a fresh run: an existing ``.ckpt``, or a pipeline found locally (a hub id is
+    fetched when the module loads it)."""
+    from miro.hub import looks_like_hub_id, resolve_pipeline_dir
+
+    if source.endswith(".ckpt"):
+        if not Path(source).is_file():
+            raise ValueError(f"init_from={source} does not exist; give a miro train .ckpt or a pipeline "
+                             "(built-in name, folder, hub id)")
+    elif Path(source).expanduser().is_dir() or not looks_like_hub_id(source):
+        try:
+            resolve_pipeline_dir(source)
+        except ValueError as e:
+            raise ValueError(f"init_from={source}: {e}") from None
+
+
 def step_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     """``(k, path)`` of the ``step=<k>.ckpt`` files in ``ckpt_dir``, by step."""
     if not ckpt_dir.is_dir():
@@ -351,9 +436,9 @@ def check_checkpoint_dir(cfg: dict) -> dict:
                 found.append("an unreadable last.ckpt")
         if steps:
             found.append(f"step={'/'.join(str(k) for k, _ in steps)}.ckpt")
-        if resume in (None, "null", "none", False):
+        if last.is_file():  # (resume=null: resume=auto would find it)
             cont = "continue it with resume=auto (the default)"
-        else:  # resume=auto without last.ckpt
+        else:  # no last.ckpt for resume=auto to continue from: the newest snapshot
             cont = f"continue it with {_override('resume', steps[-1][1])}" if steps else "continue it with resume=PATH"
         raise ValueError(f"resume={_show(resume)} would start a fresh run in {ckpt_dir}, which already holds "
                          f"{' and '.join(found) or 'checkpoints'}: {cont}, give this run its own experiment_name=NAME, "
@@ -416,6 +501,7 @@ def preflight(cfg: dict, dry_run: bool = False) -> dict:
     check_schedule(cfg)
     check_data(cfg)
     check_optimization(cfg)
+    check_run_options(cfg)
     model_config(cfg)  # the model name and rewards.keys
     uncond_source(cfg)
     data_dir = cfg.get("data_dir")
@@ -424,7 +510,10 @@ def preflight(cfg: dict, dry_run: bool = False) -> dict:
     problem = None if dry_run else accelerator_problem(cfg)
     if problem:
         raise ValueError(problem)
-    return check_checkpoint_dir(cfg)
+    plan = check_checkpoint_dir(cfg)
+    if cfg.get("init_from") and plan["resume"] is None:  # a resumed run keeps its own weights
+        _check_init_source(str(cfg["init_from"]))
+    return plan
 
 
 def remove_stale_temps(ckpt_dir: Path) -> int:

@@ -31,11 +31,11 @@ def sbatch_script(cfg: dict, overrides: list[str], workdir: str | os.PathLike, e
     comp = cfg["computer"]
     devices, nodes = int(comp["devices"]), int(comp["num_nodes"])
     gpu = str(comp.get("accelerator")) in ("gpu", "cuda")
-    logs = Path(str(cfg["root_dir"])) / "miro" / "logs"
+    logs = log_dir(cfg, workdir)
     # #SBATCH lines are not shell-parsed: a value there must be one plain word
     if re.search(r"\s", str(logs)):
-        raise ValueError(f"root_dir={cfg['root_dir']!r} contains whitespace, which an #SBATCH --output line "
-                         "cannot hold; choose a root_dir without spaces")
+        raise ValueError(f"the job's log folder {str(logs)!r} (root_dir={cfg['root_dir']!r}) contains whitespace, "
+                         "which an #SBATCH --output line cannot hold; choose a root_dir without spaces")
     job = re.sub(r"[^A-Za-z0-9_.-]", "_", f"miro-{cfg['experiment_name']}")
     lines = ["#!/bin/bash", f"#SBATCH --job-name={job}", f"#SBATCH --nodes={nodes}",
              f"#SBATCH --ntasks-per-node={devices}"]
@@ -55,6 +55,12 @@ def sbatch_script(cfg: dict, overrides: list[str], workdir: str | os.PathLike, e
     return "\n".join(lines)
 
 
+def log_dir(cfg: dict, workdir: str | os.PathLike) -> Path:
+    """Where Slurm writes the job's output: absolute, since Slurm resolves a relative ``--output``
+    against the folder ``sbatch`` is run from, not the one the job ``cd``s to."""
+    return (Path(workdir) / str(cfg["root_dir"])).resolve() / "miro" / "logs"
+
+
 def miro_executable() -> str:
     """The ``miro`` of this environment (beside the running interpreter, else on PATH), so the job
     runs the same installation whatever the compute node's PATH."""
@@ -65,7 +71,7 @@ def miro_executable() -> str:
 def write_sbatch(path: str | os.PathLike, cfg: dict, overrides: list[str], workdir: str | os.PathLike = ".") -> Path:
     """Write :func:`sbatch_script` to ``path`` (atomically, executable) and create its log folder."""
     text = sbatch_script(cfg, [o for o in overrides if not o.startswith("trainer.progress_bar=")], workdir)
-    (Path(str(cfg["root_dir"])) / "miro" / "logs").mkdir(parents=True, exist_ok=True)
+    log_dir(cfg, workdir).mkdir(parents=True, exist_ok=True)
     path = Path(path)
     atomic_write_text(path, text)
     path.chmod(0o755)

@@ -116,6 +116,10 @@ def test_builtin_names_resolve_without_loading():
     assert t5.schema_name == "flan_t5_xl" and t5.max_length == 77 and t5.spec == "google/flan-t5-xl"
     mini = load_text_encoder("minilm", max_length=16)
     assert isinstance(mini, MiniLMEncoder) and mini.model is None and mini.spec == "minilm"
+    # the hub spelling is mixed-case; it names the embedded weights too (it went to the hub before)
+    for name in ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2"):
+        enc = load_text_encoder(name)
+        assert isinstance(enc, MiniLMEncoder) and enc.spec == "minilm", name
 
 
 def test_embedded_minilm_token_embeddings():

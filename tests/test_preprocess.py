@@ -146,6 +146,29 @@ def test_synthetic_captions_tsv_and_csv_layout(tmp_path):
     assert header2 == "key,ptest_chars,ptest_red,ptest_words"
 
 
+def test_a_tsv_edit_redoes_only_the_shards_whose_captions_changed(tmp_path):
+    # The caption source was the TSV's name and size: a line for no shard redid every shard, and an
+    # edit of the same length redid none. Now each shard carries a digest of its own TSV lines.
+    src, csv = tmp_path / "raw", tmp_path / "csv"
+    make_raw_shards(src, n_shards=2, per_shard=2)  # keys s0k0, s0k1 | s1k0, s1k1
+    tsv = tmp_path / "caps.tsv"
+    lines = ["s0k1.jpg\tshort cap\tlong red", "s1k0.jpg\tshort one\tlong one"]
+    tsv.write_text("\n".join(lines) + "\n")
+    run = _args(src, csv, "rewards", "--synthetic_captions", str(tsv))
+    assert main(run) == 0
+    n = CALLS["ptest_words"]
+    tsv.write_text("\n".join(lines + ["elsewhere.jpg\tx\ty"]) + "\n")  # a line for no shard
+    assert main(run) == 0 and CALLS["ptest_words"] == n
+    tsv.write_text("\n".join([lines[0].replace("short cap", "short cAp"), lines[1]]) + "\n")  # same length
+    assert main(run) == 0
+    redone = CALLS["ptest_words"] - n
+    assert redone > 0 and pio.read_scores_csv(csv / "00000_scores.csv")["s0k1"]["short_synthetic_caption"] == "short cAp"
+    assert pio.read_log(pio.log_path(csv, src / "00001.tar", "rewards"))["config"]["captions"].startswith("tsv:")
+    assert main(run) == 0 and CALLS["ptest_words"] == n + redone  # shard 00001 kept, then both complete
+    # the same second run with shard 00001 alone: nothing to do (its captions did not change)
+    assert main(run + ["--shard_id", "1"]) == 0 and CALLS["ptest_words"] == n + redone
+
+
 def test_rerun_skips_complete_shards_and_redoes_invalid_ones(tmp_path):
     src, csv = tmp_path / "raw", tmp_path / "csv"
     shards = make_raw_shards(src, n_shards=2, per_shard=2)
@@ -361,6 +384,18 @@ def test_bad_arguments_give_clear_errors(tmp_path, capsys):
     bad.write_text("a\tb\n")
     assert main(_args(src, csv, "rewards", "--synthetic_captions", str(bad))) == 2
     assert "expected 'file_name<TAB>short<TAB>long'" in capsys.readouterr().err
+    bad.write_bytes(b"a\tb\tc\n\xff\tshort\tlong\n")
+    assert main(_args(src, csv, "rewards", "--synthetic_captions", str(bad))) == 2
+    assert "bad.tsv:2: not UTF-8 (invalid start byte at byte 0)" in capsys.readouterr().err
+    assert main(_args(src, csv, "rewards", "--synthetic_captions", str(tmp_path / "none.tsv"))) == 2
+    assert "--synthetic_captions " in capsys.readouterr().err
+    # a file where a folder goes is named before any stage runs ('vae' failed every shard after 'rewards')
+    (tmp_path / "afile").write_text("x")
+    assert main(_args(src, csv, "all", dest=tmp_path / "afile")) == 2
+    assert "--dest " in (err := capsys.readouterr().err) and "afile is a file, not a folder" in err
+    assert main(_args(src, tmp_path / "afile" / "sub", "rewards")) == 2
+    assert "--csv_dir " in (err := capsys.readouterr().err) and "afile is a file, not a folder" in err
+    assert CALLS.get("ptest_words.load", 0) == 0
     assert main(_args(src, csv, "rewards", "--scorers", "no_such_reward")) == 2
     with pytest.raises(SystemExit) as e:
         main(["--help"])

@@ -87,10 +87,10 @@ class EncodeStage(_Stage):
         self.codec = codec
         self.spec = spec
 
-    def config(self) -> dict:
+    def settings(self) -> dict:
         return {"resolutions": list(self.spec.resolutions), "resize_filter": self.spec.resize_filter,
                 "text_max_length": self.spec.text_max_length, "synthetic": self.opts.synthetic,
-                "captions": self.opts.captions_id, "text_encoder": getattr(self.text_encoder, "schema_name", "?"),
+                "text_encoder": getattr(self.text_encoder, "schema_name", "?"),
                 "precision": self.opts.precision, **self.spec.extra}
 
     def dest_path(self, shard: Path) -> Path:
@@ -236,7 +236,7 @@ class EncodeStage(_Stage):
                 writer.abort()  # no saved progress refers to it: leave no spool behind
             raise
         report.seconds = time.perf_counter() - t0
-        pio.write_log(self.log_path(shard), report, "complete", source=pio.fingerprint(shard), config=self.config(),
+        pio.write_log(self.log_path(shard), report, "complete", source=pio.fingerprint(shard), config=self.config(shard),
                       scores=scores_fp, output=str(out_path), output_size=out_path.stat().st_size)
         self.checkpoint_path(shard).unlink(missing_ok=True)
         return report

@@ -365,8 +365,21 @@ def check_args(args) -> Plan:
     if args.dest and Path(args.dest).resolve() == (src.parent if src.is_file() else src).resolve():
         raise ValueError(f"--dest {args.dest} is the source folder: enriched shards would replace the raw ones; "
                          "choose another folder")
+    # Checked now: with --stage all a file there would fail every shard of 'vae', after 'rewards' ran.
+    for flag, folder in (("--dest", args.dest if "vae" in stages else None), ("--csv_dir", csv_dir)):
+        if folder is not None and _blocking_file(Path(folder)) is not None:
+            raise ValueError(f"{flag} {folder}: {_blocking_file(Path(folder))} is a file, not a folder; "
+                             "choose a folder (it is created when missing)")
     check_models(args, stages, vqa)  # every model name of every stage, before the first stage runs
     return Plan(stages, vqa, device, precision, shards, csv_dir, scorer_kwargs)
+
+
+def _blocking_file(folder: Path) -> Path | None:
+    """The existing non-folder at ``folder`` or above it that would stop its creation, or None."""
+    for p in (folder, *folder.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
 
 
 def _run(args, plan: Plan) -> int:
@@ -375,16 +388,15 @@ def _run(args, plan: Plan) -> int:
 
     shards, vqa, device, precision, csv_dir = plan.shards, plan.vqa, plan.device, plan.precision, plan.csv_dir
 
-    captions, captions_id = None, "json"
+    captions = None
     if args.synthetic_captions and not args.no_synthetic:
         tsv = Path(args.synthetic_captions)
         wanted = {k for s in shards for k in pio.shard_keys(s)}
         captions = pio.load_synthetic_captions(tsv, wanted)
-        captions_id = f"tsv:{tsv.name}:{tsv.stat().st_size}"
         print(f"synthetic captions: {len(captions)} of {len(wanted)} samples found in {tsv}")
     opts = StageOptions(csv_dir=csv_dir, dest=Path(args.dest) if args.dest else None, batch_size=args.batch_size,
                         device=device, precision=precision, synthetic=not args.no_synthetic, captions=captions,
-                        captions_id=captions_id, num_workers=args.num_workers, overwrite=args.overwrite,
+                        num_workers=args.num_workers, overwrite=args.overwrite,
                         checkpoint_seconds=args.checkpoint_seconds,
                         progress=not args.no_progress)
     print(f"miro preprocess: stage {args.stage}, {len(shards)} shard(s), device {device} ({precision}), csv_dir {csv_dir}")

@@ -41,8 +41,8 @@ from miro.data.shard_files import (
 __all__ = [
     "CAPTION_COLUMNS", "CAPTION_PLACEHOLDERS", "RESIZE_FILTERS", "RawSample", "ShardReport", "SortedShardWriter",
     "UnreadableShardError", "atomic_write_bytes", "batched", "center_crop_square", "check_scores_csv",
-    "clean_caption", "decode_raw", "file_lock", "fingerprint", "finite", "iter_decoded", "keys_digest",
-    "load_synthetic_captions", "log_path", "merge_scores_csv", "read_log", "read_scores_csv", "remove_stale_temps",
+    "captions_digest", "clean_caption", "decode_raw", "file_lock", "fingerprint", "finite", "iter_decoded",
+    "keys_digest", "load_synthetic_captions", "log_path", "merge_scores_csv", "read_log", "read_scores_csv", "remove_stale_temps",
     "resolve_captions", "scores_csv_path", "shard_keys", "tar_sample_count", "to_model_input", "write_log",
     "write_scores_csv",
 ]
@@ -282,9 +282,17 @@ def load_synthetic_captions(path: str | os.PathLike, wanted: set[str] | None = N
     the line). Empty lines are ignored; a line with fewer than three fields is a ``ValueError``.
     """
     out: dict[str, tuple[str, str]] = {}
-    with open(path, encoding="utf-8", newline="") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise ValueError(f"--synthetic_captions {path}: cannot be read ({e.strerror or e})") from None
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start}); "
+                                 "the captions TSV must be UTF-8 text") from None
             if not line.strip():
                 continue
             parts = line.split("\t", 2)
@@ -295,6 +303,16 @@ def load_synthetic_captions(path: str | os.PathLike, wanted: set[str] | None = N
             if wanted is None or key in wanted:
                 out[key] = (parts[1], parts[2])
     return out
+
+
+def captions_digest(captions: dict[str, tuple[str, str]], keys: Iterable[str]) -> str:
+    """SHA-1 of the ``(key, short, long)`` TSV entries of ``keys`` (those the TSV holds), in key order."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for k in sorted(set(keys) & captions.keys()):
+        h.update(json.dumps([k, *captions[k]], ensure_ascii=False).encode("utf-8") + b"\n")
+    return h.hexdigest()
 
 
 def resolve_captions(sample: RawSample, tsv: dict[str, tuple[str, str]] | None) -> tuple[str, str, str]:

@@ -61,8 +61,7 @@ class StageOptions:
     device: str = "cpu"  # torch device of the models
     precision: str = "fp32"  # autocast around model calls: fp32 (off), bf16, fp16
     synthetic: bool = True  # also score/encode the synthetic captions
-    captions: dict[str, tuple[str, str]] | None = None  # TSV captions {key: (short, long)}
-    captions_id: str = "json"  # identifies the caption source in stage configs
+    captions: dict[str, tuple[str, str]] | None = None  # TSV captions {key: (short, long)}; None: the JSON's
     num_workers: int = 0  # image-decoding threads (0: decode in the main thread)
     overwrite: bool = False  # redo shards even when complete
     checkpoint_seconds: float = 120.0  # save progress within a shard this often (0: after every batch)
@@ -90,9 +89,26 @@ class _Stage:
 
     def __init__(self, opts: StageOptions):
         self.opts = opts
+        self._caption_ids: dict[tuple[str, str], str] = {}
 
-    def config(self) -> dict:
+    def settings(self) -> dict:
+        """What decides this stage's output, the same for every shard."""
         raise NotImplementedError
+
+    def config(self, shard: Path) -> dict:
+        """:meth:`settings` and the captions of this shard's samples: a log or a checkpoint written
+        under another config is not 'complete' (the shard is redone)."""
+        return {**self.settings(), "captions": self._captions_id(shard)}
+
+    def _captions_id(self, shard: Path) -> str:
+        # A digest of the TSV entries of this shard's keys, not the file's name and size: another
+        # shard's caption, or a line for no shard, leaves it alone; an edit of the same length does not.
+        if self.opts.captions is None:
+            return "json"
+        ident = (str(shard), json.dumps(pio.fingerprint(shard), sort_keys=True))
+        if ident not in self._caption_ids:
+            self._caption_ids[ident] = "tsv:" + pio.captions_digest(self.opts.captions, pio.shard_keys(shard))
+        return self._caption_ids[ident]
 
     def log_path(self, shard: Path) -> Path:
         return pio.log_path(self.opts.csv_dir, shard, self.name)
@@ -100,7 +116,7 @@ class _Stage:
     def _log_ok(self, shard: Path) -> dict | None:
         log = pio.read_log(self.log_path(shard))
         if (log is None or log.get("status") != "complete" or log.get("source") != pio.fingerprint(shard)
-                or log.get("config") != self.config()):
+                or log.get("config") != self.config(shard)):
             return None
         return log
 
@@ -116,7 +132,7 @@ class _Stage:
         return self.log_path(shard).with_suffix(".partial.json")
 
     def _save_checkpoint(self, shard: Path, report: pio.ShardReport, **payload) -> None:
-        body = {"source": pio.fingerprint(shard), "config": self.config(), "samples_read": report.samples_read,
+        body = {"source": pio.fingerprint(shard), "config": self.config(shard), "samples_read": report.samples_read,
                 "skipped": report.skipped, "errors": report.errors, "skipped_keys": report.skipped_keys, **payload}
         pio.atomic_write_bytes(self.checkpoint_path(shard), json.dumps(body).encode("utf-8"))
 
@@ -130,7 +146,7 @@ class _Stage:
             body = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
-        if (body.get("source") != pio.fingerprint(shard) or body.get("config") != self.config()
+        if (body.get("source") != pio.fingerprint(shard) or body.get("config") != self.config(shard)
                 or any(body.get(k) != v for k, v in match.items())):
             return None
         report.samples_read = body["samples_read"]
@@ -168,13 +184,13 @@ class ScoreStage(_Stage):
             cols += [synthetic_reward_key(n) for n in self.scorers]
         return cols
 
-    def config(self) -> dict:
+    def settings(self) -> dict:
         # Factory arguments (a model folder, HPS version=...) and the autocast precision change the
         # scores, so a change redoes the shard like any other config change. Arguments that only
         # permit or locate a download do not.
         kwargs = {n: {k: v for k, v in sorted(self.scorer_kwargs.get(n, {}).items()) if k not in _NOT_SCORE_KWARGS}
                   for n in sorted(self.scorers)}
-        return {"scorers": sorted(self.scorers), "synthetic": self.opts.synthetic, "captions": self.opts.captions_id,
+        return {"scorers": sorted(self.scorers), "synthetic": self.opts.synthetic,
                 "precision": self.opts.precision, "scorer_kwargs": {n: kw for n, kw in kwargs.items() if kw}}
 
     def is_complete(self, shard: Path) -> bool:
@@ -281,7 +297,7 @@ class ScoreStage(_Stage):
         pio.merge_scores_csv(csv_path, rows, cols, keys=set(pio.shard_keys(shard)), rebuild=self.opts.overwrite)
         report.seconds = time.perf_counter() - t0
         pio.write_log(self.log_path(shard), report, "complete", source=pio.fingerprint(shard),
-                      config=self.config(), keys_digest=pio.keys_digest(rows), output=str(csv_path),
+                      config=self.config(shard), keys_digest=pio.keys_digest(rows), output=str(csv_path),
                       columns=self.columns())
         self.checkpoint_path(shard).unlink(missing_ok=True)
         return report

@@ -345,7 +345,7 @@ def load_text_encoder(
     if max_length is not None:
         kw["max_length"] = max_length
     name = str(spec)
-    if name.lower() in _MINILM_NAMES:
+    if name.lower() in {n.lower() for n in _MINILM_NAMES}:  # the hub spelling is mixed-case
         return MiniLMEncoder(None, **kw)
     if name.lower() in _T5_NAMES:
         return FlanT5Encoder(FLAN_T5_XL, spec=FLAN_T5_XL, **kw)

@@ -17,6 +17,7 @@ EXTRA_OF: dict[str, str] = {
     "omegaconf": "train",
     "matplotlib": "eval",
     "peft": "align",
+    "prodigyopt": "align",
 }
 
 

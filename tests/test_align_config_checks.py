@@ -39,6 +39,19 @@ def no_models(monkeypatch):
     ("reward.logit_divisor=inf", "reward.logit_divisor"),
     ("reward.logit_divisor=nan", "reward.logit_divisor"),
     ("reward.similarity=dot", "reward.similarity"),
+    # switches read any word as true before; numbers failed only after the model loaded, unnamed
+    ("lora.enabled=off", "lora.enabled must be true or false; got 'off'"),
+    ("prompts.control_words=off", "prompts.control_words must be true or false"),
+    ("prompts.use_mia=maybe", "prompts.use_mia must be true or false"),
+    ("target.decoder_checkpointing=no", "target.decoder_checkpointing must be true or false"),
+    ("target.quantize_timestep=yes", "target.quantize_timestep must be true or false"),
+    ("target.guidance_scale=abc", "target.guidance_scale must be a number; got 'abc'"),
+    ("target.height=0", "target.height must be an integer >= 1; got 0"),
+    ("schedule.shift=0", "schedule.shift must be > 0.0; got 0"),
+    ("schedule.shift=abc", "schedule.shift must be a number"),
+    ("schedule.timestep_length=abc", "schedule.timestep_length must be an integer >= 1"),
+    ("schedule.groundtruth_ratio=abc", "schedule.groundtruth_ratio must be a number"),
+    ("schedule.train_timestep=[5.5,25]", "schedule.train_timestep must be two grid indices"),
 ])
 def test_dry_run_rejects_bad_values_in_one_line(override, needle, no_models, tmp_path, capsys):
     (tmp_path / "p.txt").write_text("a red circle\n")
@@ -47,6 +60,34 @@ def test_dry_run_rejects_bad_values_in_one_line(override, needle, no_models, tmp
     err = capsys.readouterr().err.strip()
     assert err.startswith("miro align: ") and needle in err and "\n" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("lora.rank=abc", "lora.rank must be an integer >= 1; got 'abc'"),
+    ("lora.dropout=1", "lora.dropout must lie in [0, 1); got 1"),
+    ("lora.alpha=0", "lora.alpha must be > 0.0"),
+])
+def test_lora_values_are_checked_when_lora_is_on(override, needle, no_models, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    argv = [f"data.prompts={tmp_path / 'p.txt'}", f"train.out_dir={tmp_path / 'out'}", "--dry-run"]
+    assert cli.main([*argv, "lora.enabled=true", override]) == 2
+    assert needle in capsys.readouterr().err
+    cli.validate(cli.compose(argv[:2] + [override]))  # lora off: its values are not used
+
+
+def test_prodigy_without_its_package_is_named_before_any_model(no_models, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from miro import extras
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(extras, "find_spec", lambda name, *a: None if name == "prodigyopt" else real(name, *a))
+    from miro.cli import main as miro
+
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    assert miro(["align", f"data.prompts={tmp_path / 'p.txt'}", f"train.out_dir={tmp_path / 'out'}", "optim.name=prodigy",
+                 "--dry-run"]) == 2
+    assert "optim.name=prodigy needs the optional package 'prodigyopt': pip install 'miro[align]'" in capsys.readouterr().err
 
 
 def test_shapes_proxy_with_plain_captions_fails_in_dry_run(no_models, tmp_path, capsys):

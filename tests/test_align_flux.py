@@ -211,6 +211,19 @@ def test_flux_lora_finetune_runs_and_saves(flux_dir, tmp_path):
     fresh.load_lora_weights(str(out.parent))
     assert not torch.allclose(base, tuned, atol=1e-5)
     torch.testing.assert_close(_target(fresh).velocity(x, s, cond).detach(), tuned, rtol=1e-5, atol=1e-5)
+    # a rerun into the same --out continues only with the same settings (another rank failed on the
+    # adapters' shapes mid-load, another seed or lr spliced two runs); it may run longer
+    from dataclasses import replace
+
+    from miro.align.flux_lora_train import check_resume
+
+    before = (tmp_path / "lora" / "checkpoints" / "last.pt").read_bytes()
+    for other, why in ((replace(cfg, seed=7), "seed: 42 -> 7"), (replace(cfg, lora=LoraSettings(rank=4, alpha=2)),
+                                                                   "lora.rank: 2 -> 4")):
+        with pytest.raises(ValueError, match=f"last.pt was trained with other settings \\({why}\\): resume with them"):
+            finetune_flux_lora(pipe, items, other)
+    assert (tmp_path / "lora" / "checkpoints" / "last.pt").read_bytes() == before
+    check_resume(replace(cfg, max_train_steps=5, checkpoint_every=3))  # how long it runs may change
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

@@ -62,10 +62,11 @@ def _eval_reward(tg, rw):
         return rw(tg.decode(tg.rollout(noise, cond, num_steps=3)), [POS] * 2, [NEG] * 2, 0.0)["reward"].mean().item()
 
 
-def _trainer(tg, out, steps, rollout_steps=3, **kw):
+def _trainer(tg, out, steps, rollout_steps=3, run_settings=None, **kw):
     step = StepConfig(rollout_steps=rollout_steps, rollout_shift=None, loss="maximize", prompts=PromptConfig(pos_prompt=POS, neg_prompt=NEG))
     return SRPOTrainer(tg, SemanticRelativeReward(HashEmbeddingScorer()), [{"caption": "a red circle"}, {"caption": "a blue square"}],
-                       step, OptimConfig(lr=2e-3, max_grad_norm=1.0), TrainConfig(max_steps=steps, out_dir=str(out), progress=False, **kw))
+                       step, OptimConfig(lr=2e-3, max_grad_norm=1.0), TrainConfig(max_steps=steps, out_dir=str(out), progress=False, **kw),
+                       run_settings=run_settings)
 
 
 def test_srpo_steps_increase_the_reward(bert_dir, tmp_path):
@@ -116,6 +117,10 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(bert_dir, tmp_path):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
     steps = [json.loads(s)["step"] for s in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+    # train.log_every: a line every N steps and at the last (it was accepted and ignored)
+    hist = _trainer(MiroTarget(make_pipe(bert_dir)), tmp_path / "sparse", 3, rollout_steps=2, log_every=2).fit()
+    logged = [json.loads(s)["step"] for s in (tmp_path / "sparse" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [2, 3] and [h["step"] for h in hist] == [1, 2, 3]
 
 
 def test_resume_refuses_other_settings_but_may_run_longer(bert_dir, tmp_path):
@@ -133,6 +138,18 @@ def test_resume_refuses_other_settings_but_may_run_longer(bert_dir, tmp_path):
     assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == before
     longer = _trainer(MiroTarget(make_pipe(bert_dir)), tmp_path, 3, rollout_steps=2, checkpoint_every=5)
     assert len(longer.fit()) == 1  # steps 3 only: resumed at 2
+    # the CLI's target, reward, data and LoRA sections are settings too (another reward model or
+    # prompt file continued silently before); the device may change
+    run = {"reward": {"name": "hpsv2_score"}, "data": {"prompts": "a.txt"}, "target": {"device": "cpu"}}
+    out2 = tmp_path / "run2"
+    _trainer(MiroTarget(make_pipe(bert_dir)), out2, 1, rollout_steps=2, run_settings=run).fit()
+    other = _trainer(MiroTarget(make_pipe(bert_dir)), out2, 2, rollout_steps=2,
+                     run_settings={**run, "data": {"prompts": "b.txt"}})
+    with pytest.raises(ValueError, match=r"other settings \(run.data.prompts: 'a.txt' -> 'b.txt'\)"):
+        other.fit()
+    moved = _trainer(MiroTarget(make_pipe(bert_dir)), out2, 2, rollout_steps=2,
+                     run_settings={**run, "target": {"device": "cuda"}})
+    assert len(moved.fit()) == 1
     saved = {"step": {"schedule": {"a": 1}, "discount_inv": (0.3, 0.01)}, "train": {"max_steps": 2}}
     assert settings_changes(saved, {"step": {"schedule": {"a": 2}, "discount_inv": [0.3, 0.01]},
                                     "train": {"max_steps": 9}}) == ["step.schedule.a: 1 -> 2"]

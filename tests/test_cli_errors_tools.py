@@ -169,7 +169,7 @@ def test_check_schedule_names_the_schedule_length_that_is_set():
 # ---------------------------------------------------------------------------- miro align flux-*
 
 @pytest.fixture
-def no_flux_model(monkeypatch):
+def no_flux_model(monkeypatch, capsys):
     """Any FLUX model load fails the test: the input file must be checked first."""
     from miro.align import flux_tools
 
@@ -183,6 +183,7 @@ def no_flux_model(monkeypatch):
         monkeypatch.setattr(diffusers.FluxPipeline, "from_pretrained", boom)
     except ImportError:  # without diffusers a load would fail anyway; the message check still holds
         pass
+    capsys.readouterr()  # what the first import of the FLUX modules prints (transformers' notices) is not the test's
 
 
 @pytest.mark.parametrize("cmd, flag", [("flux-embed", "--prompts"), ("flux-generate", "--items"),
@@ -193,6 +194,23 @@ def test_flux_missing_input_file(tmp_path, capsys, no_flux_model, cmd, flag):
     missing = tmp_path / "nosuch.jsonl"
     assert main([cmd, flag, str(missing), "--out", str(tmp_path / "o")]) == 2
     assert f"dataset path {missing} does not exist" in _one_line(capsys, f"miro align {cmd}: ")
+
+
+def test_flux_lora_without_images_or_prodigy_fails_before_the_model(tmp_path, capsys, no_flux_model, monkeypatch):
+    # both were found only after FluxPipeline.from_pretrained (tens of GB)
+    from miro.align.flux_cli import main
+
+    assert main(["flux-lora", "--data", '["a red cat"]', "--optimizer", "adamw", "--out", str(tmp_path / "o")]) == 2
+    assert "needs items whose image_path is an image file" in _one_line(capsys, "miro align flux-lora: ")
+    import importlib.util
+
+    from miro import extras
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(extras, "find_spec", lambda name, *a: None if name == "prodigyopt" else real(name, *a))
+    with pytest.raises(extras.MissingExtra, match="flux-lora --optimizer prodigy needs the optional package 'prodigyopt'"):
+        main(["flux-lora", "--data", '["a red cat"]', "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
 
 
 def test_flux_inline_json_that_does_not_parse(tmp_path, capsys, no_flux_model):

@@ -121,6 +121,33 @@ def check_target(cfg: dict) -> None:
         C.choice("target.dtype", t["dtype"], DTYPES + ("null",))
     if not isinstance(t.get("model"), str) or not t["model"].strip():
         raise ValueError(f"target.model must be a name, folder or hub id; got {t.get('model')!r}")
+    # Checked here, not where the target is built: a bad value would fail only after the model
+    # loaded (or, for the switches, read any word as true).
+    C.number("target.guidance_scale", t["guidance_scale"], 0.0)
+    C.number("target.train_guidance", t.get("train_guidance"), 0.0, allow_none=True)
+    for key in ("flux_train_guidance", "flux_rollout_guidance"):
+        C.number(f"target.{key}", t[key], 0.0)
+    for key in ("height", "width", "max_sequence_length"):
+        C.pos_int(f"target.{key}", t[key])
+    for key in ("quantize_timestep", "decoder_checkpointing", "gradient_checkpointing"):
+        C.boolean(f"target.{key}", t[key])
+    for key in ("reward_targets", "negative_reward_targets"):
+        if not isinstance(t[key], dict):
+            raise ValueError(f"target.{key} must be a mapping {{reward: value}}; got {t[key]!r}")
+
+
+def check_lora(cfg: dict) -> None:
+    from miro.align import checks as C
+
+    lc = cfg["lora"]
+    if C.boolean("lora.enabled", lc["enabled"]):
+        C.pos_int("lora.rank", lc["rank"])
+        C.number("lora.alpha", lc["alpha"], 0.0, strict=True, allow_none=True)
+        if not 0.0 <= C.number("lora.dropout", lc["dropout"], 0.0) < 1.0:
+            raise ValueError(f"lora.dropout must lie in [0, 1); got {lc['dropout']!r}")
+        mods = lc["target_modules"]
+        if isinstance(mods, str) or not all(isinstance(m, str) and m for m in mods):
+            raise ValueError(f"lora.target_modules must be a list of module names (empty: the defaults); got {mods!r}")
 
 
 def check_reward(cfg: dict) -> None:
@@ -270,7 +297,12 @@ def validate(cfg: dict):
     optim = from_section(OptimConfig, cfg["optim"], "optim")
     train = from_section(TrainConfig, cfg["train"], "train")
     check_target(cfg)
+    check_lora(cfg)
     check_reward(cfg)
+    if optim.name == "prodigy":  # an optional package: named before any model loads
+        from miro.extras import require
+
+        require("prodigyopt", extra="align", what="optim.name=prodigy")
     items = load_items(cfg)
     check_reward_prompts(items, step.prompts)
     if step.mode == "offline":
@@ -310,7 +342,8 @@ def run(cfg: dict, dry_run: bool = False) -> Path | None:
         load_weights(reward.scorer, cfg["reward"]["name"])
     out = Path(train.out_dir)
     existed = out.exists()
-    trainer = SRPOTrainer(target, reward, items, step, optim, train)
+    trainer = SRPOTrainer(target, reward, items, step, optim, train,
+                          run_settings={k: cfg[k] for k in ("target", "reward", "data", "lora")})
     try:
         trainer.fit()
     except BaseException:
@@ -359,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     from miro.cli import report_errors
 
     def _run() -> int:
-        if cfg["lora"]["enabled"]:
+        if cfg["lora"]["enabled"] is True:
             require("peft", extra="align", what="miro align lora.enabled=true")
         run(cfg, dry_run="--dry-run" in flags)
         return 0

@@ -190,7 +190,8 @@ class OfflineImageDataset(torch.utils.data.Dataset):
                     continue
             self.items.append(it)
         if not self.items:
-            raise ValueError(f"no readable images among {len(items)} items (skipped {self.skipped}); offline mode needs image_path fields")
+            raise ValueError(f"no readable images among {len(items)} items (skipped {self.skipped}); training on real "
+                             "images (mode=offline, flux-lora) needs items whose image_path is an image file")
 
     def __len__(self) -> int:
         return len(self.items)

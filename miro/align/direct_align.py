@@ -97,21 +97,34 @@ class DirectAlignSchedule:
     sel_margin: int = 5  # sel is drawn uniformly from [margin, length − margin] (upstream randint(5, 995))
 
     def __post_init__(self) -> None:
-        self.train_timestep = tuple(int(i) for i in self.train_timestep)  # type: ignore[assignment]
+        from miro.align import checks as C
+
+        # Every key checked here, named as the config writes it: a bad one fails before any model
+        # loads, not at the first step after the rollout.
+        self.shift = C.number("schedule.shift", self.shift, 0.0, strict=True)
+        for key in ("vis_sampling_steps", "timestep_length"):
+            C.pos_int(f"schedule.{key}", getattr(self, key))
+        C.pos_int("schedule.sel_margin", self.sel_margin, 2)
+        self.groundtruth_ratio = C.number("schedule.groundtruth_ratio", self.groundtruth_ratio, 0.0)
+        pair = C.pair("schedule.train_timestep", self.train_timestep)
+        if not all(float(i).is_integer() for i in pair):
+            raise ValueError(f"schedule.train_timestep must be two grid indices [a, b]; got {self.train_timestep!r}")
+        self.train_timestep = tuple(int(i) for i in pair)  # type: ignore[assignment]
         if self.sigma_range is not None:
-            self.sigma_range = tuple(float(s) for s in self.sigma_range)  # type: ignore[assignment]
+            self.sigma_range = C.pair("schedule.sigma_range", self.sigma_range)
             hi, lo = self.sigma_range
             if not (1.0 >= hi > lo >= 0.0):
-                raise ValueError(f"sigma_range must be (noisy, clean) with 1 >= noisy > clean >= 0; got {self.sigma_range}")
+                raise ValueError(f"schedule.sigma_range must be [noisy, clean] with 1 >= noisy > clean >= 0; "
+                                 f"got {list(self.sigma_range)}")
         a, b = self.train_timestep
         if not (0 <= a < b <= self.vis_sampling_steps):
-            raise ValueError(
-                f"train_timestep must satisfy 0 <= a < b <= vis_sampling_steps={self.vis_sampling_steps}; got {self.train_timestep}"
-            )
-        if self.timestep_length < 4 * self.sel_margin or self.sel_margin < 2:
-            raise ValueError(f"timestep_length={self.timestep_length} too small for sel_margin={self.sel_margin} (need margin >= 2)")
+            raise ValueError(f"schedule.train_timestep must satisfy 0 <= a < b <= schedule.vis_sampling_steps="
+                             f"{self.vis_sampling_steps}; got {list(self.train_timestep)}")
+        if self.timestep_length < 4 * self.sel_margin:
+            raise ValueError(f"schedule.timestep_length={self.timestep_length} is too small for "
+                             f"schedule.sel_margin={self.sel_margin} (need at least 4 x the margin)")
         if not (0.0 <= self.groundtruth_ratio < 1.0):
-            raise ValueError(f"groundtruth_ratio must lie in [0, 1); got {self.groundtruth_ratio}")
+            raise ValueError(f"schedule.groundtruth_ratio must lie in [0, 1); got {self.groundtruth_ratio}")
 
     @property
     def gap(self) -> int:

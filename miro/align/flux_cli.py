@@ -137,7 +137,8 @@ def _run(args: argparse.Namespace) -> int:
     from miro.extras import require
 
     if args.cmd == "flux-lora":
-        require("lightning", "peft", extra="align", what="miro align flux-lora")
+        require("lightning", "peft", *(["prodigyopt"] if args.optimizer == "prodigy" else []), extra="align",
+                what="miro align flux-lora" + (" --optimizer prodigy" if args.optimizer == "prodigy" else ""))
     elif args.cmd == "flux-generate" and args.lora:  # diffusers loads LoRA folders through peft
         require("peft", extra="align", what="miro align flux-generate --lora")
     if args.cmd == "flux-embed":
@@ -156,9 +157,12 @@ def _run(args: argparse.Namespace) -> int:
         print(f"written {stats['written']}, already present {stats['skipped']} -> {Path(args.out)}")
         return 0
     items = _items(args.data, args.caption_column)
+    from miro.align.datasets import OfflineImageDataset
+
+    OfflineImageDataset(items, 1, check=False)  # the image files exist (decoded when training reads them)
     from diffusers import FluxPipeline
 
-    from miro.align.flux_lora_train import FluxLoraTrainConfig, finetune_flux_lora
+    from miro.align.flux_lora_train import FluxLoraTrainConfig, check_resume, finetune_flux_lora
     from miro.align.lora import LoraSettings
     from miro.align.trainer import OptimConfig
 
@@ -168,6 +172,7 @@ def _run(args: argparse.Namespace) -> int:
                               checkpoint_every=args.checkpoint_every, seed=args.seed, precision=args.precision, devices=devices,
                               out_dir=args.out, lora=LoraSettings(rank=args.rank, alpha=args.alpha),
                               optim=OptimConfig(name=args.optimizer, lr=args.lr, weight_decay=1e-4, max_grad_norm=1.0))
+    check_resume(cfg)  # before the model loads
     pipe = FluxPipeline.from_pretrained(args.model, torch_dtype=_dtype(args.dtype)).to(_device(None))
     path = finetune_flux_lora(pipe, items, cfg)
     print(f"saved {path}")

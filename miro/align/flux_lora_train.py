@@ -59,11 +59,32 @@ def _caption(item: dict, cfg: FluxLoraTrainConfig) -> str:
     return str(v).strip() if v not in (None, "") else cfg.instance_prompt
 
 
+# Keys a resumed fine-tune may change: how long it runs and where or how it reports, not what a step computes.
+RESUME_MAY_CHANGE = {"max_train_steps", "checkpoint_every", "out_dir", "devices", "strategy"}
+
+
+def check_resume(cfg: FluxLoraTrainConfig) -> None:
+    """Refuse to continue ``out_dir``'s checkpoint under other settings (another seed, rank or
+    learning rate would splice two runs, or fail on the adapters' shapes mid-load)."""
+    from miro.align.trainer import settings_changes
+
+    ckpt = Path(cfg.out_dir) / "checkpoints" / "last.pt"
+    if not ckpt.is_file():
+        return
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True).get("config")
+    current = json.loads(json.dumps(asdict(cfg), default=str))
+    changed = [c for c in settings_changes(saved, current) if c.split(":")[0] not in RESUME_MAY_CHANGE]
+    if changed:
+        raise ValueError(f"{ckpt} was trained with other settings ({'; '.join(changed[:4])}"
+                         f"{'; ...' if len(changed) > 4 else ''}): resume with them, or write this run to another --out")
+
+
 def finetune_flux_lora(pipe, items: list[dict], cfg: FluxLoraTrainConfig, fabric=None) -> Path:
     """Train a LoRA on ``pipe.transformer`` from items with ``image_path``; resumable; returns the
     diffusers-format LoRA file."""
     from lightning.fabric import Fabric
 
+    check_resume(cfg)
     prec = cfg.precision if cfg.precision != "auto" else ("16-mixed" if torch.cuda.is_available() else "32-true")
     fabric = fabric or Fabric(devices=cfg.devices, strategy=cfg.strategy, precision=prec)
     fabric.launch()

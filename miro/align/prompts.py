@@ -64,6 +64,19 @@ class PromptConfig:
     negative_words: list[str] = field(default_factory=lambda: list(NEGATIVE_CONTROL_WORDS))
     humanize: bool = True  # replace "_" with " " in MIA attributes
 
+    def __post_init__(self) -> None:
+        from miro.align import checks as C
+
+        for key in ("use_mia", "use_item_prompts", "control_words", "humanize"):
+            C.boolean(f"prompts.{key}", getattr(self, key))
+        for key in ("pos_prompt", "neg_prompt", "pos_prefix", "neg_prefix"):
+            if getattr(self, key) is not None and not isinstance(getattr(self, key), str):
+                raise ValueError(f"prompts.{key} must be text or null; got {getattr(self, key)!r}")
+        for key in ("positive_words", "negative_words"):
+            words = getattr(self, key)
+            if isinstance(words, str) or not all(isinstance(w, str) and w.strip() for w in words):
+                raise ValueError(f"prompts.{key} must be a list of words; got {words!r}")
+
 
 def build_reward_prompts(item: dict, config: PromptConfig, step: int = 0) -> tuple[str, str]:
     """(p+, p−) for one dataset item (a dict with ``caption`` and optional ``category``, ``region``,

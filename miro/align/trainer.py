@@ -128,7 +128,10 @@ class SRPOTrainer:
 
     def __init__(self, target, reward: SemanticRelativeReward, items: list[dict], step_cfg: StepConfig | None = None,
                  optim_cfg: OptimConfig | None = None, train_cfg: TrainConfig | None = None,
-                 callback: Callable[[int, dict], None] | None = None, fabric=None):
+                 callback: Callable[[int, dict], None] | None = None, fabric=None, run_settings: dict | None = None):
+        # run_settings: what else decides the run (the CLI's target, reward, data and lora sections),
+        # saved with each checkpoint so that a resume under other values is refused like other settings.
+        self.run_settings = dict(run_settings or {})
         self.target, self.reward, self.items = target, reward, list(items)
         self.step_cfg = step_cfg or StepConfig()
         self.optim_cfg = optim_cfg or OptimConfig()
@@ -186,7 +189,8 @@ class SRPOTrainer:
         return {n: p.detach().cpu().clone() for n, p in self._module.named_parameters() if p.requires_grad}
 
     def _settings(self) -> dict:
-        return {"step": asdict(self.step_cfg), "optim": asdict(self.optim_cfg), "train": asdict(self.cfg)}
+        out = {"step": asdict(self.step_cfg), "optim": asdict(self.optim_cfg), "train": asdict(self.cfg)}
+        return {**out, "run": self.run_settings} if self.run_settings else out
 
     def save_checkpoint(self, step: int) -> None:
         if self.fabric.global_rank == 0:
@@ -262,11 +266,14 @@ class SRPOTrainer:
             agg.update(step=step + 1, lr=float(self.optimizer.param_groups[0]["lr"]), seconds=time.perf_counter() - t0)
             history.append(agg)
             if fabric.global_rank == 0:
-                with open_append(metrics_path) as f:
-                    f.write(json.dumps(agg) + "\n")
+                logged = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
+                if logged:  # metrics.jsonl and the bar's rewards every log_every steps, and at the end
+                    with open_append(metrics_path) as f:
+                        f.write(json.dumps(agg) + "\n")
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in agg.items() if k.endswith("/reward")})
+                    if logged:
+                        bar.set_postfix({k: f"{v:.3f}" for k, v in agg.items() if k.endswith("/reward")})
             if self.callback is not None:
                 self.callback(step + 1, agg)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.max_steps:
@@ -280,7 +287,7 @@ class SRPOTrainer:
 # train.* keys a resumed run may change: how long it runs, how it reports and which launcher runs it,
 # not what each step computes (seed, batch, ranks, precision)
 RESUME_MAY_CHANGE = {"max_steps", "checkpoint_every", "log_every", "out_dir", "resume", "progress", "accelerator",
-                     "strategy"}
+                     "strategy", "run.target.device"}
 
 
 def settings_changes(saved: dict | None, current: dict) -> list[str]:

@@ -71,7 +71,8 @@ def clip_score(
     if remote and not trust_remote_code:
         raise ValueError(
             f"model {model!r} runs its own modelling code from the hub; pass trust_remote_code=True to allow it "
-            f"(clip_score(model={model!r}, trust_remote_code=True); on the command line --trust-remote-code), "
+            f"(clip_score(model={model!r}, trust_remote_code=True); miro eval and miro preprocess: "
+            f"--trust-remote-code; miro align: reward.kwargs.trust_remote_code=true), "
             f"or choose a transformers CLIPModel that needs "
             f"none, e.g. clip_score(model={OPENAI_CLIP_L14!r})"
         )

@@ -186,6 +186,7 @@ def test_a_shapes_model_is_known_by_its_reward_keys_not_its_name(tmp_path):
     run = tmp_path / "run3"  # a training run's checkpoint: the reward bins beside it say which world
     run.mkdir()
     (run / "reward_bins.json").write_text(json.dumps({"num_bins": 4, "edges": {"shapes_counting": [0, 1]}}))
+    (run / "last.ckpt").write_bytes(b"")  # only its bins are read here (a missing one is refused by name)
     assert model_reward_keys(str(run / "last.ckpt")) == ["shapes_counting"]
     assert _items(SimpleNamespace(**{**vars(args), "model": str(run / "last.ckpt")}))[0] == "shapes"
     # unknown keys (a hub id, no bins) fall back to the name; a bad path is left to the loader

@@ -247,6 +247,33 @@ def test_shapes_render_out_file_vs_folder(tmp_path, capsys):
     assert "existing_file.png is a file; with --n 2 it names a folder" in _one_line(capsys, "miro shapes render: ")
     assert main(["render", "two red circles", "--out", str(tmp_path)]) == 2
     assert "is a folder; with --n 1 it names a PNG file" in _one_line(capsys, "miro shapes render: ")
+    # bad values are named before any folder is made; --out with --n 1 is a .png (foo.jpg was a JPEG)
+    for argv, msg in ((["--out", str(tmp_path / "a" / "x.png"), "--seed", "-1"], "--seed must be a non-negative integer; got -1"),
+                      (["--out", str(tmp_path / "a" / "x.png"), "--resolution", "16"], "resolution must be an integer in [32, 64]"),
+                      (["--out", str(tmp_path / "a" / "x.jpg")], "must be a .png file"),
+                      (["--out", str(tmp_path / "a" / "x")], "must be a .png file")):
+        assert main(["render", "two red circles", *argv]) == 2, argv
+        assert msg in _one_line(capsys, "miro shapes render: "), argv
+    assert not (tmp_path / "a").exists()
+    # a caption the grammar takes but no scene fits says what to do
+    assert main(["render", "four red circles and four blue squares and four green triangles", "--out",
+                 str(tmp_path / "crowd.png")]) == 2
+    assert "the scene is too crowded; ask for fewer objects" in _one_line(capsys, "miro shapes render: ")
+
+
+def test_shapes_eval_options_and_seed_are_range_checked(tmp_path, capsys):
+    # --options threshold=2 scored every image 0 and replaced the folder's results, silently
+    from miro.shapes.cli import main
+
+    for opt, msg in (("threshold=2", "threshold=2.0 must be a number in [0, 1]"),
+                     ("position_threshold=nan", "position_threshold=nan must be a number in [0, 1]"),
+                     ("max_objects=0", "max_objects=0 must be an integer >= 1")):
+        assert main(["eval-score", str(tmp_path), "--options", opt]) == 2
+        assert msg in _one_line(capsys, "miro shapes eval-score: ")
+    for seed in ("-1", "99999999999999999999"):
+        assert main(["eval-generate", "--model", "ground-truth", "--outdir", str(tmp_path / "g"), "--seed", seed]) == 2
+        assert "seed must be an integer in [0, 2^62]" in _one_line(capsys, "miro shapes eval-generate: ")
+    assert not (tmp_path / "g").exists()
 
 
 def test_shapes_make_dataset_out_is_a_file(tmp_path, capsys):
@@ -264,8 +291,9 @@ def test_shapes_eval_prompts_unwritable_out(tmp_path, capsys, monkeypatch):
 
     assert main(["eval-prompts", "--out", str(tmp_path)]) == 2  # a folder, not a .jsonl file
     assert "Is a directory" in _one_line(capsys, "miro shapes eval-prompts: ")
-    assert main(["eval-prompts", "--out", str(tmp_path / "no" / "such" / "x.jsonl")]) == 2
-    assert "x.jsonl" in _one_line(capsys, "miro shapes eval-prompts: ")
+    assert main(["eval-prompts", "--out", str(tmp_path / "no" / "such" / "x.jsonl")]) == 0  # folders made, as render does
+    assert (tmp_path / "no" / "such" / "x.jsonl").read_text().count("\n") == 300
+    capsys.readouterr()
 
     def denied(path):
         raise PermissionError(13, "Permission denied", str(path))

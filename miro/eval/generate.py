@@ -27,6 +27,7 @@ from miro.io import atomic_path, atomic_write_text
 # Seeds are seed + SEED_STRIDE * prompt_index + sample_index (shared CLI contract), so at most
 # SEED_STRIDE samples per prompt keep seeds unique.
 SEED_STRIDE = 1000
+MAX_SEED = 2**62  # leaves room for SEED_STRIDE x any prompt count below 2^63
 RUN_FILE = "generation.json"
 
 
@@ -51,6 +52,9 @@ class GenerateConfig:
             raise ValueError(f"n_samples must be in [1, {SEED_STRIDE}]; got {self.n_samples}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1; got {self.steps}")
+        # per-image seeds are seed + 1000*i + j, which torch.manual_seed must take (< 2^63)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer in [0, 2^62]; got {self.seed!r}")
         # checked here, before a folder is touched or a model loaded (the pipeline would refuse it later)
         if not (math.isfinite(self.cfg) and self.cfg >= 0):
             raise ValueError(f"cfg must be a finite number >= 0; got {self.cfg}")

@@ -28,6 +28,7 @@ Rules, as in GenEval:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields
 from typing import Callable, Iterable, Sequence
 
@@ -90,7 +91,17 @@ class GenEvalOptions:
                 setattr(out, k, int(v) if k == "max_objects" else float(v))
             except ValueError:
                 raise ValueError(f"option {k}={v!r} is not a number") from None
+        out.check()
         return out
+
+    def check(self) -> None:
+        """Refuse values no evaluation can mean (a threshold of 2 scores every image 0, silently)."""
+        for k in ("threshold", "counting_threshold", "max_overlap", "position_threshold"):
+            v = getattr(self, k)
+            if not (math.isfinite(v) and 0.0 <= v <= 1.0):
+                raise ValueError(f"option {k}={v!r} must be a number in [0, 1]")
+        if self.max_objects < 1:
+            raise ValueError(f"option max_objects={self.max_objects!r} must be an integer >= 1")
 
 
 @dataclass

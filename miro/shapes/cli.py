@@ -47,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files")
 
     p = sub.add_parser("eval-generate", help="generate ShapesEval images (GenEval folder layout, resumable)")
-    p.add_argument("--model", default="shapes", help="built-in name, pipeline folder, hub id, .ckpt, or 'ground-truth'")
+    p.add_argument("--model", default="shapes", help="built-in name, pipeline folder, hub id, .ckpt, or 'ground-truth' "
+                   "(renders each prompt's scene; --steps, --cfg and --reward do not apply to it)")
     p.add_argument("--outdir", "--out", dest="outdir", required=True, help="output folder")
     p.add_argument("--n-samples", "--n", dest="n_samples", type=int, default=4, help="images per prompt (default 4)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
@@ -84,21 +85,27 @@ def _make_dataset(args) -> int:
 
 
 def _render(args) -> int:
+    from miro.shapes import world as W
     from miro.shapes.captions import parse_caption
     from miro.shapes.eval import render_prompt
 
     md = parse_caption(args.caption)
     if args.n < 1:
         raise ValueError(f"--n must be >= 1; got {args.n}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be a non-negative integer; got {args.seed}")
+    W.check_resolution(args.resolution)  # before any folder is made
     out = Path(args.out)
     if args.n > 1 and out.exists() and not out.is_dir():
         raise ValueError(f"--out {args.out} is a file; with --n {args.n} it names a folder for {args.n} PNGs")
     if args.n == 1 and out.is_dir():
         raise ValueError(f"--out {args.out} is a folder; with --n 1 it names a PNG file")
+    if args.n == 1 and out.suffix.lower() != ".png":
+        raise ValueError(f"--out {args.out} must be a .png file (with --n > 1: a folder)")
     paths = [out] if args.n == 1 else [out / f"{k:04d}.png" for k in range(args.n)]
     for k, path in enumerate(paths):
         path.parent.mkdir(parents=True, exist_ok=True)
-        render_prompt(md, args.seed + k, args.resolution).save(path)
+        render_prompt(md, args.seed + k, args.resolution).save(path, format="PNG")
     print(json.dumps(md))
     print(f"wrote {len(paths)} image(s) to {out}")
     return 0

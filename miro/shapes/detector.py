@@ -134,7 +134,7 @@ def detect_array(img: np.ndarray, cfg: DetectorConfig | None = None) -> list[Det
     cfg = cfg or DetectorConfig()
     h, w, _ = img.shape
     if h < 4 or w < 4:
-        raise ValueError(f"image too small for detection: {h}x{w}")
+        raise ValueError(f"image too small for detection: {h}x{w} (at least 4x4)")
     resolution = max(h, w)
     bg, sigma = estimate_background(img)
     seg = ndimage.gaussian_filter(img, sigma=(0.8, 0.8, 0)) if sigma > cfg.smooth_above else img

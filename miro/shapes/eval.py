@@ -79,8 +79,11 @@ def evaluation_metadata() -> list[dict]:
 
 def write_prompt_set(path: str | os.PathLike) -> None:
     """Write :func:`build_prompt_set` as JSONL (how the shipped file is made)."""
+    from miro.io import atomic_write_text
+
     lines = "".join(json.dumps(md) + "\n" for md in build_prompt_set())
-    Path(path).write_text(lines, encoding="utf-8")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)  # as render does
+    atomic_write_text(Path(path), lines)
 
 
 def render_prompt(prompt: str | dict, seed: int = 0, resolution: int = W.DEFAULT_RESOLUTION,

@@ -151,7 +151,9 @@ def place_groups(groups: list[dict], relations: list[tuple[int, str, int]], rng:
                 break
         if ok:
             return placed
-    raise ValueError(f"could not place {n_total} objects with relations {relations}; relax the scene config")
+    rel = f" with relations {relations}" if relations else ""
+    raise ValueError(f"could not place {n_total} objects{rel} in {cfg.restarts} attempts: the scene is too crowded; "
+                     f"ask for fewer objects (the dataset's scenes hold at most {W.MAX_COUNT} of a kind)")
 
 
 def scene_from_metadata(metadata: dict, rng: np.random.Generator, cfg: SceneConfig | None = None,

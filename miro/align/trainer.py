@@ -284,8 +284,8 @@ class SRPOTrainer:
         return history
 
 
-# train.* keys a resumed run may change: how long it runs, how it reports and which launcher runs it,
-# not what each step computes (seed, batch, ranks, precision)
+# Keys a resumed run may change (train.* by their short name): how long it runs, how it reports and
+# which launcher or device runs it, not what each step computes (seed, batch, ranks, precision)
 RESUME_MAY_CHANGE = {"max_steps", "checkpoint_every", "log_every", "out_dir", "resume", "progress", "accelerator",
                      "strategy", "run.target.device"}
 

@@ -42,9 +42,9 @@ __all__ = [
     "CAPTION_COLUMNS", "CAPTION_PLACEHOLDERS", "RESIZE_FILTERS", "RawSample", "ShardReport", "SortedShardWriter",
     "UnreadableShardError", "atomic_write_bytes", "batched", "center_crop_square", "check_scores_csv",
     "captions_digest", "clean_caption", "decode_raw", "file_lock", "fingerprint", "finite", "iter_decoded",
-    "keys_digest", "load_synthetic_captions", "log_path", "merge_scores_csv", "read_log", "read_scores_csv", "remove_stale_temps",
-    "resolve_captions", "scores_csv_path", "shard_keys", "tar_sample_count", "to_model_input", "write_log",
-    "write_scores_csv",
+    "keys_digest", "load_synthetic_captions", "log_path", "merge_scores_csv", "read_log", "read_scores_csv",
+    "remove_stale_temps", "resolve_captions", "scores_csv_path", "shard_keys", "tar_sample_count", "to_model_input",
+    "write_log", "write_scores_csv",
 ]
 
 # Upstream MIRO strips this anonymisation tag from every caption before scoring and encoding

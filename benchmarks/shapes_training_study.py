@@ -445,7 +445,7 @@ def _speedup_note(sp: dict) -> str:
         return "no rise: the baseline starts at its final value"
     z = sp.get("baseline_rise_z")
     if z is not None and z < RISE_Z:
-        return (f"rise within noise: the baseline's final is {z:.1f} standard errors above its first point "
+        return (f"rise within noise: the baseline's final is {z:.2f} standard errors above its first point "
                 f"(< {RISE_Z:g})")
     return ""
 

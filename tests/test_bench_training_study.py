@@ -58,7 +58,7 @@ def test_a_baseline_rise_within_its_noise_is_flagged():
     interval = {"low": 1.0, "high": 2.0, "p_above_1": 0.5}
     md = speedup_markdown({"speedup": {**noisy, "interval": interval},
                            "rewards": {"r": {"speedup": {**clear, "interval": interval}}}}).splitlines()
-    assert md[2].endswith("| rise within noise: the baseline's final is 0.7 standard errors above its first "
+    assert md[2].endswith("| rise within noise: the baseline's final is 0.67 standard errors above its first "
                           "point (< 2) |")
     assert md[3].endswith("| 0.50 |  |")
 
@@ -549,7 +549,7 @@ def test_convergence_gives_a_speedup_per_reward_and_rescores_points_without_rewa
     assert "no rise" in md[2 + 1 + SHAPES_KEYS.index("shapes_counting")]
     assert "no rise" not in md[2 + 1 + SHAPES_KEYS.index("shapes_contrast")]
     # ShapesEval rises 0.1 -> 0.4 on 2 images per category: within its binomial noise
-    assert md[2].endswith("| rise within noise: the baseline's final is 0.7 standard errors above its first "
+    assert md[2].endswith("| rise within noise: the baseline's final is 0.74 standard errors above its first "
                           "point (< 2) |")
     assert (out / "convergence_rewards.png").stat().st_size > 0
     evaluated.clear()

@@ -224,6 +224,9 @@ def test_flux_lora_finetune_runs_and_saves(flux_dir, tmp_path):
             finetune_flux_lora(pipe, items, other)
     assert (tmp_path / "lora" / "checkpoints" / "last.pt").read_bytes() == before
     check_resume(replace(cfg, max_train_steps=5, checkpoint_every=3))  # how long it runs may change
+    finetune_flux_lora(_pipe(flux_dir), items, replace(cfg, max_train_steps=3))  # resumes at 2, runs step 3
+    assert [json.loads(x)["step"] for x in (tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert torch.load(tmp_path / "lora" / "checkpoints" / "last.pt", weights_only=True)["step"] == 3
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

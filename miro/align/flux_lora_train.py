@@ -65,15 +65,22 @@ RESUME_MAY_CHANGE = {"max_train_steps", "checkpoint_every", "out_dir", "devices"
 
 def check_resume(cfg: FluxLoraTrainConfig) -> None:
     """Refuse to continue ``out_dir``'s checkpoint under other settings (another seed, rank or
-    learning rate would splice two runs, or fail on the adapters' shapes mid-load)."""
+    learning rate would splice two runs, or fail on the adapters' shapes mid-load); the CLI calls
+    it before the model loads."""
+    ckpt = _checkpoint(cfg)
+    if ckpt.is_file():
+        _refuse_other_settings(torch.load(ckpt, map_location="cpu", weights_only=True), cfg, ckpt)
+
+
+def _checkpoint(cfg: FluxLoraTrainConfig) -> Path:
+    return Path(cfg.out_dir) / "checkpoints" / "last.pt"
+
+
+def _refuse_other_settings(state: dict, cfg: FluxLoraTrainConfig, ckpt: Path) -> None:
     from miro.align.trainer import settings_changes
 
-    ckpt = Path(cfg.out_dir) / "checkpoints" / "last.pt"
-    if not ckpt.is_file():
-        return
-    saved = torch.load(ckpt, map_location="cpu", weights_only=True).get("config")
     current = json.loads(json.dumps(asdict(cfg), default=str))
-    changed = [c for c in settings_changes(saved, current) if c.split(":")[0] not in RESUME_MAY_CHANGE]
+    changed = [c for c in settings_changes(state.get("config"), current) if c.split(":")[0] not in RESUME_MAY_CHANGE]
     if changed:
         raise ValueError(f"{ckpt} was trained with other settings ({'; '.join(changed[:4])}"
                          f"{'; ...' if len(changed) > 4 else ''}): resume with them, or write this run to another --out")
@@ -84,7 +91,11 @@ def finetune_flux_lora(pipe, items: list[dict], cfg: FluxLoraTrainConfig, fabric
     diffusers-format LoRA file."""
     from lightning.fabric import Fabric
 
-    check_resume(cfg)
+    # The checkpoint is read once, and its settings checked before the pipeline is touched.
+    ckpt = _checkpoint(cfg)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True) if ckpt.is_file() else None
+    if state is not None:
+        _refuse_other_settings(state, cfg, ckpt)
     prec = cfg.precision if cfg.precision != "auto" else ("16-mixed" if torch.cuda.is_available() else "32-true")
     fabric = fabric or Fabric(devices=cfg.devices, strategy=cfg.strategy, precision=prec)
     fabric.launch()
@@ -103,11 +114,9 @@ def finetune_flux_lora(pipe, items: list[dict], cfg: FluxLoraTrainConfig, fabric
     sigmas = type(pipe.scheduler).from_config(pipe.scheduler.config).sigmas.float()
     n_t = int(pipe.scheduler.config.num_train_timesteps)
     out = Path(cfg.out_dir)
-    ckpt = out / "checkpoints" / "last.pt"
     start = 0
     named = dict(pipe.transformer.named_parameters())
-    if ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    if state is not None:
         with torch.no_grad():
             for k, v in state["trainable"].items():
                 named[k].copy_(v)

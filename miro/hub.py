@@ -164,6 +164,13 @@ def looks_like_hub_id(name: str) -> bool:
             and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None)
 
 
+def check_local_pipeline(name: str, variant: str | None = None) -> None:
+    """:func:`resolve_pipeline_dir`'s checks for a folder or built-in name, whose ValueError names
+    what is allowed; a hub id is left alone (checking it would mean fetching it)."""
+    if Path(name).expanduser().is_dir() or not looks_like_hub_id(name):
+        resolve_pipeline_dir(name, variant)
+
+
 def _download(repo_id, variant, revision, cache_dir, local_files_only, token) -> dict[str, Path]:
     from huggingface_hub import snapshot_download
 

@@ -180,7 +180,7 @@ def check_local_model(model: str, variant: str | None = None) -> None:
     """Refuse a local ``--model`` that cannot load (a missing ``.ckpt``, folder or built-in name)
     with the loader's own message, before anything else runs; a hub id is left to the loader
     (checking it would mean fetching it)."""
-    from miro.hub import looks_like_hub_id, resolve_pipeline_dir
+    from miro.hub import check_local_pipeline
 
     name = str(model)
     if name == "ground-truth":
@@ -188,8 +188,8 @@ def check_local_model(model: str, variant: str | None = None) -> None:
     if name.endswith(".ckpt"):
         if not Path(name).is_file():
             raise ValueError(f"checkpoint {name!r} does not exist")
-    elif Path(name).expanduser().is_dir() or not looks_like_hub_id(name):
-        resolve_pipeline_dir(name, variant)  # local: reads no weights
+    else:
+        check_local_pipeline(name, variant)  # reads no weights
 
 
 def is_shapes_run(reward_keys: list[str] | None, model: str | None = None, prompts: str | None = None) -> bool:

@@ -333,15 +333,15 @@ def check_run_options(cfg: dict) -> None:
 def _check_init_source(source: str) -> None:
     """``init_from`` of a fresh run: an existing ``.ckpt``, or a pipeline found locally (a hub id is
     fetched when the module loads it)."""
-    from miro.hub import looks_like_hub_id, resolve_pipeline_dir
+    from miro.hub import check_local_pipeline
 
     if source.endswith(".ckpt"):
         if not Path(source).is_file():
             raise ValueError(f"init_from={source} does not exist; give a miro train .ckpt or a pipeline "
                              "(built-in name, folder, hub id)")
-    elif Path(source).expanduser().is_dir() or not looks_like_hub_id(source):
+    else:
         try:
-            resolve_pipeline_dir(source)
+            check_local_pipeline(source)
         except ValueError as e:
             raise ValueError(f"init_from={source}: {e}") from None
 

@@ -1,3 +1,4 @@
+import io
 import json
 from pathlib import Path
 
@@ -168,6 +169,32 @@ def test_image_grid_written(trained):
     rows = list(csv.DictReader(open(next((ckdir / "logs").glob("version_*/metrics.csv")))))
     scored = [r for r in rows if r.get("testbed/shapes_alignment")]
     assert len(scored) == 1 and 0.0 <= float(scored[0]["testbed/shapes_alignment"]) <= 1.0
+
+
+def test_tensorboard_logger_gets_the_loss_and_the_testbed_grid(tmp_path):
+    # CSV takes numbers only: TensorBoard is where the image logger's grid reaches the logger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    n = torch.get_num_threads()
+    data = write_tiny_shards(tmp_path / "data")
+    overrides = [o if o != "logger=csv" else "logger=tensorboard" for o in _trained_overrides(data, tmp_path)]
+    module, dm, trainer, _ = cli.build(OmegaConf.to_container(cli.compose(overrides), resolve=True))
+    trainer.fit(module, datamodule=dm)
+    torch.set_num_threads(n)
+    ckdir = tmp_path / "miro" / "checkpoints" / "shapes_miro"
+    acc = EventAccumulator(str(ckdir / "tb"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    assert [e.step for e in acc.Images("testbed")] == [2]
+    shown = acc.Images("testbed")[0]
+    from PIL import Image
+
+    png = Image.open(io.BytesIO(shown.encoded_image_string))
+    disk = Image.open(ckdir / "images" / "step_00000002.png")
+    assert (shown.width, shown.height) == disk.size == (16, 16)
+    np.testing.assert_array_equal(np.asarray(png.convert("RGB")), np.asarray(disk.convert("RGB")))
+    tags = acc.Tags()["scalars"]
+    assert "testbed/shapes_alignment" in tags
+    assert [e.step for e in acc.Scalars("testbed/shapes_alignment")] == [2]
+    assert any(t.startswith("train/loss") for t in tags), tags
 
 
 def test_convert_load_generate(trained, tmp_path, monkeypatch):

@@ -153,3 +153,27 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:  # a name, not an address
         return False
+
+
+def to_rgb(image, what: str = "image"):
+    """An 8-bit RGB copy of a PIL image of any mode whose pixel range is defined, loaded.
+
+    Pillow's ``convert("RGB")`` clips 16-bit grayscale (``I;16``, what a 16-bit PNG opens as) at
+    255 instead of rescaling it, which turns most of such an image white; it is rescaled here
+    (65535 -> 255). 32-bit integer (``I``) and float (``F``) pixels have no fixed range, so they are
+    refused rather than guessed. Alpha is dropped, as ``convert`` does.
+    """
+    mode = image.mode
+    if 0 in image.size:
+        raise ValueError(f"{what} is empty ({image.size[0]}x{image.size[1]} pixels)")
+    if mode.startswith("I;16"):
+        import numpy as np
+        from PIL import Image
+
+        wide = np.asarray(image).astype(np.uint32)
+        image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
+    elif mode in ("I", "F"):
+        kind = "32-bit integer" if mode == "I" else "floating-point"
+        raise ValueError(f"{what} has mode {mode!r} ({kind} pixels, no fixed range); save it as 8-bit RGB, RGBA, "
+                         f"L or P, or as 16-bit grayscale (I;16)")
+    return image.convert("RGB")  # a copy, and it loads the pixels (a truncated file fails here)

@@ -264,6 +264,51 @@ def test_scorer_versions_are_recorded_and_another_version_rescores(tmp_path):
     assert "hps (v2.0)" in R.format_summary(s)
 
 
+class ScaledScorer(MeanScorer):
+    """A model-backed scorer stand-in: ``scale`` plays the part of another model or checkpoint."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def score(self, images, prompts):
+        return super().score(images, prompts) * self.scale
+
+
+def test_a_scorer_built_with_other_weights_rescores_instead_of_mixing_columns(tmp_path, monkeypatch):
+    # clip_score on model A, then on model B: B's scores must not join A's in one column
+    from miro import rewards
+
+    rewards._populate()
+
+    def scaled(scale: float = 1.0, *, device=None, batch_size: int = 32):
+        return ScaledScorer(scale)
+
+    monkeypatch.setitem(rewards.REGISTRY, "scaled", scaled)
+    assert getattr(rewards.load_scorer("scaled"), "version", None) is None  # the default keeps no label
+    assert getattr(rewards.load_scorer("scaled", scale=1.0, batch_size=4, device="cpu"), "version", None) is None
+    assert rewards.load_scorer("scaled", scale=2.0).version == "scale=2.0"
+    root = make_folder(tmp_path / "imgs", [[0, 255]])
+    out = root / "rewards.jsonl"
+    R.score_folder(root, {"s": rewards.load_scorer("scaled")}, out, progress=False)
+    other = rewards.load_scorer("scaled", scale=2.0)
+    assert R.score_folder(root, {"s": other}, out, progress=False)["scored"] == 2 and other.calls == 1
+    assert sorted(R.merge_records(read_jsonl(out))[f]["s"] for f in ("00000/samples/0000.png",
+                                                                     "00000/samples/0001.png")) == [0.0, 20.0]
+    assert R.summarize(read_jsonl(out))["rewards"]["s"]["version"] == "scale=2.0"
+    again = rewards.load_scorer("scaled", scale=2.0, batch_size=8)  # run-only settings: nothing to redo
+    assert R.score_folder(root, {"s": again}, out, progress=False)["scored"] == 0
+
+
+def test_hps_label_names_a_checkpoint_given_instead_of_the_versions_own():
+    from miro.rewards import load_scorer
+
+    assert load_scorer("hpsv2_score").version == "v2.1"
+    assert load_scorer("hpsv2_score", version="v2.0").version == "v2.0"
+    assert load_scorer("hpsv2_score", version="v2.0", checkpoint="HPS_v2.1_compressed.pt").version == \
+        "v2.0; checkpoint=HPS_v2.1_compressed.pt"
+
+
 def test_a_reward_without_finite_values_summarises_as_a_dash(tmp_path, capsys):
     from miro.eval.cli import main
 

@@ -144,3 +144,19 @@ def test_every_published_scorer_rejects_a_bad_batch_size_before_loading(bad):
         extra = {"trust_remote_code": True} if key == "clip_score" else {}  # jina-clip-v2's opt-in
         with pytest.raises(ValueError, match=rf"^batch_size must be a positive integer; got {bad!r}$"):
             load_scorer(key, batch_size=bad, **extra)
+
+
+@pytest.mark.parametrize("name", ["pick_a_score_score", "sciscore_score", "image_reward_score", "vqa_score"])
+def test_a_misspelt_argument_of_a_forwarding_factory_is_named_before_loading(name):
+    # these factories pass **kwargs on; their signature lists what the scorer takes
+    with pytest.raises(ValueError, match=f"reward '{name}' takes no argument 'batchsize'; it takes: model, .*batch_size"):
+        load_scorer(name, batchsize=4)
+
+
+def test_every_scorer_has_load_and_empty_images_are_named():
+    from PIL import Image
+
+    s = load_scorer("shapes_alignment")
+    assert s.load() is s  # nothing to load, as docs/rewards.md promises for every scorer
+    with pytest.raises(ValueError, match=r"images\[1\] is empty \(0x0 pixels\)"):
+        s.score([Image.new("RGB", (8, 8)), Image.new("RGB", (0, 0))], ["a red circle"] * 2)

@@ -244,7 +244,7 @@ def test_a_pinned_revision_also_pins_the_models_own_tokenizer(monkeypatch, backe
     def record(kind):
         def from_pretrained(name, **kw):
             calls.append((kind, name, kw.get("revision"), kw.get("trust_remote_code", False)))
-            return object()
+            return (object(), {"missing_keys": []}) if kw.get("output_loading_info") else object()
         return from_pretrained
 
     for cls in (transformers.AutoModel, transformers.CLIPModel, transformers.AutoTokenizer):
@@ -259,3 +259,86 @@ def test_a_pinned_revision_also_pins_the_models_own_tokenizer(monkeypatch, backe
     load_scorer("clip_score", model="org/clip", tokenizer="org/tok", backend=backend, trust_remote_code=remote,
                 revision="0123abc").backbone._loader()
     assert calls[1] == ("AutoTokenizer", "org/tok", None, remote)
+
+
+# ----------------------------------------------------------------------------- damaged or odd input
+def test_a_clip_folder_missing_weights_is_refused_not_filled_at_random(clip_dir, tmp_path):
+    # transformers fills missing tensors with random values and only prints a table
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from miro.rewards import load_scorer
+
+    dst = tmp_path / "damaged"
+    shutil.copytree(clip_dir, dst)
+    sd = load_file(str(dst / "model.safetensors"))
+    save_file({k: v for k, v in sd.items() if not k.startswith("visual_projection")}, str(dst / "model.safetensors"))
+    for name in ("clip_score", "aesthetic_score"):
+        s = load_scorer(name, model=str(dst), device="cpu")
+        with pytest.raises(ValueError, match=r"missing \(1\): visual_projection.weight"):
+            s.load()
+
+
+def test_aesthetic_head_file_with_other_tensors_is_not_taken(clip_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from miro.rewards import load_scorer
+
+    _save_mlp(tmp_path / "ok.safetensors")
+    sd = load_file(str(tmp_path / "ok.safetensors"))
+    save_file({**{f"mlp.{k}": v for k, v in sd.items()}, "junk": torch.zeros(1)}, str(tmp_path / "extra.safetensors"))
+    save_file({**{f"mlp.{k}": v for k, v in sd.items()}, **{f"head.{k}": v.clone() for k, v in sd.items()}},
+              str(tmp_path / "two.safetensors"))
+    save_file({f"mlp.{k}": v for k, v in sd.items()}, str(tmp_path / "wrapped.safetensors"))
+    for f, message in (("extra", r"other tensors \(junk\)"), ("two", r"the prefixes \['head.', 'mlp.'\]")):
+        s = load_scorer("aesthetic_score", model=str(clip_dir), mlp_weights=str(tmp_path / f"{f}.safetensors"))
+        with pytest.raises(ValueError, match=f"is not an aesthetic MLP: .*{message}"):
+            s.load()
+    # one wrapper prefix is still unwrapped
+    ok = load_scorer("aesthetic_score", model=str(clip_dir), mlp_weights=str(tmp_path / "ok.safetensors"))
+    wrapped = load_scorer("aesthetic_score", model=str(clip_dir), mlp_weights=str(tmp_path / "wrapped.safetensors"))
+    im = [Image.new("RGB", (32, 32), (200, 30, 30))]
+    torch.testing.assert_close(ok.score(im), wrapped.score(im))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(trust_remote_code="false"), "trust_remote_code must be True or False; got 'false'"),
+    (dict(image_size=0), "image_size must be a positive integer or None"),
+    (dict(max_length=0), "max_length must be a positive integer or None"),
+    (dict(device="gpu"), "device='gpu' is not a torch device"),
+    (dict(dtype=torch.int64), "dtype=torch.int64 is not a floating-point dtype"),
+])
+def test_clip_score_arguments_are_checked_when_built(clip_dir, kwargs, message):
+    from miro.rewards import load_scorer
+
+    with pytest.raises(ValueError, match=message):
+        load_scorer("clip_score", model=str(clip_dir), backend="clip", **kwargs)
+
+
+def test_16_bit_grayscale_is_rescaled_and_rangeless_modes_refused(clip_dir):
+    from miro.rewards import load_scorer
+
+    s = load_scorer("clip_score", model=str(clip_dir), device="cpu")
+    g8 = (np.arange(48 * 40).reshape(40, 48) % 256).astype(np.uint8)
+    g16 = Image.fromarray(g8.astype(np.uint16) * 257)  # the same picture at 16 bits
+    assert g16.mode == "I;16"
+    torch.testing.assert_close(s.score([g16], ["a cat"]), s.score([Image.fromarray(g8).convert("RGB")], ["a cat"]))
+    for arr, mode in ((np.zeros((8, 8), np.float32), "F"), (np.zeros((8, 8), np.int32), "I")):
+        with pytest.raises(ValueError, match=f"images\\[0\\] has mode '{mode}'.*no fixed range"):
+            s.score([Image.fromarray(arr)], ["a cat"])
+
+
+def test_a_pickle_with_code_is_refused_in_one_line(tmp_path):
+    import os
+
+    from miro.rewards.weights import load_state_dict
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    torch.save({"w": torch.zeros(1), "x": Payload()}, str(tmp_path / "evil.pth"))
+    with pytest.raises(ValueError, match=r"evil.pth is not a plain weights file and is not loaded.*GLOBAL") as e:
+        load_state_dict(tmp_path / "evil.pth")
+    assert "\n" not in str(e.value) and "weights_only" not in str(e.value)

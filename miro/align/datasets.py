@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from miro.io import to_rgb
+
 log = logging.getLogger(__name__)
 
 CURE_TEMPLATE = "An image of {item}"
@@ -159,7 +161,7 @@ def load_image_tensor(path: str | Path, size: int | tuple[int, int]) -> torch.Te
 
     h, w = (size, size) if isinstance(size, int) else size
     with Image.open(path) as im:
-        im = im.convert("RGB").resize((w, h), Image.LANCZOS)
+        im = to_rgb(im, str(path)).resize((w, h), Image.LANCZOS)
         arr = np.asarray(im, dtype=np.float32) / 255.0
     return torch.from_numpy(arr).permute(2, 0, 1) * 2 - 1
 

@@ -19,6 +19,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from miro.data.schema import ReadStats, check_key, image_member, iter_raw_samples, split_member
+from miro.io import to_rgb
 from miro.data.shard_files import (
     CAPTION_COLUMNS,
     SortedShardWriter,
@@ -142,7 +143,7 @@ def decode_raw(raw: dict) -> RawSample:
     try:
         im = Image.open(io.BytesIO(raw[ext]))
         im.load()
-        im = im.convert("RGB")
+        im = to_rgb(im, f".{ext}")
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError...)
         raise ValueError(f"undecodable image: {type(e).__name__}: {e}") from None
     if min(im.size) < 1:

@@ -33,7 +33,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from miro.io import atomic_path
+from miro.io import atomic_path, to_rgb
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_ENCODERS = ("flan_t5_xl", "minilm")
@@ -127,7 +127,7 @@ def decode_member(ext: str, data: bytes):
 
         im = Image.open(io.BytesIO(data))
         im.load()
-        return im.convert("RGB")
+        return to_rgb(im, f".{ext}")
     return data
 
 

@@ -126,6 +126,7 @@ class HFTextEncoder(TextEncoder):
 
         from miro.hub import clean_hub_kwargs
         from miro.io import one_line
+        from miro.rewards.weights import from_pretrained_strict
 
         from transformers.utils import logging as hf_logging
 
@@ -136,7 +137,7 @@ class HFTextEncoder(TextEncoder):
         hf_logging.disable_progress_bar()
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.name_or_path, **kw)
-            model = self._model_class().from_pretrained(self.name_or_path, **kw)
+            model = from_pretrained_strict(self._model_class(), self.name_or_path, "text encoder", **kw)
         except OSError as e:
             raise OSError(
                 f"could not load the text encoder {self.name_or_path!r} ({one_line(e)}). Without network "

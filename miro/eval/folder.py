@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from miro.io import atomic_write_json as _atomic_write_json, atomic_write_text, open_append
+from miro.io import atomic_write_json as _atomic_write_json, atomic_write_text, open_append, to_rgb
 
 
 @dataclass
@@ -74,7 +74,7 @@ def load_rgb(path: str | Path):
 
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")  # convert() loads the pixels, so a truncated file fails here
+            return to_rgb(im, str(path))  # loads the pixels, so a truncated file fails here
     except Exception:  # PIL raises OSError, SyntaxError or ValueError depending on the damage
         return None
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from miro.eval import geneval_rules as rules
 from miro.eval.folder import JsonlAppender, atomic_write_json, image_id, load_rgb, read_folder, read_jsonl
-from miro.io import atomic_write_text, one_line
+from miro.io import atomic_write_text, one_line, to_rgb
 
 DEFAULT_DETECTOR = "facebook/mask2former-swin-small-coco-instance"
 DEFAULT_OWL = "google/owlv2-base-patch16-ensemble"  # open-vocabulary alternative (boxes only)
@@ -211,7 +211,7 @@ def color_crop(image, det: rules.Detection, bgcolor: str = "#999", crop: bool = 
     """The colour classifier's input: the object pasted through its mask on ``bgcolor``, cropped."""
     from PIL import Image
 
-    image = image.convert("RGB")
+    image = to_rgb(image)
     if bgcolor != "original" and det.mask is not None:
         canvas = Image.new("RGB", image.size, bgcolor)
         mask = Image.fromarray(np.asarray(det.mask, dtype=np.uint8) * 255, mode="L")
@@ -233,7 +233,10 @@ class CLIPColorClassifier:
         from transformers import AutoTokenizer, CLIPModel
 
         self.device = _device(device)
-        self.model = CLIPModel.from_pretrained(name_or_path, local_files_only=local_files_only).to(self.device).eval()
+        from miro.rewards.weights import from_pretrained_strict
+
+        self.model = from_pretrained_strict(CLIPModel, name_or_path, "colour CLIP",
+                                            local_files_only=local_files_only).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_files_only)
         self.processor = _pil_processor("CLIP", name_or_path, local_files_only=local_files_only)
         self.colors = tuple(colors)

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from miro.eval.folder import JsonlAppender, atomic_write_json, image_id, load_rgb, read_folder, read_jsonl
+from miro.io import to_rgb
 
 RUBRICS = {
     "cure": {
@@ -81,7 +82,7 @@ class JudgeConfig:
 
 
 def image_data_uri(image, max_side: int = 512) -> str:
-    image = image.convert("RGB")
+    image = to_rgb(image)
     if max(image.size) > max_side:
         image = image.copy()
         image.thumbnail((max_side, max_side))

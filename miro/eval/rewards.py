@@ -4,7 +4,8 @@
 image folder), ``index``, ``sample``, ``tag``, ``prompt``, then for every scorer ``<name>`` (the
 raw score) and ``<name>_normalized`` (the value MIRO conditions on, ``Scorer.normalize``), and
 ``<name>_version`` for a scorer that comes in versions (HPS v2.0 / v2.1, whose scores are not
-comparable). Lines for the same image merge, so adding a scorer later appends only its columns,
+comparable) or is built with other weights or settings than its defaults (``model=...``, see
+``miro.rewards.load_scorer``). Lines for the same image merge, so adding a scorer later appends only its columns,
 scoring again with another version of a scorer replaces its columns, and a killed run resumes
 where it stopped. Unreadable images are skipped and counted, never scored.
 """

@@ -74,7 +74,36 @@ def load_scorer(name: str, **kwargs) -> Scorer:
     if name not in REGISTRY:
         raise ValueError(f"unknown reward {name!r}; available: {', '.join(sorted(REGISTRY))}")
     check_scorer_kwargs(name, kwargs)
-    return REGISTRY[name](**kwargs)
+    scorer = REGISTRY[name](**kwargs)
+    _label_settings(scorer, name, kwargs)
+    return scorer
+
+
+# Arguments that change where or how fast a scorer runs, not its scores (up to float rounding).
+_RUN_ONLY = frozenset({"device", "batch_size", "local_files_only", "trust_remote_code"})
+
+
+def _label_settings(scorer, name: str, kwargs: dict) -> None:
+    """Extend ``scorer.version`` (what ``miro eval rewards`` records beside each score and compares
+    before reusing it) with the arguments that change the scores and differ from the factory's
+    defaults (another model, checkpoint, dtype, preprocessing...). Scores of another model are
+    then rescored instead of merged into the same column, and the default scorer keeps its label."""
+    import inspect
+
+    try:
+        params = inspect.signature(REGISTRY[name]).parameters
+    except (TypeError, ValueError):
+        params = {}
+    changed = []
+    for k, v in sorted(kwargs.items()):
+        if k in _RUN_ONLY or k == "version":  # HPS's version is the label's own first part
+            continue
+        default = params[k].default if k in params else inspect.Parameter.empty
+        if default is inspect.Parameter.empty or v != default:
+            changed.append(f"{k}={v}")
+    if changed:
+        base = getattr(scorer, "version", None)
+        scorer.version = "; ".join(([str(base)] if base is not None else []) + changed)
 
 
 def scorer_kwargs_from_cli(text: str, names, trust_remote_code: bool = False) -> dict[str, dict]:

@@ -66,14 +66,18 @@ def _single_weight_file(folder: Path) -> Path:
     return files[0]
 
 
-def _mlp_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keep ``layers.*`` tensors, dropping any wrapper prefix (``mlp.layers.0.weight`` → ``layers.0.weight``)."""
-    out = {}
-    for k, v in sd.items():
-        i = k.find("layers.")
-        if i >= 0:
-            out[k[i:]] = v
-    return out
+def _mlp_state_dict(sd: dict[str, torch.Tensor], source) -> dict[str, torch.Tensor]:
+    """The ``layers.*`` tensors without a wrapper prefix (``mlp.layers.0.weight`` →
+    ``layers.0.weight``). The file must hold nothing else, under one prefix: a file with other
+    tensors (an ImageReward checkpoint, whose head has the same layout) is not this MLP."""
+    prefixes = {k[: k.find("layers.")] if k.find("layers.") >= 0 else None for k in sd}
+    if None in prefixes or len(prefixes) != 1:
+        other = sorted(k for k in sd if "layers." not in k)
+        raise ValueError(f"{source} is not an aesthetic MLP: expected only layers.* tensors under one prefix; "
+                         f"found " + (f"other tensors ({', '.join(other[:4])}{' ...' if len(other) > 4 else ''})"
+                                      if other else f"the prefixes {sorted(prefixes)}"))
+    (prefix,) = prefixes
+    return {k[len(prefix):]: v for k, v in sd.items()}
 
 
 class AestheticScorer(Scorer):
@@ -101,7 +105,7 @@ class AestheticScorer(Scorer):
             self.backbone.load()
             path = self._weights_path()
             mlp = AestheticMLP(self.backbone.model.config.projection_dim)
-            load_strict(mlp, _mlp_state_dict(load_state_dict(path)), f"aesthetic MLP ({path.name})")
+            load_strict(mlp, _mlp_state_dict(load_state_dict(path), path), f"aesthetic MLP ({path.name})")
             self.mlp = mlp.eval().requires_grad_(False).to(self.backbone.device)
 
     def _weights_path(self):
@@ -166,7 +170,10 @@ def aesthetic(
     def loader():
         from transformers import CLIPModel  # image tower only: no tokenizer needed
 
-        return CLIPModel.from_pretrained(model, revision=revision, local_files_only=local_files_only), None
+        from miro.rewards.weights import from_pretrained_strict
+
+        return from_pretrained_strict(CLIPModel, model, "aesthetic CLIP", revision=revision,
+                                      local_files_only=local_files_only), None
 
     # OpenAI clip._transform: Resize(n_px, bicubic) → CenterCrop(n_px) with torchvision's rounding;
     # n_px = the tower's image_size (224 for ViT-L/14)

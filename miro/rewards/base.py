@@ -16,6 +16,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from miro.io import to_rgb
+
 ImagesLike = "Sequence[PIL.Image.Image] | torch.Tensor"
 
 
@@ -35,7 +37,7 @@ def images_to_tensor(images, size: int | None = None) -> torch.Tensor:
     for i, im in enumerate(images):
         if not isinstance(im, Image.Image):
             raise ValueError(f"images[{i}] must be a PIL image or the batch a (B,3,H,W) tensor; got {type(im).__name__}")
-        im = im.convert("RGB")
+        im = to_rgb(im, f"images[{i}]")
         if size is not None and im.size != (size, size):
             im = im.resize((size, size), Image.BICUBIC)
         arrays.append(np.asarray(im, dtype=np.float32) / 255.0)
@@ -108,6 +110,10 @@ class Scorer:
     def __call__(self, images, prompts=None) -> torch.Tensor:
         return self.score(images, prompts)
 
+    def load(self) -> "Scorer":
+        """Load lazily loaded weights now; a scorer without weights (the Shapes rewards) has none."""
+        return self
+
     # Embedding models override these three.
     def embed_image(self, images) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} is not an embedding model")
@@ -152,6 +158,24 @@ def load_parts(model) -> None:
 
 # name -> factory(**kwargs) -> Scorer. Filled by the modules that define scorers.
 REGISTRY: dict[str, Callable[..., Scorer]] = {}
+
+
+def forwards(target: Callable) -> Callable[[Callable], Callable]:
+    """Decorator for a factory ``f(model=..., **kwargs)`` that passes ``kwargs`` on to ``target``:
+    its signature (``help``, ``inspect`` and ``check_scorer_kwargs``) lists the target's keyword
+    arguments instead of ``**kwargs``, so a misspelt one is refused by name before anything loads."""
+    import inspect
+
+    def deco(factory: Callable) -> Callable:
+        sig = inspect.signature(factory)
+        own = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        taken = {p.name for p in own}
+        extra = [p.replace(kind=p.KEYWORD_ONLY) for p in inspect.signature(target).parameters.values()
+                 if p.name not in taken and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        factory.__signature__ = sig.replace(parameters=own + extra)
+        return factory
+
+    return deco
 
 
 def register(name: str) -> Callable[[Callable[..., Scorer]], Callable[..., Scorer]]:

@@ -37,7 +37,9 @@ def load_clip_model(model: str, tokenizer: str | None, *, revision=None, local_f
     """transformers ``CLIPModel`` + tokenizer from a hub id or a local folder (no remote code)."""
     from transformers import AutoTokenizer, CLIPModel
 
-    m = CLIPModel.from_pretrained(model, revision=revision, local_files_only=local_files_only)
+    from miro.rewards.weights import from_pretrained_strict
+
+    m = from_pretrained_strict(CLIPModel, model, "CLIP", revision=revision, local_files_only=local_files_only)
     # the model's own tokenizer from the same pinned revision (another repo's: its default)
     tok = AutoTokenizer.from_pretrained(tokenizer or model, revision=None if tokenizer else revision,
                                         local_files_only=local_files_only)

@@ -67,6 +67,11 @@ def clip_score(
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {_BACKENDS}")
+    if not isinstance(trust_remote_code, bool):  # "false" is truthy: only a real True opts in
+        raise ValueError(f"trust_remote_code must be True or False; got {trust_remote_code!r}")
+    for name, value in (("image_size", image_size), ("max_length", max_length)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ValueError(f"{name} must be a positive integer or None (the model's own); got {value!r}")
     remote = backend == "remote" or (backend == "auto" and needs_remote_code(model))
     if remote and not trust_remote_code:
         raise ValueError(

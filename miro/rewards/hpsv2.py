@@ -28,7 +28,7 @@ from miro.rewards.clip_base import ClipBackbone, ClipLikeScorer
 from miro.rewards.clip_remap import OPEN_CLIP_VIT_H14, clip_config_from_open_clip, open_clip_to_transformers
 from miro.rewards.pickscore import LAION_CLIP_H14
 from miro.rewards.preprocess import ImageTransform
-from miro.rewards.weights import build_and_load, load_state_dict, resolve_file
+from miro.rewards.weights import build_and_load, from_pretrained_strict, load_state_dict, resolve_file
 
 HPSV2_REPO = "xswu/HPSv2"
 # hpsv2 1.2.0 hpsv2/utils.py hps_version_map
@@ -52,7 +52,7 @@ def load_hps_model(model: str, version: str, *, checkpoint=None, open_clip_confi
     if checkpoint is None and folder.is_dir() and (folder / "config.json").is_file():
         cfg = json.loads((folder / "config.json").read_text())
         if cfg.get("model_type") == "clip":
-            m = CLIPModel.from_pretrained(str(folder), local_files_only=local_files_only)
+            m = from_pretrained_strict(CLIPModel, str(folder), f"HPS {version}", local_files_only=local_files_only)
             tok = AutoTokenizer.from_pretrained(tokenizer or str(folder), local_files_only=local_files_only)
             return m, tok
     path = resolve_file(checkpoint or model, None if checkpoint else HPS_CHECKPOINTS[version], revision=revision,

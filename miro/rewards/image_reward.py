@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from miro.rewards.aesthetic import AestheticMLP
-from miro.rewards.base import Scorer, check_batch_size, check_prompts, register
+from miro.rewards.base import Scorer, check_batch_size, check_prompts, forwards, register
 from miro.rewards.preprocess import ImageTransform, num_images, paired_batches
 from miro.rewards.weights import build_and_load, load_state_dict, resolve_device, resolve_dtype, resolve_file
 
@@ -200,6 +200,7 @@ class ImageReward(Scorer):
 
 
 @register("image_reward_score")
+@forwards(ImageReward)
 def image_reward(model: str = IMAGE_REWARD_REPO, **kwargs) -> ImageReward:
     """ImageReward v1.0 scorer; ``model``: hub repo or folder with ``ImageReward.pt`` + ``med_config.json``."""
     return ImageReward(model, **kwargs)

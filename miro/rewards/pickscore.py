@@ -9,7 +9,7 @@ MIRO stores it divided by 100.
 
 from __future__ import annotations
 
-from miro.rewards.base import register
+from miro.rewards.base import forwards, register
 from miro.rewards.clip_base import ClipBackbone, ClipLikeScorer, load_clip_model
 from miro.rewards.preprocess import ImageTransform
 
@@ -53,6 +53,7 @@ class PickScore(PickStyleScorer):
 
 
 @register("pick_a_score_score")
+@forwards(PickScore.build)
 def pickscore(model: str = PICKSCORE_V1, **kwargs) -> PickScore:
     """PickScore scorer; keyword options as in :meth:`PickStyleScorer.build`."""
     return PickScore.build(model, **kwargs)

@@ -9,8 +9,9 @@ only in how an image of arbitrary size gets there:
   transformers' ``CLIPImageProcessor`` (``shortest_edge`` + ``crop_size``).
 * ``"longest_pad"`` — resize the long side to ``size`` and zero-pad (black, before
   normalisation) to a centred square: open_clip's ``ResizeMaxSize`` used by the official
-  ``hpsv2.score()`` (``light_augmentation=True``, hpsv2/src/open_clip/transform.py). As there,
-  nothing is resized or padded when the long side already equals ``size``.
+  ``hpsv2.score()`` (``light_augmentation=True``, hpsv2/src/open_clip/transform.py). There, an
+  image whose long side already equals ``size`` is left unpadded, and so non-square, which the
+  ViT cannot take; here it is padded like any other.
 * ``pad_to_square`` — LLaVA's ``expand2square`` (t2v_metrics ``mm_utils.py``): pad to a square
   with a fill colour before the shortest-side resize (VQAScore uses the CLIP mean colour).
 
@@ -32,6 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from miro.io import to_rgb
 
 # OpenAI CLIP normalisation (openai/CLIP clip.py `_transform`), shared by every reward model here.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -105,7 +108,7 @@ class ImageTransform:
         for i, im in enumerate(images):
             if not isinstance(im, Image.Image):
                 raise ValueError(f"images[{i}] must be a PIL image; got {type(im).__name__}")
-            out.append(self._pil_one(im.convert("RGB")))
+            out.append(self._pil_one(to_rgb(im, f"images[{i}]")))
         if not out:
             return torch.zeros(0, 3, self.size, self.size, device=device, dtype=dtype)
         x = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)

@@ -11,7 +11,7 @@ reference code here.
 
 from __future__ import annotations
 
-from miro.rewards.base import register
+from miro.rewards.base import forwards, register
 from miro.rewards.pickscore import PickStyleScorer
 
 SCISCORE = "Jialuo21/SciScore"
@@ -22,6 +22,7 @@ class SciScore(PickStyleScorer):
 
 
 @register("sciscore_score")
+@forwards(SciScore.build)
 def sciscore(model: str = SCISCORE, **kwargs) -> SciScore:
     """SciScore scorer; keyword options as in :meth:`~miro.rewards.pickscore.PickStyleScorer.build`
     (the LAION ViT-H tokenizer and 224 px preprocessing by default)."""

@@ -34,9 +34,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from miro.rewards.base import Scorer, check_batch_size, check_prompts, register
+from miro.io import to_rgb
+from miro.rewards.base import Scorer, check_batch_size, check_prompts, forwards, register
 from miro.rewards.preprocess import OPENAI_CLIP_MEAN, ImageTransform, num_images, paired_batches
-from miro.rewards.weights import build_and_load, load_state_dict, resolve_device, resolve_dtype, snapshot_dir
+from miro.rewards.weights import (build_and_load, from_pretrained_strict, load_state_dict, resolve_device, resolve_dtype,
+                                  snapshot_dir)
 
 CLIP_FLANT5_XXL = "zhiqiulin/clip-flant5-xxl"
 CLIP_FLANT5_XL = "zhiqiulin/clip-flant5-xl"
@@ -73,7 +75,7 @@ def jpeg_roundtrip(images, quality: int) -> list:
     out = []
     for im in images:
         buf = io.BytesIO()
-        im.convert("RGB").save(buf, format="JPEG", quality=quality)
+        to_rgb(im).save(buf, format="JPEG", quality=quality)
         buf.seek(0)
         with Image.open(buf) as j:
             out.append(j.convert("RGB"))
@@ -194,7 +196,8 @@ def load_clip_flant5(model: str, *, tokenizer: str = FLAN_T5_XXL, vision_tower: 
     tower = vision_tower or cfg.get("mm_vision_tower") or CLIP_L14_336
     vcfg = CLIPVisionConfig.from_pretrained(str(tower), local_files_only=local_files_only)
     if not vision:  # not saved with the checkpoint: the reference loads the tower by name
-        tower_model = CLIPVisionModel.from_pretrained(str(tower), local_files_only=local_files_only)
+        tower_model = from_pretrained_strict(CLIPVisionModel, str(tower), "VQAScore vision tower",
+                                             local_files_only=local_files_only)
         vision = {k: v for k, v in tower_model.state_dict().items() if not k.endswith("position_ids")}
     full = {f"vision_tower.{k}": v for k, v in vision.items()}
     full.update({f"mm_projector.{k}": v for k, v in proj.items()})
@@ -289,6 +292,7 @@ class VQAScore(Scorer):
 
 
 @register("vqa_score")
+@forwards(VQAScore)
 def vqa_score(model: str = CLIP_FLANT5_XXL, **kwargs) -> VQAScore:
     """VQAScore scorer (CLIP-FlanT5); ``model``: ``zhiqiulin/clip-flant5-xxl`` (MIRO) or ``-xl``, or a folder."""
     return VQAScore(model, **kwargs)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from miro.io import atomic_write_with, cache_root
+from miro.io import atomic_write_with, cache_root, one_line
 
 def is_url(name: str) -> bool:
     return bool(re.match(r"^https?://", str(name)))
@@ -82,10 +82,18 @@ def load_state_dict(path: str | os.PathLike, *, unwrap: tuple[str, ...] = ("stat
         from safetensors.torch import load_file
 
         return load_file(str(path))
+    import pickle
+
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused an object: nothing of it ran
+        # torch's message advises weights_only=False; keep only the line naming the refused object
+        why = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln), one_line(e))
+        raise ValueError(f"{path} is not a plain weights file and is not loaded: it pickles objects other than "
+                         f"tensors ({why})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path} does not hold a state dict (got {type(obj).__name__})")
     for key in unwrap:
@@ -151,16 +159,33 @@ def build_and_load(factory, state_dict: dict[str, torch.Tensor], what: str) -> t
     return module
 
 
+def from_pretrained_strict(cls, name, what: str, **kwargs):
+    """``cls.from_pretrained(name, **kwargs)`` that refuses a checkpoint lacking some of the
+    model's weights. transformers fills those with random values and only prints a table, so a
+    damaged or mismatched folder would score at random instead of failing."""
+    model, info = cls.from_pretrained(name, output_loading_info=True, **kwargs)
+    missing = sorted(k for k in info.get("missing_keys", ()) if not k.endswith("position_ids"))
+    if missing:
+        raise ValueError(f"{what} ({name}): checkpoint does not match the model; missing ({len(missing)}): "
+                         f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
+    return model
+
+
 def resolve_device(device) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a torch device; expected e.g. 'cpu', 'cuda' or 'cuda:1'") from None
 
 
 def resolve_dtype(dtype) -> torch.dtype:
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype={dtype} is not a floating-point dtype; expected float32, float16 or bfloat16")
         return dtype
     names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
              "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}

@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from miro.io import to_rgb
+
 
 def _parser() -> argparse.ArgumentParser:
     from miro.shapes import world as W
@@ -118,7 +120,7 @@ def _detect(args) -> int:
 
     for f in args.images:
         with Image.open(f) as im:
-            dets = detect(im.convert("RGB"))
+            dets = detect(to_rgb(im, f))
         print(f"{f}: {len(dets)} object(s)")
         for d in dets:
             print(f"  {d.color:>6} {d.cls:<8} score={d.score:.3f} bbox=({', '.join(f'{v:.1f}' for v in d.bbox)})")

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from miro.eval.geneval_rules import Detection
+from miro.io import to_rgb
 from miro.shapes import world as W
 from miro.shapes.fit import ObjectFit, fit_object
 
@@ -63,7 +64,7 @@ def min_object_area(resolution: int) -> float:
     return k * (W.MIN_SIZE * resolution) ** 2
 
 
-def to_float_image(image) -> np.ndarray:
+def to_float_image(image, what: str = "image") -> np.ndarray:
     """PIL image, uint8 array (H, W, 3), float array in [0, 1], or a (3, H, W) tensor -> (H, W, 3) float64."""
     try:
         import torch
@@ -75,7 +76,7 @@ def to_float_image(image) -> np.ndarray:
     except ImportError:  # pragma: no cover
         pass
     if hasattr(image, "convert"):
-        image = np.asarray(image.convert("RGB"))
+        image = np.asarray(to_rgb(image, what))
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"image must be RGB (H, W, 3); got shape {arr.shape}")

@@ -163,7 +163,7 @@ def contrast(img: np.ndarray, dets: list[Detection]) -> float:
 def _arrays(images) -> list[np.ndarray]:
     if isinstance(images, torch.Tensor) and (images.ndim != 4 or images.shape[1] != 3):
         raise ValueError(f"image tensor must have shape (B, 3, H, W); got {tuple(images.shape)}")
-    return [to_float_image(im) for im in images]
+    return [to_float_image(im, f"images[{i}]") for i, im in enumerate(images)]
 
 
 def score_all(images, prompts=None, keys=REWARD_KEYS, detector: ShapesDetector | None = None) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -83,10 +83,26 @@ def list_variants(root: str | Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "config.json").is_file())
 
 
+def check_variant_name(variant: str | None) -> None:
+    """A variant is one plain subfolder name (or None): never a path that leaves the folder."""
+    if variant and (not isinstance(variant, str) or "/" in variant
+                                or "\\" in variant or variant in (".", "..")):
+        raise ValueError(f"variant must be a plain subfolder name; got {variant!r}")
+
+
+def check_device_available(device: torch.device) -> None:
+    """A ValueError when ``device``'s backend is missing here, before any weights move there
+    (torch's own error comes after the load: an AssertionError on a CPU-only build)."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: CUDA is not available here; use 'cpu'")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r}: MPS is not available here; use 'cpu'")
+
+
 def _select_variant(root: Path, variant: str | None, where: str) -> Path:
     if variant:
-        if "/" in variant or "\\" in variant or variant in (".", ".."):
-            raise ValueError(f"variant must be a plain subfolder name; got {variant!r}")
+        check_variant_name(variant)
         base = root / variant
         if not (base / "config.json").is_file():
             raise ValueError(
@@ -240,6 +256,20 @@ def np_save(path: str, arr: np.ndarray) -> None:
         np.save(f, arr, allow_pickle=False)
 
 
+def read_pipeline_file(path: Path, read: Callable[[Path], Any], kind: str):
+    """``read(path)``, a damaged file (truncated, not JSON, not a ``.npy``...) being one ValueError
+    that names it; json, numpy and safetensors each raise their own types, without the path."""
+    try:
+        return read(path)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file's name, whatever the reader raised
+        from miro.io import one_line
+
+        what = str(e) if type(e).__name__ in ("ValueError", "OSError") else f"{type(e).__name__}: {e}"
+        if "pickled" in what:  # numpy's guess for any non-.npy file; the file is simply not one
+            what = "not a .npy file"
+        raise ValueError(f"{path} is not a readable {kind} ({one_line(what)})") from e
+
+
 def init_model(config: Mapping[str, Any], init: Mapping[str, Any]):
     """A seeded fresh initialisation (``init.json`` = ``{"seed": s}``), for untrained demos."""
     from miro.models.model import MiroModel
@@ -272,7 +302,7 @@ def build_model(config: Mapping[str, Any], weights: Path):
     # allocations are, and on CPU misaligned weights take other (non-bitwise-equal) GEMM kernels, so a
     # float32 save -> load would not reproduce the saved pipeline's images exactly.
     state = {k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True)
-             for k, v in load_file(str(weights)).items()}
+             for k, v in read_pipeline_file(weights, lambda p: load_file(str(p)), "safetensors file").items()}
     try:
         with torch.device("meta"):
             model = MiroModel.from_config(dict(config))

@@ -47,10 +47,13 @@ from miro.hub import (
     build_model,
     init_model,
     np_save,
+    check_device_available,
+    check_variant_name,
     parse_dtype,
+    read_pipeline_file,
     resolve_pipeline_dir,
 )
-from miro.io import atomic_write_with
+from miro.io import atomic_write_with, one_line
 from miro.models.sampler import is_real
 
 OUTPUT_TYPES = ("pil", "np", "numpy", "pt", "latent")
@@ -239,6 +242,12 @@ class MiroPipeline(nn.Module):
         if use_safetensors is False:
             raise ValueError("use_safetensors=False: MIRO pipelines store their weights only as "
                              "model.safetensors; pass use_safetensors=True or leave it out")
+        if device is not None:  # before the download and the load, not after
+            try:
+                check_device_available(torch.device(device))
+            except (RuntimeError, TypeError):
+                raise ValueError(f"device={device!r} is not a torch device; expected e.g. 'cpu', 'cuda' or "
+                                 f"'cuda:1'") from None
         # "auto" is resolved once the folder is known (it reads the stored dtype); explicit wins.
         dt = None if _is_auto(dtype) else parse_dtype(dtype)
         tdt = None if _is_auto(torch_dtype) else parse_dtype(torch_dtype)
@@ -250,17 +259,19 @@ class MiroPipeline(nn.Module):
         if dt is None and (_is_auto(dtype) or _is_auto(torch_dtype)):
             on_cuda = device is not None and torch.device(device).type == "cuda"
             dt = _stored_float_dtype(files) if on_cuda else torch.float32
-        config = json.loads(files["config.json"].read_text())
+        read_json = lambda p: json.loads(p.read_text(encoding="utf-8"))  # noqa: E731
+        config = read_pipeline_file(files["config.json"], read_json, "JSON file")
         if "model.safetensors" in files:
             model = build_model(config, files["model.safetensors"])
         else:
-            model = init_model(config, json.loads(files["init.json"].read_text()))
-        uncond = np.load(files["uncond_embedding.npy"], allow_pickle=False)
+            model = init_model(config, read_pipeline_file(files["init.json"], read_json, "JSON file"))
+        uncond = read_pipeline_file(files["uncond_embedding.npy"], lambda p: np.load(p, allow_pickle=False),
+                                    ".npy array")
         bins = None
         if "reward_bins.json" in files:
             from miro.rewards.binning import RewardBins
 
-            bins = RewardBins.load(files["reward_bins.json"])
+            bins = read_pipeline_file(files["reward_bins.json"], RewardBins.load, "reward bins file")
         hub = dict(cache_dir=cache_dir, local_files_only=local_files_only or None, token=token)
         max_len = int(config.get("max_text_len", DEFAULT_MAX_TEXT_LEN))
         text = load_text_encoder(
@@ -292,6 +303,7 @@ class MiroPipeline(nn.Module):
         store = parse_dtype(dtype)
         if store is None:
             raise ValueError("dtype=None: name the storage dtype, e.g. 'float32' or 'float16'")
+        check_variant_name(variant)  # the name from_pretrained would take back: no "../x"
         out = Path(save_directory) / variant if variant else Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
         config = copy.deepcopy(self.config)
@@ -355,9 +367,17 @@ class MiroPipeline(nn.Module):
             kwargs["dtype"] = parse_dtype(kwargs["dtype"])
         args = tuple(parse_dtype(a) if isinstance(a, str) and a.lower().removeprefix("torch.") in _DTYPES else a
                      for a in args)
-        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        try:
+            device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        except (RuntimeError, TypeError) as e:  # torch lists ~20 device types and names no argument
+            raise ValueError(f"MiroPipeline.to: {one_line(e)}; expected a device such as 'cpu', 'cuda' or "
+                             f"'cuda:1' and/or a dtype") from None
         dtype = parse_dtype(dtype)
+        if device is not None:
+            check_device_available(device)
+        uncond = self.uncond_embedding  # float32 whatever the weights' dtype (published; spec §6)
         super().to(device=device, dtype=dtype)  # bool masks stay bool: nn.Module casts floats only
+        self.uncond_embedding = uncond.to(device=device)
         if device is not None:
             self._device = torch.device(device)
             self.text_encoder.to(self._device)  # the text encoder stays float32 (spec §6)
@@ -547,7 +567,13 @@ class MiroPipeline(nn.Module):
     def encode_prompt(self, prompts: Sequence[str], num_images_per_prompt: int = 1):
         """Text embeddings (B·n, L, E) float32 and mask (B·n, L) bool, copies adjacent. Prompts
         longer than ``max_text_len`` tokens are truncated, as published; one warning says so."""
-        emb, mask = self.text_encoder.encode(list(prompts))
+        if isinstance(prompts, str):  # one prompt, not its characters
+            prompts = [prompts]
+        prompts = list(prompts)
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
+                or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive integer; got {num_images_per_prompt!r}")
+        emb, mask = self.text_encoder.encode(prompts)
         self._warn_truncated(prompts)
         width = self.uncond_embedding.shape[1]
         if emb.shape[-1] != width:
@@ -605,7 +631,12 @@ class MiroPipeline(nn.Module):
                 raise ValueError("latents contain NaN or infinite values")
             return latents
         if isinstance(generator, (list, tuple)):
+            if len(generator) != batch_size:
+                raise ValueError(f"got {len(generator)} generators for a batch of {batch_size}; pass one per image "
+                                 f"or a single one")
             return torch.cat([self.prepare_noise(1, g) for g in generator])
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator, a list of them or None; got {generator!r}")
         gen_device = generator.device if generator is not None else self._device
         # A CPU generator on a CUDA pipeline draws on the CPU and moves the noise (diffusers'
         # rule); a generator on the pipeline's device draws there, as published.
@@ -685,8 +716,7 @@ class MiroPipeline(nn.Module):
         pos = self._targets(reward_targets, 1.0, "reward_targets", len(prompts), n)
         neg = self._targets(negative_reward_targets, 0.0, "negative_reward_targets", len(prompts), n)
         # A reward dropped from the positive targets is dropped from the negative ones as well
-        # (unless named there): "not conditioned on" then holds in both branches, which batched
-        # CFG needs anyway (it runs both branches with the same reward keys).
+        # (unless named there): "not conditioned on" then holds in both branches.
         for key, value in pos.items():
             if value is None and key not in (negative_reward_targets or {}):
                 neg[key] = None
@@ -720,6 +750,8 @@ class MiroPipeline(nn.Module):
         if not isinstance(latents, torch.Tensor) or latents.dim() != 4 or tuple(latents.shape[1:]) != want:
             got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
             raise ValueError(f"latents must be a (B, {', '.join(map(str, want))}) tensor; got {got}")
+        if not torch.isfinite(latents).all():  # would decode to black (NaN -> 0 in the uint8 cast)
+            raise ValueError("latents contain NaN or infinite values")
         return _with_images(self._decode(latents.to(self._device), output_type))
 
     def _decode(self, x0: torch.Tensor, output_type: str):

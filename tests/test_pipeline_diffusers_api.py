@@ -188,8 +188,10 @@ def test_from_pretrained_accepts_diffusers_arguments(pipe, saved, tmp_path):
 # ------------------------------------------------------------- 6. half()/float()/cpu()/cuda()
 def test_dtype_and_device_methods_go_through_to(saved, monkeypatch):
     p = fresh(saved)
+    uncond = p.uncond_embedding.clone()
     assert p.half() is p and p.dtype == torch.float16
     assert {v.dtype for v in p.model.state_dict().values()} == {torch.float16, torch.bool}
+    assert torch.equal(p.uncond_embedding, uncond)  # float32, not rounded through float16 and back
     with pytest.raises(ValueError, match="generation in torch.float16 needs a CUDA device"):
         p(PROMPTS, **KW)
     assert p.float().dtype == torch.float32 and p.cpu().device == torch.device("cpu")
@@ -224,10 +226,16 @@ def test_none_drops_a_reward_in_both_branches(pipe, monkeypatch):
     x0 = euler_sample(pipe.model, noise, emb, mask, pipe.uncond_embedding, None, {"clip_score": None},
                       {"clip_score": None}, num_steps=2)
     assert torch.equal(out, pipe.decode_latents(x0, "pt"))
-    # Dropped from the negative branch only: batched CFG needs the same keys in both branches.
-    with pytest.raises(ValueError, match=r"given \(or dropped\) in both branches: \['clip_score'\]"):
-        pipe(PROMPTS, negative_reward_targets={"clip_score": None}, **KW)
-    pipe(PROMPTS, negative_reward_targets={"clip_score": None}, batched_cfg=False, **KW)
+    # Dropped in one branch only (either one): batched CFG gives what two forwards give
+    for targets in (dict(negative_reward_targets={"clip_score": None}),
+                    dict(reward_targets={"clip_score": None}, negative_reward_targets={"clip_score": 0.0})):
+        batched = pipe(PROMPTS, generator=gen(6), output_type="latent", num_inference_steps=3, **targets)
+        apart = pipe(PROMPTS, generator=gen(6), output_type="latent", num_inference_steps=3, batched_cfg=False,
+                     **targets)
+        torch.testing.assert_close(batched, apart, rtol=1e-4, atol=1e-5)
+        both = pipe(PROMPTS, generator=gen(6), output_type="latent", num_inference_steps=3,
+                    **{k: {"clip_score": 0.0} for k in targets})
+        assert (batched - both).abs().max() > 1e-3  # the drop is not a no-op
 
 
 def test_per_image_and_per_prompt_targets(pipe, monkeypatch):
@@ -299,3 +307,52 @@ def test_truncated_prompts_warn_once_per_call(pipe):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pipe(PROMPTS, **KW)  # short prompts: no warning
+
+
+# ------------------------------------------------------------- 9. damaged files and bad arguments
+@pytest.mark.parametrize("name, damage, message", [
+    ("model.safetensors", lambda f: f.write_bytes(f.read_bytes()[:1000]), "is not a readable safetensors file"),
+    ("config.json", lambda f: f.write_text("{not json"), "is not a readable JSON file"),
+    ("reward_bins.json", lambda f: f.write_text("{not json"), "is not a readable reward bins file"),
+    ("uncond_embedding.npy", lambda f: f.write_text("hello"), r"is not a readable .npy array \(not a .npy file\)"),
+])
+def test_a_damaged_pipeline_file_is_named(saved, tmp_path, name, damage, message):
+    copy_ = tmp_path / "p"
+    shutil.copytree(saved, copy_)
+    damage(copy_ / name)
+    with pytest.raises(ValueError, match=f"{name} {message}") as e:
+        MiroPipeline.from_pretrained(copy_)
+    assert "\n" not in str(e.value)
+
+
+def test_public_helpers_refuse_what_they_would_get_wrong(pipe, tmp_path):
+    with pytest.raises(ValueError, match="variant must be a plain subfolder name; got '../escape'"):
+        pipe.save_pretrained(tmp_path / "sv", variant="../escape")
+    assert not (tmp_path / "escape").exists()
+    emb, mask = pipe.encode_prompt("a red circle")  # one prompt, not 12 one-letter prompts
+    torch.testing.assert_close(emb, pipe.encode_prompt(["a red circle"])[0])
+    assert emb.shape[0] == 1
+    with pytest.raises(ValueError, match="num_images_per_prompt must be a positive integer; got 0"):
+        pipe.encode_prompt(["a red circle"], 0)
+    with pytest.raises(ValueError, match="got 1 generators for a batch of 3"):
+        pipe.prepare_noise(3, [gen(0)])
+    with pytest.raises(ValueError, match="generator must be a torch.Generator, a list of them or None; got 'x'"):
+        pipe.prepare_noise(2, "x")
+    x0 = pipe("a red circle", generator=gen(0), num_inference_steps=2, output_type="latent")
+    with pytest.raises(ValueError, match="latents contain NaN or infinite values"):
+        pipe.decode_latents(torch.full_like(x0, float("nan")))
+
+
+def test_a_bad_device_is_refused_before_loading(saved, monkeypatch):
+    import miro.pipeline as P
+
+    monkeypatch.setattr(P, "resolve_pipeline_dir", lambda *a, **k: pytest.fail("loaded before the device check"))
+    with pytest.raises(ValueError, match="device='gpu' is not a torch device"):
+        MiroPipeline.from_pretrained(saved, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda': CUDA is not available here"):
+            MiroPipeline.from_pretrained(saved, device="cuda")
+    monkeypatch.undo()
+    p = fresh(saved)
+    with pytest.raises(ValueError, match="MiroPipeline.to: .*expected a device"):
+        p.to("gpu")

@@ -235,16 +235,15 @@ def euler_sample(
             branches.append((ue, um, neg))
     elif use_cfg:
         branches.append((ue, um, neg))
-    if batched_cfg and len(branches) > 1 and set(pos) != set(neg):
-        raise ValueError(
-            "with batched_cfg a reward must be given (or dropped) in both branches: "
-            f"{sorted(set(pos) ^ set(neg))}"
-        )
     n_br = len(branches)
     if batched_cfg and n_br > 1:
         emb_all = torch.cat([e for e, _, _ in branches])
         mask_all = torch.cat([m for _, m, _ in branches])
-        coh_all = {k: torch.cat([r[k] for _, _, r in branches]) for k in pos}
+        # A reward dropped in some branches only: NaN there, which the network in eval mode
+        # embeds as zeros (RIN.cond_mapping), exactly what leaving the key out gives.
+        dropped = torch.full((b,), float("nan"), device=device)
+        coh_all = {k: torch.cat([r.get(k, dropped) for _, _, r in branches])
+                   for k in keys if any(k in r for _, _, r in branches)}
     scales = [w_j for _, w_j in groups]
 
     def combine(vs: list[Tensor]) -> Tensor:

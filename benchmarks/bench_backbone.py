@@ -59,7 +59,7 @@ DEFAULT_PLAN = {  # config -> list of (batch, measurements)
 }
 MEASUREMENTS = ("fwd", "fwd+bwd", "step", "vs_ref", "bf16", "sample", "fwd+bwd_compiled")  # what --only picks from
 # The published measurement the Shapes config is compared with: a ~5M-parameter RIN at patch 2
-# with 32 latents x 192 (docs/architecture.md); this is such a model in the published code.
+# with 32 latents x 192 (docs/benchmarks.md, Backbone); this is such a model in the published code.
 REFERENCE_SHAPES = dict(patch_size=2, data_dim=128, num_blocks=3, num_processing_layers=2, latent_mlp_multiplier=2,
                         data_mlp_multiplier=2, num_text_registers=16)
 

@@ -8,7 +8,8 @@
 #   PYTHONPATH=/tmp/site:$PWD OUT=<out> TEXT_PACK=.gpu/minilm benchmarks/gpu_checks.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-python3}
+# PY: the interpreter whose installed versions are pinned (default: the project's .venv, as `make` builds it)
+PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 PYVER=${PYVER:-3.12}
 mkdir -p .gpu/whl
 version() { $PY -c "import importlib.metadata as m; print(m.version('$1'))"; }

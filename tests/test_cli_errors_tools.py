@@ -121,6 +121,39 @@ def test_testbed_precompute_unknown_encoder(tmp_path, capsys):
     assert "text encoder 'nosuch'" in _one_line(capsys, "miro testbed precompute: ")
 
 
+@pytest.mark.parametrize("prompts, csv, match", [
+    ("a\n", "file_name,text\nx.png,a red circle\nx.jpg,a blue square\n",
+     "metadata.csv, line 3: file_name 'x.jpg' and 'x.png' share the name 'x'"),
+    ("a\n", "file_name,text\nuncond.png,a red circle\n", "metadata.csv, line 2: file_name 'uncond.png' is reserved"),
+    ("a\n", "file_name,text\na.png,a red circle\nb.png,\n", "metadata.csv, line 3: empty prompt"),
+    ("a\n", "file_name,text\n", "metadata.csv holds no prompts"),
+    ("\n  \n", None, "prompts.txt holds no prompts"),
+])
+def test_testbed_prompts_that_would_share_or_lose_an_embedding_are_refused(tmp_path, capsys, prompts, csv, match):
+    # two names with one stem used to write one file; "uncond" was overwritten by the empty prompt
+    from miro.train.testbed import main
+
+    tb = tmp_path / "T"
+    tb.mkdir()
+    (tb / "prompts.txt").write_text(prompts)
+    if csv is not None:
+        (tb / "metadata.csv").write_text(csv)
+    assert main(["precompute", "--testbed", str(tb), "--out", str(tmp_path / "O")]) == 2
+    assert match in _one_line(capsys, "miro testbed precompute: ")
+    assert not (tmp_path / "O").exists()
+
+
+@pytest.mark.parametrize("out", ["", "file"])
+def test_testbed_out_must_be_a_folder(tmp_path, capsys, monkeypatch, out):
+    from miro.train.testbed import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("x")
+    assert main(["precompute", "--testbed", "shapes", "--out", out]) == 2
+    assert f"--out {out!r} must name a folder" in _one_line(capsys, "miro testbed precompute: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 def test_precompute_api_refuses_batch_size_0(tmp_path):
     from miro.train.testbed import precompute
 

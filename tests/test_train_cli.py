@@ -31,6 +31,18 @@ def test_every_experiment_composes_and_maps_variants():
         if cfg["variant_name"]:
             variants[cfg["variant_name"]] = name
     assert PUBLISHED_VARIANTS | {"miro"} == set(variants)
+    # every DataConfig field is in the composed data group, so `data.<field>=v` needs no `+`
+    import dataclasses
+
+    from miro.data.datamodule import DataConfig
+
+    for name in names:
+        data = OmegaConf.to_container(cli.compose([f"experiment={name}", "data_dir=/d"]))["data"]
+        # (the rest comes from data_dir, rewards.*, seed and the batch split: miro/train/cli.build)
+        from_elsewhere = {"data_dir", "reward_keys", "num_bins", "bin_ties", "bins_sample_size", "bins_path",
+                          "bins_cache", "batch_size", "seed"}
+        assert {f.name for f in dataclasses.fields(DataConfig)} - from_elsewhere <= set(data), name
+    assert cli.compose(["experiment=shapes_miro", "data.max_corrupt_retries=5"]).data.max_corrupt_retries == 5
     rel = OmegaConf.to_container(cli.compose(["experiment=multi_cad_synth"]), resolve=True)
     assert len(rel["rewards"]["keys"]) == 7 and rel["data"]["synthetic_caption_rate"] == 0.5
     assert rel["data"]["global_batch_size"] == 1024 and rel["trainer"]["max_steps"] == 500_000

@@ -55,13 +55,38 @@ def read_testbed(name_or_dir: str | os.PathLike) -> list[tuple[str, str]]:
     """``[(file_name, prompt)]`` from ``metadata.csv`` (or ``prompts.txt`` numbered 000.png, ...)."""
     d = testbed_dir(name_or_dir)
     if (d / "metadata.csv").is_file():
-        with open(d / "metadata.csv", newline="") as f:
+        where = d / "metadata.csv"
+        with open(where, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
         if rows and not {"file_name", "text"} <= set(rows[0]):
-            raise ValueError(f"{d / 'metadata.csv'} needs columns file_name,text; got {sorted(rows[0])}")
-        return [(r["file_name"], r["text"]) for r in rows]
-    prompts = [line.strip() for line in (d / "prompts.txt").read_text().splitlines() if line.strip()]
-    return [(f"{i:03d}.png", p) for i, p in enumerate(prompts)]
+            raise ValueError(f"{where} needs columns file_name,text; got {sorted(rows[0])}")
+        out = [(r["file_name"] or "", r["text"] or "") for r in rows]
+        lines = [f"{where}, line {n}" for n in range(2, len(out) + 2)]  # line 1: the header
+    else:
+        where = d / "prompts.txt"
+        numbered = [(n, line.strip()) for n, line in enumerate(where.read_text(encoding="utf-8").splitlines(), 1)
+                    if line.strip()]
+        out = [(f"{i:03d}.png", p) for i, (_, p) in enumerate(numbered)]
+        lines = [f"{where}, line {n}" for n, _ in numbered]
+    if not out:
+        raise ValueError(f"{where} holds no prompts")
+    # Each prompt's embedding is a file named by its stem: two names with one stem would share a
+    # file, and "uncond" is the empty prompt's own.
+    seen: dict[str, str] = {}
+    for (file_name, text), line in zip(out, lines):
+        stem = _stem(file_name)
+        if not text.strip():
+            raise ValueError(f"{line}: empty prompt")
+        if not stem:
+            raise ValueError(f"{line}: file_name {file_name!r} has no name before its extension")
+        if stem == "uncond":
+            raise ValueError(f"{line}: file_name {file_name!r} is reserved (uncond.* holds the empty prompt's "
+                             f"embedding); rename it")
+        if stem in seen:
+            raise ValueError(f"{line}: file_name {file_name!r} and {seen[stem]!r} share the name {stem!r}, so "
+                             f"their embeddings would be one file; rename one")
+        seen[stem] = file_name
+    return out
 
 
 def _stem(file_name: str) -> str:
@@ -265,6 +290,9 @@ def _run(args: argparse.Namespace) -> int:
     for flag, value in (("--batch-size", args.batch_size), ("--max-length", args.max_length)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1; got {value}")
+    out = Path(args.out)
+    if not str(args.out).strip() or (out.exists() and not out.is_dir()):
+        raise ValueError(f"--out {args.out!r} must name a folder (it is made if missing)")
     encoder = args.encoder or DEFAULT_ENCODER.get(str(args.testbed), "minilm")
     res = precompute(args.testbed, encoder, args.out, args.max_length, args.batch_size, overwrite=args.overwrite)
     print(f"wrote {res.written} prompt embeddings{' + uncond' if res.uncond_written else ''} to {args.out}, "

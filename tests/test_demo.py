@@ -421,10 +421,26 @@ def test_loopback_server_refuses_foreign_host_headers_and_odd_lengths(pipe):
         for host in (b"localhost:%d" % port, b"127.0.0.1:%d" % port, b"LOCALHOST", b"[::1]:%d" % port):
             out = _raw(server, b"GET /api/info HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
             assert out.startswith(b"HTTP/1.1 200"), (host, out[:200])
-        # "\xb2" (superscript two) passes str.isdigit(), not int(): a 411, not a dropped connection
-        out = _raw(server, b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                   b"Content-Length: \xb2\r\n\r\n")
+        # "\xb2" (superscript two) passes str.isdigit(), not int(): a 400 naming it, not a dropped
+        # connection; so is -1; a missing header is a 411
+        for length in (b"\xb2", b"-1"):
+            out = _raw(server, b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
+                       b"\r\nContent-Length: " + length + b"\r\n\r\n")
+            assert out.startswith(b"HTTP/1.1 400") and b"is not a byte count" in out, out[:200]
+        out = _raw(server, b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\r\n")
         assert out.startswith(b"HTTP/1.1 411"), out[:200]
+        # other methods: JSON 405 with Allow; HEAD is GET without the body
+        for method in (b"PUT", b"OPTIONS", b"DELETE"):
+            out = _raw(server, method + b" / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            head, _, body = out.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 405") and b"Allow: GET, HEAD, POST" in head, out[:300]
+            assert json.loads(body)["error"].startswith(f"method {method.decode()} is not supported")
+        out = _raw(server, b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: 2\r\n\r\n{}")
+        assert out.startswith(b"HTTP/1.1 405") and b"Allow: GET, HEAD" in out
+        head, _, body = _raw(server, b"HEAD /api/info HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+                             ).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and body == b"" and b"Content-Length: " in head
     finally:
         server.shutdown()
         server.server_close()
@@ -538,3 +554,72 @@ def test_info_names_local_folders_without_their_path_beyond_loopback(pipe, tmp_p
 
     _, info = handle_info(pipe, "org/miro-model", show_paths=False)
     assert info["model"] == "org/miro-model"  # a hub id is no local path
+
+
+def test_a_reset_connection_is_one_line_not_a_traceback(pipe, capsys):
+    import socket
+    import struct
+
+    for quiet in (True, False):
+        server = make_server(pipe, "127.0.0.1", 0, model_name="tiny", quiet=quiet)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        try:
+            s = socket.create_connection(server.server_address[:2], timeout=5)
+            s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{")
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
+            s.close()
+            time.sleep(0.5)
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        assert ("connection lost" in err) is not quiet, err
+
+
+def test_ipv6_loopback_binds():
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError as e:  # a kernel without IPv6
+        pytest.skip(f"::1 not available here: {e}")
+    server = make_server(None, "::1", 0, model_name="tiny", quiet=True)
+    try:
+        assert server.loopback and server.url.startswith("http://[::1]:")
+    finally:
+        server.server_close()
+
+
+def test_guidance_is_bounded_and_the_cap_holds_under_its_lock(pipe):
+    from miro.demo.handlers import GenerationQueue, QueueFull
+
+    for field, value in (("guidance_scale", 1e30), ("reward_guidance_scale", 1e39),
+                         ("reward_guidance_scale", {pipe.coherence_keys[0]: 101.0})):
+        status, body = handle_generate(pipe, {**_req(), field: value}, DemoLimits(), GenerationQueue())
+        assert status == 400 and body["field"] == field and "at most 100" in body["error"], body
+    q = GenerationQueue()
+    assert q.acquire(timeout=1)
+    with pytest.raises(QueueFull):  # counted and joined in one step: nothing waits, the cap is 0
+        q.acquire(timeout=1, max_waiting=0)
+    assert q.waiting() == 0
+    q.release()
+
+
+def test_the_port_is_taken_before_the_model_loads(monkeypatch, capsys):
+    import socket
+
+    import miro.generate_cli as G
+    from miro.demo.server import main
+
+    monkeypatch.setattr(G, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded before the port"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["--port", str(port), "--device", "cpu"]) == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err

@@ -69,6 +69,10 @@ PHOTO_EXAMPLES = (
     "an isometric cutaway of a tiny bookshop, 3d render",
 )
 
+class QueueFull(RuntimeError):
+    """The line of :class:`GenerationQueue` is full (its ``max_waiting`` callers wait)."""
+
+
 class GenerationQueue:
     """One generation at a time, the waiting requests served first come, first served (a bare
     ``threading.Lock`` wakes waiters in no particular order), with at most ``max_waiting`` of them:
@@ -85,15 +89,23 @@ class GenerationQueue:
 
     def waiting(self) -> int:
         with self._cond:
-            return self._next_ticket - self._serving - (1 if self._busy else 0) - len(self._abandoned)
+            return self._waiting()
+
+    def _waiting(self) -> int:
+        return self._next_ticket - self._serving - (1 if self._busy else 0) - len(self._abandoned)
 
     def locked(self) -> bool:
         return self._busy
 
-    def acquire(self, timeout: float | None = None) -> bool:
-        """True once it is this caller's turn; False after ``timeout`` seconds (its place is given up)."""
+    def acquire(self, timeout: float | None = None, max_waiting: int | None = None) -> bool:
+        """True once it is this caller's turn; False after ``timeout`` seconds (its place is given
+        up). :class:`QueueFull` at once when ``max_waiting`` (default: the queue's) callers already
+        wait: counted and joined under one lock, so simultaneous arrivals cannot pass the cap together."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        cap = self.max_waiting if max_waiting is None else max_waiting
         with self._cond:
+            if cap is not None and self._waiting() >= cap:
+                raise QueueFull(cap)
             ticket = self._next_ticket
             self._next_ticket += 1
             while self._busy or self._serving != ticket:
@@ -139,12 +151,17 @@ class DemoLimits:
     queue_timeout_s: float = 600.0  # wait for the running generation at most this long, then 503
     max_waiting: int = 8  # requests that may wait behind the running one; more get 503 at once
     max_connections: int = 64  # open connections (one thread each); more are answered 503 and closed
+    # guidance_scale and reward_guidance_scale upper bound: far beyond it float32 overflows and a
+    # request would get black images with a 200
+    max_guidance: float = 100.0
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "max_images", "max_prompt_chars", "max_body_bytes", "max_waiting", "max_connections"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"DemoLimits.{name} must be an integer >= 1; got {v!r}")
+        if not math.isfinite(self.max_guidance) or self.max_guidance <= 0:
+            raise ValueError(f"DemoLimits.max_guidance must be finite and > 0; got {self.max_guidance!r}")
         if not math.isfinite(self.queue_timeout_s) or self.queue_timeout_s < 0:
             raise ValueError(f"DemoLimits.queue_timeout_s must be finite and >= 0; got {self.queue_timeout_s!r}")
 
@@ -235,6 +252,10 @@ def parse_generate_request(pipe, payload: Any, limits: DemoLimits | None = None,
     _check_one(pipe, "guidance_scale", cfg=cfg)
     cfg_r = payload.get("reward_guidance_scale", DEFAULTS["reward_guidance_scale"])
     _check_one(pipe, "reward_guidance_scale", cfg_r=cfg_r)
+    for field, value in (("guidance_scale", cfg), ("reward_guidance_scale", cfg_r)):
+        for v in (value.values() if isinstance(value, dict) else [value]):
+            if v is not None and v > limits.max_guidance:
+                raise RequestError(field, f"{field} = {v:g}; this server allows at most {limits.max_guidance:g}")
     direction = payload.get("reward_direction", DEFAULTS["reward_direction"])
     _check_one(pipe, "reward_direction", direction=direction)
     n = payload.get("num_images_per_prompt", DEFAULTS["num_images_per_prompt"])
@@ -310,10 +331,13 @@ def handle_generate(pipe, payload: Any, limits: DemoLimits | None = None,
     except RequestError as e:
         return 400, e.body()
     lock = GENERATE_LOCK if lock is None else lock
-    if isinstance(lock, GenerationQueue) and lock.waiting() >= limits.max_waiting:
+    try:
+        turn = (lock.acquire(timeout=limits.queue_timeout_s, max_waiting=limits.max_waiting)
+                if isinstance(lock, GenerationQueue) else lock.acquire(timeout=limits.queue_timeout_s))
+    except QueueFull:
         return 503, {"error": f"busy: {limits.max_waiting} requests are already waiting; try again later",
                      "field": None}
-    if not lock.acquire(timeout=limits.queue_timeout_s):
+    if not turn:
         return 503, {"error": f"busy: another generation is still running after "
                               f"{limits.queue_timeout_s:g} s; try again", "field": None}
     try:
@@ -364,6 +388,6 @@ def handle_info(pipe, model_name: str, limits: DemoLimits | None = None,
         "defaults": dict(DEFAULTS),
         "slider_step": 1.0 / SLIDER_BINS,
         "limits": {"max_steps": limits.max_steps, "max_images": limits.max_images,
-                   "max_prompt_chars": limits.max_prompt_chars},
+                   "max_prompt_chars": limits.max_prompt_chars, "max_guidance": limits.max_guidance},
         "examples": list(SHAPES_EXAMPLES if shapes else PHOTO_EXAMPLES),
     }

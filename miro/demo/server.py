@@ -49,6 +49,8 @@ class DemoServer(ThreadingHTTPServer):
         # ThreadingHTTPServer starts a thread per connection without bound: clients that connect and
         # stay (slow or idle ones, up to the handler's timeout each) must not pile up threads.
         self.slots = threading.BoundedSemaphore(limits.max_connections)
+        if ":" in str(address[0]):  # an IPv6 address (as http.server's own --bind does)
+            self.address_family = socket.AF_INET6
         super().__init__(address, DemoHandler)
         self.loopback = is_loopback_host(self.server_address[0])
 
@@ -65,6 +67,16 @@ class DemoServer(ThreadingHTTPServer):
         except BaseException:
             self.slots.release()
             raise
+
+    def handle_error(self, request, client_address) -> None:
+        # A client that resets or drops its connection mid-request is routine: one line (none
+        # under --quiet), not socketserver's traceback. Anything else keeps the traceback.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            if not self.quiet:
+                print(f"{client_address[0]} - connection lost: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return
+        super().handle_error(request, client_address)
 
     def process_request_thread(self, request, client_address):
         try:
@@ -102,14 +114,26 @@ class DemoHandler(BaseHTTPRequestHandler):
         else:
             self._send_json(404, {"error": f"no such path {path!r}; try / or /api/info", "field": None})
 
+    def do_HEAD(self) -> None:  # noqa: N802 - GET's status and headers, no body (_send skips it)
+        self.do_GET()
+
+    def _method_not_allowed(self) -> None:
+        self.close_connection = True  # a body, if any, is not read
+        self._send_json(405, {"error": f"method {self.command} is not supported; use GET (/, /api/info) or "
+                                       f"POST (/api/generate)", "field": None}, allow="GET, HEAD, POST")
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _method_not_allowed  # noqa: N815
+
     def do_POST(self) -> None:  # noqa: N802
         if not self._host_allowed():
             return
         path = self.path.split("?", 1)[0]
         if path != "/api/generate":
             self.close_connection = True  # the body is not read: it must not be parsed as the next request
-            self._send_json(404 if path not in ("/", "/api/info") else 405,
-                            {"error": f"POST is only for /api/generate, not {path!r}", "field": None})
+            known = path in ("/", "/index.html", "/api/info")
+            self._send_json(405 if known else 404,
+                            {"error": f"POST is only for /api/generate, not {path!r}", "field": None},
+                            allow="GET, HEAD" if known else None)
             return
         payload = self._read_json()
         if payload is _ERROR:
@@ -166,8 +190,12 @@ class DemoHandler(BaseHTTPRequestHandler):
             return _ERROR
         length = self.headers.get("Content-Length")
         # ASCII digits only: str.isdigit() also accepts "²", on which int() raises
-        if length is None or not (length.isascii() and length.isdigit()):
+        if length is None:
             self._send_json(411, {"error": "a Content-Length header is required", "field": None})
+            return _ERROR
+        if not (length.isascii() and length.isdigit()):
+            self._send_json(400, {"error": f"Content-Length {length[:40]!r} is not a byte count (digits only)",
+                                  "field": None})
             return _ERROR
         n, limit = int(length), self.server.limits.max_body_bytes
         if n > limit:
@@ -198,7 +226,8 @@ class DemoHandler(BaseHTTPRequestHandler):
             if allow:
                 self.send_header("Allow", allow)
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":
+                self.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):  # the client left before its answer: one log line
             self.close_connection = True
             self.log_error("client closed the connection before the reply to %s", self.path)
@@ -269,26 +298,26 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"miro demo: {e}", file=sys.stderr)
         return 2
+    limits = DemoLimits(max_steps=args.max_steps, max_images=args.max_images)
+    try:  # the port first: taken, it is said before minutes of model loading, not after
+        server = make_server(None, args.host, args.port, model_name=args.model, limits=limits,
+                             quiet=args.quiet)
+    except OSError as e:  # port in use, address not available
+        shown = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"miro demo: cannot listen on {shown}:{args.port}: {e}", file=sys.stderr)
+        return 1
     try:
         pipe = load_pipeline(args.model, args.variant, device, args.dtype)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # bad input (2); unreachable hub, missing cache, unreadable files (1)
+        server.server_close()
         print(f"miro demo: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # unreachable hub, missing cache, unreadable files
-        print(f"miro demo: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, ValueError) else 1
     if args.quiet:
         pipe.set_progress_bar_config(disable=True)
-    limits = DemoLimits(max_steps=args.max_steps, max_images=args.max_images)
     name = args.model
     if name == DEFAULT_MODEL and pipe.source and Path(pipe.source).name == FALLBACK_MODEL:
         name = f"{FALLBACK_MODEL} (random weights)"  # the page must not claim the trained model
-    try:
-        server = make_server(pipe, args.host, args.port, model_name=name, limits=limits,
-                             quiet=args.quiet)
-    except OSError as e:  # port in use, address not available
-        print(f"miro demo: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
-        return 1
+    server.pipe, server.model_name = pipe, name  # requests are served only from here on
     if not server.loopback:
         print(f"miro demo: warning: listening on {args.host}, reachable from other machines; anyone who can "
               f"connect may generate (no authentication); use --host 127.0.0.1 to keep it local",

@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     load_dotenv()  # site values (MIRO_DATA_DIR, MIRO_CACHE_DIR, ...) for every command
     try:
         return int(importlib.import_module(module_name).main(rest) or 0)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from wherever torch was
+        print(f"\nmiro {name}: interrupted; files already written are kept (long jobs resume on a rerun)",
+              file=sys.stderr)
+        return 130
     except ModuleNotFoundError as e:  # an optional extra not installed: one line naming it (miro/extras.py)
         from miro.extras import install_hint
 

@@ -5,8 +5,9 @@
     miro download rewards geneval --cache-dir /data/hf
     miro download image_reward_score --dry-run
 
-Files land in the Hugging Face cache (``--cache-dir`` or ``HF_HOME``), where the loaders find
-them with ``HF_HUB_OFFLINE=1``. Without a network the command stops with a clear error.
+Files land in the Hugging Face hub cache (``--cache-dir``, default ``HF_HUB_CACHE``, which is
+``$HF_HOME/hub``), where the loaders find them with ``HF_HUB_OFFLINE=1``; after ``--cache-dir DIR``,
+load with ``HF_HUB_CACHE=DIR``. Without a network the command stops with a clear error.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="miro download", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("names", nargs="*", help="what to fetch: all, rewards, or names from --list")
     ap.add_argument("--list", action="store_true", help="list what can be downloaded and exit")
-    ap.add_argument("--cache-dir", default=None, help="Hugging Face cache folder (default: HF_HOME)")
+    ap.add_argument("--cache-dir", default=None, help="Hugging Face hub cache folder (default: HF_HUB_CACHE, i.e. "
+                    "$HF_HOME/hub); load later with HF_HUB_CACHE=<this folder>")
     ap.add_argument("--variant", default=None, help="only this subfolder of nicolas-dufour/miro-ablations")
     ap.add_argument("--dry-run", action="store_true", help="print the repositories and patterns, fetch nothing")
     ap.add_argument("--token-env", default="HF_TOKEN", help="environment variable holding a hub token (gated models)")
@@ -95,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.list:
+        if args.names:
+            print(f"miro download: --list takes no names (got {' '.join(args.names)}); run it alone",
+                  file=sys.stderr)
+            return 2
         for name, entries in WEIGHTS.items():
             for repo, _pats, why in entries:
                 print(f"{name:<20} {repo:<48} {why}")
@@ -108,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"miro download: {e}", file=sys.stderr)
         return 2
-    if args.variant:
+    if args.variant is not None:
         if args.variant not in ABLATION_VARIANTS:
             print(f"miro download: --variant {args.variant!r} is not a published ablation; one of "
                   f"{', '.join(ABLATION_VARIANTS)}", file=sys.stderr)

@@ -734,6 +734,9 @@ class MiroPipeline(nn.Module):
                           int(num_inference_steps), float(guidance_scale), bool(batched_cfg), callback,
                           _scales(reward_guidance_scale),
                           reward_direction)
+        if not torch.isfinite(x0).all():  # would decode to black images without a word
+            raise ValueError(f"sampling diverged to NaN or infinite values (guidance_scale={guidance_scale}, "
+                             f"reward_guidance_scale={reward_guidance_scale}); use smaller guidance scales")
         # 6.-7. Undo the latent normalisation, decode and convert (not for "latent").
         images = x0 if output_type == "latent" else self._decode(x0, output_type)
         return _with_images(images) if return_dict else (images,)

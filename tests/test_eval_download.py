@@ -22,6 +22,11 @@ def test_list_and_dry_run(capsys):
     assert "miro-no-nothing" in (err := capsys.readouterr().err) and "miro-only-vqa" in err
     assert D.main(["pipeline", "--variant", "miro-no-clip", "--dry-run"]) == 2
     assert "miro download ablations --variant miro-no-clip" in capsys.readouterr().err
+    # an empty variant is not "all 15"; --list with names would ignore them
+    assert D.main(["ablations", "--variant", "", "--dry-run"]) == 2
+    assert "--variant '' is not a published ablation" in capsys.readouterr().err
+    assert D.main(["--list", "extra"]) == 2
+    assert "--list takes no names (got extra)" in capsys.readouterr().err
 
 
 def test_groups_deduplicate_shared_repositories():

@@ -91,3 +91,15 @@ def test_missing_module_of_miro_is_a_bug_not_a_hint(monkeypatch):
     monkeypatch.setattr(ev, "main", boom)
     with pytest.raises(ModuleNotFoundError):
         miro_main(["eval", "summary", "x"])
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch):
+    import miro.generate_cli as G
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(G, "main", interrupted)
+    assert miro_main(["generate", "a red circle"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("miro generate: interrupted") and "Traceback" not in err and "\n" not in err

@@ -356,3 +356,8 @@ def test_a_bad_device_is_refused_before_loading(saved, monkeypatch):
     p = fresh(saved)
     with pytest.raises(ValueError, match="MiroPipeline.to: .*expected a device"):
         p.to("gpu")
+
+
+def test_diverged_sampling_is_an_error_not_black_images(pipe):
+    with pytest.raises(ValueError, match=r"sampling diverged to NaN or infinite values \(guidance_scale=1e\+38"):
+        pipe(PROMPTS, guidance_scale=1e38, generator=gen(0), **KW)

@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-reward", action="append", type=_key_value, default=[],
                    metavar="KEY=VALUE",
                    help="target in [0, 1] for a reward of the negative branch (repeatable; default 0.0)")
+    p.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                   help="text of the unconditional branch instead of the empty prompt (default: none, as published)")
     p.add_argument("--steps", type=int, default=50, help="Euler steps (default: %(default)s)")
     p.add_argument("--cfg", type=float, default=7.0,
                    help="guidance w in (1+w)*cond - w*uncond; 0 disables (default: %(default)s)")
@@ -240,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             args.prompt,
             reward_targets=reward or None,
             negative_reward_targets=negative or None,
+            negative_prompt=args.negative_prompt,
             num_inference_steps=args.steps,
             guidance_scale=args.cfg,
             reward_guidance_scale=args.reward_cfg,

@@ -564,6 +564,16 @@ class MiroPipeline(nn.Module):
                              "images; pass one per image (prompts x num_images_per_prompt) or a single one")
         return list(prompts)
 
+    @staticmethod
+    def _negative_prompts(negative_prompt, n_prompts: int) -> list[str]:
+        negs = [negative_prompt] * n_prompts if isinstance(negative_prompt, str) else negative_prompt
+        if not isinstance(negs, (list, tuple)) or not all(isinstance(p, str) for p in negs):
+            raise ValueError(f"negative_prompt must be None, a string or a list of strings; got {negative_prompt!r}")
+        if len(negs) != n_prompts:
+            raise ValueError(f"got {len(negs)} negative prompts for {n_prompts} prompts; pass one per prompt "
+                             f"or a single string")
+        return list(negs)
+
     def encode_prompt(self, prompts: Sequence[str], num_images_per_prompt: int = 1):
         """Text embeddings (B·n, L, E) float32 and mask (B·n, L) bool, copies adjacent. Prompts
         longer than ``max_text_len`` tokens are truncated, as published; one warning says so."""
@@ -660,6 +670,7 @@ class MiroPipeline(nn.Module):
         reward_direction: str = "prompt",
         latents: torch.Tensor | None = None,
         return_dict: bool = True,
+        negative_prompt: str | Sequence[str] | None = None,
     ):
         """Generate images.
 
@@ -698,6 +709,10 @@ class MiroPipeline(nn.Module):
             latents: the initial noise instead of a draw from ``generator`` (which is then not
                 used): a float tensor (prompts x num_images_per_prompt, C, res, res) in the
                 model's normalised latent space, as ``torch.randn`` gives.
+            negative_prompt: the text of the unconditional branch instead of the stored empty
+                prompt's embedding (None, the published guidance): one string for every prompt or
+                one per prompt. It replaces the null text wherever guidance uses it (also the
+                ``reward_direction="null"`` branches).
             return_dict: True (default): the images, with diffusers' ``.images`` attribute (for
                 ``"pil"`` a list subclass, ``MiroPipelineOutput``; else the array or tensor
                 itself). False: the 1-tuple ``(images,)`` of the plain list/array/tensor.
@@ -707,6 +722,7 @@ class MiroPipeline(nn.Module):
                                     output_type, generator, reward_guidance_scale, reward_direction)
         if not isinstance(return_dict, bool):
             raise ValueError(f"return_dict must be True or False; got {return_dict!r}")
+        negatives = None if negative_prompt is None else self._negative_prompts(negative_prompt, len(prompts))
         if self._dtype != torch.float32 and self._device.type != "cuda":
             raise ValueError(
                 f"generation in {self._dtype} needs a CUDA device (autocast keeps the norms in "
@@ -725,10 +741,13 @@ class MiroPipeline(nn.Module):
         batch = emb.shape[0]
         # 3. The one noise draw (or the caller's latents).
         noise = self.prepare_noise(batch, generator, latents)
-        # 4. Unconditional text: the stored tokens, all valid.
-        uncond = self.uncond_embedding.to(self._device)
-        uncond_emb = uncond[None].expand(batch, -1, -1)
-        uncond_mask = torch.ones(uncond_emb.shape[:2], dtype=torch.bool, device=self._device)
+        # 4. Unconditional text: the stored tokens, all valid; or the negative prompts' own.
+        if negative_prompt is None:
+            uncond = self.uncond_embedding.to(self._device)
+            uncond_emb = uncond[None].expand(batch, -1, -1)
+            uncond_mask = torch.ones(uncond_emb.shape[:2], dtype=torch.bool, device=self._device)
+        else:
+            uncond_emb, uncond_mask = self.encode_prompt(negatives, n)
         # 5. Sample in the model's normalised space.
         x0 = self._sample(noise, emb, mask, uncond_emb, uncond_mask, pos, neg,
                           int(num_inference_steps), float(guidance_scale), bool(batched_cfg), callback,

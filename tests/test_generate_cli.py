@@ -67,6 +67,17 @@ def test_per_reward_cfg_matches_the_pipeline(pipe_dir, tmp_path, capsys):
     assert "'strong': expected a number (e.g. 7.5) or KEY=SCALE pairs" in err
 
 
+def test_negative_prompt_flag_matches_the_pipeline(pipe_dir, tmp_path):
+    out = tmp_path / "out"
+    assert generate_cli.main(["a red circle", "--model", str(pipe_dir), "--n", "1", "--steps", "2", "--seed", "5",
+                              "--out", str(out), "--negative-prompt", "a blue square", "--device", "cpu"]) == 0
+    pipe = MiroPipeline.from_pretrained(pipe_dir)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=2, generator=torch.Generator().manual_seed(5), output_type="np")
+    ref = pipe("a red circle", negative_prompt="a blue square", **kw)
+    assert np.array_equal(np.asarray(Image.open(out / "000.png")), ref[0])
+
+
 def test_aliases_and_defaults(pipe_dir, tmp_path):
     rc = generate_cli.main(["a red circle", "--model", str(pipe_dir), "--n-samples", "1",
                             "--steps", "1", "--outdir", str(tmp_path / "o"), "--device", "cpu"])

@@ -361,3 +361,23 @@ def test_a_bad_device_is_refused_before_loading(saved, monkeypatch):
 def test_diverged_sampling_is_an_error_not_black_images(pipe):
     with pytest.raises(ValueError, match=r"sampling diverged to NaN or infinite values \(guidance_scale=1e\+38"):
         pipe(PROMPTS, guidance_scale=1e38, generator=gen(0), **KW)
+
+
+def test_negative_prompt_replaces_the_null_text(pipe):
+    from miro.models.sampler import euler_sample
+
+    out = pipe(PROMPTS, negative_prompt="a blue square", generator=gen(3), num_inference_steps=2, output_type="latent")
+    emb, mask = pipe.encode_prompt(PROMPTS)
+    nemb, nmask = pipe.encode_prompt(["a blue square"] * 2)
+    x0 = euler_sample(pipe.model, torch.randn((2, 3, 8, 8), generator=gen(3)), emb, mask, nemb, nmask, None, None,
+                      num_steps=2, guidance_scale=7.0)
+    torch.testing.assert_close(out, x0)
+    default = pipe(PROMPTS, generator=gen(3), num_inference_steps=2, output_type="latent")
+    assert (out - default).abs().max() > 1e-3
+    per_prompt = pipe(PROMPTS, negative_prompt=["a blue square", "a blue square"], generator=gen(3),
+                      num_inference_steps=2, output_type="latent")
+    torch.testing.assert_close(per_prompt, out)
+    with pytest.raises(ValueError, match="got 1 negative prompts for 2 prompts"):
+        pipe(PROMPTS, negative_prompt=["x"], **KW)
+    with pytest.raises(ValueError, match="negative_prompt must be None, a string or a list of strings; got 3"):
+        pipe(PROMPTS, negative_prompt=3, **KW)

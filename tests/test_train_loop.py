@@ -77,13 +77,54 @@ def test_sigkill_then_resume(data_dir, tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
 
 
+ONE_RANK = SimpleNamespace(reduce_boolean_decision=lambda decision, all=True: decision)
+
+
+def test_nonfinite_guard_counts_another_ranks_bad_loss():
+    # under DDP every rank must stop at the same step, or the others hang in their next all-reduce
+    from miro.train.callbacks import NonFiniteGuard
+
+    asked = []
+
+    def other_rank_bad(decision, all=True):
+        asked.append((decision, all))
+        return False  # the AND over ranks: another rank's loss was not finite
+
+    mod = SimpleNamespace(log=lambda *a, **k: None, print=lambda *a: None)
+    trainer = SimpleNamespace(should_stop=False, global_step=5, strategy=SimpleNamespace(reduce_boolean_decision=other_rank_bad))
+    g = NonFiniteGuard(max_consecutive=2)
+    g.on_train_batch_end(trainer, mod, {"loss": torch.tensor(1.0)}, None, 0)
+    assert g.consecutive == 1 and asked == [(True, True)]
+    with pytest.raises(FloatingPointError, match="2 consecutive non-finite losses"):
+        g.on_train_batch_end(trainer, mod, {"loss": torch.tensor(1.0)}, None, 0)
+
+
+def test_a_retargeted_schedule_applies_from_the_first_resumed_step():
+    from miro.train.optim import WarmupCosineDecayLR
+
+    def make(total):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        return opt, WarmupCosineDecayLR(opt, warmup_steps=2, total_steps=total)
+
+    opt, sched = make(10)
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    state = sched.state_dict()
+    opt2, sched2 = make(40)
+    opt2.load_state_dict(opt.state_dict())  # as Lightning restores it: the old schedule's lr
+    sched2.load_state_dict(state)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(sched2.factor(4)) and sched2.factor(4) != sched.factor(4)
+    assert sched2.get_last_lr() == [opt2.param_groups[0]["lr"]]
+
+
 def test_nonfinite_guard_zeroes_grads_and_stops():
     from miro.train.callbacks import NonFiniteGuard
 
     lin = torch.nn.Linear(2, 2)
     lin.weight.grad = torch.tensor([[1.0, float("nan")], [float("inf"), 2.0]])
     mod = SimpleNamespace(parameters=lin.parameters, log=lambda *a, **k: None, print=lambda *a: None)
-    trainer = SimpleNamespace(should_stop=False, global_step=7)
+    trainer = SimpleNamespace(should_stop=False, global_step=7, strategy=ONE_RANK)
     g = NonFiniteGuard(max_consecutive=2)
     g.on_before_optimizer_step(trainer, mod, None)
     assert torch.equal(lin.weight.grad, torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
@@ -104,7 +145,7 @@ def test_nonfinite_guard_catches_inf_alone_and_its_count_survives_a_resume():
     lin.weight.grad = torch.tensor([[1.0, float("inf")], [3.0, 2.0]])
     lin.bias.grad = torch.tensor([0.5, -0.5])
     mod = SimpleNamespace(parameters=lin.parameters, log=lambda *a, **k: None, print=lambda *a: None)
-    trainer = SimpleNamespace(should_stop=False, global_step=3)
+    trainer = SimpleNamespace(should_stop=False, global_step=3, strategy=ONE_RANK)
     g = NonFiniteGuard(max_consecutive=2)
     g.on_before_optimizer_step(trainer, mod, None)
     assert torch.equal(lin.weight.grad, torch.tensor([[1.0, 0.0], [3.0, 2.0]]))

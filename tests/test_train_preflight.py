@@ -233,6 +233,28 @@ def test_resume_plan_reads_the_step(data_dir, tmp_path):
     assert pf.check_checkpoint_dir(cfg) == {"resume": str(d / "last.ckpt"), "resume_step": 6, "replace": []}
 
 
+def test_resume_with_other_optimizer_settings_is_refused(data_dir, tmp_path, capsys):
+    # Lightning restores the optimizer's groups with its state: a new optimizer.lr would be ignored
+    cfg = OmegaConf.to_container(cli.compose(tiny_overrides(data_dir, tmp_path)), resolve=True)
+    d = _ckpt_dir(tmp_path)
+    d.mkdir(parents=True)
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "global_step": 6,
+                "hyper_parameters": {"optimizer": dict(cfg["optimizer"])}}, d / "last.ckpt")
+    assert pf.check_checkpoint_dir(cfg)["resume_step"] == 6  # the same settings resume
+    lr = cfg["optimizer"]["lr"]
+    assert cli.main(tiny_overrides(data_dir, tmp_path, extra=["optimizer.lr=0.5"]) + ["--dry-run"]) == 2
+    assert _err_line(capsys).startswith(f"resume=auto: {d / 'last.ckpt'} was trained with optimizer.lr={lr!r}, not 0.5 ")
+
+
+def test_compile_with_seeded_dropout_is_refused(data_dir, tmp_path, capsys):
+    # torch.compile(fullgraph=True) cannot trace the generator these draws take
+    extra = ["compile=true", "++model.overrides.network.coherence_dropout=0.2"]
+    assert cli.main(tiny_overrides(data_dir, tmp_path, extra=extra) + ["--dry-run"]) == 2
+    assert _err_line(capsys) == ("compile=true cannot trace the seeded random draws of network.coherence_dropout=0.2; "
+                                 "set compile=false, or those to 0")
+    _nothing_written(tmp_path, data_dir)
+
+
 def test_remove_stale_temps_only_removes_atomic_temp_names(tmp_path):
     from miro.io import atomic_path
 

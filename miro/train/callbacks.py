@@ -52,7 +52,11 @@ class NonFiniteGuard(Callback):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is None:
             return
-        if torch.isfinite(torch.as_tensor(loss)).all():
+        finite = bool(torch.isfinite(torch.as_tensor(loss)).all())
+        # Every rank must count the same: a rank that stopped alone would leave the others waiting
+        # in their next all-reduce (a hang under srun). Any rank's bad loss counts for all.
+        finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
             self.consecutive = 0
             return
         self.consecutive += 1

@@ -151,6 +151,10 @@ class WarmupCosineDecayLR(torch.optim.lr_scheduler.LRScheduler):
         keep = {k: getattr(self, k) for k in ("warmup_steps", "total_steps", "rate")}
         super().load_state_dict(state_dict)
         self.__dict__.update(keep)
+        # The groups' lr was stored under the old schedule: the next step would run at it.
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+            group["lr"] = lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def get_lr(self) -> list[float]:
         f = self.factor(self.last_epoch)

@@ -297,6 +297,15 @@ def check_run_options(cfg: dict) -> None:
     for key, allowed in (("position_init", POSITION_INITS), ("init_weights", INIT_WEIGHTS)):
         if cfg.get(key, allowed[0]) not in allowed:
             raise ValueError(f"{key}={_show(cfg[key])} is not one of {', '.join(allowed)}")
+    if cfg.get("compile") is True:
+        # torch.compile(fullgraph=True) cannot trace the torch.Generator these draws take
+        # (Dynamo: "Failed to convert args/kwargs to proxy ... Generator").
+        net = model_config(cfg).get("network", {})
+        drawn = [f"network.{k}={net[k]}" for k in ("compute_dropout", "rw_stochastic_depth", "compute_stochastic_depth",
+                                                     "coherence_dropout") if net.get(k)]
+        if drawn:
+            raise ValueError(f"compile=true cannot trace the seeded random draws of {', '.join(drawn)}; "
+                             f"set compile=false, or those to 0")
     if cfg.get("logger") == "tensorboard":
         import importlib.util
 
@@ -424,6 +433,18 @@ def check_checkpoint_dir(cfg: dict) -> dict:
             raise ValueError(f"resume={_show(resume)}: {ckpt} was trained with another model config ("
                              + "; ".join(diff[:3]) + "); resume with the original config, give this run its own "
                              "experiment_name, or start over here with resume=null checkpoint.overwrite=true")
+        # Lightning restores the optimizer's groups (lr, weight decay, betas...) with its state, so a
+        # changed optimizer.* would be ignored while the run's hparams claimed it.
+        saved_opt = (head.get("hyper_parameters") or {}).get("optimizer")
+        now_opt = dict(cfg.get("optimizer") or {})
+        changed = [k for k in sorted(set(saved_opt or {}) | set(now_opt))
+                   if saved_opt is not None and saved_opt.get(k) != now_opt.get(k)]
+        if changed:
+            k = changed[0]
+            raise ValueError(f"resume={_show(resume)}: {ckpt} was trained with optimizer.{k}={saved_opt.get(k)!r}, "
+                             f"not {now_opt.get(k)!r} (a resumed run restores its optimizer's settings with its "
+                             f"state, so the change would be ignored); resume with the original value, or start a "
+                             f"new run from these weights with init_from={ckpt} (a fresh optimizer)")
         return {"resume": ckpt, "resume_step": int(head.get("global_step", 0)), "replace": []}
     last = ckpt_dir / "last.ckpt"
     old = ([last] if last.is_file() else []) + sorted(ckpt_dir.glob("hpc_ckpt_*.ckpt")) + [p for _, p in steps]

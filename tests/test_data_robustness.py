@@ -154,6 +154,51 @@ def test_garbage_shard_through_the_dataloader_counts_per_batch(tmp_path):
             assert torch.equal(b["image"], batches[k]["image"]) and b["n_corrupt"] == batches[k]["n_corrupt"]
 
 
+def test_an_embedding_of_another_width_is_skipped_not_a_failed_batch(tmp_path):
+    # a damaged .npy header can decode to another shape ((3, 283) for (3, 384)): stacking it
+    # with the rest of the batch used to fail the DataLoader
+    import io
+
+    d = write_tiny_shards(tmp_path / "data", n_shards=1, per=PER)
+    raw = [dict(r) for r in schema.iter_raw_samples(d / "shard-00000.tar")]
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((3, 283), np.float16))
+    raw[5]["minilm_embeddings.npy"] = buf.getvalue()
+    raw[5]["synthetic_minilm_embeddings.npy"] = buf.getvalue()
+    schema.write_shard(d / "shard-00000.tar", raw)
+    dm = MiroDataModule(_cfg(d, batch_size=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm.prepare(progress=False)
+        it = iter(dm.train_dataloader())
+        batches = [next(it) for _ in range(PER // 4)]  # one epoch
+    assert dm.expect["text_width"] == 384
+    assert [b["text_emb"].shape[-1] for b in batches] == [384, 384]
+    assert sum(b["n_corrupt"] for b in batches) == 1
+    (skip,) = _skips(caught)
+    assert "key k00005" in skip and "has width 283, where the data's is 384" in skip
+
+
+def test_a_resumed_run_takes_its_checkpoints_bins_when_the_file_is_gone(tmp_path):
+    from miro.rewards.binning import RewardBins
+
+    d = write_tiny_shards(tmp_path / "data", n_shards=1, per=PER)
+    key = "shapes_alignment"
+    saved = RewardBins(4, {key: [0.0, 0.1, 0.2, 0.3, 0.4]})
+    path = tmp_path / "run" / "reward_bins.json"
+    path.parent.mkdir()
+    dm = MiroDataModule(_cfg(d, reward_keys=[key], num_bins=4, bins_path=str(path), bins_cache="keep"))
+    dm.prepare(progress=False)
+    assert dm.bins is None and not path.exists()  # not fitted: the checkpoint's come next
+    dm.load_state_dict({"position": 8, "bins": saved.to_dict()})
+    assert dm.bins.edges[key] == saved.edges[key] and RewardBins.load(path).edges[key] == saved.edges[key]
+    lost = MiroDataModule(_cfg(d, reward_keys=[key], num_bins=4, bins_path=str(tmp_path / "none.json"),
+                               bins_cache="keep"))
+    lost.prepare(progress=False)
+    with pytest.raises(ValueError, match="the checkpoint holds no reward bins and the run's reward_bins.json is gone"):
+        lost.load_state_dict({"position": 8})
+
+
 def test_retry_bound_names_the_shards_in_one_line(tmp_path):
     d = _data(tmp_path, n_shards=2, bad=(0, 1))
     dm, ds = _dataset(_cfg(d, max_corrupt_retries=5))
@@ -374,3 +419,44 @@ def test_preprocess_dry_run_counts_shards_to_do(tmp_path, capsys):
     assert "stage rewards: 1 to do, 1 already complete" in out
     assert "stage vae: 2 to do, 0 already complete" in out
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("seed", -1, "seed must be an integer >= 0; got -1"),
+    ("synthetic_caption_rate", True, "synthetic_caption_rate must be in [0, 1]; got True"),
+    ("shuffle_buffer", 0, "shuffle_buffer must be an integer >= 1; got 0"),
+    ("bins_sample_size", 0, "bins_sample_size must be an integer >= 1; got 0"),
+    ("shuffle", "no", "shuffle must be true or false; got 'no'"),
+    ("hflip", "yes", "hflip must be true or false; got 'yes'"),
+    ("batch_size", 0, "batch_size must be an integer >= 1; got 0"),
+    ("num_workers", -1, "num_workers must be an integer >= 0; got -1"),
+])
+def test_data_settings_are_checked_by_name(tmp_path, field, value, message):
+    from miro.data.datamodule import check_config
+
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        check_config(_cfg(tmp_path, **{field: value}))
+
+
+def test_a_synthetic_caption_rate_without_synthetic_captions_is_refused(tmp_path):
+    d = write_tiny_shards(tmp_path / "data", n_shards=1, per=PER)
+    raw = [{k: v for k, v in r.items() if not k.startswith("synthetic_")} for r in schema.iter_raw_samples(d / "shard-00000.tar")]
+    schema.write_shard(d / "shard-00000.tar", raw)
+    with pytest.raises(ValueError, match="no sample has a synthetic_minilm_embeddings.npy member, which "
+                                         "synthetic_caption_rate=0.5 needs; set data.synthetic_caption_rate=0"):
+        MiroDataModule(_cfg(d, synthetic_caption_rate=0.5)).prepare(progress=False)
+    MiroDataModule(_cfg(d, synthetic_caption_rate=0.0)).prepare(progress=False)
+
+
+def test_unshuffled_epochs_rotate_the_cut_so_every_sample_is_seen():
+    from miro.data.indexed import ResumableDistributedSampler
+
+    seen = set()
+    for rank in range(2):
+        s = ResumableDistributedSampler(53, num_replicas=2, rank=rank, shuffle=False)
+        for epoch in range(3):
+            seen.update(s.epoch_indices(epoch))
+            assert len(set(s.epoch_indices(epoch))) == 26
+    assert seen == set(range(53))
+    whole = ResumableDistributedSampler(8, num_replicas=2, rank=0, shuffle=False)
+    assert whole.epoch_indices(0) == whole.epoch_indices(5) == [0, 2, 4, 6]  # no cut: identity order

@@ -54,7 +54,7 @@ class DataConfig:
     # Tied scores: "midrank" (release) or "spread", or one rule per reward (miro/rewards/binning.py).
     bin_ties: str | dict[str, str] = "midrank"
     bins_sample_size: int = 100_000  # samples used to fit bin edges (CAD: <= 100,001)
-    bins_path: str | None = None  # reward_bins.json cache; None: inside data_dir's index cache
+    bins_path: str | None = None  # reward_bins.json cache; None: fitted and kept in memory only
     # What a cached bins file is worth (BINS_CACHE): "reuse" it when it has this run's rewards and
     # num_bins, else fit anew (a fresh run); "keep" it, a mismatch being an error (a resumed run
     # trained on it); "refit" regardless (a fresh run replacing an old run's checkpoints).
@@ -106,8 +106,15 @@ def check_config(cfg: DataConfig) -> None:
                          ("bins_cache", BINS_CACHE)):
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {getattr(cfg, key)!r}")
-    if not isinstance(cfg.synthetic_caption_rate, (int, float)) or not 0.0 <= cfg.synthetic_caption_rate <= 1.0:
+    if isinstance(cfg.synthetic_caption_rate, bool) or not isinstance(cfg.synthetic_caption_rate, (int, float)) \
+            or not 0.0 <= cfg.synthetic_caption_rate <= 1.0:
         raise ValueError(f"synthetic_caption_rate must be in [0, 1]; got {cfg.synthetic_caption_rate!r}")
+    for key in ("shuffle", "hflip", "pad_to_max_text_len"):
+        if not isinstance(getattr(cfg, key), bool):
+            raise ValueError(f"{key} must be true or false; got {getattr(cfg, key)!r}")
+    for key, low in (("seed", 0), ("batch_size", 1), ("num_workers", 0), ("bins_sample_size", 1), ("num_bins", 2)):
+        if not _is_int(getattr(cfg, key)) or getattr(cfg, key) < low:
+            raise ValueError(f"{key} must be an integer >= {low}; got {getattr(cfg, key)!r}")
     if cfg.image_size is not None and not (_is_int(cfg.image_size) and cfg.image_size > 0):
         raise ValueError(f"image_size must be a positive integer or null; got {cfg.image_size!r}")
     if not _is_int(cfg.latent_resolution) or cfg.latent_resolution <= 0:
@@ -116,8 +123,8 @@ def check_config(cfg: DataConfig) -> None:
         raise ValueError(f"max_text_len must be a positive integer; got {cfg.max_text_len!r}")
     if not _is_int(cfg.max_corrupt_retries) or cfg.max_corrupt_retries < 0:
         raise ValueError(f"max_corrupt_retries must be an integer >= 0; got {cfg.max_corrupt_retries!r}")
-    if not _is_int(cfg.shuffle_buffer):
-        raise ValueError(f"shuffle_buffer must be an integer; got {cfg.shuffle_buffer!r}")
+    if not _is_int(cfg.shuffle_buffer) or cfg.shuffle_buffer < 1:
+        raise ValueError(f"shuffle_buffer must be an integer >= 1; got {cfg.shuffle_buffer!r}")
     if not isinstance(cfg.text_encoder, str) or not cfg.text_encoder:
         raise ValueError(f"text_encoder must be a schema name such as 'minilm'; got {cfg.text_encoder!r}")
 
@@ -154,9 +161,12 @@ class MiroSampleDecoder:
     propagates unchanged.
     """
 
-    def __init__(self, cfg: DataConfig, bins: RewardBins | None):
+    def __init__(self, cfg: DataConfig, bins: RewardBins | None, expect: dict | None = None):
         check_config(cfg)
         self.cfg, self.bins = cfg, bins
+        # The data's shapes (MiroDataModule.prepare reads them off the first samples): a damaged
+        # .npy header can still decode, to another shape, which would fail the whole batch's stack.
+        self.expect = dict(expect or {})
         res = cfg.latent_resolution
         self.lat = (schema.latent_name("mean", res), schema.latent_name("std", res))
         self.emb = (schema.text_embedding_name(cfg.text_encoder), schema.text_embedding_name(cfg.text_encoder, True))
@@ -194,17 +204,20 @@ class MiroSampleDecoder:
                 lat = self.decode(raw, member)
                 if lat.ndim != 3:
                     raise CorruptSampleError(f"sample {key}: {member} has shape {lat.shape}, expected (C, h, w)")
+                self._check_shape(key, member, "latent", tuple(lat.shape))
                 out[name] = torch.from_numpy(lat.astype(np.float32))
         else:
             ext = schema.image_member(raw)
             if ext is None:
                 raise CorruptSampleError(f"sample {key} has no image member ({', '.join(schema.IMAGE_EXTS)})")
             out["image"] = self._image(self.decode(raw, ext), rng)
+            self._check_shape(key, ext, "image", tuple(out["image"].shape))
         if cfg.text_source == "precomputed":
             member = self.emb[1] if synthetic else self.emb[0]
             emb = self.decode(raw, member)
             if emb.ndim != 2 or emb.shape[0] == 0:
                 raise CorruptSampleError(f"sample {key}: {member} has shape {emb.shape}, expected (L>0, E)")
+            self._check_shape(key, member, "text_width", int(emb.shape[1]))
             out["text_emb"] = torch.from_numpy(emb[: cfg.max_text_len].astype(np.float32))
         else:
             out["caption"] = str(meta["synthetic_caption"]) if synthetic else self.decode(raw, "txt")
@@ -212,6 +225,12 @@ class MiroSampleDecoder:
         scores = {k: meta.get(prefix + k) for k in cfg.reward_keys}
         out["rewards"] = self.bins.values(scores, cfg.reward_keys, rng) if self.bins is not None else {}
         return out
+
+    def _check_shape(self, key, member: str, kind: str, got) -> None:
+        want = self.expect.get(kind)
+        if want is not None and got != want:
+            what = "width" if kind == "text_width" else "shape"
+            raise CorruptSampleError(f"sample {key}: {member} has {what} {got}, where the data's is {want}")
 
     def _image(self, im, rng: np.random.Generator) -> torch.Tensor:
         size = self.cfg.image_size
@@ -318,7 +337,7 @@ class ResampledStreamDataset(IterableDataset):
 
     Each (rank, worker) draws from its own generator seeded by (seed, rank, worker, restart), so
     streams differ across ranks and workers without a node splitter. Resume is approximate: a
-    restarted run draws a fresh stream (``restart`` = the resumed step) instead of continuing.
+    restarted run draws a fresh stream (``restart`` = the resumed sample position) instead of continuing.
     """
 
     def __init__(self, shards: list[str], decoder: MiroSampleDecoder, rank: int = 0, restart: int = 0):
@@ -432,6 +451,7 @@ class MiroDataModule(LightningDataModule):
             cfg.text_source = "precomputed" if member in self.data.entry(0)["members"] else "on_the_fly"
         check_config(cfg)
         self._check_members()
+        self.expect = self._reference_shapes()
         try:
             cfg.bin_ties = check_tie_rules(cfg.bin_ties, cfg.reward_keys)
         except ValueError as e:
@@ -440,6 +460,10 @@ class MiroDataModule(LightningDataModule):
             path = Path(cfg.bins_path) if cfg.bins_path else None
             if path is not None and path.exists() and cfg.bins_cache != "refit":
                 self.bins = self._cached_bins(path)
+            if self.bins is None and cfg.bins_cache == "keep":
+                # A resumed run without the file: its checkpoint's bins are restored next
+                # (load_state_dict); fitting new ones here would replace them unseen.
+                return
             if self.bins is not None:
                 if self.bins.ties != cfg.bin_ties:  # the edges are the data's; the tie rule is the run's
                     warnings.warn(f"{path}: tie rule {self.bins.ties!r} replaced by the run's {cfg.bin_ties!r}")
@@ -489,15 +513,58 @@ class MiroDataModule(LightningDataModule):
             if absent:
                 raise ValueError(f"data_dir {cfg.data_dir!r}: no sample has a {absent[0]} member, which "
                                  f"{setting}={getattr(cfg, setting)!r} needs; members present: {sorted(have)}")
+        if cfg.synthetic_caption_rate > 0:  # else the rate silently falls to 0 (original captions only)
+            fix = "set data.synthetic_caption_rate=0 to train on the original captions"
+            if cfg.text_source == "precomputed" and self.dec_emb()[1] not in have:
+                raise ValueError(f"data_dir {cfg.data_dir!r}: no sample has a {self.dec_emb()[1]} member, which "
+                                 f"synthetic_caption_rate={cfg.synthetic_caption_rate!r} needs; {fix}")
+            if cfg.text_source == "on_the_fly" and not any(
+                    isinstance(m, dict) and m.get("synthetic_caption") for m in self._first_json(16)):
+                raise ValueError(f"data_dir {cfg.data_dir!r}: none of the first samples has a 'synthetic_caption' in "
+                                 f"its JSON, which synthetic_caption_rate={cfg.synthetic_caption_rate!r} needs; {fix}")
         if cfg.image_source == "pixels" and not have & set(schema.IMAGE_EXTS):
             raise ValueError(f"data_dir {cfg.data_dir!r}: image_source='pixels' but no sample has an image member "
                              f"({', '.join(schema.IMAGE_EXTS)}); members present: {sorted(have)}")
 
+    def dec_emb(self) -> tuple[str, str]:
+        """The (original, synthetic) text-embedding members of this run's encoder."""
+        return (schema.text_embedding_name(self.cfg.text_encoder), schema.text_embedding_name(self.cfg.text_encoder, True))
+
+    def _first_json(self, n: int) -> list:
+        out = []
+        for i in range(min(n, len(self.data))):
+            try:
+                out.append(MiroSampleDecoder.decode(self.data.read(i, ["json"]), "json"))
+            except CORRUPT_ERRORS:
+                continue
+        return out
+
     def setup(self, stage: str | None = None) -> None:
         self.prepare()
 
+    def teardown(self, stage: str | None = None) -> None:
+        if self.data is not None:
+            self.data.close()  # the shard files this process opened (reopened on the next read)
+
     def decoder(self) -> MiroSampleDecoder:
-        return MiroSampleDecoder(self.cfg, self.bins if self.cfg.reward_keys else None)
+        return MiroSampleDecoder(self.cfg, self.bins if self.cfg.reward_keys else None, getattr(self, "expect", None))
+
+    def _reference_shapes(self, n: int = 16) -> dict:
+        """The most common latent shape, text-embedding width and (without ``image_size``) image
+        shape among the first ``n`` readable samples: what every sample must match to be stacked."""
+        dec, seen = MiroSampleDecoder(self.cfg, None), {}
+        for i in range(min(n, len(self.data))):
+            try:
+                out = dec(self.data.read(i, dec.members()), sample_rng(self.cfg.seed, 0, i))
+            except CORRUPT_ERRORS:
+                continue
+            shapes = {"latent": tuple(out["latent_mean"].shape) if "latent_mean" in out else None,
+                      "text_width": int(out["text_emb"].shape[1]) if "text_emb" in out else None,
+                      "image": tuple(out["image"].shape) if "image" in out else None}
+            for kind, shape in shapes.items():
+                if shape is not None:
+                    seen.setdefault(kind, Counter())[shape] += 1
+        return {kind: counts.most_common(1)[0][0] for kind, counts in seen.items()}
 
     def sampler(self) -> ResumableDistributedSampler:
         rank, world = self._rank_world()
@@ -541,5 +608,11 @@ class MiroDataModule(LightningDataModule):
         self.position = int(state.get("position", 0))
         if state.get("bins") and self.bins is None:
             self.bins = RewardBins.from_dict(state["bins"])
+            path = Path(self.cfg.bins_path) if self.cfg.bins_path else None
+            if path is not None and not path.exists() and launch_rank() == 0:
+                self.bins.save(path)  # the run's file again, as a fresh run leaves it
+        elif self.cfg.reward_keys and self.bins is None:
+            raise ValueError("the checkpoint holds no reward bins and the run's reward_bins.json is gone; put the "
+                             "file back beside the checkpoints, or start a new run")
         # resampled streams are re-seeded with the resumed position (approximate resume)
         self.restart_step = self.position

@@ -372,8 +372,8 @@ class ResumableDistributedSampler(Sampler):
         if self.shuffle:
             g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2**63))
             perm = torch.randperm(self.num_samples, generator=g)
-        else:
-            perm = torch.arange(self.num_samples)
+        else:  # each epoch starts where the last one's cut began, so the cut tail is not always the same samples
+            perm = torch.arange(self.num_samples).roll(-epoch * (self.num_samples % self.num_replicas))
         return perm[self.rank: self.per_rank * self.num_replicas: self.num_replicas].tolist()
 
     def __iter__(self) -> Iterator[tuple[int, int]]:

@@ -305,6 +305,15 @@ class MiroPipeline(nn.Module):
             raise ValueError("dtype=None: name the storage dtype, e.g. 'float32' or 'float16'")
         check_variant_name(variant)  # the name from_pretrained would take back: no "../x"
         out = Path(save_directory) / variant if variant else Path(save_directory)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"{out} is a file; the pipeline goes into a folder (new, empty, or an earlier pipeline's)")
+        # Over an earlier pipeline the files are replaced; a folder of other files is not written into
+        # (their config.json or reward_bins.json would be replaced or removed without a word).
+        if out.is_dir() and not (out / "config.json").is_file():
+            others = sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith("."))
+            if others:
+                raise ValueError(f"{out} holds files but no pipeline ({', '.join(others[:4])}"
+                                 f"{' ...' if len(others) > 4 else ''}); save into a new or empty folder")
         out.mkdir(parents=True, exist_ok=True)
         config = copy.deepcopy(self.config)
         config["text_encoder"] = getattr(self.text_encoder, "spec", config.get("text_encoder", FLAN_T5_XL))
@@ -347,13 +356,20 @@ class MiroPipeline(nn.Module):
 
         from miro.io import one_line
 
+        check_variant_name(variant)  # as save_pretrained and from_pretrained: one plain subfolder name
         api = HfApi(token=token)
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, dtype=dtype)
+            # What this pipeline lacks but an earlier upload to the same place may hold (another
+            # model's reward bins, an untrained pipeline's init.json) is deleted in the same commit,
+            # as save_pretrained does locally. Exact names: relative to path_in_repo, so other
+            # variants' files are never matched.
+            stale = [f for f in ("reward_bins.json", "init.json") if not (Path(tmp) / f).exists()]
             try:
                 api.create_repo(repo_id, private=private, exist_ok=True)
                 info = api.upload_folder(repo_id=repo_id, folder_path=tmp, path_in_repo=variant or None,
-                                         commit_message=commit_message, revision=revision)
+                                         commit_message=commit_message, revision=revision,
+                                         delete_patterns=stale or None)
             except Exception as e:  # no network, no token, no write access: the hub client's own types
                 raise OSError(f"could not upload to the hub repo {repo_id!r} ({type(e).__name__}: {one_line(e)}); "
                               "check the network and the token (HF_TOKEN or `hf auth login`)") from e

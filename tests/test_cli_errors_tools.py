@@ -81,6 +81,30 @@ def test_convert_unknown_text_encoder_is_an_environment_error(tiny_ckpt, tmp_pat
     assert "text encoder 'nosuch'" in _one_line(capsys, "miro convert: ")
 
 
+@pytest.mark.parametrize("flag, spec, message", [
+    ("--text-encoder", "google/flan-t5-xl", "--text-encoder 'google/flan-t5-xl' gives 2048-d text embeddings; "
+                                            "this model was trained on 24-d text embeddings (network.label_dim)"),
+    ("--autoencoder", "sdxl_vae", "--autoencoder 'sdxl_vae' gives 4-channel latents; this model was trained on "
+                                  "3-channel latents (network.num_input_channels)"),
+])
+def test_convert_refuses_an_encoder_that_does_not_fit_the_model(tiny_ckpt, tmp_path, capsys, flag, spec, message):
+    from miro.train.convert import main
+
+    assert main([str(tiny_ckpt), str(tmp_path / "out"), flag, spec]) == 2
+    assert _one_line(capsys, "miro convert: ") == f"miro convert: {message}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_folder_as_checkpoint_and_file_as_output(tiny_ckpt, tmp_path, capsys):
+    from miro.train.convert import main
+
+    assert main([str(tmp_path), str(tmp_path / "out")]) == 2
+    assert "is a folder; give the .ckpt file in it" in _one_line(capsys, "miro convert: ")
+    (tmp_path / "afile").write_text("x")
+    assert main([str(tiny_ckpt), str(tmp_path / "afile")]) == 2
+    assert "afile is a file; the pipeline goes into a folder" in _one_line(capsys, "miro convert: ")
+
+
 def test_generate_from_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
     from miro import generate_cli
 

@@ -289,6 +289,7 @@ def test_a_save_killed_over_another_pipeline_does_not_load(tmp_path, monkeypatch
     ("drop", "'network.latents'"),
     ("shape", r"'network.text_registers' has shape \(3, 32\)"),
     ("float_mask", "'network.cond_mask' has dtype torch.float32"),
+    ("int_weights", "'network.latents' has dtype torch.int32, expected torch.float32"),
     ("extra", "unexpected tensor 'network.extra'"),
 ])
 def test_mismatched_safetensors_names_first_mismatch(saved, tmp_path, edit, match):
@@ -302,6 +303,8 @@ def test_mismatched_safetensors_names_first_mismatch(saved, tmp_path, edit, matc
         sd["network.text_registers"] = sd["network.text_registers"][:3].contiguous()
     elif edit == "float_mask":
         sd["network.cond_mask"] = sd["network.cond_mask"].float()
+    elif edit == "int_weights":  # a damaged file: a float tensor stored as integers
+        sd["network.latents"] = sd["network.latents"].int()
     else:
         sd["network.extra"] = torch.zeros(1)
     save_file(sd, str(broken / "model.safetensors"))

@@ -381,3 +381,18 @@ def test_negative_prompt_replaces_the_null_text(pipe):
         pipe(PROMPTS, negative_prompt=["x"], **KW)
     with pytest.raises(ValueError, match="negative_prompt must be None, a string or a list of strings; got 3"):
         pipe(PROMPTS, negative_prompt=3, **KW)
+
+
+def test_save_refuses_a_file_or_a_folder_of_other_files(pipe, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="afile is a file; the pipeline goes into a folder"):
+        pipe.save_pretrained(tmp_path / "afile")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json.bak").write_text("keep")
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="holds files but no pipeline \\(config.json.bak, notes.txt\\)"):
+        pipe.save_pretrained(mine)
+    assert sorted(p.name for p in mine.iterdir()) == ["config.json.bak", "notes.txt"]
+    out = pipe.save_pretrained(tmp_path / "p")
+    assert pipe.save_pretrained(out) == out  # over an earlier pipeline: replaced

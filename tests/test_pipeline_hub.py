@@ -110,8 +110,10 @@ def test_push_to_hub_uploads_the_saved_folder(saved, tmp_path, monkeypatch):
         def create_repo(self, repo_id, private=None, exist_ok=False):
             calls["create"] = (repo_id, private, exist_ok)
 
-        def upload_folder(self, repo_id, folder_path, path_in_repo=None, commit_message=None, revision=None):
+        def upload_folder(self, repo_id, folder_path, path_in_repo=None, commit_message=None, revision=None,
+                          delete_patterns=None):
             calls["upload"] = (repo_id, path_in_repo, commit_message)
+            calls["delete"] = delete_patterns
             shutil.copytree(folder_path, tmp_path / "uploaded")
             return "https://hub.example/commit/1"
 
@@ -120,6 +122,10 @@ def test_push_to_hub_uploads_the_saved_folder(saved, tmp_path, monkeypatch):
     assert url == "https://hub.example/commit/1"
     assert calls["create"] == ("me/my-miro", True, True)
     assert calls["upload"][:2] == ("me/my-miro", "miro-x")
+    # what this pipeline lacks is deleted where it goes, by exact name (never another variant's files)
+    assert pipe.reward_bins is None and calls["delete"] == ["reward_bins.json", "init.json"]
+    with pytest.raises(ValueError, match="variant must be a plain subfolder name; got '../evil'"):
+        pipe.push_to_hub("me/my-miro", variant="../evil")
     up = MiroPipeline.from_pretrained(tmp_path / "uploaded")
     up.set_progress_bar_config(disable=True)
     pipe.set_progress_bar_config(disable=True)
@@ -133,6 +139,13 @@ def test_push_to_hub_uploads_the_saved_folder(saved, tmp_path, monkeypatch):
 
     with safe_open(str(tmp_path / "uploaded" / "model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} - {torch.bool} == {torch.float16}
+    # a pipeline with bins keeps them: only what it lacks is deleted
+    from miro.rewards.binning import RewardBins
+
+    shutil.rmtree(tmp_path / "uploaded")
+    pipe.reward_bins = RewardBins(4, {pipe.coherence_keys[0]: [0.0, 0.1, 0.2, 0.3, 0.4]})
+    pipe.push_to_hub("me/my-miro", variant="miro-x")
+    assert calls["delete"] == ["init.json"] and (tmp_path / "uploaded" / "reward_bins.json").is_file()
 
 
 def test_save_is_atomic_per_file(saved, tmp_path, monkeypatch):

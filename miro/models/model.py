@@ -225,7 +225,7 @@ class MiroModel(nn.Module):
             v = sd[k]
             if tuple(v.shape) != tuple(ref.shape):
                 raise ValueError(f"tensor {k!r} has shape {tuple(v.shape)}, expected {tuple(ref.shape)}")
-            if (v.dtype == torch.bool) != (ref.dtype == torch.bool):
+            if (v.dtype == torch.bool) != (ref.dtype == torch.bool) or (v.is_floating_point() != ref.is_floating_point()):
                 raise ValueError(f"tensor {k!r} has dtype {v.dtype}, expected {ref.dtype}")
         return sd
 

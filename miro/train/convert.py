@@ -22,6 +22,8 @@ import torch
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """A Lightning checkpoint dict, loaded safely (tensors and plain containers only)."""
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"checkpoint {str(path)!r} is a folder; give the .ckpt file in it (e.g. {str(p / 'last.ckpt')!r})")
     if not p.is_file():
         raise ValueError(f"checkpoint {str(path)!r} does not exist")
     try:
@@ -82,6 +84,7 @@ def pipeline_from_checkpoint(path: str | os.PathLike, ema_index: int | None = 0,
     from miro.rewards.binning import RewardBins
 
     config, weights, ckpt = checkpoint_weights(path, ema_index)
+    check_encoders_fit(config, text_encoder, autoencoder)
     state, extra = ckpt["state_dict"], ckpt.get("miro") or {}
     model = MiroModel.from_config(config)
     model.load_state_dict_checked(weights)
@@ -99,6 +102,41 @@ def pipeline_from_checkpoint(path: str | os.PathLike, ema_index: int | None = 0,
     pipe.source = str(path)
     pipe.checkpoint_meta = dict(extra)  # samples_seen, reward bins...: callers need not read the file again
     return pipe.to(device)
+
+
+def _known_width(spec, kind: str) -> int | None:
+    """The text-embedding width (``kind="text"``) or latent channels (``"latents"``) of an encoder
+    spec that names a known encoder or a local folder; None where only loading it would tell."""
+    import json
+
+    from miro.encoders.autoencoder import _IDENTITY_NAMES, _SDXL_NAMES
+    from miro.encoders.text import _MINILM_NAMES, FLAN_T5_XL
+
+    if not isinstance(spec, (str, os.PathLike)):
+        return None
+    name = str(spec)
+    known = ({**{n.lower(): 384 for n in _MINILM_NAMES}, FLAN_T5_XL: 2048, "flan_t5_xl": 2048} if kind == "text"
+             else {**{n.lower(): 3 for n in _IDENTITY_NAMES}, **{n.lower(): 4 for n in _SDXL_NAMES}})
+    if name.lower() in known:
+        return known[name.lower()]
+    cfg = Path(name) / "config.json"
+    if cfg.is_file():
+        c = json.loads(cfg.read_text())
+        return c.get("d_model", c.get("hidden_size")) if kind == "text" else c.get("latent_channels")
+    return None
+
+
+def check_encoders_fit(config: dict, text_encoder=None, autoencoder=None) -> None:
+    """A text encoder or autoencoder given for a model must produce what it was trained on: its
+    text width (``label_dim``) and its latent channels (``num_input_channels``)."""
+    net = config.get("network", {})
+    for spec, kind, key, what in ((text_encoder, "text", "label_dim", "-d text embeddings"),
+                                  (autoencoder, "latents", "num_input_channels", "-channel latents")):
+        width, want = _known_width(spec, kind), net.get(key)
+        if spec is not None and width is not None and want is not None and int(width) != int(want):
+            flag = "--text-encoder" if kind == "text" else "--autoencoder"
+            raise ValueError(f"{flag} {str(spec)!r} gives {width}{what}; this model was trained on "
+                             f"{want}{what} (network.{key})")
 
 
 def convert(ckpt: str | os.PathLike, out_dir: str | os.PathLike, variant_name: str | None = None,

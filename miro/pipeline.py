@@ -165,6 +165,15 @@ def _scales(w_r):
     return {k: float(v) for k, v in w_r.items()} if isinstance(w_r, Mapping) else float(w_r)
 
 
+def _holds_pipeline_config(folder: Path) -> bool:
+    """Whether ``folder/config.json`` is a pipeline's (a JSON object with a ``network`` section)."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and "network" in cfg
+
+
 class MiroPipeline(nn.Module):
     """A MIRO model with its text encoder, autoencoder and unconditional text embedding.
 
@@ -309,8 +318,11 @@ class MiroPipeline(nn.Module):
             raise ValueError(f"{out} is a file; the pipeline goes into a folder (new, empty, or an earlier pipeline's)")
         # Over an earlier pipeline the files are replaced; a folder of other files is not written into
         # (their config.json or reward_bins.json would be replaced or removed without a word).
-        if out.is_dir() and not (out / "config.json").is_file():
-            others = sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith("."))
+        if out.is_dir() and not _holds_pipeline_config(out):
+            # what a killed save leaves (pipeline files without config.json) may be saved over
+            ours = {"model.safetensors", "uncond_embedding.npy", "reward_bins.json", "init.json"}
+            others = sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith(".")
+                            and p.name not in ours)
             if others:
                 raise ValueError(f"{out} holds files but no pipeline ({', '.join(others[:4])}"
                                  f"{' ...' if len(others) > 4 else ''}); save into a new or empty folder")

@@ -394,5 +394,9 @@ def test_save_refuses_a_file_or_a_folder_of_other_files(pipe, tmp_path):
     with pytest.raises(ValueError, match="holds files but no pipeline \\(config.json.bak, notes.txt\\)"):
         pipe.save_pretrained(mine)
     assert sorted(p.name for p in mine.iterdir()) == ["config.json.bak", "notes.txt"]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text('{"_class_name": "UNet2DModel"}')  # not a pipeline's
+    with pytest.raises(ValueError, match="holds files but no pipeline \\(config.json\\)"):
+        pipe.save_pretrained(tmp_path / "other")
     out = pipe.save_pretrained(tmp_path / "p")
     assert pipe.save_pretrained(out) == out  # over an earlier pipeline: replaced

@@ -72,6 +72,11 @@ def test_fork_json_reader_and_embeddings(tmp_path):
     pe, pooled, tids = load_fork_embeddings(items[0])
     assert pe.shape == (5, 8) and pooled.shape == (4,) and tids.shape == (5, 3)
     assert items[1]["category"] is None
+    # an empty or null MIA alias falls back to the plain column (it used to hide it: no MIA prompts)
+    from miro.align.datasets import normalize_item
+
+    item = normalize_item({"caption": "c", "mia_category": None, "category": "Food", "mia_region": "", "region": "Ghana"})
+    assert (item["category"], item["region"]) == ("Food", "Ghana")
     with pytest.raises(ValueError, match="prompt_embed_path"):
         load_fork_embeddings(items[1])
     (tmp_path / "bad.json").write_text(json.dumps([{"nope": 1}]))

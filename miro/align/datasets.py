@@ -40,8 +40,9 @@ def normalize_item(raw: dict, base_dir: str | Path | None = None) -> dict:
         raise ValueError(f"dataset item has no caption/prompt/text string: {raw!r}")
     item = dict(raw)
     item["caption"] = caption.strip()
-    item["category"] = raw.get("mia_category", raw.get("category"))
-    item["region"] = raw.get("mia_region", raw.get("region"))
+    # an empty or null alias falls back to the plain column, as Item/item does
+    item["category"] = raw.get("mia_category") or raw.get("category")
+    item["region"] = raw.get("mia_region") or raw.get("region")
     item["item"] = raw.get("Item") or raw.get("item")
     for key in ("pos_prompt", "neg_prompt", "image_path"):
         item[key] = raw.get(key)

@@ -127,11 +127,8 @@ class MiroTarget:
                             autocast=self.compute_dtype != torch.float32, progress=progress, **grid)
 
     def _decode_latents(self, z: torch.Tensor) -> torch.Tensor:
-        codec = self.pipe.autoencoder
-        if hasattr(codec, "load") and hasattr(codec, "vae"):  # SDXLVAECodec decodes under no_grad; call the VAE
-            codec.load()
-            return codec.vae.decode(z.to(codec.vae.dtype)).sample.float()
-        return codec.decode(z)
+        # the codec's decode keeps the caller's grad mode, so the reward's gradient reaches z through it
+        return self.pipe.autoencoder.decode(z).float()
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """Normalised latents → images (B, 3, H, W) in [0, 1], differentiable."""

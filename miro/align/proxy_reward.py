@@ -7,9 +7,10 @@ human judgement — a small CLIP-like model is trained to predict ``shapes_align
 thousand training pairs), which is what lets a study measure reward hacking: the proxy reward
 goes up while the exact reward does not.
 
-Model: image → 4-layer CNN → global pool → linear → ``D``; caption → frozen MiniLM token
-embeddings → masked mean → MLP → ``D``; ``similarity = cos``; the predicted alignment is
-``a·cos + b`` (two learned scalars). It implements the ``Scorer`` embedding interface
+Model: image → 4-layer CNN → a 4×4 map of ``D``-d features with learned positions; caption →
+frozen MiniLM token embeddings → masked mean → MLP → ``D``; ``similarity``: the caption's feature
+attends over the 16 image positions and an MLP scores the attended feature against it (a cosine of
+pooled features cannot tell "a red circle" from "a blue circle"). It implements the ``Scorer`` embedding interface
 (``embed_image``/``embed_text``/``similarity``, ``differentiable = True``), so SRPO's relative
 reward ``(1+k)·s(x, p+) − s(x, p−)`` uses it like HPSv2.
 

@@ -180,7 +180,10 @@ def speedup(miro: list[tuple[int, float]], baseline: list[tuple[int, float]],
     # A baseline already at its final score at its first point never rose to it: both runs "reach"
     # it at once and the ratio says nothing about speed (a falling or flat reward).
     out = {"baseline_final_score": final, "baseline_samples": need_b, "miro_samples": need_m,
-           "speedup": (need_b / need_m) if need_m else None, "baseline_rises": need_b > baseline[0][0]}
+           "speedup": (need_b / need_m) if need_m else None, "baseline_rises": need_b > baseline[0][0],
+           # MIRO already at the score at its first point: it got there at some unmeasured time
+           # before, so the ratio is only a lower bound set by the checkpoint spacing
+           "miro_at_first_point": need_m is not None and need_m <= miro[0][0]}
     if baseline_se:
         se = math.hypot(baseline_se[0][1], baseline_se[-1][1])
         out["baseline_rise_z"] = (final - baseline[0][1]) / se if se > 0 else None
@@ -297,8 +300,13 @@ def study_rows(path: Path, runs: dict) -> list[dict]:
     rows = []
     for r in csv.DictReader(open(path)):
         rep = r.get("replicate") or ""
-        if not rep and len(runs.get(r["run"], ())) == 1:
-            rep = runs[r["run"]][0][0]
+        if not rep:
+            if len(runs.get(r["run"], ())) > 1:  # which seed it was is not recorded: pooled it would be a seed of its own
+                raise ValueError(f"{path}: its points of run {r['run']!r} predate recorded seeds (no replicate "
+                                 f"column), and this study gives {r['run']!r} several seeds; leave it out of "
+                                 f"--rows-from or score those checkpoints again")
+            if runs.get(r["run"]):
+                rep = runs[r["run"]][0][0]
         rows.append({**r, "replicate": rep})
     return rows
 
@@ -447,6 +455,9 @@ def _speedup_note(sp: dict) -> str:
     if z is not None and z < RISE_Z:
         return (f"rise within noise: the baseline's final is {z:.2f} standard errors above its first point "
                 f"(< {RISE_Z:g})")
+    if sp.get("miro_at_first_point") and sp.get("speedup") is not None:
+        return (f"a lower bound (>= x{sp['speedup']:.2f}): MIRO is at the baseline's final at its first checkpoint, "
+                f"so the ratio is the checkpoint spacing's")
     return ""
 
 
@@ -761,6 +772,9 @@ def cmd_guidance(args) -> int:
         raise ValueError(f"guidance sweeps one reward scale (--reward-cfg, --reward-cfgs); got per-reward scales "
                          f"{args.reward_cfg}: use table or controllability for those")
     cfgs, shifts = args.cfgs, args.shifts  # lists, checked by argparse
+    if any(x < 1 for x in shifts):  # Scheduler.from_config reads a shift below 1 as 1 (published)
+        raise ValueError(f"--shifts must be >= 1 (the scheduler takes a smaller shift as 1, so the rows would be "
+                         f"labelled with a grid they did not use); got {shifts}")
     reward_cfgs = args.reward_cfgs or [args.reward_cfg]
     directions = [d.strip() for d in (args.reward_directions or args.reward_direction).split(",") if d.strip()]
     if not directions or set(directions) - {"prompt", "null"}:
@@ -909,7 +923,10 @@ def load_scored(dirs: list[str]) -> tuple[dict | None, dict]:
         if not (Path(d) / "rewards.jsonl").is_file():
             raise ValueError(f"{d}: no rewards.jsonl (a scored `table` folder, OUT/table/<model>, or a sweep's "
                              f"target_<t> folder)")
-        rew.update({(j, r["filename"]): r for r in read_jsonl(Path(d) / "rewards.jsonl")})
+        # lines of one image merge (a folder scored in several passes holds one line per pass)
+        from miro.eval.rewards import merge_records
+
+        rew.update({(j, f): r for f, r in merge_records(read_jsonl(Path(d) / "rewards.jsonl")).items()})
         if res is not None and (Path(d) / RESULTS_FILE).is_file():
             res.update({(j, r["filename"]): r for r in read_jsonl(Path(d) / RESULTS_FILE)})
         else:
@@ -1358,7 +1375,7 @@ def main(argv=None) -> int:
     g.add_argument("--cfgs", type=nonneg_float_list, default="1,2,3,5,7,10", help="comma-separated guidance scales")
     g.add_argument("--steps-list", type=positive_int_list, default="25,50", help="comma-separated Euler step counts")
     g.add_argument("--shifts", type=positive_float_list, default="1",
-                   help="comma-separated time shifts (scheduler.shift, > 0)")
+                   help="comma-separated time shifts (scheduler.shift, >= 1; the published scheduler reads a smaller one as 1)")
     g.add_argument("--reward-cfgs", type=nonneg_float_list, default=None, help="comma-separated reward guidance scales w_r (default: "
                    "--reward-cfg, i.e. w_r = w); each is crossed with every --cfgs value")
     g.add_argument("--reward-directions", default="", help="comma-separated subset of prompt,null, crossed with "

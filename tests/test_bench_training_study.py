@@ -60,7 +60,12 @@ def test_a_baseline_rise_within_its_noise_is_flagged():
                            "rewards": {"r": {"speedup": {**clear, "interval": interval}}}}).splitlines()
     assert md[2].endswith("| rise within noise: the baseline's final is 0.67 standard errors above its first "
                           "point (< 2) |")
-    assert md[3].endswith("| 0.50 |  |")
+    # MIRO is at 0.065 at its first checkpoint: x2 is only what the checkpoint spacing allows
+    assert clear["miro_at_first_point"] and md[3].endswith(
+        "| 0.50 | a lower bound (>= x2.00): MIRO is at the baseline's final at its first checkpoint, so the ratio "
+        "is the checkpoint spacing's |")
+    later = speedup([(100, 0.05), (200, 0.07)], base, [(100, 0.002), (200, 0.002)])
+    assert not later["miro_at_first_point"] and later["speedup"] == pytest.approx(200 / 175)
 
 
 def test_speedup_interval_collapses_without_noise_and_widens_with_it():
@@ -177,7 +182,7 @@ def _fake_guidance_grid(monkeypatch, pipe, record) -> list:
     return seen
 
 
-def test_guidance_grid_sets_each_shift_then_restores_the_model_shift(tmp_path, monkeypatch):
+def test_guidance_grid_sets_each_shift_then_restores_the_model_shift(tmp_path, monkeypatch, capsys):
     """Every (steps, shift, cfg) of the grid is evaluated once with the shift set on the pipeline
     while its folder is generated; the model's own shift is back afterwards; a bad list is refused."""
     import json
@@ -187,8 +192,8 @@ def test_guidance_grid_sets_each_shift_then_restores_the_model_shift(tmp_path, m
     pipe = SimpleNamespace(config={"scheduler": {"shift": 1.0}})
     seen = _fake_guidance_grid(monkeypatch, pipe, lambda p, d, g: (g.steps, p.config["scheduler"]["shift"], g.cfg, d.name))
     assert study.main(["guidance", "--out", str(tmp_path), "--cfgs", "2,5", "--steps-list", "10,20",
-                       "--shifts", "0.5,2"]) == 0
-    assert seen == [(n, s, w, f"cfg{w:g}_steps{n}_shift{s:g}") for n in (10, 20) for s in (0.5, 2.0) for w in (2.0, 5.0)]
+                       "--shifts", "1,2"]) == 0
+    assert seen == [(n, s, w, f"cfg{w:g}_steps{n}_shift{s:g}") for n in (10, 20) for s in (1.0, 2.0) for w in (2.0, 5.0)]
     assert pipe.config["scheduler"]["shift"] == 1.0
     rows = json.loads((tmp_path / "guidance" / "guidance.json").read_text())
     assert [(r["steps"], r["shift"], r["cfg"]) for r in rows] == [s[:3] for s in seen]
@@ -196,6 +201,10 @@ def test_guidance_grid_sets_each_shift_then_restores_the_model_shift(tmp_path, m
     with pytest.raises(SystemExit) as e:  # refused by argparse, before the model is loaded
         study.main(["guidance", "--out", str(tmp_path), "--cfgs", "2,x"])
     assert e.value.code == 2
+    # a shift below 1 is read as 1 by the scheduler: its rows would be mislabelled
+    capsys.readouterr()
+    assert study.main(["guidance", "--out", str(tmp_path), "--shifts", "0.5,2"]) == 2
+    assert "--shifts must be >= 1" in capsys.readouterr().err
 
 
 def test_guidance_grid_crosses_reward_scales_with_text_scales(tmp_path, monkeypatch):
@@ -723,3 +732,25 @@ def test_convergence_joins_points_scored_by_other_processes(tmp_path, monkeypatc
     assert "baseline baseline step 1 is held with ShapesEval" in capsys.readouterr().err
     assert study.main([*base, "--out", str(tmp_path / "m4"), *runs, "--rows-from", str(tmp_path / "nowhere")]) == 2
     assert "no convergence.csv there" in capsys.readouterr().err
+
+
+def test_scored_folders_merge_the_lines_of_one_image_and_old_rows_are_not_a_seed(tmp_path):
+    # a folder scored in two passes has two lines per image: paired must see both rewards
+    import json
+
+    from shapes_training_study import load_scored, run_specs, study_rows
+
+    d = tmp_path / "t"
+    d.mkdir()
+    f = "00000/samples/0000.png"
+    (d / "rewards.jsonl").write_text(json.dumps({"filename": f, "shapes_alignment": 0.5}) + "\n"
+                                     + json.dumps({"filename": f, "shapes_contrast": 0.7}) + "\n")
+    _, rew = load_scored([str(d)])
+    assert rew[(0, f)]["shapes_alignment"] == 0.5 and rew[(0, f)]["shapes_contrast"] == 0.7
+    # a convergence.csv from before seeds were recorded: its rows are the run's only seed's, and
+    # with several seeds for that run they are refused, not pooled as a seed of their own
+    old = tmp_path / "old.csv"
+    old.write_text("run,step,samples,overall\nmiro,200,12800,0.1\n")
+    assert study_rows(old, run_specs(["miro=/x/seed0"]))[0]["replicate"] == "seed0"
+    with pytest.raises(ValueError, match="predate recorded seeds .* several seeds"):
+        study_rows(old, run_specs(["miro=/x/seed0", "miro=/x/seed1"]))

@@ -180,6 +180,12 @@ def test_rules_integration_on_synthetic_detections(tmp_path):
     assert s["tags"]["position"] == {"accuracy": 0.5, "correct": 1, "total": 2}
     assert s["overall"] == pytest.approx(np.mean([0.5, 0.0, 1.0, 1.0, 0.0]))
     assert s["backends"]["detector"] == "scripted"
+    # an image removed from the folder no longer counts, though its verdict stays in the file
+    import shutil
+
+    shutil.rmtree(root / "00005")  # "a clock", the one single_object image
+    s = GE.evaluate_folder(root, root / "results.jsonl", ev, progress=False)
+    assert "single_object" not in s["tags"] and s["overall"] == pytest.approx(np.mean([0.5, 0.0, 1.0, 1.0]))
 
 
 def test_another_detector_colour_model_or_canvas_rescores(tmp_path, capsys):

@@ -405,7 +405,8 @@ def evaluate_folder(root: str | Path, outfile: str | Path, evaluator: GenEvalLik
                     out.write({**rules.result_record(image_id(root, p), meta, verdict, found), "settings": settings})
             bar.update(len(todo[start : start + batch_size]))
     bar.close()
-    results = [r for r in read_jsonl(outfile) if r.get("settings") == settings]
+    present = {image_id(root, p) for _, p in samples}  # verdicts of images since removed are not counted
+    results = [r for r in read_jsonl(outfile) if r.get("settings") == settings and r.get("filename") in present]
     if not results:
         raise ValueError(f"{root}: no image could be scored ({len(corrupt)} unreadable)")
     summary = rules.summarize(results)

@@ -177,6 +177,9 @@ def test_end_to_end_with_the_shapes_proxy_and_lora(tiny_world, tmp_path):
     coh = {k: torch.ones(1) for k in base.coherence_keys}
     g = torch.tensor([0.5])
     torch.testing.assert_close(merged.model(x, g, emb, mask, coh)[0], base.model(x, g, emb, mask, coh)[0], rtol=1e-4, atol=1e-5)
+    # and the adapter moved something: the untouched base model differs (a no-op merge would not)
+    plain = MiroPipeline.from_pretrained(root / "pipe")
+    assert (merged.model(x, g, emb, mask, coh)[0] - plain.model(x, g, emb, mask, coh)[0]).abs().max() > 1e-4
 
 
 def test_bfloat16_target_with_lora_end_to_end(tiny_world, tmp_path):
@@ -217,7 +220,6 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_world, tmp_path):
                 f"reward.path={tmp_path / 'proxy'}", "train.checkpoint_every=1"]
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    subprocess.run(cmd(tmp_path / "ref", 3), check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out = tmp_path / "killed"
     proc = subprocess.Popen(cmd(out, 1000), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     ckpt = out / "checkpoints" / "last.pt"
@@ -240,11 +242,12 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_world, tmp_path):
     subprocess.run(cmd(out, target), check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     steps = [json.loads(s)["step"] for s in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, target + 1))
-    if target == 3:
-        ref = MiroPipeline.from_pretrained(tmp_path / "ref" / "pipeline").model.state_dict()
-        got = MiroPipeline.from_pretrained(out / "pipeline").model.state_dict()
-        for k in ref:
-            torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=k)
+    # an uninterrupted run to the same step, whatever step the kill landed at
+    subprocess.run(cmd(tmp_path / "ref", target), check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ref = MiroPipeline.from_pretrained(tmp_path / "ref" / "pipeline").model.state_dict()
+    got = MiroPipeline.from_pretrained(out / "pipeline").model.state_dict()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=k)
 
 
 @pytest.mark.slow  # two DDP ranks on the CPU (gloo), one process each

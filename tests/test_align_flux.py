@@ -139,7 +139,8 @@ def test_precompute_embeddings_roundtrip(flux_dir, tmp_path):
     assert back[0]["category"] == "Shape" and back[0]["region"] == "Peru" and back[1]["category"] is None
     pe, pooled, tids = pipe.encode_prompt(["two blue squares"], prompt_2=None, max_sequence_length=8)
     e = load_fork_embeddings(back[1])
-    torch.testing.assert_close(e[0], pe[0]) and torch.testing.assert_close(e[1], pooled[0])
+    torch.testing.assert_close(e[0], pe[0])
+    torch.testing.assert_close(e[1], pooled[0])
     assert e[2].shape == (8, 3)
     # precomputed embeddings drive the target exactly like live encoding
     cond = FluxTarget.cond_from_embeddings([e])

@@ -86,7 +86,8 @@ def test_offline_noise_is_independent_of_the_image(bert_dir):
     b = -a
     x0a, na = clean_latents(tg, cfg, None, {"items": [{}, {}], "images": a}, torch.Generator().manual_seed(5))
     x0b, nb = clean_latents(tg, cfg, None, {"items": [{}, {}], "images": b}, torch.Generator().manual_seed(5))
-    torch.testing.assert_close(x0a, a) and torch.testing.assert_close(x0b, b)  # identity codec, unit normalisation
+    torch.testing.assert_close(x0a, a)  # identity codec, unit normalisation
+    torch.testing.assert_close(x0b, b)
     torch.testing.assert_close(na, nb, rtol=0, atol=0)  # same draw whatever the image
     assert not torch.allclose(na, x0a, atol=0.5)
     _, nc = clean_latents(tg, cfg, None, {"items": [{}, {}], "images": a}, torch.Generator().manual_seed(6))

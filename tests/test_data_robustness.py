@@ -65,7 +65,7 @@ def test_bad_image_size_is_a_config_error_not_corruption(tmp_path):
     ds.decoder.cfg.image_size = "abc"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with pytest.raises(TypeError):
+        with pytest.raises(TypeError, match="'str' object cannot be interpreted as an integer"):  # the resize's
             ds[(0, 0)]
     assert _skips(caught) == []
 

@@ -92,11 +92,13 @@ def test_workers_do_not_duplicate(tmp_path):
     dm.cfg.shuffle = True
     dl = dm.train_dataloader()
     it = iter(dl)
-    keys = []
+    keys, seen = [], []
     for _ in range(8):  # one epoch of 24 samples
         b = next(it)
         keys.append(b["position"])
+        seen += b["index"].tolist()
     assert keys == [3 * (k + 1) for k in range(8)]  # ordered positions across workers
+    assert sorted(seen) == list(range(24))  # every sample once: none twice across the two workers
 
 
 def test_batch_contents_and_padding(tmp_path):

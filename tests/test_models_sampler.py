@@ -150,9 +150,17 @@ def test_dropped_reward_is_zero_embedding():
     model = _tiny()
     noise, emb, mask, unc = _inputs()
     a = euler_sample(model, noise, emb, mask, None, None, {"clip_score": None}, num_steps=2, guidance_scale=0)
-    # direct check against the network with the key absent
+    # direct check against the network with the key absent (the others at their default 1.0)
+    model.eval()
+    g, x, z = time_grid(2), noise.clone(), None
+    rest = {k: torch.ones(noise.shape[0]) for k in model.coherence_keys if k != "clip_score"}
+    with torch.no_grad():
+        for i in range(2):
+            v, z = model(x, g[i].expand(noise.shape[0]), emb, mask, rest, z)
+            x = x - v.float() * (g[i + 1] - g[i])
+    torch.testing.assert_close(a, x)
     b = euler_sample(model, noise, emb, mask, None, None, {"clip_score": 1.0}, num_steps=2, guidance_scale=0)
-    assert (a - b).abs().max() > 1e-5
+    assert (a - b).abs().max() > 1e-5  # and dropping is not the target 1.0
 
 
 def test_w_zero_is_the_conditional_euler_loop():

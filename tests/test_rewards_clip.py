@@ -108,7 +108,8 @@ def test_bfloat16_returns_float32_close_to_float32(clip_dir, images):
     f32 = load_scorer("clip_score", model=str(clip_dir), device="cpu").score(images, PROMPTS)
     bf16 = load_scorer("clip_score", model=str(clip_dir), device="cpu", dtype="bfloat16").score(images, PROMPTS)
     assert bf16.dtype == torch.float32
-    assert (bf16 - f32).abs().max() < 0.25
+    assert (bf16 - f32).abs().max() < 0.1  # measured 0.053; the four close scores span 0.19
+    assert torch.equal(bf16.argsort(), f32.argsort())
 
 
 def test_the_logit_scale_stays_float32_in_bfloat16(tmp_path):

@@ -56,6 +56,17 @@ def test_each_imperfection_is_recorded_and_applied(name):
         o = score_all([s.image for s in hits], [s.caption for s in hits])["shapes_alignment"]
         syn = score_all([s.image for s in hits], [s.synthetic["prompt"] for s in hits])["shapes_alignment"]
         assert float(o.mean()) < float(syn.mean())
+    if name in ("clutter", "cut_by_frame"):  # scene defects: seen by the detector on the image itself
+        from miro.shapes.detector import detect
+
+        for s in hits:
+            found = detect(s.image)
+            if name == "clutter":  # every added object is there beside the asked ones
+                asked = sum(o["count"] for o in s.true_metadata["include"])
+                assert len(found) == asked + s.imperfections["clutter"]["objects"]
+            else:  # one object reaches the frame, as none does in a clean scene
+                h, w = s.image.shape[:2]
+                assert any(b[0] <= 0 or b[1] <= 0 or b[2] >= w or b[3] >= h for b in (d.bbox for d in found))
     if name in IMAGE_DEFECTS:  # same scene and caption as the clean sample, another image
         i = applied.index(hits[0])
         clean = make_sample(1, i, ImperfectionRates.none())

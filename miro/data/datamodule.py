@@ -321,6 +321,7 @@ def collate(samples: list[dict], max_text_len: int | None = None) -> dict:
     batch["synthetic"] = torch.tensor([s["synthetic"] for s in samples])
     batch["n_corrupt"] = int(sum(s.get("n_corrupt", 0) for s in samples))
     batch["position"] = int(max(s.get("position", -1) for s in samples)) + 1
+    batch["index"] = torch.tensor([s.get("index", -1) for s in samples])  # which samples (after replacements)
     return batch
 
 

@@ -85,8 +85,7 @@ def list_variants(root: str | Path) -> list[str]:
 
 def check_variant_name(variant: str | None) -> None:
     """A variant is one plain subfolder name (or None): never a path that leaves the folder."""
-    if variant and (not isinstance(variant, str) or "/" in variant
-                                or "\\" in variant or variant in (".", "..")):
+    if variant and (not isinstance(variant, str) or "/" in variant or "\\" in variant or variant in (".", "..")):
         raise ValueError(f"variant must be a plain subfolder name; got {variant!r}")
 
 

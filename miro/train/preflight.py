@@ -437,8 +437,8 @@ def check_checkpoint_dir(cfg: dict) -> dict:
         # changed optimizer.* would be ignored while the run's hparams claimed it.
         saved_opt = (head.get("hyper_parameters") or {}).get("optimizer")
         now_opt = dict(cfg.get("optimizer") or {})
-        changed = [k for k in sorted(set(saved_opt or {}) | set(now_opt))
-                   if saved_opt is not None and saved_opt.get(k) != now_opt.get(k)]
+        # keys both know: a key added to the config since the checkpoint (at its default) is no change
+        changed = [k for k in sorted(set(saved_opt or {}) & set(now_opt)) if saved_opt[k] != now_opt[k]]
         if changed:
             k = changed[0]
             raise ValueError(f"resume={_show(resume)}: {ckpt} was trained with optimizer.{k}={saved_opt.get(k)!r}, "

@@ -516,8 +516,9 @@ class MiroDataModule(LightningDataModule):
                                  f"{setting}={getattr(cfg, setting)!r} needs; members present: {sorted(have)}")
         if cfg.synthetic_caption_rate > 0:  # else the rate silently falls to 0 (original captions only)
             fix = "set data.synthetic_caption_rate=0 to train on the original captions"
-            if cfg.text_source == "precomputed" and self.dec_emb()[1] not in have:
-                raise ValueError(f"data_dir {cfg.data_dir!r}: no sample has a {self.dec_emb()[1]} member, which "
+            synthetic = MiroSampleDecoder(cfg, None).emb[1]
+            if cfg.text_source == "precomputed" and synthetic not in have:
+                raise ValueError(f"data_dir {cfg.data_dir!r}: no sample has a {synthetic} member, which "
                                  f"synthetic_caption_rate={cfg.synthetic_caption_rate!r} needs; {fix}")
             if cfg.text_source == "on_the_fly" and not any(
                     isinstance(m, dict) and m.get("synthetic_caption") for m in self._first_json(16)):
@@ -526,10 +527,6 @@ class MiroDataModule(LightningDataModule):
         if cfg.image_source == "pixels" and not have & set(schema.IMAGE_EXTS):
             raise ValueError(f"data_dir {cfg.data_dir!r}: image_source='pixels' but no sample has an image member "
                              f"({', '.join(schema.IMAGE_EXTS)}); members present: {sorted(have)}")
-
-    def dec_emb(self) -> tuple[str, str]:
-        """The (original, synthetic) text-embedding members of this run's encoder."""
-        return (schema.text_embedding_name(self.cfg.text_encoder), schema.text_embedding_name(self.cfg.text_encoder, True))
 
     def _first_json(self, n: int) -> list:
         out = []

@@ -148,6 +148,12 @@ def tag_counts(items, n_samples: int) -> dict[str, int]:
     return counts
 
 
+def _sem(population_std: float, n: int) -> float:
+    """Standard error of a mean from the population std the sweeps record (ddof 0): std / sqrt(n - 1),
+    which is the sample std (ddof 1) over sqrt(n)."""
+    return population_std / max(n - 1, 1) ** 0.5
+
+
 def overall_se(row: dict, tag_counts: dict[str, int]) -> float:
     """Binomial standard error of ShapesEval overall (the mean of per-category accuracies):
     sqrt(sum_c p_c (1 - p_c) / n_c) / C, with n_c the images of category c in the subset."""
@@ -602,7 +608,7 @@ def cmd_controllability(args) -> int:
         s = run_sweep(pipe, items, key, kbase, out / key, {key: scorers[key]}, targets, progress=False)
         result[key] = {"targets": list(targets), "spearman_means": s["spearman_means"][key],
                        "spearman_images": s["spearman_images"][key], "means": [r[key]["mean"] for r in s["per_target"]],
-                       "se": [r[key]["std"] / r["n"] ** 0.5 for r in s["per_target"]]}
+                       "se": [_sem(r[key]["std"], r["n"]) for r in s["per_target"]]}
         sweep_grid(out / key, targets, max_prompts=6).save(out / key / "grid.png")
         print(key, json.dumps(result[key]), flush=True)
     summary = {"model": args.model, "targets": args.targets, "others": args.others, "negative": args.negative,
@@ -1245,7 +1251,7 @@ def _plot_settings(rows: list[dict], path: Path) -> None:
         for r in rows:
             c = r["curves"].get(key)
             if c:
-                ax.errorbar([q["target"] for q in c], [q["mean"] for q in c], yerr=[q["std"] / q["n"] ** 0.5 for q in c],
+                ax.errorbar([q["target"] for q in c], [q["mean"] for q in c], yerr=[_sem(q["std"], q["n"]) for q in c],
                             marker="o", capsize=3, label=f"{r['setting']}: rho {r['rho'][key]:.2f}")
         ax.set_title(key.removeprefix("shapes_"), fontsize=9)
         ax.set_xlabel("target")
@@ -1270,7 +1276,7 @@ def write_summary(settings: dict[str, list[Path]], out: Path, plots: Path | None
     for r in rows:  # the pooled curves of each setting, as `controllability` draws one run's
         if r["curves"]:
             _plot_controllability({k: {"targets": [p["target"] for p in c], "means": [p["mean"] for p in c],
-                                       "se": [p["std"] / p["n"] ** 0.5 for p in c], "spearman_means": r["rho"][k]}
+                                       "se": [_sem(p["std"], p["n"]) for p in c], "spearman_means": r["rho"][k]}
                                    for k, c in r["curves"].items()}, (plots or out) / f"{r['setting']}_controllability.png")
     if sum(bool(r["curves"]) for r in rows) > 1:  # the settings against each other
         _plot_settings([r for r in rows if r["curves"]], (plots or out) / "settings_controllability.png")

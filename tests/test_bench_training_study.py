@@ -159,7 +159,8 @@ def test_controllability_negative_branch(tmp_path, monkeypatch, negative):
     assert seen[keys[0]][2] == [0.3, 0.6]  # explicit targets replace the grid
     assert summary["negative"] == negative and set(summary["rewards"]) == set(keys)
     assert summary["reward_cfg"] == {"shapes_counting": 12.0}
-    assert summary["rewards"]["shapes_counting"]["se"] == [0.25] * 9  # std / sqrt(n)
+    # 4 images of scores 0 and 1: population std 0.5; the sample std (ddof 1) over sqrt(4) = 0.5 / sqrt(3)
+    assert summary["rewards"]["shapes_counting"]["se"] == pytest.approx([0.5 / 3 ** 0.5] * 9)
     assert (tmp_path / "controllability" / "controllability.png").stat().st_size > 0
 
 

@@ -89,14 +89,24 @@ def check_variant_name(variant: str | None) -> None:
         raise ValueError(f"variant must be a plain subfolder name; got {variant!r}")
 
 
-def check_device_available(device: torch.device) -> None:
-    """A ValueError when ``device``'s backend is missing here, before any weights move there
-    (torch's own error comes after the load: an AssertionError on a CPU-only build)."""
-    device = torch.device(device)
+def parse_device(device) -> torch.device:
+    """``torch.device(device)``, a bad name being a ValueError that names the argument (torch's own
+    lists ~20 device types and names none)."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a torch device; expected e.g. 'cpu', 'cuda' or 'cuda:1'") from None
+
+
+def check_device_available(device) -> torch.device:
+    """The device, or a ValueError when it is not one or its backend is missing here, before any
+    weights move there (torch's own error comes after the load: an AssertionError on a CPU-only build)."""
+    device = parse_device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r}: CUDA is not available here; use 'cpu'")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {str(device)!r}: MPS is not available here; use 'cpu'")
+    return device
 
 
 def _select_variant(root: Path, variant: str | None, where: str) -> Path:

@@ -43,6 +43,9 @@ from miro.encoders.autoencoder import SDXL_VAE, load_autoencoder, to_uint8, to_u
 from miro.encoders.text import FLAN_T5_XL, load_text_encoder
 from miro.hub import (
     _DTYPES,
+    INIT_FILE,
+    OPTIONAL_FILES,
+    PIPELINE_FILES,
     atomic_write_json,
     build_model,
     init_model,
@@ -252,11 +255,7 @@ class MiroPipeline(nn.Module):
             raise ValueError("use_safetensors=False: MIRO pipelines store their weights only as "
                              "model.safetensors; pass use_safetensors=True or leave it out")
         if device is not None:  # before the download and the load, not after
-            try:
-                check_device_available(torch.device(device))
-            except (RuntimeError, TypeError):
-                raise ValueError(f"device={device!r} is not a torch device; expected e.g. 'cpu', 'cuda' or "
-                                 f"'cuda:1'") from None
+            check_device_available(device)
         # "auto" is resolved once the folder is known (it reads the stored dtype); explicit wins.
         dt = None if _is_auto(dtype) else parse_dtype(dtype)
         tdt = None if _is_auto(torch_dtype) else parse_dtype(torch_dtype)
@@ -319,8 +318,9 @@ class MiroPipeline(nn.Module):
         # Over an earlier pipeline the files are replaced; a folder of other files is not written into
         # (their config.json or reward_bins.json would be replaced or removed without a word).
         if out.is_dir() and not _holds_pipeline_config(out):
-            # what a killed save leaves (pipeline files without config.json) may be saved over
-            ours = {"model.safetensors", "uncond_embedding.npy", "reward_bins.json", "init.json"}
+            # what a killed save leaves (pipeline files without config.json) may be saved over; a
+            # config.json that is not a pipeline's is someone else's
+            ours = set(PIPELINE_FILES + OPTIONAL_FILES + (INIT_FILE,)) - {"config.json"}
             others = sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith(".")
                             and p.name not in ours)
             if others:
@@ -376,7 +376,7 @@ class MiroPipeline(nn.Module):
             # model's reward bins, an untrained pipeline's init.json) is deleted in the same commit,
             # as save_pretrained does locally. Exact names: relative to path_in_repo, so other
             # variants' files are never matched.
-            stale = [f for f in ("reward_bins.json", "init.json") if not (Path(tmp) / f).exists()]
+            stale = [f for f in OPTIONAL_FILES + (INIT_FILE,) if not (Path(tmp) / f).exists()]
             try:
                 api.create_repo(repo_id, private=private, exist_ok=True)
                 info = api.upload_folder(repo_id=repo_id, folder_path=tmp, path_in_repo=variant or None,

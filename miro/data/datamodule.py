@@ -520,19 +520,22 @@ class MiroDataModule(LightningDataModule):
             if cfg.text_source == "precomputed" and synthetic not in have:
                 raise ValueError(f"data_dir {cfg.data_dir!r}: no sample has a {synthetic} member, which "
                                  f"synthetic_caption_rate={cfg.synthetic_caption_rate!r} needs; {fix}")
-            if cfg.text_source == "on_the_fly" and not any(
-                    isinstance(m, dict) and m.get("synthetic_caption") for m in self._first_json(16)):
-                raise ValueError(f"data_dir {cfg.data_dir!r}: none of the first samples has a 'synthetic_caption' in "
-                                 f"its JSON, which synthetic_caption_rate={cfg.synthetic_caption_rate!r} needs; {fix}")
+            if cfg.text_source == "on_the_fly":
+                metas = self._first_decoded(16, lambda i: MiroSampleDecoder.decode(self.data.read(i, ["json"]), "json"))
+                if not any(isinstance(m, dict) and m.get("synthetic_caption") for m in metas):
+                        raise ValueError(f"data_dir {cfg.data_dir!r}: none of the first samples has a 'synthetic_caption' "
+                                     f"in its JSON, which synthetic_caption_rate={cfg.synthetic_caption_rate!r} needs; "
+                                     f"{fix}")
         if cfg.image_source == "pixels" and not have & set(schema.IMAGE_EXTS):
             raise ValueError(f"data_dir {cfg.data_dir!r}: image_source='pixels' but no sample has an image member "
                              f"({', '.join(schema.IMAGE_EXTS)}); members present: {sorted(have)}")
 
-    def _first_json(self, n: int) -> list:
+    def _first_decoded(self, n: int, decode) -> list:
+        """``decode(i)`` of the first ``n`` samples, those that fail to decode left out."""
         out = []
         for i in range(min(n, len(self.data))):
             try:
-                out.append(MiroSampleDecoder.decode(self.data.read(i, ["json"]), "json"))
+                out.append(decode(i))
             except CORRUPT_ERRORS:
                 continue
         return out
@@ -551,11 +554,8 @@ class MiroDataModule(LightningDataModule):
         """The most common latent shape, text-embedding width and (without ``image_size``) image
         shape among the first ``n`` readable samples: what every sample must match to be stacked."""
         dec, seen = MiroSampleDecoder(self.cfg, None), {}
-        for i in range(min(n, len(self.data))):
-            try:
-                out = dec(self.data.read(i, dec.members()), sample_rng(self.cfg.seed, 0, i))
-            except CORRUPT_ERRORS:
-                continue
+        decoded = self._first_decoded(n, lambda i: dec(self.data.read(i, dec.members()), sample_rng(self.cfg.seed, 0, i)))
+        for out in decoded:
             shapes = {"latent": tuple(out["latent_mean"].shape) if "latent_mean" in out else None,
                       "text_width": int(out["text_emb"].shape[1]) if "text_emb" in out else None,
                       "image": tuple(out["image"].shape) if "image" in out else None}

@@ -34,6 +34,8 @@ DATA_NORMS = ("rms", "none")  # patch-embedding norm: published RMSNorm, or none
 DATA_MIXERS = ("none", "conv", "conv_attn")  # data tokens after each write: published (none), a 3x3 depthwise conv, or the conv then self-attention
 # This project's network keys and the value that means "as published" (not written to config.json).
 NETWORK_EXTENSIONS = {"data_norm": "rms", "data_mixer": "none", "pixel_unet": 0}
+# The network's training-time random draws (probabilities; each takes the loss's torch.Generator)
+RANDOM_DROPS = ("compute_dropout", "rw_stochastic_depth", "compute_stochastic_depth", "coherence_dropout")
 COND_HEADS = 16  # the cond-mapping transformer uses 16 heads whatever the config (spec §2.3)
 
 # Reward keys of the Shapes world, in `coherence_keys` order (fixed for the whole project).
@@ -185,7 +187,7 @@ def check_network_kwargs(
             raise ValueError(
                 f"attention width {width} not divisible by read_write_heads={read_write_heads}"
             )
-    for name in ("compute_dropout", "rw_stochastic_depth", "compute_stochastic_depth", "coherence_dropout"):
+    for name in RANDOM_DROPS:
         _check_prob(name, {"compute_dropout": compute_dropout, "rw_stochastic_depth": rw_stochastic_depth,
                             "compute_stochastic_depth": compute_stochastic_depth,
                             "coherence_dropout": coherence_dropout}[name])

@@ -132,11 +132,13 @@ def _report_mismatch(own: dict, state_dict: dict, what: str) -> None:
     unexpected = sorted(set(state_dict) - set(own))
     bad_shape = sorted(k for k in set(own) & set(state_dict) if tuple(own[k].shape) != tuple(state_dict[k].shape))
     if missing or unexpected or bad_shape:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad_shape)):
-            if keys:
-                parts.append(f"{label} ({len(keys)}): {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}")
+        parts = [_key_list(label, keys) for label, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad_shape)) if keys]
         raise ValueError(f"{what}: checkpoint does not match the model; " + "; ".join(parts))
+
+
+def _key_list(label: str, keys: list[str]) -> str:
+    return f"{label} ({len(keys)}): {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
 
 
 def build_and_load(factory, state_dict: dict[str, torch.Tensor], what: str) -> torch.nn.Module:
@@ -166,18 +168,16 @@ def from_pretrained_strict(cls, name, what: str, **kwargs):
     model, info = cls.from_pretrained(name, output_loading_info=True, **kwargs)
     missing = sorted(k for k in info.get("missing_keys", ()) if not k.endswith("position_ids"))
     if missing:
-        raise ValueError(f"{what} ({name}): checkpoint does not match the model; missing ({len(missing)}): "
-                         f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
+        raise ValueError(f"{what} ({name}): checkpoint does not match the model; {_key_list('missing', missing)}")
     return model
 
 
 def resolve_device(device) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device={device!r} is not a torch device; expected e.g. 'cpu', 'cuda' or 'cuda:1'") from None
+    from miro.hub import parse_device
+
+    return parse_device(device)
 
 
 def resolve_dtype(dtype) -> torch.dtype:

@@ -300,9 +300,10 @@ def check_run_options(cfg: dict) -> None:
     if cfg.get("compile") is True:
         # torch.compile(fullgraph=True) cannot trace the torch.Generator these draws take
         # (Dynamo: "Failed to convert args/kwargs to proxy ... Generator").
+        from miro.models.configs import RANDOM_DROPS
+
         net = model_config(cfg).get("network", {})
-        drawn = [f"network.{k}={net[k]}" for k in ("compute_dropout", "rw_stochastic_depth", "compute_stochastic_depth",
-                                                     "coherence_dropout") if net.get(k)]
+        drawn = [f"network.{k}={net[k]}" for k in RANDOM_DROPS if net.get(k)]
         if drawn:
             raise ValueError(f"compile=true cannot trace the seeded random draws of {', '.join(drawn)}; "
                              f"set compile=false, or those to 0")

@@ -99,7 +99,7 @@ def test_ground_truth_scores_one_and_mismatches_fail_where_expected(tmp_path, ca
     assert rc == 0 and capsys.readouterr().out.strip().splitlines()[-1] == "overall: 1.00000"
 
 
-def test_eval_generate_resumes_and_uses_seed_rule(tmp_path, capsys):
+def test_eval_generate_resumes_and_uses_seed_rule(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     res = eval_generate(GroundTruthPipeline(), out, n_samples=2, limit=5, progress=False)
     assert res["generated"] == 10
@@ -121,15 +121,36 @@ def test_eval_generate_resumes_and_uses_seed_rule(tmp_path, capsys):
     assert shapes_main(["eval-score", str(tmp_path / "cli"), "--no-progress"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("overall: 1.0")
     # reward targets: the flag repeats, and several may follow one flag (contracts: --reward k=v)
+    import miro.shapes.eval as shapes_eval
+
+    for flags in (["--reward", "shapes_counting=0.5", "--reward", "shapes_position=0.25"],
+                  ["--reward", "shapes_counting=0.5", "shapes_position=0.25"]):
+        seen = {}
+        monkeypatch.setattr(shapes_eval, "eval_generate", lambda *a, **kw: seen.update(kw) or dict.fromkeys(("images", "prompts", "generated", "skipped"), 0))
+        assert shapes_main(["eval-generate", "--outdir", str(tmp_path / "r"), "--limit", "1", *flags]) == 0
+        assert seen["reward_targets"] == {"shapes_counting": 0.5, "shapes_position": 0.25}
+
+
+def test_ground_truth_records_no_sampler_settings(tmp_path):
+    """The renderer takes steps, guidance and reward targets and ignores them: its run record leaves
+    them out, so a rerun with other values reuses its images (the same pixels) instead of being refused,
+    and a folder recorded with them (before they were left out) is still taken."""
     import json
 
-    for i, flags in enumerate((["--reward", "shapes_counting=0.5", "--reward", "shapes_position=0.25"],
-                               ["--reward", "shapes_counting=0.5", "shapes_position=0.25"])):
-        out = tmp_path / f"cli_r{i}"
-        assert shapes_main(["eval-generate", "--model", "ground-truth", "--outdir", str(out), "--n-samples", "1",
-                            "--limit", "1", *flags]) == 0
-        cfg = json.loads((out / "generation.json").read_text())["config"]
-        assert cfg["reward_targets"] == {"shapes_counting": 0.5, "shapes_position": 0.25}
+    out = tmp_path / "gt"
+    eval_generate("ground-truth", out, n_samples=1, limit=2, steps=25, cfg=5.0, progress=False)
+    record = json.loads((out / "generation.json").read_text())["config"]
+    assert record == {"model": "ground-truth", "variant": None, "n_samples": 1, "seed": 0}
+    first = (out / "00001" / "samples" / "0000.png").read_bytes()
+    res = eval_generate("ground-truth", out, n_samples=1, limit=2, steps=50, cfg=7.0,
+                        reward_targets={"shapes_counting": 0.2}, progress=False)
+    assert res["generated"] == 0 and (out / "00001" / "samples" / "0000.png").read_bytes() == first
+    old = {"config": {**record, "steps": 25, "cfg": 5.0, "reward_targets": {}, "negative_reward_targets": {}},
+           "prompts": "shapes", "n_prompts": 2}
+    (out / "generation.json").write_text(json.dumps(old))
+    assert eval_generate("ground-truth", out, n_samples=1, limit=2, steps=50, progress=False)["generated"] == 0
+    with pytest.raises(ValueError, match=r"other settings \(seed: 0 -> 1\)"):  # what does shape them still counts
+        eval_generate("ground-truth", out, n_samples=1, limit=2, seed=1, progress=False)
 
 
 def test_cli_render_detect_and_errors(tmp_path, capsys):

@@ -29,6 +29,10 @@ from miro.io import atomic_path, atomic_write_text
 SEED_STRIDE = 1000
 MAX_SEED = 2**62  # leaves room for SEED_STRIDE x any prompt count below 2^63
 RUN_FILE = "generation.json"
+GROUND_TRUTH = "ground-truth"  # the Shapes renderer (ShapesEval's ceiling), which has no sampler
+# What the ground-truth renderer takes and ignores: left out of its run record, so the record
+# claims nothing that did not shape the images and a rerun with other values reuses them.
+SAMPLER_FIELDS = ("steps", "cfg", "reward_cfg", "reward_direction", "reward_targets", "negative_reward_targets")
 
 
 @dataclass
@@ -75,6 +79,8 @@ class GenerateConfig:
         """The fields that determine the images (batch size does not)."""
         d = asdict(self)
         d.pop("batch_size")
+        if self.model == GROUND_TRUTH:
+            return {k: v for k, v in d.items() if k not in SAMPLER_FIELDS}
         if self.reward_cfg is None:  # one scale: the direction has no effect (and older folders lack both)
             d.pop("reward_cfg")
             d.pop("reward_direction")
@@ -147,7 +153,7 @@ def load_pipeline(model: str, variant: str | None = None, device: str | None = N
 
     ``"ground-truth"`` is the Shapes world's renderer behind the same call (ShapesEval's ceiling).
     """
-    if model == "ground-truth":
+    if model == GROUND_TRUTH:
         from miro.shapes.eval import GroundTruthPipeline
 
         return GroundTruthPipeline()
@@ -183,7 +189,7 @@ def check_local_model(model: str, variant: str | None = None) -> None:
     from miro.hub import check_local_pipeline
 
     name = str(model)
-    if name == "ground-truth":
+    if name == GROUND_TRUTH:
         return
     if name.endswith(".ckpt"):
         if not Path(name).is_file():
@@ -198,7 +204,7 @@ def is_shapes_run(reward_keys: list[str] | None, model: str | None = None, promp
     Shapes name or the ShapesEval prompt set decides."""
     if reward_keys:
         return all(k.startswith("shapes_") for k in reward_keys)
-    return "shapes" in str(model or "") or model == "ground-truth" or prompts == "shapes"
+    return "shapes" in str(model or "") or model == GROUND_TRUTH or prompts == "shapes"
 
 
 def has_samples(outdir: str | Path) -> bool:
@@ -220,7 +226,10 @@ def _check_run_file(outdir: Path, cfg: GenerateConfig, n_prompts: int, prompts_s
     if path.is_file() and has_samples(outdir):
         old = json.loads(path.read_text(encoding="utf-8"))
         before = old.get("config", {})
-        keys = list(ident) + [k for k in before if k not in ident]  # a setting dropped counts as changed
+        # a setting dropped counts as changed, but for the sampler's in a ground-truth folder
+        # (records before they were left out hold them)
+        ignored = SAMPLER_FIELDS if ident.get("model") == GROUND_TRUTH else ()
+        keys = list(ident) + [k for k in before if k not in ident and k not in ignored]
         diff = {k: (before.get(k), ident.get(k)) for k in keys if before.get(k) != ident.get(k)}
         if diff:
             raise ValueError(

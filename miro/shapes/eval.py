@@ -23,6 +23,7 @@ import os
 from importlib import resources
 from pathlib import Path
 
+from miro.eval.generate import GROUND_TRUTH
 from miro.eval.geneval_rules import GenEvalOptions, format_summary, validate_metadata
 from miro.io import atomic_write_text
 from miro.shapes import world as W
@@ -34,7 +35,6 @@ CATEGORY_SIZES = {"single_object": 40, "two_object": 55, "counting": 45, "colors
 METADATA_FILE = "shapes_eval_metadata.jsonl"
 RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "shapes_eval_summary.json"
-GROUND_TRUTH = "ground-truth"
 # GenEval's thresholds are for Mask2Former confidences; the Shapes detector's score is a shape-fit
 # quality (clean renders ~0.95) with no duplicate detections, so one threshold of 0.5 serves both
 # tags (it rejects specks and shapeless blobs). Position tolerance and caps stay GenEval's.

@@ -382,6 +382,42 @@ def test_cached_bins_are_reused_only_when_they_are_the_runs(tmp_path):
         MiroDataModule(_cfg(d, bins_cache="x")).prepare()
 
 
+def test_cached_bins_of_other_data_are_not_reused(tmp_path):
+    """The file records what its edges were fitted on (the shards, the sample): a fresh run over
+    other data, or another sample of it, fits its own; the same data copied elsewhere reuses them;
+    a resumed run keeps the bins it trained with."""
+    import shutil
+
+    from miro.rewards.binning import RewardBins
+
+    d = _shards(tmp_path, 2, 20)
+    path = tmp_path / "reward_bins.json"
+    first = MiroDataModule(_cfg(d, bins_path=str(path)))
+    first.prepare()
+    assert RewardBins.load(path).fitted_on == {"shards": first.bins.fitted_on["shards"], "samples": 40,
+                                               "sample_size": None, "seed": None}
+    hand = RewardBins(4, {"r": [0, 1, 2, 3, 100], "q": [0, 1, 2, 3, 100]}, fitted_on=first.bins.fitted_on)
+    hand.save(path)  # marked as this data's: reused as it is
+    copy = shutil.copytree(d, tmp_path / "copy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dm = MiroDataModule(_cfg(copy, bins_path=str(path)))
+        dm.prepare()
+    assert dm.bins.edges == hand.edges
+    other = _shards(tmp_path / "o", 3, 20)  # other data, same rewards and num_bins
+    with pytest.warns(UserWarning, match=r"edges fitted on other data \(shards '[0-9a-f]{16}' -> '[0-9a-f]{16}', "
+                                         r"samples 40 -> 60\): fitting the run's own bins"):
+        dm = MiroDataModule(_cfg(other, bins_path=str(path)))
+        dm.prepare()
+    assert dm.bins.edges != hand.edges and RewardBins.load(path).fitted_on["samples"] == 60
+    with pytest.warns(UserWarning, match=r"other data \(sample_size None -> 30, seed None -> 1\)"):
+        MiroDataModule(_cfg(other, bins_path=str(path), bins_sample_size=30)).prepare()
+    hand.save(path)
+    dm = MiroDataModule(_cfg(other, bins_path=str(path), bins_cache="keep"))  # a resumed run: its own bins
+    dm.prepare()
+    assert dm.bins.edges == hand.edges
+
+
 def test_only_rank_zero_writes_the_bins(tmp_path, monkeypatch):
     """Under srun or torchrun every rank prepares the data at once, before any process group exists:
     each fits the same seeded bins, and only global rank 0 (from the launcher's variables) writes them."""

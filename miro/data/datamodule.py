@@ -19,6 +19,7 @@ uses its synthetic caption and then the rewards stored under ``synthetic_<key>``
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -409,7 +410,22 @@ def fit_reward_bins(data: IndexedTarDataset, keys: list[str], num_bins: int, sam
     if missing:
         raise ValueError(f"rewards {missing} have no finite value in the data's JSON; check `reward_keys` "
                          f"(first readable sample's keys: {seen_keys or []})")
-    return RewardBins.fit(scores, num_bins, ties)
+    bins = RewardBins.fit(scores, num_bins, ties)
+    bins.fitted_on = bins_source(data, sample_size, seed)
+    return bins
+
+
+def bins_source(data: IndexedTarDataset, sample_size: int, seed: int) -> dict:
+    """What fitted bins depend on besides the settings: the shards (names and sizes, a digest: a
+    copy of the data elsewhere matches), the samples' count and, when a sample was drawn, its size
+    and seed."""
+    digest = hashlib.sha256()
+    for shard in data.shards:
+        digest.update(f"{Path(shard).name}\0{os.path.getsize(shard)}\n".encode())
+    n = len(data)
+    drawn = n > sample_size
+    return {"shards": digest.hexdigest()[:16], "samples": n,
+            "sample_size": sample_size if drawn else None, "seed": seed if drawn else None}
 
 
 class MiroDataModule(LightningDataModule):
@@ -492,6 +508,12 @@ class MiroDataModule(LightningDataModule):
             diff.append(f"{bins.num_bins} bins where the run asks num_bins={cfg.num_bins}")
         if sorted(bins.keys) != sorted(cfg.reward_keys):
             diff.append(f"rewards {sorted(bins.keys)} where the run conditions on {sorted(cfg.reward_keys)}")
+        # Fitted on other data (or another sample of it): a fresh run fits its own. A resumed run
+        # keeps what it trained with; a file without the record (made before it) is taken as it is.
+        source = bins_source(self.data, cfg.bins_sample_size, cfg.seed)
+        if cfg.bins_cache != "keep" and bins.fitted_on is not None and bins.fitted_on != source:
+            changed = [f"{k} {bins.fitted_on.get(k)!r} -> {source[k]!r}" for k in source if bins.fitted_on.get(k) != source[k]]
+            diff.append(f"edges fitted on other data ({', '.join(changed)})")
         if not diff:
             return bins
         if cfg.bins_cache == "keep":

@@ -166,6 +166,9 @@ class RewardBins:
     # A TIE_RULES entry, or one per reward key (unnamed keys: midrank): how scores equal to several
     # edges are binned.
     ties: str | dict[str, str] = "midrank"
+    # Where the edges were fitted (the datamodule's record: the data's shards, the sample, its seed),
+    # so a cached file is not reused for other data; None for bins made otherwise.
+    fitted_on: dict | None = None
 
     def __post_init__(self) -> None:
         self.num_bins = int(self.num_bins)
@@ -227,15 +230,18 @@ class RewardBins:
         return out
 
     def to_dict(self) -> dict:
-        return {"num_bins": self.num_bins, "edges": {k: [float(x) for x in v] for k, v in self.edges.items()},
-                "ties": self.ties if isinstance(self.ties, str) else dict(self.ties)}
+        d = {"num_bins": self.num_bins, "edges": {k: [float(x) for x in v] for k, v in self.edges.items()},
+             "ties": self.ties if isinstance(self.ties, str) else dict(self.ties)}
+        if self.fitted_on is not None:
+            d["fitted_on"] = dict(self.fitted_on)
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "RewardBins":
         if "num_bins" not in d or "edges" not in d:
             raise ValueError(f"reward bins need 'num_bins' and 'edges'; got keys {sorted(d)}")
         return cls(int(d["num_bins"]), {k: [float(x) for x in v] for k, v in d["edges"].items()},
-                   d.get("ties", "midrank"))
+                   d.get("ties", "midrank"), d.get("fitted_on"))
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write JSON atomically (temp file + rename)."""

@@ -250,7 +250,7 @@ def test_scorer_versions_are_recorded_and_another_version_rescores(tmp_path):
     out = root / "rewards.jsonl"
     R.score_folder(root, {"hps": VersionedScorer("v2.1"), "mean": MeanScorer()}, out, progress=False)
     assert {r["hps_version"] for r in read_jsonl(out)} == {"v2.1"}
-    assert "mean_version" not in read_jsonl(out)[0]
+    assert read_jsonl(out)[0]["mean_version"] is None  # the default scorer: no label
     s = R.summarize(read_jsonl(out))
     assert s["rewards"]["hps"]["version"] == "v2.1" and "version" not in s["rewards"]["mean"]
     assert s["rewards"]["hps"]["mean"] == pytest.approx(5.0)
@@ -298,6 +298,14 @@ def test_a_scorer_built_with_other_weights_rescores_instead_of_mixing_columns(tm
     assert R.summarize(read_jsonl(out))["rewards"]["s"]["version"] == "scale=2.0"
     again = rewards.load_scorer("scaled", scale=2.0, batch_size=8)  # run-only settings: nothing to redo
     assert R.score_folder(root, {"s": again}, out, progress=False)["scored"] == 0
+    # back to the default: rescored once, then resumed, and the summary drops the other model's label
+    default = rewards.load_scorer("scaled")
+    assert R.score_folder(root, {"s": default}, out, progress=False)["scored"] == 2
+    assert R.score_folder(root, {"s": default}, out, progress=False)["scored"] == 0
+    assert "version" not in R.summarize(read_jsonl(out))["rewards"]["s"]
+    lines = read_jsonl(out)  # one image back on the other model: the column is labelled mixed
+    (out).write_text("".join(json.dumps(r) + "\n" for r in lines + [{**lines[-1], "s_version": "scale=2.0"}]))
+    assert R.summarize(read_jsonl(out))["rewards"]["s"]["version"] == "mixed"
 
 
 def test_hps_label_names_a_checkpoint_given_instead_of_the_versions_own():

@@ -52,13 +52,13 @@ def scorer_version(scorer) -> str | None:
 
 
 def recorded_versions(records: list[dict], names) -> dict[str, str]:
-    """name -> the scorer version recorded beside its scores (``"mixed"`` if they differ), for
-    the ``names`` that record one."""
+    """name -> the scorer version recorded beside its scores (``"mixed"`` if they differ, the
+    default scorer's None counting as one), for the ``names`` not scored by the default alone."""
     merged = merge_records(records).values()
     out = {}
     for name in names:
-        versions = {r[f"{name}_version"] for r in merged if f"{name}_version" in r}
-        if versions:
+        versions = {r.get(f"{name}_version") for r in merged if name in r}
+        if versions - {None}:
             out[name] = versions.pop() if len(versions) == 1 else "mixed"
     return out
 
@@ -146,8 +146,9 @@ def score_folder(root: str | Path, scorers: dict, outfile: str | Path, batch_siz
                             raw = sc.score(images, prompts).detach().float().cpu()
                             cols[name] = raw.tolist()
                             cols[f"{name}_normalized"] = sc.normalize(raw).float().tolist()
-                            if scorer_version(sc) is not None:
-                                versions[f"{name}_version"] = scorer_version(sc)
+                            # written when None too: it replaces the label of an earlier
+                            # run with other settings (lines merge, later lines winning)
+                            versions[f"{name}_version"] = scorer_version(sc)
                     for k, meta in enumerate(metas):
                         out.write({**meta, **{c: float(v[k]) for c, v in cols.items()}, **versions})
                         counts["scored"] += 1

@@ -204,6 +204,19 @@ def test_records_and_summary():
     assert format_summary(s).splitlines()[-1] == "overall: 0.75000"
 
 
+def test_a_prompt_is_its_folder_even_when_two_folders_repeat_a_line():
+    """ShapesEval repeats metadata lines in other folders (other seeds): each folder is a prompt."""
+    md = {"tag": "a", "include": [{"class": "cat", "count": 1}], "prompt": "p"}
+    hit, _ = evaluate_detections(md, [det("cat", 0, 0)])
+    miss, _ = evaluate_detections(md, [])
+    recs = [result_record(f"{i:05d}/samples/0000.png", md, hit if i % 2 == 0 else miss, {}) for i in range(4)]
+    s = summarize(recs)
+    assert s["prompts"] == 4 and s["correct_prompts"] == 0.5 and s["overall"] == 0.5
+    # files without a folder (not this layout) group by their metadata line, as GenEval does
+    s = summarize([{**r, "filename": f"{i}.png"} for i, r in enumerate(recs)])
+    assert s["prompts"] == 1 and s["correct_prompts"] == 1.0
+
+
 def test_bad_bbox():
     with pytest.raises(ValueError, match="bbox"):
         Detection("cat", 0.9, (10, 0, 0, 10))

@@ -276,14 +276,20 @@ def result_record(filename: str, metadata: dict, verdict: Verdict, detected: dic
 
 
 def summarize(records: Sequence[dict]) -> dict:
-    """GenEval's summary: per-tag accuracy (tags in first-seen order), overall = mean over tags."""
+    """GenEval's summary: per-tag accuracy (tags in first-seen order), overall = mean over tags.
+
+    A prompt is its folder (``00012/samples/0000.png``'s ``00012``): GenEval groups by the metadata
+    line, the same thing for its 553 distinct prompts, but a prompt set that repeats a line in two
+    folders (ShapesEval does, with other seeds) would count them as one prompt.
+    """
     if not records:
         raise ValueError("no results to summarise")
     per_tag: dict[str, list[bool]] = {}
     per_prompt: dict[str, bool] = {}
     for r in records:
         per_tag.setdefault(r["tag"], []).append(bool(r["correct"]))
-        key = r["metadata"] if isinstance(r["metadata"], str) else json.dumps(r["metadata"])
+        folder, sep, _ = str(r.get("filename", "")).partition("/")
+        key = folder if sep else r["metadata"] if isinstance(r["metadata"], str) else json.dumps(r["metadata"])
         per_prompt[key] = per_prompt.get(key, False) or bool(r["correct"])
     tags = {t: {"accuracy": float(np.mean(v)), "correct": int(sum(v)), "total": len(v)} for t, v in per_tag.items()}
     return {

@@ -342,3 +342,18 @@ def test_a_malformed_metadata_line_names_its_file(tmp_path, capsys, line, messag
     assert main(["rewards", str(root), "--scorers", "shapes_sharpness"]) == 2
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and str(root / "00000" / "metadata.jsonl") in err and message in err, err
+
+
+def test_a_prompt_folder_that_lost_its_metadata_is_named_not_dropped(tmp_path):
+    """Its images cannot be scored without their prompt; skipping them would score fewer prompts."""
+    from miro.eval.folder import read_folder
+
+    root = make_folder(tmp_path / "imgs", [[0], [255], [9]])
+    (root / "00003").mkdir()  # a folder without images or metadata (a run killed before it) is fine
+    assert [e.index for e in read_folder(root)] == [0, 1, 2]
+    (root / "00001" / "metadata.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match=r"00001 holds images but an empty metadata.jsonl"):
+        read_folder(root)
+    (root / "00001" / "metadata.jsonl").unlink()
+    with pytest.raises(ValueError, match=r"00001 holds images but no metadata.jsonl"):
+        R.score_folder(root, {"mean": MeanScorer()}, root / "rewards.jsonl", progress=False)

@@ -41,10 +41,13 @@ def read_folder(root: str | Path) -> list[FolderEntry]:
     entries = []
     for d in sorted(p for p in root.iterdir() if p.is_dir() and p.name.isdigit()):
         meta_path = d / "metadata.jsonl"
-        if not meta_path.is_file():
-            continue
-        lines = [ln for ln in meta_path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        lines = meta_path.is_file() and [ln for ln in meta_path.read_text(encoding="utf-8").splitlines() if ln.strip()]
         if not lines:
+            # images whose prompt is lost cannot be scored; dropping them in silence would score
+            # the run over fewer prompts (generation writes the line before any image)
+            if any((d / "samples").glob("*.png")):
+                raise ValueError(f"{d} holds images but {'an empty' if meta_path.is_file() else 'no'} "
+                                 f"metadata.jsonl (the prompt they were made for); restore it or remove the folder")
             continue
         try:
             meta = json.loads(lines[0])

@@ -189,3 +189,18 @@ def test_reward_histogram_counts_each_image_once(tmp_path, monkeypatch):
     monkeypatch.setattr(R.plots, "plot_reward_hist", lambda vals, path: (seen.update(vals), real(vals, path))[1])
     R.build_report(run)
     assert sorted(seen["aesthetic_score"]) == [6.0, 6.0, 7.0, 9.5]
+
+
+def test_a_short_row_of_the_sample_grid_stays_short(tmp_path):
+    """A prompt with fewer images (damaged ones removed) leaves blank cells, not copies of its last
+    image that would pass for other samples; a folder with no image has no row."""
+    run = _run(tmp_path / "run")
+    (run / "00001" / "samples" / "0001.png").unlink()
+    d = run / "00002"
+    (d / "samples").mkdir(parents=True)
+    (d / "metadata.jsonl").write_text(json.dumps({"tag": "colors", "prompt": "no image yet"}) + "\n")
+    out = R.build_report(run).parent
+    grid = np.asarray(Image.open(out / "samples.png").convert("RGB"))
+    assert grid.shape == (2 * 128 + 2, 2 * 128 + 2, 3)
+    assert (grid[130:, 130:] == 255).all()  # row 1, column 1: blank
+    assert (grid[130:, :128] == 60).all()  # row 1, column 0: prompt 1's sample 0 (grey 60)

@@ -122,9 +122,10 @@ def grid_cell(path: Path, cell: int, skipped: list | None = None):
     return im.resize((cell, cell), Image.NEAREST if im.width <= cell else Image.BICUBIC)
 
 
-def image_grid(paths: list[Path], ncols: int, cell: int = 128, gap: int = 2, skipped: list | None = None):
+def image_grid(paths: list[Path | None], ncols: int, cell: int = 128, gap: int = 2, skipped: list | None = None):
     """A PIL grid of images, each resized to ``cell``, ``gap`` white pixels apart; an unreadable
-    image is a placeholder cell and its path is appended to ``skipped``."""
+    image is a placeholder cell and its path is appended to ``skipped``; None leaves its cell
+    blank (a short row)."""
     from PIL import Image
 
     if not paths:
@@ -133,5 +134,6 @@ def image_grid(paths: list[Path], ncols: int, cell: int = 128, gap: int = 2, ski
     step = cell + gap
     grid = Image.new("RGB", (ncols * step - gap, rows * step - gap), "white")
     for k, p in enumerate(paths):
-        grid.paste(grid_cell(p, cell, skipped), ((k % ncols) * step, (k // ncols) * step))
+        if p is not None:
+            grid.paste(grid_cell(p, cell, skipped), ((k % ncols) * step, (k // ncols) * step))
     return grid

@@ -284,7 +284,7 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, max_prom
         ncols = max(len(e.samples) for e in entries)
         paths = []
         for e in entries:
-            paths += e.samples + [e.samples[-1]] * (ncols - len(e.samples))
+            paths += e.samples + [None] * (ncols - len(e.samples))  # a short row stays short (blank cells)
         skipped: list = []
         _save_png(plots.image_grid(paths, ncols, skipped=skipped), outdir / "samples.png")
         doc.h(2, "Samples")

@@ -192,6 +192,9 @@ def test_sweep_bad_targets_name_the_option(tmp_path, capsys, no_model_load):
     assert "score, filled, trained" in err
     assert eval_cli.main(argv + ["--targets", "0,2"]) == 2  # range checked before loading too
     assert "in [0, 1]; got [0.0, 2.0]" in _err(capsys)
+    assert eval_cli.main(argv + ["--targets", "0.1,0.10001,1"]) == 2  # one folder, target_0.1000, for two
+    assert _err(capsys).endswith("sweep targets 0.1 and 0.10001 share the folder target_0.1000; "
+                                 "targets must differ in their first 4 decimals")
 
 
 # ----------------------------------------------------------------- 6. duplicate reward keys

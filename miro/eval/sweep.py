@@ -128,6 +128,12 @@ def check_targets(targets) -> list[float]:
         raise ValueError(f"sweep targets must be >= 2 values in [0, 1]; got {ts}")
     if len(set(ts)) != len(ts):
         raise ValueError(f"sweep targets must be distinct; got {ts}")
+    folders: dict[str, float] = {}
+    for t in ts:  # each target's folder is named at 4 decimals (target_dir)
+        other = folders.setdefault(target_dir("", t).name, t)
+        if other != t:
+            raise ValueError(f"sweep targets {other!r} and {t!r} share the folder {target_dir('', t).name}; "
+                             "targets must differ in their first 4 decimals")
     return ts
 
 

@@ -175,7 +175,8 @@ def test_answers_are_kept_per_rubric(stub, tmp_path):
     """Judging a folder again with another rubric asks its questions about every image; each
     summary holds one rubric's answers."""
     srv, url = stub
-    root = _folder(tmp_path, [{"prompt": "a red cat", "tag": "t"}, {"prompt": "a cow", "tag": "t"}])
+    root = _folder(tmp_path, [{"prompt": "a red cat", "tag": "t", "item": "cat", "region": "Peru"},
+                              {"prompt": "a cow", "tag": "t", "item": "cow", "region": "Chad"}])
     cfg = {"base_url": url, "model": "m", "timeout": 5, "max_retries": 0}
     s = J.judge_folder(root, J.JudgeConfig(**cfg), progress=False)
     assert s["answered"] == 2 and s["fields"]["prompt_alignment"]["mean"] == 4.0
@@ -193,6 +194,17 @@ def test_answers_are_kept_per_rubric(stub, tmp_path):
     s = J.judge_folder(root, J.JudgeConfig(**cfg), progress=False)
     assert len(srv.requests) == 4 and s["rubric"] == "alignment" and s["fields"]["prompt_alignment"]["mean"] == 4.0
     assert json.loads((root / "judge_summary.json").read_text())["rubric"] == "alignment"
+
+
+def test_the_cure_rubric_refuses_a_folder_without_items_and_regions(tmp_path):
+    """Its questions name the item and region: on GenEval prompts it would rate placeholders."""
+    root = _folder(tmp_path, [{"prompt": "a red cat", "tag": "t", "item": "cat", "region": "Peru"},
+                              {"prompt": "a cow", "tag": "t", "item": "cow"}])
+    cfg = J.JudgeConfig(base_url="http://127.0.0.1:9", model="m", rubric="cure", timeout=1, max_retries=0)
+    with pytest.raises(ValueError, match=r"--rubric cure asks about each prompt's item and region, but .*00001 has "
+                                         r"no 'region' in its metadata \(1 missing field\(s\) in all\)"):
+        J.judge_folder(root, cfg, progress=False)
+    assert not (root / "judge.jsonl").exists() or not read_jsonl(root / "judge.jsonl")
 
 
 @pytest.mark.timeout(60)

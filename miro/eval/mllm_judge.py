@@ -207,7 +207,15 @@ def judge_folder(root: str | Path, config: JudgeConfig, outfile: str | Path | No
     _warn_if_key_in_clear(config)
     outfile = Path(outfile) if outfile else root / "judge.jsonl"
     done = {r["filename"] for r in read_jsonl(outfile) if "error" not in r and line_rubric(r) == config.rubric}
-    todo = [(e, p) for e in read_folder(root) for p in e.samples if image_id(root, p) not in done]
+    entries = read_folder(root)
+    if config.rubric == "cure":  # its questions name the item and region; placeholders would be rated
+        lacking = [(e, f) for e in entries for f in ("item", "region") if not e.metadata.get(f)]
+        if lacking:
+            e, f = lacking[0]
+            raise ValueError(f"--rubric cure asks about each prompt's item and region, but {root / f'{e.index:05d}'} "
+                             f"has no {f!r} in its metadata ({len(lacking)} missing field(s) in all); generate the "
+                             "folder from CuRe's prompts (--prompts cure), or use --rubric alignment")
+    todo = [(e, p) for e in entries for p in e.samples if image_id(root, p) not in done]
     if limit is not None:
         todo = todo[:limit]
     unreadable = []

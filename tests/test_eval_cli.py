@@ -80,6 +80,14 @@ def test_all_then_best_of_n_on_a_tiny_shapes_pipeline(shapes_pipeline_dir, tmp_p
     assert cli.main(["geneval", str(tmp_path / "best"), "--detector", "shapes"]) == 0
     assert _last(capsys).startswith("overall: ")
     assert len(read_jsonl(tmp_path / "best" / "results.jsonl")) == 3
+    # a second result file (other options, another scorer set) keeps its summary beside it: the
+    # default files' summaries, which the report shows, stay as they were
+    before = {f: (out / f).read_bytes() for f in ("geneval_summary.json", "rewards_summary.json")}
+    assert cli.main(["geneval", str(out), "--outfile", str(out / "strict.jsonl"), "--options", "threshold=0.99"]) == 0
+    assert json.loads((out / "strict_summary.json").read_text())["settings"]["options"]["threshold"] == 0.99
+    assert cli.main(["rewards", str(out), "--outfile", str(out / "contrast.jsonl"), "--scorers", "shapes_contrast"]) == 0
+    assert set(json.loads((out / "contrast_summary.json").read_text())["rewards"]) == {"shapes_contrast"}
+    assert {f: (out / f).read_bytes() for f in before} == before
 
 
 def test_sweep_command(shapes_pipeline_dir, tmp_path, capsys):

@@ -415,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("summary", help="per-reward mean/std of a rewards.jsonl -> rewards_summary.json")
     p.add_argument("file", help="a rewards.jsonl (miro eval rewards)")
-    p.add_argument("--out", default=None, help="default: rewards_summary.json beside FILE")
+    p.add_argument("--out", default=None, help="default: rewards_summary.json beside FILE (X_summary.json for X.jsonl)")
     p.set_defaults(fn=cmd_summary)
 
     p = sub.add_parser("best-of-n", help="score-vs-N curves and best-candidate folders from scored candidates")

@@ -64,6 +64,14 @@ def read_folder(root: str | Path) -> list[FolderEntry]:
     return entries
 
 
+def summary_beside(outfile: str | Path, default_file: str, default_summary: str) -> Path:
+    """Where the summary of a result file goes: ``default_summary`` beside the default file, else
+    ``<stem>_summary.json`` beside it, so a second result file (another detector, another scorer
+    version) does not overwrite the summary of the first, which the report shows."""
+    outfile = Path(outfile)
+    return outfile.with_name(default_summary if outfile.name == default_file else f"{outfile.stem}_summary.json")
+
+
 def image_id(root: str | Path, path: Path) -> str:
     """The image's path relative to the folder root, the key result files use."""
     return os.path.relpath(path, root).replace(os.sep, "/")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from miro.eval import geneval_rules as rules
-from miro.eval.folder import JsonlAppender, atomic_write_json, image_id, load_rgb, read_folder, read_jsonl
+from miro.eval.folder import JsonlAppender, atomic_write_json, image_id, load_rgb, read_folder, read_jsonl, summary_beside
 from miro.io import atomic_write_text, one_line, to_rgb
 
 DEFAULT_DETECTOR = "facebook/mask2former-swin-small-coco-instance"
@@ -416,7 +416,7 @@ def evaluate_folder(root: str | Path, outfile: str | Path, evaluator: GenEvalLik
     summary["corrupt"] = corrupt
     summary["backends"] = evaluator.backends
     summary["settings"] = settings
-    atomic_write_json(outfile.with_name("geneval_summary.json"), summary)
+    atomic_write_json(summary_beside(outfile, "results.jsonl", "geneval_summary.json"), summary)
     return summary
 
 

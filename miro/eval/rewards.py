@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from miro.eval.folder import JsonlAppender, atomic_write_json, image_id, load_rgb, read_folder, read_jsonl
+from miro.eval.folder import JsonlAppender, atomic_write_json, image_id, load_rgb, read_folder, read_jsonl, summary_beside
 
 META_FIELDS = ("filename", "index", "sample", "tag", "prompt", "item")
 
@@ -237,11 +237,12 @@ def format_summary(summary: dict) -> str:
 
 
 def summarize_file(path: str | Path, outfile: str | Path | None = None) -> dict:
-    """Summarise ``rewards.jsonl`` into ``rewards_summary.json`` beside it (or ``outfile``)."""
+    """Summarise ``rewards.jsonl`` into ``rewards_summary.json`` beside it (another file
+    ``X.jsonl`` into ``X_summary.json``), or into ``outfile``."""
     path = Path(path)
     records = read_records(path)
     if not records:
         raise ValueError(f"{path} holds no reward lines")
     summary = summarize(records)
-    atomic_write_json(outfile or path.with_name("rewards_summary.json"), summary)
+    atomic_write_json(outfile or summary_beside(path, "rewards.jsonl", "rewards_summary.json"), summary)
     return summary

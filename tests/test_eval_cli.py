@@ -207,3 +207,28 @@ def test_all_ends_with_overall_without_geneval_scoring_and_survives_an_unreadabl
     lines = capsys.readouterr().out.strip().splitlines()
     assert "3 images scored, 0 already scored, 1 unreadable" in lines and lines[-1].startswith("overall: ")
     assert "1 unreadable image(s) shown as crossed grey cells" in (out / "report" / "report.md").read_text()
+
+
+def test_local_files_only_keeps_the_whole_command_offline(tmp_path, monkeypatch, capsys):
+    """Not only the GenEval models: the prompt file is not downloaded, the reward models are loaded
+    from the cache, and the hub libraries (imported later) see HF_HUB_OFFLINE."""
+    import os
+    import urllib.request
+
+    from miro import rewards
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # restored after the test (the command sets it)
+    monkeypatch.setenv("MIRO_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("MIRO_DATA_DIR", raising=False)
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("the network was used"))
+    argv = ["all", "--model", "ground-truth", "--prompts", "geneval", "--outdir", str(tmp_path / "o"), "--local-files-only"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "geneval/evaluation_metadata.jsonl is not in $MIRO_DATA_DIR" in err and "this run is offline" in err
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    seen = {}
+    monkeypatch.setattr(rewards, "load_scorer", lambda n, **kw: seen.setdefault(n, kw))
+    args = cli.build_parser().parse_args(["rewards", str(tmp_path), "--scorers", "shapes_contrast"])
+    args.local_files_only, args.device = True, None
+    cli._load_scorers(["shapes_contrast"], args)
+    assert seen == {"shapes_contrast": {"local_files_only": True}}

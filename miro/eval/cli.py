@@ -16,6 +16,7 @@ Scoring commands end with a line ``overall: <score in [0, 1]>``.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 from pathlib import Path
@@ -57,7 +58,8 @@ def _add_geneval(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--options", nargs="*", default=[], metavar="K=V",
                     help="GenEval options: threshold, counting_threshold, max_objects, max_overlap, position_threshold")
     ap.add_argument("--bgcolor", default="#999", help="canvas for masked colour crops, or 'original'")
-    ap.add_argument("--local-files-only", action="store_true", help="never contact the hub")
+    ap.add_argument("--local-files-only", action="store_true", help="never use the network: the pipeline, reward "
+                    "and GenEval models from the local cache, prompt files from $MIRO_DATA_DIR or the cache")
 
 
 def _scorers_arg(ap):
@@ -112,6 +114,8 @@ def _load_scorers(names: list[str], args) -> dict:
     kwargs = scorer_kwargs_from_cli(args.scorer_kwargs, names, args.trust_remote_code)
     out = {}
     for n in names:
+        if getattr(args, "local_files_only", False):
+            kwargs.setdefault(n, {}).setdefault("local_files_only", True)
         sc = load_scorer(n, **kwargs.get(n, {}))
         out[n] = sc.to(args.device) if args.device else sc
     return out
@@ -482,6 +486,10 @@ PLOTTING = ("best-of-n", "sweep", "report", "all")
 
 
 def _checked_run(args) -> int:
+    if getattr(args, "local_files_only", False):
+        # the whole command offline: the hub libraries read this when first imported (they are
+        # imported lazily, after this), the prompt loader before it would download
+        os.environ["HF_HUB_OFFLINE"] = "1"
     if args.cmd in PLOTTING:
         from miro.extras import require
 

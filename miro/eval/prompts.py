@@ -80,7 +80,17 @@ def _locate(subdir: str, filename: str, url: str | None, instead: str = "pass th
         return p
     if url is None:
         raise FileNotFoundError(f"{subdir}/{filename} not found in $MIRO_DATA_DIR or {cache_dir()}")
+    if offline():
+        raise FileNotFoundError(f"{subdir}/{filename} is not in $MIRO_DATA_DIR or {cache_dir()}, and this run is "
+                                f"offline (HF_HUB_OFFLINE, --local-files-only): {instead}, or put it at "
+                                f"$MIRO_DATA_DIR/{subdir}/{filename}")
     return fetch(url, p, hint=f"{instead}, or put it at $MIRO_DATA_DIR/{subdir}/{filename}")
+
+
+def offline() -> bool:
+    """Whether the run must not use the network: ``HF_HUB_OFFLINE`` set to a true value (as the hub
+    libraries read it), which ``--local-files-only`` sets for the whole command."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
 # --------------------------------------------------------------------------------------------

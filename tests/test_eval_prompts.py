@@ -71,6 +71,7 @@ def test_load_prompts_dispatches_on_name_and_suffix(tmp_path, shared_data, monke
 
 def test_missing_public_file_downloads_into_cache_or_fails_clearly(tmp_path, monkeypatch):
     monkeypatch.delenv("MIRO_DATA_DIR", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # the suite runs offline; here the download is stubbed
     monkeypatch.setenv("MIRO_CACHE_DIR", str(tmp_path / "cache"))
     calls = []
 

@@ -253,3 +253,13 @@ def test_ground_truth_pipeline_keeps_copies_of_a_prompt_adjacent():
     for k, (img, seed) in enumerate(zip(imgs, seeds)):
         ref = render_prompt(prompts[k // 2], int(seed), W.MIN_RESOLUTION)
         assert np.array_equal(np.asarray(img), np.asarray(ref)), k
+
+
+def test_a_smaller_limit_into_a_fuller_folder_is_refused(tmp_path):
+    """Scoring reads every prompt folder: a --limit 2 run into a folder of 3 prompts would score 3
+    and record 2."""
+    out = tmp_path / "gt"
+    eval_generate("ground-truth", out, n_samples=1, limit=3, progress=False)
+    with pytest.raises(ValueError, match=r"holds images of 1 prompt\(s\) past the 2 asked for \(e.g. 00002/\)"):
+        eval_generate("ground-truth", out, n_samples=1, limit=2, progress=False)
+    assert eval_generate("ground-truth", out, n_samples=1, limit=4, progress=False)["generated"] == 1  # growing is fine

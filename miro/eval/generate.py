@@ -241,6 +241,18 @@ def _check_run_file(outdir: Path, cfg: GenerateConfig, n_prompts: int, prompts_s
             "reward_keys": reward_keys if reward_keys is not None else old.get("reward_keys")}
 
 
+def _check_no_prompts_past(outdir: Path, n_prompts: int) -> None:
+    """Refuse a folder holding images of prompts past the ``n_prompts`` asked for (an earlier run
+    with more prompts, or no ``--limit``): every scorer reads the whole folder, so they would be
+    scored with this run's and its record would claim fewer prompts."""
+    past = sorted(d.name for d in outdir.glob("[0-9]*") if d.name.isdigit() and int(d.name) >= n_prompts
+                  and any((d / "samples").glob("[0-9]*.png")))
+    if past:
+        raise ValueError(f"{outdir} holds images of {len(past)} prompt(s) past the {n_prompts} asked for (e.g. "
+                         f"{past[0]}/), which scoring the folder would count; use another --outdir, or the "
+                         "earlier run's --limit")
+
+
 def _check_pipeline_inputs(pipe, cfg: GenerateConfig) -> None:
     """Let a MIRO pipeline refuse bad targets and scales before the folder is written to (its
     call would, after the run record and the prompts' metadata are on disk)."""
@@ -298,6 +310,7 @@ def generate_folder(pipe, items: list[PromptItem], outdir: str | Path, cfg: Gene
     keys = getattr(pipe, "coherence_keys", None) if pipe is not None else None
     fresh = not has_samples(outdir)  # metadata beside no image (a failed run's) may be replaced
     run = _check_run_file(outdir, cfg, len(items), prompts_spec, list(keys) if isinstance(keys, (list, tuple)) else None)
+    _check_no_prompts_past(outdir, len(items))
     metadata = []  # (path, line) still to write, once every prompt has been checked
     for i, item in enumerate(items):
         meta_path = prompt_dir(outdir, i) / "metadata.jsonl"

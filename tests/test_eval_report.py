@@ -12,9 +12,9 @@ from miro.eval import report as R
 from miro.eval.geneval_rules import GENEVAL_TAGS
 
 
-def _run(root, model="shapes", variant=None):
-    cfg = {"model": model, "variant": variant, "n_samples": 2, "steps": 10, "cfg": 7.0, "seed": 0,
-           "reward_targets": {}, "negative_reward_targets": {}}
+def _run(root, model="shapes", variant=None, **settings):
+    cfg = {"model": model, "variant": variant, "n_samples": 2, "steps": 50, "cfg": 7.0, "seed": 0,
+           "reward_targets": {}, "negative_reward_targets": {}, **settings}
     (root).mkdir(parents=True)
     (root / "generation.json").write_text(json.dumps({"config": cfg, "prompts": "geneval", "n_prompts": 2}))
     res, rew = [], []
@@ -97,6 +97,19 @@ def test_published_checkpoint_gets_paper_columns(tmp_path):
     # the paper's overall equals the mean of its six categories (to the printed integer)
     for name, overall in P.GENEVAL_OVERALL.items():
         assert round(np.mean(list(P.GENEVAL[name].values()))) == overall
+
+
+def test_paper_columns_only_beside_the_papers_settings(tmp_path):
+    """The paper's numbers are one image per prompt at 50 steps, CFG 7 and the default targets."""
+    for k, (settings, why) in enumerate((
+            (dict(steps=25), "sampled with 25 steps and CFG 7.0, not the published 50 and 7"),
+            (dict(reward_targets={"aesthetic_score": 0.5}), "reward targets or scales other than the defaults"),
+            (dict(best_of_n={"select_by": "aesthetic_score"}), "a best-of-N selection"))):
+        text = R.build_report(_run(tmp_path / f"r{k}", model="nicolas-dufour/miro", **settings)).read_text()
+        assert f"| paper row | n/a ({why}) |" in text and "paper: " not in text and "97.19" not in text
+    text = R.build_report(_run(tmp_path / "same", model="nicolas-dufour/miro",
+                               reward_targets={"aesthetic_score": 1.0})).read_text()  # the default, spelt out
+    assert "| paper row | Synthetic-caption MIRO |" in text and "97.19" in text
 
 
 def test_best_of_n_reference_in_our_units():

@@ -245,9 +245,25 @@ def _spread(entries: list, k: int) -> list:
     return sorted(out, key=lambda e: e.index)
 
 
+# The settings behind the paper's numbers (the published pipeline's defaults, miro_facts.md "Inference")
+PUBLISHED_STEPS, PUBLISHED_CFG = 50, 7.0
+
 # What the sections below read: a folder holding none of them (and no images) has nothing to report.
 _RESULT_FILES = ("generation.json", "geneval_summary.json", "rewards_summary.json", "best_of_n_curve.json",
                  "judge_summary.json", "sweep/sweep.json", "sweep.json")
+
+
+def _unlike_paper(cfg: dict) -> str | None:
+    """Why a published checkpoint's run is not comparable with the paper's numbers (best-of-N,
+    other sampler settings or reward targets), or None when it is."""
+    if cfg.get("best_of_n"):
+        return "a best-of-N selection"
+    if cfg.get("steps", PUBLISHED_STEPS) != PUBLISHED_STEPS or cfg.get("cfg", PUBLISHED_CFG) != PUBLISHED_CFG:
+        return f"sampled with {cfg.get('steps')} steps and CFG {cfg.get('cfg')}, not the published {PUBLISHED_STEPS} and {PUBLISHED_CFG:g}"
+    if any(v != 1.0 for v in (cfg.get("reward_targets") or {}).values()) or cfg.get("negative_reward_targets") \
+            or cfg.get("reward_cfg") is not None:
+        return "reward targets or scales other than the defaults"
+    return None
 
 
 def build_report(run_dir: str | Path, outdir: str | Path | None = None, max_prompts: int = 8) -> Path:
@@ -272,13 +288,17 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, max_prom
     gen = _load(run / "generation.json") or {}
     cfg = gen.get("config", {})
     row = P.paper_row(cfg.get("model"), cfg.get("variant"))
+    unlike = _unlike_paper(cfg) if row else None
     doc = _Doc()
     title = f"Evaluation of {cfg.get('model', run.name)}" + (f" ({cfg['variant']})" if cfg.get("variant") else "")
     doc.h(1, title)
     doc.p(f"Generated {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC from {run}.")
     if cfg:
         doc.table(["setting", "value"], [[k, json.dumps(v) if isinstance(v, dict) else v] for k, v in cfg.items()]
-                  + [["prompts", gen.get("prompts")], ["paper row", row or "n/a (not a published checkpoint)"]])
+                  + [["prompts", gen.get("prompts")],
+                     ["paper row", f"n/a ({unlike})" if unlike else row or "n/a (not a published checkpoint)"]])
+    if unlike:  # the paper's numbers are one image per prompt at the published sampler settings
+        row = None
     entries = _spread(entries, max_prompts)
     if entries:
         ncols = max(len(e.samples) for e in entries)

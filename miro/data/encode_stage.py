@@ -123,6 +123,7 @@ class EncodeStage(_Stage):
                 raise MissingStageError(f"shard {shard.name}: stage {stage!r} has not completed for this shard "
                                         f"(no complete log at {pio.log_path(self.opts.csv_dir, shard, stage)}); "
                                         + hint.format(stage))
+            self._check_synthetic(shard, stage, log)
             cols = log.get("columns", [])
             done = [k for k, r in rows.items() if all(r.get(c) is not None for c in cols)]
             if pio.keys_digest(done) != log.get("keys_digest"):  # e.g. the other stage rebuilt the CSV
@@ -130,6 +131,16 @@ class EncodeStage(_Stage):
                                         f"{csv_path}; " + hint.format(stage))
             required += [c for c in cols if c not in required]
         return rows, required
+
+    def _check_synthetic(self, shard: Path, stage: str, log: dict) -> None:
+        """Refuse synthetic embeddings over a score stage that ran with ``--no-synthetic``: the
+        enriched JSON would carry the synthetic captions without their ``synthetic_<reward>``
+        values (the other way round is fine: ``--no-synthetic`` here drops every synthetic column)."""
+        if self.opts.synthetic and (log.get("config") or {}).get("synthetic") is False:
+            raise MissingStageError(
+                f"shard {shard.name}: stage {stage!r} ran with --no-synthetic, so it computed no synthetic_<reward> "
+                f"values for the synthetic captions this 'vae' run embeds; rerun stage {stage!r} without "
+                "--no-synthetic, or run stage 'vae' with --no-synthetic as well")
 
     def _transform(self, sample: pio.RawSample) -> dict[int, np.ndarray]:
         return {r: pio.to_model_input(sample.image, r, self.spec.resize_filter) for r in self.spec.resolutions}
@@ -206,12 +217,17 @@ class EncodeStage(_Stage):
         pio.remove_stale_temps(out_path.parent, out_path.name)
         saved = self._load_checkpoint(shard, report, scores=scores_fp)
         resumable = saved is not None  # saved progress refers to the spool
-        try:
-            writer = pio.SortedShardWriter(out_path, resume=saved["writer"] if saved else None)
-        except ValueError:  # the spool of the saved progress is gone: start over
-            report = pio.ShardReport(self.name, shard.name)
+        writer = None
+        if saved is not None:
+            try:
+                writer = pio.SortedShardWriter(out_path, resume=saved["writer"])
+            except (ValueError, KeyError, TypeError):  # its spool is gone or another run's: start over
+                report, resumable = pio.ShardReport(self.name, shard.name), False
+        if writer is None:
+            # Before the spool is recreated: a checkpoint of another config (or an --overwrite'd
+            # one) left in place would resume, in a later run with that config, into this run's bytes.
+            self.checkpoint_path(shard).unlink(missing_ok=True)
             writer = pio.SortedShardWriter(out_path)
-            resumable = False
         report.samples_ok = writer.n_samples
         done = [*writer.keys, *report.skipped_keys]
         last_save = time.monotonic()
@@ -228,6 +244,7 @@ class EncodeStage(_Stage):
                     if time.monotonic() - last_save >= self.opts.checkpoint_seconds:
                         self._save_checkpoint(shard, report, scores=scores_fp, writer=writer.checkpoint())
                         resumable, last_save = True, time.monotonic()
+            pio.check_some_usable(report, report.samples_ok)  # never a complete tar of no sample from a full one
             writer.commit()
         except BaseException:
             if resumable:

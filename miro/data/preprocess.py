@@ -110,6 +110,8 @@ def _csv_list(value: str | None) -> list[str]:
 
 
 def _parse_resolutions(args, codec_is_identity: bool) -> tuple[int, ...]:
+    # No latents are asked for by 'none' only: a list that parses empty is refused (a real VAE
+    # would silently write shards that latent-space training cannot read).
     if args.resolutions is None:
         res = () if codec_is_identity else (256, 512)
     elif args.resolutions.strip().lower() == "none":
@@ -119,11 +121,19 @@ def _parse_resolutions(args, codec_is_identity: bool) -> tuple[int, ...]:
             res = tuple(int(r) for r in _csv_list(args.resolutions))
         except ValueError:
             raise ValueError(f"--resolutions must be comma-separated integers or 'none'; got {args.resolutions!r}") from None
+        if not res:
+            raise ValueError(f"--resolutions {args.resolutions!r} lists no resolution; give comma-separated "
+                             "multiples of 8 (e.g. 256,512), or 'none' for no latents")
         for r in res:
             if r < 8 or r % 8:
                 raise ValueError(f"--resolutions: {r} is not a positive multiple of 8")
     if args.no_vae_512:
-        res = tuple(r for r in res if r != 512)
+        kept = tuple(r for r in res if r != 512)
+        if res and not kept:
+            given = args.resolutions if args.resolutions is not None else "256,512"
+            raise ValueError(f"--no_vae_512 leaves no latent resolution of --resolutions {given!r}; "
+                             "use --resolutions none for no latents")
+        res = kept
     return res
 
 
@@ -293,6 +303,9 @@ def _run_isolated(argv: list[str], stages: tuple[str, ...]) -> int:
         cmd = [sys.executable, "-m", "miro.cli", "preprocess", "--stage", name, *rest]
         print(f"miro preprocess: stage {name} in a child process")
         rc = subprocess.run(cmd, check=False).returncode  # an argument list: no shell involved
+        if rc < 0:  # killed (OOM killer, scancel): the next stage would find no outputs; a shell's 128+N
+            print(f"miro preprocess: stage {name} killed by signal {-rc}", file=sys.stderr)
+            return 128 - rc
         if rc == 2:
             return 2
         worst = max(worst, rc)
@@ -358,9 +371,10 @@ def check_args(args) -> Plan:
     device = check_device(args.device)
     precision = args.precision or ("bf16" if torch.device(device).type == "cuda" else "fp32")
     src = Path(args.src)
-    shards = select_shards(list_shards(src), args.shard_id, args.shard_ids, args.shard_range)
-    if not shards:
-        raise FileNotFoundError(f"no *.tar shards in {src}")
+    listed = list_shards(src)
+    if not listed:  # before the selection: '--shard_id 3' of an empty folder is no index error
+        raise FileNotFoundError(f"no *.tar shards in {src}: the folder holds no regular, non-hidden *.tar file")
+    shards = select_shards(listed, args.shard_id, args.shard_ids, args.shard_range)
     csv_dir = Path(args.csv_dir) if args.csv_dir else (src.parent if src.is_file() else src) / "scores"
     if args.dest and Path(args.dest).resolve() == (src.parent if src.is_file() else src).resolve():
         raise ValueError(f"--dest {args.dest} is the source folder: enriched shards would replace the raw ones; "

@@ -18,12 +18,14 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from miro.data.schema import ReadStats, check_key, image_member, iter_raw_samples, split_member
+from miro.data.schema import ReadStats, check_key, image_member, iter_raw_samples, iter_sample_members, split_member
 from miro.io import to_rgb
 from miro.data.shard_files import (
     CAPTION_COLUMNS,
+    CaptionConflictError,
     SortedShardWriter,
     atomic_write_bytes,
+    caption_conflict,
     check_scores_csv,
     file_lock,
     fingerprint,
@@ -40,11 +42,12 @@ from miro.data.shard_files import (
 )
 
 __all__ = [
-    "CAPTION_COLUMNS", "CAPTION_PLACEHOLDERS", "RESIZE_FILTERS", "RawSample", "ShardReport", "SortedShardWriter",
-    "UnreadableShardError", "atomic_write_bytes", "batched", "center_crop_square", "check_scores_csv",
-    "captions_digest", "clean_caption", "decode_raw", "file_lock", "fingerprint", "finite", "iter_decoded",
-    "keys_digest", "load_synthetic_captions", "log_path", "merge_scores_csv", "read_log", "read_scores_csv",
-    "remove_stale_temps", "resolve_captions", "scores_csv_path", "shard_keys", "tar_sample_count", "to_model_input",
+    "CAPTION_COLUMNS", "CAPTION_PLACEHOLDERS", "RESIZE_FILTERS", "CaptionConflictError", "NoUsableSampleError",
+    "RawSample", "ShardReport", "SortedShardWriter", "UnreadableShardError", "atomic_write_bytes", "batched",
+    "caption_conflict", "center_crop_square", "check_scores_csv", "check_some_usable", "captions_digest",
+    "clean_caption", "decode_raw", "file_lock", "fingerprint", "finite", "iter_decoded", "keys_digest",
+    "load_synthetic_captions", "log_path", "merge_scores_csv", "read_log", "read_scores_csv", "remove_stale_temps",
+    "resolve_captions", "scores_csv_path", "shard_keys", "split_sample_keys", "tar_sample_count", "to_model_input",
     "write_log", "write_scores_csv",
 ]
 
@@ -169,9 +172,45 @@ def shard_keys(path: str | os.PathLike) -> list[str]:
     return keys
 
 
+def split_sample_keys(path: str | os.PathLike) -> set[str]:
+    """Keys whose members are not together in the tar, read from the headers only.
+
+    Readers group consecutive members by key, so ``tar cf s.tar *.jpg *.txt`` (every image, then
+    every caption) reads as an image-only sample and a caption-only one per key. A key is split
+    when it reappears after other keys' members with none of the extensions it already had; a
+    reappearance repeating an extension is a second sample under the same key (``duplicate key``).
+    """
+    groups: dict[str, list[set[str]]] = {}
+    last = None
+    try:
+        with tarfile.open(path, mode="r:") as tar:  # plain tars only, as the sample reader
+            for _, key, ext in iter_sample_members(tar, os.path.getsize(path)):
+                if key != last:
+                    groups.setdefault(key, []).append(set())
+                    last = key
+                groups[key][-1].add(ext)
+    except (tarfile.TarError, OSError, EOFError):
+        pass  # a damaged tail is reported by the reader; the groups seen so far are enough
+    return {k for k, g in groups.items() if len(g) > 1 and sum(map(len, g)) == len(set().union(*g))}
+
+
 class UnreadableShardError(ValueError):
     """A source shard from which not one sample could be read: not a tar, empty, or cut before
     its first sample. The shard fails (it must not look complete with nothing in it)."""
+
+
+class NoUsableSampleError(ValueError):
+    """A shard whose samples were all skipped: it fails rather than look complete with nothing in it."""
+
+
+def check_some_usable(report: ShardReport, n_usable: int) -> None:
+    """:class:`NoUsableSampleError` naming the reasons when samples were read but none was usable."""
+    if n_usable or not report.samples_read:  # an empty tar is not damage
+        return
+    why = ", ".join(f"{k}: {v}" for k, v in sorted(report.skipped.items())) or "none usable"
+    first = next((e for e in report.errors if not e.startswith("(shard)")), None)
+    raise NoUsableSampleError(f"{report.shard}: none of its {report.samples_read} samples could be used ({why})"
+                              + (f"; first: {first}" if first else ""))
 
 
 def iter_decoded(path: str | os.PathLike, report: ShardReport, transform=None, workers: int = 0, chunk: int = 32,
@@ -180,7 +219,8 @@ def iter_decoded(path: str | os.PathLike, report: ShardReport, transform=None, w
 
     Damaged samples (bad key, image, caption or JSON, or an exception in ``transform``) are
     skipped and counted in ``report``; so is a repeat of an earlier sample's key (the first is
-    kept: outputs hold one row and one sample per key). A truncated tar keeps the samples before
+    kept: outputs hold one row and one sample per key), and every part of a sample whose members
+    other samples' members split (:func:`split_sample_keys`). A truncated tar keeps the samples before
     the damage; one that yields nothing at all raises :class:`UnreadableShardError` at the end.
     ``workers > 0`` decodes in a thread pool (PIL releases the GIL while decoding) while the
     caller runs the models. Keys in ``done`` (handled by an earlier, interrupted run, once per
@@ -189,7 +229,12 @@ def iter_decoded(path: str | os.PathLike, report: ShardReport, transform=None, w
     stats = ReadStats()
     handled = Counter(done or ())
 
+    split = split_sample_keys(path)
+
     def work(raw: dict):
+        if raw.get("__split__"):
+            return None, None, ("sample members not contiguous", "other samples' members lie between its own; a "
+                                "shard holds each sample's members together (`tar cf s.tar *.jpg *.txt` does not)")
         if raw.get("__duplicate__"):
             return None, None, ("duplicate key", "an earlier sample of the shard has it; the first is kept")
         try:
@@ -211,7 +256,9 @@ def iter_decoded(path: str | os.PathLike, report: ShardReport, transform=None, w
                 handled[key] -= 1
                 seen.add(key)
                 continue
-            if key in seen:  # decided here, in tar order, not in the decoding threads
+            if key in split:  # every group of it: neither is a whole sample
+                raw = {"__key__": key, "__split__": True}
+            elif key in seen:  # decided here, in tar order, not in the decoding threads
                 raw = {"__key__": key, "__duplicate__": True}
             seen.add(key)
             buf.append(raw)

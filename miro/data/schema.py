@@ -246,13 +246,19 @@ def image_member(sample: dict) -> str | None:
 
 
 def list_shards(src: str | os.PathLike) -> list[Path]:
-    """All ``*.tar`` files of a directory in sorted order (``--shard_id N`` indexes this list)."""
+    """The regular, non-hidden ``*.tar`` files of a directory in sorted order (``--shard_id N``
+    indexes this list).
+
+    Hidden files (macOS's ``._00000.tar`` resource forks, editors' temporaries) and folders named
+    ``*.tar`` are no shards: listing them shifts every index against the shards a launcher counts
+    (``glob.glob`` skips hidden names) and fails a stage on a file that holds no sample.
+    """
     src = Path(src)
     if src.is_file():
         return [src]
     if not src.is_dir():
         raise FileNotFoundError(f"shard source {src} does not exist")
-    return sorted(src.glob("*.tar"))
+    return sorted(p for p in src.glob("*.tar") if not p.name.startswith(".") and p.is_file())
 
 
 def select_shards(shards: list[Path], shard_id: int | None = None, shard_ids: str | None = None,

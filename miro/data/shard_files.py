@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import sys
 import tarfile
 import time
@@ -126,13 +127,72 @@ def file_lock(path: str | os.PathLike):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _clip(text: str, n: int = 60) -> str:
+    return repr(text if len(text) <= n else text[:n] + "...")
+
+
+def caption_conflict(old: dict, new: dict, columns: Iterable[str]) -> tuple[str, list[str]] | None:
+    """``(message, other columns)`` when writing ``new`` (a score stage's row, replacing
+    ``columns``) over the CSV row ``old`` would change a synthetic caption on which ``old``'s other
+    ``synthetic_<reward>`` values were computed; None otherwise.
+
+    Both score stages write the captions they scored; the CSV keeps one copy, which stage ``vae``
+    embeds. A copy that changes under the other stage's synthetic values pairs them with captions
+    they were never computed on (one stage given a TSV and not the other, or a TSV edited between).
+    """
+    columns = set(columns)
+    others = sorted(c for c, v in old.items() if c.startswith("synthetic_") and c not in columns
+                    and c not in CAPTION_COLUMNS and v is not None)
+    if not others:  # nothing of the other stage depends on the stored captions
+        return None
+    for col in CAPTION_COLUMNS:
+        was, now = old.get(col), new.get(col)
+        if col in columns and now is not None and was not in (None, "") and was != now:
+            return f"{col} {_clip(now)} differs from the CSV's {_clip(was)}", others
+    return None
+
+
+class CaptionConflictError(ValueError):
+    """A score stage resolved other synthetic captions than those the other score stage scored."""
+
+    @classmethod
+    def of(cls, path, key: str, found: tuple[str, list[str]], stage: str, other: str) -> "CaptionConflictError":
+        what, others = found
+        return cls(f"{path}: sample {key!r}: stage {stage!r} resolved {what}, the caption on which stage {other!r} "
+                   f"computed {', '.join(others)}; give both score stages the same --synthetic_captions (or none to "
+                   f"both), or, if the captions changed on purpose, rerun stage {stage!r} with --overwrite and then "
+                   f"stage {other!r}")
+
+
+def _check_captions(path: Path, rows: dict[str, dict], new_rows: dict[str, dict], columns: set[str],
+                    stage: str, other: str, replace: bool) -> None:
+    """Refuse (``CaptionConflictError`` naming the key and the way out) new captions that differ
+    from the stored ones the other stage scored; with ``replace`` (``--overwrite``) drop that
+    stage's synthetic values of those rows instead, so that stage ``vae`` asks for its rerun."""
+    for key in sorted(new_rows.keys() & rows.keys()):
+        found = caption_conflict(rows[key], new_rows[key], columns)
+        if found is None:
+            continue
+        if not replace:
+            raise CaptionConflictError.of(path, key, found, stage, other)
+        what, others = found
+        for c in others:
+            rows[key].pop(c, None)
+        print(f"miro preprocess: {path}: sample {key!r}: {what}; dropped {', '.join(others)} (computed on the "
+              f"old captions): rerun stage {other!r}", file=sys.stderr)
+
+
 def merge_scores_csv(path: str | os.PathLike, new_rows: dict[str, dict], columns: Iterable[str],
-                     keys: set[str] | None = None, rebuild: bool = False) -> None:
+                     keys: set[str] | None = None, rebuild: bool = False, stage: str = "this stage",
+                     other: str = "the other score stage") -> None:
     """Replace ``columns`` of the CSV by ``new_rows`` (other stages' columns are kept).
 
     ``keys``: the sample keys the shard holds now; rows of other keys (a rewritten source shard)
     are dropped. An existing CSV that cannot be read is a ``ValueError``; with ``rebuild``
     (``--overwrite``) it is moved aside to ``{name}.unreadable`` and the CSV starts afresh.
+    New synthetic captions that differ from those ``other`` scored are a
+    :class:`CaptionConflictError` (see :func:`_check_captions`; ``rebuild`` drops ``other``'s
+    synthetic values of those rows instead).
     """
     path = Path(path)
     columns = set(columns)
@@ -149,6 +209,7 @@ def merge_scores_csv(path: str | os.PathLike, new_rows: dict[str, dict], columns
                 print(f"miro preprocess: {e}; rebuilding it (the old file is kept as {aside})", file=sys.stderr)
         if keys is not None:
             rows = {k: v for k, v in rows.items() if k in keys}
+        _check_captions(path, rows, new_rows, columns, stage, other, replace=rebuild)
         for r in rows.values():
             for c in columns:
                 r.pop(c, None)
@@ -217,7 +278,9 @@ class SortedShardWriter:
     a tar whose headers match :func:`miro.data.schema.write_shard` exactly (same bytes for the
     same samples) and renames it into place, so a killed run never leaves a partial shard under
     the final name. :meth:`checkpoint` makes the spool durable and returns a small state from
-    which ``SortedShardWriter(path, resume=state)`` continues after a crash.
+    which ``SortedShardWriter(path, resume=state)`` continues after a crash. The spool starts with
+    a random run id that the state also holds: a state is never resumed into a spool that a later
+    run recreated (``ValueError``, as for a missing spool).
     """
 
     def __init__(self, path: str | os.PathLike, resume: dict | None = None):
@@ -232,6 +295,11 @@ class SortedShardWriter:
             size = int(resume["spool_size"])
             if not self.spool_path.is_file() or self.spool_path.stat().st_size < size:
                 raise ValueError(f"cannot resume {self.path.name}: its spool is missing or shorter than checkpointed")
+            if self._read_header() != _spool_header(str(resume.get("run_id"))):
+                # a later run that started afresh reused the spool: the saved index would point
+                # into its bytes, and the tar would be corrupt yet look complete
+                raise ValueError(f"cannot resume {self.path.name}: its spool belongs to another run")
+            self.run_id = str(resume["run_id"])
             self._spool = open(self.spool_path, "r+b")
             self._spool.truncate(size)  # drop what was written after the checkpoint
             self._spool.seek(size)
@@ -240,7 +308,13 @@ class SortedShardWriter:
             self._keys = set(resume["keys"])
             self.n_samples = int(resume["n_samples"])
         else:
+            self.run_id = secrets.token_hex(16)
             self._spool = open(self.spool_path, "w+b")
+            self._spool.write(_spool_header(self.run_id))  # members start after it (offsets are indexed)
+
+    def _read_header(self) -> bytes:
+        with open(self.spool_path, "rb") as f:
+            return f.read(len(_spool_header("0" * 32)))
 
     @property
     def keys(self) -> set[str]:
@@ -267,7 +341,7 @@ class SortedShardWriter:
         """Flush the spool to disk and return the state :class:`SortedShardWriter` resumes from."""
         self._spool.flush()
         os.fsync(self._spool.fileno())
-        return {"spool_size": self._spool.tell(), "index": [list(m) for m in self._index],
+        return {"run_id": self.run_id, "spool_size": self._spool.tell(), "index": [list(m) for m in self._index],
                 "keys": sorted(self._keys), "n_samples": self.n_samples}
 
     def commit(self) -> int:
@@ -291,6 +365,11 @@ class SortedShardWriter:
         self.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.spool_path)
+
+
+def _spool_header(run_id: str) -> bytes:
+    """The first bytes of a spool: ties it to the checkpoints of the run that created it."""
+    return b"MIRO-SPOOL " + run_id.encode("ascii", "replace")[:32].ljust(32, b"-") + b"\n"
 
 
 class _Window:

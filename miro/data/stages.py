@@ -260,11 +260,28 @@ class ScoreStage(_Stage):
                 failures.append(e)
             return out
 
+    def _other_stage(self) -> str:
+        return {"rewards": "vqa", "vqa": "rewards"}.get(self.name, "the other score stage")
+
+    def _check_captions(self, csv_path: Path, stored: dict[str, dict], samples, caps) -> None:
+        """Fail a batch at once when its captions differ from those the other score stage scored
+        in the CSV read at start (the merge checks again under the lock; this one spares the
+        scoring of a shard whose merge would be refused)."""
+        if not self.opts.synthetic or not stored:
+            return
+        mine = [*self.columns(), *pio.CAPTION_COLUMNS]  # this stage's own old values are replaced, not a conflict
+        for s, (long, short) in zip(samples, caps):
+            new = {"synthetic_caption": long, "short_synthetic_caption": short}
+            found = pio.caption_conflict(stored[s.key], new, mine) if s.key in stored else None
+            if found is not None:
+                raise pio.CaptionConflictError.of(csv_path, s.key, found, self.name, self._other_stage())
+
     def run_shard(self, shard: Path) -> pio.ShardReport:
         t0 = time.perf_counter()
         csv_path = pio.scores_csv_path(self.opts.csv_dir, shard)
+        stored: dict[str, dict] = {}
         if not self.opts.overwrite:  # an unreadable CSV fails now, not after the whole shard is scored
-            pio.check_scores_csv(csv_path, self.name)
+            stored = pio.check_scores_csv(csv_path, self.name)
         report = pio.ShardReport(self.name, shard.name)
         self._mark_running(shard, report)
         saved = self._load_checkpoint(shard, report)
@@ -278,6 +295,7 @@ class ScoreStage(_Stage):
                                      self.opts.batch_size):
                 samples = [s for s, _ in batch]
                 caps = [pio.resolve_captions(s, self.opts.captions)[:2] for s in samples]
+                self._check_captions(csv_path, stored, samples, caps)
                 for s, (long, short), vals in self._score_robust(samples, caps, report, bool(rows), failures):
                     if self.opts.synthetic:
                         vals["synthetic_caption"], vals["short_synthetic_caption"] = long, short
@@ -288,13 +306,15 @@ class ScoreStage(_Stage):
                     last_save = time.monotonic()
         if failures and not rows:  # every sample the scorers saw failed: the model, not the data
             raise failures[0]
+        pio.check_some_usable(report, len(rows))  # e.g. a tar whose members are not grouped by sample
         report.samples_ok = len(rows)
         cols = self.columns()
         if self.opts.synthetic:
             cols += list(pio.CAPTION_COLUMNS)
         else:  # a --no-synthetic rerun also drops this stage's stale synthetic values
             cols += [synthetic_reward_key(n) for n in self.scorers]
-        pio.merge_scores_csv(csv_path, rows, cols, keys=set(pio.shard_keys(shard)), rebuild=self.opts.overwrite)
+        pio.merge_scores_csv(csv_path, rows, cols, keys=set(pio.shard_keys(shard)), rebuild=self.opts.overwrite,
+                             stage=self.name, other=self._other_stage())
         report.seconds = time.perf_counter() - t0
         pio.write_log(self.log_path(shard), report, "complete", source=pio.fingerprint(shard),
                       config=self.config(shard), keys_digest=pio.keys_digest(rows), output=str(csv_path),

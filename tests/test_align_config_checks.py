@@ -27,6 +27,12 @@ def no_models(monkeypatch):
     ("+train.foo=1", "train.foo"),
     ("+optim.foo=1", "optim.foo"),
     ("+schedule.foo=1", "schedule.foo"),
+    # Hydra suggests `+` for a misspelt key; the run then ignored it (float32 for `+target.dtyp=bfloat16`)
+    ("+target.dtyp=bfloat16", "unknown key target.dtyp; allowed keys of target: kind, model, dtype,"),
+    ("+lora.rnak=4", "unknown key lora.rnak; allowed keys of lora: enabled, rank,"),
+    ("+data.limt=1", "unknown key data.limt"),
+    ("+reward.kwarg.version=v2", "unknown key reward.kwarg"),
+    ("+foo=1", "unknown key foo; allowed top-level keys: mode, denoise,"),
     ("loss=bogus", "hinge, maximize"),
     ("optim.name=sgd", "adamw, prodigy"),
     ("optim.lr=abc", "optim.lr"),
@@ -73,6 +79,14 @@ def test_lora_values_are_checked_when_lora_is_on(override, needle, no_models, tm
     assert cli.main([*argv, "lora.enabled=true", override]) == 2
     assert needle in capsys.readouterr().err
     cli.validate(cli.compose(argv[:2] + [override]))  # lora off: its values are not used
+
+
+@pytest.mark.parametrize("experiment", cli.experiments())
+def test_open_mappings_and_every_experiment_pass_the_key_check(experiment, tmp_path):
+    # reward.kwargs and the reward targets hold the user's keys; the experiments set only known ones
+    cfg = cli.compose([f"experiment={experiment}", "data.prompts=p.txt", "reward.path=proxy", "+reward.kwargs.anything=1",
+                       "+target.reward_targets.hpsv2_score=0.9"])
+    cli.check_keys(cfg)
 
 
 def test_prodigy_without_its_package_is_named_before_any_model(no_models, tmp_path, capsys, monkeypatch):

@@ -157,6 +157,15 @@ def test_resume_refuses_other_settings_but_may_run_longer(bert_dir, tmp_path):
     assert settings_changes(None, saved) == []
 
 
+def test_resume_past_max_steps_is_refused(bert_dir, tmp_path):
+    # A checkpoint at step 2 resumed with train.max_steps=1 ran no step and exported the step-2
+    # weights as the run's result.
+    _trainer(MiroTarget(make_pipe(bert_dir)), tmp_path, 2, rollout_steps=2).fit()
+    with pytest.raises(ValueError, match=r"last.pt is at step 2, past train.max_steps=1: resume with train.max_steps >= 2"):
+        _trainer(MiroTarget(make_pipe(bert_dir)), tmp_path, 1, rollout_steps=2).fit()
+    assert _trainer(MiroTarget(make_pipe(bert_dir)), tmp_path, 2, rollout_steps=2).fit() == []  # a finished run reruns
+
+
 def test_miro_lora_roundtrip_and_merge(bert_dir, tmp_path):
     from miro.align.lora import LoraSettings, add_miro_lora, load_miro_lora, merge_lora_state_dict, save_miro_lora
 

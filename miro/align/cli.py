@@ -107,6 +107,30 @@ def load_items(cfg: dict) -> list[dict]:
     return items
 
 
+def _base_config() -> dict:
+    """config.yaml's own keys and values (its ``defaults`` list dropped)."""
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "config.yaml"))
+    base.pop("defaults", None)
+    return base
+
+
+def check_keys(cfg: dict, base: dict | None = None, section: str = "") -> None:
+    """Refuse a key that config.yaml does not have, in every section and at the top level. Hydra
+    refuses ``target.dtyp=bfloat16`` but suggests ``+target.dtyp=bfloat16``, which it then accepts;
+    the run would ignore it and train in float32. A mapping that is empty in config.yaml
+    (``reward.kwargs``, ``target.reward_targets``) is open: its keys are the user's."""
+    base = _base_config() if base is None else base
+    unknown = sorted(k for k in cfg if k not in base)
+    if unknown:
+        where = f"keys of {section}" if section else "top-level keys"
+        raise ValueError(f"unknown key {section + '.' if section else ''}{unknown[0]}; allowed {where}: {', '.join(base)}")
+    for key, sub in base.items():
+        if isinstance(sub, dict) and sub and isinstance(cfg.get(key), dict):
+            check_keys(cfg[key], sub, f"{section}.{key}" if section else key)
+
+
 TARGET_KINDS = ("miro", "flux")
 DTYPES = ("float32", "bfloat16")
 
@@ -261,9 +285,11 @@ def export(cfg: dict, target, out: Path) -> Path:
     if cfg["target"]["kind"] == "flux":
         if cfg["lora"]["enabled"]:
             return L.save_flux_lora(target.transformer, out / "lora")
+        from miro.io import atomic_write_with
+
         sd = {k: v.detach().cpu().contiguous() for k, v in target.transformer.state_dict().items()}
-        (out / "transformer").mkdir(parents=True, exist_ok=True)
-        save_file(sd, str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
+        # atomic: a killed export leaves the previous file or none, never a truncated one
+        atomic_write_with(out / "transformer" / "diffusion_pytorch_model.safetensors", lambda tmp: save_file(sd, tmp))
         return out / "transformer"
     pipe = target.pipe
     if cfg["lora"]["enabled"]:
@@ -288,8 +314,9 @@ def validate(cfg: dict):
     """Every config check that needs no model: (step, optim, train, items). ``ValueError`` names the key."""
     from miro.align.checks import from_section
     from miro.align.step import StepConfig
-    from miro.align.trainer import OptimConfig, TrainConfig
+    from miro.align.trainer import OptimConfig, TrainConfig, check_fabric, train_fabric_kwargs
 
+    check_keys(cfg)
     step = StepConfig(mode=cfg["mode"], denoise=cfg["denoise"], inversion=cfg["inversion"], discount_inv=cfg["discount_inv"],
                       discount_denoise=cfg["discount_denoise"], loss=cfg["loss"], hinge_margin=cfg["hinge_margin"],
                       rollout_steps=cfg["rollout_steps"], rollout_shift=cfg["rollout_shift"],
@@ -297,6 +324,7 @@ def validate(cfg: dict):
     optim = from_section(OptimConfig, cfg["optim"], "optim")
     train = from_section(TrainConfig, cfg["train"], "train")
     check_target(cfg)
+    target_device(cfg, check_fabric(train_fabric_kwargs(train), lambda key: f"train.{key}"))
     check_lora(cfg)
     check_reward(cfg)
     if optim.name == "prodigy":  # an optional package: named before any model loads
@@ -315,6 +343,28 @@ def validate(cfg: dict):
     return step, optim, train, items
 
 
+def target_device(cfg: dict, fabric):
+    """The device this process builds the target, VAE, text encoders and reward on: Fabric's
+    (``cuda:<local rank>`` with several GPUs; every rank used ``cuda``, i.e. cuda:0, before).
+    ``target.device``, when set, must name that device: the frozen models there and the trained
+    module on Fabric's would meet only in a device-mismatch error mid-step."""
+    import torch
+
+    dev, want = fabric.device, cfg["target"].get("device")
+    if want is None:
+        return dev
+    try:
+        asked = torch.device(want)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"target.device={want!r} is not a device ({e}); leave it null (Fabric's device)") from None
+    if asked.type != dev.type or (asked.index is not None and asked.index != (dev.index or 0)):
+        t = cfg["train"]
+        raise ValueError(f"target.device={want!r} but Fabric runs this process on {dev} (train.accelerator={t['accelerator']}, "
+                         f"train.devices={t['devices']}); leave target.device null (Fabric's device) or choose the "
+                         f"device with train.accelerator")
+    return dev
+
+
 def _remove_if_empty(path: Path) -> None:
     """Remove ``path`` (made by this run) when it holds no file, only (nested) empty folders."""
     if not path.is_dir() or any(p.is_file() or p.is_symlink() for p in path.rglob("*")):
@@ -325,12 +375,14 @@ def _remove_if_empty(path: Path) -> None:
 
 
 def run(cfg: dict, dry_run: bool = False) -> Path | None:
-    import torch
-
-    from miro.align.trainer import SRPOTrainer
+    from miro.align.trainer import SRPOTrainer, check_fabric, make_fabric, train_fabric_kwargs
 
     step, optim, train, items = validate(cfg)  # before any model loads, in a dry run too
-    device = torch.device(cfg["target"].get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # Fabric first: launched, each rank is its own process and builds its frozen models on its own
+    # device (a dry run launches nothing and uses the first rank's device).
+    kwargs = train_fabric_kwargs(train)
+    fabric = check_fabric(kwargs, lambda key: f"train.{key}") if dry_run else make_fabric(kwargs)
+    device = target_device(cfg, fabric)
     target = build_target(cfg, device, items)
     reward = build_reward(cfg, device)
     if dry_run:
@@ -342,7 +394,7 @@ def run(cfg: dict, dry_run: bool = False) -> Path | None:
         load_weights(reward.scorer, cfg["reward"]["name"])
     out = Path(train.out_dir)
     existed = out.exists()
-    trainer = SRPOTrainer(target, reward, items, step, optim, train,
+    trainer = SRPOTrainer(target, reward, items, step, optim, train, fabric=fabric,
                           run_settings={k: cfg[k] for k in ("target", "reward", "data", "lora")})
     try:
         trainer.fit()
@@ -350,11 +402,14 @@ def run(cfg: dict, dry_run: bool = False) -> Path | None:
         if not existed and trainer.fabric.global_rank == 0:
             _remove_if_empty(out)  # leave nothing behind when the run failed before writing anything
         raise
-    if trainer.fabric.global_rank == 0:
-        path = export(cfg, target, out)
-        print(f"saved {path}")
-        return path
-    return None
+    path = None
+    try:
+        if trainer.fabric.global_rank == 0:  # one writer
+            path = export(cfg, target, out)
+            print(f"saved {path}")
+    finally:
+        trainer.fabric.barrier()  # every rank ends once the export is written (or has failed)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -132,11 +132,15 @@ def read_items(path: str | Path, caption_column: str = "caption") -> list[dict]:
     if path.suffix == ".json":
         return read_fork_json(path)
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        if caption_column != "caption":
-            rows = [{**r, "caption": r.get(caption_column)} for r in rows]
-        return [normalize_item(r, path.parent) for r in rows]
+        items = []
+        for lineno, row in _read_jsonl(path):
+            if caption_column != "caption":
+                row = {**row, "caption": _column(row, caption_column, path, lineno)}
+            try:
+                items.append(normalize_item(row, path.parent))
+            except ValueError as e:
+                raise ValueError(f"{path}:{lineno}: {e}") from None
+        return items
     if path.suffix == ".txt":
         with open(path, encoding="utf-8") as f:
             return [normalize_item({"caption": line.strip()}) for line in f if line.strip()]
@@ -147,6 +151,32 @@ def read_items(path: str | Path, caption_column: str = "caption") -> list[dict]:
             raise ValueError(f"{path}: no column {caption_column!r}; columns are {list(rows[0])}")
         return [normalize_item({**r, "caption": r[caption_column]}, path.parent) for r in rows]
     raise ValueError(f"unsupported dataset file {path}; use .json, .jsonl, .txt, .csv or a folder of CuRe CSVs")
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) of every non-empty line; a line that does not parse is named by file
+    and line (json's own position is within the line, always "line 1")."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not a JSON object ({e.msg}, column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: a dataset item must be a JSON object; got {type(row).__name__}")
+            rows.append((lineno, row))
+    return rows
+
+
+def _column(row: dict, column: str, path: Path, lineno: int):
+    """``row[column]``, refused by name when the row lacks it (otherwise the row's own caption was
+    replaced by None and the error showed ``{'caption': None}``)."""
+    if column not in row:
+        raise ValueError(f"{path}:{lineno}: row has no column {column!r}; columns are {list(row)}")
+    return row[column]
 
 
 def _is_cure_csv(path: Path) -> bool:

@@ -162,19 +162,27 @@ def _run(args: argparse.Namespace) -> int:
     OfflineImageDataset(items, 1, check=False)  # the image files exist (decoded when training reads them)
     from diffusers import FluxPipeline
 
-    from miro.align.flux_lora_train import FluxLoraTrainConfig, check_resume, finetune_flux_lora
+    from miro.align.flux_lora_train import (FluxLoraTrainConfig, check_resume, data_fingerprint, finetune_flux_lora,
+                                            lora_fabric_kwargs, model_name)
     from miro.align.lora import LoraSettings
-    from miro.align.trainer import OptimConfig
+    from miro.align.trainer import OptimConfig, check_fabric, make_fabric
 
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
     cfg = FluxLoraTrainConfig(caption_column=args.caption_column, instance_prompt=args.instance_prompt, resolution=args.resolution,
                               max_train_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                               checkpoint_every=args.checkpoint_every, seed=args.seed, precision=args.precision, devices=devices,
                               out_dir=args.out, lora=LoraSettings(rank=args.rank, alpha=args.alpha),
-                              optim=OptimConfig(name=args.optimizer, lr=args.lr, weight_decay=1e-4, max_grad_norm=1.0))
+                              optim=OptimConfig(name=args.optimizer, lr=args.lr, weight_decay=1e-4, max_grad_norm=1.0),
+                              model=model_name(args.model), dtype=args.dtype, data=data_fingerprint(args.data))
+    _dtype(args.dtype)  # a bad --dtype is named before the checkpoint is compared with it
     check_resume(cfg)  # before the model loads
-    pipe = FluxPipeline.from_pretrained(args.model, torch_dtype=_dtype(args.dtype)).to(_device(None))
-    path = finetune_flux_lora(pipe, items, cfg)
+    kwargs = lora_fabric_kwargs(cfg)
+    check_fabric(kwargs, lambda key: f"--{key}")  # a value Fabric refuses, named before it launches
+    # Fabric first: launched, each rank is its own process and loads the model onto its own device
+    # (every rank loaded it onto cuda, i.e. cuda:0, before)
+    fabric = make_fabric(kwargs)
+    pipe = FluxPipeline.from_pretrained(args.model, torch_dtype=_dtype(args.dtype)).to(fabric.device)
+    path = finetune_flux_lora(pipe, items, cfg, fabric=fabric)
     print(f"saved {path}")
     return 0
 

@@ -21,9 +21,10 @@ import torch
 
 from miro.align.datasets import OfflineImageDataset
 from miro.align.flux import FluxTarget, FluxTargetConfig
-from miro.align.lora import LoraSettings, add_flux_lora, save_flux_lora
+from miro.align.lora import FLUX_LORA_FILE, LoraSettings, add_flux_lora, save_flux_lora
 from miro.align.precision import cast_trainable_params, check_training_precision
-from miro.align.trainer import OptimConfig, _seed, _truncate_metrics, atomic_torch_save, build_optimizer
+from miro.align.trainer import (OptimConfig, _seed, _truncate_metrics, atomic_torch_save, build_optimizer, fabric_kwargs,
+                                make_fabric, refuse_past_end, sample_index)
 from miro.io import open_append
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,12 @@ class FluxLoraTrainConfig:
     out_dir: str = "flux-lora-out"
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(rank=16, alpha=4))  # diffusers defaults r16, alpha 4
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="prodigy", lr=1.0, weight_decay=1e-4, max_grad_norm=1.0))
+    # What the CLI trains on, recorded in the checkpoint so that a resume on other data, another
+    # model or dtype is refused (None: not recorded, as from the Python API): --model (a local
+    # folder resolved), --dtype, and --data as data_fingerprint gives it.
+    model: str | None = None
+    dtype: str | None = None
+    data: dict | None = None
 
     def __post_init__(self) -> None:
         check_training_precision("precision", self.precision)
@@ -61,6 +68,35 @@ def _caption(item: dict, cfg: FluxLoraTrainConfig) -> str:
 
 # Keys a resumed fine-tune may change: how long it runs and where or how it reports, not what a step computes.
 RESUME_MAY_CHANGE = {"max_train_steps", "checkpoint_every", "out_dir", "devices", "strategy"}
+
+
+def data_fingerprint(spec: str) -> dict:
+    """``--data`` as the checkpoint records it: the resolved path (or ``inline``) and a SHA-256 of
+    the content (a folder's: its files' names and bytes), so other data under the same name is
+    refused too."""
+    import hashlib
+    import os
+
+    h = hashlib.sha256()
+    if spec.lstrip().startswith("["):
+        h.update(spec.encode("utf-8"))
+        return {"path": "inline", "sha256": h.hexdigest()[:16]}
+    path = Path(spec).resolve()
+    if path.is_dir():  # a folder of CuRe CSVs: the files read_items reads
+        for f in sorted(path.glob("*.csv")):
+            h.update(os.fsencode(f.name) + b"\0" + f.read_bytes())
+    else:
+        h.update(path.read_bytes())
+    return {"path": str(path), "sha256": h.hexdigest()[:16]}
+
+
+def model_name(model: str) -> str:
+    """A local model folder as its resolved path (hub ids as given)."""
+    return str(Path(model).resolve()) if Path(model).exists() else model
+
+
+def lora_fabric_kwargs(cfg: FluxLoraTrainConfig) -> dict:
+    return fabric_kwargs(devices=cfg.devices, strategy=cfg.strategy, precision=cfg.precision, auto_precision="16-mixed")
 
 
 def check_resume(cfg: FluxLoraTrainConfig) -> None:
@@ -84,21 +120,27 @@ def _refuse_other_settings(state: dict, cfg: FluxLoraTrainConfig, ckpt: Path) ->
     if changed:
         raise ValueError(f"{ckpt} was trained with other settings ({'; '.join(changed[:4])}"
                          f"{'; ...' if len(changed) > 4 else ''}): resume with them, or write this run to another --out")
+    refuse_past_end(int(state["step"]), cfg.max_train_steps, "--steps", ckpt)
+
+
+def batch_indices(cfg: FluxLoraTrainConfig, step: int, micro: int, world: int, rank: int, n: int) -> list[int]:
+    """Items of one micro-batch: sample ``flat·batch_size + b`` of the run, each at its own epoch's
+    position (a batch that straddles an epoch boundary takes its later samples from the new epoch)."""
+    flat = (step * cfg.grad_accum + micro) * world + rank
+    return [sample_index(cfg.seed, flat * cfg.batch_size + b, n) for b in range(cfg.batch_size)]
 
 
 def finetune_flux_lora(pipe, items: list[dict], cfg: FluxLoraTrainConfig, fabric=None) -> Path:
     """Train a LoRA on ``pipe.transformer`` from items with ``image_path``; resumable; returns the
-    diffusers-format LoRA file."""
-    from lightning.fabric import Fabric
-
+    diffusers-format LoRA file. ``fabric``: a launched Fabric, made before ``pipe`` was built on its
+    device (made here otherwise)."""
     # The checkpoint is read once, and its settings checked before the pipeline is touched.
     ckpt = _checkpoint(cfg)
     state = torch.load(ckpt, map_location="cpu", weights_only=True) if ckpt.is_file() else None
     if state is not None:
         _refuse_other_settings(state, cfg, ckpt)
-    prec = cfg.precision if cfg.precision != "auto" else ("16-mixed" if torch.cuda.is_available() else "32-true")
-    fabric = fabric or Fabric(devices=cfg.devices, strategy=cfg.strategy, precision=prec)
-    fabric.launch()
+    fabric = fabric or make_fabric(lora_fabric_kwargs(cfg))
+    fabric.launch()  # a no-op for a launched Fabric (the CLI launches it before the model loads)
     target = FluxTarget.from_pipeline(pipe, FluxTargetConfig(height=cfg.resolution, width=cfg.resolution,
                                                              max_sequence_length=cfg.max_sequence_length, quantize_timestep=False))
     data = OfflineImageDataset(items, cfg.resolution)
@@ -132,9 +174,7 @@ def finetune_flux_lora(pipe, items: list[dict], cfg: FluxLoraTrainConfig, fabric
         total = 0.0
         for micro in range(cfg.grad_accum):
             g = torch.Generator().manual_seed(_seed(cfg.seed, step, micro, rank))
-            flat = (step * cfg.grad_accum + micro) * world + rank
-            perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(_seed(cfg.seed, flat * cfg.batch_size // len(data))))
-            idx = [int(perm[(flat * cfg.batch_size + b) % len(data)]) for b in range(cfg.batch_size)]
+            idx = batch_indices(cfg, step, micro, world, rank, len(data))
             images = torch.stack([data[i][0] for i in idx]).to(fabric.device)
             cond = target.encode_condition([_caption(data.items[i], cfg) for i in idx])
             x0 = target.encode_images(images, generator=g)
@@ -161,4 +201,9 @@ def finetune_flux_lora(pipe, items: list[dict], cfg: FluxLoraTrainConfig, fabric
                                    "config": json.loads(json.dumps(asdict(cfg), default=str))}, ckpt)
             fabric.barrier()
     target.set_trainable_module(pipe.transformer)
-    return save_flux_lora(pipe.transformer, out)
+    try:
+        if rank == 0:  # one writer (atomically)
+            save_flux_lora(pipe.transformer, out)
+    finally:
+        fabric.barrier()  # every rank returns once the file is written (or its writing failed)
+    return out / FLUX_LORA_FILE

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -53,10 +54,22 @@ def precompute_embeddings(pipe, items: list[dict], out_dir: str | Path, max_sequ
                          ("pos_prompt", "pos_prompt"), ("neg_prompt", "neg_prompt"), ("image_path", "image_path")):
             if item.get(src) is not None:
                 rec[dst] = item[src]
+        if rec.get("image_path"):
+            rec["image_path"] = _relative_to(out, rec["image_path"])
         records.append(rec)
     path = out / json_name
     atomic_write_json(path, records)
     return path
+
+
+def _relative_to(folder: Path, path: str) -> str:
+    """An item's ``image_path`` (absolute, or relative to the working directory as the readers
+    give it) relative to ``folder``, where read_fork_json resolves the JSON's paths: written as
+    given, a relative path named another file (or none) when read back."""
+    try:
+        return os.path.relpath(os.path.abspath(path), os.path.abspath(folder))
+    except ValueError:  # another drive (Windows): no relative path exists
+        return os.path.abspath(path)
 
 
 def load_transformer_weights(transformer, path: str | Path) -> None:

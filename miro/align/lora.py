@@ -25,6 +25,9 @@ FLUX_TARGET_MODULES: tuple[str, ...] = (
 MIRO_TARGET_MODULES: tuple[str, ...] = ("q", "kv", "qkv", "out", "linear_1", "linear_2", "linear_packed", "linear_out")
 
 
+FLUX_LORA_FILE = "pytorch_lora_weights.safetensors"  # the name FluxPipeline.load_lora_weights(dir) reads
+
+
 @dataclass
 class LoraSettings:
     rank: int = 16  # LoRA rank r (the fork's FLUX LoRA run: 16)
@@ -55,16 +58,18 @@ def save_flux_lora(transformer, out_dir: str | Path) -> Path:
     from diffusers import FluxPipeline
     from peft.utils import get_peft_model_state_dict
 
+    from miro.io import atomic_path
+
     module = getattr(transformer, "module", transformer)
     state = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(module).items()}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    path = Path(out_dir) / FLUX_LORA_FILE
     # The adapter metadata (rank, alpha, targets) travels in the safetensors header, so the loader
     # rebuilds the same scale alpha/r (diffusers' DreamBooth script does the same).
     meta = module.peft_config["default"].to_dict() if hasattr(module, "peft_config") else None
-    FluxPipeline.save_lora_weights(out, transformer_lora_layers=state, safe_serialization=True,
-                                   transformer_lora_adapter_metadata=meta)
-    return out / "pytorch_lora_weights.safetensors"
+    with atomic_path(path) as tmp:  # diffusers writes under the name it is given: a temp name, then renamed
+        FluxPipeline.save_lora_weights(tmp.parent, transformer_lora_layers=state, safe_serialization=True,
+                                       weight_name=tmp.name, transformer_lora_adapter_metadata=meta)
+    return path
 
 
 def add_miro_lora(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Module:
@@ -114,8 +119,9 @@ def load_miro_lora(model: torch.nn.Module, lora_dir: str | Path) -> torch.nn.Mod
 
 
 def merge_lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with every LoRA layer folded in (``W + scale·B·A``) and the peft
-    wrapper names removed, i.e. the published tensor names of the base model."""
+    """The model's state dict with every LoRA layer folded in (``W + scale·B·A``, float32 whatever
+    the base dtype) and the peft wrapper names removed, i.e. the published tensor names of the
+    base model."""
     from peft.tuners.lora import LoraLayer
 
     module = getattr(model, "module", model)
@@ -124,10 +130,14 @@ def merge_lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     for name, layer in module.named_modules():
         if isinstance(layer, LoraLayer):
             lora_prefixes.add(name)
-            w = layer.get_base_layer().weight.detach().clone()
+            # Summed and kept in float32, whatever the base dtype: in a bfloat16 base
+            # (target.dtype=bfloat16) a trained update below half a bf16 step of the weight
+            # rounds away (a quarter of the entries at lora_B std 1e-3), and the exported
+            # pipeline stores float32 anyway.
+            w = layer.get_base_layer().weight.detach().float().clone()
             for ad in layer.active_adapters:
                 if ad in layer.lora_A:
-                    w = w + layer.get_delta_weight(ad).to(w)
+                    w = w + layer.get_delta_weight(ad).float()
             merged[f"{name}.weight"] = w
     for k, v in module.state_dict().items():
         if "lora_" in k:

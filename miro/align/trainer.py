@@ -118,6 +118,54 @@ def _seed(*parts: int) -> int:
     return h
 
 
+def sample_index(seed: int, flat: int, n: int) -> int:
+    """The item of the ``flat``-th sample drawn from ``n`` items: position ``flat mod n`` of epoch
+    ``flat // n``'s permutation, so every item is seen exactly once per epoch."""
+    epoch, pos = divmod(flat, n)
+    return int(torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, epoch)))[pos])
+
+
+def fabric_kwargs(accelerator: str = "auto", devices: int | str = 1, num_nodes: int = 1, strategy: str = "auto",
+                  precision: str = "auto", auto_precision: str = "bf16-mixed") -> dict:
+    """Fabric's arguments, ``precision="auto"`` resolved (``auto_precision`` on CUDA, 32-true on CPU)."""
+    if precision == "auto":
+        precision = auto_precision if torch.cuda.is_available() else "32-true"
+    return {"accelerator": accelerator, "devices": devices, "num_nodes": num_nodes, "strategy": strategy,
+            "precision": precision}
+
+
+def check_fabric(kwargs: dict, name: Callable[[str], str]):
+    """Construct Fabric (not launched: no process starts) with ``kwargs`` added one at a time, so a
+    value this machine cannot run (``train.accelerator=gpu`` without a GPU) is refused by the
+    setting's ``name`` before any model loads, not in a traceback after. Returns that Fabric."""
+    from lightning.fabric import Fabric
+
+    from miro.io import one_line
+
+    given: dict = {}
+    for key, value in kwargs.items():
+        given[key] = value
+        try:
+            fabric = Fabric(**given)
+        except Exception as e:  # noqa: BLE001 - Lightning raises ValueError, TypeError, RuntimeError, ...
+            raise ValueError(f"{name(key)}={value!r} cannot run here: {one_line(e)}") from None
+    return fabric
+
+
+def make_fabric(kwargs: dict):
+    """A launched Fabric: with several devices each rank is its own process from here on, so the
+    models must be built after this call, on ``fabric.device``."""
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(**kwargs)
+    fabric.launch()
+    return fabric
+
+
+def train_fabric_kwargs(cfg: "TrainConfig") -> dict:
+    return fabric_kwargs(cfg.accelerator, cfg.devices, cfg.num_nodes, cfg.strategy, cfg.precision)
+
+
 def atomic_torch_save(obj, path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -149,27 +197,13 @@ class SRPOTrainer:
         self.ckpt_path = self.out / "checkpoints" / "last.pt"
 
     def _make_fabric(self):
-        from lightning.fabric import Fabric
-
-        prec = self.cfg.precision
-        if prec == "auto":
-            prec = "bf16-mixed" if torch.cuda.is_available() else "32-true"
-        fabric = Fabric(accelerator=self.cfg.accelerator, devices=self.cfg.devices, num_nodes=self.cfg.num_nodes,
-                        strategy=self.cfg.strategy, precision=prec)
-        fabric.launch()
-        return fabric
+        return make_fabric(train_fabric_kwargs(self.cfg))
 
     # -- data ------------------------------------------------------------------------------
     def _indices(self, step: int, micro: int) -> list[int]:
         n, bs, world, rank = len(self.items), self.cfg.batch_size, self.fabric.world_size, self.fabric.global_rank
         per_step = self.cfg.grad_accum * world * bs
-        out = []
-        for b in range(bs):
-            flat = step * per_step + (micro * world + rank) * bs + b
-            epoch, pos = divmod(flat, n)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(self.cfg.seed, epoch)))
-            out.append(int(perm[pos]))
-        return out
+        return [sample_index(self.cfg.seed, step * per_step + (micro * world + rank) * bs + b, n) for b in range(bs)]
 
     def _batch(self, step: int, micro: int) -> dict:
         idx = self._indices(step, micro)
@@ -206,6 +240,7 @@ class SRPOTrainer:
             raise ValueError(f"{self.ckpt_path} was trained with other settings ({'; '.join(changed[:4])}"
                              f"{'; ...' if len(changed) > 4 else ''}): resume with them, write this run to another "
                              f"train.out_dir, or start over there with train.resume=false")
+        refuse_past_end(int(state["step"]), self.cfg.max_steps, "train.max_steps", self.ckpt_path)
         params = dict(self._module.named_parameters())
         missing = [n for n in state["trainable"] if n not in params]
         if missing:
@@ -305,6 +340,13 @@ def settings_changes(saved: dict | None, current: dict) -> list[str]:
     old, new = (flat(json.loads(json.dumps(d, default=str))) for d in (saved, current))  # tuples as lists
     return [f"{key}: {old[key]!r} -> {value!r}" for key, value in new.items()
             if key in old and old[key] != value and key.removeprefix("train.") not in RESUME_MAY_CHANGE]
+
+
+def refuse_past_end(step: int, max_steps: int, key: str, ckpt: Path) -> None:
+    """A checkpoint past the run's end would be exported as if it were the run's last step."""
+    if step > max_steps:
+        raise ValueError(f"{ckpt} is at step {step}, past {key}={max_steps}: resume with {key} >= {step}, or "
+                         f"start over in another output folder")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

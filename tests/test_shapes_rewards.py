@@ -70,6 +70,11 @@ def test_counting_known_values():
     assert scores(circles, "four circles and a square")["shapes_counting"] == pytest.approx((0.75 + 0 + 0.6) / 3)
     assert scores(circles, "three circles")["shapes_alignment"] == 1.0
     assert scores(circles, "two circles")["shapes_alignment"] < 1.0  # exclude clause fails
+    # one class in two clauses: their counts add up (each clause alone would find both circles)
+    pair = Scene([RED_CIRCLE, ShapeObject("circle", "blue", 0.6, 0.35, 0.3)])
+    assert scores(pair, "a red circle left of a blue circle")["shapes_counting"] == 1.0
+    assert scores(circles, "a red circle and a blue circle")["shapes_counting"] == pytest.approx((2 / 3 + 2 / 3) / 2)
+    assert scores(circles, "two red circles and a green circle")["shapes_counting"] == 1.0
 
 
 def test_position_relation_and_framing():

@@ -248,3 +248,10 @@ def test_detector_fast_paths_equal_their_references(monkeypatch):
     assert [fingerprint(im) for im in (img, blurred)] == fast
     assert fast[1][0][:2] == ("cross", "green") and dict(fast[1][0][4])["blur"] > 0  # the blurred-template path ran
     assert len(renders) == len(set(renders)) > 0  # within one object's fit, no map is rendered twice
+
+
+@pytest.mark.parametrize("bad", ["a photo of five circles", "3 circles"])
+def test_a_count_past_the_worlds_maximum_names_the_words_allowed(bad):
+    with pytest.raises(ValueError, match=r"expected a quantity \('a', 'an', 'one', 'two', 'three', 'four': the Shapes "
+                                         r"world holds at most 4 of a kind, in words\)"):
+        parse_caption(bad)

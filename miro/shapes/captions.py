@@ -7,7 +7,7 @@ any caption of the grammar back into the same dict, so rewards can score plain s
 
 Grammar (lower case, punctuation ignored)::
 
-    caption  := [prefix] groups [relation group [and groups]] [", on a ... background"]
+    caption  := [prefix] (groups | group relation group [and groups]) [", on a ... background"]
     prefix   := "a photo of" | "a picture of" | "an image of" | "an image showing" | "there is" | ...
     group    := qty [colour] class  |  qty class ("that is" | "that are" | "in" | "colored") colour
     qty      := "a" | "an" | "one" | "two" | "three" | "four"
@@ -136,7 +136,8 @@ def caption_from_metadata(metadata: dict, style: str = "geneval", rng: np.random
 def _parse_group(text: str) -> dict:
     words = text.split()
     if not words or words[0] not in _WORD_TO_COUNT:
-        raise ValueError(f"expected 'a', 'an' or a count word before {text!r}")
+        raise ValueError(f"expected a quantity ({', '.join(repr(w) for w in _WORD_TO_COUNT)}: the Shapes world holds "
+                         f"at most {W.MAX_COUNT} of a kind, in words) before {text!r}")
     count = _WORD_TO_COUNT[words[0]]
     rest = words[1:]
     color = None

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from miro.io import to_rgb
+from miro.io import atomic_path, to_rgb
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -107,7 +107,8 @@ def _render(args) -> int:
     paths = [out] if args.n == 1 else [out / f"{k:04d}.png" for k in range(args.n)]
     for k, path in enumerate(paths):
         path.parent.mkdir(parents=True, exist_ok=True)
-        render_prompt(md, args.seed + k, args.resolution).save(path, format="PNG")
+        with atomic_path(path) as tmp:  # a killed render leaves no cut PNG under the name
+            render_prompt(md, args.seed + k, args.resolution).save(tmp, format="PNG")
     print(json.dumps(md))
     print(f"wrote {len(paths)} image(s) to {out}")
     return 0

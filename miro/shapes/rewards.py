@@ -101,8 +101,14 @@ def counting(md: dict, dets: list[Detection]) -> float:
     def ratio(k: int, n: int) -> float:
         return min(k, n) / max(k, n) if max(k, n) else 1.0
 
-    terms = [ratio(sum(d.cls == c["class"] for d in dets), c["count"]) for c in md["include"]]
-    terms.append(ratio(len(dets), sum(c["count"] for c in md["include"])))
+    # One term per class, its clauses' counts summed: "a red circle left of a blue circle" asks for
+    # two circles (per clause, each found both and the ground truth scored 0.67). Colours are
+    # alignment's to check.
+    wanted: dict[str, int] = {}
+    for c in md["include"]:
+        wanted[c["class"]] = wanted.get(c["class"], 0) + c["count"]
+    terms = [ratio(sum(d.cls == cls for d in dets), n) for cls, n in wanted.items()]
+    terms.append(ratio(len(dets), sum(wanted.values())))
     return float(np.mean(terms))
 
 

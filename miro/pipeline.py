@@ -807,6 +807,9 @@ class MiroPipeline(nn.Module):
     def _decode(self, x0: torch.Tensor, output_type: str):
         # Undo the latent normalisation and decode, in the pipeline dtype.
         images = self.autoencoder.decode(self.model.postprocess(x0.to(self._dtype)))
+        if not torch.isfinite(images).all():  # the uint8 cast would make them black without a word
+            raise ValueError(f"the autoencoder decoded NaN or infinite pixels (pipeline dtype {self._dtype}); "
+                             "load the pipeline in float32 or bfloat16")
         if output_type == "pt":
             return to_unit(images).float()
         arr = to_uint8(images)

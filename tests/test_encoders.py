@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -228,3 +229,25 @@ def test_a_missing_encoder_is_one_line():
         with pytest.raises(OSError, match=f"could not load the {name}") as e:
             load()
         assert "\n" not in str(e.value), str(e.value)
+
+
+def test_a_float16_vae_that_asks_for_it_runs_in_float32(tiny_dirs, tmp_path):
+    """The SDXL VAE overflows float16 into NaN (black images); its config's force_upcast keeps it in
+    float32 under a float16 pipeline, as diffusers' SDXL pipelines do. bfloat16 is kept."""
+    import json as _json
+
+    x = torch.rand(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref = SDXLVAECodec(str(tiny_dirs["vae"])).decode(x)
+    codec = SDXLVAECodec(str(tiny_dirs["vae"]))
+    codec.load()
+    assert codec.vae.config.force_upcast
+    codec.to(dtype=torch.float16)
+    assert codec.dtype == torch.float16 and codec.vae.dtype == torch.float32
+    torch.testing.assert_close(codec.decode(x.half()), ref, rtol=1e-3, atol=1e-3)
+    assert SDXLVAECodec(str(tiny_dirs["vae"]), dtype=torch.float16).load().vae.dtype == torch.float32
+    assert codec.to(dtype=torch.bfloat16).vae.dtype == torch.bfloat16
+    plain = tmp_path / "vae"  # a VAE that does not ask: float16 as told
+    shutil.copytree(tiny_dirs["vae"], plain)
+    cfg = _json.loads((plain / "config.json").read_text())
+    (plain / "config.json").write_text(_json.dumps({**cfg, "force_upcast": False}))
+    assert SDXLVAECodec(str(plain), dtype=torch.float16).load().vae.dtype == torch.float16

@@ -363,6 +363,12 @@ def test_diverged_sampling_is_an_error_not_black_images(pipe):
         pipe(PROMPTS, guidance_scale=1e38, generator=gen(0), **KW)
 
 
+def test_non_finite_decoded_pixels_are_an_error_not_black_images(pipe, monkeypatch):
+    monkeypatch.setattr(pipe.autoencoder, "decode", lambda z: torch.full((z.shape[0], 3, 8, 8), float("nan")))
+    with pytest.raises(ValueError, match=r"the autoencoder decoded NaN or infinite pixels \(pipeline dtype torch.float32\)"):
+        pipe(PROMPTS, generator=gen(0), **KW)
+
+
 def test_negative_prompt_replaces_the_null_text(pipe):
     from miro.models.sampler import euler_sample
 

@@ -134,9 +134,9 @@ class SDXLVAECodec(Codec):
             ) from e
         vae.eval().requires_grad_(False)
         vae.to(self.device)
-        if vae.dtype != self.dtype:  # cast only when asked: diffusers warns on every .to(dtype)
-            vae.to(dtype=self.dtype)
         self.vae = vae
+        if vae.dtype != self.compute_dtype:  # cast only when asked: diffusers warns on every .to(dtype)
+            vae.to(dtype=self.compute_dtype)
         self._latent_channels = int(vae.config.latent_channels)
         self._downsample = 2 ** (len(vae.config.block_out_channels) - 1)
         return self
@@ -153,6 +153,16 @@ class SDXLVAECodec(Codec):
             self.load()
         return int(self._downsample)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the VAE runs in: ``dtype``, but float32 for float16 when the VAE's config asks
+        for it (``force_upcast``, set by the SDXL VAE, whose activations overflow float16 into
+        NaN, i.e. black images; diffusers' SDXL pipelines upcast the same way). bfloat16 has
+        float32's range and is kept."""
+        if self.dtype == torch.float16 and self.vae is not None and getattr(self.vae.config, "force_upcast", False):
+            return torch.float32
+        return self.dtype
+
     def to(self, device=None, dtype=None) -> "SDXLVAECodec":
         if device is not None:
             self.device = torch.device(device)
@@ -160,8 +170,8 @@ class SDXLVAECodec(Codec):
             self.dtype = dtype
         if self.vae is not None:
             self.vae.to(self.device)
-            if self.vae.dtype != self.dtype:
-                self.vae.to(dtype=self.dtype)
+            if self.vae.dtype != self.compute_dtype:
+                self.vae.to(dtype=self.compute_dtype)
         return self
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,7 +180,7 @@ class SDXLVAECodec(Codec):
         self.load()
         means, stds = [], []
         for chunk in images.split(self.max_batch_size):
-            dist = self.vae.encode(chunk.to(self.device, self.dtype)).latent_dist
+            dist = self.vae.encode(chunk.to(self.device, self.compute_dtype)).latent_dist
             means.append(dist.mean.float())
             stds.append(dist.std.float())
         return torch.cat(means), torch.cat(stds)
@@ -183,7 +193,7 @@ class SDXLVAECodec(Codec):
                 f"latents must be (B, {self.latent_channels}, h, w); got {tuple(latents.shape)}"
             )
         out = [
-            self.vae.decode(chunk.to(self.device, self.dtype)).sample
+            self.vae.decode(chunk.to(self.device, self.compute_dtype)).sample
             for chunk in latents.split(self.max_batch_size)
         ]
         return torch.cat(out)

@@ -293,13 +293,10 @@ def init_model(config: Mapping[str, Any], init: Mapping[str, Any]):
 def build_model(config: Mapping[str, Any], weights: Path):
     """``MiroModel.from_config`` + the safetensors file, checked tensor by tensor.
 
-    The model is built on the meta device (no random init of weights about to be overwritten)
-    and the file's tensors are assigned in; if anything were left on meta (a tensor the file
-    does not carry), it is rebuilt normally and loaded again.
+    The model is built by :func:`model_from_state` (no random init of weights about to be
+    overwritten).
     """
     from safetensors.torch import load_file
-
-    from miro.models.model import MiroModel
 
     for key in ("network", "preconditioning", "data_preprocessing", "postprocessing"):
         if key not in config:
@@ -313,16 +310,28 @@ def build_model(config: Mapping[str, Any], weights: Path):
     state = {k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True)
              for k, v in read_pipeline_file(weights, lambda p: load_file(str(p)), "safetensors file").items()}
     try:
+        model = model_from_state(config, state)
+    except ValueError as e:
+        raise ValueError(f"{weights} does not match its config.json: {e}") from None
+    return model.eval().requires_grad_(False)
+
+
+def model_from_state(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]):
+    """``MiroModel.from_config(config)`` holding ``state`` (checked tensor by tensor), built on the
+    meta device and the tensors assigned in; if anything were left on meta (a tensor ``state``
+    does not carry), built normally and loaded again. The caller's global RNG is left as it was
+    (a normal build draws the random init that the weights then replace)."""
+    from miro.models.model import MiroModel
+
+    try:
         with torch.device("meta"):
             model = MiroModel.from_config(dict(config))
     except (RuntimeError, NotImplementedError):  # a constructor step that needs real values
         model = None
-    try:
-        if model is not None:
-            model.load_state_dict_checked(state, assign=True)
-        if model is None or any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+    if model is not None:
+        model.load_state_dict_checked(dict(state), assign=True)
+    if model is None or any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        with torch.random.fork_rng(devices=[]):
             model = MiroModel.from_config(dict(config))
-            model.load_state_dict_checked(state)
-    except ValueError as e:
-        raise ValueError(f"{weights} does not match its config.json: {e}") from None
-    return model.eval().requires_grad_(False)
+        model.load_state_dict_checked(dict(state))
+    return model

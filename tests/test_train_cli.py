@@ -216,7 +216,10 @@ def test_convert_load_generate(trained, tmp_path, monkeypatch):
     ckdir, module = trained
     ck = load_checkpoint(ckdir / "last.ckpt")  # weights_only=True
     assert isinstance(ck["hyper_parameters"]["model_config"], dict)
+    torch.manual_seed(7)
     out = convert(ckdir / "last.ckpt", tmp_path / "pipe", variant_name="miro-only-shapes")
+    # building the model draws no random init (the weights replace it): the caller's RNG is untouched
+    assert torch.equal(torch.rand(4), torch.rand(4, generator=torch.Generator().manual_seed(7)))
     assert out == tmp_path / "pipe" / "miro-only-shapes"
     assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "uncond_embedding.npy",
                                                 "reward_bins.json"}

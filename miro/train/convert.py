@@ -79,15 +79,14 @@ def pipeline_from_checkpoint(path: str | os.PathLike, ema_index: int | None = 0,
     ``ema_index``: which EMA decay (0 = the first configured, the exported default); None uses the
     raw training weights. ``text_encoder`` / ``autoencoder`` override the config's specs.
     """
-    from miro.models import MiroModel
+    from miro.hub import model_from_state
     from miro.pipeline import MiroPipeline
     from miro.rewards.binning import RewardBins
 
     config, weights, ckpt = checkpoint_weights(path, ema_index)
     check_encoders_fit(config, text_encoder, autoencoder)
     state, extra = ckpt["state_dict"], ckpt.get("miro") or {}
-    model = MiroModel.from_config(config)
-    model.load_state_dict_checked(weights)
+    model = model_from_state(config, weights)  # leaves the caller's global RNG as it was
     uncond = state.get("uncond_embedding")
     if uncond is None:
         raise ValueError(f"{path}: the checkpoint has no uncond_embedding")

@@ -96,12 +96,14 @@ def test_time_grid_exactly_as_published():
 def test_scheduler_from_a_pipeline_config_reads_every_key_as_published():
     # spec §4.2: g = (end - start) t + start; shifted only when shift > 1; clamped below at clip_min
     t = 1 - torch.arange(5, dtype=torch.float32) / 4
-    s = Scheduler.from_config({"start": 0.9, "end": 0.1, "clip_min": 0.3, "shift": 0.5})
-    assert (s.start, s.end, s.shift, s.clip_min) == (0.9, 0.1, 1.0, 0.3)  # a shift <= 1 is ignored, not refused
+    with pytest.warns(UserWarning, match=r"scheduler.shift=0.5 is read as 1 \(no shift\), as the published loader"):
+        s = Scheduler.from_config({"start": 0.9, "end": 0.1, "clip_min": 0.3, "shift": 0.5})
+    assert (s.start, s.end, s.shift, s.clip_min) == (0.9, 0.1, 1.0, 0.3)  # a shift <= 1 is ignored (with a warning)
     torch.testing.assert_close(s(t), torch.clamp(0.1 + 0.8 * (1 - t), min=0.3))
     g = 0.1 + 0.8 * (1 - t)
     torch.testing.assert_close(Scheduler.from_config({"start": 0.9, "end": 0.1, "shift": 3})(t), 3 * g / (1 + 2 * g))
-    assert Scheduler.from_config(None) == Scheduler() == Scheduler.from_config({"shift": -2})
+    with pytest.warns(UserWarning, match="shift=-2 is read as 1"):
+        assert Scheduler.from_config(None) == Scheduler() == Scheduler.from_config({"shift": -2})
     with pytest.raises(ValueError, match=r"unknown keys \['shfit'\]"):
         Scheduler.from_config({"shfit": 3})
     with pytest.raises(ValueError, match="scheduler.start must be a finite number; got 'a'"):

@@ -49,6 +49,7 @@ FLUX / diffusers convention (used by SRPO)
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -169,6 +170,9 @@ class Scheduler:
                     raise ValueError(f"config.json scheduler.{key} must be a finite number; got {v!r}")
                 vals[key] = float(v)
         if vals.get("shift", 1.0) <= 1.0:
+            if vals.get("shift", 1.0) < 1.0:  # Scheduler(shift=s) and time_grid apply any s > 0
+                warnings.warn(f"config.json scheduler.shift={vals['shift']:g} is read as 1 (no shift), as the "
+                              "published loader does; only shifts above 1 apply")
             vals["shift"] = 1.0
         return cls(**vals)
 

@@ -45,3 +45,29 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    """Fail the test if ``miro align`` tries to load a model (checks must come before)."""
+    from miro.align import cli
+
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(cli, "build_target", boom)
+    monkeypatch.setattr(cli, "build_reward", boom)
+
+
+@pytest.fixture
+def save_file_killed_midway(monkeypatch):
+    """safetensors' ``save_file`` that writes a few bytes under the name it is given, then fails
+    (a full disk): a writer must leave the previous file in place, and no temporary."""
+    import safetensors.torch
+
+    def killed_midway(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", killed_midway)

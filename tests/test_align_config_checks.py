@@ -9,15 +9,6 @@ from miro.align.step import StepConfig
 from miro.align.trainer import OptimConfig, TrainConfig
 
 
-@pytest.fixture
-def no_models(monkeypatch):
-    """Fail the test if anything tries to load a model."""
-    def boom(*a, **k):
-        raise AssertionError("a model was loaded")
-    monkeypatch.setattr(cli, "build_target", boom)
-    monkeypatch.setattr(cli, "build_reward", boom)
-
-
 @pytest.mark.parametrize("override, needle", [
     ("target.dtype=float16", "target.dtype"),
     ("target.kind=bogus", "target.kind"),

@@ -70,7 +70,7 @@ def test_flux_lora_resume_refuses_other_data_model_dtype_or_an_earlier_end(world
     assert (out / "checkpoints" / "last.pt").read_bytes() == before
 
 
-def test_flux_lora_writes_its_lora_on_rank_zero_only_and_atomically(world, tmp_path, monkeypatch):
+def test_flux_lora_writes_its_lora_on_rank_zero_only_and_atomically(world, tmp_path, monkeypatch, request):
     from diffusers import FluxPipeline
     from lightning.fabric import Fabric
 
@@ -94,15 +94,7 @@ def test_flux_lora_writes_its_lora_on_rank_zero_only_and_atomically(world, tmp_p
     assert path == tmp_path / "lora" / FLUX_LORA_FILE and not path.exists() and len(barriers) == 2  # checkpoint, LoRA
     path = finetune_flux_lora(FluxPipeline.from_pretrained(flux), items, cfg)  # rank 0 (resumes at the end: writes it)
     good = path.read_bytes()
-
-    import safetensors.torch
-
-    def killed_midway(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(safetensors.torch, "save_file", killed_midway)
+    request.getfixturevalue("save_file_killed_midway")
     with pytest.raises(OSError, match="disk full"):
         finetune_flux_lora(FluxPipeline.from_pretrained(flux), items, cfg)
     assert path.read_bytes() == good and [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []

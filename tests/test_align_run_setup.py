@@ -14,14 +14,6 @@ def prompts(tmp_path):
     return tmp_path / "p.txt"
 
 
-@pytest.fixture
-def no_models(monkeypatch):
-    def boom(*a, **k):
-        raise AssertionError("a model was loaded")
-    monkeypatch.setattr(cli, "build_target", boom)
-    monkeypatch.setattr(cli, "build_reward", boom)
-
-
 def test_the_models_are_built_on_the_launched_fabrics_device(prompts, tmp_path, monkeypatch):
     # The target and reward were built on target.device (default cuda, i.e. cuda:0 in every rank)
     # before Fabric was launched; fabric.setup then moved only the trained module to cuda:<rank>.
@@ -74,22 +66,14 @@ def test_gpu_accelerator_without_a_gpu_is_named_in_a_dry_run(prompts, tmp_path, 
     assert "miro align: train.accelerator='gpu' cannot run here: " in capsys.readouterr().err
 
 
-def test_the_flux_transformer_export_is_atomic(tmp_path, monkeypatch):
-    import safetensors.torch
-
+def test_the_flux_transformer_export_is_atomic(tmp_path, request):
     class Target:
         transformer = torch.nn.Linear(2, 2)
 
     cfg = {"target": {"kind": "flux"}, "lora": {"enabled": False}}
     path = cli.export(cfg, Target(), tmp_path) / "diffusion_pytorch_model.safetensors"
     good = path.read_bytes()
-
-    def killed_midway(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(safetensors.torch, "save_file", killed_midway)
+    request.getfixturevalue("save_file_killed_midway")
     with pytest.raises(OSError, match="disk full"):
         cli.export(cfg, Target(), tmp_path)
     assert path.read_bytes() == good and [p.name for p in path.parent.iterdir()] == [path.name]

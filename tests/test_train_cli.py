@@ -385,6 +385,7 @@ def test_write_sbatch_asks_slurm_for_the_computer_and_reruns_the_command(tmp_pat
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MIRO_SLURM_PARTITION", "gpu")
     monkeypatch.setenv("MIRO_SLURM_TIME", "20:00:00")
+    monkeypatch.setenv("MIRO_SLURM_MEM", "0")
     monkeypatch.delenv("MIRO_SLURM_ACCOUNT", raising=False)
     ov = ["experiment=multi_cad_synth", f"root_dir={tmp_path / 'runs'}", f"data_dir={tmp_path}",
           "experiment_name=my run", "optimizer.lr=2e-4"]
@@ -393,10 +394,12 @@ def test_write_sbatch_asks_slurm_for_the_computer_and_reruns_the_command(tmp_pat
     text = (tmp_path / "train.sbatch").read_text()
     lines = text.splitlines()
     for want in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --partition=gpu", "#SBATCH --time=20:00:00", "#SBATCH --job-name=miro-my_run",
+                 "#SBATCH --cpus-per-task=9",  # the release data's 8 loader workers and the rank
+                 "#SBATCH --partition=gpu", "#SBATCH --time=20:00:00", "#SBATCH --mem=0", "#SBATCH --job-name=miro-my_run",
                  f"#SBATCH --output={tmp_path / 'runs'}/miro/logs/%x-%j.out"):
         assert want in lines, want
     assert not any(ln.startswith("#SBATCH --account") for ln in lines)
+    assert any(ln.startswith("export SRUN_CPUS_PER_TASK=9 ") for ln in lines)  # srun: the same
     assert (tmp_path / "runs" / "miro" / "logs").is_dir()  # Slurm does not create it
     srun = shlex.split(lines[-1])
     assert srun[0] == "srun" and srun[2] == "train" and srun[3:] == ov + ["trainer.progress_bar=false"]

@@ -6,8 +6,8 @@ task per GPU, so the script only has to ask for ``computer.num_nodes`` nodes wit
 equal ``devices``), and run the same ``miro train`` command under ``srun``. Resubmitting it resumes from
 ``last.ckpt`` (``resume=auto``); ``--signal=SIGUSR1@120`` lets Lightning save before a time-out.
 
-Partition, account and time limit come from ``MIRO_SLURM_PARTITION``, ``MIRO_SLURM_ACCOUNT`` and
-``MIRO_SLURM_TIME`` (``.env``; variables already set win), written into the script so ``sbatch``
+Partition, account, time limit and memory come from ``MIRO_SLURM_PARTITION``, ``MIRO_SLURM_ACCOUNT``,
+``MIRO_SLURM_TIME`` and ``MIRO_SLURM_MEM`` (``.env``; variables already set win), written into the script so ``sbatch``
 needs no environment. Slurm does not create the ``--output`` folder, so it is made here.
 """
 
@@ -22,7 +22,8 @@ from pathlib import Path
 
 from miro.io import atomic_write_text
 
-SLURM_ENV = {"partition": "MIRO_SLURM_PARTITION", "account": "MIRO_SLURM_ACCOUNT", "time": "MIRO_SLURM_TIME"}
+SLURM_ENV = {"partition": "MIRO_SLURM_PARTITION", "account": "MIRO_SLURM_ACCOUNT", "time": "MIRO_SLURM_TIME",
+             "mem": "MIRO_SLURM_MEM"}
 
 
 def sbatch_script(cfg: dict, overrides: list[str], workdir: str | os.PathLike, env=os.environ) -> str:
@@ -41,6 +42,10 @@ def sbatch_script(cfg: dict, overrides: list[str], workdir: str | os.PathLike, e
              f"#SBATCH --ntasks-per-node={devices}"]
     if gpu:
         lines.append(f"#SBATCH --gpus-per-node={devices}")
+    # each rank's loader workers need cores of their own (many sites give a task one by default);
+    # srun no longer inherits it from sbatch (Slurm 22.05+), hence SRUN_CPUS_PER_TASK below
+    cpus = int(cfg.get("data", {}).get("num_workers") or 0) + 1
+    lines.append(f"#SBATCH --cpus-per-task={cpus}")
     for key, var in SLURM_ENV.items():
         value = env.get(var)
         if value:
@@ -50,6 +55,7 @@ def sbatch_script(cfg: dict, overrides: list[str], workdir: str | os.PathLike, e
     lines += ["#SBATCH --signal=SIGUSR1@120", f"#SBATCH --output={logs}/%x-%j.out",
               "set -euo pipefail", f"cd {shlex.quote(str(Path(workdir).resolve()))}",
               "export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}  # compute nodes read the cache, not the hub",
+              f"export SRUN_CPUS_PER_TASK={cpus}  # the loader workers' cores, for srun too",
               f"srun {shlex.quote(miro_executable())} train " + " ".join(shlex.quote(o) for o in overrides)
               + " trainer.progress_bar=false", ""]
     return "\n".join(lines)

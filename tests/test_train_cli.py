@@ -320,6 +320,8 @@ def test_release_recipe_path_with_latents_and_t5(tmp_path):
     cfg = OmegaConf.to_container(cli.compose(ov), resolve=True)
     module, dm, trainer, _ = cli.build(cfg)
     assert module.model.vae_sample and dm.cfg.text_source == "precomputed"
+    # the encoder made the empty prompt's embedding and is let go: nothing in training uses it
+    assert module._text_encoder is None and module.uncond_embedding.shape[-1] == 32
     from miro.train.optim import Lamb
 
     assert isinstance(module.configure_optimizers()["optimizer"], Lamb)
@@ -357,7 +359,7 @@ def test_the_empty_prompt_embedding_comes_from_a_file_without_loading_the_encode
                                                        f"text_uncond={tmp_path / 'uncond.npy'}"])
     module, dm, trainer, _ = cli.build(OmegaConf.to_container(cli.compose(ov), resolve=True))
     torch.testing.assert_close(module.uncond_embedding, torch.from_numpy(uncond).float(), rtol=0, atol=0)
-    assert module._text_encoder.model is None  # built lazily, never loaded
+    assert module._text_encoder is None  # never loaded, and not kept: precomputed text needs none
     # the testbed's precomputed folder is the fallback source
     from miro.train.testbed import main as testbed_main
 

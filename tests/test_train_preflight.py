@@ -299,6 +299,12 @@ def test_overwrite_replaces_old_checkpoints_and_start_line(data_dir, tmp_path, c
     assert calls == [None]
     assert sorted(p.name for p in d.iterdir() if p.is_file()) == ["reward_bins.json"]
     assert '"num_bins": 64' in (d / "reward_bins.json").read_text()  # the new run's own, not the old run's
+    # another rank of a multi-process launch leaves the folder to rank 0 (which writes in it)
+    (d / ".reward_bins.json.abcd1234.tmp").write_bytes(b"rank 0 writing")
+    (d / "step=2.ckpt").write_bytes(b"old")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    assert cli.main(ov) == 0 and calls == [None, None]
+    assert {".reward_bins.json.abcd1234.tmp", "step=2.ckpt"} <= set(os.listdir(d))
 
 
 def test_bins_of_other_settings_are_refit_for_a_fresh_run_and_refused_on_resume(data_dir, tmp_path, capsys):

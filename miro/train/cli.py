@@ -144,7 +144,6 @@ def build(cfg: dict, plan: dict | None = None, with_trainer: bool = True):
     if cfg.get("init_from") and ckpt is None:  # a resumed run already holds its own weights
         module.init_source = module.load_initial_weights(str(cfg["init_from"]), str(cfg.get("init_weights", "ema")),
                                                          strict=bool(cfg.get("init_strict", True)))
-    object.__setattr__(module, "_text_encoder", text_encoder)
     callbacks = [checkpoint_callback(str(ckpt_dir), cfg["checkpoint"]["every_n_steps"],
                                      cfg["checkpoint"].get("keep_periodic", True)),
                  NonFiniteGuard(cfg["nonfinite"]["max_consecutive"]), Throughput()]
@@ -157,6 +156,11 @@ def build(cfg: dict, plan: dict | None = None, with_trainer: bool = True):
                                             il["guidance_scale"], int(cfg["seed"]), il["max_prompts"], embs,
                                             list(il.get("score_rewards") or []),
                                             None if il.get("weights", "ema") == "raw" else 0))
+    # Kept only where training uses it (on-the-fly captions, a testbed without precomputed
+    # embeddings): at full scale it is FLAN-T5-XL, ~5 GB that on_fit_start would move to every GPU
+    # for nothing once the empty prompt is encoded (module.text_encoder() loads it again if asked).
+    if dm.cfg.text_source != "precomputed" or (il.get("enabled") and embs is None):
+        object.__setattr__(module, "_text_encoder", text_encoder)
     if not with_trainer:
         return module, dm, None, plan["resume"]
     logger = _logger(cfg["logger"], ckpt_dir)
@@ -306,11 +310,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dry run: note: {problem}")
         return 0
     ckpt_dir = Path(cfg["checkpoint_dir"])
-    removed = remove_stale_temps(ckpt_dir)
-    if removed:
-        print(f"miro train: removed {removed} stale temp file(s) (.*.tmp) that an interrupted save left in {ckpt_dir}",
-              flush=True)
-    replace_old_checkpoints(plan)
+    from miro.data.datamodule import launch_rank
+
+    # One rank tidies the folder, as one writes in it: another rank's cleanup could delete the temp
+    # file of rank 0's reward_bins.json, still being written in its build(), under its rename.
+    if launch_rank() == 0:
+        removed = remove_stale_temps(ckpt_dir)
+        if removed:
+            print(f"miro train: removed {removed} stale temp file(s) (.*.tmp) that an interrupted save left in "
+                  f"{ckpt_dir}", flush=True)
+        replace_old_checkpoints(plan)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
     return 0
 

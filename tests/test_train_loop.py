@@ -352,6 +352,15 @@ def test_max_time_stops_early_and_writes_last_ckpt(data_dir, tmp_path):
     assert 1 <= trainer.global_step < 1000
     ckpt = torch.load(tmp_path / "miro" / "checkpoints" / "shapes_miro" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == trainer.global_step
+    # the clock is saved and counts across resumes: a resume with the budget spent would stop at
+    # once and train nothing, so it is refused, naming how to go on; a larger budget resumes
+    for budget in ("0.0001", "00:00:00:00"):
+        with pytest.raises(ValueError, match=rf"last.ckpt has trained for 0.0 minutes, which trainer.max_time={budget} "
+                                             r"allows in all .*: raise trainer.max_time, or set it to null, to continue"):
+            pf.preflight(OmegaConf.to_container(cli.compose(tiny_overrides(
+                data_dir, tmp_path, steps=1000, every=1000, extra=[f"trainer.max_time={budget}"])), resolve=True))
+    pf.preflight(OmegaConf.to_container(cli.compose(tiny_overrides(
+        data_dir, tmp_path, steps=1000, every=1000, extra=["trainer.max_time=30"])), resolve=True))
 
 
 @pytest.mark.parametrize("value", [0, -5, "5m", "00:30:00"])

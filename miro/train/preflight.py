@@ -446,6 +446,7 @@ def check_checkpoint_dir(cfg: dict) -> dict:
                              f"not {now_opt.get(k)!r} (a resumed run restores its optimizer's settings with its "
                              f"state, so the change would be ignored); resume with the original value, or start a "
                              f"new run from these weights with init_from={ckpt} (a fresh optimizer)")
+        _check_time_left(head, cfg, ckpt)
         return {"resume": ckpt, "resume_step": int(head.get("global_step", 0)), "replace": []}
     last = ckpt_dir / "last.ckpt"
     old = ([last] if last.is_file() else []) + sorted(ckpt_dir.glob("hpc_ckpt_*.ckpt")) + [p for _, p in steps]
@@ -561,6 +562,23 @@ def replace_old_checkpoints(plan: dict) -> int:
         except FileNotFoundError:
             pass
     return n
+
+
+def _check_time_left(head: dict, cfg: dict, ckpt) -> None:
+    """Refuse a resume whose ``trainer.max_time`` the checkpoint has already spent: Lightning's timer
+    restores its clock, so the run would stop at once, train nothing and exit 0 (a restart loop
+    would go round for ever)."""
+    from datetime import timedelta
+
+    budget = _max_time((cfg.get("trainer") or {}).get("max_time"))
+    if isinstance(budget, str):  # "DD:HH:MM:SS"
+        d, h, m, sec = (int(x) for x in budget.split(":"))
+        budget = timedelta(days=d, hours=h, minutes=m, seconds=sec)
+    spent = (((head.get("callbacks") or {}).get("Timer") or {}).get("time_elapsed") or {}).get("train")
+    if budget is not None and isinstance(spent, (int, float)) and spent >= budget.total_seconds():
+        raise ValueError(f"{ckpt} has trained for {spent / 60:.1f} minutes, which trainer.max_time="
+                         f"{cfg['trainer']['max_time']} allows in all (the clock is saved in the checkpoint and counts "
+                         f"across resumes): raise trainer.max_time, or set it to null, to continue")
 
 
 def _max_time(value):

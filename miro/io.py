@@ -83,6 +83,25 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None =
     atomic_write_text(path, text + "\n", fsync=fsync)
 
 
+def read_jsonl_objects(path: str | os.PathLike, what: str = "line") -> list[tuple[int, dict]]:
+    """(line number, object) of every non-empty line of a JSONL file; a line that does not parse,
+    or is not an object, is a ValueError naming the file and line (json's own position is within
+    the line, always "line 1"). ``what`` names a line in that message."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not a JSON object ({e.msg}, column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: {what} must be a JSON object; got {type(row).__name__}")
+            rows.append((lineno, row))
+    return rows
+
+
 def open_append(path: str | os.PathLike):
     """``open(path, "a", encoding="utf-8")`` that refuses a symbolic link: logs are appended in
     place, so a link planted in a shared output folder would otherwise send every line to its

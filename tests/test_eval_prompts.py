@@ -111,3 +111,18 @@ def test_missing_public_file_downloads_into_cache_or_fails_clearly(tmp_path, mon
                                               r"or put it at \$MIRO_DATA_DIR/cure/architecture.csv"):
         P.load_prompts("cure")
     assert not list((tmp_path / "cache" / "prompts").glob("geneval/*"))
+
+
+def test_a_bad_geneval_line_is_named_by_file_and_line(tmp_path):
+    from miro.eval.prompts import load_geneval
+
+    f = tmp_path / "meta.jsonl"
+    for text, msg in (('{"prompt": "a cat", "tag": "single_object"}\n\n{"prompt": \n', r"meta.jsonl:3: not a JSON object"),
+                      ('["a cat"]\n', r"meta.jsonl:1: a GenEval metadata line must be a JSON object; got list"),
+                      ('{"prompt": "a cat"}\n', r"meta.jsonl:1: a GenEval metadata line needs 'prompt' and 'tag'; "
+                                                r"got keys \['prompt'\]")):
+        f.write_text(text)
+        with pytest.raises(ValueError, match=msg):
+            load_geneval(f)
+    f.write_text('{"prompt": "a cat", "tag": "single_object"}\n\n')
+    assert [it.prompt for it in load_geneval(f)] == ["a cat"]

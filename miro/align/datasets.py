@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from miro.io import to_rgb
+from miro.io import read_jsonl_objects, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def read_items(path: str | Path, caption_column: str = "caption") -> list[dict]:
         return read_fork_json(path)
     if path.suffix == ".jsonl":
         items = []
-        for lineno, row in _read_jsonl(path):
+        for lineno, row in read_jsonl_objects(path, "a dataset item"):
             if caption_column != "caption":
                 row = {**row, "caption": _column(row, caption_column, path, lineno)}
             try:
@@ -151,24 +151,6 @@ def read_items(path: str | Path, caption_column: str = "caption") -> list[dict]:
             raise ValueError(f"{path}: no column {caption_column!r}; columns are {list(rows[0])}")
         return [normalize_item({**r, "caption": r[caption_column]}, path.parent) for r in rows]
     raise ValueError(f"unsupported dataset file {path}; use .json, .jsonl, .txt, .csv or a folder of CuRe CSVs")
-
-
-def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    """(line number, object) of every non-empty line; a line that does not parse is named by file
-    and line (json's own position is within the line, always "line 1")."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not a JSON object ({e.msg}, column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: a dataset item must be a JSON object; got {type(row).__name__}")
-            rows.append((lineno, row))
-    return rows
 
 
 def _column(row: dict, column: str, path: Path, lineno: int):

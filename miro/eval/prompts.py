@@ -12,14 +12,13 @@ folder), then in the download cache, and otherwise fetch the file once from its 
 from __future__ import annotations
 
 import csv
-import json
 import os
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from miro.io import atomic_write_bytes
+from miro.io import atomic_write_bytes, read_jsonl_objects
 
 # Public sources (fetched once into the cache). GenEval: djghosh13/geneval (MIT);
 # PartiPrompts: google-research/parti (Apache-2.0); CuRe: aniketrege/cure-bench (MIT).
@@ -101,17 +100,10 @@ def load_geneval(path: str | Path | None = None) -> list[PromptItem]:
     """GenEval's ``evaluation_metadata.jsonl`` (553 lines with ``tag``, ``include``, ``prompt``)."""
     path = Path(path) if path is not None else _locate("geneval", "evaluation_metadata.jsonl", GENEVAL_URL)
     items = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                meta = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
-            if not isinstance(meta, dict) or "prompt" not in meta or "tag" not in meta:
-                raise ValueError(f"{path}:{n}: a GenEval metadata line needs 'prompt' and 'tag'; got {line[:80]!r}")
-            items.append(PromptItem(meta["prompt"], meta))
+    for n, meta in read_jsonl_objects(path, "a GenEval metadata line"):
+        if "prompt" not in meta or "tag" not in meta:
+            raise ValueError(f"{path}:{n}: a GenEval metadata line needs 'prompt' and 'tag'; got keys {sorted(meta)}")
+        items.append(PromptItem(meta["prompt"], meta))
     return items
 
 

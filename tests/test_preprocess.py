@@ -492,8 +492,12 @@ def test_a_bare_carriage_return_in_a_caption_and_an_unreadable_csv(tmp_path, tin
     samples = [decode_sample(r) for r in iter_raw_samples(shard)]
     samples[1]["json"]["synthetic_caption"] = "a red circle\rmore words"
     write_shard(shard, samples)
+    capsys.readouterr()
     for stage in ("rewards", "vqa"):
         assert main(_args(src, csv, stage)) == 0
+        # s0k0 has no synthetic caption: its stand-in (the original caption) is counted and said
+        assert "1 without a synthetic caption (the original one stands in" in capsys.readouterr().out
+        assert json.loads((csv / "logs" / f"00000.{stage}.json").read_text())["fallback_captions"] == 1
     assert pio.read_scores_csv(csv / "00000_scores.csv")["s0k1"]["synthetic_caption"] == "a red circle\rmore words"
     assert main(_vae_args(src, csv, dest, tiny_models, res="16")) == 0
     assert _read(dest / "00000.tar")["s0k1"]["json"]["synthetic_caption"] == "a red circle\rmore words"

@@ -79,6 +79,9 @@ class ShardReport:
     errors: list[str] = field(default_factory=list)  # first MAX_LOGGED_ERRORS "key: reason" lines
     truncated: bool = False  # the source tar was cut short (samples before the damage kept)
     seconds: float = 0.0
+    # samples whose synthetic captions fell back to the original one (neither the TSV nor the
+    # sample JSON had them): their "synthetic" rewards and embeddings are the original caption's
+    fallback_captions: int = 0
 
     skipped_keys: list[str] = field(default_factory=list)  # every skipped key (for checkpoints)
 
@@ -97,7 +100,9 @@ class ShardReport:
         why = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
         extra = f" ({why})" if why else ""
         trunc = ", source truncated" if self.truncated else ""
-        return (f"{self.stage} {self.shard}: {self.samples_ok} ok, {self.n_skipped} skipped{extra}{trunc}"
+        fell = (f", {self.fallback_captions} without a synthetic caption (the original one stands in; "
+                "--synthetic_captions TSV?)") if self.fallback_captions else ""
+        return (f"{self.stage} {self.shard}: {self.samples_ok} ok, {self.n_skipped} skipped{extra}{trunc}{fell}"
                 f" in {self.seconds:.1f} s ({rate:.1f} samples/s)")
 
 

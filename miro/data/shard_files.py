@@ -242,7 +242,8 @@ def write_log(path: str | os.PathLike, report: "ShardReport", status: str, **ext
     body = {"status": status, "stage": report.stage, "shard": report.shard,
             "samples_read": report.samples_read, "samples_ok": report.samples_ok,
             "samples_skipped": report.n_skipped, "skipped": report.skipped,
-            "truncated": report.truncated, "seconds": round(report.seconds, 3),
+            "truncated": report.truncated, "fallback_captions": report.fallback_captions,
+            "seconds": round(report.seconds, 3),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "errors": report.errors, **extra}
     atomic_write_bytes(path, json.dumps(body, indent=1, sort_keys=True, default=str).encode("utf-8"))

@@ -133,7 +133,8 @@ class _Stage:
 
     def _save_checkpoint(self, shard: Path, report: pio.ShardReport, **payload) -> None:
         body = {"source": pio.fingerprint(shard), "config": self.config(shard), "samples_read": report.samples_read,
-                "skipped": report.skipped, "errors": report.errors, "skipped_keys": report.skipped_keys, **payload}
+                "skipped": report.skipped, "errors": report.errors, "skipped_keys": report.skipped_keys,
+                "fallback_captions": report.fallback_captions, **payload}
         pio.atomic_write_bytes(self.checkpoint_path(shard), json.dumps(body).encode("utf-8"))
 
     def _load_checkpoint(self, shard: Path, report: pio.ShardReport, **match) -> dict | None:
@@ -152,6 +153,7 @@ class _Stage:
         report.samples_read = body["samples_read"]
         report.skipped, report.errors = dict(body["skipped"]), list(body["errors"])
         report.skipped_keys = list(body["skipped_keys"])
+        report.fallback_captions = int(body.get("fallback_captions", 0))
         return body
 
     def _progress(self, shard: Path):
@@ -294,7 +296,10 @@ class ScoreStage(_Stage):
             for batch in pio.batched(pio.iter_decoded(shard, report, workers=self.opts.num_workers, done=done),
                                      self.opts.batch_size):
                 samples = [s for s, _ in batch]
-                caps = [pio.resolve_captions(s, self.opts.captions)[:2] for s in samples]
+                resolved = [pio.resolve_captions(s, self.opts.captions) for s in samples]
+                caps = [r[:2] for r in resolved]
+                if self.opts.synthetic:
+                    report.fallback_captions += sum(src == "original" for _, _, src in resolved)
                 self._check_captions(csv_path, stored, samples, caps)
                 for s, (long, short), vals in self._score_robust(samples, caps, report, bool(rows), failures):
                     if self.opts.synthetic:

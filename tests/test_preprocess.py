@@ -647,3 +647,20 @@ def test_documented_commands_run_with_the_default_rewards():
                 load_scorer(name, **kwargs.get(name, {}))  # clip_score: ValueError without the flag
     launcher = re.search(r"```python\n(# launch_preprocess.py.*?)```", text, flags=re.S).group(1)
     assert '"--trust-remote-code"' in launcher
+
+
+def test_vae_writes_only_the_current_score_stages_columns(tmp_path, tiny_models):
+    """A scorer dropped from --scorers (or a vqa run before --vqa-scorer none) leaves its column in
+    the CSV: the enriched JSON takes the columns the score stages' logs name, not every column."""
+    src, csv, dest = tmp_path / "raw", tmp_path / "csv", tmp_path / "out"
+    make_raw_shards(src, n_shards=1, per_shard=2)
+    for stage in ("rewards", "vqa"):
+        assert main(_args(src, csv, stage)) == 0
+    a = ["--stage", "rewards", "--src", str(src), "--csv_dir", str(csv), "--scorers", "ptest_red",
+         "--no-progress", "--batch-size", "2", "--num-workers", "0"]
+    assert main(a) == 0  # ptest_words and ptest_chars stay in the CSV, scored by the earlier run
+    assert "ptest_words" in pio.read_scores_csv(csv / "00000_scores.csv")["s0k0"]
+    assert main(_vae_args(src, csv, dest, tiny_models, "--vqa-scorer", "none", res="16")) == 0
+    meta = _read(dest / "00000.tar")["s0k0"]["json"]
+    assert "ptest_red" in meta and "synthetic_ptest_red" in meta
+    assert not {"ptest_words", "ptest_chars", "ptest_vqa", "synthetic_ptest_vqa"} & set(meta)

@@ -171,9 +171,18 @@ class EncodeStage(_Stage):
                 short = row.get("short_synthetic_caption") or short
                 meta["synthetic_caption"], meta["short_synthetic_caption"] = long, short
                 longs.append(long)
-            for col, v in row.items():
-                if col not in pio.CAPTION_COLUMNS and pio.finite(v):
+            # The current score stages' columns only: a column no stage writes any more (a scorer
+            # dropped from --scorers, a vqa run before --vqa-scorer none) holds scores of another
+            # run, maybe of other images. A non-finite score leaves no key (a missing reward),
+            # not the source JSON's own value under that name.
+            for col in required:
+                if not self.opts.synthetic and _is_synthetic(col):
+                    continue
+                v = row.get(col)
+                if pio.finite(v):
                     meta[col] = float(v)
+                else:
+                    meta.pop(col, None)
             metas.append(meta)
         bad: set[int] = set()
         enc_name = getattr(self.text_encoder, "schema_name", "text")

@@ -403,7 +403,9 @@ class MiroPipeline(nn.Module):
         dtype = parse_dtype(dtype)
         if device is not None:
             check_device_available(device)
-        uncond = self.uncond_embedding  # float32 whatever the weights' dtype (published; spec §6)
+        # float32 whatever the weights' dtype: upstream's .to(bf16) rounds it (spec §6), but it only
+        # enters through the text mapping, which runs under bf16 autocast either way: same images
+        uncond = self.uncond_embedding
         super().to(device=device, dtype=dtype)  # bool masks stay bool: nn.Module casts floats only
         self.uncond_embedding = uncond.to(device=device)
         if device is not None:

@@ -22,11 +22,15 @@ import miro.io as _io
 _TRUE = {"1", "true", "yes", "on"}
 
 
+def env_flag(var: str) -> bool:
+    """Whether environment variable ``var`` is set to a true value, as the hub libraries read it."""
+    return os.environ.get(var, "").strip().lower() in _TRUE
+
+
 def hub_offline() -> bool:
     """True when ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set now or was at import."""
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in _TRUE:
-            return True
+    if env_flag("HF_HUB_OFFLINE") or env_flag("TRANSFORMERS_OFFLINE"):
+        return True
     try:
         from huggingface_hub import constants
 

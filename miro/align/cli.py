@@ -311,7 +311,8 @@ def _fresh_model(pipe, state):
 
 
 def validate(cfg: dict):
-    """Every config check that needs no model: (step, optim, train, items). ``ValueError`` names the key."""
+    """Every config check that needs no model: (step, optim, train, items, fabric), ``fabric``
+    constructed but not launched (what a dry run uses). ``ValueError`` names the key."""
     from miro.align.checks import from_section
     from miro.align.step import StepConfig
     from miro.align.trainer import OptimConfig, TrainConfig, check_fabric, train_fabric_kwargs
@@ -324,7 +325,8 @@ def validate(cfg: dict):
     optim = from_section(OptimConfig, cfg["optim"], "optim")
     train = from_section(TrainConfig, cfg["train"], "train")
     check_target(cfg)
-    target_device(cfg, check_fabric(train_fabric_kwargs(train), lambda key: f"train.{key}"))
+    fabric = check_fabric(train_fabric_kwargs(train), lambda key: f"train.{key}")
+    target_device(cfg, fabric)
     check_lora(cfg)
     check_reward(cfg)
     if optim.name == "prodigy":  # an optional package: named before any model loads
@@ -340,7 +342,7 @@ def validate(cfg: dict):
             OfflineImageDataset(items, 1, check=False)
         except ValueError as e:
             raise ValueError(f"mode=offline, data.prompts={cfg['data']['prompts']}: {e}") from None
-    return step, optim, train, items
+    return step, optim, train, items, fabric
 
 
 def target_device(cfg: dict, fabric):
@@ -375,13 +377,12 @@ def _remove_if_empty(path: Path) -> None:
 
 
 def run(cfg: dict, dry_run: bool = False) -> Path | None:
-    from miro.align.trainer import SRPOTrainer, check_fabric, make_fabric, train_fabric_kwargs
+    from miro.align.trainer import SRPOTrainer, make_fabric, train_fabric_kwargs
 
-    step, optim, train, items = validate(cfg)  # before any model loads, in a dry run too
+    step, optim, train, items, checked = validate(cfg)  # before any model loads, in a dry run too
     # Fabric first: launched, each rank is its own process and builds its frozen models on its own
     # device (a dry run launches nothing and uses the first rank's device).
-    kwargs = train_fabric_kwargs(train)
-    fabric = check_fabric(kwargs, lambda key: f"train.{key}") if dry_run else make_fabric(kwargs)
+    fabric = checked if dry_run else make_fabric(train_fabric_kwargs(train))
     device = target_device(cfg, fabric)
     target = build_target(cfg, device, items)
     reward = build_reward(cfg, device)

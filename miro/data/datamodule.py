@@ -510,10 +510,11 @@ class MiroDataModule(LightningDataModule):
             diff.append(f"rewards {sorted(bins.keys)} where the run conditions on {sorted(cfg.reward_keys)}")
         # Fitted on other data (or another sample of it): a fresh run fits its own. A resumed run
         # keeps what it trained with; a file without the record (made before it) is taken as it is.
-        source = bins_source(self.data, cfg.bins_sample_size, cfg.seed)
-        if cfg.bins_cache != "keep" and bins.fitted_on is not None and bins.fitted_on != source:
+        if cfg.bins_cache != "keep" and bins.fitted_on is not None:
+            source = bins_source(self.data, cfg.bins_sample_size, cfg.seed)
             changed = [f"{k} {bins.fitted_on.get(k)!r} -> {source[k]!r}" for k in source if bins.fitted_on.get(k) != source[k]]
-            diff.append(f"edges fitted on other data ({', '.join(changed)})")
+            if changed:
+                diff.append(f"edges fitted on other data ({', '.join(changed)})")
         if not diff:
             return bins
         if cfg.bins_cache == "keep":
@@ -545,7 +546,7 @@ class MiroDataModule(LightningDataModule):
             if cfg.text_source == "on_the_fly":
                 metas = self._first_decoded(16, lambda i: MiroSampleDecoder.decode(self.data.read(i, ["json"]), "json"))
                 if not any(isinstance(m, dict) and m.get("synthetic_caption") for m in metas):
-                        raise ValueError(f"data_dir {cfg.data_dir!r}: none of the first samples has a 'synthetic_caption' "
+                    raise ValueError(f"data_dir {cfg.data_dir!r}: none of the first samples has a 'synthetic_caption' "
                                      f"in its JSON, which synthetic_caption_rate={cfg.synthetic_caption_rate!r} needs; "
                                      f"{fix}")
         if cfg.image_source == "pixels" and not have & set(schema.IMAGE_EXTS):

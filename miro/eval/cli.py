@@ -16,8 +16,8 @@ Scoring commands end with a line ``overall: <score in [0, 1]>``.
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import sys
 from pathlib import Path
 

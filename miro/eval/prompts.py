@@ -89,7 +89,9 @@ def _locate(subdir: str, filename: str, url: str | None, instead: str = "pass th
 def offline() -> bool:
     """Whether the run must not use the network: ``HF_HUB_OFFLINE`` set to a true value (as the hub
     libraries read it), which ``--local-files-only`` sets for the whole command."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    from miro.hub import env_flag
+
+    return env_flag("HF_HUB_OFFLINE")
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from miro.io import atomic_path, to_rgb
+from miro.io import to_rgb
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,6 +89,7 @@ def _make_dataset(args) -> int:
 def _render(args) -> int:
     from miro.shapes import world as W
     from miro.shapes.captions import parse_caption
+    from miro.eval.generate import atomic_save_image
     from miro.shapes.eval import render_prompt
 
     md = parse_caption(args.caption)
@@ -107,8 +108,7 @@ def _render(args) -> int:
     paths = [out] if args.n == 1 else [out / f"{k:04d}.png" for k in range(args.n)]
     for k, path in enumerate(paths):
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:  # a killed render leaves no cut PNG under the name
-            render_prompt(md, args.seed + k, args.resolution).save(tmp, format="PNG")
+        atomic_save_image(render_prompt(md, args.seed + k, args.resolution), path)  # no cut PNG after a kill
     print(json.dumps(md))
     print(f"wrote {len(paths)} image(s) to {out}")
     return 0
